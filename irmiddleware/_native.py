@@ -1,0 +1,456 @@
+"""The binding to libirm, the Zig routing core: the only module that imports ctypes.
+
+It loads the library once, declares `argtypes`/`restype` for every exported function, checks the
+ABI version, and turns statuses into the typed exceptions of `_errors`.
+
+The two hot-path calls (`irm_acquire`, `irm_release`) are also reached through a second function
+object of the same symbol *without* argtypes: ctypes' per-argument converters cost more than the
+routing decision itself (measured: 0.55 M vs 2.4 M call pairs/s). Those symbols take only 32-bit
+integers and one pointer, which ctypes passes as C ints; `NativeTable` checks every value's range
+before such a call, and the core validates them again at its edge.
+
+Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from irmiddleware import _errors
+
+ABI_VERSION: Final = 1
+SLOT_NONE: Final = 0xFFFF_FFFF
+BACKENDS_MAX_LIMIT: Final = 1 << 20
+CLASSES_COUNT: Final = 8
+COST_MAX: Final = 2**31 - 1
+CAPACITY_MAX: Final = 2**31 - 1
+WEIGHT_MILLI_MAX: Final = 1_000_000
+LATENCY_US_MAX: Final = 2**32 - 1
+FLAG_RACY_FOR_TESTS: Final = 1
+
+
+class Strategy(enum.IntEnum):
+    """Native strategies, numbered as in zig/strategies.zig."""
+
+    ROUND_ROBIN = 0
+    LEAST_CONNECTIONS = 1
+    P2C = 2
+
+
+class State(enum.IntEnum):
+    """Backend states, numbered as in zig/table.zig."""
+
+    ACTIVE = 1
+    DRAINING = 2
+    DOWN = 3
+    RETIRED = 4
+
+
+_STATUS_NAMES: Final = (
+    "ok",
+    "invalid_handle",
+    "invalid_argument",
+    "invalid_strategy",
+    "invalid_cost",
+    "invalid_capacity",
+    "invalid_weight",
+    "invalid_priority",
+    "invalid_state",
+    "unknown_backend",
+    "duplicate_id",
+    "table_full",
+    "too_many_tables",
+    "release_mismatch",
+    "busy",
+    "buffer_too_small",
+    "out_of_memory",
+    "shared_exists",
+    "shared_not_found",
+    "shared_incompatible",
+    "invalid_name",
+    "system_error",
+)
+
+_STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
+    "invalid_handle": _errors.InvalidHandleError,
+    "invalid_argument": _errors.InvalidArgumentError,
+    "invalid_strategy": _errors.InvalidArgumentError,
+    "invalid_cost": _errors.InvalidArgumentError,
+    "invalid_capacity": _errors.InvalidArgumentError,
+    "invalid_weight": _errors.InvalidArgumentError,
+    "invalid_priority": _errors.InvalidArgumentError,
+    "invalid_state": _errors.InvalidArgumentError,
+    "invalid_name": _errors.InvalidArgumentError,
+    "unknown_backend": _errors.UnknownBackendError,
+    "duplicate_id": _errors.DuplicateBackendError,
+    "table_full": _errors.TableFullError,
+    "too_many_tables": _errors.TableFullError,
+    "release_mismatch": _errors.ReleaseMismatchError,
+    "busy": _errors.BusyError,
+    "buffer_too_small": _errors.BusyError,
+    "out_of_memory": _errors.SharedMemoryError,
+    "shared_exists": _errors.SharedMemoryError,
+    "shared_not_found": _errors.SharedMemoryError,
+    "shared_incompatible": _errors.SharedMemoryError,
+    "system_error": _errors.SharedMemoryError,
+}
+
+
+class BackendInfo(ctypes.Structure):
+    """One row of `irm_table_snapshot`; mirrors `BackendInfo` in zig/abi.zig."""
+
+    _fields_ = (
+        ("id", ctypes.c_uint64),
+        ("slot", ctypes.c_uint32),
+        ("state", ctypes.c_uint32),
+        ("capacity", ctypes.c_uint32),
+        ("weight_milli", ctypes.c_uint32),
+        ("cost_in_flight", ctypes.c_uint32),
+        ("count_in_flight", ctypes.c_uint32),
+        ("routed_total", ctypes.c_uint64),
+        ("completed_total", ctypes.c_uint64),
+        ("failed_total", ctypes.c_uint64),
+        ("latency_us_ewma", ctypes.c_uint64),
+        ("signal_queue_depth", ctypes.c_uint32),
+        ("signal_kv_permille", ctypes.c_uint32),
+        ("signal_time_ms", ctypes.c_uint64),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    """A backend's counters at one instant (`NativeTable.snapshot`)."""
+
+    id: int
+    slot: int
+    state: State
+    capacity: int
+    weight: float
+    cost_in_flight: int
+    count_in_flight: int
+    routed_total: int
+    completed_total: int
+    failed_total: int
+    latency_us_ewma: int
+    signal_queue_depth: int
+    signal_kv_permille: int
+    signal_time_ms: int
+
+
+_u32, _i32, _u64, _i64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64
+_pu32 = ctypes.POINTER(ctypes.c_uint32)
+_pi32 = ctypes.POINTER(ctypes.c_int32)
+_pchar = ctypes.c_char_p
+
+_SIGNATURES: Final[dict[str, list[Any]]] = {
+    "irm_abi_version": [_pu32],
+    "irm_table_create": [_u32, _u32, _pu32],
+    "irm_table_create_shared": [_pchar, _u32, _u32, _u32, _pu32],
+    "irm_table_attach_shared": [_pchar, _u32, _pu32],
+    "irm_shared_unlink": [_pchar, _u32],
+    "irm_table_destroy": [_u32],
+    "irm_table_info": [_u32, _pu32, _pu32],
+    "irm_table_seed": [_u32, _u64],
+    "irm_table_set_class_share": [_u32, _u32, _u32],
+    "irm_table_get_class_share": [_u32, _u32, _pu32],
+    "irm_backend_add": [_u32, _u64, _i64, _i64, _pu32],
+    "irm_backend_remove": [_u32, _u32],
+    "irm_backend_update": [_u32, _u32, _i64, _i64, _u32],
+    "irm_backend_find": [_u32, _u64, _pu32],
+    "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
+    "irm_acquire": [_u32, _u32, _i32, _u32, _pu32],
+    "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu32],
+    "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
+    "irm_release": [_u32, _u32, _i32, _u32, _u32],
+    "irm_release_batch": [_u32, _u32, _pu32, _pi32, _pu32, _u32, _pu32],
+    "irm_table_snapshot": [_u32, ctypes.POINTER(BackendInfo), _u32, _pu32],
+    "irm_backend_read": [_u32, _u32, ctypes.POINTER(BackendInfo)],
+}
+
+
+def _library_path() -> Path:
+    override = os.environ.get("IRM_LIBRARY")
+    if override:
+        return Path(override)
+    return Path(__file__).parent / "_lib" / "libirm.so"
+
+
+def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    path = _library_path()
+    try:
+        checked = ctypes.CDLL(str(path))
+        fast = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise _errors.NativeLibraryError(
+            f"cannot load the native core {path}: {error}. Reinstall with `pip install .` "
+            "(the build compiles it with the pinned ziglang package)."
+        ) from error
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(checked, name)
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int32
+    version = ctypes.c_uint32()
+    checked.irm_abi_version(ctypes.byref(version))
+    if version.value != ABI_VERSION:
+        raise _errors.NativeLibraryError(
+            f"{path} has ABI version {version.value}, this binding needs {ABI_VERSION}; reinstall"
+        )
+    return checked, fast
+
+
+_lib, _fast = _load()
+# Hot path: same symbols, no converters (see the module docstring). restype defaults to C int.
+_fast_acquire = _fast.irm_acquire
+_fast_release = _fast.irm_release
+
+
+def status_name(status: int) -> str:
+    if 0 <= status < len(_STATUS_NAMES):
+        return _STATUS_NAMES[status]
+    return f"unknown_status_{status}"
+
+
+def _raise(status: int, context: str) -> None:
+    name = status_name(status)
+    error_type = _STATUS_ERRORS.get(name, _errors.NativeError)
+    raise error_type(name, f"{context}: {name.replace('_', ' ')}")
+
+
+def _check(status: int, context: str) -> None:
+    if status != 0:
+        _raise(status, context)
+
+
+def check_cost(cost: int) -> int:
+    if type(cost) is not int or not 1 <= cost <= COST_MAX:
+        raise _errors.InvalidArgumentError("invalid_cost", f"cost must be an int in 1..{COST_MAX}, got {cost!r}")
+    return cost
+
+
+def check_priority(priority: int) -> int:
+    if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
+        raise _errors.InvalidArgumentError(
+            "invalid_priority", f"priority must be an int in 0..{CLASSES_COUNT - 1} (0 = most important), got {priority!r}"
+        )
+    return priority
+
+
+def weight_to_milli(weight: float) -> int:
+    milli = round(weight * 1000)
+    if not 1 <= milli <= WEIGHT_MILLI_MAX:
+        raise _errors.InvalidArgumentError(
+            "invalid_weight", f"weight must be in 0.001..{WEIGHT_MILLI_MAX // 1000}, got {weight!r}"
+        )
+    return milli
+
+
+def check_capacity(capacity: int) -> int:
+    if type(capacity) is not int or not 1 <= capacity <= CAPACITY_MAX:
+        raise _errors.InvalidArgumentError(
+            "invalid_capacity", f"capacity must be an int in 1..{CAPACITY_MAX}, got {capacity!r}"
+        )
+    return capacity
+
+
+def unlink_shared(name: str) -> None:
+    """Removes a shared table's name (processes that mapped it keep their mapping)."""
+    raw = name.encode()
+    _check(_lib.irm_shared_unlink(raw, len(raw)), f"unlink shared table {name!r}")
+
+
+class NativeTable:
+    """One backend table of the core, in private or named shared memory.
+
+    Backends are addressed by slot (an index the core assigns); callers map their ids to slots.
+    """
+
+    __slots__ = ("_handle", "_out", "_out_ref", "backends_max", "shared_name")
+
+    def __init__(
+        self,
+        backends_max: int,
+        *,
+        shared_name: str | None = None,
+        attach: bool = False,
+        flags: int = 0,
+    ) -> None:
+        handle = ctypes.c_uint32()
+        self._handle = 0
+        self.shared_name = shared_name
+        if shared_name is None:
+            self._check_backends_max(backends_max)
+            _check(_lib.irm_table_create(backends_max, flags, ctypes.byref(handle)), "create table")
+        else:
+            raw = shared_name.encode()
+            if attach:
+                status = _lib.irm_table_attach_shared(raw, len(raw), ctypes.byref(handle))
+                _check(status, f"attach shared table {shared_name!r}")
+            else:
+                self._check_backends_max(backends_max)
+                status = _lib.irm_table_create_shared(raw, len(raw), backends_max, flags, ctypes.byref(handle))
+                _check(status, f"create shared table {shared_name!r}")
+        self._handle = handle.value
+        self._out = ctypes.c_uint32()
+        self._out_ref = ctypes.byref(self._out)
+        maximum, _present = self.info()
+        self.backends_max = maximum
+
+    @staticmethod
+    def _check_backends_max(backends_max: int) -> None:
+        if type(backends_max) is not int or not 1 <= backends_max <= BACKENDS_MAX_LIMIT:
+            raise _errors.InvalidArgumentError(
+                "invalid_argument", f"max backends must be in 1..{BACKENDS_MAX_LIMIT}, got {backends_max!r}"
+            )
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmaps the table (idempotent). A shared table's name stays until `unlink_shared`."""
+        if self._handle:
+            handle, self._handle = self._handle, 0
+            _check(_lib.irm_table_destroy(handle), "destroy table")
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", 0):
+            _lib.irm_table_destroy(self._handle)
+
+    def info(self) -> tuple[int, int]:
+        """(maximum backends, backends present now)."""
+        maximum, present = ctypes.c_uint32(), ctypes.c_uint32()
+        _check(_lib.irm_table_info(self._handle, ctypes.byref(maximum), ctypes.byref(present)), "table info")
+        return maximum.value, present.value
+
+    def seed(self, seed: int) -> None:
+        _check(_lib.irm_table_seed(self._handle, seed & (2**64 - 1)), "seed table")
+
+    def set_class_share(self, priority: int, share: float) -> None:
+        """Lets requests of `priority` fill a backend up to `share` (0 < share <= 1) of capacity."""
+        permille = round(share * 1000)
+        _check(_lib.irm_table_set_class_share(self._handle, priority, permille), f"share of class {priority}")
+
+    def class_share(self, priority: int) -> float:
+        _check(_lib.irm_table_get_class_share(self._handle, priority, self._out_ref), f"share of class {priority}")
+        return self._out.value / 1000
+
+    # ---- backends ------------------------------------------------------------------------------
+
+    def add(self, backend_id: int, capacity: int, weight_milli: int = 1000) -> int:
+        slot = ctypes.c_uint32()
+        status = _lib.irm_backend_add(self._handle, backend_id, capacity, weight_milli, ctypes.byref(slot))
+        _check(status, f"add backend {backend_id}")
+        return slot.value
+
+    def remove(self, slot: int) -> None:
+        _check(_lib.irm_backend_remove(self._handle, slot), f"remove backend in slot {slot}")
+
+    def update(self, slot: int, capacity: int, weight_milli: int, state: State) -> None:
+        status = _lib.irm_backend_update(self._handle, slot, capacity, weight_milli, int(state))
+        _check(status, f"update backend in slot {slot}")
+
+    def find(self, backend_id: int) -> int:
+        slot = ctypes.c_uint32()
+        _check(_lib.irm_backend_find(self._handle, backend_id, ctypes.byref(slot)), f"find backend {backend_id}")
+        return slot.value
+
+    def set_signals(self, slot: int, queue_depth: int, kv_usage: float, time_ms: int) -> None:
+        status = _lib.irm_backend_set_signals(self._handle, slot, queue_depth, round(kv_usage * 1000), time_ms)
+        _check(status, f"signals of slot {slot}")
+
+    # ---- routing -------------------------------------------------------------------------------
+
+    def acquire(self, strategy: int, cost: int, priority: int) -> int:
+        """Reserves `cost`; returns the slot, or SLOT_NONE when nothing fits. Arguments must be
+        in range (callers check them once, e.g. in `Request`), see the module docstring."""
+        status = _fast_acquire(self._handle, strategy, cost, priority, self._out_ref)
+        if status:
+            _raise(status, "acquire")
+        return self._out.value
+
+    def acquire_on(self, slot: int, cost: int, priority: int) -> bool:
+        """Reserves `cost` on `slot` (chosen outside the core); False if it cannot take it."""
+        status = _lib.irm_acquire_on(self._handle, slot, cost, priority, self._out_ref)
+        _check(status, f"acquire on slot {slot}")
+        return self._out.value != SLOT_NONE
+
+    def acquire_batch(self, strategy: int, priority: int, costs: Any, slots_out: Any) -> int:
+        """Fills `slots_out` (a c_uint32 array) with one decision per entry of `costs` (a c_int32
+        array of the same length); returns how many were acquired."""
+        count = len(costs)
+        if len(slots_out) < count:
+            raise ValueError("slots_out is shorter than costs")
+        status = _lib.irm_acquire_batch(self._handle, strategy, priority, count, costs, slots_out, self._out_ref)
+        _check(status, "acquire batch")
+        return self._out.value
+
+    def release(self, slot: int, cost: int, latency_us: int, ok: bool) -> None:
+        status = _fast_release(self._handle, slot, cost, min(latency_us, 2**31 - 1), 1 if ok else 0)
+        if status:
+            _raise(status, f"release slot {slot}")
+
+    def release_batch(self, slots: Any, costs: Any, latencies_us: Any | None, ok: bool) -> None:
+        """Releases a batch (c_uint32 slots, c_int32 costs, optional c_uint32 latencies); slots
+        equal to SLOT_NONE are skipped, so batch acquire output can be passed back as is."""
+        count = len(slots)
+        if len(costs) != count or (latencies_us is not None and len(latencies_us) != count):
+            raise ValueError("slots, costs and latencies must have the same length")
+        status = _lib.irm_release_batch(self._handle, count, slots, costs, latencies_us, int(ok), self._out_ref)
+        _check(status, f"release batch (released {self._out.value} of {count})")
+
+    # ---- observation ---------------------------------------------------------------------------
+
+    def read(self, slot: int) -> BackendSnapshot:
+        """One backend's counters (it may be retired, with requests still in flight)."""
+        row = BackendInfo()
+        _check(_lib.irm_backend_read(self._handle, slot, ctypes.byref(row)), f"read slot {slot}")
+        return _snapshot_of(row)
+
+    def snapshot(self) -> list[BackendSnapshot]:
+        """Every backend present or still holding requests in flight, read in one call."""
+        _maximum, present = self.info()
+        capacity = present + 16
+        while True:
+            rows = (BackendInfo * capacity)()
+            count = ctypes.c_uint32()
+            status = _lib.irm_table_snapshot(self._handle, rows, capacity, ctypes.byref(count))
+            if status_name(status) == "buffer_too_small":
+                capacity = count.value + 16
+                continue
+            _check(status, "snapshot")
+            return [_snapshot_of(row) for row in rows[: count.value]]
+
+
+def _snapshot_of(row: BackendInfo) -> BackendSnapshot:
+    return BackendSnapshot(
+        id=row.id,
+        slot=row.slot,
+        state=State(row.state),
+        capacity=row.capacity,
+        weight=row.weight_milli / 1000,
+        cost_in_flight=row.cost_in_flight,
+        count_in_flight=row.count_in_flight,
+        routed_total=row.routed_total,
+        completed_total=row.completed_total,
+        failed_total=row.failed_total,
+        latency_us_ewma=row.latency_us_ewma,
+        signal_queue_depth=row.signal_queue_depth,
+        signal_kv_permille=row.signal_kv_permille,
+        signal_time_ms=row.signal_time_ms,
+    )
+
+
+def uint32_array(values: Sequence[int]) -> Any:
+    return (ctypes.c_uint32 * len(values))(*values)
+
+
+def int32_array(values: Sequence[int]) -> Any:
+    return (ctypes.c_int32 * len(values))(*values)
+
+
+def empty_uint32_array(length: int) -> Any:
+    return (ctypes.c_uint32 * length)()

@@ -1,0 +1,399 @@
+"""The Python routing API: the seed's `Accelerator`, `Request` and `Router`, plus what a real user
+needs on top (completion, leases, draining, stats, batches, shared tables).
+
+All decisions and all load accounting happen in the native core (`_native.NativeTable`); this
+module maps accelerator ids to the core's slots and request ids to their reservations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from irmiddleware import _errors, _native
+from irmiddleware._native import SLOT_NONE, BackendSnapshot, State
+
+STRATEGIES: Final = {
+    "round_robin": _native.Strategy.ROUND_ROBIN,
+    "least_connections": _native.Strategy.LEAST_CONNECTIONS,
+    "p2c": _native.Strategy.P2C,
+}
+_STATES: Final = {"active": State.ACTIVE, "draining": State.DRAINING, "down": State.DOWN}
+
+
+def strategy_id(name: str) -> int:
+    """The native number of a strategy name; ValueError names the valid ones."""
+    try:
+        return int(STRATEGIES[name])
+    except (KeyError, TypeError):
+        valid = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: {valid}") from None
+
+
+class Accelerator:
+    """A compute unit (GPU, TPU, inference server) that can hold `capacity` cost units at once.
+
+    `weight` scales its share under load-aware strategies (2.0 = counts as twice as big). Once added
+    to a router, `current_load` reads its live in-flight cost from the core.
+    """
+
+    __slots__ = ("_router", "capacity", "id", "weight")
+
+    def __init__(self, id: int, capacity: int, weight: float = 1.0) -> None:
+        if type(id) is not int or not 0 <= id < 2**64:
+            raise ValueError(f"accelerator id must be an int in 0..2**64-1, got {id!r}")
+        self.id = id
+        self.capacity = _native.check_capacity(capacity)
+        _native.weight_to_milli(weight)
+        self.weight = float(weight)
+        self._router: Router | None = None
+
+    @property
+    def current_load(self) -> int:
+        """Cost units in flight on this accelerator (0 if it is not in a router)."""
+        if self._router is None:
+            return 0
+        return self._router.load(self.id)
+
+    def __repr__(self) -> str:
+        return f"Accelerator(id={self.id}, capacity={self.capacity}, weight={self.weight})"
+
+
+class Request:
+    """A unit of work: `cost` capacity units at `priority` (0 = most important, up to 7)."""
+
+    __slots__ = ("cost", "id", "priority")
+
+    def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
+        self.id = id
+        self.cost = _native.check_cost(cost)
+        self.priority = _native.check_priority(priority)
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id!r}, cost={self.cost}, priority={self.priority})"
+
+
+class Lease:
+    """A reservation on one accelerator. Release it exactly once (`release`, or use it as a
+    context manager: a clean exit counts as success, an exception as failure)."""
+
+    __slots__ = ("_router", "_started_ns", "accelerator_id", "cost", "released", "slot")
+
+    def __init__(self, router: Router, slot: int, accelerator_id: int, cost: int) -> None:
+        self._router = router
+        self.slot = slot
+        self.accelerator_id = accelerator_id
+        self.cost = cost
+        self.released = False
+        self._started_ns = time.perf_counter_ns()
+
+    def release(self, ok: bool = True, latency_s: float | None = None) -> None:
+        """Returns the cost to the accelerator and records the outcome. `latency_s` defaults to
+        the time since the lease was taken."""
+        if self.released:
+            raise _errors.ReleaseMismatchError("release_mismatch", "lease already released")
+        if latency_s is None:
+            latency_us = (time.perf_counter_ns() - self._started_ns) // 1000
+        else:
+            latency_us = max(0, int(latency_s * 1e6))
+        self.released = True
+        self._router._table.release(self.slot, self.cost, latency_us, ok)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.released:
+            self.release(ok=exc_type is None)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"Lease(accelerator_id={self.accelerator_id}, cost={self.cost}, {state})"
+
+
+@dataclass(frozen=True, slots=True)
+class AcceleratorStats:
+    """An accelerator's counters at one instant."""
+
+    id: int
+    state: str
+    capacity: int
+    weight: float
+    load: int
+    requests_in_flight: int
+    routed: int
+    completed: int
+    failed: int
+    latency_ewma_s: float
+
+    @property
+    def utilization(self) -> float:
+        return self.load / self.capacity
+
+
+class Router:
+    """Routes requests to accelerators with a native strategy.
+
+    `Router("p2c")` keeps the seed's API (`add_accelerator`, `route_request`). A request routed with
+    `route_request` holds its cost until `complete(request)`; `lease(request)` does both around a
+    `with` block. `shared_memory="name"` puts the table in a named shared-memory segment so worker
+    processes on one host share one set of counters (the first creates it, the others attach).
+    """
+
+    def __init__(
+        self,
+        strategy: str = "p2c",
+        *,
+        max_accelerators: int = 65_536,
+        shared_memory: str | None = None,
+        class_shares: Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._strategy = strategy_id(strategy)
+        self.strategy = strategy
+        self._table = self._open_table(max_accelerators, shared_memory)
+        self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
+        self._slots_by_id: dict[int, int] = {}
+        self._accelerators: dict[int, Accelerator] = {}
+        self._in_flight: dict[object, Lease] = {}
+        if class_shares is not None:
+            for priority, share in enumerate(class_shares):
+                self._table.set_class_share(priority, share)
+        if seed is not None:
+            self._table.seed(seed)
+        if shared_memory is not None:
+            self._refresh_ids()
+
+    @staticmethod
+    def _open_table(max_accelerators: int, shared_memory: str | None) -> _native.NativeTable:
+        if shared_memory is None:
+            return _native.NativeTable(max_accelerators)
+        try:
+            return _native.NativeTable(max_accelerators, shared_name=shared_memory)
+        except _errors.SharedMemoryError as error:
+            if error.status != "shared_exists":
+                raise
+            return _native.NativeTable(max_accelerators, shared_name=shared_memory, attach=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases the table (the shared segment's name stays; see `unlink_shared`)."""
+        self._table.close()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- accelerators --------------------------------------------------------------------------
+
+    def add_accelerator(self, accelerator: Accelerator) -> None:
+        """Adds an accelerator; DuplicateBackendError (a ValueError) if its id is present."""
+        weight_milli = _native.weight_to_milli(accelerator.weight)
+        slot = self._table.add(accelerator.id, accelerator.capacity, weight_milli)
+        self._ids_by_slot[slot] = accelerator.id
+        self._slots_by_id[accelerator.id] = slot
+        self._accelerators[accelerator.id] = accelerator
+        accelerator._router = self
+
+    def remove_accelerator(self, accelerator_id: int) -> None:
+        """Removes an accelerator at once: it gets no new requests; requests in flight on it may
+        still be completed (its slot is reused only after the last one)."""
+        self._table.remove(self._slot(accelerator_id))
+        del self._slots_by_id[accelerator_id]
+        accelerator = self._accelerators.pop(accelerator_id, None)
+        if accelerator is not None:
+            accelerator._router = None
+
+    def set_state(self, accelerator_id: int, state: str) -> None:
+        """"active", "draining" (finish what is in flight, take nothing new) or "down"."""
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}; valid states: {', '.join(_STATES)}")
+        info = self._snapshot_of(accelerator_id)
+        weight_milli = round(info.weight * 1000)
+        self._table.update(info.slot, info.capacity, weight_milli, _STATES[state])
+
+    def drain(self, accelerator_id: int) -> None:
+        self.set_state(accelerator_id, "draining")
+
+    def update_accelerator(
+        self, accelerator_id: int, *, capacity: int | None = None, weight: float | None = None
+    ) -> None:
+        """Changes capacity and/or weight while routing goes on."""
+        info = self._snapshot_of(accelerator_id)
+        new_capacity = info.capacity if capacity is None else _native.check_capacity(capacity)
+        weight_milli = _native.weight_to_milli(info.weight if weight is None else weight)
+        self._table.update(info.slot, new_capacity, weight_milli, info.state)
+        accelerator = self._accelerators.get(accelerator_id)
+        if accelerator is not None:
+            accelerator.capacity = new_capacity
+            accelerator.weight = weight_milli / 1000
+
+    @property
+    def accelerators(self) -> list[int]:
+        """Ids of the accelerators in the table (in shared mode: added by any process)."""
+        return [info.id for info in self._table.snapshot() if info.state != State.RETIRED]
+
+    # ---- routing -------------------------------------------------------------------------------
+
+    def route_request(self, request: Request) -> int | None:
+        """Routes `request`; returns the accelerator id, or None when nothing fits. The request's
+        cost stays reserved until `complete(request)`."""
+        if request.id in self._in_flight:
+            raise ValueError(f"request {request.id!r} is already in flight; complete it first")
+        lease = self.acquire(request.cost, request.priority)
+        if lease is None:
+            return None
+        self._in_flight[request.id] = lease
+        return lease.accelerator_id
+
+    def complete(self, request: Request | object, *, ok: bool = True, latency_s: float | None = None) -> None:
+        """Releases a request routed with `route_request` (pass the Request or its id)."""
+        request_id = request.id if isinstance(request, Request) else request
+        lease = self._in_flight.pop(request_id, None)
+        if lease is None:
+            raise KeyError(f"request {request_id!r} is not in flight")
+        lease.release(ok=ok, latency_s=latency_s)
+
+    def acquire(self, cost: int = 1, priority: int = 0) -> Lease | None:
+        """Reserves `cost` on an accelerator chosen by the strategy; None when nothing fits."""
+        slot = self._table.acquire(self._strategy, _native.check_cost(cost), _native.check_priority(priority))
+        if slot == SLOT_NONE:
+            return None
+        return Lease(self, slot, self._id_of(slot), cost)
+
+    def acquire_on(self, accelerator_id: int, cost: int = 1, priority: int = 0) -> Lease | None:
+        """Reserves `cost` on the given accelerator (chosen by your own policy); None if it is
+        not active or cannot take it."""
+        slot = self._slot(accelerator_id)
+        if not self._table.acquire_on(slot, _native.check_cost(cost), _native.check_priority(priority)):
+            return None
+        return Lease(self, slot, accelerator_id, cost)
+
+    @contextlib.contextmanager
+    def lease(self, request: Request) -> Iterator[int | None]:
+        """`with router.lease(request) as accelerator_id:` routes the request and completes it on
+        exit (failed if the block raised). The id is None when nothing fits."""
+        lease = self.acquire(request.cost, request.priority)
+        if lease is None:
+            yield None
+            return
+        with lease:
+            yield lease.accelerator_id
+
+    def route_batch(self, requests: Sequence[Request]) -> list[int | None]:
+        """Routes many requests in one native call per priority class; like `route_request` for
+        each, in order. Complete them with `complete` or `complete_batch`."""
+        for request in requests:
+            if request.id in self._in_flight:
+                raise ValueError(f"request {request.id!r} is already in flight; complete it first")
+        results: list[int | None] = [None] * len(requests)
+        for priority, indices in _group_by_priority(requests).items():
+            costs = _native.int32_array([requests[i].cost for i in indices])
+            slots = _native.empty_uint32_array(len(indices))
+            self._table.acquire_batch(self._strategy, priority, costs, slots)
+            for index, slot in zip(indices, slots, strict=True):
+                if slot != SLOT_NONE:
+                    lease = Lease(self, slot, self._id_of(slot), requests[index].cost)
+                    self._in_flight[requests[index].id] = lease
+                    results[index] = lease.accelerator_id
+        return results
+
+    def complete_batch(self, requests: Iterable[Request | object], *, ok: bool = True) -> None:
+        """Completes every routed request of `requests` in one native call (unrouted ones are
+        skipped)."""
+        leases = []
+        for request in requests:
+            request_id = request.id if isinstance(request, Request) else request
+            lease = self._in_flight.pop(request_id, None)
+            if lease is not None and not lease.released:
+                lease.released = True
+                leases.append(lease)
+        if not leases:
+            return
+        now = time.perf_counter_ns()
+        self._table.release_batch(
+            _native.uint32_array([lease.slot for lease in leases]),
+            _native.int32_array([lease.cost for lease in leases]),
+            _native.uint32_array([min((now - lease._started_ns) // 1000, 2**32 - 1) for lease in leases]),
+            ok,
+        )
+
+    # ---- observation ---------------------------------------------------------------------------
+
+    def load(self, accelerator_id: int) -> int:
+        """Cost units in flight on the accelerator."""
+        return self._snapshot_of(accelerator_id).cost_in_flight
+
+    def stats(self) -> list[AcceleratorStats]:
+        """Every accelerator's counters, read from the core in one call."""
+        return [_stats_of(info) for info in self._table.snapshot()]
+
+    def accelerator_stats(self, accelerator_id: int) -> AcceleratorStats:
+        return _stats_of(self._snapshot_of(accelerator_id))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests routed with `route_request`/`route_batch` and not yet completed."""
+        return len(self._in_flight)
+
+    # ---- ids and slots -------------------------------------------------------------------------
+
+    def _slot(self, accelerator_id: int) -> int:
+        slot = self._slots_by_id.get(accelerator_id)
+        if slot is None:
+            try:
+                slot = self._table.find(accelerator_id)
+            except _errors.UnknownBackendError:
+                raise _errors.UnknownBackendError(
+                    "unknown_backend", f"no accelerator with id {accelerator_id!r}"
+                ) from None
+            self._slots_by_id[accelerator_id] = slot
+            self._ids_by_slot[slot] = accelerator_id
+        return slot
+
+    def _id_of(self, slot: int) -> int:
+        accelerator_id = self._ids_by_slot[slot]
+        if accelerator_id is None:  # Added by another process sharing the table.
+            self._refresh_ids()
+            accelerator_id = self._ids_by_slot[slot]
+            assert accelerator_id is not None
+        return accelerator_id
+
+    def _refresh_ids(self) -> None:
+        for info in self._table.snapshot():
+            self._ids_by_slot[info.slot] = info.id
+            self._slots_by_id[info.id] = info.slot
+
+    def _snapshot_of(self, accelerator_id: int) -> BackendSnapshot:
+        info = self._table.read(self._slot(accelerator_id))
+        if info.id != accelerator_id or info.state == State.RETIRED:
+            raise _errors.UnknownBackendError("unknown_backend", f"no accelerator with id {accelerator_id!r}")
+        return info
+
+
+def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.priority, []).append(index)
+    return groups
+
+
+def _stats_of(info: BackendSnapshot) -> AcceleratorStats:
+    return AcceleratorStats(
+        id=info.id,
+        state=info.state.name.lower(),
+        capacity=info.capacity,
+        weight=info.weight,
+        load=info.cost_in_flight,
+        requests_in_flight=info.count_in_flight,
+        routed=info.routed_total,
+        completed=info.completed_total,
+        failed=info.failed_total,
+        latency_ewma_s=info.latency_us_ewma / 1e6,
+    )

@@ -1,0 +1,151 @@
+"""Run an ASGI app on a real uvicorn server in a background thread.
+
+The emulators are meant to be driven over real TCP, exactly like a production backend, so tests and
+demos exercise connection handling, streaming and failures the way the router will see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+__all__ = ["RunningServer", "serve_in_thread"]
+
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+_START_POLL_S = 0.01
+
+
+class RunningServer:
+    """A uvicorn server running in a daemon thread; see `serve_in_thread`."""
+
+    def __init__(self, app: Any, sock: socket.socket, startup_delay_s: float) -> None:
+        self.host: str = sock.getsockname()[0]
+        self.port: int = sock.getsockname()[1]
+        self.url: str = f"http://{self.host}:{self.port}"
+        self._sock = sock
+        self._startup_delay_s = startup_delay_s
+        self._cancel_start = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self._thread = threading.Thread(target=self._run, name=f"irm-serve-{self.port}", daemon=True)
+
+    @property
+    def started(self) -> bool:
+        """True once uvicorn listens and answers requests."""
+        return self._server.started
+
+    def start(self) -> None:
+        """Start the thread; the socket stays bound but not listening during the startup delay."""
+        self._thread.start()
+
+    def wait_started(self, timeout_s: float = _START_TIMEOUT_S) -> None:
+        """Block until the server answers, or raise `RuntimeError` after `timeout_s`."""
+        # uvicorn has no "started" callback, so poll its flag; the loop is bounded by the deadline.
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.url} exited during startup")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server on {self.url} did not start within {timeout_s} s")
+            time.sleep(_START_POLL_S)
+
+    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+        """Shut down gracefully: stop accepting, let in-flight responses finish, join the thread."""
+        self._cancel_start.set()
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+    def kill(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+        """Die abruptly, like a crashed backend.
+
+        Every open connection is reset (in-flight requests and streams see a broken connection), the
+        listening socket is closed (new connections are refused), and uvicorn skips its graceful wait.
+        """
+        self._cancel_start.set()
+        self._server.force_exit = True
+        self._server.should_exit = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may close between the check and here
+                loop.call_soon_threadsafe(self._abort_connections)
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+    def _abort_connections(self) -> None:
+        # Runs on the server's loop. abort() drops the TCP connection at once, without a response.
+        for connection in list(self._server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        for listener in getattr(self._server, "servers", []):
+            listener.close()
+        self._sock.close()
+
+    def _run(self) -> None:
+        # Like vLLM while it loads its model: the port is bound but not listening, so connecting
+        # is refused until the delay is over (protocols.md §1.1).
+        if self._cancel_start.wait(self._startup_delay_s):
+            return
+        with asyncio.Runner() as runner:
+            self._loop = runner.get_loop()
+            runner.run(self._server.serve(sockets=[self._sock]))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR lets a fault test restart a "crashed" backend on the same port at once.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _startup_delay_of(app: Any) -> float:
+    # Emulators keep their configuration at app.state.emulator.config (a convention, not a type).
+    emulator = getattr(getattr(app, "state", None), "emulator", None)
+    return float(getattr(getattr(emulator, "config", None), "startup_delay_s", 0.0))
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    startup_delay_s: float | None = None,
+    wait: bool | None = None,
+) -> Iterator[RunningServer]:
+    """Serve `app` with uvicorn in a background thread for the duration of the `with` block.
+
+    Args:
+        app: any ASGI application, e.g. one from `create_vllm_app`.
+        host: the address to bind; keep the default loopback address in tests.
+        port: the port to bind; 0 picks a free ephemeral port (read it back from `.port`).
+        startup_delay_s: how long the bound port refuses connections before the server listens.
+            `None` takes `app.state.emulator.config.startup_delay_s` when the app is an emulator.
+        wait: block until the server answers before entering the block. `None` means "wait unless
+            there is a startup delay", so a test can watch connections being refused.
+
+    Yields:
+        A `RunningServer` with `.url`, `.port`, `.stop()` and `.kill()`. Leaving the block stops
+        the server gracefully (a no-op after `.kill()`).
+    """
+    delay_s = _startup_delay_of(app) if startup_delay_s is None else startup_delay_s
+    if delay_s < 0:
+        raise ValueError(f"startup_delay_s must be >= 0, got {delay_s}")
+    running = RunningServer(app, _bind(host, port), delay_s)
+    running.start()
+    try:
+        if wait if wait is not None else delay_s == 0:
+            running.wait_started()
+        yield running
+    finally:
+        running.stop()

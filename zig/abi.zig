@@ -1,0 +1,476 @@
+//! The C ABI of libirm: every exported symbol is here, prefixed `irm_`, returns an `i32` status and
+//! passes results through out-pointers. Every argument is validated at this edge; bad input returns
+//! a status and never crashes the host process.
+//!
+//! Handles are small integers (`generation << 8 | index` into a fixed registry), never pointers, so
+//! a stale or made-up handle is detected instead of dereferenced. The hot-path functions
+//! (`irm_acquire`, `irm_release`) take only 32-bit integers and one pointer, so the Python binding
+//! can call them without per-argument ctypes converters.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Atomic = std.atomic.Value;
+const table_mod = @import("table.zig");
+const memory = @import("memory.zig");
+const strategies = @import("strategies.zig");
+const Table = table_mod.Table;
+
+/// Bumped on every incompatible change of a signature, a struct or a status value.
+pub const abi_version: u32 = 1;
+
+pub const Status = enum(i32) {
+    ok = 0,
+    invalid_handle = 1,
+    invalid_argument = 2,
+    invalid_strategy = 3,
+    invalid_cost = 4,
+    invalid_capacity = 5,
+    invalid_weight = 6,
+    invalid_priority = 7,
+    invalid_state = 8,
+    unknown_backend = 9,
+    duplicate_id = 10,
+    table_full = 11,
+    too_many_tables = 12,
+    release_mismatch = 13,
+    busy = 14,
+    buffer_too_small = 15,
+    out_of_memory = 16,
+    shared_exists = 17,
+    shared_not_found = 18,
+    shared_incompatible = 19,
+    invalid_name = 20,
+    system_error = 21,
+};
+
+const Error = table_mod.Error || memory.Error;
+
+/// Exhaustive: a new error anywhere in the core breaks the build until it is mapped here.
+fn statusFrom(err: Error) Status {
+    return switch (err) {
+        error.UnknownBackend => .unknown_backend,
+        error.DuplicateId => .duplicate_id,
+        error.TableFull => .table_full,
+        error.ReleaseMismatch => .release_mismatch,
+        error.Busy => .busy,
+        error.InvalidState => .invalid_state,
+        error.Incompatible => .shared_incompatible,
+        error.OutOfMemory => .out_of_memory,
+        error.SharedExists => .shared_exists,
+        error.SharedNotFound => .shared_not_found,
+        error.SharedIncompatible => .shared_incompatible,
+        error.InvalidName => .invalid_name,
+        error.SystemError => .system_error,
+    };
+}
+
+/// One row of `irm_table_snapshot`. Explicitly sized fields only; mirrored in `_native.py`.
+pub const BackendInfo = extern struct {
+    id: u64,
+    slot: u32,
+    state: u32,
+    capacity: u32,
+    weight_milli: u32,
+    cost_in_flight: u32,
+    count_in_flight: u32,
+    routed_total: u64,
+    completed_total: u64,
+    failed_total: u64,
+    latency_us_ewma: u64,
+    signal_queue_depth: u32,
+    signal_kv_permille: u32,
+    signal_time_ms: u64,
+};
+
+// ---- handle registry ------------------------------------------------------------------------
+
+const tables_max = 256;
+
+const Entry = struct {
+    handle: Atomic(u32) = .init(0),
+    table: Table = undefined,
+};
+
+var registry: [tables_max]Entry = @splat(.{});
+var registry_lock: Atomic(u32) = .init(0);
+var registry_generation: u32 = 0;
+
+fn lookup(handle: u32) ?*const Table {
+    const entry = &registry[handle % tables_max];
+    // .acquire pairs with the .release in `register`: the table view is complete.
+    if (handle == 0 or entry.handle.load(.acquire) != handle) return null;
+    return &entry.table;
+}
+
+fn register(table: Table) ?u32 {
+    registryLock();
+    defer registryLock_release();
+    for (&registry, 0..) |*entry, index| {
+        if (entry.handle.load(.monotonic) != 0) continue;
+        // Generations keep handles below 2^31 so they pass as a C int.
+        registry_generation = (registry_generation % ((1 << 23) - 1)) + 1;
+        const handle: u32 = (registry_generation << 8) | @as(u32, @intCast(index));
+        entry.table = table;
+        entry.handle.store(handle, .release);
+        return handle;
+    }
+    return null;
+}
+
+fn unregister(handle: u32) ?Table {
+    registryLock();
+    defer registryLock_release();
+    const entry = &registry[handle % tables_max];
+    if (handle == 0 or entry.handle.load(.monotonic) != handle) return null;
+    entry.handle.store(0, .release);
+    return entry.table;
+}
+
+fn registryLock() void {
+    // Held only for a scan of 256 entries; contention is create/destroy only.
+    while (registry_lock.cmpxchgWeak(0, 1, .acquire, .monotonic) != null) std.atomic.spinLoopHint();
+}
+
+fn registryLock_release() void {
+    registry_lock.store(0, .release);
+}
+
+// ---- argument checks ------------------------------------------------------------------------
+
+fn checkCost(cost: i32) ?u32 {
+    if (cost <= 0) return null;
+    return @intCast(cost);
+}
+
+fn checkCapacity(capacity: i64) ?u32 {
+    if (capacity <= 0 or capacity > table_mod.capacity_max) return null;
+    return @intCast(capacity);
+}
+
+fn checkWeight(weight_milli: i64) ?u32 {
+    if (weight_milli <= 0 or weight_milli > table_mod.weight_milli_max) return null;
+    return @intCast(weight_milli);
+}
+
+fn checkSlot(t: *const Table, slot: u32) bool {
+    return slot < t.backendsMax();
+}
+
+fn nameFrom(name: ?[*]const u8, name_len: u32) ?[]const u8 {
+    const bytes = name orelse return null;
+    if (name_len == 0 or name_len > memory.name_bytes_max) return null;
+    return bytes[0..name_len];
+}
+
+fn status(s: Status) i32 {
+    return @backingInt(s);
+}
+
+// ---- exports: library and tables --------------------------------------------------------------
+
+export fn irm_abi_version(out_version: ?*u32) i32 {
+    const out = out_version orelse return status(.invalid_argument);
+    out.* = abi_version;
+    return status(.ok);
+}
+
+/// Creates a table in private memory for up to `backends_max` backends.
+export fn irm_table_create(backends_max: u32, flags: u32, out_handle: ?*u32) i32 {
+    const out = out_handle orelse return status(.invalid_argument);
+    if (backends_max == 0 or backends_max > table_mod.backends_max_limit) return status(.invalid_argument);
+    if (flags & ~table_mod.flags_known != 0) return status(.invalid_argument);
+    const layout = table_mod.Layout.init(backends_max);
+    const region = memory.mapPrivate(layout.region_bytes) catch |err| return status(statusFrom(err));
+    return finishCreate(region, backends_max, flags, out);
+}
+
+/// Creates a named shared-memory table; fails with `shared_exists` if the name is taken.
+export fn irm_table_create_shared(name: ?[*]const u8, name_len: u32, backends_max: u32, flags: u32, out_handle: ?*u32) i32 {
+    const out = out_handle orelse return status(.invalid_argument);
+    const name_slice = nameFrom(name, name_len) orelse return status(.invalid_name);
+    if (backends_max == 0 or backends_max > table_mod.backends_max_limit) return status(.invalid_argument);
+    if (flags & ~table_mod.flags_known != 0) return status(.invalid_argument);
+    const layout = table_mod.Layout.init(backends_max);
+    const region = memory.createShared(name_slice, layout.region_bytes) catch |err| return status(statusFrom(err));
+    return finishCreate(region, backends_max, flags, out);
+}
+
+fn finishCreate(region: memory.Region, backends_max: u32, flags: u32, out: *u32) i32 {
+    const table = Table.format(region, backends_max, flags);
+    out.* = register(table) orelse {
+        memory.unmap(region);
+        return status(.too_many_tables);
+    };
+    return status(.ok);
+}
+
+/// Maps an existing named shared-memory table into this process.
+export fn irm_table_attach_shared(name: ?[*]const u8, name_len: u32, out_handle: ?*u32) i32 {
+    const out = out_handle orelse return status(.invalid_argument);
+    const name_slice = nameFrom(name, name_len) orelse return status(.invalid_name);
+    const region = memory.attachShared(name_slice) catch |err| return status(statusFrom(err));
+    const table = Table.view(region) catch |err| {
+        memory.unmap(region);
+        return status(statusFrom(err));
+    };
+    out.* = register(table) orelse {
+        memory.unmap(region);
+        return status(.too_many_tables);
+    };
+    return status(.ok);
+}
+
+/// Removes the name of a shared-memory table; processes that mapped it keep their mapping.
+export fn irm_shared_unlink(name: ?[*]const u8, name_len: u32) i32 {
+    const name_slice = nameFrom(name, name_len) orelse return status(.invalid_name);
+    memory.unlinkShared(name_slice) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Unmaps the table. The caller guarantees no other call on this handle is in progress.
+export fn irm_table_destroy(handle: u32) i32 {
+    const table = unregister(handle) orelse return status(.invalid_handle);
+    memory.unmap(table.region);
+    return status(.ok);
+}
+
+export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out_max = out_backends_max orelse return status(.invalid_argument);
+    const out_present = out_present_count orelse return status(.invalid_argument);
+    out_max.* = t.backendsMax();
+    out_present.* = t.header.present_count.load(.acquire);
+    return status(.ok);
+}
+
+/// Seeds the table's random sequence (p2c) so a single caller gets reproducible decisions.
+export fn irm_table_seed(handle: u32, seed: u64) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    t.header.rng_state.store(seed, .monotonic);
+    return status(.ok);
+}
+
+/// Sets the share of capacity (per mille, 1–1000) that requests of `priority` may fill.
+export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (share_permille == 0 or share_permille > 1000) return status(.invalid_argument);
+    t.header.class_share_permille[priority].store(share_permille, .monotonic);
+    return status(.ok);
+}
+
+export fn irm_table_get_class_share(handle: u32, priority: u32, out_share_permille: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_share_permille orelse return status(.invalid_argument);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    out.* = t.header.class_share_permille[priority].load(.monotonic);
+    return status(.ok);
+}
+
+// ---- exports: backends --------------------------------------------------------------------------
+
+export fn irm_backend_add(handle: u32, id: u64, capacity: i64, weight_milli: i64, out_slot: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
+    const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
+    out.* = t.add(id, capacity_checked, weight_checked) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+export fn irm_backend_remove(handle: u32, slot: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    t.remove(slot) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Changes capacity, weight and state (1 active, 2 draining, 3 down) while routing goes on.
+export fn irm_backend_update(handle: u32, slot: u32, capacity: i64, weight_milli: i64, state: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
+    const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
+    if (state > 15) return status(.invalid_state);
+    const state_checked: table_mod.State = @fromBackingInt(@intCast(state));
+    t.update(slot, capacity_checked, weight_checked, state_checked) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    out.* = t.find(id) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Records load the server itself reports (queue depth, KV-cache use) and when it was read.
+export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    if (kv_permille > 1000) return status(.invalid_argument);
+    t.setSignals(slot, queue_depth, kv_permille, time_ms) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+// ---- exports: routing (hot path) ---------------------------------------------------------------
+
+/// Picks a backend with `strategy` and reserves `cost` on it. `*out_slot` is the slot, or
+/// 0xFFFFFFFF when nothing fits (status ok: that is a normal result).
+export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    out.* = strategies.acquire(t, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    return status(.ok);
+}
+
+/// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_slot` is the
+/// slot, or 0xFFFFFFFF when it cannot take the request.
+export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    out.* = if (t.reserve(slot, cost_checked, priority)) slot else table_mod.slot_none;
+    return status(.ok);
+}
+
+/// Makes `count` decisions in one call: `out_slots[i]` is the slot for `costs[i]` or 0xFFFFFFFF.
+export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_slots: ?[*]u32, out_acquired: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out_count = out_acquired orelse return status(.invalid_argument);
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (count == 0) {
+        out_count.* = 0;
+        return status(.ok);
+    }
+    const cost_list = (costs orelse return status(.invalid_argument))[0..count];
+    const slot_list = (out_slots orelse return status(.invalid_argument))[0..count];
+    // Validate every cost first, so a bad batch reserves nothing.
+    for (cost_list) |cost| if (cost <= 0) return status(.invalid_cost);
+    var acquired: u32 = 0;
+    for (cost_list, slot_list) |cost, *slot| {
+        slot.* = strategies.acquire(t, @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
+        acquired += @intFromBool(slot.* != table_mod.slot_none);
+    }
+    out_count.* = acquired;
+    return status(.ok);
+}
+
+/// Returns `cost` reserved on `slot`; `ok` (0/1) counts it completed or failed, and `latency_us`
+/// feeds the latency EWMA.
+export fn irm_release(handle: u32, slot: u32, cost: i32, latency_us: u32, ok: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (ok > 1) return status(.invalid_argument);
+    t.release(slot, cost_checked, latency_us, ok == 1) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Releases `count` reservations; entries whose slot is 0xFFFFFFFF are skipped (batch acquire
+/// output can be passed back as is). Stops at the first error; `*out_released` says how far it got.
+export fn irm_release_batch(handle: u32, count: u32, slots: ?[*]const u32, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out_count = out_released orelse return status(.invalid_argument);
+    out_count.* = 0;
+    if (ok > 1) return status(.invalid_argument);
+    if (count == 0) return status(.ok);
+    const slot_list = (slots orelse return status(.invalid_argument))[0..count];
+    const cost_list = (costs orelse return status(.invalid_argument))[0..count];
+    for (slot_list, cost_list, 0..) |slot, cost, index| {
+        if (slot != table_mod.slot_none) {
+            if (!checkSlot(t, slot)) return status(.unknown_backend);
+            const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+            const latency = if (latencies_us) |list| list[index] else 0;
+            t.release(slot, cost_checked, latency, ok == 1) catch |err| return status(statusFrom(err));
+        }
+        out_count.* += 1;
+    }
+    return status(.ok);
+}
+
+// ---- exports: observation --------------------------------------------------------------------------
+
+/// Copies every backend that is present or still has requests in flight into `out` (up to
+/// `capacity` rows). `*out_count` is the number of such backends; if it exceeds `capacity` the
+/// status is `buffer_too_small` and the first `capacity` rows are filled.
+export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, out_count: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const count_out = out_count orelse return status(.invalid_argument);
+    if (capacity > 0 and out == null) return status(.invalid_argument);
+    const high_water = t.header.slots_high_water.load(.acquire);
+    var count: u32 = 0;
+    for (0..high_water) |index| {
+        if (t.wordOf(@intCast(index)).state == .free) continue;
+        if (count < capacity) out.?[count] = infoOf(t, @intCast(index));
+        count += 1;
+    }
+    count_out.* = count;
+    return status(if (count > capacity) .buffer_too_small else .ok);
+}
+
+/// Reads one backend's counters (present, or retired with requests still in flight).
+export fn irm_backend_read(handle: u32, slot: u32, out_info: ?*BackendInfo) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_info orelse return status(.invalid_argument);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    if (t.wordOf(slot).state == .free) return status(.unknown_backend);
+    out.* = infoOf(t, slot);
+    return status(.ok);
+}
+
+fn infoOf(t: *const Table, slot: u32) BackendInfo {
+    const s = &t.slots[slot];
+    const word = t.wordOf(slot);
+    return .{
+        .id = s.id.load(.monotonic),
+        .slot = slot,
+        .state = @backingInt(word.state),
+        .capacity = s.capacity.load(.monotonic),
+        .weight_milli = s.weight_milli.load(.monotonic),
+        .cost_in_flight = word.cost,
+        .count_in_flight = word.count,
+        .routed_total = s.routed_total.load(.monotonic),
+        .completed_total = s.completed_total.load(.monotonic),
+        .failed_total = s.failed_total.load(.monotonic),
+        .latency_us_ewma = s.latency_us_ewma.load(.monotonic),
+        .signal_queue_depth = s.signal_queue_depth.load(.monotonic),
+        .signal_kv_permille = s.signal_kv_permille.load(.monotonic),
+        // .acquire pairs with `setSignals`: the values above are at least as new as this stamp.
+        .signal_time_ms = s.signal_time_ms.load(.acquire),
+    };
+}
+
+comptime {
+    assert(@sizeOf(BackendInfo) == 80);
+}
+
+test {
+    _ = table_mod;
+    _ = memory;
+    _ = strategies;
+    _ = @import("tree.zig");
+}
+
+test "bad handles and arguments return statuses" {
+    var slot: u32 = 0;
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &slot));
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &slot));
+    var handle: u32 = 0;
+    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, &handle));
+    defer _ = irm_table_destroy(handle);
+    try std.testing.expectEqual(status(.invalid_capacity), irm_backend_add(handle, 1, 0, 1000, &slot));
+    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));
+    try std.testing.expectEqual(status(.invalid_cost), irm_acquire(handle, 0, -3, 0, &slot));
+    try std.testing.expectEqual(status(.invalid_strategy), irm_acquire(handle, 99, 1, 0, &slot));
+    try std.testing.expectEqual(status(.invalid_priority), irm_acquire(handle, 0, 1, 8, &slot));
+    try std.testing.expectEqual(status(.invalid_argument), irm_acquire(handle, 0, 1, 0, null));
+    try std.testing.expectEqual(status(.unknown_backend), irm_release(handle, 3, 1, 0, 1));
+    try std.testing.expectEqual(status(.release_mismatch), irm_release(handle, slot, 1, 0, 1));
+}

@@ -1,0 +1,613 @@
+//! The backend table: one contiguous region (ordinary memory or a shared-memory segment) holding a
+//! header, a fixed array of backend slots, the dense list of present slots, the least-loaded tree
+//! and the id index. It holds no pointers, only indices, so several processes can map it at
+//! different addresses.
+//!
+//! Accounting rule: everything about a slot that must change together (cost and requests in flight,
+//! state, and the epoch that moves when capacity or weight change) lives in one 64-bit word, so a
+//! single compare-and-swap decides every reservation. Capacity is never exceeded under any
+//! interleaving because the check and the reservation are that one CAS.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Atomic = std.atomic.Value;
+const tree = @import("tree.zig");
+
+pub const backends_max_limit: u32 = 1 << 20;
+pub const classes_count: u32 = 8;
+pub const slot_none: u32 = std.math.maxInt(u32);
+pub const capacity_max: u32 = std.math.maxInt(i32);
+pub const weight_milli_max: u32 = 1_000_000;
+pub const count_max: u32 = std.math.maxInt(u20);
+pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
+pub const layout_version: u32 = 1;
+pub const header_bytes: u64 = 4096;
+
+/// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
+/// concurrency tests can prove that their checker catches a race.
+pub const flag_racy_for_tests: u32 = 1 << 0;
+pub const flags_known: u32 = flag_racy_for_tests;
+
+/// Bounds for every retry loop: a CAS that loses this many races gives up (acquire reports
+/// "none fits", which is always safe) instead of spinning forever.
+const reserve_attempts_max: u32 = 64;
+const release_attempts_max: u32 = 1 << 20;
+const lock_attempts_max: u32 = 1 << 24;
+
+pub const Error = error{
+    UnknownBackend,
+    DuplicateId,
+    TableFull,
+    ReleaseMismatch,
+    Busy,
+    InvalidState,
+    Incompatible,
+};
+
+pub const State = enum(u4) {
+    free = 0,
+    active = 1,
+    draining = 2,
+    down = 3,
+    /// Removed while requests were in flight; becomes free when the last one is released.
+    retired = 4,
+    _,
+};
+
+pub const Word = packed struct(u64) {
+    cost: u32 = 0,
+    count: u20 = 0,
+    state: State = .free,
+    epoch: u8 = 0,
+};
+
+pub const Slot = extern struct {
+    word: Atomic(u64),
+    id: Atomic(u64),
+    capacity: Atomic(u32),
+    weight_milli: Atomic(u32),
+    routed_total: Atomic(u64),
+    completed_total: Atomic(u64),
+    failed_total: Atomic(u64),
+    latency_us_ewma: Atomic(u64),
+    signal_queue_depth: Atomic(u32),
+    signal_kv_permille: Atomic(u32),
+    signal_time_ms: Atomic(u64),
+    reserved: [7]u64,
+
+    comptime {
+        // Two cache lines: a slot never shares a line with its neighbour's hot word.
+        assert(@sizeOf(Slot) == 128);
+    }
+};
+
+pub const Header = extern struct {
+    magic: u64,
+    layout_version: u32,
+    backends_max: u32,
+    tree_leaves_count: u32,
+    idmap_count: u32,
+    region_bytes: u64,
+    flags: u32,
+    ready: Atomic(u32),
+    lock: Atomic(u32),
+    present_count: Atomic(u32),
+    slots_high_water: Atomic(u32),
+    index_enabled: Atomic(u32),
+    rr_cursor: Atomic(u64),
+    rng_state: Atomic(u64),
+    class_share_permille: [classes_count]Atomic(u32),
+
+    comptime {
+        assert(@sizeOf(Header) <= header_bytes);
+    }
+};
+
+pub const IdEntry = extern struct {
+    id: u64,
+    slot_plus_one: u32,
+    reserved: u32,
+};
+
+pub const Layout = struct {
+    backends_max: u32,
+    tree_leaves_count: u32,
+    idmap_count: u32,
+    slots_offset: u64,
+    present_offset: u64,
+    present_pos_offset: u64,
+    tree_offset: u64,
+    idmap_offset: u64,
+    region_bytes: u64,
+
+    pub fn init(backends_max: u32) Layout {
+        assert(backends_max >= 1);
+        assert(backends_max <= backends_max_limit);
+        const leaves = std.math.ceilPowerOfTwoAssert(u32, @max(backends_max, 2));
+        const idmap_count = std.math.ceilPowerOfTwoAssert(u32, backends_max * 2);
+        const slots_offset = header_bytes;
+        const present_offset = slots_offset + @as(u64, backends_max) * @sizeOf(Slot);
+        const present_pos_offset = present_offset + @as(u64, backends_max) * 4;
+        const tree_offset = std.mem.alignForward(u64, present_pos_offset + @as(u64, backends_max) * 4, 64);
+        const idmap_offset = tree_offset + @as(u64, leaves) * 8;
+        const end = idmap_offset + @as(u64, idmap_count) * @sizeOf(IdEntry);
+        return .{
+            .backends_max = backends_max,
+            .tree_leaves_count = leaves,
+            .idmap_count = idmap_count,
+            .slots_offset = slots_offset,
+            .present_offset = present_offset,
+            .present_pos_offset = present_pos_offset,
+            .tree_offset = tree_offset,
+            .idmap_offset = idmap_offset,
+            .region_bytes = std.mem.alignForward(u64, end, header_bytes),
+        };
+    }
+};
+
+pub const default_class_share_permille = [classes_count]u32{ 1000, 900, 800, 700, 600, 500, 500, 500 };
+
+/// A process-local view of a table region.
+pub const Table = struct {
+    header: *Header,
+    slots: []Slot,
+    present: []Atomic(u32),
+    present_pos: []u32,
+    tree_nodes: []Atomic(u64),
+    idmap: []IdEntry,
+    region: []align(header_bytes) u8,
+
+    /// Formats a zeroed region as an empty table. The region must be `Layout.init(n).region_bytes`
+    /// long and zero-filled (fresh anonymous or shared mappings are).
+    pub fn format(region: []align(header_bytes) u8, backends_max: u32, flags: u32) Table {
+        const layout = Layout.init(backends_max);
+        assert(region.len == layout.region_bytes);
+        assert(flags & ~flags_known == 0);
+        const header: *Header = @ptrCast(region.ptr);
+        header.magic = magic;
+        header.layout_version = layout_version;
+        header.backends_max = backends_max;
+        header.tree_leaves_count = layout.tree_leaves_count;
+        header.idmap_count = layout.idmap_count;
+        header.region_bytes = layout.region_bytes;
+        header.flags = flags;
+        for (&header.class_share_permille, default_class_share_permille) |*share, value| {
+            share.store(value, .monotonic);
+        }
+        const table = view(region) catch unreachable;
+        for (table.tree_nodes) |*node| node.store(std.math.maxInt(u64), .monotonic);
+        // .release: a process that attaches and sees `ready` also sees the formatted header.
+        header.ready.store(1, .release);
+        return table;
+    }
+
+    /// Interprets an already formatted region, checking that its layout is the one we build.
+    pub fn view(region: []align(header_bytes) u8) Error!Table {
+        if (region.len < header_bytes) return error.Incompatible;
+        const header: *Header = @ptrCast(region.ptr);
+        if (header.magic != magic) return error.Incompatible;
+        if (header.layout_version != layout_version) return error.Incompatible;
+        if (header.backends_max < 1 or header.backends_max > backends_max_limit) return error.Incompatible;
+        const layout = Layout.init(header.backends_max);
+        if (header.region_bytes != layout.region_bytes) return error.Incompatible;
+        if (region.len < layout.region_bytes) return error.Incompatible;
+        const n = header.backends_max;
+        return .{
+            .header = header,
+            .slots = sliceAt(Slot, region, layout.slots_offset, n),
+            .present = sliceAt(Atomic(u32), region, layout.present_offset, n),
+            .present_pos = sliceAt(u32, region, layout.present_pos_offset, n),
+            .tree_nodes = sliceAt(Atomic(u64), region, layout.tree_offset, layout.tree_leaves_count),
+            .idmap = sliceAt(IdEntry, region, layout.idmap_offset, layout.idmap_count),
+            .region = region,
+        };
+    }
+
+    pub fn backendsMax(t: *const Table) u32 {
+        return t.header.backends_max;
+    }
+
+    pub fn racy(t: *const Table) bool {
+        return t.header.flags & flag_racy_for_tests != 0;
+    }
+
+    pub fn wordOf(t: *const Table, slot: u32) Word {
+        // .acquire pairs with the .release CAS in `update`: the capacity and weight read after
+        // this load are at least as new as the epoch in the word.
+        return @bitCast(t.slots[slot].word.load(.acquire));
+    }
+
+    /// The cost a request of `class` may fill a backend of `capacity` up to.
+    pub fn limitFor(t: *const Table, capacity: u32, class: u32) u64 {
+        assert(class < classes_count);
+        const share = t.header.class_share_permille[class].load(.monotonic);
+        return @as(u64, capacity) * share / 1000;
+    }
+
+    /// Whether `slot` could take `cost` for `class` right now (a hint: `reserve` decides).
+    pub fn fits(t: *const Table, slot: u32, cost: u32, class: u32) bool {
+        const word = t.wordOf(slot);
+        if (word.state != .active) return false;
+        const limit = t.limitFor(t.slots[slot].capacity.load(.monotonic), class);
+        return @as(u64, word.cost) + cost <= limit and word.count < count_max;
+    }
+
+    /// Reserves `cost` on `slot` for a request of `class`. Returns false when the backend is not
+    /// active or the reservation would exceed its share of capacity; that is a normal result.
+    pub fn reserve(t: *const Table, slot: u32, cost: u32, class: u32) bool {
+        assert(slot < t.backendsMax());
+        assert(cost > 0);
+        const s = &t.slots[slot];
+        var attempts: u32 = 0;
+        while (attempts < reserve_attempts_max) : (attempts += 1) {
+            const old_raw = s.word.load(.acquire);
+            const old: Word = @bitCast(old_raw);
+            if (old.state != .active) return false;
+            const limit = t.limitFor(s.capacity.load(.monotonic), class);
+            if (@as(u64, old.cost) + cost > limit) return false;
+            if (old.count >= count_max) return false;
+            var new = old;
+            new.cost += cost;
+            new.count += 1;
+            if (t.racy()) {
+                racyDelay();
+                s.word.store(@bitCast(new), .monotonic);
+            } else if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) != null) {
+                continue;
+            }
+            // Totals are statistics, not decisions: .monotonic is enough.
+            _ = s.routed_total.fetchAdd(1, .monotonic);
+            tree.onLeafChanged(t, slot);
+            return true;
+        }
+        return false;
+    }
+
+    /// Returns `cost` reserved on `slot`, records the outcome and folds `latency_us` into the EWMA.
+    pub fn release(t: *const Table, slot: u32, cost: u32, latency_us: u32, ok: bool) Error!void {
+        assert(slot < t.backendsMax());
+        assert(cost > 0);
+        const s = &t.slots[slot];
+        var attempts: u32 = 0;
+        const freed = while (attempts < release_attempts_max) : (attempts += 1) {
+            const old_raw = s.word.load(.monotonic);
+            const old: Word = @bitCast(old_raw);
+            if (old.state == .free) return error.UnknownBackend;
+            if (old.count == 0 or old.cost < cost) return error.ReleaseMismatch;
+            var new = old;
+            new.cost -= cost;
+            new.count -= 1;
+            // Every reservation costs at least one unit, so cost in flight >= requests in flight.
+            if (new.cost < new.count) return error.ReleaseMismatch;
+            if (new.count == 0 and new.cost != 0) return error.ReleaseMismatch;
+            if (new.state == .retired and new.count == 0) new.state = .free;
+            if (t.racy()) {
+                racyDelay();
+                s.word.store(@bitCast(new), .monotonic);
+            } else if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) != null) {
+                continue;
+            }
+            break new.state == .free;
+        } else return error.Busy;
+        if (freed) return; // The slot may already be reused by `add`: touch nothing more.
+        if (ok) {
+            _ = s.completed_total.fetchAdd(1, .monotonic);
+        } else {
+            _ = s.failed_total.fetchAdd(1, .monotonic);
+        }
+        ewmaUpdate(&s.latency_us_ewma, latency_us);
+        tree.onLeafChanged(t, slot);
+    }
+
+    pub fn add(t: *const Table, id: u64, capacity: u32, weight_milli: u32) Error!u32 {
+        assert(capacity >= 1 and capacity <= capacity_max);
+        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        try t.lock();
+        defer t.unlock();
+        if (t.idmapFind(id) != null) return error.DuplicateId;
+        const slot = t.freeSlot() orelse return error.TableFull;
+        const s = &t.slots[slot];
+        s.id.store(id, .monotonic);
+        s.capacity.store(capacity, .monotonic);
+        s.weight_milli.store(weight_milli, .monotonic);
+        s.routed_total.store(0, .monotonic);
+        s.completed_total.store(0, .monotonic);
+        s.failed_total.store(0, .monotonic);
+        s.latency_us_ewma.store(0, .monotonic);
+        s.signal_queue_depth.store(0, .monotonic);
+        s.signal_kv_permille.store(0, .monotonic);
+        s.signal_time_ms.store(0, .monotonic);
+        const old: Word = t.wordOf(slot);
+        assert(old.state == .free);
+        assert(old.count == 0);
+        const new: Word = .{ .state = .active, .epoch = old.epoch +% 1 };
+        // .release: the fields stored above are visible to whoever sees the slot active.
+        s.word.store(@bitCast(new), .release);
+        t.idmapInsert(id, slot);
+        const position = t.header.present_count.load(.monotonic);
+        t.present[position].store(slot, .monotonic);
+        t.present_pos[slot] = position;
+        // .release: a reader that sees the new count also sees the list entry.
+        t.header.present_count.store(position + 1, .release);
+        tree.onLeafChanged(t, slot);
+        return slot;
+    }
+
+    pub fn remove(t: *const Table, slot: u32) Error!void {
+        try t.lock();
+        defer t.unlock();
+        const s = &t.slots[slot];
+        var attempts: u32 = 0;
+        while (attempts < release_attempts_max) : (attempts += 1) {
+            const old_raw = s.word.load(.acquire);
+            const old: Word = @bitCast(old_raw);
+            if (!isPresent(old.state)) return error.UnknownBackend;
+            var new = old;
+            new.state = if (old.count == 0) .free else .retired;
+            new.epoch = old.epoch +% 1;
+            if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) == null) break;
+        } else return error.Busy;
+        t.idmapRemove(s.id.load(.monotonic));
+        const position = t.present_pos[slot];
+        const last = t.header.present_count.load(.monotonic) - 1;
+        assert(position <= last);
+        const moved = t.present[last].load(.monotonic);
+        t.present[position].store(moved, .monotonic);
+        t.present_pos[moved] = position;
+        t.header.present_count.store(last, .release);
+        tree.onLeafChanged(t, slot);
+    }
+
+    pub fn update(t: *const Table, slot: u32, capacity: u32, weight_milli: u32, state: State) Error!void {
+        assert(capacity >= 1 and capacity <= capacity_max);
+        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        switch (state) {
+            .active, .draining, .down => {},
+            else => return error.InvalidState,
+        }
+        const s = &t.slots[slot];
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        s.capacity.store(capacity, .monotonic);
+        s.weight_milli.store(weight_milli, .monotonic);
+        var attempts: u32 = 0;
+        while (attempts < release_attempts_max) : (attempts += 1) {
+            const old_raw = s.word.load(.acquire);
+            const old: Word = @bitCast(old_raw);
+            if (!isPresent(old.state)) return error.UnknownBackend;
+            var new = old;
+            new.state = state;
+            // A reservation that read the old capacity compares against the old epoch and fails.
+            new.epoch = old.epoch +% 1;
+            if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) == null) break;
+        } else return error.Busy;
+        tree.onLeafChanged(t, slot);
+    }
+
+    pub fn find(t: *const Table, id: u64) Error!u32 {
+        try t.lock();
+        defer t.unlock();
+        return t.idmapFind(id) orelse error.UnknownBackend;
+    }
+
+    pub fn setSignals(t: *const Table, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) Error!void {
+        const s = &t.slots[slot];
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        s.signal_queue_depth.store(queue_depth, .monotonic);
+        s.signal_kv_permille.store(kv_permille, .monotonic);
+        // .release: a reader that sees the new time also sees the values it stamps.
+        s.signal_time_ms.store(time_ms, .release);
+    }
+
+    /// A pseudo-random number from the table's seeded sequence; thread-safe and deterministic for
+    /// a single caller (the simulator relies on that).
+    pub fn random(t: *const Table) u64 {
+        const state = t.header.rng_state.fetchAdd(0x9E37_79B9_7F4A_7C15, .monotonic);
+        return splitmix64(state);
+    }
+
+    fn freeSlot(t: *const Table) ?u32 {
+        const high_water = t.header.slots_high_water.load(.monotonic);
+        if (high_water < t.backendsMax()) {
+            t.header.slots_high_water.store(high_water + 1, .release);
+            return high_water;
+        }
+        for (t.slots, 0..) |*s, index| {
+            const word: Word = @bitCast(s.word.load(.acquire));
+            if (word.state == .free) return @intCast(index);
+        }
+        return null;
+    }
+
+    fn lock(t: *const Table) Error!void {
+        var attempts: u32 = 0;
+        while (attempts < lock_attempts_max) : (attempts += 1) {
+            // .acquire: the critical section sees everything the previous holder wrote.
+            if (t.header.lock.cmpxchgWeak(0, 1, .acquire, .monotonic) == null) return;
+            if (attempts % 64 == 63) {
+                _ = std.os.linux.sched_yield();
+            } else {
+                std.atomic.spinLoopHint();
+            }
+        }
+        return error.Busy;
+    }
+
+    fn unlock(t: *const Table) void {
+        // .release: publishes the critical section's writes to the next holder.
+        t.header.lock.store(0, .release);
+    }
+
+    fn idmapFind(t: *const Table, id: u64) ?u32 {
+        const mask = t.idmap.len - 1;
+        var index = splitmix64(id) & mask;
+        for (0..t.idmap.len) |_| {
+            const entry = t.idmap[index];
+            if (entry.slot_plus_one == 0) return null;
+            if (entry.id == id) return entry.slot_plus_one - 1;
+            index = (index + 1) & mask;
+        }
+        return null;
+    }
+
+    fn idmapInsert(t: *const Table, id: u64, slot: u32) void {
+        const mask = t.idmap.len - 1;
+        var index = splitmix64(id) & mask;
+        // The map has twice as many entries as slots, so an empty entry always exists.
+        while (t.idmap[index].slot_plus_one != 0) index = (index + 1) & mask;
+        t.idmap[index] = .{ .id = id, .slot_plus_one = slot + 1, .reserved = 0 };
+    }
+
+    /// Linear probing with backward-shift deletion: no tombstones, so lookups stay short forever.
+    fn idmapRemove(t: *const Table, id: u64) void {
+        const mask = t.idmap.len - 1;
+        var index = splitmix64(id) & mask;
+        while (t.idmap[index].id != id or t.idmap[index].slot_plus_one == 0) {
+            assert(t.idmap[index].slot_plus_one != 0);
+            index = (index + 1) & mask;
+        }
+        var hole = index;
+        var next = (hole + 1) & mask;
+        while (t.idmap[next].slot_plus_one != 0) : (next = (next + 1) & mask) {
+            const home = splitmix64(t.idmap[next].id) & mask;
+            // Move the entry back if its home is not cyclically within (hole, next].
+            const distance_home = (next -% home) & mask;
+            const distance_hole = (next -% hole) & mask;
+            if (distance_home >= distance_hole) {
+                t.idmap[hole] = t.idmap[next];
+                hole = next;
+            }
+        }
+        t.idmap[hole] = .{ .id = 0, .slot_plus_one = 0, .reserved = 0 };
+    }
+};
+
+pub fn isPresent(state: State) bool {
+    return switch (state) {
+        .active, .draining, .down => true,
+        else => false,
+    };
+}
+
+pub fn splitmix64(x: u64) u64 {
+    var z = x +% 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)) *% 0xBF58_476D_1CE4_E5B9;
+    z = (z ^ (z >> 27)) *% 0x94D0_49BB_1331_11EB;
+    return z ^ (z >> 31);
+}
+
+/// EWMA with weight 1/8 on the new sample; the first sample is taken as is.
+fn ewmaUpdate(ewma: *Atomic(u64), sample_us: u32) void {
+    var attempts: u32 = 0;
+    while (attempts < reserve_attempts_max) : (attempts += 1) {
+        const old = ewma.load(.monotonic);
+        const new: u64 = if (old == 0) @max(sample_us, 1) else blk: {
+            const delta = @as(i64, sample_us) - @as(i64, @intCast(old));
+            break :blk @intCast(@max(1, @as(i64, @intCast(old)) + @divTrunc(delta, 8)));
+        };
+        if (ewma.cmpxchgWeak(old, new, .monotonic, .monotonic) == null) return;
+    }
+}
+
+fn racyDelay() void {
+    for (0..200) |_| std.atomic.spinLoopHint();
+}
+
+fn sliceAt(comptime T: type, region: []align(header_bytes) u8, offset: u64, count: u32) []T {
+    assert(offset % @alignOf(T) == 0);
+    assert(offset + @as(u64, count) * @sizeOf(T) <= region.len);
+    const base: [*]T = @ptrCast(@alignCast(region.ptr + offset));
+    return base[0..count];
+}
+
+const testing = std.testing;
+
+pub fn testTable(backends_max: u32) !Table {
+    const layout = Layout.init(backends_max);
+    const region = try testing.allocator.alignedAlloc(u8, .fromByteUnits(header_bytes), layout.region_bytes);
+    @memset(region, 0);
+    return Table.format(region, backends_max, 0);
+}
+
+pub fn testTableFree(t: Table) void {
+    testing.allocator.free(t.region);
+}
+
+test "reserve never exceeds capacity and release returns it" {
+    const t = try testTable(4);
+    defer testTableFree(t);
+    const slot = try t.add(7, 10, 1000);
+    try testing.expect(t.reserve(slot, 6, 0));
+    try testing.expect(!t.reserve(slot, 5, 0));
+    try testing.expect(t.reserve(slot, 4, 0));
+    try testing.expectEqual(@as(u32, 10), t.wordOf(slot).cost);
+    try t.release(slot, 6, 100, true);
+    try t.release(slot, 4, 100, false);
+    try testing.expectError(error.ReleaseMismatch, t.release(slot, 1, 0, true));
+    const word = t.wordOf(slot);
+    try testing.expectEqual(@as(u32, 0), word.cost);
+    try testing.expectEqual(@as(u20, 0), word.count);
+    try testing.expectEqual(@as(u64, 1), t.slots[slot].completed_total.load(.monotonic));
+    try testing.expectEqual(@as(u64, 1), t.slots[slot].failed_total.load(.monotonic));
+}
+
+test "priority classes fill only their share" {
+    const t = try testTable(2);
+    defer testTableFree(t);
+    const slot = try t.add(1, 100, 1000);
+    try testing.expect(t.reserve(slot, 80, 2)); // class 2 may fill 80 %.
+    try testing.expect(!t.reserve(slot, 1, 2));
+    try testing.expect(t.reserve(slot, 10, 1)); // class 1 may fill 90 %.
+    try testing.expect(t.reserve(slot, 10, 0)); // class 0 may fill all of it.
+    try testing.expect(!t.reserve(slot, 1, 0));
+}
+
+test "a removed backend with requests in flight retires, then frees on the last release" {
+    const t = try testTable(2);
+    defer testTableFree(t);
+    const slot = try t.add(1, 10, 1000);
+    try testing.expect(t.reserve(slot, 3, 0));
+    try t.remove(slot);
+    try testing.expectEqual(State.retired, t.wordOf(slot).state);
+    try testing.expect(!t.reserve(slot, 1, 0));
+    try testing.expectError(error.UnknownBackend, t.find(1));
+    try t.release(slot, 3, 5, true);
+    try testing.expectEqual(State.free, t.wordOf(slot).state);
+    const again = try t.add(1, 10, 1000);
+    try testing.expectEqual(again, try t.find(1));
+    // The table is now full up to its high-water mark, so the next add reuses the freed slot.
+    try testing.expectEqual(slot, try t.add(2, 10, 1000));
+    try testing.expectError(error.TableFull, t.add(3, 10, 1000));
+}
+
+test "duplicate ids and a full table are refused" {
+    const t = try testTable(2);
+    defer testTableFree(t);
+    _ = try t.add(1, 10, 1000);
+    try testing.expectError(error.DuplicateId, t.add(1, 10, 1000));
+    _ = try t.add(2, 10, 1000);
+    try testing.expectError(error.TableFull, t.add(3, 10, 1000));
+}
+
+test "id index survives many adds and removes" {
+    const t = try testTable(64);
+    defer testTableFree(t);
+    var slots: [64]u32 = undefined;
+    for (0..64) |round| {
+        for (0..64) |i| slots[i] = try t.add(round * 1000 + i, 5, 1000);
+        for (0..64) |i| try testing.expectEqual(slots[i], try t.find(round * 1000 + i));
+        for (0..64) |i| try t.remove(slots[i]);
+        try testing.expectEqual(@as(u32, 0), t.header.present_count.load(.monotonic));
+    }
+}
+
+test "update lowers capacity for new reservations and changes state" {
+    const t = try testTable(2);
+    defer testTableFree(t);
+    const slot = try t.add(1, 10, 1000);
+    try t.update(slot, 4, 1000, .active);
+    try testing.expect(!t.reserve(slot, 5, 0));
+    try testing.expect(t.reserve(slot, 4, 0));
+    try t.update(slot, 100, 1000, .draining);
+    try testing.expect(!t.reserve(slot, 1, 0));
+    try testing.expectError(error.InvalidState, t.update(slot, 10, 1000, .free));
+}
