@@ -166,6 +166,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
     "irm_acquire": [_u32, _u32, _i32, _u32, _pu32],
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu32],
+    "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32],
     "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
     "irm_release": [_u32, _u32, _i32, _u32, _u32],
     "irm_release_batch": [_u32, _u32, _pu32, _pi32, _pu32, _u32, _pu32],
@@ -208,6 +209,7 @@ _lib, _fast = _load()
 # Hot path: same symbols, no converters (see the module docstring). restype defaults to C int.
 _fast_acquire = _fast.irm_acquire
 _fast_release = _fast.irm_release
+_fast_acquire_among = _fast.irm_acquire_among
 
 
 def status_name(status: int) -> str:
@@ -372,6 +374,15 @@ class NativeTable:
             _raise(status, "acquire")
         return self._out.value
 
+    def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
+        """Like `acquire`, choosing only among the pool's slots."""
+        status = _fast_acquire_among(
+            self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, self._out_ref
+        )
+        if status:
+            _raise(status, "acquire among pool")
+        return self._out.value
+
     def acquire_on(self, slot: int, cost: int, priority: int) -> bool:
         """Reserves `cost` on `slot` (chosen outside the core); False if it cannot take it."""
         status = _lib.irm_acquire_on(self._handle, slot, cost, priority, self._out_ref)
@@ -423,6 +434,22 @@ class NativeTable:
                 continue
             _check(status, "snapshot")
             return [_snapshot_of(row) for row in rows[: count.value]]
+
+
+class Pool:
+    """A subset of a table's slots to choose among (e.g. the backends serving one model), with its
+    own round-robin cursor. Immutable: build a new Pool when membership changes."""
+
+    __slots__ = ("count", "cursor", "cursor_ref", "slots")
+
+    def __init__(self, slots: Sequence[int]) -> None:
+        self.count = len(slots)
+        self.slots = (ctypes.c_uint32 * max(1, self.count))(*slots)
+        self.cursor = ctypes.c_uint64(0)
+        self.cursor_ref = ctypes.byref(self.cursor)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def _snapshot_of(row: BackendInfo) -> BackendSnapshot:

@@ -159,6 +159,7 @@ class Router:
         self._slots_by_id: dict[int, int] = {}
         self._accelerators: dict[int, Accelerator] = {}
         self._in_flight: dict[object, Lease] = {}
+        self._pools: dict[str, tuple[tuple[int, ...], int, _native.Pool]] = {}
         if class_shares is not None:
             for priority, share in enumerate(class_shares):
                 self._table.set_class_share(priority, share)
@@ -206,6 +207,10 @@ class Router:
         still be completed (its slot is reused only after the last one)."""
         self._table.remove(self._slot(accelerator_id))
         del self._slots_by_id[accelerator_id]
+        for name, (members, strategy, _pool) in list(self._pools.items()):
+            if accelerator_id in members:
+                remaining = tuple(member for member in members if member != accelerator_id)
+                self._pools[name] = (remaining, strategy, _native.Pool([self._slot(m) for m in remaining]))
         accelerator = self._accelerators.pop(accelerator_id, None)
         if accelerator is not None:
             accelerator._router = None
@@ -234,6 +239,25 @@ class Router:
             accelerator.capacity = new_capacity
             accelerator.weight = weight_milli / 1000
 
+    # ---- pools ---------------------------------------------------------------------------------
+
+    def set_pool(self, name: str, accelerator_ids: Iterable[int], strategy: str | None = None) -> None:
+        """Defines (or redefines) a named subset of accelerators, e.g. those serving one model,
+        routed with `strategy` (default: the router's). An accelerator may be in several pools;
+        its load is counted once, in the table."""
+        members = tuple(dict.fromkeys(accelerator_ids))
+        slots = [self._slot(member) for member in members]
+        chosen = self._strategy if strategy is None else strategy_id(strategy)
+        self._pools[name] = (members, chosen, _native.Pool(slots))
+
+    def remove_pool(self, name: str) -> None:
+        del self._pools[name]
+
+    @property
+    def pools(self) -> dict[str, list[int]]:
+        """Pool name -> member accelerator ids."""
+        return {name: list(members) for name, (members, _strategy, _pool) in self._pools.items()}
+
     @property
     def accelerators(self) -> list[int]:
         """Ids of the accelerators in the table (in shared mode: added by any process)."""
@@ -241,12 +265,12 @@ class Router:
 
     # ---- routing -------------------------------------------------------------------------------
 
-    def route_request(self, request: Request) -> int | None:
-        """Routes `request`; returns the accelerator id, or None when nothing fits. The request's
-        cost stays reserved until `complete(request)`."""
+    def route_request(self, request: Request, *, pool: str | None = None) -> int | None:
+        """Routes `request` (within `pool` if given); returns the accelerator id, or None when
+        nothing fits. The request's cost stays reserved until `complete(request)`."""
         if request.id in self._in_flight:
             raise ValueError(f"request {request.id!r} is already in flight; complete it first")
-        lease = self.acquire(request.cost, request.priority)
+        lease = self.acquire(request.cost, request.priority, pool=pool)
         if lease is None:
             return None
         self._in_flight[request.id] = lease
@@ -260,9 +284,19 @@ class Router:
             raise KeyError(f"request {request_id!r} is not in flight")
         lease.release(ok=ok, latency_s=latency_s)
 
-    def acquire(self, cost: int = 1, priority: int = 0) -> Lease | None:
-        """Reserves `cost` on an accelerator chosen by the strategy; None when nothing fits."""
-        slot = self._table.acquire(self._strategy, _native.check_cost(cost), _native.check_priority(priority))
+    def acquire(self, cost: int = 1, priority: int = 0, *, pool: str | None = None) -> Lease | None:
+        """Reserves `cost` on an accelerator chosen by the strategy (among `pool`'s members if
+        given); None when nothing fits."""
+        _native.check_cost(cost)
+        _native.check_priority(priority)
+        if pool is None:
+            slot = self._table.acquire(self._strategy, cost, priority)
+        else:
+            try:
+                _members, strategy, native_pool = self._pools[pool]
+            except KeyError:
+                raise KeyError(f"no pool named {pool!r}; pools: {sorted(self._pools)}") from None
+            slot = self._table.acquire_among(strategy, cost, priority, native_pool)
         if slot == SLOT_NONE:
             return None
         return Lease(self, slot, self._id_of(slot), cost)
@@ -276,10 +310,10 @@ class Router:
         return Lease(self, slot, accelerator_id, cost)
 
     @contextlib.contextmanager
-    def lease(self, request: Request) -> Iterator[int | None]:
+    def lease(self, request: Request, *, pool: str | None = None) -> Iterator[int | None]:
         """`with router.lease(request) as accelerator_id:` routes the request and completes it on
         exit (failed if the block raised). The id is None when nothing fits."""
-        lease = self.acquire(request.cost, request.priority)
+        lease = self.acquire(request.cost, request.priority, pool=pool)
         if lease is None:
             yield None
             return

@@ -323,7 +323,25 @@ export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
-    out.* = strategies.acquire(t, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    out.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    return status(.ok);
+}
+
+/// Like `irm_acquire`, but chooses only among `slots[0..count]` (a pool: e.g. the backends
+/// serving one model). `cursor` is the pool's round-robin position, owned by the caller.
+export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_slot: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    const cursor_checked: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (count > t.backendsMax()) return status(.invalid_argument);
+    if (count > 0 and slots == null) return status(.invalid_argument);
+    const slot_list: []const u32 = if (count == 0) &.{} else slots.?[0..count];
+    // Out-of-range slots in a pool are skipped by the strategies, never dereferenced.
+    const candidates: strategies.Candidates = .{ .slots = slot_list, .cursor = cursor_checked, .whole_table = false };
+    out.* = strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
     return status(.ok);
 }
 
@@ -355,7 +373,7 @@ export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u3
     for (cost_list) |cost| if (cost <= 0) return status(.invalid_cost);
     var acquired: u32 = 0;
     for (cost_list, slot_list) |cost, *slot| {
-        slot.* = strategies.acquire(t, @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
+        slot.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
         acquired += @intFromBool(slot.* != table_mod.slot_none);
     }
     out_count.* = acquired;
