@@ -46,7 +46,7 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
     assert(cost > 0);
     assert(class < table_mod.classes_count);
     return switch (strategy) {
-        .round_robin => roundRobin(t, candidates, cost, class, candidates.cursor.fetchAdd(1, .monotonic)),
+        .round_robin => roundRobinFromCursor(t, candidates, cost, class),
         .least_connections => leastConnections(t, candidates, cost, class),
         .p2c => powerOfTwoChoices(t, candidates, cost, class),
         _ => unreachable, // The ABI edge validates the strategy.
@@ -58,6 +58,20 @@ pub fn isKnown(strategy: u32) bool {
         .round_robin, .least_connections, .p2c => true,
         _ => false,
     };
+}
+
+/// Round robin from the shared cursor. When it had to skip backends, it moves the cursor past
+/// them too, so the skipped share is spread instead of all landing on the next backend.
+fn roundRobinFromCursor(t: *const Table, candidates: Candidates, cost: u32, class: u32) u32 {
+    const start = candidates.cursor.fetchAdd(1, .monotonic);
+    const count = candidates.slots.len;
+    for (0..count) |offset| {
+        const slot = candidates.at((start + offset) % count);
+        if (slot >= t.backendsMax() or !t.reserve(slot, cost, class)) continue;
+        if (offset > 0) _ = candidates.cursor.fetchAdd(offset, .monotonic);
+        return slot;
+    }
+    return slot_none;
 }
 
 /// Visits candidates in order from `start`, skipping those that are down, draining or full;

@@ -33,12 +33,16 @@ pub fn leafValue(t: *const Table, slot: u32) u64 {
 
 pub fn relativeLoadKey(t: *const Table, slot: u32, cost: u32) u64 {
     const s = &t.slots[slot];
-    const capacity: u128 = s.capacity.load(.monotonic);
-    const weight_milli: u128 = s.weight_milli.load(.monotonic);
+    const capacity = s.capacity.load(.monotonic);
+    const weight_milli = s.weight_milli.load(.monotonic);
     assert(capacity > 0);
     assert(weight_milli > 0);
-    const key = @as(u128, cost) * key_unit * 1000 / (capacity * weight_milli);
-    return @intCast(@min(key, key_max));
+    // f64 rather than u128: a 128-bit division costs more than the rest of a p2c decision, and
+    // 53 bits of mantissa order relative loads exactly enough for a minimum.
+    const scale: f64 = @floatFromInt(key_unit * 1000);
+    const key = @as(f64, @floatFromInt(cost)) * scale /
+        (@as(f64, @floatFromInt(capacity)) * @as(f64, @floatFromInt(weight_milli)));
+    return @intFromFloat(@min(key, @as(f64, @floatFromInt(key_max))));
 }
 
 pub fn onLeafChanged(t: *const Table, slot: u32) void {

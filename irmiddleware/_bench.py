@@ -1,0 +1,176 @@
+"""`irmiddleware bench`: the seed's scale test (10,000 accelerators, 100,000 requests) for each
+strategy, measured per call and batched, route-only and route+release, with the seed package
+(`intelligent_routing`) measured in the same run when it is importable. Prints numbers; asserts
+nothing (benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from irmiddleware import _native
+from irmiddleware._router import STRATEGIES, Accelerator, Request, Router
+
+CAPACITY = 100
+BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class Result:
+    strategy: str
+    mode: str
+    rate: float  # decisions (or route+release pairs) per second
+
+
+def median_rate(run: Callable[[], float], operations: int, repeats: int) -> float:
+    """Each run returns its timed seconds (setup excluded); the median rate of `repeats` runs is
+    robust to a noisy neighbour on a shared machine."""
+    return statistics.median(operations / run() for _ in range(repeats))
+
+
+def fresh_router(strategy: str, accelerators: int) -> Router:
+    router = Router(strategy, max_accelerators=accelerators, seed=1)
+    for index in range(accelerators):
+        router.add_accelerator(Accelerator(index, CAPACITY))
+    return router
+
+
+def route_per_call(route: Callable[[Any], object], request_type: Any, requests: int) -> float:
+    """The seed's measure: `route_request(Request(...))` in a loop, nothing released."""
+    started = time.perf_counter()
+    for index in range(requests):
+        route(request_type(index, 1, 1))
+    return time.perf_counter() - started
+
+
+def ours_route_per_call(strategy: str, accelerators: int, requests: int) -> Callable[[], float]:
+    def run() -> float:
+        with fresh_router(strategy, accelerators) as router:
+            return route_per_call(router.route_request, Request, requests)
+
+    return run
+
+
+def seed_route_per_call(seed: ModuleType, strategy: str, accelerators: int, requests: int) -> Callable[[], float]:
+    def run() -> float:
+        router = seed.Router(strategy)
+        for index in range(accelerators):
+            router.add_accelerator(seed.Accelerator(index, CAPACITY))
+        return route_per_call(router.route_request, seed.Request, requests)
+
+    return run
+
+
+def pairs_per_call(router: Router, requests: int) -> Callable[[], float]:
+    """Route then release, one request at a time, through the public lease API."""
+
+    def run() -> float:
+        acquire = router.acquire
+        started = time.perf_counter()
+        for _ in range(requests):
+            lease = acquire(1, 0)
+            if lease is not None:
+                lease.release(True, 0.0)
+        return time.perf_counter() - started
+
+    return run
+
+
+def pairs_per_call_binding(router: Router, requests: int) -> Callable[[], float]:
+    """Route then release through the binding's hot path: the floor of a per-call pair."""
+    table, number = router._table, int(STRATEGIES[router.strategy])
+
+    def run() -> float:
+        acquire, release, none = table.acquire, table.release, _native.SLOT_NONE
+        started = time.perf_counter()
+        for _ in range(requests):
+            slot = acquire(number, 1, 0)
+            if slot != none:
+                release(slot, 1, 0, True)
+        return time.perf_counter() - started
+
+    return run
+
+
+def batched(router: Router, requests: int, timed_release: bool) -> Callable[[], float]:
+    """`BATCH` decisions per foreign call; the releases are timed only for route+release."""
+    table, number = router._table, int(STRATEGIES[router.strategy])
+    costs = _native.int32_array([1] * BATCH)
+    batches = [_native.empty_uint32_array(BATCH) for _ in range(requests // BATCH)]
+
+    def run() -> float:
+        elapsed = 0.0
+        for slots in batches:
+            started = time.perf_counter()
+            table.acquire_batch(number, 0, costs, slots)
+            if timed_release:
+                table.release_batch(slots, costs, None, True)
+            elapsed += time.perf_counter() - started
+        if not timed_release:  # Return the load so every repeat starts from an idle fleet.
+            for slots in batches:
+                table.release_batch(slots, costs, None, True)
+        return elapsed
+
+    return run
+
+
+def seed_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("intelligent_routing")
+    except ImportError:
+        return None
+
+
+def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> list[Result]:
+    def rate(run: Callable[[], float]) -> float:
+        return median_rate(run, requests, repeats)
+
+    with fresh_router(strategy, accelerators) as router:
+        return [
+            Result(strategy, "route per call (seed API)", rate(ours_route_per_call(strategy, accelerators, requests))),
+            Result(strategy, "route batched", rate(batched(router, requests, timed_release=False))),
+            Result(strategy, "route+release per call (Lease)", rate(pairs_per_call(router, requests))),
+            Result(strategy, "route+release per call (binding)", rate(pairs_per_call_binding(router, requests))),
+            Result(strategy, "route+release batched", rate(batched(router, requests, timed_release=True))),
+        ]  # fmt: skip
+
+
+def print_table(results: list[Result], seed_rates: dict[str, float]) -> None:
+    print(f"{'strategy':<18} {'mode':<34} {'per second':>14} {'x seed per call':>16}")
+    for result in results:
+        baseline = seed_rates.get(result.strategy)
+        ratio = f"{result.rate / baseline:15.1f}x" if baseline else f"{'-':>16}"
+        print(f"{result.strategy:<18} {result.mode:<34} {result.rate:14,.0f} {ratio}")
+    for strategy, rate in seed_rates.items():
+        print(f"{strategy:<18} {'seed intelligent_routing per call':<34} {rate:14,.0f} {'1.0x':>16}")
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="irmiddleware bench", description=__doc__)
+    parser.add_argument("--accelerators", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--strategy", action="append", choices=sorted(STRATEGIES), help="default: all")
+    args = parser.parse_args(argv)
+    if args.requests < BATCH or args.requests % BATCH:
+        parser.error(f"--requests must be a positive multiple of {BATCH}")
+    strategies = args.strategy or ["round_robin", "least_connections", "p2c"]
+    seed = seed_module()
+    print(f"{args.accelerators:,} accelerators (capacity {CAPACITY}), {args.requests:,} requests, cost 1, "
+          f"median of {args.repeats}")  # fmt: skip
+    seed_rates: dict[str, float] = {}
+    if seed is None:
+        print("seed package intelligent_routing not importable: no baseline (pip install intelligent-routing)")
+    else:
+        for strategy in strategies:
+            run = seed_route_per_call(seed, strategy, args.accelerators, args.requests)
+            seed_rates[strategy] = median_rate(run, args.requests, args.repeats)
+    results = [r for strategy in strategies for r in measure(strategy, args.accelerators, args.requests, args.repeats)]
+    print_table(results, seed_rates)
+    return 0

@@ -1,0 +1,42 @@
+"""The `irmiddleware` command: one subcommand per job, each implemented next to what it runs and
+imported only when chosen (so `irmiddleware bench` never imports the proxy's dependencies)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+# subcommand -> (module, function, one-line help). Each function takes argv and returns an exit code.
+COMMANDS: Final = {
+    "demo": ("irmiddleware._demo", "demo_main", "emulated fleet + router + real client traffic, per strategy"),
+    "serve": ("irmiddleware.proxy._serve", "serve_main", "run the routing proxy (--config router.toml)"),
+    "simulate": ("irmiddleware.sim._cli", "simulate_main", "compare strategies in a discrete-event simulation"),
+    "bench": ("irmiddleware._bench", "bench_main", "decisions/s of the native core (seed scale test)"),
+    "bench-proxy": ("irmiddleware.proxy._bench", "bench_proxy_main", "proxy overhead against direct calls"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: irmiddleware COMMAND [options]   (irmiddleware COMMAND --help for options)", ""]
+    lines += [f"  {name:<12} {help_text}" for name, (_module, _function, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"irmiddleware: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _help = COMMANDS[command]
+    function: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
+    return function(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

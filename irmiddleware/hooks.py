@@ -1,0 +1,312 @@
+"""The plugin API: irmiddleware's pluggy hooks and the small types they exchange.
+
+Plugins are registered through the entry-point group ``irmiddleware``; the built-in adapters and
+strategies (``irmiddleware_plugins``) use exactly the same hooks a third party would. A plugin is a
+module (or object) with functions marked ``@hookimpl`` whose names match the specs below::
+
+    from irmiddleware.hooks import PythonStrategy, hookimpl
+
+    def pick_emptiest(backends, request):
+        fits = [b for b in backends if b.state == "active" and b.load < b.capacity]
+        return min(fits, key=lambda b: b.load / b.capacity).id if fits else None
+
+    @hookimpl
+    def irm_strategies():
+        return [PythonStrategy("emptiest", pick_emptiest)]
+
+See doc/plugins.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import pluggy
+
+__all__ = [
+    "PROJECT_NAME",
+    "AdapterError",
+    "BackendAdapter",
+    "BackendInfo",
+    "BackendLoad",
+    "Endpoint",
+    "HealthProbe",
+    "IrmHookspecs",
+    "NativeStrategy",
+    "PickFunction",
+    "PythonStrategy",
+    "RequestEvent",
+    "RouteInfo",
+    "Strategy",
+    "hookimpl",
+    "hookspec",
+]
+
+PROJECT_NAME: Final = "irmiddleware"
+"""The pluggy project name and the entry-point group plugins register under."""
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ---- types exchanged with strategies ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """One backend's load at the instant a Python strategy is asked to pick (read-only)."""
+
+    id: int
+    url: str
+    state: str
+    """"active", "draining" or "down"; only active backends accept new requests."""
+    capacity: int
+    weight: float
+    load: int
+    """Cost units in flight (what the native core counts against `capacity`)."""
+    requests_in_flight: int
+    latency_ewma_s: float
+    """Exponentially weighted mean request latency; 0.0 until a request has completed."""
+    completed: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """What the router knows about the request being routed."""
+
+    path: str
+    model: str
+    cost: int = 1
+    priority: int = 0
+
+
+PickFunction = Callable[[Sequence[BackendLoad], RouteInfo], "int | None"]
+"""`pick(backends, request) -> backend id | None`: `backends` is a snapshot of the pool serving the
+request's model; return the id of one of them, or None when none should take the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class NativeStrategy:
+    """A strategy implemented in the native core, exposed under `name` (`native` is the core's
+    name: "p2c", "round_robin" or "least_connections")."""
+
+    name: str
+    native: str
+
+
+@dataclass(frozen=True, slots=True)
+class PythonStrategy:
+    """A strategy written in Python. The router calls `pick` with a snapshot of the pool and then
+    reserves the chosen backend in the native core (`Router.acquire_on`), so the accounting is the
+    same as for native strategies. If `pick` raises or returns an id outside the snapshot, the
+    router logs it with the plugin's name and falls back to the native `fallback` strategy."""
+
+    name: str
+    pick: PickFunction
+    fallback: str = "p2c"
+
+
+Strategy = NativeStrategy | PythonStrategy
+
+
+# ---- types exchanged with backend adapters ----------------------------------------------------
+
+
+class AdapterError(Exception):
+    """Raised by an adapter when a request cannot be routed (e.g. malformed JSON: 400). The router
+    answers `status` with the adapter's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A path an adapter routes. `kind` "inference" is proxied to a backend serving the request's
+    model; "models" is answered by the router from the models it knows (the union over backends)."""
+
+    path: str
+    methods: frozenset[str]
+    kind: Literal["inference", "models"] = "inference"
+
+
+_ERROR_TYPES: Final = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "TooManyRequestsError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+class BackendAdapter:
+    """How the router speaks one backend protocol: which paths it routes, where the model name is,
+    what errors look like, how to check health and discover models.
+
+    The default implementation is OpenAI-compatible; subclass it for another protocol (Triton and
+    TGI adapters override `match` for path parameters and `error_body` for their error shapes).
+    Instances are shared by every request: keep them stateless.
+    """
+
+    type_name: str = "openai"
+    health_path: str = "/v1/models"
+    """GET this path; any 2xx means healthy (used by health checks)."""
+    models_path: str | None = "/v1/models"
+    """GET this path to discover the served models when the config lists none; None = cannot."""
+    endpoints: tuple[Endpoint, ...] = (
+        Endpoint("/v1/completions", frozenset({"POST"})),
+        Endpoint("/v1/chat/completions", frozenset({"POST"})),
+        Endpoint("/v1/embeddings", frozenset({"POST"})),
+        Endpoint("/v1/models", frozenset({"GET"}), kind="models"),
+    )
+
+    def match(self, method: str, path: str) -> Endpoint | None:
+        """The endpoint for a request, or None if this adapter does not route it. The default
+        matches `endpoints` by exact path; the middleware indexes those, so this is only called
+        for adapters that override it (path parameters)."""
+        for endpoint in self.endpoints:
+            if endpoint.path == path and method in endpoint.methods:
+                return endpoint
+        return None
+
+    def model_of(self, endpoint: Endpoint, path: str, body: bytes) -> str:
+        """The model a request names. OpenAI-style: the JSON body's `model` field. Raises
+        `AdapterError(400)` for a body that is not a JSON object with a string `model`."""
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise AdapterError(400, f"request body is not valid JSON: {error}") from None
+        model = parsed.get("model") if isinstance(parsed, dict) else None
+        if not isinstance(model, str) or not model:
+            raise AdapterError(400, "request body needs a string `model` field", param="model")
+        return model
+
+    def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
+        """The body of an error the router answers itself, in the API's shape (OpenAI/vLLM
+        `{"error": {"message", "type", "param", "code"}}`)."""
+        error_type = _ERROR_TYPES.get(status, "RouterError")
+        error = {"message": message, "type": error_type, "param": param, "code": status}
+        return json.dumps({"error": error}).encode()
+
+    def models_body(self, models: Sequence[str], created: int) -> bytes:
+        """The router's own answer to a "models" endpoint: every model some backend serves."""
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "irmiddleware"} for name in models]
+        return json.dumps({"object": "list", "data": cards}).encode()
+
+    def parse_models(self, body: bytes) -> list[str]:
+        """The model names in a backend's answer to `models_path` (discovery)."""
+        parsed = json.loads(body)
+        return [str(card["id"]) for card in parsed.get("data", []) if isinstance(card, dict) and "id" in card]
+
+
+# ---- types exchanged with health checks and observers -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """A configured backend: its id in the router, base URL, adapter type and models."""
+
+    id: int
+    url: str
+    type: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthProbe:
+    """How to check one backend: GET `path`; healthy when the status is in `ok_statuses`."""
+
+    path: str
+    ok_statuses: frozenset[int] = field(default_factory=lambda: frozenset(range(200, 300)))
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    """One step of a proxied request, for observers (`irm_request_*`)."""
+
+    request_id: int
+    path: str
+    model: str
+    backend_id: int
+    backend_url: str
+    strategy: str
+    attempt: int
+    """1 for the first backend tried, 2 for the first retry, ..."""
+    status: int | None = None
+    """The backend's HTTP status, once known."""
+    elapsed_s: float = 0.0
+    """Seconds since the router started handling the request."""
+    error: str | None = None
+    """Why the request failed (`irm_request_failed` only)."""
+
+
+# ---- hook specifications ----------------------------------------------------------------------
+
+
+class IrmHookspecs:
+    """The hooks irmiddleware calls. Implement any subset in a plugin with `@hookimpl`."""
+
+    # ---- registration: strategies and adapters (called once, when a router is built) ----------
+
+    @hookspec
+    def irm_strategies(self) -> Sequence[Strategy]:  # type: ignore[empty-body]
+        """Strategies this plugin provides, selectable by name in `[router] strategy`.
+
+        Return `NativeStrategy` entries to expose a core strategy under a name, `PythonStrategy`
+        entries for strategies written in Python. Two plugins offering one name is a
+        configuration error naming both plugins.
+        """
+
+    @hookspec
+    def irm_adapters(self) -> Mapping[str, Callable[[], BackendAdapter]]:  # type: ignore[empty-body]
+        """Backend adapters this plugin provides: type name (the `type` of a `[[backends]]`
+        entry: "vllm", "openai", later "triton", "tgi") -> a factory returning the adapter.
+        Two plugins offering one type name is a configuration error naming both plugins.
+        """
+
+    # ---- health checks -----------------------------------------------------------------------
+
+    @hookspec(firstresult=True)
+    def irm_health_probe(self, backend: BackendInfo, adapter: BackendAdapter) -> HealthProbe | None:
+        """How to check `backend`'s health. The first plugin returning a probe wins; None lets
+        the next plugin decide, and when all return None the adapter's `health_path` is used.
+        """
+
+    @hookspec
+    def irm_backend_state_changed(self, backend: BackendInfo, old: str, new: str, reason: str) -> None:
+        """Notification: `backend` went from state `old` to `new` ("active", "draining",
+        "down") because of `reason` (a short human-readable text). Return value ignored.
+        """
+
+    # ---- request lifecycle notifications (observers; must be fast and must not raise) --------
+
+    @hookspec
+    def irm_request_routed(self, event: RequestEvent) -> None:
+        """A request was reserved on `event.backend_id` and is about to be sent (once per
+        attempt: a retry after a connection failure is routed again with `attempt` + 1)."""
+
+    @hookspec
+    def irm_request_first_byte(self, event: RequestEvent) -> None:
+        """The backend's response status and headers arrived (`event.status`); from now on the
+        request is never retried."""
+
+    @hookspec
+    def irm_request_completed(self, event: RequestEvent) -> None:
+        """The whole response was relayed to the client (`event.status` may be an error status
+        the backend chose); its load has been released."""
+
+    @hookspec
+    def irm_request_failed(self, event: RequestEvent) -> None:
+        """The attempt ended without a complete response (`event.error`: "connect",
+        "timeout", "upstream", "client_disconnected", "cancelled", "internal"); its load has been
+        released."""

@@ -1,0 +1,214 @@
+"""The router's configuration: TOML (DESIGN.md's shape) read with `tomllib` into frozen dataclasses.
+
+Every value is checked here, once, and an error names the key (`backends[1].capacity`), so a bad
+file fails at startup with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BackendConfig",
+    "ConfigError",
+    "LimitsConfig",
+    "RetriesConfig",
+    "RouterConfig",
+    "TimeoutsConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """`[router.timeouts]`, seconds. `read_s` bounds the wait for each chunk (a token stream's gap
+    between tokens, or a non-streaming answer's whole generation), so it is long by default."""
+
+    connect_s: float = 5.0
+    read_s: float = 600.0
+    write_s: float = 60.0
+    pool_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`[router.limits]`: request body size and upstream connection pool bounds."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_connections: int = 1024
+    max_keepalive_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RetriesConfig:
+    """`[router.retries]`: extra attempts on another backend after a connection failure (before
+    any byte reached the client; never after)."""
+
+    connect_attempts: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One `[[backends]]` entry."""
+
+    url: str
+    type: str = "vllm"
+    capacity: int = 64
+    models: tuple[str, ...] = ()
+    """Empty = discover from the backend (the adapter's models path) at startup."""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """The whole configuration: `[router]` plus its tables, and `[[backends]]`."""
+
+    backends: tuple[BackendConfig, ...]
+    strategy: str = "p2c"
+    listen: str = "127.0.0.1:8000"
+    retry_after_s: int = 1
+    """`Retry-After` on 503 answers when nothing fits."""
+    metrics_path: str = "/metrics"
+    status_path: str = "/irm/status"
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Reads and validates a TOML file; ConfigError names the file and the key."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def parse_config(data: Mapping[str, Any]) -> RouterConfig:
+    """Validates an already-parsed document (a dict shaped like the TOML file)."""
+    _no_unknown_keys(data, {"router", "backends"}, "")
+    router = _table(data, "router", "")
+    _no_unknown_keys(router, _field_names(RouterConfig) - {"backends"}, "router.")
+    backends = data.get("backends")
+    if not isinstance(backends, list) or not backends:
+        raise ConfigError("`backends` must be a non-empty array of tables ([[backends]])")
+    config = RouterConfig(
+        backends=tuple(_backend(entry, f"backends[{index}]") for index, entry in enumerate(backends)),
+        strategy=_get(router, "strategy", str, "router.", RouterConfig.strategy),
+        listen=_listen(_get(router, "listen", str, "router.", RouterConfig.listen)),
+        retry_after_s=_get(router, "retry_after_s", int, "router.", RouterConfig.retry_after_s, low=0),
+        metrics_path=_path(_get(router, "metrics_path", str, "router.", RouterConfig.metrics_path), "metrics_path"),
+        status_path=_path(_get(router, "status_path", str, "router.", RouterConfig.status_path), "status_path"),
+        timeouts=_section(router, "timeouts", TimeoutsConfig, float),
+        limits=_section(router, "limits", LimitsConfig, int),
+        retries=_section(router, "retries", RetriesConfig, int),
+    )
+    _no_duplicate_urls(config.backends)
+    return config
+
+
+def _backend(entry: object, where: str) -> BackendConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"`{where}` must be a table")
+    _no_unknown_keys(entry, _field_names(BackendConfig), f"{where}.")
+    if "url" not in entry:
+        raise ConfigError(f"`{where}.url` is required")
+    models = entry.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"`{where}.models` must be an array of non-empty strings")
+    return BackendConfig(
+        url=_url(entry["url"], f"{where}.url"),
+        type=_get(entry, "type", str, f"{where}.", BackendConfig.type),
+        capacity=_get(entry, "capacity", int, f"{where}.", BackendConfig.capacity, low=1),
+        models=tuple(dict.fromkeys(models)),
+        weight=_get(entry, "weight", float, f"{where}.", BackendConfig.weight, low=0.001),
+    )
+
+
+def _section(router: Mapping[str, Any], name: str, cls: type[Any], kind: type) -> Any:
+    table = _table(router, name, "router.")
+    _no_unknown_keys(table, _field_names(cls), f"router.{name}.")
+    defaults = cls()
+    low = 0 if name == "retries" else (0.001 if kind is float else 1)
+    values = {key: _get(table, key, kind, f"router.{name}.", getattr(defaults, key), low=low) for key in table}
+    return dataclasses.replace(defaults, **values)
+
+
+def _get(table: Mapping[str, Any], key: str, kind: type, prefix: str, default: Any, low: float | None = None) -> Any:
+    value = table.get(key, default)
+    # bool is an int in Python; a `true` where a number belongs is a mistake, not 1.
+    is_number = kind in (int, float) and not isinstance(value, bool)
+    if kind is float and is_number and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and not is_number):
+        raise ConfigError(f"`{prefix}{key}` must be {kind.__name__}, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"`{prefix}{key}` must be >= {low}, got {value!r}")
+    return value
+
+
+def _table(data: Mapping[str, Any], key: str, prefix: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"`{prefix}{key}` must be a table")
+    return value
+
+
+def _no_unknown_keys(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown key `{prefix}{unknown[0]}`; valid keys: {', '.join(sorted(known))}")
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _url(value: object, where: str) -> str:
+    parsed = urllib.parse.urlsplit(value) if isinstance(value, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"`{where}` must be an http(s) URL like http://127.0.0.1:9001, got {value!r}")
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"`{where}` must not have a query or fragment, got {value!r}")
+    return str(value).rstrip("/")
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"`router.listen` must be HOST:PORT, got {value!r}")
+    return value
+
+
+def _path(value: str, key: str) -> str:
+    if not value.startswith("/"):
+        raise ConfigError(f"`router.{key}` must start with '/', got {value!r}")
+    return value
+
+
+def _no_duplicate_urls(backends: Sequence[BackendConfig]) -> None:
+    seen: set[str] = set()
+    for index, backend in enumerate(backends):
+        if backend.url in seen:
+            raise ConfigError(f"`backends[{index}].url` {backend.url!r} is listed twice")
+        seen.add(backend.url)

@@ -1,0 +1,88 @@
+"""The router's Prometheus metrics, in a `CollectorRegistry` of its own (several routers, or a
+router inside an app with its own metrics, can share a process).
+
+Per-backend load is read from the native core at scrape time instead of being counted again here:
+the core's counters are the truth, and a scrape-time read costs nothing per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from irmiddleware._router import AcceleratorStats
+
+__all__ = ["OUTCOMES", "RouterMetrics"]
+
+OUTCOMES: Final = (
+    "ok",  # the backend's whole answer reached the client, status < 400
+    "backend_error",  # the backend's whole answer reached the client, status >= 400
+    "connect_error",  # no backend could be reached (after retries): 502
+    "upstream_error",  # the backend broke the connection or answered garbage: 502 or a cut body
+    "timeout",  # the backend was too slow: 504 or a cut body
+    "client_disconnected",  # the client went away before the end
+    "no_capacity",  # nothing fits: 503
+    "rejected",  # the router refused the request itself: 400, 404, 413
+    "internal",  # a bug or a plugin exception: 500
+)
+"""Every request ends with exactly one of these, counted in `irm_requests_total`."""
+
+# Latency buckets from 5 ms to 10 min: LLM answers span four orders of magnitude.
+_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _BackendCollector(Collector):
+    """Exports the core's per-backend counters at scrape time."""
+
+    def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily("irm_backend_in_flight", "Requests in flight per backend.", labels=["backend"])
+        load = GaugeMetricFamily("irm_backend_load", "Cost units in flight per backend.", labels=["backend"])
+        capacity = GaugeMetricFamily("irm_backend_capacity", "Cost units a backend may hold.", labels=["backend"])
+        up = GaugeMetricFamily("irm_backend_active", "1 if the backend takes new requests.", labels=["backend"])
+        for url, stats in self._stats():
+            in_flight.add_metric([url], stats.requests_in_flight)
+            load.add_metric([url], stats.load)
+            capacity.add_metric([url], stats.capacity)
+            up.add_metric([url], 1.0 if stats.state == "active" else 0.0)
+        yield from (in_flight, load, capacity, up)
+
+
+class RouterMetrics:
+    """The metric objects the middleware updates, and the registry `/metrics` exports."""
+
+    def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "irm_requests",
+            "Requests handled by the router, by final outcome and the backend that served them.",
+            ["backend", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "irm_upstream_latency_seconds",
+            "From sending to a backend to the end of its relayed answer.",
+            ["backend"],
+            buckets=_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "irm_upstream_ttfb_seconds",
+            "From sending to a backend to its response headers.",
+            ["backend"],
+            buckets=_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "irm_routing_decisions",
+            "Routing decisions by strategy and result (routed, no_capacity, fallback, retry).",
+            ["strategy", "result"],
+            registry=self.registry,
+        )
+        self.registry.register(_BackendCollector(stats))

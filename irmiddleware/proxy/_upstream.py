@@ -1,0 +1,67 @@
+"""The upstream side: one shared `httpx.AsyncClient` and header filtering.
+
+The client is created once (lifespan startup) and closed at shutdown; every request reuses its
+connection pool. Timeouts and pool limits are explicit because httpx's 5 s default would cut LLM
+generations and streams short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+import httpx
+
+from irmiddleware.proxy._config import RouterConfig
+
+__all__ = ["CONNECT_ERRORS", "HOP_BY_HOP", "create_client", "request_headers", "response_headers"]
+
+# RFC 9110 §7.6.1 connection-specific headers, plus those the proxy recomputes itself.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Not forwarded upstream: httpx sets Host for the backend and Content-Length for the body it sends.
+_NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
+
+CONNECT_ERRORS: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+"""Failures where the backend produced no response at all: safe to retry on another backend
+as long as nothing has been sent to the client."""
+
+
+def create_client(config: RouterConfig) -> httpx.AsyncClient:
+    """The shared client. `trust_env=False` so no proxy variable can send traffic anywhere but the
+    configured backends; no redirects for the same reason."""
+    timeouts = config.timeouts
+    limits = config.limits
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=timeouts.connect_s, read=timeouts.read_s, write=timeouts.write_s, pool=timeouts.pool_s
+        ),
+        limits=httpx.Limits(
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The client's headers to forward upstream (hop-by-hop, Host and Content-Length removed)."""
+    return [(name, value) for name, value in raw if name.lower() not in _NOT_FORWARDED_UP]
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's headers to pass to the client: all but hop-by-hop ones. Content-Length and
+    Content-Encoding stay, because the body is relayed raw (neither decoded nor re-chunked)."""
+    return [(name, value) for name, value in raw if name.lower() not in HOP_BY_HOP]

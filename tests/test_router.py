@@ -1,0 +1,256 @@
+"""The Python routing API: what the seed promised (strategies, capacity, failover) and what a real
+user needs on top (completion, leases, draining, removal with requests in flight, stats, batches,
+pools, priority shares), with clear errors for bad input."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from conftest import assert_idle
+
+from irmiddleware import (
+    Accelerator,
+    DuplicateBackendError,
+    InvalidArgumentError,
+    ReleaseMismatchError,
+    Request,
+    Router,
+    TableFullError,
+    UnknownBackendError,
+)
+
+STRATEGIES = ("round_robin", "least_connections", "p2c")
+
+
+def fleet(strategy: str, capacities: list[int], **options: object) -> Router:
+    router = Router(strategy, max_accelerators=max(16, len(capacities)), **options)  # type: ignore[arg-type]
+    for index, capacity in enumerate(capacities):
+        router.add_accelerator(Accelerator(index, capacity))
+    return router
+
+
+def test_unknown_strategy_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="least_connections, p2c, round_robin"):
+        Router("fastest")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Accelerator(1, 0), "capacity"),
+        (lambda: Accelerator(1, -5), "capacity"),
+        (lambda: Accelerator(1, 2**31), "capacity"),
+        (lambda: Accelerator(-1, 10), "id"),
+        (lambda: Accelerator(1, 10, weight=0), "weight"),
+        (lambda: Request(1, 0), "cost"),
+        (lambda: Request(1, -3), "cost"),
+        (lambda: Request(1, 1.5), "cost"),
+        (lambda: Request(1, 1, 8), "priority"),
+        (lambda: Request(1, 1, -1), "priority"),
+    ],
+)
+def test_bad_values_are_refused_clearly(make: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()  # type: ignore[operator]
+
+
+def test_duplicate_ids_are_refused() -> None:
+    router = fleet("p2c", [10])
+    with pytest.raises(DuplicateBackendError):
+        router.add_accelerator(Accelerator(0, 10))
+    assert isinstance(DuplicateBackendError("duplicate_id", ""), ValueError)
+
+
+def test_table_full_is_refused() -> None:
+    router = Router("p2c", max_accelerators=2)
+    router.add_accelerator(Accelerator(1, 10))
+    router.add_accelerator(Accelerator(2, 10))
+    with pytest.raises(TableFullError):
+        router.add_accelerator(Accelerator(3, 10))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_capacity_is_never_exceeded_and_none_means_full(strategy: str) -> None:
+    router = fleet(strategy, [10, 20, 30])
+    routed = [router.route_request(Request(index, 3)) for index in range(30)]
+    # 3 + 6 + 10 requests of cost 3 fit in capacities 10, 20, 30 (at priority 0: the whole capacity).
+    assert sum(result is not None for result in routed) == 3 + 6 + 10
+    assert routed[-1] is None
+    for stats in router.stats():
+        assert stats.load <= stats.capacity
+    for index, result in enumerate(routed):
+        if result is not None:
+            router.complete(index)
+    assert_idle(router)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_down_and_draining_accelerators_get_nothing(strategy: str) -> None:
+    router = fleet(strategy, [100, 100, 100])
+    router.set_state(0, "down")
+    router.drain(1)
+    chosen = collections.Counter(router.route_request(Request(index)) for index in range(50))
+    assert chosen == {2: 50}
+    router.set_state(0, "active")
+    assert router.route_request(Request(999, 1)) is not None
+
+
+def test_round_robin_rotates_with_failover() -> None:
+    router = fleet("round_robin", [1, 5, 5])
+    order = [router.route_request(Request(index)) for index in range(7)]
+    assert order[:3] == [0, 1, 2]
+    assert order[3:] == [1, 2, 1, 2]  # 0 is full: skipped, not an error.
+
+
+def test_least_connections_follows_relative_load() -> None:
+    router = fleet("least_connections", [10, 100])
+    picks = collections.Counter(router.route_request(Request(index)) for index in range(55))
+    # Equal relative load means 10 : 100.
+    assert picks == {0: 5, 1: 50}
+
+
+def test_p2c_spreads_load_and_is_reproducible_with_a_seed() -> None:
+    def picks(seed: int) -> list[int | None]:
+        router = fleet("p2c", [1000] * 8, seed=seed)
+        return [router.route_request(Request(index)) for index in range(400)]
+
+    first = picks(7)
+    assert first == picks(7)
+    counts = collections.Counter(first)
+    assert len(counts) == 8
+    assert max(counts.values()) - min(counts.values()) <= 2  # two choices keep the gap tiny
+
+
+def test_weight_scales_the_share() -> None:
+    router = Router("least_connections", max_accelerators=4)
+    router.add_accelerator(Accelerator(1, 100, weight=3.0))
+    router.add_accelerator(Accelerator(2, 100, weight=1.0))
+    picks = collections.Counter(router.route_request(Request(index)) for index in range(80))
+    assert picks == {1: 60, 2: 20}
+
+
+def test_lease_releases_on_exit_and_marks_exceptions_failed() -> None:
+    router = fleet("p2c", [10])
+    with router.lease(Request(1, 4)) as accelerator_id:
+        assert accelerator_id == 0
+        assert router.load(0) == 4
+    with pytest.raises(RuntimeError), router.lease(Request(2, 4)):
+        raise RuntimeError("upstream broke")
+    stats = router.accelerator_stats(0)
+    assert (stats.completed, stats.failed, stats.load) == (1, 1, 0)
+
+
+def test_lease_yields_none_when_nothing_fits() -> None:
+    router = fleet("p2c", [2])
+    with router.lease(Request(1, 3)) as accelerator_id:
+        assert accelerator_id is None
+    assert_idle(router)
+
+
+def test_a_lease_is_released_exactly_once() -> None:
+    router = fleet("round_robin", [10])
+    lease = router.acquire(2)
+    assert lease is not None
+    lease.release()
+    with pytest.raises(ReleaseMismatchError):
+        lease.release()
+    assert_idle(router)
+
+
+def test_complete_unknown_and_duplicate_requests_are_refused() -> None:
+    router = fleet("p2c", [10])
+    with pytest.raises(KeyError):
+        router.complete(42)
+    router.route_request(Request(1))
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_request(Request(1))
+    router.complete(Request(1), ok=False, latency_s=0.25)
+    stats = router.accelerator_stats(0)
+    assert stats.failed == 1
+    assert stats.latency_ewma_s == pytest.approx(0.25)
+
+
+def test_removal_with_requests_in_flight_keeps_accounting_exact() -> None:
+    router = fleet("round_robin", [10, 10])
+    held = [router.acquire(1) for _ in range(4)]
+    router.remove_accelerator(0)
+    assert router.accelerators == [1]
+    with pytest.raises(UnknownBackendError):
+        router.load(0)
+    assert all(router.route_request(Request(index)) == 1 for index in range(3))
+    for lease in held:
+        assert lease is not None
+        lease.release()
+    router.add_accelerator(Accelerator(0, 5))  # The id can come back.
+    assert router.load(0) == 0
+    for index in range(3):
+        router.complete(index)
+    assert_idle(router)
+
+
+def test_update_capacity_while_routing() -> None:
+    router = fleet("round_robin", [10])
+    assert router.acquire(6) is not None
+    router.update_accelerator(0, capacity=5)
+    assert router.acquire(1) is None  # 6 in flight > 5: nothing new until it drains
+    router.update_accelerator(0, capacity=20, weight=2.0)
+    assert router.acquire(10) is not None
+    assert router.accelerator_stats(0).weight == 2.0
+
+
+def test_priority_classes_keep_headroom_for_urgent_traffic() -> None:
+    router = fleet("round_robin", [100], class_shares=[1.0, 0.5])
+    assert router.acquire(50, priority=1) is not None
+    assert router.acquire(1, priority=1) is None  # class 1 may fill only half
+    assert router.acquire(50, priority=0) is not None  # class 0 still finds room
+
+
+def test_batch_routing_matches_per_call_semantics() -> None:
+    router = fleet("round_robin", [4, 4], class_shares=[1.0, 1.0])
+    requests = [Request(index, 1, index % 2) for index in range(10)]
+    routed = router.route_batch(requests)
+    assert sum(result is not None for result in routed) == 8
+    assert router.in_flight == 8
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_batch(requests[:1])
+    router.complete_batch(requests)
+    assert router.in_flight == 0
+    assert_idle(router)
+
+
+def test_pools_restrict_choice_and_share_one_account() -> None:
+    router = fleet("p2c", [10, 10, 10])
+    router.set_pool("llama", [0, 1])
+    router.set_pool("mistral", [1, 2], strategy="round_robin")
+    leases = [router.acquire(1, pool="llama") for _ in range(20)]
+    assert {lease.accelerator_id for lease in leases if lease} == {0, 1}
+    assert router.acquire(1, pool="llama") is None
+    # Backend 1 is full from llama's traffic, so mistral only finds backend 2.
+    assert {router.acquire(1, pool="mistral").accelerator_id for _ in range(5)} == {2}  # type: ignore[union-attr]
+    with pytest.raises(KeyError, match="no pool named"):
+        router.acquire(1, pool="gpt")
+    router.remove_accelerator(1)
+    assert router.pools == {"llama": [0], "mistral": [2]}
+
+
+def test_current_load_of_an_added_accelerator_is_live() -> None:
+    accelerator = Accelerator(5, 10)
+    assert accelerator.current_load == 0
+    router = Router("p2c", max_accelerators=4)
+    router.add_accelerator(accelerator)
+    router.route_request(Request(1, 7))
+    assert accelerator.current_load == 7
+
+
+def test_bad_state_names_are_refused() -> None:
+    router = fleet("p2c", [10])
+    with pytest.raises(ValueError, match="draining"):
+        router.set_state(0, "sleeping")
+    with pytest.raises(UnknownBackendError):
+        router.set_state(7, "down")
+
+
+def test_class_share_out_of_range_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError):
+        Router("p2c", class_shares=[1.0, 0.0])
