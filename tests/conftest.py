@@ -1,5 +1,5 @@
 """Shared fixtures. Every test that ends with an idle router checks that in-flight counters are
-zero (DESIGN.md's one invariant)."""
+zero (DESIGN.md's one invariant) with `irmiddleware.testing.assert_idle`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from irmiddleware import Router, unlink_shared
+from irmiddleware import unlink_shared
 from irmiddleware._errors import SharedMemoryError
-
-
-def assert_idle(router: Router) -> None:
-    """Every accelerator of `router` has nothing in flight, and its totals add up."""
-    for stats in router.stats():
-        assert stats.load == 0, stats
-        assert stats.requests_in_flight == 0, stats
-        assert stats.routed == stats.completed + stats.failed, stats
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 import collections
 
 import pytest
-from conftest import assert_idle
-
 from irmiddleware import (
     Accelerator,
     DuplicateBackendError,
@@ -19,6 +17,7 @@ from irmiddleware import (
     TableFullError,
     UnknownBackendError,
 )
+from irmiddleware.testing import assert_idle
 
 STRATEGIES = ("round_robin", "least_connections", "p2c")
 

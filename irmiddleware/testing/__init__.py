@@ -13,7 +13,8 @@ knobs for tests. `serve_in_thread` runs any such app on a real uvicorn server on
 Needs the `testing` extra (Starlette and uvicorn). See doc/emulators.md.
 """
 
+from irmiddleware.testing._invariants import assert_idle
 from irmiddleware.testing._server import serve_in_thread
 from irmiddleware.testing._vllm import VLLMConfig, create_vllm_app
 
-__all__ = ["VLLMConfig", "create_vllm_app", "serve_in_thread"]
+__all__ = ["VLLMConfig", "assert_idle", "create_vllm_app", "serve_in_thread"]

@@ -1,0 +1,169 @@
+"""The fleet: configured backends in a `Router`, one pool per model, and the strategy that picks.
+
+This is where a routing decision is made and a lease is taken; `_middleware` decides when, and
+releases the lease (in exactly one place). Nothing here does I/O except model discovery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+
+from irmiddleware._plugins import Registry
+from irmiddleware._router import Accelerator, Lease, Router
+from irmiddleware.hooks import BackendAdapter, BackendInfo, BackendLoad, NativeStrategy, PythonStrategy, RouteInfo
+from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy._metrics import RouterMetrics
+
+__all__ = ["Backend", "Fleet"]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+
+@dataclass(slots=True)
+class Backend:
+    """A configured backend and what the router knows about it. `id` is its accelerator id."""
+
+    id: int
+    url: str
+    type: str
+    adapter: BackendAdapter
+    models: tuple[str, ...]
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.id, self.url, self.type, self.models)
+
+
+class Fleet:
+    """Backends, per-model pools and the configured strategy, over one native `Router`."""
+
+    def __init__(self, config: RouterConfig, registry: Registry, metrics: RouterMetrics) -> None:
+        strategy, self._strategy_plugin = registry.strategy(config.strategy)
+        self.strategy_name = config.strategy
+        self._python: PythonStrategy | None = strategy if isinstance(strategy, PythonStrategy) else None
+        native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
+        self.router = Router(native, max_accelerators=max(16, len(config.backends)))
+        self.backends: dict[int, Backend] = {}
+        for backend_id, entry in enumerate(config.backends):
+            adapter = registry.adapter(entry.type)
+            self.backends[backend_id] = Backend(backend_id, entry.url, entry.type, adapter, entry.models)
+            self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+        self._pools: dict[str, frozenset[int]] = {}
+        self._metrics = metrics
+        self._decided = {
+            result: metrics.decisions.labels(config.strategy, result)
+            for result in ("routed", "no_capacity", "fallback", "retry")
+        }
+        self._rebuild_pools()
+
+    # ---- models --------------------------------------------------------------------------------
+
+    def serves(self, model: str) -> bool:
+        return model in self._pools
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._pools)
+
+    def pool_of(self, model: str) -> frozenset[int]:
+        return self._pools.get(model, frozenset())
+
+    async def discover(self, client: httpx.AsyncClient) -> None:
+        """Asks each backend configured without `models` which models it serves. A backend that
+        cannot be asked serves nothing until the next discovery (it is logged, not fatal)."""
+        for backend in self.backends.values():
+            if backend.models or backend.adapter.models_path is None:
+                continue
+            try:
+                response = await client.get(backend.url + backend.adapter.models_path)
+                response.raise_for_status()
+                backend.models = tuple(backend.adapter.parse_models(response.content))
+            except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
+                log.warning("model discovery failed for %s: %r", backend.url, error)
+        self._rebuild_pools()
+
+    def _rebuild_pools(self) -> None:
+        members: dict[str, list[int]] = {}
+        for backend in self.backends.values():
+            for model in backend.models:
+                members.setdefault(model, []).append(backend.id)
+        for model in set(self._pools) - set(members):
+            self.router.remove_pool(model)
+        for model, ids in members.items():
+            self.router.set_pool(model, ids)
+        self._pools = {model: frozenset(ids) for model, ids in members.items()}
+
+    # ---- routing -------------------------------------------------------------------------------
+
+    def acquire(self, route: RouteInfo, exclude: Iterable[int] = ()) -> Lease | None:
+        """Reserves `route.cost` on a backend serving `route.model`, skipping `exclude` (backends
+        that already failed this request); None when nothing fits."""
+        excluded = frozenset(exclude)
+        if excluded:
+            lease = self._acquire_retry(route, excluded)
+            self._decided["retry" if lease else "no_capacity"].inc()
+            return lease
+        if self._python is not None:
+            lease = self._acquire_python(self._python, route)
+        else:
+            lease = self.router.acquire(route.cost, route.priority, pool=route.model)
+        self._decided["routed" if lease else "no_capacity"].inc()
+        return lease
+
+    def _acquire_python(self, strategy: PythonStrategy, route: RouteInfo) -> Lease | None:
+        members = self._pools[route.model]
+        snapshot = self.snapshot(members)
+        try:
+            chosen = strategy.pick(snapshot, route)
+        except Exception as error:
+            # Nothing is reserved before pick returns, so a raising strategy cannot leak load.
+            return self._fallback(route, f"raised {error!r}")
+        if chosen is None:
+            return None
+        if chosen not in members:
+            return self._fallback(route, f"returned {chosen!r}, not a backend of pool {route.model!r}")
+        lease = self.router.acquire_on(chosen, route.cost, route.priority)
+        if lease is None:
+            return self._fallback(route, f"picked backend {chosen} which cannot take the request")
+        return lease
+
+    def _fallback(self, route: RouteInfo, why: str) -> Lease | None:
+        log.error(
+            "strategy %r (plugin %r) %s; using the native fallback", self.strategy_name, self._strategy_plugin, why
+        )
+        self._decided["fallback"].inc()
+        return self.router.acquire(route.cost, route.priority, pool=route.model)
+
+    def _acquire_retry(self, route: RouteInfo, excluded: frozenset[int]) -> Lease | None:
+        # Retries are rare (a backend refused a connection): pick the least utilized remaining
+        # member in Python rather than teaching the native pools about exclusions.
+        candidates = [b for b in self.snapshot(self._pools.get(route.model, frozenset())) if b.id not in excluded]
+        candidates.sort(key=lambda b: b.load / b.capacity)
+        for candidate in candidates:
+            lease = self.router.acquire_on(candidate.id, route.cost, route.priority)
+            if lease is not None:
+                return lease
+        return None
+
+    def snapshot(self, members: frozenset[int]) -> tuple[BackendLoad, ...]:
+        """A read-only view of the members' load, for Python strategies."""
+        return tuple(
+            BackendLoad(
+                id=s.id,
+                url=self.backends[s.id].url,
+                state=s.state,
+                capacity=s.capacity,
+                weight=s.weight,
+                load=s.load,
+                requests_in_flight=s.requests_in_flight,
+                latency_ewma_s=s.latency_ewma_s,
+                completed=s.completed,
+                failed=s.failed,
+            )
+            for s in self.router.stats()
+            if s.id in members
+        )

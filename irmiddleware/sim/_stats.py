@@ -1,0 +1,151 @@
+"""What a simulation run measured, per strategy, and the comparison table.
+
+Latency is from a request's arrival to its last token, including any retry backoff; time to first
+token likewise to its first. Rejected and failed requests have no latency: they are counted in the
+rejection and failure rates instead, so a strategy cannot look fast by turning requests away.
+Utilisation of an accelerator is its time-averaged cost in flight divided by its capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+HISTOGRAM_BINS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, ordered: Sequence[float]) -> Percentiles | None:
+        """Nearest-rank percentiles of already sorted values; None when there are none."""
+        if not ordered:
+            return None
+        return cls(_rank(ordered, 0.50), _rank(ordered, 0.90), _rank(ordered, 0.99), ordered[-1])
+
+
+def _rank(ordered: Sequence[float], quantile: float) -> float:
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A failure window and how many requests the core routed to that accelerator during it (read
+    from the core's own `routed` counter at the window's ends; it must be 0)."""
+
+    accelerator: int
+    down_s: float
+    up_s: float | None
+    routed_while_down: int
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    """One strategy's run. Equal results (==) mean identical numbers, down to every latency."""
+
+    strategy: str
+    requests: int
+    completed: int
+    rejected: int
+    failed: int
+    retries: int
+    duration_s: float
+    output_tokens: int
+    latency: Percentiles | None
+    ttft: Percentiles | None
+    utilisation: tuple[float, ...]
+    outages: tuple[Outage, ...] = ()
+    latencies_s: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    ttfts_s: array[float] = field(default_factory=lambda: array("d"), repr=False)
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.completed / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def rejection_rate(self) -> float:
+        return self.rejected / self.requests if self.requests else 0.0
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.requests if self.requests else 0.0
+
+    @property
+    def imbalance(self) -> float:
+        """Max over mean utilisation (1.0 = perfectly even)."""
+        mean = _mean(self.utilisation)
+        return max(self.utilisation) / mean if mean > 0 else 1.0
+
+    @property
+    def utilisation_cv(self) -> float:
+        """Coefficient of variation of utilisation across accelerators (0 = perfectly even)."""
+        mean = _mean(self.utilisation)
+        if mean <= 0:
+            return 0.0
+        variance = sum((u - mean) ** 2 for u in self.utilisation) / len(self.utilisation)
+        return math.sqrt(variance) / mean
+
+    def utilisation_histogram(self, bins: int = HISTOGRAM_BINS) -> list[int]:
+        """How many accelerators fall in each utilisation bucket [0, 1/bins), ..., [.., 1]."""
+        counts = [0] * bins
+        for value in self.utilisation:
+            counts[min(bins - 1, max(0, int(value * bins)))] += 1
+        return counts
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def format_table(results: Sequence[StrategyResult]) -> str:
+    """A fixed-width comparison, one row per strategy."""
+    with_ttft = any(result.ttft is not None for result in results)
+    header = ["strategy", "done", "rej%", "fail%", "req/s", "p50 s", "p90 s", "p99 s", "max s"]
+    if with_ttft:
+        header += ["ttft p50", "ttft p99"]
+    header += ["util max/mean", "util cv"]
+    rows = [header] + [_row(result, with_ttft) for result in results]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _row(result: StrategyResult, with_ttft: bool) -> list[str]:
+    latency = result.latency
+    row = [
+        result.strategy,
+        str(result.completed),
+        f"{100 * result.rejection_rate:.2f}",
+        f"{100 * result.failure_rate:.2f}",
+        f"{result.throughput_rps:.1f}",
+        *(_seconds(latency, name) for name in ("p50", "p90", "p99", "max")),
+    ]
+    if with_ttft:
+        row += [_seconds(result.ttft, "p50"), _seconds(result.ttft, "p99")]
+    row += [f"{result.imbalance:.2f}", f"{result.utilisation_cv:.3f}"]
+    return row
+
+
+def _seconds(percentiles: Percentiles | None, name: str) -> str:
+    return "-" if percentiles is None else f"{getattr(percentiles, name):.3f}"
+
+
+def format_histograms(results: Sequence[StrategyResult], bins: int = HISTOGRAM_BINS) -> str:
+    """Per strategy, how many accelerators sit in each utilisation decile."""
+    edges = [f"{100 * index // bins}%" for index in range(bins)]
+    rows = [["utilisation from", *edges]]
+    rows += [[result.strategy, *map(str, result.utilisation_histogram(bins))] for result in results]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
