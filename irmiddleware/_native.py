@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ CLASSES_COUNT: Final = 8
 COST_MAX: Final = 2**31 - 1
 CAPACITY_MAX: Final = 2**31 - 1
 WEIGHT_MILLI_MAX: Final = 1_000_000
-LATENCY_US_MAX: Final = 2**32 - 1
+LATENCY_US_MAX: Final = 2**31 - 1  # passed as a C int on the hot path
 FLAG_RACY_FOR_TESTS: Final = 1
 
 
@@ -266,13 +267,21 @@ def unlink_shared(name: str) -> None:
     _check(_lib.irm_shared_unlink(raw, len(raw)), f"unlink shared table {name!r}")
 
 
+class _OutParameter(threading.local):
+    """A per-thread out-parameter for the core's results (created on first use in each thread)."""
+
+    def __init__(self) -> None:
+        self.out = ctypes.c_uint32()
+        self.ref = ctypes.byref(self.out)
+
+
 class NativeTable:
     """One backend table of the core, in private or named shared memory.
 
     Backends are addressed by slot (an index the core assigns); callers map their ids to slots.
     """
 
-    __slots__ = ("_handle", "_out", "_out_ref", "backends_max", "shared_name")
+    __slots__ = ("_handle", "_local", "backends_max", "shared_name")
 
     def __init__(
         self,
@@ -298,10 +307,15 @@ class NativeTable:
                 status = _lib.irm_table_create_shared(raw, len(raw), backends_max, flags, ctypes.byref(handle))
                 _check(status, f"create shared table {shared_name!r}")
         self._handle = handle.value
-        self._out = ctypes.c_uint32()
-        self._out_ref = ctypes.byref(self._out)
+        # Out-parameters are per thread: a shared one lets a thread read another's result.
+        self._local = _OutParameter()
         maximum, _present = self.info()
         self.backends_max = maximum
+
+    def _out(self) -> tuple[Any, Any]:
+        """This thread's out-parameter and a ready `byref` to it."""
+        local = self._local
+        return local.out, local.ref
 
     @staticmethod
     def _check_backends_max(backends_max: int) -> None:
@@ -337,8 +351,9 @@ class NativeTable:
         _check(_lib.irm_table_set_class_share(self._handle, priority, permille), f"share of class {priority}")
 
     def class_share(self, priority: int) -> float:
-        _check(_lib.irm_table_get_class_share(self._handle, priority, self._out_ref), f"share of class {priority}")
-        return self._out.value / 1000
+        out, out_ref = self._out()
+        _check(_lib.irm_table_get_class_share(self._handle, priority, out_ref), f"share of class {priority}")
+        return out.value / 1000
 
     # ---- backends ------------------------------------------------------------------------------
 
@@ -369,25 +384,28 @@ class NativeTable:
     def acquire(self, strategy: int, cost: int, priority: int) -> int:
         """Reserves `cost`; returns the slot, or SLOT_NONE when nothing fits. Arguments must be
         in range (callers check them once, e.g. in `Request`), see the module docstring."""
-        status = _fast_acquire(self._handle, strategy, cost, priority, self._out_ref)
+        local = self._local
+        status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
         if status:
             _raise(status, "acquire")
-        return self._out.value
+        return local.out.value  # type: ignore[no-any-return]
 
     def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
         """Like `acquire`, choosing only among the pool's slots."""
+        out, out_ref = self._out()
         status = _fast_acquire_among(
-            self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, self._out_ref
+            self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
         )
         if status:
             _raise(status, "acquire among pool")
-        return self._out.value
+        return out.value  # type: ignore[no-any-return]
 
     def acquire_on(self, slot: int, cost: int, priority: int) -> bool:
         """Reserves `cost` on `slot` (chosen outside the core); False if it cannot take it."""
-        status = _lib.irm_acquire_on(self._handle, slot, cost, priority, self._out_ref)
+        out, out_ref = self._out()
+        status = _lib.irm_acquire_on(self._handle, slot, cost, priority, out_ref)
         _check(status, f"acquire on slot {slot}")
-        return self._out.value != SLOT_NONE
+        return bool(out.value != SLOT_NONE)
 
     def acquire_batch(self, strategy: int, priority: int, costs: Any, slots_out: Any) -> int:
         """Fills `slots_out` (a c_uint32 array) with one decision per entry of `costs` (a c_int32
@@ -395,12 +413,16 @@ class NativeTable:
         count = len(costs)
         if len(slots_out) < count:
             raise ValueError("slots_out is shorter than costs")
-        status = _lib.irm_acquire_batch(self._handle, strategy, priority, count, costs, slots_out, self._out_ref)
+        out, out_ref = self._out()
+        status = _lib.irm_acquire_batch(self._handle, strategy, priority, count, costs, slots_out, out_ref)
         _check(status, "acquire batch")
-        return self._out.value
+        return int(out.value)
 
     def release(self, slot: int, cost: int, latency_us: int, ok: bool) -> None:
-        status = _fast_release(self._handle, slot, cost, min(latency_us, 2**31 - 1), 1 if ok else 0)
+        """Returns a reservation. `latency_us` above 2**31 - 1 is clamped."""
+        if latency_us > LATENCY_US_MAX:
+            latency_us = LATENCY_US_MAX
+        status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
         if status:
             _raise(status, f"release slot {slot}")
 
@@ -410,8 +432,9 @@ class NativeTable:
         count = len(slots)
         if len(costs) != count or (latencies_us is not None and len(latencies_us) != count):
             raise ValueError("slots, costs and latencies must have the same length")
-        status = _lib.irm_release_batch(self._handle, count, slots, costs, latencies_us, int(ok), self._out_ref)
-        _check(status, f"release batch (released {self._out.value} of {count})")
+        out, out_ref = self._out()
+        status = _lib.irm_release_batch(self._handle, count, slots, costs, latencies_us, int(ok), out_ref)
+        _check(status, f"release batch (released {out.value} of {count})")
 
     # ---- observation ---------------------------------------------------------------------------
 

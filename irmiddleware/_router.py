@@ -287,8 +287,11 @@ class Router:
     def acquire(self, cost: int = 1, priority: int = 0, *, pool: str | None = None) -> Lease | None:
         """Reserves `cost` on an accelerator chosen by the strategy (among `pool`'s members if
         given); None when nothing fits."""
-        _native.check_cost(cost)
-        _native.check_priority(priority)
+        # Inline range checks: this is the per-request path (helpers cost ~100 ns a call).
+        if type(cost) is not int or not 0 < cost <= _native.COST_MAX:
+            _native.check_cost(cost)
+        if type(priority) is not int or not 0 <= priority < _native.CLASSES_COUNT:
+            _native.check_priority(priority)
         if pool is None:
             slot = self._table.acquire(self._strategy, cost, priority)
         else:

@@ -21,6 +21,7 @@ __all__ = [
     "RetriesConfig",
     "RouterConfig",
     "TimeoutsConfig",
+    "check_listen",
     "load_config",
     "parse_config",
 ]
@@ -112,13 +113,16 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     backends = data.get("backends")
     if not isinstance(backends, list) or not backends:
         raise ConfigError("`backends` must be a non-empty array of tables ([[backends]])")
+    def value(key: str, kind: type, low: float | None = None) -> Any:
+        return _get(router, key, kind, "router.", _default(RouterConfig, key), low=low)
+
     config = RouterConfig(
         backends=tuple(_backend(entry, f"backends[{index}]") for index, entry in enumerate(backends)),
-        strategy=_get(router, "strategy", str, "router.", RouterConfig.strategy),
-        listen=_listen(_get(router, "listen", str, "router.", RouterConfig.listen)),
-        retry_after_s=_get(router, "retry_after_s", int, "router.", RouterConfig.retry_after_s, low=0),
-        metrics_path=_path(_get(router, "metrics_path", str, "router.", RouterConfig.metrics_path), "metrics_path"),
-        status_path=_path(_get(router, "status_path", str, "router.", RouterConfig.status_path), "status_path"),
+        strategy=value("strategy", str),
+        listen=check_listen(value("listen", str)),
+        retry_after_s=value("retry_after_s", int, low=0),
+        metrics_path=_path(value("metrics_path", str), "metrics_path"),
+        status_path=_path(value("status_path", str), "status_path"),
         timeouts=_section(router, "timeouts", TimeoutsConfig, float),
         limits=_section(router, "limits", LimitsConfig, int),
         retries=_section(router, "retries", RetriesConfig, int),
@@ -138,10 +142,10 @@ def _backend(entry: object, where: str) -> BackendConfig:
         raise ConfigError(f"`{where}.models` must be an array of non-empty strings")
     return BackendConfig(
         url=_url(entry["url"], f"{where}.url"),
-        type=_get(entry, "type", str, f"{where}.", BackendConfig.type),
-        capacity=_get(entry, "capacity", int, f"{where}.", BackendConfig.capacity, low=1),
+        type=_get(entry, "type", str, f"{where}.", _default(BackendConfig, "type")),
+        capacity=_get(entry, "capacity", int, f"{where}.", _default(BackendConfig, "capacity"), low=1),
         models=tuple(dict.fromkeys(models)),
-        weight=_get(entry, "weight", float, f"{where}.", BackendConfig.weight, low=0.001),
+        weight=_get(entry, "weight", float, f"{where}.", _default(BackendConfig, "weight"), low=0.001),
     )
 
 
@@ -180,6 +184,11 @@ def _no_unknown_keys(table: Mapping[str, Any], known: set[str], prefix: str) -> 
         raise ConfigError(f"unknown key `{prefix}{unknown[0]}`; valid keys: {', '.join(sorted(known))}")
 
 
+def _default(cls: type[Any], name: str) -> Any:
+    # Slotted dataclasses keep defaults only in their fields, not as class attributes.
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _field_names(cls: type[Any]) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -193,7 +202,8 @@ def _url(value: object, where: str) -> str:
     return str(value).rstrip("/")
 
 
-def _listen(value: str) -> str:
+def check_listen(value: str) -> str:
+    """`value` if it is HOST:PORT; ConfigError otherwise."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"`router.listen` must be HOST:PORT, got {value!r}")

@@ -27,6 +27,7 @@ OUTCOMES: Final = (
     "client_disconnected",  # the client went away before the end
     "no_capacity",  # nothing fits: 503
     "rejected",  # the router refused the request itself: 400, 404, 413
+    "cancelled",  # the server cancelled the request (shutdown)
     "internal",  # a bug or a plugin exception: 500
 )
 """Every request ends with exactly one of these, counted in `irm_requests_total`."""
@@ -58,7 +59,7 @@ class RouterMetrics:
     """The metric objects the middleware updates, and the registry `/metrics` exports."""
 
     def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.requests = Counter(
             "irm_requests",
             "Requests handled by the router, by final outcome and the backend that served them.",

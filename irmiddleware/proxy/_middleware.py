@@ -1,0 +1,453 @@
+"""`RoutingMiddleware`: a pure-ASGI proxy in front of a fleet of inference servers.
+
+Requests on the adapters' paths are routed to a backend serving the requested model and relayed
+back unbuffered; everything else goes to the wrapped app. The load taken for a request is released
+in exactly one place, `_Attempt.__aexit__`, which wraps both the upstream call and the streaming of
+its body: whatever ends the attempt (normal end, upstream error, timeout, client disconnect,
+cancellation, a bug) passes through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
+from typing import Any, Final
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from irmiddleware import _plugins
+from irmiddleware._router import Lease
+from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RequestEvent, RouteInfo
+from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._upstream import CONNECT_ERRORS, create_client, request_headers, response_headers
+
+__all__ = ["ASGIApp", "RoutingMiddleware", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+_JSON: Final = [(b"content-type", b"application/json")]
+_OK_OUTCOMES: Final = frozenset({"ok", "client_disconnected"})
+
+
+class _Reject(Exception):
+    """The router answers the request itself with an error (never retried, nothing leased)."""
+
+    def __init__(self, status: int, message: str, outcome: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.outcome, self.param = status, message, outcome, param
+
+
+class _Exchange:
+    """One client request: what it asked for and how far the answer got."""
+
+    __slots__ = (
+        "adapter",
+        "backend_url",
+        "body",
+        "disconnected",
+        "done",
+        "id",
+        "outcome",
+        "receive",
+        "route",
+        "scope",
+        "send",
+        "started",
+        "started_s",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, adapter: BackendAdapter, request_id: int) -> None:
+        self.scope, self.receive, self.send, self.adapter, self.id = scope, receive, send, adapter, request_id
+        self.body = b""
+        self.route = RouteInfo("", "")
+        self.started = False  # response headers sent to the client: no retry from now on
+        self.disconnected = False
+        self.done = False  # the last message is being sent: a disconnect now is the normal end
+        self.outcome = "internal"
+        self.backend_url = "none"
+        self.started_s = time.perf_counter()
+
+
+class RoutingMiddleware:
+    """Routes inference requests to a fleet; passes every other request to `app`.
+
+    `RoutingMiddleware(app, config)` builds the router and loads the plugins once. The upstream
+    client is created at lifespan startup (or on the first request when the server runs without
+    lifespan) and closed at shutdown. `plugins` are registered in addition to the `irmiddleware`
+    entry points (handy in tests); `entry_points=False` loads only those.
+    """
+
+    def __init__(
+        self, app: ASGIApp, config: RouterConfig, *, plugins: tuple[object, ...] = (), entry_points: bool = True
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.plugin_manager, broken = _plugins.load_plugins(*plugins, entry_points=entry_points)
+        self.registry = _plugins.collect(self.plugin_manager, broken)
+        self.metrics = RouterMetrics(self._backend_stats)
+        self.fleet = Fleet(config, self.registry, self.metrics)
+        self._routes = _routes_of(self.fleet.backends.values())
+        self._observers = {
+            name: _plugins.observers(self.plugin_manager, f"irm_request_{name}")
+            for name in ("routed", "first_byte", "completed", "failed")
+        }
+        self._client: httpx.AsyncClient | None = None
+        self._start_lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._created = int(time.time())
+
+    @property
+    def router(self) -> Any:
+        """The native `Router` (stats, states, pools)."""
+        return self.fleet.router
+
+    # ---- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.app(scope, self._lifespan_receive(receive), send)
+                return
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        found = self._routes.get(path)
+        if found is not None and scope["method"] in found[0].methods:
+            await self._handle(scope, receive, send, *found)
+        elif path == self.config.metrics_path and scope["method"] == "GET":
+            await _respond(send, 200, generate_latest(self.metrics.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+        elif path == self.config.status_path and scope["method"] == "GET":
+            await _respond(send, 200, json.dumps(self.status()).encode(), _JSON)
+        else:
+            await self.app(scope, receive, send)
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def receive_and_manage() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return receive_and_manage
+
+    async def startup(self) -> None:
+        """Creates the upstream client and discovers models; idempotent."""
+        async with self._start_lock:
+            if self._client is None:
+                client = create_client(self.config)
+                await self.fleet.discover(client)
+                self._client = client
+
+    async def aclose(self) -> None:
+        """Closes the upstream client (lifespan shutdown)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # ---- one request ---------------------------------------------------------------------------
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, adapter: BackendAdapter) -> None:
+        if self._client is None:
+            await self.startup()
+        exchange = _Exchange(scope, receive, send, adapter, next(self._ids))
+        try:
+            if endpoint.kind == "models":
+                body = adapter.models_body(self.fleet.models, self._created)
+                await _respond(send, 200, body, _JSON)
+                exchange.outcome = "ok"
+                return
+            await self._read_request(exchange, endpoint)
+            await self._route_watching_disconnect(exchange)
+        except _Reject as reject:
+            exchange.outcome = reject.outcome
+            await self._send_error(exchange, reject.status, reject.message, reject.param)
+        except Exception:
+            log.exception("internal error while routing %s", scope["path"])
+            exchange.outcome = "internal"
+            await self._send_error(exchange, 500, "Internal router error.")
+        finally:
+            self.metrics.requests.labels(exchange.backend_url, exchange.outcome).inc()
+
+    async def _read_request(self, exchange: _Exchange, endpoint: Endpoint) -> None:
+        exchange.body = await _read_body(exchange, self.config.limits.max_body_bytes)
+        try:
+            model = exchange.adapter.model_of(endpoint, exchange.scope["path"], exchange.body)
+        except AdapterError as error:
+            raise _Reject(error.status, error.message, "rejected", error.param) from None
+        if not self.fleet.serves(model):
+            raise _Reject(404, f"The model `{model}` does not exist.", "rejected", "model")
+        exchange.route = RouteInfo(exchange.scope["path"], model)
+
+    async def _route_watching_disconnect(self, exchange: _Exchange) -> None:
+        # The request body is read, so the next `receive()` returns only when the client goes
+        # away (or after the response is complete). A watcher cancels the relay at once, which
+        # closes the upstream connection and lets the backend stop generating.
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_watch_disconnect(exchange, task))
+        try:
+            await self._route(exchange)
+        except asyncio.CancelledError:
+            if not exchange.disconnected:
+                exchange.outcome = "cancelled"
+                raise
+            task.uncancel()
+            exchange.outcome = "client_disconnected"
+        finally:
+            exchange.done = True
+            watcher.cancel()
+
+    async def _route(self, exchange: _Exchange) -> None:
+        tried: list[int] = []
+        for _attempt in range(1 + self.config.retries.connect_attempts):
+            lease = self.fleet.acquire(exchange.route, tried)
+            if lease is None:
+                break
+            async with _Attempt(self, exchange, lease, len(tried) + 1) as attempt:
+                if not await attempt.run():
+                    return
+            tried.append(lease.accelerator_id)
+        if not tried:
+            raise _Reject(503, f"No backend serving `{exchange.route.model}` has capacity; retry later.", "no_capacity")
+        raise _Reject(502, f"No backend serving `{exchange.route.model}` could be reached.", "connect_error")
+
+    async def _send_error(self, exchange: _Exchange, status: int, message: str, param: str | None = None) -> None:
+        if exchange.started or exchange.disconnected:
+            return  # Too late for an error answer: the client already has headers, or is gone.
+        headers = list(_JSON)
+        if status == 503:
+            headers.append((b"retry-after", str(self.config.retry_after_s).encode()))
+        exchange.started = exchange.done = True
+        await _respond(exchange.send, status, exchange.adapter.error_body(status, message, param), headers)
+
+    # ---- observation ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The JSON status document: strategy, models and every backend's state and load."""
+        backends = []
+        for url, stats in self._backend_stats():
+            backend = self.fleet.backends[stats.id]
+            backends.append(
+                {
+                    "id": stats.id,
+                    "url": url,
+                    "type": backend.type,
+                    "models": list(backend.models),
+                    "state": stats.state,
+                    "capacity": stats.capacity,
+                    "weight": stats.weight,
+                    "load": stats.load,
+                    "requests_in_flight": stats.requests_in_flight,
+                    "routed": stats.routed,
+                    "completed": stats.completed,
+                    "failed": stats.failed,
+                    "latency_ewma_s": stats.latency_ewma_s,
+                }
+            )
+        return {"strategy": self.fleet.strategy_name, "models": self.fleet.models, "backends": backends}
+
+    def _backend_stats(self) -> list[tuple[str, Any]]:
+        known = self.fleet.backends
+        return [(known[s.id].url, s) for s in self.fleet.router.stats() if s.id in known]
+
+    def _notify(self, name: str, attempt: _Attempt, status: int | None = None, error: str | None = None) -> None:
+        observers = self._observers[name]
+        if observers:
+            exchange = attempt.exchange
+            event = RequestEvent(
+                request_id=exchange.id,
+                path=exchange.route.path,
+                model=exchange.route.model,
+                backend_id=attempt.backend.id,
+                backend_url=attempt.backend.url,
+                strategy=self.fleet.strategy_name,
+                attempt=attempt.number,
+                status=status,
+                elapsed_s=time.perf_counter() - exchange.started_s,
+                error=error,
+            )
+            _plugins.notify(observers, event)
+
+
+class _Attempt:
+    """One try on one backend. Entering it owns `lease`; leaving it releases the lease, exactly
+    once, whatever happened inside. `run` returns True when the request may be retried elsewhere."""
+
+    __slots__ = ("backend", "exchange", "lease", "middleware", "number", "outcome", "sent_s", "status")
+
+    def __init__(self, middleware: RoutingMiddleware, exchange: _Exchange, lease: Lease, number: int) -> None:
+        self.middleware, self.exchange, self.lease, self.number = middleware, exchange, lease, number
+        self.backend: Backend = middleware.fleet.backends[lease.accelerator_id]
+        self.outcome = "internal"
+        self.status: int | None = None
+        self.sent_s = 0.0
+
+    async def __aenter__(self) -> _Attempt:
+        self.exchange.backend_url = self.backend.url
+        self.middleware._notify("routed", self)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None and self.outcome in ("internal", "ok", "backend_error"):
+            self.outcome = "client_disconnected" if self.exchange.disconnected else _outcome_of(exc)
+        ok = self.outcome in _OK_OUTCOMES or (self.outcome == "backend_error" and (self.status or 500) < 500)
+        self.lease.release(ok=ok)
+        self.exchange.outcome = self.outcome
+        if self.sent_s:
+            self.middleware.metrics.latency.labels(self.backend.url).observe(time.perf_counter() - self.sent_s)
+        if self.outcome in ("ok", "backend_error"):
+            self.middleware._notify("completed", self, self.status)
+        else:
+            self.middleware._notify("failed", self, self.status, self.outcome)
+
+    async def run(self) -> bool:
+        middleware, exchange = self.middleware, self.exchange
+        client = middleware._client
+        assert client is not None
+        scope = exchange.scope
+        url = self.backend.url + scope["path"]
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        request = client.build_request(
+            scope["method"], url, headers=request_headers(scope["headers"]), content=exchange.body
+        )
+        self.sent_s = time.perf_counter()
+        try:
+            response = await client.send(request, stream=True)
+        except CONNECT_ERRORS as error:
+            self.outcome = "connect_error"
+            log.warning("backend %s unreachable (attempt %d): %r", self.backend.url, self.number, error)
+            return True
+        except httpx.HTTPError as error:
+            self.outcome = _outcome_of(error)
+            await middleware._send_error(exchange, *_upstream_failure(self.outcome))
+            return False
+        try:
+            await self._relay(response)
+        finally:
+            await response.aclose()
+        return False
+
+    async def _relay(self, response: httpx.Response) -> None:
+        exchange, metrics = self.exchange, self.middleware.metrics
+        self.status = response.status_code
+        metrics.ttfb.labels(self.backend.url).observe(time.perf_counter() - self.sent_s)
+        self.middleware._notify("first_byte", self, self.status)
+        send = exchange.send
+        exchange.started = True
+        headers = response_headers(response.headers.raw)
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as error:
+            # Headers are out: the only honest signal left is a broken connection, so end without
+            # completing the response (the server then closes it) instead of faking a clean end.
+            self.outcome = _outcome_of(error)
+            log.warning("backend %s broke off a response: %r", self.backend.url, error)
+            return
+        exchange.done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.outcome = "ok" if self.status < 400 else "backend_error"
+
+
+def _outcome_of(error: BaseException | None) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(error, httpx.HTTPError):
+        return "upstream_error"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    return "internal"
+
+
+def _upstream_failure(outcome: str) -> tuple[int, str]:
+    if outcome == "timeout":
+        return 504, "The backend did not answer in time."
+    return 502, "The backend failed to answer."
+
+
+async def _watch_disconnect(exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+    while not exchange.done:
+        message = await exchange.receive()
+        if message["type"] == "http.disconnect":
+            if not exchange.done:
+                exchange.disconnected = True
+                task.cancel()
+            return
+
+
+async def _read_body(exchange: _Exchange, limit: int) -> bytes:
+    for name, value in exchange.scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _Reject(413, f"Request body is larger than {limit} bytes.", "rejected")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await exchange.receive()
+        if message["type"] == "http.disconnect":
+            exchange.disconnected = True
+            raise _Reject(499, "client disconnected", "client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _Reject(413, f"Request body is larger than {limit} bytes.", "rejected")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _routes_of(backends: Any) -> dict[str, tuple[Endpoint, BackendAdapter]]:
+    # Exact paths are indexed once, so dispatch costs one dict lookup per request. The first
+    # backend's adapter for a path handles it (OpenAI-compatible adapters agree on these paths).
+    routes: dict[str, tuple[Endpoint, BackendAdapter]] = {}
+    for backend in backends:
+        for endpoint in backend.adapter.endpoints:
+            routes.setdefault(endpoint.path, (endpoint, backend.adapter))
+    return routes
+
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app behind a standalone router: 404 for unrouted paths, and a lifespan that works."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    elif scope["type"] == "http":
+        error = {"message": f"No route for {scope['path']}", "type": "NotFoundError", "param": None, "code": 404}
+        await _respond(send, 404, json.dumps({"error": error}).encode(), list(_JSON))
+
+
+def create_app(config: RouterConfig, **options: Any) -> RoutingMiddleware:
+    """A standalone router: the middleware in front of an app that answers 404 to anything else.
+    `options` go to `RoutingMiddleware` (`plugins`, `entry_points`)."""
+    return RoutingMiddleware(_not_found, config, **options)

@@ -1,0 +1,72 @@
+"""Simulation of a fleet of accelerators behind the router, for choosing a strategy from evidence.
+
+Every routing decision and every release goes through the real native core; the simulator only
+models time, arrivals and how accelerators serve requests (see `_model` for the service model and
+`_engine` for the policies on rejection and failure).
+
+    from irmiddleware.sim import LlmWorkload, PoissonArrivals, Scenario, compare, make_fleet, offered_rate
+
+    fleet = make_fleet(50, heterogeneity=1.0, seed=7)
+    workload = LlmWorkload()
+    scenario = Scenario(fleet, workload, PoissonArrivals(offered_rate(fleet, workload, 0.8)), requests=20_000, seed=7)
+    for result in compare(scenario):
+        print(result.strategy, result.latency, result.rejection_rate)
+"""
+
+from irmiddleware.sim._engine import DEFAULT_STRATEGIES, Progress, Scenario, compare, simulate
+from irmiddleware.sim._model import (
+    Arrival,
+    ArrivalProcess,
+    BurstyArrivals,
+    Failure,
+    Fleet,
+    Job,
+    LlmWorkload,
+    PoissonArrivals,
+    TraceArrivals,
+    UniformWorkload,
+    Workload,
+    make_fleet,
+    mean_work_s,
+    offered_rate,
+)
+from irmiddleware.sim._stats import Outage, Percentiles, StrategyResult, format_histograms, format_table
+from irmiddleware.sim._theory import (
+    BallsIntoBins,
+    balls_into_bins,
+    format_balls_into_bins,
+    max_load_one_choice,
+    max_load_two_choices,
+)
+
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "Arrival",
+    "ArrivalProcess",
+    "BallsIntoBins",
+    "BurstyArrivals",
+    "Failure",
+    "Fleet",
+    "Job",
+    "LlmWorkload",
+    "Outage",
+    "Percentiles",
+    "PoissonArrivals",
+    "Progress",
+    "Scenario",
+    "StrategyResult",
+    "TraceArrivals",
+    "UniformWorkload",
+    "Workload",
+    "balls_into_bins",
+    "compare",
+    "format_balls_into_bins",
+    "format_histograms",
+    "format_table",
+    "make_fleet",
+    "max_load_one_choice",
+    "max_load_two_choices",
+    "mean_work_s",
+    "offered_rate",
+    "simulate",
+]

@@ -1,0 +1,198 @@
+"""`irmiddleware simulate`: compare routing strategies on one seeded, simulated workload."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from irmiddleware.sim._engine import DEFAULT_STRATEGIES, Scenario, compare
+from irmiddleware.sim._model import (
+    ArrivalProcess,
+    BurstyArrivals,
+    Failure,
+    Fleet,
+    LlmWorkload,
+    PoissonArrivals,
+    TraceArrivals,
+    UniformWorkload,
+    Workload,
+    make_fleet,
+    offered_rate,
+)
+from irmiddleware.sim._stats import StrategyResult, format_histograms, format_table
+from irmiddleware.sim._theory import DEFAULT_SIZES, balls_into_bins, format_balls_into_bins
+
+_PROGRESS_ENV = "IRM_PROGRESS"  # "1" forces the progress bar on (e.g. under a pipe), "0" off.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irmiddleware simulate",
+        description="Discrete-event simulation of a fleet: every decision and release goes through "
+        "the native core. Prints one row per strategy; the same --seed gives the same numbers.",
+    )
+    parser.add_argument("--accelerators", type=int, default=100, help="fleet size (default 100)")
+    parser.add_argument("--requests", type=int, default=50_000, help="requests per strategy (default 50000)")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated")
+    parser.add_argument("--workload", choices=("uniform", "llm"), default="llm")
+    parser.add_argument("--arrival", choices=("poisson", "bursty", "trace"), default="poisson")
+    parser.add_argument("--trace", type=Path, help="CSV or JSONL with time[, prompt_tokens, output_tokens]")
+    parser.add_argument("--load", type=float, default=0.8, help="offered load, 1.0 = all batches full")
+    parser.add_argument("--heterogeneity", type=float, default=1.0, help="speed spread h: [1/(1+h), 1+h]")
+    parser.add_argument("--capacity", type=int, default=32, help="batch slots of a speed-1 accelerator")
+    parser.add_argument(
+        "--uniform-capacity", action="store_true", help="same capacity everywhere, not scaled with speed"
+    )
+    parser.add_argument(
+        "--fail", action="append", default=[], metavar="INDEX:DOWN[:UP]", help="take an accelerator down (repeatable)"
+    )
+    parser.add_argument("--on-failure", choices=("fail", "finish"), default="fail", help="fate of in-flight work")
+    parser.add_argument("--retries", type=int, default=0, help="retries of a rejected request")
+    parser.add_argument("--backoff", type=float, default=0.05, help="first retry delay, seconds (doubles)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plot", type=Path, metavar="OUT.png", help="latency CDFs and load (needs matplotlib)")
+    parser.add_argument("--histogram", action="store_true", help="also print the utilisation histograms")
+    parser.add_argument(
+        "--balls-into-bins", action="store_true", help="check the balls-into-bins bounds instead of simulating"
+    )
+    parser.add_argument("--bins", type=int, nargs="+", default=list(DEFAULT_SIZES), help="n for --balls-into-bins")
+    return parser
+
+
+def simulate_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.balls_into_bins:
+        print(format_balls_into_bins(balls_into_bins(args.bins, args.seed)))
+        return 0
+    try:
+        scenario = _scenario(args)
+    except (OSError, ValueError) as error:
+        print(f"irmiddleware simulate: {error}", file=sys.stderr)
+        return 2
+    if args.plot is not None and not _matplotlib_available():
+        print(
+            "irmiddleware simulate: --plot needs matplotlib: pip install 'irmiddleware[plot]'",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.perf_counter()
+    bar = _ProgressBar.for_stderr()
+    try:
+        results = compare(scenario, args.strategies.split(","), progress=bar.update if bar else None)
+    except ValueError as error:  # An unknown strategy name, or a malformed trace row.
+        print(f"irmiddleware simulate: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if bar:
+            bar.close()
+    _print_report(scenario, results, time.perf_counter() - started, args.histogram)
+    if args.plot is not None:
+        from irmiddleware.sim._plot import plot_comparison
+
+        plot_comparison(results, args.plot, title=_describe(scenario))
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _scenario(args: argparse.Namespace) -> Scenario:
+    fleet = make_fleet(
+        args.accelerators,
+        heterogeneity=args.heterogeneity,
+        capacity=args.capacity,
+        capacity_follows_speed=not args.uniform_capacity,
+        seed=args.seed,
+    )
+    workload: Workload = LlmWorkload() if args.workload == "llm" else UniformWorkload()
+    return Scenario(
+        fleet=fleet,
+        workload=workload,
+        arrivals=_arrivals(args, fleet, workload),
+        requests=args.requests,
+        failures=tuple(Failure.parse(text) for text in args.fail),
+        on_failure=args.on_failure,
+        retries=args.retries,
+        backoff_s=args.backoff,
+        seed=args.seed,
+    )
+
+
+def _arrivals(args: argparse.Namespace, fleet: Fleet, workload: Workload) -> ArrivalProcess:
+    if args.arrival == "trace":
+        if args.trace is None:
+            raise ValueError("--arrival trace needs --trace FILE")
+        if not args.trace.is_file():
+            raise ValueError(f"no trace file {args.trace}")
+        return TraceArrivals(args.trace)
+    rate = offered_rate(fleet, workload, args.load)
+    return BurstyArrivals(rate) if args.arrival == "bursty" else PoissonArrivals(rate)
+
+
+def _describe(scenario: Scenario) -> str:
+    fleet = scenario.fleet
+    speeds = f"speeds {min(fleet.speeds):.2f}-{max(fleet.speeds):.2f}"
+    capacities = f"capacity {min(fleet.capacities)}-{max(fleet.capacities)}"
+    return (
+        f"{len(fleet)} accelerators ({speeds}, {capacities}), {scenario.requests} {scenario.workload.name} "
+        f"requests, {scenario.arrivals.name} arrivals, seed {scenario.seed}"
+    )
+
+
+def _print_report(scenario: Scenario, results: Sequence[StrategyResult], elapsed_s: float, histogram: bool) -> None:
+    print(_describe(scenario))
+    print()
+    print(format_table(results))
+    if histogram:
+        print()
+        print(format_histograms(results))
+    for result in results:
+        for outage in result.outages:
+            up = "end" if outage.up_s is None else f"{outage.up_s:g} s"
+            print(
+                f"{result.strategy}: accelerator {outage.accelerator} down {outage.down_s:g} s..{up}, "
+                f"routed to it meanwhile: {outage.routed_while_down}"
+            )
+    print(f"\n(simulated in {elapsed_s:.1f} s wall time)")
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _ProgressBar:
+    """A one-line bar on stderr, redrawn at most ten times a second."""
+
+    _WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.drawn_s = 0.0
+
+    @classmethod
+    def for_stderr(cls) -> _ProgressBar | None:
+        forced = os.environ.get(_PROGRESS_ENV)
+        if forced == "0" or (forced != "1" and not sys.stderr.isatty()):
+            return None
+        return cls(sys.stderr)
+
+    def update(self, strategy: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.drawn_s < 0.1 and done < total:
+            return
+        self.drawn_s = now
+        filled = self._WIDTH * done // max(1, total)
+        bar = "#" * filled + "." * (self._WIDTH - filled)
+        self.stream.write(f"\r{strategy:>18} [{bar}] {done}/{total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\r" + " " * (self._WIDTH + 50) + "\r")
+        self.stream.flush()

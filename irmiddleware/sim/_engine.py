@@ -1,0 +1,404 @@
+"""The discrete-event simulation: requests arrive, the native core routes them, accelerators serve
+them with continuous batching, and every completion is released back to the core.
+
+Events live in one `heapq` ordered by (time, sequence number), so equal times keep a fixed order and
+a seed replays exactly. Each accelerator keeps a *progress clock*: the work every request in its
+batch has received so far (all requests in a batch advance at the same rate, see `_model`). A
+request's first token and its end are milestones on that clock, kept in a per-accelerator heap; the
+global heap holds only each accelerator's next milestone, rescheduled (and the old entry left behind
+as stale, recognised by a version number) whenever the batch size changes the rate. So an event
+costs O(log n) whatever the batch sizes.
+
+Policies, chosen to match what a client of the real router sees:
+- When no accelerator can take a request, the core says so and the request is *rejected* (the proxy
+  answers 503). With `retries > 0` it is tried again after `backoff_s`, doubling each time, and
+  rejected only when the retries run out; its latency includes the waiting.
+- When an accelerator goes down it receives nothing new (its state is `down` in the core). With
+  `on_failure="fail"` (the default: a crashed server loses its work) the requests it held fail at
+  that instant and are released as failed; with `"finish"` they run to completion (a graceful
+  shutdown). Failed requests are not retried.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from irmiddleware._native import SLOT_NONE
+from irmiddleware._router import Accelerator, Router
+from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
+from irmiddleware.sim._stats import Outage, Percentiles, StrategyResult
+
+DEFAULT_STRATEGIES: Final = ("round_robin", "least_connections", "p2c")
+
+# Event kinds, in the order they are handled when times tie (the sequence number decides first).
+_ARRIVAL, _MILESTONE, _RETRY, _DOWN, _UP = range(5)
+# Milestones closer than this (in work-seconds) are due together: float rounding, not real gaps.
+_TIE_S = 1e-9
+# Rebuild the event heap without stale entries when it outgrows live work by this factor.
+_STALE_FACTOR = 4
+_PROGRESS_EVERY = 10_000
+
+Progress = Callable[[str, int, int], None]
+"""Called as progress(strategy, requests arrived so far, requests in total)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a run needs except the strategy; the same scenario replays the same requests."""
+
+    fleet: Fleet
+    workload: Workload
+    arrivals: ArrivalProcess
+    requests: int
+    failures: tuple[Failure, ...] = ()
+    on_failure: Literal["fail", "finish"] = "fail"
+    retries: int = 0
+    backoff_s: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.requests < 1:
+            raise ValueError("requests must be >= 1")
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+        if self.on_failure not in ("fail", "finish"):
+            raise ValueError(f"on_failure must be 'fail' or 'finish', got {self.on_failure!r}")
+        _check_failures(self.failures, len(self.fleet))
+
+
+def _check_failures(failures: Sequence[Failure], fleet_size: int) -> None:
+    by_accelerator: dict[int, list[Failure]] = {}
+    for failure in failures:
+        if not 0 <= failure.accelerator < fleet_size:
+            raise ValueError(f"failure names accelerator {failure.accelerator}; the fleet has 0..{fleet_size - 1}")
+        by_accelerator.setdefault(failure.accelerator, []).append(failure)
+    for windows in by_accelerator.values():
+        windows.sort(key=lambda failure: failure.down_s)
+        for earlier, later in itertools.pairwise(windows):
+            if earlier.up_s is None or earlier.up_s > later.down_s:
+                raise ValueError(f"failure windows of accelerator {earlier.accelerator} overlap")
+
+
+def simulate(scenario: Scenario, strategy: str, *, progress: Progress | None = None) -> StrategyResult:
+    """Runs `scenario` with `strategy` (a native strategy name) and measures it."""
+    return _Simulation(scenario, strategy, progress).run()
+
+
+def compare(
+    scenario: Scenario, strategies: Iterable[str] = DEFAULT_STRATEGIES, *, progress: Progress | None = None
+) -> list[StrategyResult]:
+    """Runs the same scenario (same requests, same arrival times) once per strategy."""
+    return [simulate(scenario, strategy, progress=progress) for strategy in strategies]
+
+
+class _NativeFleet:
+    """The fleet in a real `Router`; the only code here that touches the router.
+
+    Per-request calls go through `Router._table` (the native table) and `Router._ids_by_slot`:
+    `Router.acquire` builds a `Lease` per request, which costs more than the decision itself at a
+    million requests. Swap `acquire`/`release` for a public fast path once the router has one.
+    """
+
+    def __init__(self, fleet: Fleet, strategy: str, seed: int) -> None:
+        self.router = Router(strategy, max_accelerators=len(fleet), seed=seed)
+        for index, capacity in enumerate(fleet.capacities):
+            self.router.add_accelerator(Accelerator(index, capacity))
+        table = self.router._table
+        strategy_number = self.router._strategy
+        # Accelerator ids are fleet indices, so the router's slot -> id map is slot -> index.
+        index_by_slot = [-1 if index is None else index for index in self.router._ids_by_slot]
+        slot_by_index = [0] * len(fleet)
+        for slot, index in enumerate(index_by_slot):
+            if index >= 0:
+                slot_by_index[index] = slot
+        table_acquire, table_release = table.acquire, table.release
+
+        def acquire(job: Job) -> int:
+            """The chosen accelerator's index, or -1 when nothing fits."""
+            slot = table_acquire(strategy_number, job.cost, 0)
+            return -1 if slot == SLOT_NONE else index_by_slot[slot]
+
+        def release(index: int, job: Job, latency_s: float, ok: bool) -> None:
+            table_release(slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
+
+        self.acquire = acquire
+        self.release = release
+
+    def set_down(self, index: int, down: bool) -> None:
+        self.router.set_state(index, "down" if down else "active")
+
+    def routed(self, index: int) -> int:
+        return self.router.accelerator_stats(index).routed
+
+    def check_idle(self) -> None:
+        """Every acquire was released: the core's in-flight counters are back to zero."""
+        busy = [stats.id for stats in self.router.stats() if stats.load or stats.requests_in_flight]
+        if busy:
+            raise RuntimeError(f"simulation ended with load still in flight on accelerators {busy[:10]}")
+
+    def close(self) -> None:
+        self.router.close()
+
+
+class _Request:
+    __slots__ = ("accelerator", "arrival_s", "attempts", "first_token_s", "job")
+
+    def __init__(self, arrival_s: float, job: Job) -> None:
+        self.arrival_s = arrival_s
+        self.job = job
+        self.accelerator = -1
+        self.attempts = 0
+        self.first_token_s = math.nan
+
+
+# (time, sequence, kind, accelerator or failure index, version, request)
+_Event = tuple[float, int, int, int, int, "_Request | None"]
+# (progress-clock target, sequence, is the end (else the first token), request)
+_Milestone = tuple[float, int, bool, _Request]
+
+
+class _Simulation:
+    def __init__(self, scenario: Scenario, strategy: str, progress: Progress | None) -> None:
+        fleet = scenario.fleet
+        count = len(fleet)
+        self.scenario = scenario
+        self.strategy = strategy
+        self.progress = progress
+        self.native = _NativeFleet(fleet, strategy, scenario.seed)
+        self.speeds = list(fleet.speeds)
+        self.slowdown = fleet.batch_slowdown
+        self.clock = [0.0] * count  # progress clock: work-seconds each running request has received
+        self.updated_s = [0.0] * count  # when the clock was last brought up to date
+        self.running = [0] * count
+        self.cost_running = [0] * count
+        self.busy_area = [0.0] * count  # integral of cost in flight over time, for utilisation
+        self.version = [0] * count  # the current next-milestone event of each accelerator
+        self.milestones: list[list[_Milestone]] = [[] for _ in range(count)]
+        self.events: list[_Event] = []
+        self.sequence = itertools.count()
+        self.streams_tokens = scenario.workload.streams_tokens
+        self.arrival_stream: Iterator[Arrival] = scenario.arrivals.arrivals(random.Random(f"{scenario.seed}/arrivals"))
+        self.jobs_rng = random.Random(f"{scenario.seed}/jobs")
+        self.arrived = self.completed = self.rejected = self.failed = self.retries = self.output_tokens = 0
+        self.end_s = 0.0
+        self.latencies = array("d")
+        self.ttfts = array("d")
+        self.routed_at_down: dict[int, int] = {}
+        self.outages: list[Outage] = []
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> StrategyResult:
+        try:
+            self._schedule_failures()
+            self._schedule_next_arrival()
+            self._loop()
+            self._finish()
+            return self._result()
+        finally:
+            self.native.close()
+
+    def _loop(self) -> None:
+        events, pop, version = self.events, heapq.heappop, self.version
+        # Every event is pushed at most once, and pushes are bounded by the work (see `_push_limit`).
+        for _ in range(self._push_limit()):
+            if not events:
+                return
+            time_s, _sequence, kind, index, event_version, request = pop(events)
+            if kind == _MILESTONE:
+                if event_version == version[index]:
+                    self._on_milestone(time_s, index)
+            elif kind == _ARRIVAL:
+                assert request is not None
+                self._schedule_next_arrival()
+                self._route(time_s, request)
+            elif kind == _RETRY:
+                assert request is not None
+                self._route(time_s, request)
+            elif kind == _DOWN:
+                self._on_down(time_s, index)
+            else:
+                self._on_up(time_s, index)
+        raise RuntimeError("simulation exceeded its event bound; this is a bug")
+
+    def _push_limit(self) -> int:
+        # Per attempt: its arrival or retry event, and at most one reschedule for its start and one
+        # per milestone (two per request); per failure: two events and one reschedule.
+        attempts = self.scenario.requests * (1 + self.scenario.retries)
+        return 4 * attempts + 3 * len(self.scenario.failures) + 16
+
+    # ---- arrivals and routing ------------------------------------------------------------------
+
+    def _schedule_next_arrival(self) -> None:
+        if self.arrived >= self.scenario.requests:
+            return
+        arrival = next(self.arrival_stream, None)
+        if arrival is None:  # A trace shorter than the requested count.
+            return
+        self.arrived += 1
+        job = self.scenario.workload.draw(self.jobs_rng, arrival.prompt_tokens, arrival.output_tokens)
+        request = _Request(arrival.time_s, job)
+        heapq.heappush(self.events, (arrival.time_s, next(self.sequence), _ARRIVAL, 0, 0, request))
+        if self.arrived % _PROGRESS_EVERY == 0:
+            self._compact_events()
+            if self.progress is not None:
+                self.progress(self.strategy, self.arrived, self.scenario.requests)
+
+    def _route(self, now: float, request: _Request) -> None:
+        index = self.native.acquire(request.job)
+        if index >= 0:
+            self._start(now, index, request)
+        elif request.attempts < self.scenario.retries:
+            delay = self.scenario.backoff_s * (2**request.attempts)
+            request.attempts += 1
+            self.retries += 1
+            heapq.heappush(self.events, (now + delay, next(self.sequence), _RETRY, 0, 0, request))
+        else:
+            self.rejected += 1
+            self.end_s = max(self.end_s, now)
+
+    def _start(self, now: float, index: int, request: _Request) -> None:
+        self._advance(index, now)
+        job = request.job
+        request.accelerator = index
+        self.running[index] += 1
+        self.cost_running[index] += job.cost
+        clock = self.clock[index]
+        heap = self.milestones[index]
+        if self.streams_tokens:
+            heapq.heappush(heap, (clock + job.prefill_s, next(self.sequence), False, request))
+        heapq.heappush(heap, (clock + job.prefill_s + job.decode_s, next(self.sequence), True, request))
+        self._reschedule(index, now)
+
+    # ---- accelerators --------------------------------------------------------------------------
+
+    def _advance(self, index: int, now: float) -> None:
+        running = self.running[index]
+        if running:
+            elapsed = now - self.updated_s[index]
+            self.clock[index] += elapsed * self.speeds[index] / (1.0 + self.slowdown * (running - 1))
+            self.busy_area[index] += elapsed * self.cost_running[index]
+        self.updated_s[index] = now
+
+    def _reschedule(self, index: int, now: float) -> None:
+        """Replaces the accelerator's next-milestone event (its rate or its head changed)."""
+        version = self.version[index] + 1
+        self.version[index] = version
+        heap = self.milestones[index]
+        if heap:
+            rate = self.speeds[index] / (1.0 + self.slowdown * (self.running[index] - 1))
+            due_s = now + max(0.0, heap[0][0] - self.clock[index]) / rate
+            heapq.heappush(self.events, (due_s, next(self.sequence), _MILESTONE, index, version, None))
+
+    def _on_milestone(self, now: float, index: int) -> None:
+        self._advance(index, now)
+        heap = self.milestones[index]
+        _target, _sequence, is_end, request = heapq.heappop(heap)
+        self._reach(now, index, is_end, request)
+        # Milestones due at the same instant are settled now rather than through zero-length events.
+        due = self.clock[index] + _TIE_S
+        while heap and heap[0][0] <= due:
+            _target, _sequence, is_end, request = heapq.heappop(heap)
+            self._reach(now, index, is_end, request)
+        self._reschedule(index, now)
+
+    def _reach(self, now: float, index: int, is_end: bool, request: _Request) -> None:
+        if not is_end:
+            request.first_token_s = now
+            return
+        job = request.job
+        self.running[index] -= 1
+        self.cost_running[index] -= job.cost
+        latency_s = now - request.arrival_s
+        self.native.release(index, job, latency_s, True)
+        self.completed += 1
+        self.output_tokens += job.output_tokens
+        self.latencies.append(latency_s)
+        if self.streams_tokens:
+            self.ttfts.append(request.first_token_s - request.arrival_s)
+        self.end_s = max(self.end_s, now)
+
+    # ---- failures ------------------------------------------------------------------------------
+
+    def _schedule_failures(self) -> None:
+        for number, failure in enumerate(self.scenario.failures):
+            heapq.heappush(self.events, (failure.down_s, next(self.sequence), _DOWN, number, 0, None))
+            if failure.up_s is not None:
+                heapq.heappush(self.events, (failure.up_s, next(self.sequence), _UP, number, 0, None))
+
+    def _on_down(self, now: float, number: int) -> None:
+        index = self.scenario.failures[number].accelerator
+        self.routed_at_down[number] = self.native.routed(index)
+        self.native.set_down(index, True)
+        if self.scenario.on_failure == "fail":
+            self._fail_in_flight(now, index)
+
+    def _fail_in_flight(self, now: float, index: int) -> None:
+        self._advance(index, now)
+        for _target, _sequence, is_end, request in self.milestones[index]:
+            if is_end:
+                self.native.release(index, request.job, now - request.arrival_s, False)
+                self.failed += 1
+        self.milestones[index].clear()
+        self.running[index] = self.cost_running[index] = 0
+        self._reschedule(index, now)
+
+    def _on_up(self, now: float, number: int) -> None:
+        self._record_outage(number)
+        self.native.set_down(self.scenario.failures[number].accelerator, False)
+
+    def _record_outage(self, number: int) -> None:
+        failure = self.scenario.failures[number]
+        routed = self.native.routed(failure.accelerator) - self.routed_at_down.pop(number)
+        self.outages.append(Outage(failure.accelerator, failure.down_s, failure.up_s, routed))
+
+    # ---- the end -------------------------------------------------------------------------------
+
+    def _compact_events(self) -> None:
+        """Drops stale milestone events so the heap stays proportional to the live work."""
+        live = len(self.milestones) + sum(self.running)
+        if len(self.events) <= _STALE_FACTOR * live + 1024:
+            return
+        version = self.version
+        self.events = [e for e in self.events if e[2] != _MILESTONE or e[4] == version[e[3]]]
+        heapq.heapify(self.events)
+
+    def _finish(self) -> None:
+        for number in sorted(self.routed_at_down):  # Windows that never closed.
+            self._record_outage(number)
+        for index in range(len(self.clock)):
+            self._advance(index, max(self.end_s, self.updated_s[index]))
+        self.native.check_idle()
+
+    def _result(self) -> StrategyResult:
+        duration_s = self.end_s
+        capacities = self.scenario.fleet.capacities
+        utilisation = tuple(
+            area / (capacity * duration_s) if duration_s > 0 else 0.0
+            for area, capacity in zip(self.busy_area, capacities, strict=True)
+        )
+        latencies = array("d", sorted(self.latencies))
+        ttfts = array("d", sorted(self.ttfts))
+        return StrategyResult(
+            strategy=self.strategy,
+            requests=self.arrived,
+            completed=self.completed,
+            rejected=self.rejected,
+            failed=self.failed,
+            retries=self.retries,
+            duration_s=duration_s,
+            output_tokens=self.output_tokens,
+            latency=Percentiles.of(latencies),
+            ttft=Percentiles.of(ttfts) if self.streams_tokens else None,
+            utilisation=utilisation,
+            outages=tuple(sorted(self.outages, key=lambda outage: (outage.down_s, outage.accelerator))),
+            latencies_s=latencies,
+            ttfts_s=ttfts,
+        )
