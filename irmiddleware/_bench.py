@@ -57,7 +57,9 @@ def ours_route_per_call(strategy: str, accelerators: int, requests: int) -> Call
     return run
 
 
-def seed_route_per_call(seed: ModuleType, strategy: str, accelerators: int, requests: int) -> Callable[[], float]:
+def seed_route_per_call(
+    seed: ModuleType, strategy: str, accelerators: int, requests: int
+) -> Callable[[], float]:
     def run() -> float:
         router = seed.Router(strategy)
         for index in range(accelerators):
@@ -132,13 +134,14 @@ def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> li
         return median_rate(run, requests, repeats)
 
     with fresh_router(strategy, accelerators) as router:
-        return [
-            Result(strategy, "route per call (seed API)", rate(ours_route_per_call(strategy, accelerators, requests))),
-            Result(strategy, "route batched", rate(batched(router, requests, timed_release=False))),
-            Result(strategy, "route+release per call (Lease)", rate(pairs_per_call(router, requests))),
-            Result(strategy, "route+release per call (binding)", rate(pairs_per_call_binding(router, requests))),
-            Result(strategy, "route+release batched", rate(batched(router, requests, timed_release=True))),
-        ]  # fmt: skip
+        runs = {
+            "route per call (seed API)": ours_route_per_call(strategy, accelerators, requests),
+            "route batched": batched(router, requests, timed_release=False),
+            "route+release per call (Lease)": pairs_per_call(router, requests),
+            "route+release per call (binding)": pairs_per_call_binding(router, requests),
+            "route+release batched": batched(router, requests, timed_release=True),
+        }
+        return [Result(strategy, mode, rate(run)) for mode, run in runs.items()]
 
 
 def print_table(results: list[Result], seed_rates: dict[str, float]) -> None:
@@ -166,11 +169,17 @@ def bench_main(argv: list[str]) -> int:
           f"median of {args.repeats}")  # fmt: skip
     seed_rates: dict[str, float] = {}
     if seed is None:
-        print("seed package intelligent_routing not importable: no baseline (pip install intelligent-routing)")
+        print(
+            "seed package intelligent_routing not importable: no baseline (pip install intelligent-routing)"
+        )
     else:
         for strategy in strategies:
             run = seed_route_per_call(seed, strategy, args.accelerators, args.requests)
             seed_rates[strategy] = median_rate(run, args.requests, args.repeats)
-    results = [r for strategy in strategies for r in measure(strategy, args.accelerators, args.requests, args.repeats)]
+    results = [
+        r
+        for strategy in strategies
+        for r in measure(strategy, args.accelerators, args.requests, args.repeats)
+    ]
     print_table(results, seed_rates)
     return 0

@@ -10,9 +10,17 @@ from typing import Final
 
 # subcommand -> (module, function, one-line help). Each function takes argv and returns an exit code.
 COMMANDS: Final = {
-    "demo": ("irmiddleware._demo", "demo_main", "emulated fleet + router + real client traffic, per strategy"),
+    "demo": (
+        "irmiddleware._demo",
+        "demo_main",
+        "emulated fleet + router + real client traffic, per strategy",
+    ),
     "serve": ("irmiddleware.proxy._serve", "serve_main", "run the routing proxy (--config router.toml)"),
-    "simulate": ("irmiddleware.sim._cli", "simulate_main", "compare strategies in a discrete-event simulation"),
+    "simulate": (
+        "irmiddleware.sim._cli",
+        "simulate_main",
+        "compare strategies in a discrete-event simulation",
+    ),
     "bench": ("irmiddleware._bench", "bench_main", "decisions/s of the native core (seed scale test)"),
     "bench-proxy": ("irmiddleware.proxy._bench", "bench_proxy_main", "proxy overhead against direct calls"),
 }

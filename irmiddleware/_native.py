@@ -232,14 +232,17 @@ def _check(status: int, context: str) -> None:
 
 def check_cost(cost: int) -> int:
     if type(cost) is not int or not 1 <= cost <= COST_MAX:
-        raise _errors.InvalidArgumentError("invalid_cost", f"cost must be an int in 1..{COST_MAX}, got {cost!r}")
+        raise _errors.InvalidArgumentError(
+            "invalid_cost", f"cost must be an int in 1..{COST_MAX}, got {cost!r}"
+        )
     return cost
 
 
 def check_priority(priority: int) -> int:
     if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
         raise _errors.InvalidArgumentError(
-            "invalid_priority", f"priority must be an int in 0..{CLASSES_COUNT - 1} (0 = most important), got {priority!r}"
+            "invalid_priority",
+            f"priority must be an int in 0..{CLASSES_COUNT - 1} (0 = most important), got {priority!r}",
         )
     return priority
 
@@ -304,7 +307,9 @@ class NativeTable:
                 _check(status, f"attach shared table {shared_name!r}")
             else:
                 self._check_backends_max(backends_max)
-                status = _lib.irm_table_create_shared(raw, len(raw), backends_max, flags, ctypes.byref(handle))
+                status = _lib.irm_table_create_shared(
+                    raw, len(raw), backends_max, flags, ctypes.byref(handle)
+                )
                 _check(status, f"create shared table {shared_name!r}")
         self._handle = handle.value
         # Out-parameters are per thread: a shared one lets a thread read another's result.
@@ -312,7 +317,7 @@ class NativeTable:
         maximum, _present = self.info()
         self.backends_max = maximum
 
-    def _out(self) -> tuple[Any, Any]:
+    def _out(self) -> tuple[Any, Any]:  # (c_uint32, byref to it)
         """This thread's out-parameter and a ready `byref` to it."""
         local = self._local
         return local.out, local.ref
@@ -353,7 +358,7 @@ class NativeTable:
     def class_share(self, priority: int) -> float:
         out, out_ref = self._out()
         _check(_lib.irm_table_get_class_share(self._handle, priority, out_ref), f"share of class {priority}")
-        return out.value / 1000
+        return float(out.value) / 1000
 
     # ---- backends ------------------------------------------------------------------------------
 
@@ -372,11 +377,15 @@ class NativeTable:
 
     def find(self, backend_id: int) -> int:
         slot = ctypes.c_uint32()
-        _check(_lib.irm_backend_find(self._handle, backend_id, ctypes.byref(slot)), f"find backend {backend_id}")
+        _check(
+            _lib.irm_backend_find(self._handle, backend_id, ctypes.byref(slot)), f"find backend {backend_id}"
+        )
         return slot.value
 
     def set_signals(self, slot: int, queue_depth: int, kv_usage: float, time_ms: int) -> None:
-        status = _lib.irm_backend_set_signals(self._handle, slot, queue_depth, round(kv_usage * 1000), time_ms)
+        status = _lib.irm_backend_set_signals(
+            self._handle, slot, queue_depth, round(kv_usage * 1000), time_ms
+        )
         _check(status, f"signals of slot {slot}")
 
     # ---- routing -------------------------------------------------------------------------------
@@ -388,7 +397,7 @@ class NativeTable:
         status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
         if status:
             _raise(status, "acquire")
-        return local.out.value  # type: ignore[no-any-return]
+        return local.out.value
 
     def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
         """Like `acquire`, choosing only among the pool's slots."""

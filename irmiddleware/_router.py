@@ -216,7 +216,7 @@ class Router:
             accelerator._router = None
 
     def set_state(self, accelerator_id: int, state: str) -> None:
-        """"active", "draining" (finish what is in flight, take nothing new) or "down"."""
+        """ "active", "draining" (finish what is in flight, take nothing new) or "down"."""
         if state not in _STATES:
             raise ValueError(f"unknown state {state!r}; valid states: {', '.join(_STATES)}")
         info = self._snapshot_of(accelerator_id)

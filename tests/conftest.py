@@ -3,6 +3,7 @@ zero (DESIGN.md's one invariant) with `irmiddleware.testing.assert_idle`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,5 @@ def shared_name() -> Iterator[str]:
     """A unique /dev/shm name, unlinked after the test whatever happened."""
     name = f"irm-test-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     yield name
-    try:
+    with contextlib.suppress(SharedMemoryError):  # The test may have unlinked it already.
         unlink_shared(name)
-    except SharedMemoryError:
-        pass

@@ -87,7 +87,9 @@ def final_problems(table: NativeTable, acquired: int) -> list[str]:
     for info in table.snapshot():
         routed += info.routed_total
         if info.cost_in_flight or info.count_in_flight:
-            problems.append(f"slot {info.slot}: {info.cost_in_flight} cost / {info.count_in_flight} still in flight")
+            problems.append(
+                f"slot {info.slot}: {info.cost_in_flight} cost / {info.count_in_flight} still in flight"
+            )
         if info.routed_total != info.completed_total + info.failed_total:
             problems.append(f"slot {info.slot}: routed {info.routed_total} != completed + failed")
     if routed != acquired:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+
 from irmiddleware import (
     Accelerator,
     DuplicateBackendError,

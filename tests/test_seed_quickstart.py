@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 # Verbatim from the seed README's "Python Usage", with only the import line changed.
-QUICK_START = '''
+QUICK_START = """
 import irmiddleware as intelligent_routing
 
 # Create accelerators
@@ -22,7 +22,7 @@ acc_id = router.route_request(req)
 
 if acc_id is not None:
     print(f"Routed to accelerator {acc_id}")
-'''
+"""
 
 
 def test_seed_quick_start_runs_unchanged() -> None:

@@ -30,6 +30,9 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
+# Not passed back: the ASGI server in front of the client writes its own Date and Server headers,
+# and two of each would confuse clients.
+_NOT_PASSED_BACK: Final = HOP_BY_HOP | {b"date", b"server"}
 # Not forwarded upstream: httpx sets Host for the backend and Content-Length for the body it sends.
 _NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
 
@@ -62,6 +65,7 @@ def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The backend's headers to pass to the client: all but hop-by-hop ones. Content-Length and
-    Content-Encoding stay, because the body is relayed raw (neither decoded nor re-chunked)."""
-    return [(name, value) for name, value in raw if name.lower() not in HOP_BY_HOP]
+    """The backend's headers to pass to the client: all but hop-by-hop ones (and Date/Server, which
+    the ASGI server sets). Content-Length and Content-Encoding stay, because the body is relayed
+    raw (neither decoded nor re-chunked)."""
+    return [(name, value) for name, value in raw if name.lower() not in _NOT_PASSED_BACK]

@@ -8,7 +8,8 @@ models time, arrivals and how accelerators serve requests (see `_model` for the 
 
     fleet = make_fleet(50, heterogeneity=1.0, seed=7)
     workload = LlmWorkload()
-    scenario = Scenario(fleet, workload, PoissonArrivals(offered_rate(fleet, workload, 0.8)), requests=20_000, seed=7)
+    arrivals = PoissonArrivals(offered_rate(fleet, workload, load=0.8))
+    scenario = Scenario(fleet, workload, arrivals, requests=20_000, seed=7)
     for result in compare(scenario):
         print(result.strategy, result.latency, result.rejection_rate)
 """
@@ -23,6 +24,7 @@ from irmiddleware.sim._model import (
     Job,
     LlmWorkload,
     PoissonArrivals,
+    ReplayArrivals,
     TraceArrivals,
     UniformWorkload,
     Workload,
@@ -53,6 +55,7 @@ __all__ = [
     "Percentiles",
     "PoissonArrivals",
     "Progress",
+    "ReplayArrivals",
     "Scenario",
     "StrategyResult",
     "TraceArrivals",

@@ -49,18 +49,28 @@ def _parser() -> argparse.ArgumentParser:
         "--uniform-capacity", action="store_true", help="same capacity everywhere, not scaled with speed"
     )
     parser.add_argument(
-        "--fail", action="append", default=[], metavar="INDEX:DOWN[:UP]", help="take an accelerator down (repeatable)"
+        "--fail",
+        action="append",
+        default=[],
+        metavar="INDEX:DOWN[:UP]",
+        help="take an accelerator down, e.g. 3:10:25 (repeatable)",
     )
-    parser.add_argument("--on-failure", choices=("fail", "finish"), default="fail", help="fate of in-flight work")
+    parser.add_argument(
+        "--on-failure", choices=("fail", "finish"), default="fail", help="fate of in-flight work"
+    )
     parser.add_argument("--retries", type=int, default=0, help="retries of a rejected request")
     parser.add_argument("--backoff", type=float, default=0.05, help="first retry delay, seconds (doubles)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--plot", type=Path, metavar="OUT.png", help="latency CDFs and load (needs matplotlib)")
+    parser.add_argument(
+        "--plot", type=Path, metavar="OUT.png", help="latency CDFs and load (needs matplotlib)"
+    )
     parser.add_argument("--histogram", action="store_true", help="also print the utilisation histograms")
     parser.add_argument(
-        "--balls-into-bins", action="store_true", help="check the balls-into-bins bounds instead of simulating"
+        "--balls-into-bins", action="store_true", help="check balls-into-bins bounds (no simulation)"
     )
-    parser.add_argument("--bins", type=int, nargs="+", default=list(DEFAULT_SIZES), help="n for --balls-into-bins")
+    parser.add_argument(
+        "--bins", type=int, nargs="+", default=list(DEFAULT_SIZES), help="n for --balls-into-bins"
+    )
     return parser
 
 
@@ -94,7 +104,7 @@ def simulate_main(argv: list[str]) -> int:
     if args.plot is not None:
         from irmiddleware.sim._plot import plot_comparison
 
-        plot_comparison(results, args.plot, title=_describe(scenario))
+        plot_comparison(results, args.plot, title=_describe(scenario, results[0].requests if results else 0))
         print(f"plot written to {args.plot}")
     return 0
 
@@ -126,24 +136,27 @@ def _arrivals(args: argparse.Namespace, fleet: Fleet, workload: Workload) -> Arr
         if args.trace is None:
             raise ValueError("--arrival trace needs --trace FILE")
         if not args.trace.is_file():
-            raise ValueError(f"no trace file {args.trace}")
+            # A pipe would not do either: each strategy replays the file from its start.
+            raise ValueError(f"no trace file {args.trace} (it must be a regular file)")
         return TraceArrivals(args.trace)
     rate = offered_rate(fleet, workload, args.load)
     return BurstyArrivals(rate) if args.arrival == "bursty" else PoissonArrivals(rate)
 
 
-def _describe(scenario: Scenario) -> str:
+def _describe(scenario: Scenario, requests: int) -> str:
     fleet = scenario.fleet
     speeds = f"speeds {min(fleet.speeds):.2f}-{max(fleet.speeds):.2f}"
     capacities = f"capacity {min(fleet.capacities)}-{max(fleet.capacities)}"
     return (
-        f"{len(fleet)} accelerators ({speeds}, {capacities}), {scenario.requests} {scenario.workload.name} "
+        f"{len(fleet)} accelerators ({speeds}, {capacities}), {requests} {scenario.workload.name} "
         f"requests, {scenario.arrivals.name} arrivals, seed {scenario.seed}"
     )
 
 
-def _print_report(scenario: Scenario, results: Sequence[StrategyResult], elapsed_s: float, histogram: bool) -> None:
-    print(_describe(scenario))
+def _print_report(
+    scenario: Scenario, results: Sequence[StrategyResult], elapsed_s: float, histogram: bool
+) -> None:
+    print(_describe(scenario, results[0].requests if results else 0))
     print()
     print(format_table(results))
     if histogram:

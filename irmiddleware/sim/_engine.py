@@ -77,7 +77,9 @@ def _check_failures(failures: Sequence[Failure], fleet_size: int) -> None:
     by_accelerator: dict[int, list[Failure]] = {}
     for failure in failures:
         if not 0 <= failure.accelerator < fleet_size:
-            raise ValueError(f"failure names accelerator {failure.accelerator}; the fleet has 0..{fleet_size - 1}")
+            raise ValueError(
+                f"failure names accelerator {failure.accelerator}; the fleet has 0..{fleet_size - 1}"
+            )
         by_accelerator.setdefault(failure.accelerator, []).append(failure)
     for windows in by_accelerator.values():
         windows.sort(key=lambda failure: failure.down_s)
@@ -184,7 +186,9 @@ class _Simulation:
         self.events: list[_Event] = []
         self.sequence = itertools.count()
         self.streams_tokens = scenario.workload.streams_tokens
-        self.arrival_stream: Iterator[Arrival] = scenario.arrivals.arrivals(random.Random(f"{scenario.seed}/arrivals"))
+        self.arrival_stream: Iterator[Arrival] = scenario.arrivals.arrivals(
+            random.Random(f"{scenario.seed}/arrivals")
+        )
         self.jobs_rng = random.Random(f"{scenario.seed}/jobs")
         self.arrived = self.completed = self.rejected = self.failed = self.retries = self.output_tokens = 0
         self.end_s = 0.0

@@ -262,6 +262,25 @@ class BurstyArrivals:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayArrivals:
+    """Arrivals given in code, e.g. a recorded or hand-made sequence (times non-decreasing)."""
+
+    items: tuple[Arrival, ...]
+
+    @property
+    def name(self) -> str:
+        return "replay"
+
+    def arrivals(self, rng: random.Random) -> Iterator[Arrival]:
+        previous_s = -math.inf
+        for arrival in self.items:
+            if arrival.time_s < previous_s:
+                raise ValueError(f"arrival times go backwards at {arrival}")
+            previous_s = arrival.time_s
+            yield arrival
+
+
+@dataclass(frozen=True, slots=True)
 class TraceArrivals:
     """Arrivals replayed from a file: CSV with a header, or JSON Lines (one object per line), with
     `time` (seconds; made relative to the first row) and optionally `prompt_tokens` and
@@ -300,19 +319,26 @@ class TraceArrivals:
 
 
 def _arrival_of(row: dict[str, object]) -> Arrival:
-    time_s = float(row["time"])  # type: ignore[arg-type]
+    time_s = _number(row["time"])
     if not math.isfinite(time_s):
         raise ValueError("time must be finite")
     return Arrival(time_s, _tokens(row.get("prompt_tokens")), _tokens(row.get("output_tokens")))
 
 
+def _number(value: object) -> float:
+    # CSV gives strings, JSON numbers; anything else (a list, a bool) is a mistake in the trace.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
 def _tokens(value: object) -> int | None:
     if value is None or value == "":
         return None
-    tokens = int(value)  # type: ignore[call-overload]
-    if tokens < 0:
-        raise ValueError("token counts must be >= 0")
-    return max(1, tokens)
+    tokens = _number(value)
+    if tokens < 0 or tokens != int(tokens):
+        raise ValueError("token counts must be whole numbers >= 0")
+    return max(1, int(tokens))
 
 
 # ---- failures ----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _cdf_panel(axis: object, results: Sequence[StrategyResult], which: str, labe
         if not len(values):
             continue
         step = max(1, len(values) // _CDF_POINTS)
-        xs = list(values[::step]) + [values[-1]]
+        xs = [*values[::step], values[-1]]
         ys = [(index * step + 1) / len(values) for index in range(len(xs) - 1)] + [1.0]
         axis.plot(xs, ys, label=result.strategy)  # type: ignore[attr-defined]
     axis.set_xscale("log")  # type: ignore[attr-defined]

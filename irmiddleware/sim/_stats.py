@@ -148,4 +148,6 @@ def format_histograms(results: Sequence[StrategyResult], bins: int = HISTOGRAM_B
     rows = [["utilisation from", *edges]]
     rows += [[result.strategy, *map(str, result.utilisation_histogram(bins))] for result in results]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
+    )

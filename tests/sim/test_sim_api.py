@@ -1,0 +1,28 @@
+"""Pins the public surface of `irmiddleware.sim`: a change to `__all__` must be deliberate, and the
+module docstring's example runs."""
+
+from __future__ import annotations
+
+import irmiddleware.sim
+
+
+def test_public_names_are_pinned_and_sorted() -> None:
+    names = irmiddleware.sim.__all__
+    assert names == sorted(names, key=lambda name: (not name.isupper(), name[0].islower(), name))
+    assert set(names) == {
+        "DEFAULT_STRATEGIES", "Arrival", "ArrivalProcess", "BallsIntoBins", "BurstyArrivals", "Failure",
+        "Fleet", "Job", "LlmWorkload", "Outage", "Percentiles", "PoissonArrivals", "Progress",
+        "ReplayArrivals", "Scenario", "StrategyResult", "TraceArrivals", "UniformWorkload", "Workload",
+        "balls_into_bins", "compare", "format_balls_into_bins", "format_histograms", "format_table",
+        "make_fleet", "max_load_one_choice", "max_load_two_choices", "mean_work_s", "offered_rate",
+        "simulate",
+    }  # fmt: skip
+    for name in names:
+        assert hasattr(irmiddleware.sim, name), name
+
+
+def test_docstring_example_runs() -> None:
+    doc = irmiddleware.sim.__doc__
+    assert doc is not None
+    example = doc.split("\n\n")[2].replace("20_000", "500")
+    exec(compile("\n".join(line[4:] for line in example.splitlines()), "<sim docstring>", "exec"), {})
