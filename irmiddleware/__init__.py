@@ -19,7 +19,15 @@ from irmiddleware._errors import (
     UnknownBackendError,
 )
 from irmiddleware._native import unlink_shared
-from irmiddleware._router import STRATEGIES, Accelerator, AcceleratorStats, Lease, Request, Router
+from irmiddleware._router import (
+    STRATEGIES,
+    Accelerator,
+    AcceleratorStats,
+    Lease,
+    Request,
+    Router,
+    prefix_hashes,
+)
 
 __version__ = "0.1.0"
 
@@ -42,5 +50,6 @@ __all__ = [
     "TableFullError",
     "UnknownBackendError",
     "__version__",
+    "prefix_hashes",
     "unlink_shared",
 ]

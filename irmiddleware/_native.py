@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
 SLOT_NONE: Final = 0xFFFF_FFFF
 BACKENDS_MAX_LIMIT: Final = 1 << 20
 CLASSES_COUNT: Final = 8
@@ -34,6 +34,8 @@ CAPACITY_MAX: Final = 2**31 - 1
 WEIGHT_MILLI_MAX: Final = 1_000_000
 LATENCY_US_MAX: Final = 2**31 - 1  # passed as a C int on the hot path
 FLAG_RACY_FOR_TESTS: Final = 1
+PREFIX_ENTRIES_LIMIT: Final = 1 << 24
+PREFIX_HASHES_MAX: Final = 1 << 16
 
 
 class Strategy(enum.IntEnum):
@@ -42,6 +44,17 @@ class Strategy(enum.IntEnum):
     ROUND_ROBIN = 0
     LEAST_CONNECTIONS = 1
     P2C = 2
+    CONSISTENT_HASH = 3
+    PREFIX_AFFINITY = 4
+
+
+class Outcome(enum.IntEnum):
+    """How an affinity decision went, numbered as in zig/strategies.zig."""
+
+    NONE = 0
+    HIT = 1
+    MISS = 2
+    OVERLOAD = 3
 
 
 class State(enum.IntEnum):
@@ -151,14 +164,15 @@ _pchar = ctypes.c_char_p
 
 _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_abi_version": [_pu32],
-    "irm_table_create": [_u32, _u32, _pu32],
-    "irm_table_create_shared": [_pchar, _u32, _u32, _u32, _pu32],
+    "irm_table_create": [_u32, _u32, _u32, _pu32],
+    "irm_table_create_shared": [_pchar, _u32, _u32, _u32, _u32, _pu32],
     "irm_table_attach_shared": [_pchar, _u32, _pu32],
     "irm_shared_unlink": [_pchar, _u32],
     "irm_table_destroy": [_u32],
     "irm_table_info": [_u32, _pu32, _pu32],
     "irm_table_seed": [_u32, _u64],
     "irm_table_set_class_share": [_u32, _u32, _u32],
+    "irm_table_set_balance": [_u32, _u32],
     "irm_table_get_class_share": [_u32, _u32, _pu32],
     "irm_backend_add": [_u32, _u64, _i64, _i64, _pu32],
     "irm_backend_remove": [_u32, _u32],
@@ -168,6 +182,11 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_acquire": [_u32, _u32, _i32, _u32, _pu32],
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu32],
     "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32],
+    "irm_acquire_affine": [
+        _u32, _u32, _i32, _u32, _u64, _u32, ctypes.POINTER(ctypes.c_uint64), _u32,
+        _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32, _pu32, _pu32,
+    ],  # fmt: skip
+    "irm_prefix_hashes": [ctypes.c_void_p, _u32, _u32, ctypes.POINTER(ctypes.c_uint64), _u32, _pu32],
     "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
     "irm_release": [_u32, _u32, _i32, _u32, _u32],
     "irm_release_batch": [_u32, _u32, _pu32, _pi32, _pu32, _u32, _pu32],
@@ -290,6 +309,7 @@ class NativeTable:
         self,
         backends_max: int,
         *,
+        prefix_entries: int = 0,
         shared_name: str | None = None,
         attach: bool = False,
         flags: int = 0,
@@ -298,17 +318,18 @@ class NativeTable:
         self._handle = 0
         self.shared_name = shared_name
         if shared_name is None:
-            self._check_backends_max(backends_max)
-            _check(_lib.irm_table_create(backends_max, flags, ctypes.byref(handle)), "create table")
+            self._check_sizes(backends_max, prefix_entries)
+            status = _lib.irm_table_create(backends_max, prefix_entries, flags, ctypes.byref(handle))
+            _check(status, "create table")
         else:
             raw = shared_name.encode()
             if attach:
                 status = _lib.irm_table_attach_shared(raw, len(raw), ctypes.byref(handle))
                 _check(status, f"attach shared table {shared_name!r}")
             else:
-                self._check_backends_max(backends_max)
+                self._check_sizes(backends_max, prefix_entries)
                 status = _lib.irm_table_create_shared(
-                    raw, len(raw), backends_max, flags, ctypes.byref(handle)
+                    raw, len(raw), backends_max, prefix_entries, flags, ctypes.byref(handle)
                 )
                 _check(status, f"create shared table {shared_name!r}")
         self._handle = handle.value
@@ -323,10 +344,14 @@ class NativeTable:
         return local.out, local.ref
 
     @staticmethod
-    def _check_backends_max(backends_max: int) -> None:
+    def _check_sizes(backends_max: int, prefix_entries: int) -> None:
         if type(backends_max) is not int or not 1 <= backends_max <= BACKENDS_MAX_LIMIT:
             raise _errors.InvalidArgumentError(
                 "invalid_argument", f"max backends must be in 1..{BACKENDS_MAX_LIMIT}, got {backends_max!r}"
+            )
+        if type(prefix_entries) is not int or not 0 <= prefix_entries <= PREFIX_ENTRIES_LIMIT:
+            raise _errors.InvalidArgumentError(
+                "invalid_argument", f"prefix entries must be in 0..{PREFIX_ENTRIES_LIMIT}, got {prefix_entries!r}"
             )
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -354,6 +379,10 @@ class NativeTable:
         """Lets requests of `priority` fill a backend up to `share` (0 < share <= 1) of capacity."""
         permille = round(share * 1000)
         _check(_lib.irm_table_set_class_share(self._handle, priority, permille), f"share of class {priority}")
+
+    def set_balance(self, epsilon: float) -> None:
+        """Bounded-load slack ε (0 … 10) of consistent_hash and prefix_affinity."""
+        _check(_lib.irm_table_set_balance(self._handle, round(epsilon * 1000)), "set balance epsilon")
 
     def class_share(self, priority: int) -> float:
         out, out_ref = self._out()
@@ -408,6 +437,22 @@ class NativeTable:
         if status:
             _raise(status, "acquire among pool")
         return out.value  # type: ignore[no-any-return]
+
+    def acquire_affine(
+        self, strategy: int, cost: int, priority: int, key: int | None, hashes: Any | None, pool: Pool | None
+    ) -> tuple[int, Outcome, int]:
+        """Like `acquire` (among `pool` if given) with a session key (u64) or prefix hashes (a
+        c_uint64 array): returns (slot or SLOT_NONE, outcome, matched prefix blocks)."""
+        out, out_ref = self._out()
+        outcome, matched = ctypes.c_uint32(), ctypes.c_uint32()
+        hashes_count = 0 if hashes is None else len(hashes)
+        slots, slots_count, cursor = (None, 0, None) if pool is None else (pool.slots, pool.count, pool.cursor_ref)
+        status = _lib.irm_acquire_affine(
+            self._handle, strategy, cost, priority, 0 if key is None else key, int(key is not None),
+            hashes, hashes_count, slots, slots_count, cursor, out_ref, ctypes.byref(outcome), ctypes.byref(matched),
+        )  # fmt: skip
+        _check(status, "acquire with affinity")
+        return out.value, Outcome(outcome.value), matched.value
 
     def acquire_on(self, slot: int, cost: int, priority: int) -> bool:
         """Reserves `cost` on `slot` (chosen outside the core); False if it cannot take it."""
@@ -501,6 +546,29 @@ def _snapshot_of(row: BackendInfo) -> BackendSnapshot:
         signal_kv_permille=row.signal_kv_permille,
         signal_time_ms=row.signal_time_ms,
     )
+
+
+def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Any:
+    """Chained hashes of `text`'s full blocks (UTF-8 bytes), computed in the core: a c_uint64
+    array to pass as `prefix_hashes`. Equal prefixes give equal leading hashes."""
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    if type(block_bytes) is not int or block_bytes < 1:
+        raise _errors.InvalidArgumentError("invalid_argument", f"block_bytes must be >= 1, got {block_bytes!r}")
+    capacity = min(len(raw) // block_bytes, PREFIX_HASHES_MAX)
+    hashes = (ctypes.c_uint64 * capacity)()
+    count = ctypes.c_uint32()
+    status = _lib.irm_prefix_hashes(raw, min(len(raw), 2**32 - 1), block_bytes, hashes, capacity, ctypes.byref(count))
+    _check(status, "prefix hashes")
+    return hashes
+
+
+def uint64_array(values: Sequence[int]) -> Any:
+    """A c_uint64 array of `values` (returned as is if it already is one, e.g. `prefix_hashes`)."""
+    if isinstance(values, ctypes.Array) and values._type_ is ctypes.c_uint64:
+        return values
+    if len(values) > PREFIX_HASHES_MAX:
+        values = values[:PREFIX_HASHES_MAX]  # Routing on the first blocks is as good as on all.
+    return (ctypes.c_uint64 * len(values))(*values)
 
 
 def uint32_array(values: Sequence[int]) -> Any:

@@ -91,7 +91,9 @@ def _load_entry_points(manager: pluggy.PluginManager) -> dict[str, str]:
         try:
             manager.register(entry_point.load(), name=entry_point.name)
         except Exception as error:
-            log.error("irmiddleware plugin %r (%s) failed to load: %r", entry_point.name, entry_point.value, error)
+            log.error(
+                "irmiddleware plugin %r (%s) failed to load: %r", entry_point.name, entry_point.value, error
+            )
             broken[entry_point.name] = repr(error)
     return broken
 
@@ -109,7 +111,9 @@ def collect(manager: pluggy.PluginManager, broken: dict[str, str] | None = None)
     return registry
 
 
-def _call_each(manager: pluggy.PluginManager, hook_name: str, broken: dict[str, str]) -> list[tuple[str, Any]]:
+def _call_each(
+    manager: pluggy.PluginManager, hook_name: str, broken: dict[str, str]
+) -> list[tuple[str, Any]]:
     results = []
     for impl in getattr(manager.hook, hook_name).get_hookimpls():
         try:
@@ -123,12 +127,18 @@ def _call_each(manager: pluggy.PluginManager, hook_name: str, broken: dict[str, 
 def _check_strategy(plugin_name: str, strategy: object) -> None:
     if isinstance(strategy, NativeStrategy):
         if strategy.native not in _router.STRATEGIES:
-            raise PluginError(f"plugin {plugin_name!r}: {strategy.name!r} names unknown native {strategy.native!r}")
+            raise PluginError(
+                f"plugin {plugin_name!r}: {strategy.name!r} names unknown native {strategy.native!r}"
+            )
     elif isinstance(strategy, PythonStrategy):
         if not callable(strategy.pick) or strategy.fallback not in _router.STRATEGIES:
-            raise PluginError(f"plugin {plugin_name!r}: {strategy.name!r} needs a callable pick and native fallback")
+            raise PluginError(
+                f"plugin {plugin_name!r}: {strategy.name!r} needs a callable pick and native fallback"
+            )
     else:
-        raise PluginError(f"plugin {plugin_name!r} registered {strategy!r}, not a NativeStrategy/PythonStrategy")
+        raise PluginError(
+            f"plugin {plugin_name!r} registered {strategy!r}, not a NativeStrategy/PythonStrategy"
+        )
 
 
 def _add(table: dict[str, tuple[Any, str]], what: str, name: str, value: object, plugin_name: str) -> None:
@@ -143,7 +153,9 @@ Observer = tuple[str, Callable[..., object]]
 def observers(manager: pluggy.PluginManager, hook_name: str) -> tuple[Observer, ...]:
     """The (plugin name, function) pairs implementing an observer hook, resolved once so that a
     request with no observers pays nothing, and so each can be called (and blamed) on its own."""
-    return tuple((impl.plugin_name, impl.function) for impl in getattr(manager.hook, hook_name).get_hookimpls())
+    return tuple(
+        (impl.plugin_name, impl.function) for impl in getattr(manager.hook, hook_name).get_hookimpls()
+    )
 
 
 def notify(hook_observers: tuple[Observer, ...], event: RequestEvent) -> None:

@@ -8,6 +8,7 @@ module maps accelerator ids to the core's slots and request ids to their reserva
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,30 @@ STRATEGIES: Final = {
     "round_robin": _native.Strategy.ROUND_ROBIN,
     "least_connections": _native.Strategy.LEAST_CONNECTIONS,
     "p2c": _native.Strategy.P2C,
+    "consistent_hash": _native.Strategy.CONSISTENT_HASH,
+    "prefix_affinity": _native.Strategy.PREFIX_AFFINITY,
 }
+_OUTCOMES: Final = {
+    _native.Outcome.NONE: None,
+    _native.Outcome.HIT: "hit",
+    _native.Outcome.MISS: "miss",
+    _native.Outcome.OVERLOAD: "overload",
+}
+
+
+def affinity_key_hash(key: int | str | bytes) -> int:
+    """The 64-bit ring position of a session key: ints as they are, strings and bytes through
+    BLAKE2b (stable across processes and restarts, unlike `hash()`)."""
+    if isinstance(key, int):
+        return key & (2**64 - 1)
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Sequence[int]:
+    """Chained hashes of `text`'s full blocks of `block_bytes` (UTF-8) bytes, as vLLM's prefix
+    cache does (each covers everything before it): pass them as `prefix_hashes=`."""
+    return _native.prefix_hashes(text, block_bytes)  # type: ignore[no-any-return]
 _STATES: Final = {"active": State.ACTIVE, "draining": State.DRAINING, "down": State.DOWN}
 
 
@@ -80,13 +104,34 @@ class Lease:
     """A reservation on one accelerator. Release it exactly once (`release`, or use it as a
     context manager: a clean exit counts as success, an exception as failure)."""
 
-    __slots__ = ("_router", "_started_ns", "accelerator_id", "cost", "released", "slot")
+    __slots__ = (
+        "_router",
+        "_started_ns",
+        "accelerator_id",
+        "affinity",
+        "cost",
+        "matched_blocks",
+        "released",
+        "slot",
+    )
 
-    def __init__(self, router: Router, slot: int, accelerator_id: int, cost: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        slot: int,
+        accelerator_id: int,
+        cost: int,
+        affinity: str | None = None,
+        matched_blocks: int = 0,
+    ) -> None:
         self._router = router
         self.slot = slot
         self.accelerator_id = accelerator_id
         self.cost = cost
+        #: For affinity strategies: "hit", "miss" or "overload" (affinity yielded to load).
+        self.affinity = affinity
+        #: For prefix_affinity: how many prompt blocks the chosen backend had seen.
+        self.matched_blocks = matched_blocks
         self.released = False
         self._started_ns = time.perf_counter_ns()
 
@@ -151,10 +196,12 @@ class Router:
         shared_memory: str | None = None,
         class_shares: Sequence[float] | None = None,
         seed: int | None = None,
+        prefix_index_entries: int = 65_536,
+        balance_epsilon: float | None = None,
     ) -> None:
         self._strategy = strategy_id(strategy)
         self.strategy = strategy
-        self._table = self._open_table(max_accelerators, shared_memory)
+        self._table = self._open_table(max_accelerators, prefix_index_entries, shared_memory)
         self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
         self._slots_by_id: dict[int, int] = {}
         self._accelerators: dict[int, Accelerator] = {}
@@ -165,15 +212,17 @@ class Router:
                 self._table.set_class_share(priority, share)
         if seed is not None:
             self._table.seed(seed)
+        if balance_epsilon is not None:
+            self._table.set_balance(balance_epsilon)
         if shared_memory is not None:
             self._refresh_ids()
 
     @staticmethod
-    def _open_table(max_accelerators: int, shared_memory: str | None) -> _native.NativeTable:
+    def _open_table(max_accelerators: int, prefix_entries: int, shared_memory: str | None) -> _native.NativeTable:
         if shared_memory is None:
-            return _native.NativeTable(max_accelerators)
+            return _native.NativeTable(max_accelerators, prefix_entries=prefix_entries)
         try:
-            return _native.NativeTable(max_accelerators, shared_name=shared_memory)
+            return _native.NativeTable(max_accelerators, prefix_entries=prefix_entries, shared_name=shared_memory)
         except _errors.SharedMemoryError as error:
             if error.status != "shared_exists":
                 raise
@@ -265,12 +314,22 @@ class Router:
 
     # ---- routing -------------------------------------------------------------------------------
 
-    def route_request(self, request: Request, *, pool: str | None = None) -> int | None:
-        """Routes `request` (within `pool` if given); returns the accelerator id, or None when
+    def route_request(
+        self,
+        request: Request,
+        *,
+        pool: str | None = None,
+        affinity_key: int | str | bytes | None = None,
+        prefix_hashes: Sequence[int] | None = None,
+    ) -> int | None:
+        """Routes `request` (within `pool` if given; with a session key for consistent_hash or
+        prompt prefix hashes for prefix_affinity); returns the accelerator id, or None when
         nothing fits. The request's cost stays reserved until `complete(request)`."""
         if request.id in self._in_flight:
             raise ValueError(f"request {request.id!r} is already in flight; complete it first")
-        lease = self.acquire(request.cost, request.priority, pool=pool)
+        lease = self.acquire(
+            request.cost, request.priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
+        )
         if lease is None:
             return None
         self._in_flight[request.id] = lease
@@ -284,25 +343,55 @@ class Router:
             raise KeyError(f"request {request_id!r} is not in flight")
         lease.release(ok=ok, latency_s=latency_s)
 
-    def acquire(self, cost: int = 1, priority: int = 0, *, pool: str | None = None) -> Lease | None:
+    def acquire(
+        self,
+        cost: int = 1,
+        priority: int = 0,
+        *,
+        pool: str | None = None,
+        affinity_key: int | str | bytes | None = None,
+        prefix_hashes: Sequence[int] | None = None,
+    ) -> Lease | None:
         """Reserves `cost` on an accelerator chosen by the strategy (among `pool`'s members if
-        given); None when nothing fits."""
+        given); None when nothing fits. `affinity_key` (consistent_hash) and `prefix_hashes`
+        (prefix_affinity, see `prefix_hashes()`) steer the affinity strategies; the others
+        ignore them."""
         # Inline range checks: this is the per-request path (helpers cost ~100 ns a call).
         if type(cost) is not int or not 0 < cost <= _native.COST_MAX:
             _native.check_cost(cost)
         if type(priority) is not int or not 0 <= priority < _native.CLASSES_COUNT:
             _native.check_priority(priority)
-        if pool is None:
-            slot = self._table.acquire(self._strategy, cost, priority)
-        else:
+        strategy, native_pool = self._strategy, None
+        if pool is not None:
             try:
                 _members, strategy, native_pool = self._pools[pool]
             except KeyError:
                 raise KeyError(f"no pool named {pool!r}; pools: {sorted(self._pools)}") from None
+        if affinity_key is not None or prefix_hashes is not None:
+            return self._acquire_affine(strategy, cost, priority, native_pool, affinity_key, prefix_hashes)
+        if native_pool is None:
+            slot = self._table.acquire(strategy, cost, priority)
+        else:
             slot = self._table.acquire_among(strategy, cost, priority, native_pool)
         if slot == SLOT_NONE:
             return None
         return Lease(self, slot, self._id_of(slot), cost)
+
+    def _acquire_affine(
+        self,
+        strategy: int,
+        cost: int,
+        priority: int,
+        pool: _native.Pool | None,
+        affinity_key: int | str | bytes | None,
+        prefix_hashes: Sequence[int] | None,
+    ) -> Lease | None:
+        key = None if affinity_key is None else affinity_key_hash(affinity_key)
+        hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
+        slot, outcome, matched = self._table.acquire_affine(strategy, cost, priority, key, hashes, pool)
+        if slot == SLOT_NONE:
+            return None
+        return Lease(self, slot, self._id_of(slot), cost, _OUTCOMES[outcome], matched)
 
     def acquire_on(self, accelerator_id: int, cost: int = 1, priority: int = 0) -> Lease | None:
         """Reserves `cost` on the given accelerator (chosen by your own policy); None if it is
@@ -313,10 +402,19 @@ class Router:
         return Lease(self, slot, accelerator_id, cost)
 
     @contextlib.contextmanager
-    def lease(self, request: Request, *, pool: str | None = None) -> Iterator[int | None]:
+    def lease(
+        self,
+        request: Request,
+        *,
+        pool: str | None = None,
+        affinity_key: int | str | bytes | None = None,
+        prefix_hashes: Sequence[int] | None = None,
+    ) -> Iterator[int | None]:
         """`with router.lease(request) as accelerator_id:` routes the request and completes it on
         exit (failed if the block raised). The id is None when nothing fits."""
-        lease = self.acquire(request.cost, request.priority, pool=pool)
+        lease = self.acquire(
+            request.cost, request.priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
+        )
         if lease is None:
             yield None
             return

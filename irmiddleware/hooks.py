@@ -199,7 +199,9 @@ class BackendAdapter:
 
     def models_body(self, models: Sequence[str], created: int) -> bytes:
         """The router's own answer to a "models" endpoint: every model some backend serves."""
-        cards = [{"id": name, "object": "model", "created": created, "owned_by": "irmiddleware"} for name in models]
+        cards = [
+            {"id": name, "object": "model", "created": created, "owned_by": "irmiddleware"} for name in models
+        ]
         return json.dumps({"object": "list", "data": cards}).encode()
 
     def parse_models(self, body: bytes) -> list[str]:

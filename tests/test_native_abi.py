@@ -85,7 +85,7 @@ def test_null_out_pointers_are_refused() -> None:
     handle = TABLE._handle
     assert call("irm_acquire", handle, 0, 1, 0, None) == "invalid_argument"
     assert call("irm_backend_add", handle, 99, 10, 1000, None) == "invalid_argument"
-    assert call("irm_table_create", 4, 0, None) == "invalid_argument"
+    assert call("irm_table_create", 4, 0, 0, None) == "invalid_argument"
     assert call("irm_abi_version", None) == "invalid_argument"
     assert call("irm_acquire_batch", handle, 0, 0, 4, None, None, None) == "invalid_argument"
     out = ctypes.c_uint32()
@@ -94,6 +94,17 @@ def test_null_out_pointers_are_refused() -> None:
     assert call("irm_table_snapshot", handle, None, 4, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_backend_read", handle, 0, None) == "invalid_argument"
     assert call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(out)) == "invalid_argument"
+    matched = ctypes.c_uint32()
+    assert (
+        call("irm_acquire_affine", handle, 4, 1, 0, 0, 0, None, 5, None, 0, None, ctypes.byref(out), None, None)
+        == "invalid_argument"
+    )
+    assert (
+        call("irm_acquire_affine", handle, 4, 1, 0, 0, 2, None, 0, None, 0, None, *(ctypes.byref(out),) * 2, ctypes.byref(matched))
+        == "invalid_argument"
+    )
+    assert call("irm_prefix_hashes", b"abc", 3, 0, None, 0, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_prefix_hashes", None, 3, 1, None, 0, ctypes.byref(out)) == "invalid_argument"
 
 
 def test_destroyed_handles_are_refused() -> None:
@@ -108,9 +119,10 @@ def test_destroyed_handles_are_refused() -> None:
 
 def test_table_sizes_are_checked() -> None:
     out = ctypes.c_uint32()
-    assert call("irm_table_create", 0, 0, ctypes.byref(out)) == "invalid_argument"
-    assert call("irm_table_create", (1 << 20) + 1, 0, ctypes.byref(out)) == "invalid_argument"
-    assert call("irm_table_create", 4, 0x80, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_table_create", 0, 0, 0, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_table_create", (1 << 20) + 1, 0, 0, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_table_create", 4, (1 << 24) + 1, 0, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_table_create", 4, 0, 0x80, ctypes.byref(out)) == "invalid_argument"
 
 
 def test_a_batch_with_one_bad_cost_reserves_nothing() -> None:
@@ -140,13 +152,13 @@ from irmiddleware._native import _lib
 rng = random.Random(5)
 out = ctypes.c_uint32()
 handle = ctypes.c_uint32()
-_lib.irm_table_create(16, 0, ctypes.byref(handle))
+_lib.irm_table_create(16, 64, 0, ctypes.byref(handle))
 names = [n for n in dir(_lib) if n.startswith("irm_") and n not in ("irm_table_destroy", "irm_shared_unlink")]
 values = [0, 1, -1, 2**31 - 1, -2**31, 2**32 - 1, 17, handle.value, handle.value + 256]
 for _ in range(20000):
     function = getattr(_lib, rng.choice(["irm_acquire", "irm_release", "irm_acquire_on",
         "irm_backend_remove", "irm_backend_update", "irm_backend_set_signals", "irm_table_seed",
-        "irm_table_set_class_share", "irm_backend_find"]))
+        "irm_table_set_class_share", "irm_backend_find", "irm_table_set_balance"]))
     args = []
     for argtype in function.argtypes:
         if argtype is ctypes.POINTER(ctypes.c_uint32):

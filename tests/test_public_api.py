@@ -23,6 +23,7 @@ def test_public_names_are_pinned() -> None:
         "TableFullError",
         "UnknownBackendError",
         "__version__",
+        "prefix_hashes",
         "unlink_shared",
     ]
     for name in irmiddleware.__all__:

@@ -31,7 +31,7 @@ def fleet(strategy: str, capacities: list[int], **options: object) -> Router:
 
 
 def test_unknown_strategy_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="least_connections, p2c, round_robin"):
+    with pytest.raises(ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, round_robin"):
         Router("fastest")
 
 

@@ -16,7 +16,7 @@ const strategies = @import("strategies.zig");
 const Table = table_mod.Table;
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 1;
+pub const abi_version: u32 = 2;
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -174,29 +174,34 @@ export fn irm_abi_version(out_version: ?*u32) i32 {
     return status(.ok);
 }
 
-/// Creates a table in private memory for up to `backends_max` backends.
-export fn irm_table_create(backends_max: u32, flags: u32, out_handle: ?*u32) i32 {
+/// Creates a table in private memory for up to `backends_max` backends and a prefix index of
+/// `prefix_entries` entries (0: none; memory is fixed here, never allocated per request).
+export fn irm_table_create(backends_max: u32, prefix_entries: u32, flags: u32, out_handle: ?*u32) i32 {
     const out = out_handle orelse return status(.invalid_argument);
-    if (backends_max == 0 or backends_max > table_mod.backends_max_limit) return status(.invalid_argument);
-    if (flags & ~table_mod.flags_known != 0) return status(.invalid_argument);
-    const layout = table_mod.Layout.init(backends_max);
+    if (!sizesValid(backends_max, prefix_entries, flags)) return status(.invalid_argument);
+    const layout = table_mod.Layout.init(backends_max, prefix_entries);
     const region = memory.mapPrivate(layout.region_bytes) catch |err| return status(statusFrom(err));
-    return finishCreate(region, backends_max, flags, out);
+    return finishCreate(region, backends_max, prefix_entries, flags, out);
 }
 
 /// Creates a named shared-memory table; fails with `shared_exists` if the name is taken.
-export fn irm_table_create_shared(name: ?[*]const u8, name_len: u32, backends_max: u32, flags: u32, out_handle: ?*u32) i32 {
+export fn irm_table_create_shared(name: ?[*]const u8, name_len: u32, backends_max: u32, prefix_entries: u32, flags: u32, out_handle: ?*u32) i32 {
     const out = out_handle orelse return status(.invalid_argument);
     const name_slice = nameFrom(name, name_len) orelse return status(.invalid_name);
-    if (backends_max == 0 or backends_max > table_mod.backends_max_limit) return status(.invalid_argument);
-    if (flags & ~table_mod.flags_known != 0) return status(.invalid_argument);
-    const layout = table_mod.Layout.init(backends_max);
+    if (!sizesValid(backends_max, prefix_entries, flags)) return status(.invalid_argument);
+    const layout = table_mod.Layout.init(backends_max, prefix_entries);
     const region = memory.createShared(name_slice, layout.region_bytes) catch |err| return status(statusFrom(err));
-    return finishCreate(region, backends_max, flags, out);
+    return finishCreate(region, backends_max, prefix_entries, flags, out);
 }
 
-fn finishCreate(region: memory.Region, backends_max: u32, flags: u32, out: *u32) i32 {
-    const table = Table.format(region, backends_max, flags);
+fn sizesValid(backends_max: u32, prefix_entries: u32, flags: u32) bool {
+    if (backends_max == 0 or backends_max > table_mod.backends_max_limit) return false;
+    if (prefix_entries > table_mod.prefix_entries_limit) return false;
+    return flags & ~table_mod.flags_known == 0;
+}
+
+fn finishCreate(region: memory.Region, backends_max: u32, prefix_entries: u32, flags: u32, out: *u32) i32 {
+    const table = Table.format(region, backends_max, prefix_entries, flags);
     out.* = register(table) orelse {
         memory.unmap(region);
         return status(.too_many_tables);
@@ -247,6 +252,15 @@ export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count
 export fn irm_table_seed(handle: u32, seed: u64) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     t.header.rng_state.store(seed, .monotonic);
+    return status(.ok);
+}
+
+/// Sets ε of the bounded-load strategies in per mille (0–10000): a backend may take up to
+/// ⌈(1+ε) × its share of the fleet's load⌉ before affinity yields.
+export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    if (epsilon_permille > 10_000) return status(.invalid_argument);
+    t.header.balance_epsilon_permille.store(epsilon_permille, .monotonic);
     return status(.ok);
 }
 
@@ -342,6 +356,52 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
     // Out-of-range slots in a pool are skipped by the strategies, never dereferenced.
     const candidates: strategies.Candidates = .{ .slots = slot_list, .cursor = cursor_checked, .whole_table = false };
     out.* = strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    return status(.ok);
+}
+
+/// Like `irm_acquire_among` (or `irm_acquire` when `slots` is null) with affinity: a session key
+/// (`has_key` 1) for consistent_hash, chained prefix hashes for prefix_affinity. `*out_outcome`
+/// is 0 none, 1 hit, 2 miss, 3 overload (affinity yielded to load); `*out_matched_blocks` is the
+/// length of the prefix found at the chosen backend.
+export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_slot: ?*u32, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    const out = out_slot orelse return status(.invalid_argument);
+    const outcome_out = out_outcome orelse return status(.invalid_argument);
+    const matched_out = out_matched_blocks orelse return status(.invalid_argument);
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (has_key > 1 or hashes_count > hashes_max) return status(.invalid_argument);
+    if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
+    const candidates: strategies.Candidates = if (slots) |list| blk: {
+        if (slots_count > t.backendsMax()) return status(.invalid_argument);
+        const pool_cursor: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+        break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
+    } else .ofTable(t);
+    const input: strategies.Affinity = .{
+        .key = if (has_key == 1) key else null,
+        .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count],
+    };
+    const decision = strategies.acquireAffine(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority);
+    out.* = decision.slot;
+    outcome_out.* = @backingInt(decision.outcome);
+    matched_out.* = decision.matched_blocks;
+    return status(.ok);
+}
+
+/// Prompts longer than this many blocks are routed on their first `hashes_max` blocks.
+const hashes_max: u32 = 1 << 16;
+
+/// Writes the chained hashes of `text`'s full blocks of `block_bytes` bytes (at most `capacity`)
+/// to `out_hashes`; `*out_count` says how many.
+export fn irm_prefix_hashes(text: ?[*]const u8, text_len: u32, block_bytes: u32, out_hashes: ?[*]u64, capacity: u32, out_count: ?*u32) i32 {
+    const count_out = out_count orelse return status(.invalid_argument);
+    if (block_bytes == 0) return status(.invalid_argument);
+    if (text_len > 0 and text == null) return status(.invalid_argument);
+    if (capacity > 0 and out_hashes == null) return status(.invalid_argument);
+    const bytes: []const u8 = if (text_len == 0) &.{} else text.?[0..text_len];
+    const out: []u64 = if (capacity == 0) &.{} else out_hashes.?[0..capacity];
+    count_out.* = @import("affinity.zig").prefixHashes(bytes, block_bytes, out);
     return status(.ok);
 }
 
@@ -474,6 +534,7 @@ test {
     _ = memory;
     _ = strategies;
     _ = @import("tree.zig");
+    _ = @import("affinity.zig");
 }
 
 test "bad handles and arguments return statuses" {
@@ -481,7 +542,7 @@ test "bad handles and arguments return statuses" {
     try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &slot));
     try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &slot));
     var handle: u32 = 0;
-    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, &handle));
+    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
     defer _ = irm_table_destroy(handle);
     try std.testing.expectEqual(status(.invalid_capacity), irm_backend_add(handle, 1, 0, 1000, &slot));
     try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));

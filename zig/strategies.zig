@@ -7,6 +7,7 @@ const assert = std.debug.assert;
 const Atomic = std.atomic.Value;
 const table_mod = @import("table.zig");
 const tree = @import("tree.zig");
+const affinity = @import("affinity.zig");
 const Table = table_mod.Table;
 const slot_none = table_mod.slot_none;
 
@@ -14,8 +15,39 @@ pub const Strategy = enum(u32) {
     round_robin = 0,
     least_connections = 1,
     p2c = 2,
+    /// By session key, consistent hashing with bounded loads; without a key, p2c.
+    consistent_hash = 3,
+    /// To the backend holding the longest cached prompt prefix unless it is overloaded, else the
+    /// least loaded; without prefix hashes, least connections.
+    prefix_affinity = 4,
     _,
 };
+
+/// How an affinity decision went (for hit / miss / overload metrics).
+pub const Outcome = enum(u32) {
+    /// No key or hashes were given, or the strategy has no notion of affinity.
+    none = 0,
+    /// The key's owner (or the backend holding the longest prefix) took the request.
+    hit = 1,
+    /// Nothing was remembered for this key or prefix.
+    miss = 2,
+    /// The affine backend was overloaded (bounded load) or full; another one took it.
+    overload = 3,
+};
+
+pub const Affinity = struct {
+    key: ?u64 = null,
+    hashes: []const u64 = &.{},
+};
+
+pub const Decision = struct {
+    slot: u32,
+    outcome: Outcome = .none,
+    matched_blocks: u32 = 0,
+};
+
+/// How far the bounded-load walk goes round the ring before giving up to p2c.
+const ring_walk_points_max: u32 = 1024;
 
 /// How many times p2c samples a pair before falling back to a scan, and how many times least
 /// connections re-reads a stale root. Small: a miss is rare until the fleet is nearly full.
@@ -36,6 +68,32 @@ pub const Candidates = struct {
         return .{ .slots = slots[0..count], .cursor = &t.header.rr_cursor, .whole_table = true };
     }
 
+    fn contains(candidates: Candidates, slot: u32) bool {
+        if (candidates.whole_table) return true;
+        for (0..candidates.slots.len) |index| {
+            if (candidates.at(index) == slot) return true;
+        }
+        return false;
+    }
+
+    /// The cost in flight and capacity × weight of the candidates (whole table: kept in the header).
+    fn totals(candidates: Candidates, t: *const Table) affinity.Totals {
+        if (candidates.whole_table) return .{
+            .cost = t.header.cost_in_flight_total.load(.monotonic),
+            .weighted_capacity = t.header.weighted_capacity_total.load(.monotonic),
+        };
+        var result: affinity.Totals = .{ .cost = 0, .weighted_capacity = 0 };
+        for (0..candidates.slots.len) |index| {
+            const slot = candidates.at(index);
+            if (slot >= t.backendsMax()) continue;
+            const word = t.wordOf(slot);
+            result.cost += word.cost;
+            const s = &t.slots[slot];
+            result.weighted_capacity += table_mod.weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), word.state);
+        }
+        return result;
+    }
+
     fn at(candidates: Candidates, index: u64) u32 {
         // Present-list entries move under concurrent removal: read each one atomically.
         return @atomicLoad(u32, &candidates.slots[@intCast(index)], .monotonic);
@@ -48,16 +106,111 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
     return switch (strategy) {
         .round_robin => roundRobinFromCursor(t, candidates, cost, class),
         .least_connections => leastConnections(t, candidates, cost, class),
-        .p2c => powerOfTwoChoices(t, candidates, cost, class),
+        .p2c, .consistent_hash => powerOfTwoChoices(t, candidates, cost, class),
+        .prefix_affinity => leastConnections(t, candidates, cost, class),
         _ => unreachable, // The ABI edge validates the strategy.
     };
 }
 
+/// Like `acquire`, with a session key (consistent_hash) or chained prefix hashes
+/// (prefix_affinity); other strategies ignore them.
+pub fn acquireAffine(t: *const Table, candidates: Candidates, strategy: Strategy, input: Affinity, cost: u32, class: u32) Decision {
+    switch (strategy) {
+        .consistent_hash => if (input.key) |key| return consistentHash(t, candidates, key, cost, class),
+        .prefix_affinity => if (input.hashes.len > 0 and affinity.prefixEnabled(t)) {
+            return prefixAffinity(t, candidates, input.hashes, cost, class);
+        },
+        else => {},
+    }
+    return .{ .slot = acquire(t, candidates, strategy, cost, class) };
+}
+
 pub fn isKnown(strategy: u32) bool {
     return switch (@as(Strategy, @fromBackingInt(@intCast(strategy)))) {
-        .round_robin, .least_connections, .p2c => true,
+        .round_robin, .least_connections, .p2c, .consistent_hash, .prefix_affinity => true,
         _ => false,
     };
+}
+
+/// Consistent hashing with bounded loads: the key goes to the first backend clockwise from its
+/// point on the ring that stays within ⌈(1+ε) × its share of the average⌉; adding or removing a
+/// backend moves only the keys of its own arcs. If the walk finds none, p2c decides.
+fn consistentHash(t: *const Table, candidates: Candidates, key: u64, cost: u32, class: u32) Decision {
+    if (!affinity.ensureRing(t)) return .{ .slot = powerOfTwoChoices(t, candidates, cost, class), .outcome = .miss };
+    const count = affinity.ringCount(t);
+    if (count == 0) return .{ .slot = slot_none, .outcome = .miss };
+    const totals = candidates.totals(t);
+    const start = affinity.upperBound(t, count, table_mod.splitmix64(key));
+    var owner_seen = false;
+    for (0..@min(count, ring_walk_points_max)) |step| {
+        const slot = affinity.pointSlot(t, @intCast((start + step) % count));
+        if (slot >= t.backendsMax() or !candidates.contains(slot)) continue;
+        const is_owner = !owner_seen;
+        owner_seen = true;
+        if (!affinity.withinBound(t, slot, cost, totals)) continue;
+        if (t.reserve(slot, cost, class)) return .{ .slot = slot, .outcome = if (is_owner) .hit else .overload };
+    }
+    return .{ .slot = powerOfTwoChoices(t, candidates, cost, class), .outcome = .overload };
+}
+
+/// The backend holding the longest remembered prefix wins unless it is over its bounded load (or
+/// full); then the least-loaded backend takes the request. Either way the index learns where the
+/// prompt went, block by block.
+fn prefixAffinity(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32) Decision {
+    var decision: Decision = .{ .slot = slot_none, .outcome = .miss };
+    const match = longestPrefix(t, candidates, hashes);
+    if (match.blocks > 0) {
+        decision.outcome = .overload;
+        const totals = candidates.totals(t);
+        for (match.locations.slots, match.locations.incarnations) |slot, incarnation| {
+            if (slot == slot_none) break;
+            if (!affinity.locationValid(t, slot, incarnation) or !candidates.contains(slot)) continue;
+            if (!affinity.withinBound(t, slot, cost, totals) or !t.reserve(slot, cost, class)) continue;
+            decision = .{ .slot = slot, .outcome = .hit, .matched_blocks = match.blocks };
+            break;
+        }
+    }
+    if (decision.slot == slot_none) decision.slot = leastConnections(t, candidates, cost, class);
+    if (decision.slot != slot_none) {
+        for (hashes) |hash| affinity.prefixRecord(t, hash, decision.slot);
+    }
+    return decision;
+}
+
+const PrefixMatch = struct {
+    blocks: u32 = 0,
+    locations: affinity.Locations = .{},
+};
+
+/// The longest prefix with at least one usable location. The longest is tried first (a repeated
+/// prompt); otherwise a binary search, since a prefix recorded implies its shorter prefixes were
+/// recorded with it (eviction can break that; then a shorter match is found, never a wrong one).
+fn longestPrefix(t: *const Table, candidates: Candidates, hashes: []const u64) PrefixMatch {
+    const count: u32 = @intCast(hashes.len);
+    if (usable(t, candidates, hashes[count - 1])) |locations| return .{ .blocks = count, .locations = locations };
+    var best: PrefixMatch = .{};
+    var low: u32 = 0; // blocks known to match (0 = none)
+    var high: u32 = count - 1; // blocks that may match
+    while (low < high) {
+        const middle = low + (high - low + 1) / 2;
+        if (usable(t, candidates, hashes[middle - 1])) |locations| {
+            best = .{ .blocks = middle, .locations = locations };
+            low = middle;
+        } else {
+            high = middle - 1;
+        }
+    }
+    return best;
+}
+
+fn usable(t: *const Table, candidates: Candidates, hash: u64) ?affinity.Locations {
+    const locations = affinity.prefixLookup(t, hash);
+    if (!locations.found) return null;
+    for (locations.slots, locations.incarnations) |slot, incarnation| {
+        if (slot == slot_none) break;
+        if (affinity.locationValid(t, slot, incarnation) and candidates.contains(slot)) return locations;
+    }
+    return null;
 }
 
 /// Round robin from the shared cursor. When it had to skip backends, it moves the cursor past
@@ -204,4 +357,42 @@ test "a pool limits the choice to its members" {
             try testing.expect(slot == 2 or slot == 5);
         }
     }
+}
+
+test "consistent hashing keeps a key on its backend and bounds the load" {
+    const t = try table_mod.testTable(16);
+    defer table_mod.testTableFree(t);
+    for (0..8) |i| _ = try t.add(i, 1000, 1000);
+    const whole = Candidates.ofTable(&t);
+    const first = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
+    try t.release(first.slot, 1, 0, true);
+    const again = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
+    try testing.expectEqual(first.slot, again.slot);
+    try testing.expectEqual(Outcome.hit, again.outcome);
+    // One hot key: the bound spreads it once its owner is above (1 + 0.25) × average.
+    var per_slot: [16]u32 = @splat(0);
+    for (0..400) |_| per_slot[acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0).slot] += 1;
+    const total: f64 = 401;
+    for (per_slot) |count| try testing.expect(@as(f64, @floatFromInt(count)) <= @ceil(1.25 * total / 8) + 1);
+}
+
+test "prefix affinity follows the longest prefix and learns new locations" {
+    const t = try table_mod.testTableWithPrefix(8, 1024);
+    defer table_mod.testTableFree(t);
+    for (0..4) |i| _ = try t.add(i, 1000, 1000);
+    const whole = Candidates.ofTable(&t);
+    const shared = [_]u64{ 11, 22, 33 };
+    const first = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &shared }, 1, 0);
+    try testing.expectEqual(Outcome.miss, first.outcome);
+    try t.release(first.slot, 1, 0, true);
+    const longer = [_]u64{ 11, 22, 33, 44 };
+    const second = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
+    try testing.expectEqual(first.slot, second.slot);
+    try testing.expectEqual(Outcome.hit, second.outcome);
+    try testing.expectEqual(@as(u32, 3), second.matched_blocks);
+    try t.release(second.slot, 1, 0, true);
+    try t.update(first.slot, 1000, 1000, .down); // never routed to a down backend
+    const third = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
+    try testing.expect(third.slot != first.slot);
+    try testing.expectEqual(Outcome.miss, third.outcome);
 }

@@ -12,6 +12,7 @@ const std = @import("std");
 const assert = std.debug.assert;
 const Atomic = std.atomic.Value;
 const tree = @import("tree.zig");
+const affinity = @import("affinity.zig");
 
 pub const backends_max_limit: u32 = 1 << 20;
 pub const classes_count: u32 = 8;
@@ -20,7 +21,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 1;
+pub const layout_version: u32 = 2;
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -73,7 +74,10 @@ pub const Slot = extern struct {
     signal_queue_depth: Atomic(u32),
     signal_kv_permille: Atomic(u32),
     signal_time_ms: Atomic(u64),
-    reserved: [7]u64,
+    /// Moves on every add: an index entry naming (slot, incarnation) is stale once it differs.
+    incarnation: Atomic(u32),
+    reserved_u32: u32,
+    reserved: [6]u64,
 
     comptime {
         // Two cache lines: a slot never shares a line with its neighbour's hot word.
@@ -97,6 +101,18 @@ pub const Header = extern struct {
     rr_cursor: Atomic(u64),
     rng_state: Atomic(u64),
     class_share_permille: [classes_count]Atomic(u32),
+    /// Cost in flight over all slots, and capacity × weight over active ones: the fleet average
+    /// that bounded-load strategies compare against.
+    cost_in_flight_total: Atomic(u64),
+    weighted_capacity_total: Atomic(u64),
+    /// Bounded-load slack ε in per mille: a backend may exceed its share of the average by ε.
+    balance_epsilon_permille: Atomic(u32),
+    ring_enabled: Atomic(u32),
+    ring_count: Atomic(u32),
+    ring_points_max: u32,
+    ring_points_per_backend: u32,
+    prefix_sets_count: u32,
+    prefix_clock: Atomic(u64),
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
@@ -109,18 +125,50 @@ pub const IdEntry = extern struct {
     reserved: u32,
 };
 
+/// A point of the consistent-hashing ring (affinity.zig).
+pub const RingPoint = extern struct {
+    hash: u64,
+    slot: u32,
+    reserved: u32,
+};
+
+/// One way of a set of the prefix index (affinity.zig): a block hash and the backends that
+/// recently received a prompt with that prefix, most recent first.
+pub const PrefixEntry = extern struct {
+    hash: u64,
+    stamp: u64,
+    slots: [prefix_locations_max]u32,
+    incarnations: [prefix_locations_max]u32,
+};
+
+pub const prefix_locations_max = 4;
+pub const prefix_ways = 8;
+pub const prefix_entries_limit: u32 = 1 << 24;
+/// The ring keeps at most this many points in all; each backend gets an equal number (1 … 128).
+const ring_points_budget: u32 = 1 << 21;
+
 pub const Layout = struct {
     backends_max: u32,
     tree_leaves_count: u32,
     idmap_count: u32,
+    ring_points_max: u32,
+    prefix_sets_count: u32,
     slots_offset: u64,
     present_offset: u64,
     present_pos_offset: u64,
     tree_offset: u64,
     idmap_offset: u64,
+    ring_offset: u64,
+    prefix_locks_offset: u64,
+    prefix_offset: u64,
     region_bytes: u64,
 
-    pub fn init(backends_max: u32) Layout {
+    pub fn ringPointsPerBackend(backends_max: u32) u32 {
+        return std.math.clamp(ring_points_budget / backends_max, 1, 128);
+    }
+
+    /// `prefix_entries` is rounded up to whole sets of `prefix_ways`; 0 disables the index.
+    pub fn init(backends_max: u32, prefix_entries: u32) Layout {
         assert(backends_max >= 1);
         assert(backends_max <= backends_max_limit);
         const leaves = std.math.ceilPowerOfTwoAssert(u32, @max(backends_max, 2));
@@ -129,21 +177,34 @@ pub const Layout = struct {
         const present_offset = slots_offset + @as(u64, backends_max) * @sizeOf(Slot);
         const present_pos_offset = present_offset + @as(u64, backends_max) * 4;
         const tree_offset = std.mem.alignForward(u64, present_pos_offset + @as(u64, backends_max) * 4, 64);
+        assert(prefix_entries <= prefix_entries_limit);
         const idmap_offset = tree_offset + @as(u64, leaves) * 8;
-        const end = idmap_offset + @as(u64, idmap_count) * @sizeOf(IdEntry);
+        const ring_points_max = ringPointsPerBackend(backends_max) * backends_max;
+        const ring_offset = idmap_offset + @as(u64, idmap_count) * @sizeOf(IdEntry);
+        const prefix_sets_count = std.math.divCeil(u32, prefix_entries, prefix_ways) catch unreachable;
+        const prefix_locks_offset = ring_offset + @as(u64, ring_points_max) * @sizeOf(RingPoint);
+        const prefix_offset = std.mem.alignForward(u64, prefix_locks_offset + @as(u64, prefix_sets_count) * 4, 64);
+        const end = prefix_offset + @as(u64, prefix_sets_count) * prefix_ways * @sizeOf(PrefixEntry);
         return .{
             .backends_max = backends_max,
             .tree_leaves_count = leaves,
             .idmap_count = idmap_count,
+            .ring_points_max = ring_points_max,
+            .prefix_sets_count = prefix_sets_count,
             .slots_offset = slots_offset,
             .present_offset = present_offset,
             .present_pos_offset = present_pos_offset,
             .tree_offset = tree_offset,
             .idmap_offset = idmap_offset,
+            .ring_offset = ring_offset,
+            .prefix_locks_offset = prefix_locks_offset,
+            .prefix_offset = prefix_offset,
             .region_bytes = std.mem.alignForward(u64, end, header_bytes),
         };
     }
 };
+
+pub const default_balance_epsilon_permille: u32 = 250;
 
 pub const default_class_share_permille = [classes_count]u32{ 1000, 900, 800, 700, 600, 500, 500, 500 };
 
@@ -155,12 +216,15 @@ pub const Table = struct {
     present_pos: []u32,
     tree_nodes: []Atomic(u64),
     idmap: []IdEntry,
+    ring: []RingPoint,
+    prefix_locks: []Atomic(u32),
+    prefix_entries: []PrefixEntry,
     region: []align(header_bytes) u8,
 
     /// Formats a zeroed region as an empty table. The region must be `Layout.init(n).region_bytes`
     /// long and zero-filled (fresh anonymous or shared mappings are).
-    pub fn format(region: []align(header_bytes) u8, backends_max: u32, flags: u32) Table {
-        const layout = Layout.init(backends_max);
+    pub fn format(region: []align(header_bytes) u8, backends_max: u32, prefix_entries: u32, flags: u32) Table {
+        const layout = Layout.init(backends_max, prefix_entries);
         assert(region.len == layout.region_bytes);
         assert(flags & ~flags_known == 0);
         const header: *Header = @ptrCast(region.ptr);
@@ -171,6 +235,10 @@ pub const Table = struct {
         header.idmap_count = layout.idmap_count;
         header.region_bytes = layout.region_bytes;
         header.flags = flags;
+        header.ring_points_max = layout.ring_points_max;
+        header.ring_points_per_backend = Layout.ringPointsPerBackend(backends_max);
+        header.prefix_sets_count = layout.prefix_sets_count;
+        header.balance_epsilon_permille.store(default_balance_epsilon_permille, .monotonic);
         for (&header.class_share_permille, default_class_share_permille) |*share, value| {
             share.store(value, .monotonic);
         }
@@ -188,7 +256,8 @@ pub const Table = struct {
         if (header.magic != magic) return error.Incompatible;
         if (header.layout_version != layout_version) return error.Incompatible;
         if (header.backends_max < 1 or header.backends_max > backends_max_limit) return error.Incompatible;
-        const layout = Layout.init(header.backends_max);
+        if (header.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Incompatible;
+        const layout = Layout.init(header.backends_max, header.prefix_sets_count * prefix_ways);
         if (header.region_bytes != layout.region_bytes) return error.Incompatible;
         if (region.len < layout.region_bytes) return error.Incompatible;
         const n = header.backends_max;
@@ -199,6 +268,9 @@ pub const Table = struct {
             .present_pos = sliceAt(u32, region, layout.present_pos_offset, n),
             .tree_nodes = sliceAt(Atomic(u64), region, layout.tree_offset, layout.tree_leaves_count),
             .idmap = sliceAt(IdEntry, region, layout.idmap_offset, layout.idmap_count),
+            .ring = sliceAt(RingPoint, region, layout.ring_offset, layout.ring_points_max),
+            .prefix_locks = sliceAt(Atomic(u32), region, layout.prefix_locks_offset, layout.prefix_sets_count),
+            .prefix_entries = sliceAt(PrefixEntry, region, layout.prefix_offset, layout.prefix_sets_count * prefix_ways),
             .region = region,
         };
     }
@@ -255,8 +327,10 @@ pub const Table = struct {
             } else if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) != null) {
                 continue;
             }
-            // Totals are statistics, not decisions: .monotonic is enough.
+            // Totals are statistics and hints (the fleet average), not decisions: .monotonic is
+            // enough.
             _ = s.routed_total.fetchAdd(1, .monotonic);
+            _ = t.header.cost_in_flight_total.fetchAdd(cost, .monotonic);
             tree.onLeafChanged(t, slot);
             return true;
         }
@@ -289,6 +363,7 @@ pub const Table = struct {
             }
             break new.state == .free;
         } else return error.Busy;
+        _ = t.header.cost_in_flight_total.fetchSub(cost, .monotonic);
         if (freed) return; // The slot may already be reused by `add`: touch nothing more.
         if (ok) {
             _ = s.completed_total.fetchAdd(1, .monotonic);
@@ -317,6 +392,7 @@ pub const Table = struct {
         s.signal_queue_depth.store(0, .monotonic);
         s.signal_kv_permille.store(0, .monotonic);
         s.signal_time_ms.store(0, .monotonic);
+        _ = s.incarnation.fetchAdd(1, .monotonic);
         const old: Word = t.wordOf(slot);
         assert(old.state == .free);
         assert(old.count == 0);
@@ -329,6 +405,8 @@ pub const Table = struct {
         t.present_pos[slot] = position;
         // .release: a reader that sees the new count also sees the list entry.
         t.header.present_count.store(position + 1, .release);
+        _ = t.header.weighted_capacity_total.fetchAdd(weighted(capacity, weight_milli, .active), .monotonic);
+        affinity.onAdded(t, slot);
         tree.onLeafChanged(t, slot);
         return slot;
     }
@@ -345,8 +423,13 @@ pub const Table = struct {
             var new = old;
             new.state = if (old.count == 0) .free else .retired;
             new.epoch = old.epoch +% 1;
-            if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) == null) break;
+            if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) == null) {
+                const contribution = weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), old.state);
+                _ = t.header.weighted_capacity_total.fetchSub(contribution, .monotonic);
+                break;
+            }
         } else return error.Busy;
+        affinity.onRemoved(t, slot);
         t.idmapRemove(s.id.load(.monotonic));
         const position = t.present_pos[slot];
         const last = t.header.present_count.load(.monotonic) - 1;
@@ -365,8 +448,12 @@ pub const Table = struct {
             .active, .draining, .down => {},
             else => return error.InvalidState,
         }
+        try t.lock(); // Serialises the weighted-capacity total with add and remove.
+        defer t.unlock();
         const s = &t.slots[slot];
-        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        const before = t.wordOf(slot);
+        if (!isPresent(before.state)) return error.UnknownBackend;
+        const contribution_old = weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), before.state);
         s.capacity.store(capacity, .monotonic);
         s.weight_milli.store(weight_milli, .monotonic);
         var attempts: u32 = 0;
@@ -380,6 +467,8 @@ pub const Table = struct {
             new.epoch = old.epoch +% 1;
             if (s.word.cmpxchgWeak(old_raw, @bitCast(new), .acq_rel, .monotonic) == null) break;
         } else return error.Busy;
+        _ = t.header.weighted_capacity_total.fetchSub(contribution_old, .monotonic);
+        _ = t.header.weighted_capacity_total.fetchAdd(weighted(capacity, weight_milli, state), .monotonic);
         tree.onLeafChanged(t, slot);
     }
 
@@ -405,20 +494,7 @@ pub const Table = struct {
         return splitmix64(state);
     }
 
-    fn freeSlot(t: *const Table) ?u32 {
-        const high_water = t.header.slots_high_water.load(.monotonic);
-        if (high_water < t.backendsMax()) {
-            t.header.slots_high_water.store(high_water + 1, .release);
-            return high_water;
-        }
-        for (t.slots, 0..) |*s, index| {
-            const word: Word = @bitCast(s.word.load(.acquire));
-            if (word.state == .free) return @intCast(index);
-        }
-        return null;
-    }
-
-    fn lock(t: *const Table) Error!void {
+    pub fn lock(t: *const Table) Error!void {
         var attempts: u32 = 0;
         while (attempts < lock_attempts_max) : (attempts += 1) {
             // .acquire: the critical section sees everything the previous holder wrote.
@@ -432,9 +508,22 @@ pub const Table = struct {
         return error.Busy;
     }
 
-    fn unlock(t: *const Table) void {
+    pub fn unlock(t: *const Table) void {
         // .release: publishes the critical section's writes to the next holder.
         t.header.lock.store(0, .release);
+    }
+
+    fn freeSlot(t: *const Table) ?u32 {
+        const high_water = t.header.slots_high_water.load(.monotonic);
+        if (high_water < t.backendsMax()) {
+            t.header.slots_high_water.store(high_water + 1, .release);
+            return high_water;
+        }
+        for (t.slots, 0..) |*s, index| {
+            const word: Word = @bitCast(s.word.load(.acquire));
+            if (word.state == .free) return @intCast(index);
+        }
+        return null;
     }
 
     fn idmapFind(t: *const Table, id: u64) ?u32 {
@@ -481,6 +570,11 @@ pub const Table = struct {
     }
 };
 
+/// What a backend adds to the fleet's capacity × weight: only active backends take new work.
+pub fn weighted(capacity: u32, weight_milli: u32, state: State) u64 {
+    return if (state == .active) @as(u64, capacity) * weight_milli else 0;
+}
+
 pub fn isPresent(state: State) bool {
     return switch (state) {
         .active, .draining, .down => true,
@@ -522,10 +616,14 @@ fn sliceAt(comptime T: type, region: []align(header_bytes) u8, offset: u64, coun
 const testing = std.testing;
 
 pub fn testTable(backends_max: u32) !Table {
-    const layout = Layout.init(backends_max);
+    return testTableWithPrefix(backends_max, 64);
+}
+
+pub fn testTableWithPrefix(backends_max: u32, prefix_entries: u32) !Table {
+    const layout = Layout.init(backends_max, prefix_entries);
     const region = try testing.allocator.alignedAlloc(u8, .fromByteUnits(header_bytes), layout.region_bytes);
     @memset(region, 0);
-    return Table.format(region, backends_max, 0);
+    return Table.format(region, backends_max, prefix_entries, 0);
 }
 
 pub fn testTableFree(t: Table) void {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     backends = data.get("backends")
     if not isinstance(backends, list) or not backends:
         raise ConfigError("`backends` must be a non-empty array of tables ([[backends]])")
+
     def value(key: str, kind: type, low: float | None = None) -> Any:
         return _get(router, key, kind, "router.", _default(RouterConfig, key), low=low)
 
@@ -154,19 +156,23 @@ def _section(router: Mapping[str, Any], name: str, cls: type[Any], kind: type) -
     _no_unknown_keys(table, _field_names(cls), f"router.{name}.")
     defaults = cls()
     low = 0 if name == "retries" else (0.001 if kind is float else 1)
-    values = {key: _get(table, key, kind, f"router.{name}.", getattr(defaults, key), low=low) for key in table}
+    values = {
+        key: _get(table, key, kind, f"router.{name}.", getattr(defaults, key), low=low) for key in table
+    }
     return dataclasses.replace(defaults, **values)
 
 
-def _get(table: Mapping[str, Any], key: str, kind: type, prefix: str, default: Any, low: float | None = None) -> Any:
-    value = table.get(key, default)
+def _get(
+    table: Mapping[str, Any], key: str, kind: type, prefix: str, default: Any, low: float | None = None
+) -> Any:
+    value: Any = table.get(key, default)
     # bool is an int in Python; a `true` where a number belongs is a mistake, not 1.
     is_number = kind in (int, float) and not isinstance(value, bool)
     if kind is float and is_number and isinstance(value, int):
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and not is_number):
         raise ConfigError(f"`{prefix}{key}` must be {kind.__name__}, got {value!r}")
-    if low is not None and value < low:
+    if low is not None and typing.cast(float, value) < low:
         raise ConfigError(f"`{prefix}{key}` must be >= {low}, got {value!r}")
     return value
 

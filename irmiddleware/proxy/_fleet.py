@@ -14,7 +14,14 @@ import httpx
 
 from irmiddleware._plugins import Registry
 from irmiddleware._router import Accelerator, Lease, Router
-from irmiddleware.hooks import BackendAdapter, BackendInfo, BackendLoad, NativeStrategy, PythonStrategy, RouteInfo
+from irmiddleware.hooks import (
+    BackendAdapter,
+    BackendInfo,
+    BackendLoad,
+    NativeStrategy,
+    PythonStrategy,
+    RouteInfo,
+)
 from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._metrics import RouterMetrics
 
@@ -133,7 +140,10 @@ class Fleet:
 
     def _fallback(self, route: RouteInfo, why: str) -> Lease | None:
         log.error(
-            "strategy %r (plugin %r) %s; using the native fallback", self.strategy_name, self._strategy_plugin, why
+            "strategy %r (plugin %r) %s; using the native fallback",
+            self.strategy_name,
+            self._strategy_plugin,
+            why,
         )
         self._decided["fallback"].inc()
         return self.router.acquire(route.cost, route.priority, pool=route.model)
@@ -141,7 +151,9 @@ class Fleet:
     def _acquire_retry(self, route: RouteInfo, excluded: frozenset[int]) -> Lease | None:
         # Retries are rare (a backend refused a connection): pick the least utilized remaining
         # member in Python rather than teaching the native pools about exclusions.
-        candidates = [b for b in self.snapshot(self._pools.get(route.model, frozenset())) if b.id not in excluded]
+        candidates = [
+            b for b in self.snapshot(self._pools.get(route.model, frozenset())) if b.id not in excluded
+        ]
         candidates.sort(key=lambda b: b.load / b.capacity)
         for candidate in candidates:
             lease = self.router.acquire_on(candidate.id, route.cost, route.priority)

@@ -43,10 +43,16 @@ class _BackendCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily("irm_backend_in_flight", "Requests in flight per backend.", labels=["backend"])
+        in_flight = GaugeMetricFamily(
+            "irm_backend_in_flight", "Requests in flight per backend.", labels=["backend"]
+        )
         load = GaugeMetricFamily("irm_backend_load", "Cost units in flight per backend.", labels=["backend"])
-        capacity = GaugeMetricFamily("irm_backend_capacity", "Cost units a backend may hold.", labels=["backend"])
-        up = GaugeMetricFamily("irm_backend_active", "1 if the backend takes new requests.", labels=["backend"])
+        capacity = GaugeMetricFamily(
+            "irm_backend_capacity", "Cost units a backend may hold.", labels=["backend"]
+        )
+        up = GaugeMetricFamily(
+            "irm_backend_active", "1 if the backend takes new requests.", labels=["backend"]
+        )
         for url, stats in self._stats():
             in_flight.add_metric([url], stats.requests_in_flight)
             load.add_metric([url], stats.load)

@@ -70,7 +70,9 @@ class _Exchange:
         "started_s",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, adapter: BackendAdapter, request_id: int) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, adapter: BackendAdapter, request_id: int
+    ) -> None:
         self.scope, self.receive, self.send, self.adapter, self.id = scope, receive, send, adapter, request_id
         self.body = b""
         self.route = RouteInfo("", "")
@@ -92,7 +94,12 @@ class RoutingMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, config: RouterConfig, *, plugins: tuple[object, ...] = (), entry_points: bool = True
+        self,
+        app: ASGIApp,
+        config: RouterConfig,
+        *,
+        plugins: tuple[object, ...] = (),
+        entry_points: bool = True,
     ) -> None:
         self.app = app
         self.config = config
@@ -129,7 +136,12 @@ class RoutingMiddleware:
         if found is not None and scope["method"] in found[0].methods:
             await self._handle(scope, receive, send, *found)
         elif path == self.config.metrics_path and scope["method"] == "GET":
-            await _respond(send, 200, generate_latest(self.metrics.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+            await _respond(
+                send,
+                200,
+                generate_latest(self.metrics.registry),
+                [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+            )
         elif path == self.config.status_path and scope["method"] == "GET":
             await _respond(send, 200, json.dumps(self.status()).encode(), _JSON)
         else:
@@ -162,7 +174,9 @@ class RoutingMiddleware:
 
     # ---- one request ---------------------------------------------------------------------------
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, adapter: BackendAdapter) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, adapter: BackendAdapter
+    ) -> None:
         if self._client is None:
             await self.startup()
         exchange = _Exchange(scope, receive, send, adapter, next(self._ids))
@@ -224,10 +238,14 @@ class RoutingMiddleware:
                     return
             tried.append(lease.accelerator_id)
         if not tried:
-            raise _Reject(503, f"No backend serving `{exchange.route.model}` has capacity; retry later.", "no_capacity")
+            raise _Reject(
+                503, f"No backend serving `{exchange.route.model}` has capacity; retry later.", "no_capacity"
+            )
         raise _Reject(502, f"No backend serving `{exchange.route.model}` could be reached.", "connect_error")
 
-    async def _send_error(self, exchange: _Exchange, status: int, message: str, param: str | None = None) -> None:
+    async def _send_error(
+        self, exchange: _Exchange, status: int, message: str, param: str | None = None
+    ) -> None:
         if exchange.started or exchange.disconnected:
             return  # Too late for an error answer: the client already has headers, or is gone.
         headers = list(_JSON)
@@ -266,7 +284,9 @@ class RoutingMiddleware:
         known = self.fleet.backends
         return [(known[s.id].url, s) for s in self.fleet.router.stats() if s.id in known]
 
-    def _notify(self, name: str, attempt: _Attempt, status: int | None = None, error: str | None = None) -> None:
+    def _notify(
+        self, name: str, attempt: _Attempt, status: int | None = None, error: str | None = None
+    ) -> None:
         observers = self._observers[name]
         if observers:
             exchange = attempt.exchange
@@ -312,7 +332,9 @@ class _Attempt:
         self.lease.release(ok=ok)
         self.exchange.outcome = self.outcome
         if self.sent_s:
-            self.middleware.metrics.latency.labels(self.backend.url).observe(time.perf_counter() - self.sent_s)
+            self.middleware.metrics.latency.labels(self.backend.url).observe(
+                time.perf_counter() - self.sent_s
+            )
         if self.outcome in ("ok", "backend_error"):
             self.middleware._notify("completed", self, self.status)
         else:
@@ -431,7 +453,6 @@ def _routes_of(backends: Any) -> dict[str, tuple[Endpoint, BackendAdapter]]:
     return routes
 
 
-
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """The app behind a standalone router: 404 for unrouted paths, and a lifespan that works."""
     if scope["type"] == "lifespan":
@@ -443,7 +464,12 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     elif scope["type"] == "http":
-        error = {"message": f"No route for {scope['path']}", "type": "NotFoundError", "param": None, "code": 404}
+        error = {
+            "message": f"No route for {scope['path']}",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        }
         await _respond(send, 404, json.dumps({"error": error}).encode(), list(_JSON))
 
 

@@ -22,11 +22,17 @@ __all__ = ["build_config", "serve_main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware serve", description="Run the routing proxy.")
     parser.add_argument("--config", help="TOML file ([router] and [[backends]]; see doc/proxy.md)")
-    parser.add_argument("--backend", action="append", default=[], metavar="URL", help="a backend (repeatable)")
+    parser.add_argument(
+        "--backend", action="append", default=[], metavar="URL", help="a backend (repeatable)"
+    )
     parser.add_argument("--type", default="vllm", help="adapter of --backend entries (default: vllm)")
-    parser.add_argument("--capacity", type=int, default=64, help="capacity of --backend entries (default: 64)")
+    parser.add_argument(
+        "--capacity", type=int, default=64, help="capacity of --backend entries (default: 64)"
+    )
     parser.add_argument("--model", action="append", default=[], help="model served by --backend entries")
-    parser.add_argument("--strategy", help="routing strategy (p2c, round_robin, least_connections, a plugin's)")
+    parser.add_argument(
+        "--strategy", help="routing strategy (p2c, round_robin, least_connections, a plugin's)"
+    )
     parser.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -43,7 +49,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         config = load_config(args.config)
     overrides: dict[str, Any] = {}
     if args.backend:
-        entries = [{"url": url, "type": args.type, "capacity": args.capacity, "models": args.model} for url in args.backend]
+        entries = [
+            {"url": url, "type": args.type, "capacity": args.capacity, "models": args.model}
+            for url in args.backend
+        ]
         overrides["backends"] = parse_config({"backends": entries}).backends
     if args.strategy is not None:
         overrides["strategy"] = args.strategy
@@ -55,7 +64,9 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 def serve_main(argv: list[str] | None = None) -> int:
     """Runs the proxy until interrupted; returns the exit code (2 for a bad configuration)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import uvicorn
 
@@ -64,7 +75,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         app = create_app(config)
     except ImportError as error:
-        print(f"irmiddleware serve needs uvicorn: pip install 'irmiddleware[serve]' ({error})", file=sys.stderr)
+        print(
+            f"irmiddleware serve needs uvicorn: pip install 'irmiddleware[serve]' ({error})", file=sys.stderr
+        )
         return 2
     except (ConfigError, ValueError) as error:
         print(f"irmiddleware serve: {error}", file=sys.stderr)

@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Discrete-event simulation of a fleet: every decision and release goes through "
         "the native core. Prints one row per strategy; the same --seed gives the same numbers.",
     )
-    parser.add_argument("--accelerators", type=int, default=100, help="fleet size (default 100)")
-    parser.add_argument("--requests", type=int, default=50_000, help="requests per strategy (default 50000)")
+    parser.add_argument("--accelerators", type=int, default=200, help="fleet size (default 200)")
+    parser.add_argument(
+        "--requests", type=int, default=100_000, help="requests per strategy (default 100000)"
+    )
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated")
     parser.add_argument("--workload", choices=("uniform", "llm"), default="llm")
     parser.add_argument("--arrival", choices=("poisson", "bursty", "trace"), default="poisson")
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backoff", type=float, default=0.05, help="first retry delay, seconds (doubles)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--plot", type=Path, metavar="OUT.png", help="latency CDFs and load (needs matplotlib)"
+        "--plot", type=Path, metavar="OUT.png", help="latency tails and load (needs matplotlib)"
     )
     parser.add_argument("--histogram", action="store_true", help="also print the utilisation histograms")
     parser.add_argument(
@@ -84,11 +86,9 @@ def simulate_main(argv: list[str]) -> int:
     except (OSError, ValueError) as error:
         print(f"irmiddleware simulate: {error}", file=sys.stderr)
         return 2
-    if args.plot is not None and not _matplotlib_available():
-        print(
-            "irmiddleware simulate: --plot needs matplotlib: pip install 'irmiddleware[plot]'",
-            file=sys.stderr,
-        )
+    problem = _plot_problem(args.plot)
+    if problem:  # Found before a long run, not after it.
+        print(f"irmiddleware simulate: {problem}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     bar = _ProgressBar.for_stderr()
@@ -170,6 +170,16 @@ def _print_report(
                 f"routed to it meanwhile: {outage.routed_while_down}"
             )
     print(f"\n(simulated in {elapsed_s:.1f} s wall time)")
+
+
+def _plot_problem(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not _matplotlib_available():
+        return "--plot needs matplotlib: pip install 'irmiddleware[plot]'"
+    if not path.parent.is_dir():
+        return f"--plot: no directory {path.parent}"
+    return None
 
 
 def _matplotlib_available() -> bool:

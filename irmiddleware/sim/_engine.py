@@ -192,6 +192,8 @@ class _Simulation:
         self.jobs_rng = random.Random(f"{scenario.seed}/jobs")
         self.arrived = self.completed = self.rejected = self.failed = self.retries = self.output_tokens = 0
         self.end_s = 0.0
+        self.arrivals_end_s = 0.0
+        self.completed_by_arrivals_end = 0
         self.latencies = array("d")
         self.ttfts = array("d")
         self.routed_at_down: dict[int, int] = {}
@@ -221,7 +223,8 @@ class _Simulation:
                     self._on_milestone(time_s, index)
             elif kind == _ARRIVAL:
                 assert request is not None
-                self._schedule_next_arrival()
+                if not self._schedule_next_arrival():  # This is the last one: close the window.
+                    self.arrivals_end_s, self.completed_by_arrivals_end = time_s, self.completed
                 self._route(time_s, request)
             elif kind == _RETRY:
                 assert request is not None
@@ -240,12 +243,13 @@ class _Simulation:
 
     # ---- arrivals and routing ------------------------------------------------------------------
 
-    def _schedule_next_arrival(self) -> None:
+    def _schedule_next_arrival(self) -> bool:
+        """Schedules the next arrival; False when there is none (all requests have arrived)."""
         if self.arrived >= self.scenario.requests:
-            return
+            return False
         arrival = next(self.arrival_stream, None)
         if arrival is None:  # A trace shorter than the requested count.
-            return
+            return False
         self.arrived += 1
         job = self.scenario.workload.draw(self.jobs_rng, arrival.prompt_tokens, arrival.output_tokens)
         request = _Request(arrival.time_s, job)
@@ -254,6 +258,7 @@ class _Simulation:
             self._compact_events()
             if self.progress is not None:
                 self.progress(self.strategy, self.arrived, self.scenario.requests)
+        return True
 
     def _route(self, now: float, request: _Request) -> None:
         index = self.native.acquire(request.job)
@@ -398,6 +403,8 @@ class _Simulation:
             failed=self.failed,
             retries=self.retries,
             duration_s=duration_s,
+            arrivals_end_s=self.arrivals_end_s,
+            completed_by_arrivals_end=self.completed_by_arrivals_end,
             output_tokens=self.output_tokens,
             latency=Percentiles.of(latencies),
             ttft=Percentiles.of(ttfts) if self.streams_tokens else None,

@@ -1,4 +1,4 @@
-"""The comparison as a picture: latency (and time-to-first-token) CDFs, and each strategy's
+"""The comparison as a picture: latency (and time-to-first-token) tails, and each strategy's
 utilisation across accelerators. matplotlib is an optional extra (`irmiddleware[plot]`), imported
 only here and only when a plot is asked for."""
 
@@ -22,9 +22,9 @@ def plot_comparison(results: Sequence[StrategyResult], path: Path, *, title: str
     with_ttft = any(len(result.ttfts_s) for result in results)
     panels = 3 if with_ttft else 2
     figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), constrained_layout=True)
-    _cdf_panel(axes[0], results, "latency", "end-to-end latency (s)")
+    _tail_panel(axes[0], results, "latency", "end-to-end latency (s)")
     if with_ttft:
-        _cdf_panel(axes[1], results, "ttft", "time to first token (s)")
+        _tail_panel(axes[1], results, "ttft", "time to first token (s)")
     _utilisation_panel(axes[-1], results)
     if title:
         figure.suptitle(title, fontsize=9)
@@ -32,18 +32,23 @@ def plot_comparison(results: Sequence[StrategyResult], path: Path, *, title: str
     plt.close(figure)
 
 
-def _cdf_panel(axis: object, results: Sequence[StrategyResult], which: str, label: str) -> None:
+def _tail_panel(axis: object, results: Sequence[StrategyResult], which: str, label: str) -> None:
+    # The complementary CDF on log-log axes: the tail (p99 and beyond) is where strategies differ,
+    # and a plain CDF squeezes it into the top pixel.
     for result in results:
         values = result.latencies_s if which == "latency" else result.ttfts_s
-        if not len(values):
+        count = len(values)
+        if not count:
             continue
-        step = max(1, len(values) // _CDF_POINTS)
-        xs = [*values[::step], values[-1]]
-        ys = [(index * step + 1) / len(values) for index in range(len(xs) - 1)] + [1.0]
+        step = max(1, count // _CDF_POINTS)
+        indices = [*range(0, count - 1, step), count - 1]
+        xs = [values[index] for index in indices]
+        ys = [max(1 - (index + 1) / count, 0.5 / count) for index in indices]
         axis.plot(xs, ys, label=result.strategy)  # type: ignore[attr-defined]
     axis.set_xscale("log")  # type: ignore[attr-defined]
+    axis.set_yscale("log")  # type: ignore[attr-defined]
     axis.set_xlabel(label)  # type: ignore[attr-defined]
-    axis.set_ylabel("fraction of requests")  # type: ignore[attr-defined]
+    axis.set_ylabel("fraction of requests slower")  # type: ignore[attr-defined]
     axis.grid(True, which="both", alpha=0.3)  # type: ignore[attr-defined]
     axis.legend()  # type: ignore[attr-defined]
 

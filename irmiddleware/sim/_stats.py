@@ -3,7 +3,8 @@
 Latency is from a request's arrival to its last token, including any retry backoff; time to first
 token likewise to its first. Rejected and failed requests have no latency: they are counted in the
 rejection and failure rates instead, so a strategy cannot look fast by turning requests away.
-Utilisation of an accelerator is its time-averaged cost in flight divided by its capacity.
+Utilisation of an accelerator is its time-averaged cost in flight divided by its capacity, over the
+whole run (time 0 to the last completion).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class StrategyResult:
     failed: int
     retries: int
     duration_s: float
+    arrivals_end_s: float
+    completed_by_arrivals_end: int
     output_tokens: int
     latency: Percentiles | None
     ttft: Percentiles | None
@@ -67,10 +70,15 @@ class StrategyResult:
 
     @property
     def throughput_rps(self) -> float:
-        return self.completed / self.duration_s if self.duration_s > 0 else 0.0
+        """Completions per second while requests kept arriving. The drain after the last arrival
+        is left out: its length is set by the last few (random) requests, not by the strategy."""
+        if self.arrivals_end_s <= 0:
+            return 0.0
+        return self.completed_by_arrivals_end / self.arrivals_end_s
 
     @property
     def tokens_per_s(self) -> float:
+        """Output tokens per second over the whole run (arrival to last completion)."""
         return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
@@ -115,10 +123,15 @@ def format_table(results: Sequence[StrategyResult]) -> str:
     if with_ttft:
         header += ["ttft p50", "ttft p99"]
     header += ["util max/mean", "util cv"]
-    rows = [header] + [_row(result, with_ttft) for result in results]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return format_columns([header] + [_row(result, with_ttft) for result in results], rule=True)
+
+
+def format_columns(rows: Sequence[Sequence[str]], *, rule: bool = False) -> str:
+    """Right-aligned columns, two spaces apart; `rule` underlines the first row."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    if rule:
+        lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
@@ -147,7 +160,4 @@ def format_histograms(results: Sequence[StrategyResult], bins: int = HISTOGRAM_B
     edges = [f"{100 * index // bins}%" for index in range(bins)]
     rows = [["utilisation from", *edges]]
     rows += [[result.strategy, *map(str, result.utilisation_histogram(bins))] for result in results]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
-    )
+    return format_columns(rows)

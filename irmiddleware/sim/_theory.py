@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from irmiddleware._router import Accelerator, Router
+from irmiddleware.sim._stats import format_columns
 
 # Bigger than any bin gets: the core then never refuses, and load / capacity keys stay exact.
 _BIN_CAPACITY: Final = 1 << 24
@@ -88,8 +89,8 @@ def _max_load(router: Router) -> int:
 
 
 def format_balls_into_bins(results: Iterable[BallsIntoBins]) -> str:
-    header = ("n", "one choice max", "ln n/ln ln n", "two choices max", "ln ln n/ln 2")
-    rows = [header] + [
+    header: tuple[str, ...] = ("n", "one choice max", "ln n/ln ln n", "two choices max", "ln ln n/ln 2")
+    rows: list[tuple[str, ...]] = [header] + [
         (
             f"{result.n:,}",
             str(result.one_choice_max),
@@ -99,7 +100,4 @@ def format_balls_into_bins(results: Iterable[BallsIntoBins]) -> str:
         )
         for result in results
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
-    )
+    return format_columns(rows)

@@ -22,8 +22,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import heapq
-import itertools
 import json
 import logging
 import math
@@ -44,19 +42,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["EmulatorStats", "VLLMConfig", "VLLMEmulator", "count_tokens", "create_vllm_app"]
-
-# Filler vocabulary: every word has at most 4 characters, so each is exactly one token.
-# fmt: off
-_VOCAB = (
-    "the", "of", "and", "to", "in", "is", "it", "you", "that", "was", "for", "on", "are", "as",
-    "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not",
-    "but", "what", "all", "were", "when", "we", "can", "said", "each", "she", "do", "how", "will",
-    "up", "out", "many", "then", "them", "so", "some", "her", "make", "like", "him", "into", "time",
-    "has", "look", "two", "more", "go", "see", "way", "could", "no", "than", "been", "call", "who",
-    "its", "now", "long", "down", "day", "did", "get", "come", "made", "may", "part",
+from irmiddleware.testing._common import (
+    EmulatorStats,
+    QueueFull,
+    Scheduler,
+    check,
+    count_tokens,
+    filler,
+    none_or_at_least,
+    render_chat,
+    sse,
 )
-# fmt: on
+
+__all__ = ["EmulatorStats", "VLLMConfig", "VLLMEmulator", "count_tokens", "create_vllm_app"]
 
 # vLLM's own bucket boundaries for these histograms (vllm/v1/metrics/loggers.py).
 # fmt: off
@@ -77,11 +75,6 @@ _ERROR_TYPES = {
     501: "NotImplementedError",
     503: "ServiceUnavailableError",
 }
-
-
-def count_tokens(text: str) -> int:
-    """Count tokens with the emulator's tokenizer: whitespace words cut into 4-character pieces."""
-    return sum(math.ceil(len(word) / 4) for word in text.split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,48 +145,19 @@ class VLLMConfig:
         """Raise `ValueError` when a value is out of range."""
         if not self.served_model_names or not all(self.served_model_names):
             raise ValueError("served_model_names must be non-empty strings")
-        _check(self.embedding_dim >= 1, "embedding_dim must be >= 1")
-        _check(self.max_model_len >= 1, "max_model_len must be >= 1")
-        _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        _check(_none_or_at_least(self.max_num_queued_reqs, 0), "max_num_queued_reqs must be >= 0")
+        check(self.embedding_dim >= 1, "embedding_dim must be >= 1")
+        check(self.max_model_len >= 1, "max_model_len must be >= 1")
+        check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        check(none_or_at_least(self.max_num_queued_reqs, 0), "max_num_queued_reqs must be >= 0")
         for name in ("time_per_request_s", "time_per_prompt_token_s", "time_per_output_token_s"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        _check(self.startup_delay_s >= 0, "startup_delay_s must be >= 0")
+            check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        check(self.startup_delay_s >= 0, "startup_delay_s must be >= 0")
         low, high = self.output_tokens_range
-        _check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
-        _check(_none_or_at_least(self.die_after_tokens, 0), "die_after_tokens must be >= 0")
+        check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
+        check(none_or_at_least(self.die_after_tokens, 0), "die_after_tokens must be >= 0")
         for name in ("fail_status", "unsupported_api_status"):
             status = getattr(self, name)
-            _check(status is None or 400 <= status <= 599, f"{name} must be an HTTP error status")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _none_or_at_least(value: int | None, low: int) -> bool:
-    return value is None or value >= low
-
-
-@dataclass
-class EmulatorStats:
-    """Counters a test can read directly (`app.state.emulator.stats`, a snapshot)."""
-
-    received: int = 0
-    """Inference requests that reached a handler (including ones answered with an error)."""
-    running: int = 0
-    """Requests holding one of the `max_num_seqs` slots now."""
-    waiting: int = 0
-    """Requests in the queue now."""
-    completed: int = 0
-    """Requests answered in full (finish_reason stop or length, or an embedding)."""
-    failed: int = 0
-    """Requests answered with an error status (validation, `fail_status`, queue full)."""
-    rejected: int = 0
-    """Requests refused with 503 because the queue was full (also counted in `failed`)."""
-    aborted: int = 0
-    """Requests cut short: the client went away or `die_after_tokens` dropped the connection."""
+            check(status is None or 400 <= status <= 599, f"{name} must be an HTTP error status")
 
 
 class _RequestError(Exception):
@@ -218,68 +182,6 @@ def _error_response(status: int, message: str, param: str | None = None) -> JSON
 
 
 # ---------------------------------------------------------------------------------------------
-# Scheduler: max_num_seqs running, a bounded priority/FIFO queue for the rest
-# ---------------------------------------------------------------------------------------------
-
-
-class _QueueFull(Exception):
-    pass
-
-
-class _Scheduler:
-    """Admits requests in (priority, arrival) order; each waiter sleeps on its own future."""
-
-    def __init__(self, config_of: Callable[[], VLLMConfig]) -> None:
-        self._config_of = config_of
-        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._arrivals = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.running = 0
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def check_room(self) -> None:
-        """Raise `_QueueFull` when a new request would have to wait and the queue is full."""
-        config = self._config_of()
-        must_wait = self._queue or self.running >= config.max_num_seqs
-        limit = config.max_num_queued_reqs
-        if must_wait and limit is not None and len(self._queue) >= limit:
-            raise _QueueFull
-
-    async def acquire(self, priority: int) -> None:
-        """Wait for a running slot. Cancelling the wait leaves the queue consistent."""
-        self._loop = asyncio.get_running_loop()
-        if not self._queue and self.running < self._config_of().max_num_seqs:
-            self.running += 1
-            return
-        entry = (priority, next(self._arrivals), self._loop.create_future())
-        heapq.heappush(self._queue, entry)
-        try:
-            await entry[2]
-        except asyncio.CancelledError:
-            if entry[2].done() and not entry[2].cancelled():
-                self.release()  # The slot was granted just before the cancel: hand it on.
-            else:
-                self._queue.remove(entry)
-                heapq.heapify(self._queue)
-            raise
-
-    def release(self) -> None:
-        self.running -= 1
-        self.admit()
-
-    def admit(self) -> None:
-        """Start waiters while there are free slots (after a release or a capacity increase)."""
-        while self._queue and self.running < self._config_of().max_num_seqs:
-            _, _, future = heapq.heappop(self._queue)
-            self.running += 1
-            future.set_result(None)
-
-    def admit_threadsafe(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.admit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,23 +367,10 @@ def _prompts_of(prompt: Any) -> list[str]:
 
 
 def _render_chat(messages: Any) -> str:
-    """Render messages with a trivial chat template: "role: content" lines, then "assistant:"."""
-    if not isinstance(messages, list) or not messages:
-        raise _RequestError(400, "messages: Field required (a non-empty list)", "messages")
-    lines = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _RequestError(400, "messages: each message needs a string 'role'", "messages")
-        lines.append(f"{message['role']}: {_content_text(message.get('content'))}")
-    return "\n".join([*lines, "assistant:"])
-
-
-def _content_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):  # Content parts; only text parts carry tokens here.
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    raise _RequestError(400, "messages: content should be a string or a list of parts", "messages")
+    try:
+        return render_chat(messages)
+    except ValueError as error:
+        raise _RequestError(400, str(error), "messages") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +383,7 @@ class VLLMEmulator:
 
     def __init__(self, config: VLLMConfig) -> None:
         self.config = config
-        self._scheduler = _Scheduler(lambda: self.config)
+        self._scheduler = Scheduler(lambda: self.config.max_num_seqs, lambda: self.config.max_num_queued_reqs)
         self._metrics = _Metrics(config.served_model_names[0], config.show_deprecated_metrics)
         self._tally = EmulatorStats()
 
@@ -571,7 +460,7 @@ class VLLMEmulator:
         except _RequestError as error:
             self._tally.failed += 1
             return _error_response(error.status, error.message, error.param)
-        except _QueueFull:
+        except QueueFull:
             self._tally.failed += 1
             self._tally.rejected += 1
             # vLLM >= 0.29 rejects with 503 (protocols.md §1.4); the exact message is unconfirmed.
@@ -679,11 +568,9 @@ class VLLMEmulator:
         for prompt, tokens in zip(prompts, prompt_tokens, strict=True):
             limit = self._check_context(tokens, max_tokens)
             for sample in range(n):
-                rng = random.Random(f"{self.config.seed}:{prompt}:{sample}")
-                natural = rng.randint(*self.config.output_tokens_range)
-                length = limit if ignore_eos or limit < natural else natural
-                words = [rng.choice(_VOCAB) for _ in range(length)]
-                choices.append(_Choice(len(choices), words, "length" if length == limit else "stop"))
+                key = f"{self.config.seed}:{prompt}:{sample}"
+                words = filler(key, self.config.output_tokens_range, limit, ignore_eos)
+                choices.append(_Choice(len(choices), words, "length" if len(words) == limit else "stop"))
         return choices
 
     def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -719,13 +606,13 @@ class VLLMEmulator:
             async for step in steps:
                 if step == 0 and job.chat:
                     role = {"role": "assistant", "content": ""}
-                    yield _sse(self._usage_chunk(job, [_chat_delta(c.index, role) for c in job.choices], 0))
+                    yield sse(self._usage_chunk(job, [_chat_delta(c.index, role) for c in job.choices], 0))
                 choices = [_step_choice(job, c, step) for c in job.choices if step < len(c.words)]
-                yield _sse(
+                yield sse(
                     self._usage_chunk(job, choices, sum(min(step + 1, len(c.words)) for c in job.choices))
                 )
         if job.include_usage:
-            yield _sse({**_chunk(job, []), "usage": _usage(job.prompt_tokens, job.completion_tokens)})
+            yield sse({**_chunk(job, []), "usage": _usage(job.prompt_tokens, job.completion_tokens)})
         yield "data: [DONE]\n\n"
 
     def _usage_chunk(self, job: _Job, choices: list[dict[str, Any]], tokens_so_far: int) -> dict[str, Any]:
@@ -931,10 +818,6 @@ def _step_choice(job: _Job, choice: _Choice, step: int) -> dict[str, Any]:
     if step == len(choice.words) - 1:  # The last token carries the finish reason.
         body.update(finish_reason=choice.finish_reason, stop_reason=None)
     return body
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------

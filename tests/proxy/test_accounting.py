@@ -5,13 +5,14 @@ every backend, and the router's outcome counters add up to the number of request
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import Emulator, RouterServer, wait_idle
 from prometheus_client.parser import text_string_to_metric_families
+from proxy_support import Emulator, RouterServer, wait_idle
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import assert_idle
@@ -38,7 +39,9 @@ def _normal(client: httpx.Client) -> None:
 
 def _stream(client: httpx.Client) -> None:
     body = {"model": "ok", "prompt": "Hi", "max_tokens": 4, "stream": True}
-    with client.stream("POST", "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]}) as r:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]}
+    ) as r:
         for _line in r.iter_lines():
             pass
 
@@ -61,11 +64,9 @@ def _timeout(client: httpx.Client) -> None:
 
 def _send(url: str, kind: Callable[[httpx.Client], None]) -> None:
     # A client of its own per request, so a cut stream closes its connection for real.
-    with httpx.Client(base_url=url, timeout=30) as client:
-        try:
-            kind(client)
-        except httpx.HTTPError:
-            pass  # a stream broken by the killed backend: what matters is the router's books
+    # A stream broken by the killed backend raises; what matters is the router's books.
+    with httpx.Client(base_url=url, timeout=30) as client, contextlib.suppress(httpx.HTTPError):
+        kind(client)
 
 
 def test_counters_balance_after_a_hostile_mix(emulators: Emulators, router: Routers) -> None:
@@ -96,7 +97,7 @@ def test_counters_balance_after_a_hostile_mix(emulators: Emulators, router: Rout
     wait_idle(server.app)
     assert_idle(server.app.router)
     deadline = time.monotonic() + 5  # the last cut streams are counted a moment after release
-    while sum(outcomes := _outcomes(httpx.get(f"{server.url}/metrics").text).values()) < sent:
+    while sum((outcomes := _outcomes(httpx.get(f"{server.url}/metrics").text)).values()) < sent:
         assert time.monotonic() < deadline, outcomes
         time.sleep(0.02)
     assert sum(outcomes.values()) == sent, outcomes

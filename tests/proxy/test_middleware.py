@@ -13,8 +13,8 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
-from conftest import Emulator, RouterServer, config_for, wait_idle
 from fastapi import FastAPI
+from proxy_support import Emulator, RouterServer, config_for, wait_idle
 
 from irmiddleware.proxy import RoutingMiddleware, create_app, parse_config
 from irmiddleware.testing import assert_idle
@@ -38,14 +38,24 @@ def test_openai_client_through_the_router(emulators: Emulators, router: Routers)
     client = client_of(server)
 
     assert sorted(model.id for model in client.models.list()) == ["e", "m"]  # "e" was discovered
-    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
     assert chat.object == "chat.completion" and chat.usage is not None
     completion = client.completions.create(model="m", prompt="Hello", max_tokens=3)
     assert completion.choices[0].finish_reason == "length"
-    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content
+        for c in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
+        )
+        if c.choices
+    ]
     assert len(pieces) == 6  # the role chunk, then one chunk per token
-    texts = [c.choices[0].text for c in client.completions.create(model="m", prompt="Hi", max_tokens=4, stream=True)]
+    texts = [
+        c.choices[0].text
+        for c in client.completions.create(model="m", prompt="Hi", max_tokens=4, stream=True)
+    ]
     assert len(texts) == 4
     embedding = client.embeddings.create(model="e", input="some text")
     assert len(embedding.data[0].embedding) == 16
@@ -84,7 +94,10 @@ def test_router_errors_have_openai_shape(emulators: Emulators, router: Routers) 
     unknown = httpx.post(url, json={"model": "nope", "messages": []})
     assert unknown.status_code == 404
     assert unknown.json()["error"] == {
-        "message": "The model `nope` does not exist.", "type": "NotFoundError", "param": "model", "code": 404
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
     }
     too_large = httpx.post(url, json={"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]})
     assert too_large.status_code == 413
@@ -130,7 +143,9 @@ def test_backend_status_and_headers_pass_through(emulators: Emulators, router: R
 def test_upstream_timeout_is_504(emulators: Emulators, router: Routers) -> None:
     (slow,) = emulators(1, time_per_request_s=2.0)
     server = router(config_for([slow.url], timeouts={"read_s": 0.2}))
-    response = httpx.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+    response = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2}
+    )
     assert response.status_code == 504 and response.json()["error"]["type"] == "GatewayTimeoutError"
     wait_idle(server.app)
     assert_idle(server.app.router)
@@ -146,7 +161,9 @@ def test_connection_failures_are_retried_elsewhere(emulators: Emulators, router:
     (live,) = emulators(1)
     server = router(config_for([_refused_url(), live.url], strategy="round_robin"))
     for _ in range(6):
-        response = httpx.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+        response = httpx.post(
+            f"{server.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2}
+        )
         assert response.status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'irm_routing_decisions_total{result="retry",strategy="round_robin"}' in metrics

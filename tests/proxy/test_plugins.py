@@ -7,11 +7,12 @@ each request's lifecycle and cannot break it."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import httpx
 import pytest
-from conftest import Emulator, RouterServer, config_for
+from proxy_support import Emulator, RouterServer, config_for
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import BackendLoad, PythonStrategy, RequestEvent, RouteInfo, Strategy, hookimpl
@@ -61,7 +62,9 @@ def _raise(backends: Sequence[BackendLoad], request: RouteInfo) -> int | None:
 
 
 @pytest.mark.parametrize(
-    "pick", [_raise, lambda backends, request: 12345, lambda backends, request: "not-an-id"], ids=["raises", "foreign", "junk"]
+    "pick",
+    [_raise, lambda backends, request: 12345, lambda backends, request: "not-an-id"],
+    ids=["raises", "foreign", "junk"],
 )
 def test_faulty_strategy_falls_back_without_leaking(
     emulators: Emulators, router: Routers, caplog: pytest.LogCaptureFixture, pick: Callable[..., int | None]
@@ -78,7 +81,9 @@ def test_faulty_strategy_falls_back_without_leaking(
 
 def test_strategy_returning_none_means_nothing_fits(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1)
-    server = router(config_for([backend.url], strategy="custom"), plugins=(StrategyPlugin(lambda b, r: None),))
+    server = router(
+        config_for([backend.url], strategy="custom"), plugins=(StrategyPlugin(lambda b, r: None),)
+    )
     response = httpx.post(f"{server.url}/v1/completions", json=BODY)
     assert response.status_code == 503 and "retry-after" in response.headers
     assert backend.emulator.stats.received == 0
@@ -108,12 +113,16 @@ def test_clashing_names_and_unknown_names_are_config_errors(emulators: Emulators
     clash = StrategyPlugin(_raise)
     other = StrategyPlugin(_raise)
     other.__name__ = "other-plugin"  # type: ignore[misc]
-    with pytest.raises(_plugins.PluginError, match="'custom' is registered by both 'custom-plugin' and 'other-plugin'"):
+    with pytest.raises(
+        _plugins.PluginError, match="'custom' is registered by both 'custom-plugin' and 'other-plugin'"
+    ):
         create_app(config_for([backend.url]), plugins=(clash, other))
-    with pytest.raises(_plugins.PluginError, match="unknown strategy 'fastest'; available: .*least_connections"):
+    with pytest.raises(
+        _plugins.PluginError, match=r"unknown strategy 'fastest'; available: .*least_connections"
+    ):
         create_app(config_for([backend.url], strategy="fastest"))
     tgi = RouterConfig(backends=(BackendConfig(url=backend.url, type="tgi"),))
-    with pytest.raises(_plugins.PluginError, match="unknown backend type 'tgi'; available: .*vllm"):
+    with pytest.raises(_plugins.PluginError, match=r"unknown backend type 'tgi'; available: .*vllm"):
         create_app(tgi)
 
 
@@ -153,7 +162,16 @@ def test_observers_see_the_lifecycle_and_cannot_break_it(emulators: Emulators, r
     recorder = Recorder()
     server = router(config_for([backend.url]), plugins=(recorder, RaisingObserver()))
     assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+    # "completed" fires after the last byte went out, so the client may see the answer first.
+    deadline = time.monotonic() + 5
+    while len(recorder.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [name for name, _event in recorder.events] == ["routed", "first_byte", "completed"]
     completed = recorder.events[-1][1]
-    assert (completed.model, completed.backend_url, completed.status, completed.attempt) == ("m", backend.url, 200, 1)
+    assert (completed.model, completed.backend_url, completed.status, completed.attempt) == (
+        "m",
+        backend.url,
+        200,
+        1,
+    )
     assert_idle(server.app.router)

@@ -1,7 +1,11 @@
 """Pins the public surface of `irmiddleware.sim`: a change to `__all__` must be deliberate, and the
-module docstring's example runs."""
+examples in the module docstring and in doc/simulation.md run."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 import irmiddleware.sim
 
@@ -26,3 +30,12 @@ def test_docstring_example_runs() -> None:
     assert doc is not None
     example = doc.split("\n\n")[2].replace("20_000", "500")
     exec(compile("\n".join(line[4:] for line in example.splitlines()), "<sim docstring>", "exec"), {})
+
+
+def test_simulation_doc_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = Path(__file__).parents[2] / "doc" / "simulation.md"
+    if not doc.exists():
+        pytest.skip("doc/ is not shipped with this installation")
+    example = doc.read_text().split("```python\n")[1].split("```")[0]
+    exec(compile(example.replace("20_000", "500"), str(doc), "exec"), {})
+    assert "least_connections" in capsys.readouterr().out

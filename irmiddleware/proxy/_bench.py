@@ -1,0 +1,157 @@
+"""`irmiddleware bench-proxy`: the proxy's overhead, measured against direct calls in one run.
+
+An emulated vLLM backend (no generation delay) and the proxy (`irmiddleware serve`) run as two
+child processes on 127.0.0.1. For non-streaming and streaming completions the same client sends
+the same requests directly and through the proxy, first one at a time (latency p50/p99) and then
+with concurrency (requests/s). The proxy's CPU time per request is read from /proc for the proxy
+process alone. Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = ["bench_proxy_main"]
+
+_EMULATOR = """
+import sys, uvicorn
+from irmiddleware.testing import create_vllm_app
+app = create_vllm_app(served_model_names=("m",), max_num_seqs=1024, time_per_request_s=0.0,
+                      time_per_prompt_token_s=0.0, time_per_output_token_s=0.0)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+@dataclass
+class _Phase:
+    latencies_s: list[float]
+    rate_per_s: float
+    cpu_s_per_request: float | None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    # utime + stime of one process, fields 14 and 15 of /proc/PID/stat (after the command name).
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _process(args: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{args[:2]} did not start on {url}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _body(stream: bool) -> dict[str, object]:
+    return {"model": "m", "prompt": "Hello there", "max_tokens": 16, "ignore_eos": True, "stream": stream}
+
+
+def _sequential(url: str, count: int, stream: bool) -> list[float]:
+    latencies = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(count):
+            started = time.perf_counter()
+            with client.stream("POST", "/v1/completions", json=_body(stream)) as response:
+                for _chunk in response.iter_raw():
+                    pass
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def _concurrent(url: str, count: int, concurrency: int, stream: bool) -> float:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        remaining = iter(range(count))
+
+        async def worker() -> None:
+            for _ in remaining:
+                async with client.stream("POST", "/v1/completions", json=_body(stream)) as response:
+                    async for _chunk in response.aiter_raw():
+                        pass
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count / (time.perf_counter() - started)
+
+
+def _phase(url: str, args: argparse.Namespace, stream: bool, pid: int | None) -> _Phase:
+    _sequential(url, min(50, args.requests), stream)  # warm up connections and code paths
+    cpu_before = _cpu_s(pid) if pid else 0.0
+    latencies = _sequential(url, args.requests, stream)
+    rate = asyncio.run(_concurrent(url, args.requests, args.concurrency, stream))
+    cpu = (_cpu_s(pid) - cpu_before) / (2 * args.requests) if pid else None
+    return _Phase(latencies, rate, cpu)
+
+
+def _quantile_ms(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] * 1000
+
+
+def _report(name: str, direct: _Phase, proxied: _Phase) -> None:
+    p50 = _quantile_ms(proxied.latencies_s, 0.5) - _quantile_ms(direct.latencies_s, 0.5)
+    p99 = _quantile_ms(proxied.latencies_s, 0.99) - _quantile_ms(direct.latencies_s, 0.99)
+    cpu = proxied.cpu_s_per_request or 0.0
+    print(f"{name}:")
+    for label, phase in (("direct ", direct), ("proxied", proxied)):
+        p50_ms, p99_ms = _quantile_ms(phase.latencies_s, 0.5), _quantile_ms(phase.latencies_s, 0.99)
+        print(f"  {label}: p50 {p50_ms:7.3f} ms  p99 {p99_ms:7.3f} ms  {phase.rate_per_s:8.0f} req/s")
+    print(f"  added  : p50 {p50:+7.3f} ms  p99 {p99:+7.3f} ms   proxy CPU {cpu * 1e6:6.0f} us/request")
+
+
+def bench_proxy_main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark and prints the figures; returns 0."""
+    parser = argparse.ArgumentParser(prog="irmiddleware bench-proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests per phase (default 1000)")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients in the throughput phase")
+    args = parser.parse_args(argv)
+    if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024:
+        parser.error("--requests must be in 10..100000 and --concurrency in 1..1024")
+    backend = f"http://127.0.0.1:{_free_port()}"
+    proxy = f"http://127.0.0.1:{_free_port()}"
+    serve = ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096"]
+    serve += ["--listen", proxy.removeprefix("http://"), "--log-level", "warning"]
+    with (
+        _process(["-c", _EMULATOR, backend.rpartition(":")[2]], backend),
+        _process(serve, proxy) as proxy_process,
+    ):
+        print(
+            f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend"
+        )
+        for name, stream in (("non-streaming", False), ("streaming (16 chunks)", True)):
+            direct = _phase(backend, args, stream, None)
+            proxied = _phase(proxy, args, stream, proxy_process.pid)
+            _report(name, direct, proxied)
+    return 0

@@ -1,0 +1,113 @@
+"""Helpers and fixtures for the proxy tests: vLLM emulators and routers as real uvicorn servers on
+127.0.0.1. A module of its own (not conftest) so test files can import its helpers by a unique name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from irmiddleware.proxy import RouterConfig, RoutingMiddleware, create_app, parse_config
+from irmiddleware.testing import create_vllm_app, serve_in_thread
+from irmiddleware.testing._server import RunningServer
+from irmiddleware.testing._vllm import VLLMEmulator
+
+# Fast timings so the suite runs in seconds; tests slow down what they need.
+FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}
+
+
+@dataclass
+class Emulator:
+    server: RunningServer
+    emulator: VLLMEmulator
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+class RouterServer:
+    """A router app on uvicorn in a thread, with lifespan on (the emulators' helper runs without
+    one, and the router's upstream client lives in the lifespan)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def __enter__(self) -> RouterServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("router did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+
+
+def config_for(urls: list[str], models: list[str] | None = ("m",), **router: Any) -> RouterConfig:  # type: ignore[assignment]
+    backends: list[dict[str, Any]] = []
+    for url in urls:
+        entry: dict[str, Any] = {"url": url, "type": "vllm", "capacity": 8}
+        if models is not None:
+            entry["models"] = list(models)
+        backends.append(entry)
+    return parse_config({"router": router, "backends": backends})
+
+
+@pytest.fixture
+def emulators() -> Iterator[Callable[..., list[Emulator]]]:
+    """`emulators(n, **config)` starts n vLLM emulators serving model "m"."""
+    with contextlib.ExitStack() as stack:
+
+        def start(count: int = 1, **overrides: Any) -> list[Emulator]:
+            started = []
+            for _ in range(count):
+                app = create_vllm_app(**{"served_model_names": ("m",), **FAST, **overrides})
+                started.append(Emulator(stack.enter_context(serve_in_thread(app)), app.state.emulator))
+            return started
+
+        yield start
+
+
+@pytest.fixture
+def router() -> Iterator[Callable[..., RouterServer]]:
+    """`router(config, **options)` serves `create_app(config, **options)`; `.app` is the middleware."""
+    with contextlib.ExitStack() as stack:
+
+        def start(config: RouterConfig | RoutingMiddleware, **options: Any) -> RouterServer:
+            app = config if isinstance(config, RoutingMiddleware) else create_app(config, **options)
+            return stack.enter_context(RouterServer(app))
+
+        yield start
+
+
+def in_flight(middleware: RoutingMiddleware) -> list[int]:
+    return [s.requests_in_flight for s in middleware.router.stats()]
+
+
+def wait_idle(middleware: RoutingMiddleware, timeout_s: float = 5.0) -> None:
+    """Waits (bounded) until nothing is in flight: releases after a client hangs up happen on the
+    router's loop a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while any(in_flight(middleware)) and time.monotonic() < deadline:
+        time.sleep(0.01)
