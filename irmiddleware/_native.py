@@ -46,6 +46,7 @@ class Strategy(enum.IntEnum):
     P2C = 2
     CONSISTENT_HASH = 3
     PREFIX_AFFINITY = 4
+    QUEUE_AWARE = 5
 
 
 class Outcome(enum.IntEnum):
@@ -173,6 +174,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_table_seed": [_u32, _u64],
     "irm_table_set_class_share": [_u32, _u32, _u32],
     "irm_table_set_balance": [_u32, _u32],
+    "irm_table_set_signal_age_max": [_u32, _u32],
     "irm_table_get_class_share": [_u32, _u32, _pu32],
     "irm_backend_add": [_u32, _u64, _i64, _i64, _pu32],
     "irm_backend_remove": [_u32, _u32],
@@ -384,6 +386,10 @@ class NativeTable:
         """Bounded-load slack ε (0 … 10) of consistent_hash and prefix_affinity."""
         _check(_lib.irm_table_set_balance(self._handle, round(epsilon * 1000)), "set balance epsilon")
 
+    def set_signal_age_max(self, age_max_ms: int) -> None:
+        """Server-reported signals older than this are ignored by `queue_aware`."""
+        _check(_lib.irm_table_set_signal_age_max(self._handle, age_max_ms), "set signal age")
+
     def class_share(self, priority: int) -> float:
         out, out_ref = self._out()
         _check(_lib.irm_table_get_class_share(self._handle, priority, out_ref), f"share of class {priority}")
@@ -412,6 +418,7 @@ class NativeTable:
         return slot.value
 
     def set_signals(self, slot: int, queue_depth: int, kv_usage: float, time_ms: int) -> None:
+        """`time_ms` is `time.monotonic() * 1000` when the signals were read (the core's clock)."""
         status = _lib.irm_backend_set_signals(
             self._handle, slot, queue_depth, round(kv_usage * 1000), time_ms
         )

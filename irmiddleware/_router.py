@@ -23,6 +23,7 @@ STRATEGIES: Final = {
     "p2c": _native.Strategy.P2C,
     "consistent_hash": _native.Strategy.CONSISTENT_HASH,
     "prefix_affinity": _native.Strategy.PREFIX_AFFINITY,
+    "queue_aware": _native.Strategy.QUEUE_AWARE,
 }
 _OUTCOMES: Final = {
     _native.Outcome.NONE: None,
@@ -198,6 +199,7 @@ class Router:
         seed: int | None = None,
         prefix_index_entries: int = 65_536,
         balance_epsilon: float | None = None,
+        signal_age_max_s: float | None = None,
     ) -> None:
         self._strategy = strategy_id(strategy)
         self.strategy = strategy
@@ -214,6 +216,8 @@ class Router:
             self._table.seed(seed)
         if balance_epsilon is not None:
             self._table.set_balance(balance_epsilon)
+        if signal_age_max_s is not None:
+            self._table.set_signal_age_max(round(signal_age_max_s * 1000))
         if shared_memory is not None:
             self._refresh_ids()
 
@@ -306,6 +310,19 @@ class Router:
     def pools(self) -> dict[str, list[int]]:
         """Pool name -> member accelerator ids."""
         return {name: list(members) for name, (members, _strategy, _pool) in self._pools.items()}
+
+    def set_signals(
+        self, accelerator_id: int, *, queue_depth: int, kv_usage: float = 0.0, read_at: float | None = None
+    ) -> None:
+        """Records the load an accelerator reports itself (waiting requests, KV-cache use 0–1),
+        read at `read_at` (`time.monotonic()`, default now). `queue_aware` adds it to our own
+        count while it is fresher than `signal_age_max_s` (default 5 s) and ignores it after."""
+        if type(queue_depth) is not int or not 0 <= queue_depth < 2**32:
+            raise ValueError(f"queue_depth must be an int in 0..2**32-1, got {queue_depth!r}")
+        if not 0.0 <= kv_usage <= 1.0:
+            raise ValueError(f"kv_usage must be in 0..1, got {kv_usage!r}")
+        stamp = time.monotonic() if read_at is None else read_at
+        self._table.set_signals(self._slot(accelerator_id), queue_depth, kv_usage, max(1, int(stamp * 1000)))
 
     @property
     def accelerators(self) -> list[int]:

@@ -5,6 +5,7 @@ pools, priority shares), with clear errors for bad input."""
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 
@@ -31,7 +32,7 @@ def fleet(strategy: str, capacities: list[int], **options: object) -> Router:
 
 
 def test_unknown_strategy_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, round_robin"):
+    with pytest.raises(ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, queue_aware, round_robin"):
         Router("fastest")
 
 
@@ -254,3 +255,21 @@ def test_bad_state_names_are_refused() -> None:
 def test_class_share_out_of_range_is_refused() -> None:
     with pytest.raises(InvalidArgumentError):
         Router("p2c", class_shares=[1.0, 0.0])
+
+
+def test_queue_aware_avoids_reported_queues_while_they_are_fresh() -> None:
+    router = fleet("queue_aware", [100, 100, 100], seed=3)
+    router.set_signals(0, queue_depth=40, kv_usage=0.5)
+    picks = collections.Counter(router.acquire(1).accelerator_id for _ in range(60))  # type: ignore[union-attr]
+    assert picks[0] == 0
+    router.set_signals(0, queue_depth=40, read_at=time.monotonic() - 60)  # stale: ignored
+    picks = collections.Counter(router.acquire(1).accelerator_id for _ in range(60))  # type: ignore[union-attr]
+    assert picks[0] > 0
+
+
+def test_bad_signals_are_refused() -> None:
+    router = fleet("queue_aware", [10])
+    with pytest.raises(ValueError, match="kv_usage"):
+        router.set_signals(0, queue_depth=1, kv_usage=1.5)
+    with pytest.raises(ValueError, match="queue_depth"):
+        router.set_signals(0, queue_depth=-1)

@@ -264,6 +264,14 @@ export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
     return status(.ok);
 }
 
+/// Sets how old (ms of CLOCK_MONOTONIC) a backend's reported signals may be before `queue_aware`
+/// ignores them.
+export fn irm_table_set_signal_age_max(handle: u32, age_max_ms: u32) i32 {
+    const t = lookup(handle) orelse return status(.invalid_handle);
+    t.header.signal_age_max_ms.store(age_max_ms, .monotonic);
+    return status(.ok);
+}
+
 /// Sets the share of capacity (per mille, 1–1000) that requests of `priority` may fill.
 export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
@@ -318,7 +326,8 @@ export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
     return status(.ok);
 }
 
-/// Records load the server itself reports (queue depth, KV-cache use) and when it was read.
+/// Records load the server itself reports (queue depth, KV-cache use in per mille) and when it
+/// was read (`time_ms` of CLOCK_MONOTONIC, i.e. Python's `time.monotonic() * 1000`).
 export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);

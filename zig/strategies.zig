@@ -20,6 +20,8 @@ pub const Strategy = enum(u32) {
     /// To the backend holding the longest cached prompt prefix unless it is overloaded, else the
     /// least loaded; without prefix hashes, least connections.
     prefix_affinity = 4,
+    /// p2c on our load plus what backends report (queue depth, KV-cache use) while fresh.
+    queue_aware = 5,
     _,
 };
 
@@ -108,6 +110,7 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
         .least_connections => leastConnections(t, candidates, cost, class),
         .p2c, .consistent_hash => powerOfTwoChoices(t, candidates, cost, class),
         .prefix_affinity => leastConnections(t, candidates, cost, class),
+        .queue_aware => twoChoices(t, candidates, cost, class, .reported),
         _ => unreachable, // The ABI edge validates the strategy.
     };
 }
@@ -127,7 +130,7 @@ pub fn acquireAffine(t: *const Table, candidates: Candidates, strategy: Strategy
 
 pub fn isKnown(strategy: u32) bool {
     return switch (@as(Strategy, @fromBackingInt(@intCast(strategy)))) {
-        .round_robin, .least_connections, .p2c, .consistent_hash, .prefix_affinity => true,
+        .round_robin, .least_connections, .p2c, .consistent_hash, .prefix_affinity, .queue_aware => true,
         _ => false,
     };
 }
@@ -262,7 +265,7 @@ fn scanLeastLoaded(t: *const Table, candidates: Candidates, cost: u32, class: u3
     while (attempts < least_root_attempts_max) : (attempts += 1) {
         var best_value: u64 = tree.node_none;
         for (0..candidates.slots.len) |index| {
-            best_value = @min(best_value, candidate(t, candidates, index, cost, class));
+            best_value = @min(best_value, candidate(t, candidates, index, cost, class, .local, 0));
         }
         if (best_value == tree.node_none) return slot_none;
         const slot: u32 = @truncate(best_value);
@@ -275,17 +278,27 @@ fn scanLeastLoaded(t: *const Table, candidates: Candidates, cost: u32, class: u3
 /// request) wins. If neither can, sample again, then fall back to a round-robin scan from a
 /// random start.
 fn powerOfTwoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32) u32 {
+    return twoChoices(t, candidates, cost, class, .local);
+}
+
+/// What a two-choice decision compares: the load we put on a backend ourselves, or that plus the
+/// queue and KV-cache use the backend itself reports (load from other routers and from clients
+/// that bypass us), when the report is fresh.
+const LoadView = enum { local, reported };
+
+fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, comptime view: LoadView) u32 {
     const count = candidates.slots.len;
     if (count == 0) return slot_none;
     if (count == 1) return roundRobin(t, candidates, cost, class, 0);
+    const now_ms = if (view == .reported) monotonicMs() else 0;
     var rounds: u32 = 0;
     while (rounds < p2c_rounds_max) : (rounds += 1) {
         const r = t.random();
         const first_index = (r & 0xFFFF_FFFF) % count;
         const second_index = (first_index + 1 + (r >> 32) % (count - 1)) % count;
         assert(first_index != second_index);
-        const first = candidate(t, candidates, first_index, cost, class);
-        const second = candidate(t, candidates, second_index, cost, class);
+        const first = candidate(t, candidates, first_index, cost, class, view, now_ms);
+        const second = candidate(t, candidates, second_index, cost, class, view, now_ms);
         const better = @min(first, second);
         const worse = @max(first, second);
         if (better == tree.node_none) continue;
@@ -295,11 +308,37 @@ fn powerOfTwoChoices(t: *const Table, candidates: Candidates, cost: u32, class: 
     return roundRobin(t, candidates, cost, class, t.random());
 }
 
-/// The tree value (relative load, slot) of a candidate that could take the request, else none.
-fn candidate(t: *const Table, candidates: Candidates, index: u64, cost: u32, class: u32) u64 {
+/// The value (relative load, slot) of a candidate that could take the request, else none.
+fn candidate(t: *const Table, candidates: Candidates, index: u64, cost: u32, class: u32, comptime view: LoadView, now_ms: u64) u64 {
     const slot = candidates.at(index);
     if (slot >= t.backendsMax() or !t.fits(slot, cost, class)) return tree.node_none;
-    return tree.leafValue(t, slot);
+    if (view == .local) return tree.leafValue(t, slot);
+    const word = t.wordOf(slot);
+    return (tree.relativeLoadKey(t, slot, reportedCost(t, slot, word, now_ms)) << 32) | slot;
+}
+
+/// Our cost in flight plus, when the backend's own report is fresh, its waiting queue (each queued
+/// request counted at our average cost per request) and its KV-cache use above 90 % (a nearly full
+/// cache preempts: counted as up to a quarter of capacity more). Stale reports are ignored.
+fn reportedCost(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) u32 {
+    const s = &t.slots[slot];
+    // .acquire pairs with `setSignals`: the values read next are at least as new as the stamp.
+    const stamp_ms = s.signal_time_ms.load(.acquire);
+    const age_max_ms = t.header.signal_age_max_ms.load(.monotonic);
+    if (stamp_ms == 0 or now_ms < stamp_ms or now_ms - stamp_ms > age_max_ms) return word.cost;
+    const cost_per_request: u64 = if (word.count == 0) 1 else @max(1, word.cost / word.count);
+    const queued = @as(u64, s.signal_queue_depth.load(.monotonic)) * cost_per_request;
+    const kv_permille = s.signal_kv_permille.load(.monotonic);
+    const kv_pressure = if (kv_permille <= 900) 0 else @as(u64, s.capacity.load(.monotonic)) * (kv_permille - 900) / 400;
+    return @intCast(@min(@as(u64, word.cost) + queued + kv_pressure, std.math.maxInt(u32)));
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the clock of Python's `time.monotonic()` on Linux, which the
+/// scrapers stamp signals with.
+pub fn monotonicMs() u64 {
+    var now: std.os.linux.timespec = undefined;
+    if (std.os.linux.errno(std.os.linux.clock_gettime(.MONOTONIC, &now)) != .SUCCESS) return 0;
+    return @as(u64, @intCast(now.sec)) * 1000 + @as(u64, @intCast(now.nsec)) / 1_000_000;
 }
 
 const testing = std.testing;
@@ -395,4 +434,22 @@ test "prefix affinity follows the longest prefix and learns new locations" {
     const third = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
     try testing.expect(third.slot != first.slot);
     try testing.expectEqual(Outcome.miss, third.outcome);
+}
+
+test "queue-aware p2c avoids a backend reporting a long queue, until the report is stale" {
+    const t = try table_mod.testTable(4);
+    defer table_mod.testTableFree(t);
+    const busy = try t.add(1, 100, 1000);
+    _ = try t.add(2, 100, 1000);
+    const now_ms = monotonicMs();
+    try t.setSignals(busy, 50, 0, now_ms);
+    for (0..20) |_| {
+        const slot = acquire(&t, .ofTable(&t), .queue_aware, 1, 0);
+        try testing.expect(slot != busy);
+    }
+    t.header.signal_age_max_ms.store(0, .monotonic);
+    try t.setSignals(busy, 50, 0, now_ms -| 10);
+    var chosen_busy = false;
+    for (0..40) |_| chosen_busy = chosen_busy or acquire(&t, .ofTable(&t), .queue_aware, 1, 0) == busy;
+    try testing.expect(chosen_busy);
 }

@@ -113,6 +113,8 @@ pub const Header = extern struct {
     ring_points_per_backend: u32,
     prefix_sets_count: u32,
     prefix_clock: Atomic(u64),
+    /// Server-reported signals older than this are ignored by `queue_aware`.
+    signal_age_max_ms: Atomic(u32),
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
@@ -205,6 +207,7 @@ pub const Layout = struct {
 };
 
 pub const default_balance_epsilon_permille: u32 = 250;
+pub const default_signal_age_max_ms: u32 = 5000;
 
 pub const default_class_share_permille = [classes_count]u32{ 1000, 900, 800, 700, 600, 500, 500, 500 };
 
@@ -239,6 +242,7 @@ pub const Table = struct {
         header.ring_points_per_backend = Layout.ringPointsPerBackend(backends_max);
         header.prefix_sets_count = layout.prefix_sets_count;
         header.balance_epsilon_permille.store(default_balance_epsilon_permille, .monotonic);
+        header.signal_age_max_ms.store(default_signal_age_max_ms, .monotonic);
         for (&header.class_share_permille, default_class_share_permille) |*share, value| {
             share.store(value, .monotonic);
         }

@@ -26,7 +26,7 @@ _START_POLL_S = 0.01
 class RunningServer:
     """A uvicorn server running in a daemon thread; see `serve_in_thread`."""
 
-    def __init__(self, app: Any, sock: socket.socket, startup_delay_s: float) -> None:
+    def __init__(self, app: Any, sock: socket.socket, startup_delay_s: float, lifespan: bool = False) -> None:
         self.host: str = sock.getsockname()[0]
         self.port: int = sock.getsockname()[1]
         self.url: str = f"http://{self.host}:{self.port}"
@@ -34,7 +34,8 @@ class RunningServer:
         self._startup_delay_s = startup_delay_s
         self._cancel_start = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        config = uvicorn.Config(app, log_level="warning", lifespan="on" if lifespan else "off")
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"irm-serve-{self.port}", daemon=True)
 
     @property
@@ -122,6 +123,7 @@ def serve_in_thread(
     *,
     startup_delay_s: float | None = None,
     wait: bool | None = None,
+    lifespan: bool = False,
 ) -> Iterator[RunningServer]:
     """Serve `app` with uvicorn in a background thread for the duration of the `with` block.
 
@@ -133,6 +135,8 @@ def serve_in_thread(
             `None` takes `app.state.emulator.config.startup_delay_s` when the app is an emulator.
         wait: block until the server answers before entering the block. `None` means "wait unless
             there is a startup delay", so a test can watch connections being refused.
+        lifespan: run the app's ASGI lifespan (startup/shutdown), e.g. for a router whose upstream
+            client lives there. The emulators need none.
 
     Yields:
         A `RunningServer` with `.url`, `.port`, `.stop()` and `.kill()`. Leaving the block stops
@@ -141,7 +145,7 @@ def serve_in_thread(
     delay_s = _startup_delay_of(app) if startup_delay_s is None else startup_delay_s
     if delay_s < 0:
         raise ValueError(f"startup_delay_s must be >= 0, got {delay_s}")
-    running = RunningServer(app, _bind(host, port), delay_s)
+    running = RunningServer(app, _bind(host, port), delay_s, lifespan)
     running.start()
     try:
         if wait if wait is not None else delay_s == 0:
