@@ -161,7 +161,9 @@ def demo_main(argv: list[str]) -> int:
         print(problem)
         return 2
     strategies = args.strategy or ["round_robin", "least_connections", "p2c", "queue_aware"]
-    fleet_text = ", ".join(f"{s.name} ({1000 * s.seconds_per_token:.0f} ms/token, batch {s.batch})" for s in FLEET)
+    fleet_text = ", ".join(
+        f"{s.name} ({1000 * s.seconds_per_token:.0f} ms/token, batch {s.batch})" for s in FLEET
+    )
     print(f"fleet on 127.0.0.1: {fleet_text}")
     print(f"{args.requests} chat completions of {TOKENS} tokens per strategy, {args.concurrency} in flight\n")
     with _fleet(FLEET) as urls:

@@ -185,9 +185,21 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu32],
     "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32],
     "irm_acquire_affine": [
-        _u32, _u32, _i32, _u32, _u64, _u32, ctypes.POINTER(ctypes.c_uint64), _u32,
-        _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32, _pu32, _pu32,
-    ],  # fmt: skip
+        _u32,
+        _u32,
+        _i32,
+        _u32,
+        _u64,
+        _u32,
+        ctypes.POINTER(ctypes.c_uint64),
+        _u32,
+        _pu32,
+        _u32,
+        ctypes.POINTER(ctypes.c_uint64),
+        _pu32,
+        _pu32,
+        _pu32,
+    ],
     "irm_prefix_hashes": [ctypes.c_void_p, _u32, _u32, ctypes.POINTER(ctypes.c_uint64), _u32, _pu32],
     "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
     "irm_release": [_u32, _u32, _i32, _u32, _u32],
@@ -353,7 +365,8 @@ class NativeTable:
             )
         if type(prefix_entries) is not int or not 0 <= prefix_entries <= PREFIX_ENTRIES_LIMIT:
             raise _errors.InvalidArgumentError(
-                "invalid_argument", f"prefix entries must be in 0..{PREFIX_ENTRIES_LIMIT}, got {prefix_entries!r}"
+                "invalid_argument",
+                f"prefix entries must be in 0..{PREFIX_ENTRIES_LIMIT}, got {prefix_entries!r}",
             )
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -453,10 +466,13 @@ class NativeTable:
         out, out_ref = self._out()
         outcome, matched = ctypes.c_uint32(), ctypes.c_uint32()
         hashes_count = 0 if hashes is None else len(hashes)
-        slots, slots_count, cursor = (None, 0, None) if pool is None else (pool.slots, pool.count, pool.cursor_ref)
+        slots, slots_count, cursor = (
+            (None, 0, None) if pool is None else (pool.slots, pool.count, pool.cursor_ref)
+        )
+        key_args = (0, 0) if key is None else (key, 1)
         status = _lib.irm_acquire_affine(
-            self._handle, strategy, cost, priority, 0 if key is None else key, int(key is not None),
-            hashes, hashes_count, slots, slots_count, cursor, out_ref, ctypes.byref(outcome), ctypes.byref(matched),
+            self._handle, strategy, cost, priority, *key_args, hashes, hashes_count,
+            slots, slots_count, cursor, out_ref, ctypes.byref(outcome), ctypes.byref(matched),
         )  # fmt: skip
         _check(status, "acquire with affinity")
         return out.value, Outcome(outcome.value), matched.value
@@ -560,11 +576,15 @@ def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Any:
     array to pass as `prefix_hashes`. Equal prefixes give equal leading hashes."""
     raw = text.encode() if isinstance(text, str) else bytes(text)
     if type(block_bytes) is not int or block_bytes < 1:
-        raise _errors.InvalidArgumentError("invalid_argument", f"block_bytes must be >= 1, got {block_bytes!r}")
+        raise _errors.InvalidArgumentError(
+            "invalid_argument", f"block_bytes must be >= 1, got {block_bytes!r}"
+        )
     capacity = min(len(raw) // block_bytes, PREFIX_HASHES_MAX)
     hashes = (ctypes.c_uint64 * capacity)()
     count = ctypes.c_uint32()
-    status = _lib.irm_prefix_hashes(raw, min(len(raw), 2**32 - 1), block_bytes, hashes, capacity, ctypes.byref(count))
+    status = _lib.irm_prefix_hashes(
+        raw, min(len(raw), 2**32 - 1), block_bytes, hashes, capacity, ctypes.byref(count)
+    )
     _check(status, "prefix hashes")
     return hashes
 

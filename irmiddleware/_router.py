@@ -46,6 +46,8 @@ def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Sequence[int]:
     """Chained hashes of `text`'s full blocks of `block_bytes` (UTF-8) bytes, as vLLM's prefix
     cache does (each covers everything before it): pass them as `prefix_hashes=`."""
     return _native.prefix_hashes(text, block_bytes)  # type: ignore[no-any-return]
+
+
 _STATES: Final = {"active": State.ACTIVE, "draining": State.DRAINING, "down": State.DOWN}
 
 
@@ -222,11 +224,15 @@ class Router:
             self._refresh_ids()
 
     @staticmethod
-    def _open_table(max_accelerators: int, prefix_entries: int, shared_memory: str | None) -> _native.NativeTable:
+    def _open_table(
+        max_accelerators: int, prefix_entries: int, shared_memory: str | None
+    ) -> _native.NativeTable:
         if shared_memory is None:
             return _native.NativeTable(max_accelerators, prefix_entries=prefix_entries)
         try:
-            return _native.NativeTable(max_accelerators, prefix_entries=prefix_entries, shared_name=shared_memory)
+            return _native.NativeTable(
+                max_accelerators, prefix_entries=prefix_entries, shared_name=shared_memory
+            )
         except _errors.SharedMemoryError as error:
             if error.status != "shared_exists":
                 raise
@@ -314,7 +320,7 @@ class Router:
     def set_signals(
         self, accelerator_id: int, *, queue_depth: int, kv_usage: float = 0.0, read_at: float | None = None
     ) -> None:
-        """Records the load an accelerator reports itself (waiting requests, KV-cache use 0–1),
+        """Records the load an accelerator reports itself (waiting requests, KV-cache use 0 to 1),
         read at `read_at` (`time.monotonic()`, default now). `queue_aware` adds it to our own
         count while it is fresher than `signal_age_max_s` (default 5 s) and ignores it after."""
         if type(queue_depth) is not int or not 0 <= queue_depth < 2**32:

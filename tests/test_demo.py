@@ -27,6 +27,9 @@ def test_demo_reports_each_strategy_and_shuts_down() -> None:
 
 def test_demo_refuses_bad_arguments() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "irmiddleware", "demo", "--requests", "0"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "irmiddleware", "demo", "--requests", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2

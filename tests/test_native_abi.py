@@ -96,11 +96,28 @@ def test_null_out_pointers_are_refused() -> None:
     assert call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(out)) == "invalid_argument"
     matched = ctypes.c_uint32()
     assert (
-        call("irm_acquire_affine", handle, 4, 1, 0, 0, 0, None, 5, None, 0, None, ctypes.byref(out), None, None)
+        call(
+            "irm_acquire_affine", handle, 4, 1, 0, 0, 0, None, 5, None, 0, None, ctypes.byref(out), None, None
+        )
         == "invalid_argument"
     )
     assert (
-        call("irm_acquire_affine", handle, 4, 1, 0, 0, 2, None, 0, None, 0, None, *(ctypes.byref(out),) * 2, ctypes.byref(matched))
+        call(
+            "irm_acquire_affine",
+            handle,
+            4,
+            1,
+            0,
+            0,
+            2,
+            None,
+            0,
+            None,
+            0,
+            None,
+            *(ctypes.byref(out),) * 2,
+            ctypes.byref(matched),
+        )
         == "invalid_argument"
     )
     assert call("irm_prefix_hashes", b"abc", 3, 0, None, 0, ctypes.byref(out)) == "invalid_argument"

@@ -32,7 +32,9 @@ def fleet(strategy: str, capacities: list[int], **options: object) -> Router:
 
 
 def test_unknown_strategy_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, queue_aware, round_robin"):
+    with pytest.raises(
+        ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, queue_aware, round_robin"
+    ):
         Router("fastest")
 
 
