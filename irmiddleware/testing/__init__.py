@@ -1,8 +1,10 @@
 """Emulated inference servers for users and for tests.
 
-`create_vllm_app` builds an ASGI app that speaks vLLM's OpenAI-compatible protocol (paths, bodies,
-errors, streaming and Prometheus metrics) on a configurable timing and capacity model, with fault
-knobs for tests. `serve_in_thread` runs any such app on a real uvicorn server on 127.0.0.1::
+`create_vllm_app`, `create_triton_app` and `create_tgi_app` build ASGI apps that speak the
+protocols of vLLM (OpenAI-compatible), NVIDIA Triton (KServe v2 plus extensions; its metrics on a
+separate app, `create_triton_metrics_app`) and Hugging Face TGI: paths, bodies, errors, streaming
+and Prometheus metrics, on a configurable timing and capacity model, with fault knobs for tests.
+`serve_in_thread` runs any such app on a real uvicorn server on 127.0.0.1::
 
     from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread
 
@@ -10,11 +12,33 @@ knobs for tests. `serve_in_thread` runs any such app on a real uvicorn server on
     with serve_in_thread(app) as server:
         print(server.url)  # http://127.0.0.1:<port>, e.g. for openai.OpenAI(base_url=server.url + "/v1")
 
+Triton's metrics app is `app.state.metrics_app`; serve it with a second `serve_in_thread`.
+
 Needs the `testing` extra (Starlette and uvicorn). See doc/emulators.md.
 """
 
 from irmiddleware.testing._invariants import assert_idle
 from irmiddleware.testing._server import serve_in_thread
+from irmiddleware.testing._tgi import TGIConfig, create_tgi_app
+from irmiddleware.testing._triton import (
+    TritonConfig,
+    TritonModel,
+    TritonTensor,
+    create_triton_app,
+    create_triton_metrics_app,
+)
 from irmiddleware.testing._vllm import VLLMConfig, create_vllm_app
 
-__all__ = ["VLLMConfig", "assert_idle", "create_vllm_app", "serve_in_thread"]
+__all__ = [
+    "TGIConfig",
+    "TritonConfig",
+    "TritonModel",
+    "TritonTensor",
+    "VLLMConfig",
+    "assert_idle",
+    "create_tgi_app",
+    "create_triton_app",
+    "create_triton_metrics_app",
+    "create_vllm_app",
+    "serve_in_thread",
+]

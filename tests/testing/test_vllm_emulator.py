@@ -63,7 +63,19 @@ def _gauge(url: str, name: str) -> float:
 
 
 def test_public_api_is_pinned() -> None:
-    assert irmiddleware.testing.__all__ == ["VLLMConfig", "assert_idle", "create_vllm_app", "serve_in_thread"]
+    assert irmiddleware.testing.__all__ == [
+        "TGIConfig",
+        "TritonConfig",
+        "TritonModel",
+        "TritonTensor",
+        "VLLMConfig",
+        "assert_idle",
+        "create_tgi_app",
+        "create_triton_app",
+        "create_triton_metrics_app",
+        "create_vllm_app",
+        "serve_in_thread",
+    ]
 
 
 def test_config_rejects_bad_values() -> None:
