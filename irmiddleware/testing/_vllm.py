@@ -12,16 +12,25 @@ Generated tokens are words of at most 4 characters, so re-tokenizing a response 
 
 Scheduling. At most `max_num_seqs` requests run at once; the rest wait in a queue ordered by
 (`priority`, arrival) — plain FIFO unless priority scheduling is on. A running request sleeps for
-its prefill (`time_per_request_s + prompt_tokens * time_per_prompt_token_s`), then one
+its prefill (`time_per_request_s + uncached prompt tokens * time_per_prompt_token_s`), then one
 `time_per_output_token_s` per generated token.
+
+Prefix cache. With `prefix_cache_blocks > 0` the server keeps an LRU of prompt blocks, as vLLM's
+automatic prefix caching does: the prompt text is cut into blocks of `block_chars` characters
+(64 ≈ vLLM's 16-token blocks under this tokenizer) with chained hashes (a block's hash covers the
+whole prompt before it, so only true prefixes match). The longest cached prefix of a prompt skips
+its prefill; `vllm:prefix_cache_queries_total` / `_hits_total` count prompt tokens and cached
+tokens, as vLLM does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -136,6 +145,10 @@ class VLLMConfig:
     """`serve_in_thread` keeps the port bound but not listening this long (connection refused)."""
     die_after_tokens: int | None = None
     """Drop the connection after this many generated tokens, mid-response (crash mid-stream)."""
+    prefix_cache_blocks: int = 0
+    """Prompt blocks the prefix cache holds (LRU); 0 disables it (every prompt is prefilled)."""
+    block_chars: int = 64
+    """Characters per prefix-cache block."""
 
     def __post_init__(self) -> None:
         self.served_model_names = tuple(self.served_model_names)
@@ -155,6 +168,8 @@ class VLLMConfig:
         low, high = self.output_tokens_range
         check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
         check(none_or_at_least(self.die_after_tokens, 0), "die_after_tokens must be >= 0")
+        check(self.prefix_cache_blocks >= 0, "prefix_cache_blocks must be >= 0")
+        check(self.block_chars >= 1, "block_chars must be >= 1")
         for name in ("fail_status", "unsupported_api_status"):
             status = getattr(self, name)
             check(status is None or 400 <= status <= 599, f"{name} must be an HTTP error status")
@@ -298,6 +313,7 @@ class _Job:
     response_id: str
     created: int
     prompt_tokens: int
+    prompts: list[str]
     choices: list[_Choice]
     priority: int
     stream: bool
@@ -386,6 +402,7 @@ class VLLMEmulator:
         self._scheduler = Scheduler(lambda: self.config.max_num_seqs, lambda: self.config.max_num_queued_reqs)
         self._metrics = _Metrics(config.served_model_names[0], config.show_deprecated_metrics)
         self._tally = EmulatorStats()
+        self._prefix_cache = PrefixCache(lambda: self.config.prefix_cache_blocks)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -554,6 +571,7 @@ class VLLMEmulator:
             response_id=self._response_id("chatcmpl" if chat else "cmpl", request, body),
             created=int(time.time()),
             prompt_tokens=sum(prompt_tokens),
+            prompts=prompts,
             choices=choices,
             priority=self._check_priority(body),
             stream=_bool_field(body, "stream"),
@@ -630,9 +648,8 @@ class VLLMEmulator:
             admitted = True
             self._metrics.queue_time.labels(**labels).observe(time.monotonic() - job.arrival)
             config = self.config
-            await asyncio.sleep(
-                config.time_per_request_s + job.prompt_tokens * config.time_per_prompt_token_s
-            )
+            uncached = job.prompt_tokens - self._cached_tokens(job)
+            await asyncio.sleep(config.time_per_request_s + uncached * config.time_per_prompt_token_s)
             self._metrics.prompt_tokens.labels(**labels).inc(job.prompt_tokens)
             for step in range(job.steps):
                 if step > 0:
@@ -650,6 +667,23 @@ class VLLMEmulator:
             if admitted:
                 self._scheduler.release()
             self._finish(job, finished)
+
+    def _cached_tokens(self, job: _Job) -> int:
+        """Looks each prompt up in the prefix cache (then caches it); returns the prompt tokens
+        whose prefill is skipped, and counts queries and hits in vLLM's metrics."""
+        if self.config.prefix_cache_blocks == 0:
+            return 0
+        cached = 0
+        for prompt in job.prompts:
+            blocks = block_hashes(prompt, self.config.block_chars)
+            hit_blocks = self._prefix_cache.lookup_and_insert(blocks)
+            prompt_tokens = count_tokens(prompt)
+            # Tokens of the cached characters: the prefix covered by whole cached blocks.
+            cached += min(prompt_tokens, count_tokens(prompt[: hit_blocks * self.config.block_chars]))
+        labels = self._metrics.labels
+        self._metrics.prefix_queries.labels(**labels).inc(job.prompt_tokens)
+        self._metrics.prefix_hits.labels(**labels).inc(cached)
+        return cached
 
     def _cut_if_dying(self, tokens_done: int) -> None:
         die_after = self.config.die_after_tokens
@@ -698,6 +732,7 @@ class VLLMEmulator:
             response_id=self._response_id("embd", request, body),
             created=int(time.time()),
             prompt_tokens=sum(tokens),
+            prompts=texts,
             choices=[_Choice(0, [], "stop")],  # No tokens to generate: prefill only.
             priority=self._check_priority(body),
             stream=False,
@@ -886,3 +921,39 @@ def create_vllm_app(config: VLLMConfig | None = None, **overrides: Any) -> Starl
     app = Starlette(routes=routes, middleware=[Middleware(_AuthMiddleware, emulator=emulator)])
     app.state.emulator = emulator
     return app
+
+
+def block_hashes(text: str, block_chars: int) -> list[bytes]:
+    """Chained hashes of the full blocks of `text`: block i's hash covers every character before
+    its end, so two prompts share a block hash exactly when they share that whole prefix."""
+    hashes = []
+    previous = b""
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        previous = hashlib.blake2b(
+            previous + text[start : start + block_chars].encode(), digest_size=16
+        ).digest()
+        hashes.append(previous)
+    return hashes
+
+
+class PrefixCache:
+    """An LRU of block hashes with a capacity in blocks (read on each use, so it can be changed
+    with `reconfigure`)."""
+
+    def __init__(self, capacity: Callable[[], int]) -> None:
+        self._capacity = capacity
+        self._blocks: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    def lookup_and_insert(self, blocks: list[bytes]) -> int:
+        """The number of leading blocks already cached; then all of them become most recent."""
+        hits = 0
+        for block in blocks:
+            if block not in self._blocks:
+                break
+            hits += 1
+        for block in blocks:
+            self._blocks[block] = None
+            self._blocks.move_to_end(block)
+        while len(self._blocks) > self._capacity():
+            self._blocks.popitem(last=False)
+        return hits
