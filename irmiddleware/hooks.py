@@ -20,11 +20,12 @@ See doc/plugins.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import pluggy
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "PROJECT_NAME",
@@ -35,6 +36,7 @@ __all__ = [
     "Endpoint",
     "HealthProbe",
     "IrmHookspecs",
+    "LoadSignals",
     "NativeStrategy",
     "PickFunction",
     "PythonStrategy",
@@ -43,6 +45,7 @@ __all__ = [
     "Strategy",
     "hookimpl",
     "hookspec",
+    "metric_samples",
 ]
 
 PROJECT_NAME: Final = "irmiddleware"
@@ -130,11 +133,35 @@ class AdapterError(Exception):
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A path an adapter routes. `kind` "inference" is proxied to a backend serving the request's
-    model; "models" is answered by the router from the models it knows (the union over backends)."""
+    model; "models" is answered by the router from the models it knows (the union over backends);
+    "health" is answered by the router from its fleet view (`BackendAdapter.health_answer`)."""
 
     path: str
     methods: frozenset[str]
-    kind: Literal["inference", "models"] = "inference"
+    kind: Literal["inference", "models", "health"] = "inference"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSignals:
+    """Load a backend reports about itself (its Prometheus endpoint), whoever sent it."""
+
+    queue_depth: int
+    """Requests waiting in the server's queue."""
+    kv_usage: float = 0.0
+    """KV-cache use, 0-1 (0 when the server does not report it)."""
+    running: int | None = None
+    """Requests executing (informational: status and metrics)."""
+
+
+def metric_samples(metrics_text: str, names: Collection[str]) -> dict[str, list[float]]:
+    """The values of the samples named `names` in a Prometheus text exposition (one per label
+    set), parsed with prometheus-client's parser. Raises ValueError for text it cannot parse."""
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in names:
+                found.setdefault(sample.name, []).append(sample.value)
+    return found
 
 
 _ERROR_TYPES: Final = {
@@ -162,6 +189,14 @@ class BackendAdapter:
     """GET this path; any 2xx means healthy (used by health checks)."""
     models_path: str | None = "/v1/models"
     """GET this path to discover the served models when the config lists none; None = cannot."""
+    models_method: str = "GET"
+    """The method of the discovery request (Triton's repository index is a POST)."""
+    overload_statuses: frozenset[int] = frozenset({429, 503})
+    """Statuses meaning "too busy, try another backend": retried elsewhere when no byte has
+    reached the client yet, and counted against the backend by outlier detection."""
+    single_model: bool = False
+    """True when requests need not name the model (TGI serves one per server): a name the fleet
+    does not serve then means "the one model the backends of this type serve"."""
     endpoints: tuple[Endpoint, ...] = (
         Endpoint("/v1/completions", frozenset({"POST"})),
         Endpoint("/v1/chat/completions", frozenset({"POST"})),
@@ -203,6 +238,20 @@ class BackendAdapter:
             {"id": name, "object": "model", "created": created, "owned_by": "irmiddleware"} for name in models
         ]
         return json.dumps({"object": "list", "data": cards}).encode()
+
+    def health_answer(self, ready: bool) -> tuple[int, bytes]:
+        """The router's own answer to a "health" endpoint: `ready` is True when some backend
+        takes requests. Default: 200 empty, else 503 with `error_body`."""
+        return (200, b"") if ready else (503, self.error_body(503, "No backend is ready."))
+
+    def metrics_url(self, base_url: str) -> str | None:
+        """Where the backend publishes Prometheus metrics (for load signals); None = nowhere.
+        A backend's `metrics_url` in the configuration overrides it."""
+        return None
+
+    def load_signals(self, metrics_text: str) -> LoadSignals | None:
+        """The load the backend reports in its metrics text; None when the text has none."""
+        return None
 
     def parse_models(self, body: bytes) -> list[str]:
         """The model names in a backend's answer to `models_path` (discovery)."""
@@ -310,5 +359,6 @@ class IrmHookspecs:
     @hookspec
     def irm_request_failed(self, event: RequestEvent) -> None:
         """The attempt ended without a complete response (`event.error`: "connect",
-        "timeout", "upstream", "client_disconnected", "cancelled", "internal"); its load has been
+        "timeout", "upstream", "overloaded" (answered an overload status and was retried
+        elsewhere), "client_disconnected", "cancelled", "internal"); its load has been
         released."""

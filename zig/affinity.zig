@@ -210,8 +210,9 @@ pub fn locationValid(t: *const Table, slot: u32, incarnation: u32) bool {
 
 fn setOf(t: *const Table, hash: u64) u32 {
     assert(t.header.prefix_sets_count > 0);
-    // The high bits: the low ones also pick the way order in callers' tests.
-    return @intCast((hash >> 17) % t.header.prefix_sets_count);
+    // Mixed first: callers may pass low-entropy hashes (small or sequential ints), which must
+    // still spread over every set.
+    return @intCast(table_mod.splitmix64(hash) % t.header.prefix_sets_count);
 }
 
 fn waysOf(t: *const Table, set: u32) []PrefixEntry {

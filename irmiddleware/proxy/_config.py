@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irmiddleware.proxy._admission_config import AdmissionConfig, parse_admission
+
 __all__ = [
     "BackendConfig",
     "ConfigError",
+    "HealthConfig",
     "LimitsConfig",
+    "OutliersConfig",
     "RetriesConfig",
     "RouterConfig",
+    "SignalsConfig",
     "TimeoutsConfig",
     "check_listen",
     "load_config",
@@ -60,6 +65,55 @@ class RetriesConfig:
     connect_attempts: int = 2
 
 
+def _bounded(default: Any, low: float, high: float | None = None) -> Any:
+    # The bounds live with the field so the section parser can check every key the same way.
+    return field(default=default, metadata={"low": low, "high": high})
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """`[router.health]`: active checks (each adapter's health endpoint, or a plugin's probe)."""
+
+    enabled: bool = True
+    interval_s: float = _bounded(5.0, 0.01)
+    timeout_s: float = _bounded(2.0, 0.001)
+    healthy_threshold: int = _bounded(2, 1)
+    """Consecutive passing checks that bring a backend marked unhealthy back."""
+    unhealthy_threshold: int = _bounded(3, 1)
+    """Consecutive failing checks (refused, timeout, bad status) that take a backend out."""
+    require_ready: bool = False
+    """True: a backend gets no traffic before its first passing check (slow starters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutliersConfig:
+    """`[router.outliers]`: passive ejection from live traffic."""
+
+    enabled: bool = True
+    consecutive_connect_failures: int = _bounded(2, 1)
+    consecutive_errors: int = _bounded(5, 1)
+    """Consecutive 5xx, broken answers, timeouts or overload answers."""
+    base_ejection_s: float = _bounded(5.0, 0.001)
+    """First cool-down; each repeat offence doubles it, up to `max_ejection_s`."""
+    max_ejection_s: float = _bounded(300.0, 0.001)
+    overload_penalty_s: float = _bounded(0.5, 0.0)
+    """A backend answering an overload status is skipped this long (0 = never)."""
+    min_eligible_share: float = _bounded(0.5, 0.0, 1.0)
+    """Ejections never leave fewer than this share of a pool's backends eligible (panic
+    threshold: beyond it the pool's healthy backends are all routed to, ejected or not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalsConfig:
+    """`[router.signals]`: scraping the load backends report (their Prometheus endpoints)."""
+
+    enabled: bool = True
+    interval_s: float = _bounded(1.0, 0.01)
+    timeout_s: float = _bounded(1.0, 0.001)
+    max_age_s: float = _bounded(5.0, 0.01)
+    """Signals not refreshed by a successful scrape within this age are ignored by the core."""
+
+
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     """One `[[backends]]` entry."""
@@ -70,6 +124,8 @@ class BackendConfig:
     models: tuple[str, ...] = ()
     """Empty = discover from the backend (the adapter's models path) at startup."""
     weight: float = 1.0
+    metrics_url: str | None = None
+    """Where to scrape load signals; default: the adapter's (Triton: port 8002 of the host)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +142,11 @@ class RouterConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    outliers: OutliersConfig = field(default_factory=OutliersConfig)
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -108,7 +169,7 @@ def load_config(path: str | Path) -> RouterConfig:
 
 def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     """Validates an already-parsed document (a dict shaped like the TOML file)."""
-    _no_unknown_keys(data, {"router", "backends"}, "")
+    _no_unknown_keys(data, {"router", "backends", "admission"}, "")
     router = _table(data, "router", "")
     _no_unknown_keys(router, _field_names(RouterConfig) - {"backends"}, "router.")
     backends = data.get("backends")
@@ -128,6 +189,10 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         timeouts=_section(router, "timeouts", TimeoutsConfig, float),
         limits=_section(router, "limits", LimitsConfig, int),
         retries=_section(router, "retries", RetriesConfig, int),
+        health=_typed_section(router, "health", HealthConfig),
+        outliers=_typed_section(router, "outliers", OutliersConfig),
+        signals=_typed_section(router, "signals", SignalsConfig),
+        admission=parse_admission(_table(data, "admission", "")),
     )
     _no_duplicate_urls(config.backends)
     return config
@@ -148,6 +213,7 @@ def _backend(entry: object, where: str) -> BackendConfig:
         capacity=_get(entry, "capacity", int, f"{where}.", _default(BackendConfig, "capacity"), low=1),
         models=tuple(dict.fromkeys(models)),
         weight=_get(entry, "weight", float, f"{where}.", _default(BackendConfig, "weight"), low=0.001),
+        metrics_url=_url(entry["metrics_url"], f"{where}.metrics_url") if "metrics_url" in entry else None,
     )
 
 
@@ -160,6 +226,22 @@ def _section(router: Mapping[str, Any], name: str, cls: type[Any], kind: type) -
         key: _get(table, key, kind, f"router.{name}.", getattr(defaults, key), low=low) for key in table
     }
     return dataclasses.replace(defaults, **values)
+
+
+def _typed_section(router: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
+    # Each key takes the type of its default and the bounds in its field's metadata.
+    table = _table(router, name, "router.")
+    _no_unknown_keys(table, _field_names(cls), f"router.{name}.")
+    values = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name in table:
+            where = f"router.{name}."
+            value = _get(table, spec.name, type(spec.default), where, spec.default, spec.metadata.get("low"))
+            high = spec.metadata.get("high")
+            if high is not None and value > high:
+                raise ConfigError(f"`{where}{spec.name}` must be <= {high}, got {value!r}")
+            values[spec.name] = value
+    return cls(**values)
 
 
 def _get(

@@ -53,7 +53,12 @@ class Fleet:
         self.strategy_name = config.strategy
         self._python: PythonStrategy | None = strategy if isinstance(strategy, PythonStrategy) else None
         native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
-        self.router = Router(native, max_accelerators=max(16, len(config.backends)))
+        self.router = Router(
+            native,
+            max_accelerators=max(16, len(config.backends)),
+            signal_age_max_s=config.signals.max_age_s,
+            class_shares=config.admission.class_shares,
+        )
         self.backends: dict[int, Backend] = {}
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
@@ -86,12 +91,22 @@ class Fleet:
             if backend.models or backend.adapter.models_path is None:
                 continue
             try:
-                response = await client.get(backend.url + backend.adapter.models_path)
+                response = await client.request(
+                    backend.adapter.models_method, backend.url + backend.adapter.models_path
+                )
                 response.raise_for_status()
                 backend.models = tuple(backend.adapter.parse_models(response.content))
             except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
                 log.warning("model discovery failed for %s: %r", backend.url, error)
         self._rebuild_pools()
+
+    def default_model(self, adapter: BackendAdapter) -> str | None:
+        """For a `single_model` adapter (TGI): the one model its type's backends serve, which a
+        request that names none (or names one nobody serves) goes to; None when it is ambiguous."""
+        if not adapter.single_model:
+            return None
+        served = {m for b in self.backends.values() if b.type == adapter.type_name for m in b.models}
+        return next(iter(served)) if len(served) == 1 else None
 
     def _rebuild_pools(self) -> None:
         members: dict[str, list[int]] = {}
@@ -147,6 +162,15 @@ class Fleet:
         )
         self._decided["fallback"].inc()
         return self.router.acquire(route.cost, route.priority, pool=route.model)
+
+    def has_other(self, route: RouteInfo, excluded: Iterable[int]) -> bool:
+        """Whether some other backend of the pool could take the request now (a hint: by the time
+        it is acquired, it may be full)."""
+        skip = frozenset(excluded)
+        return any(
+            b.state == "active" and b.id not in skip and b.load + route.cost <= b.capacity
+            for b in self.snapshot(self._pools.get(route.model, frozenset()))
+        )
 
     def _acquire_retry(self, route: RouteInfo, excluded: frozenset[int]) -> Lease | None:
         # Retries are rare (a backend refused a connection): pick the least utilized remaining

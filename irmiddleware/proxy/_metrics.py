@@ -27,6 +27,7 @@ OUTCOMES: Final = (
     "client_disconnected",  # the client went away before the end
     "no_capacity",  # nothing fits: 503
     "rejected",  # the router refused the request itself: 400, 404, 413
+    "over_limit",  # a tenant over its rate or concurrency limit: 429 (doc/admission.md)
     "cancelled",  # the server cancelled the request (shutdown)
     "internal",  # a bug or a plugin exception: 500
 )

@@ -24,8 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from irmiddleware import _plugins
 from irmiddleware._router import Lease
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RequestEvent, RouteInfo
+from irmiddleware.proxy._admission import Admission, Shed
 from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._health import FleetMonitor
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._upstream import CONNECT_ERRORS, create_client, request_headers, response_headers
 
@@ -41,6 +43,11 @@ log = logging.getLogger("irmiddleware.proxy")
 
 _JSON: Final = [(b"content-type", b"application/json")]
 _OK_OUTCOMES: Final = frozenset({"ok", "client_disconnected"})
+# Failures before any response byte: the request never started on the backend's side as far as the
+# client can tell, so it may go to another backend. A read error here is a backend that died (or
+# reset the connection) after taking the request; a read *timeout* is not retried (a slow backend
+# would then be loaded twice).
+_RETRIABLE: Final = (*CONNECT_ERRORS, httpx.ReadError, httpx.WriteError)
 
 
 class _Reject(Exception):
@@ -49,6 +56,7 @@ class _Reject(Exception):
     def __init__(self, status: int, message: str, outcome: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.outcome, self.param = status, message, outcome, param
+        self.retry_after: int | None = None
 
 
 class _Exchange:
@@ -107,7 +115,10 @@ class RoutingMiddleware:
         self.registry = _plugins.collect(self.plugin_manager, broken)
         self.metrics = RouterMetrics(self._backend_stats)
         self.fleet = Fleet(config, self.registry, self.metrics)
+        self.admission = Admission(config.admission, self.fleet, self.metrics.registry, config.retry_after_s)
         self._routes = _routes_of(self.fleet.backends.values())
+        self._matchers = _matchers_of(self.fleet.backends.values())
+        self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self._observers = {
             name: _plugins.observers(self.plugin_manager, f"irm_request_{name}")
             for name in ("routed", "first_byte", "completed", "failed")
@@ -133,6 +144,8 @@ class RoutingMiddleware:
             return
         path = scope["path"]
         found = self._routes.get(path)
+        if found is None and self._matchers:
+            found = _match(self._matchers, scope["method"], path)
         if found is not None and scope["method"] in found[0].methods:
             await self._handle(scope, receive, send, *found)
         elif path == self.config.metrics_path and scope["method"] == "GET":
@@ -164,10 +177,12 @@ class RoutingMiddleware:
             if self._client is None:
                 client = create_client(self.config)
                 await self.fleet.discover(client)
+                await self.monitor.start()
                 self._client = client
 
     async def aclose(self) -> None:
-        """Closes the upstream client (lifespan shutdown)."""
+        """Stops health checks and scrapers and closes the upstream client (lifespan shutdown)."""
+        await self.monitor.stop()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -186,11 +201,20 @@ class RoutingMiddleware:
                 await _respond(send, 200, body, _JSON)
                 exchange.outcome = "ok"
                 return
+            if endpoint.kind == "health":
+                status, body = adapter.health_answer(any(s.state == "active" for s in self.router.stats()))
+                await _respond(send, status, body, _JSON if body else [])
+                exchange.outcome = "ok"
+                return
             await self._read_request(exchange, endpoint)
-            await self._route_watching_disconnect(exchange)
-        except _Reject as reject:
+            exchange.route, exchange.body, ticket = self.admission.admit(
+                scope["headers"], adapter, exchange.route, exchange.body
+            )
+            with ticket:  # the tenant's concurrency slot, held until the answer ends
+                await self._route_watching_disconnect(exchange)
+        except (_Reject, Shed) as reject:
             exchange.outcome = reject.outcome
-            await self._send_error(exchange, reject.status, reject.message, reject.param)
+            await self._send_error(exchange, reject.status, reject.message, reject.param, reject.retry_after)
         except Exception:
             log.exception("internal error while routing %s", scope["path"])
             exchange.outcome = "internal"
@@ -204,6 +228,8 @@ class RoutingMiddleware:
             model = exchange.adapter.model_of(endpoint, exchange.scope["path"], exchange.body)
         except AdapterError as error:
             raise _Reject(error.status, error.message, "rejected", error.param) from None
+        if not self.fleet.serves(model):
+            model = self.fleet.default_model(exchange.adapter) or model
         if not self.fleet.serves(model):
             raise _Reject(404, f"The model `{model}` does not exist.", "rejected", "model")
         exchange.route = RouteInfo(exchange.scope["path"], model)
@@ -229,28 +255,41 @@ class RoutingMiddleware:
 
     async def _route(self, exchange: _Exchange) -> None:
         tried: list[int] = []
+        overloaded = False
         for _attempt in range(1 + self.config.retries.connect_attempts):
-            lease = self.fleet.acquire(exchange.route, tried)
+            # The first attempt goes through admission (it may wait, or raise Shed); retries
+            # never wait: the request already waited its turn.
+            if tried:
+                lease = self.fleet.acquire(exchange.route, tried)
+            else:
+                lease = await self.admission.acquire(exchange.route)
             if lease is None:
                 break
-            async with _Attempt(self, exchange, lease, len(tried) + 1) as attempt:
+            async with _Attempt(self, exchange, lease, len(tried) + 1, tried) as attempt:
                 if not await attempt.run():
                     return
             tried.append(lease.accelerator_id)
-        if not tried:
+            overloaded = attempt.outcome == "overloaded"
+        if not tried or overloaded:
             raise _Reject(
                 503, f"No backend serving `{exchange.route.model}` has capacity; retry later.", "no_capacity"
             )
         raise _Reject(502, f"No backend serving `{exchange.route.model}` could be reached.", "connect_error")
 
     async def _send_error(
-        self, exchange: _Exchange, status: int, message: str, param: str | None = None
+        self,
+        exchange: _Exchange,
+        status: int,
+        message: str,
+        param: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         if exchange.started or exchange.disconnected:
             return  # Too late for an error answer: the client already has headers, or is gone.
         headers = list(_JSON)
-        if status == 503:
-            headers.append((b"retry-after", str(self.config.retry_after_s).encode()))
+        if status in (429, 503):
+            seconds = self.config.retry_after_s if retry_after is None else retry_after
+            headers.append((b"retry-after", str(seconds).encode()))
         exchange.started = exchange.done = True
         await _respond(exchange.send, status, exchange.adapter.error_body(status, message, param), headers)
 
@@ -276,9 +315,15 @@ class RoutingMiddleware:
                     "completed": stats.completed,
                     "failed": stats.failed,
                     "latency_ewma_s": stats.latency_ewma_s,
+                    **self.monitor.status_of(stats.id),
                 }
             )
-        return {"strategy": self.fleet.strategy_name, "models": self.fleet.models, "backends": backends}
+        return {
+            "strategy": self.fleet.strategy_name,
+            "models": self.fleet.models,
+            "backends": backends,
+            "admission": self.admission.status(),
+        }
 
     def _backend_stats(self) -> list[tuple[str, Any]]:
         known = self.fleet.backends
@@ -309,10 +354,13 @@ class _Attempt:
     """One try on one backend. Entering it owns `lease`; leaving it releases the lease, exactly
     once, whatever happened inside. `run` returns True when the request may be retried elsewhere."""
 
-    __slots__ = ("backend", "exchange", "lease", "middleware", "number", "outcome", "sent_s", "status")
+    __slots__ = ("backend", "exchange", "lease", "middleware", "number", "outcome", "sent_s", "status", "tried")
 
-    def __init__(self, middleware: RoutingMiddleware, exchange: _Exchange, lease: Lease, number: int) -> None:
+    def __init__(
+        self, middleware: RoutingMiddleware, exchange: _Exchange, lease: Lease, number: int, tried: list[int]
+    ) -> None:
         self.middleware, self.exchange, self.lease, self.number = middleware, exchange, lease, number
+        self.tried = tried
         self.backend: Backend = middleware.fleet.backends[lease.accelerator_id]
         self.outcome = "internal"
         self.status: int | None = None
@@ -330,6 +378,9 @@ class _Attempt:
             self.outcome = "client_disconnected" if self.exchange.disconnected else _outcome_of(exc)
         ok = self.outcome in _OK_OUTCOMES or (self.outcome == "backend_error" and (self.status or 500) < 500)
         self.lease.release(ok=ok)
+        self.middleware.monitor.observe(self.backend, self.outcome, self.status)
+        # After `observe`, so a backend it just ejected is not handed to a waiter.
+        self.middleware.admission.released(self.backend.id)
         self.exchange.outcome = self.outcome
         if self.sent_s:
             self.middleware.metrics.latency.labels(self.backend.url).observe(
@@ -354,7 +405,7 @@ class _Attempt:
         self.sent_s = time.perf_counter()
         try:
             response = await client.send(request, stream=True)
-        except CONNECT_ERRORS as error:
+        except _RETRIABLE as error:
             self.outcome = "connect_error"
             log.warning("backend %s unreachable (attempt %d): %r", self.backend.url, self.number, error)
             return True
@@ -362,11 +413,28 @@ class _Attempt:
             self.outcome = _outcome_of(error)
             await middleware._send_error(exchange, *_upstream_failure(self.outcome))
             return False
+        if self._overloaded_elsewhere(response.status_code):
+            await response.aclose()
+            return True
         try:
             await self._relay(response)
         finally:
             await response.aclose()
         return False
+
+    def _overloaded_elsewhere(self, status: int) -> bool:
+        # An overload answer is retried on another backend while retries remain and one could take
+        # it; otherwise the backend's own answer is relayed, as the honest reply.
+        if status not in self.backend.adapter.overload_statuses:
+            return False
+        middleware = self.middleware
+        if self.number > middleware.config.retries.connect_attempts:
+            return False
+        if not middleware.fleet.has_other(self.exchange.route, [*self.tried, self.backend.id]):
+            return False
+        self.outcome, self.status = "overloaded", status
+        log.info("backend %s overloaded (%d); trying another", self.backend.url, status)
+        return True
 
     async def _relay(self, response: httpx.Response) -> None:
         exchange, metrics = self.exchange, self.middleware.metrics
@@ -449,8 +517,29 @@ def _routes_of(backends: Any) -> dict[str, tuple[Endpoint, BackendAdapter]]:
     routes: dict[str, tuple[Endpoint, BackendAdapter]] = {}
     for backend in backends:
         for endpoint in backend.adapter.endpoints:
-            routes.setdefault(endpoint.path, (endpoint, backend.adapter))
+            if "{" not in endpoint.path:  # templates are matched by the adapter (`_matchers_of`)
+                routes.setdefault(endpoint.path, (endpoint, backend.adapter))
     return routes
+
+
+def _matchers_of(backends: Any) -> tuple[BackendAdapter, ...]:
+    # Adapters with path parameters (Triton's /v2/models/{name}/infer) override `match`; they are
+    # asked, one per type, only for paths the exact index does not know.
+    found: dict[type[BackendAdapter], BackendAdapter] = {}
+    for backend in backends:
+        if type(backend.adapter).match is not BackendAdapter.match:
+            found.setdefault(type(backend.adapter), backend.adapter)
+    return tuple(found.values())
+
+
+def _match(
+    matchers: tuple[BackendAdapter, ...], method: str, path: str
+) -> tuple[Endpoint, BackendAdapter] | None:
+    for adapter in matchers:
+        endpoint = adapter.match(method, path)
+        if endpoint is not None:
+            return endpoint, adapter
+    return None
 
 
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,196 @@
+"""The `[admission]` table of the router configuration: priority classes, bounded waiting, tenant limits.
+
+Read into frozen dataclasses once at startup; every error names its key
+(`admission.classes.3.max_wait_s`). See doc/admission.md for the model and a runnable example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+# A module import (not `from ... import`): `_config` imports this module while it is being
+# initialized, and only uses of its names at call time are safe in such a cycle.
+from irmiddleware.proxy import _config
+
+__all__ = ["CLASSES_COUNT", "AdmissionConfig", "ClassConfig", "TenantConfig", "parse_admission"]
+
+CLASSES_COUNT: Final = 8
+"""Priority classes of the native core: 0 is the most urgent, 7 the least."""
+
+_CORE_SHARES: Final = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5)
+"""The native core's default per-class shares of capacity (zig/table.zig)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClassConfig:
+    """`[admission.classes.N]`: overrides for one class. None = the `[admission]` value."""
+
+    max_queue: int | None = None
+    """Waiters of this class at most (within the global `max_queue`)."""
+    max_wait_s: float | None = None
+    """Longest wait of a request of this class before it is shed with 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """`[admission.tenants."KEY"]` and `[admission.tenant_defaults]`: one tenant's class and limits.
+    0 means "no limit"."""
+
+    default_class: int | None = None
+    """Class of this tenant's requests that name none (between header/body and the route default)."""
+    max_concurrency: int = 0
+    """Requests of this tenant waiting or in flight at once; more get 429."""
+    rate_per_s: float = 0.0
+    """Sustained requests per second (token bucket); faster gets 429 with Retry-After."""
+    burst: int = 0
+    """Bucket size; 0 = max(1, ceil(rate_per_s))."""
+
+    @property
+    def limited(self) -> bool:
+        return self.max_concurrency > 0 or self.rate_per_s > 0
+
+    @property
+    def bucket_size(self) -> float:
+        return float(self.burst or max(1, math.ceil(self.rate_per_s)))
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """`[admission]`. The defaults keep the router's behaviour without the table: every request is
+    class 0 unless it names another, and nothing waits (`max_queue = 0`: 503 at once)."""
+
+    header: str = "x-irm-priority"
+    """Request header naming the class (0-7); "" = do not read a header."""
+    body_priority: bool = True
+    """Read the JSON body's `priority` (vLLM; lower runs earlier) when the header is absent."""
+    default_class: int = 0
+    """Class of requests that name none and have no tenant or route default."""
+    forward_priority: bool = False
+    """Write the class into the body's `priority` field for vLLM backends (they must run
+    `--scheduling-policy priority`, otherwise a non-zero value is a 400)."""
+    class_shares: tuple[float, ...] = _CORE_SHARES
+    """Share of each backend's capacity that class k may fill (non-increasing, 0 < share <= 1)."""
+    max_queue: int = 0
+    """Requests waiting for capacity at most, all classes; 0 = never wait (503 at once)."""
+    max_wait_s: float = 10.0
+    """Longest wait for capacity before 503 (per class: `classes.N.max_wait_s`)."""
+    aging_s: float = 1.0
+    """A waiter is promoted one class per `aging_s` waited (0 = never): it is then ordered and
+    admitted like that class, so lower classes cannot starve."""
+    classes: tuple[ClassConfig, ...] = (ClassConfig(),) * CLASSES_COUNT
+    routes: Mapping[str, int] = field(default_factory=dict)
+    """Default class per request path (e.g. `"/v1/embeddings" = 5`)."""
+    tenant_header: str = "authorization"
+    """Header identifying a tenant (`Authorization: Bearer KEY` counts as KEY); "" = no tenants."""
+    tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
+    tenant_defaults: TenantConfig = TenantConfig()
+    """Limits of every tenant not listed in `tenants`."""
+
+    def max_wait_of(self, priority: int) -> float:
+        own = self.classes[priority].max_wait_s
+        return self.max_wait_s if own is None else own
+
+    def max_queue_of(self, priority: int) -> int:
+        own = self.classes[priority].max_queue
+        return self.max_queue if own is None else min(own, self.max_queue)
+
+
+def parse_admission(table: Mapping[str, Any]) -> AdmissionConfig:
+    """Validates the `[admission]` table (empty = defaults); ConfigError names the key."""
+    known = {f for f in AdmissionConfig.__dataclass_fields__}
+    _config._no_unknown_keys(table, known, "admission.")
+    defaults = AdmissionConfig()
+
+    def value(key: str, kind: type, low: float | None = None) -> Any:
+        return _config._get(table, key, kind, "admission.", getattr(defaults, key), low=low)
+
+    return AdmissionConfig(
+        header=value("header", str).lower(),
+        body_priority=value("body_priority", bool),
+        default_class=_class(table, "default_class", "admission.", defaults.default_class),
+        forward_priority=value("forward_priority", bool),
+        class_shares=_shares(table.get("class_shares", list(defaults.class_shares))),
+        max_queue=value("max_queue", int, low=0),
+        max_wait_s=value("max_wait_s", float, low=0.001),
+        aging_s=value("aging_s", float, low=0),
+        classes=_classes(_config._table(table, "classes", "admission.")),
+        routes=_routes(_config._table(table, "routes", "admission.")),
+        tenant_header=value("tenant_header", str).lower(),
+        tenants={
+            key: _tenant(entry, f'admission.tenants."{key}".')
+            for key, entry in _config._table(table, "tenants", "admission.").items()
+        },
+        tenant_defaults=_tenant(table.get("tenant_defaults", {}), "admission.tenant_defaults."),
+    )
+
+
+def _class(table: Mapping[str, Any], key: str, prefix: str, default: int | None) -> Any:
+    if key not in table:
+        return default
+    priority = _config._get(table, key, int, prefix, default, low=0)
+    if priority >= CLASSES_COUNT:
+        raise _config.ConfigError(f"`{prefix}{key}` must be a class 0..{CLASSES_COUNT - 1}, got {priority}")
+    return priority
+
+
+def _shares(shares: object) -> tuple[float, ...]:
+    where = "`admission.class_shares`"
+    if not isinstance(shares, list) or len(shares) != CLASSES_COUNT:
+        raise _config.ConfigError(f"{where} must be an array of {CLASSES_COUNT} numbers, got {shares!r}")
+    for index, share in enumerate(shares):
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.001 <= share <= 1:
+            raise _config.ConfigError(f"`admission.class_shares[{index}]` must be in 0.001..1, got {share!r}")
+    # Non-increasing, so a request that fits never blocks a more urgent one that would not:
+    # the queue's order and the core's shares then agree on who goes first.
+    for index in range(1, CLASSES_COUNT):
+        if shares[index] > shares[index - 1]:
+            raise _config.ConfigError(
+                f"`admission.class_shares[{index}]` ({shares[index]}) exceeds the share of the more "
+                f"urgent class {index - 1} ({shares[index - 1]}); shares must not increase"
+            )
+    return tuple(float(share) for share in shares)
+
+
+def _classes(table: Mapping[str, Any]) -> tuple[ClassConfig, ...]:
+    classes = [ClassConfig()] * CLASSES_COUNT
+    for key, entry in table.items():
+        if not key.isdigit() or int(key) >= CLASSES_COUNT:
+            raise _config.ConfigError(f"`admission.classes.{key}`: classes are 0..{CLASSES_COUNT - 1}")
+        prefix = f"admission.classes.{key}."
+        if not isinstance(entry, dict):
+            raise _config.ConfigError(f"`{prefix[:-1]}` must be a table")
+        _config._no_unknown_keys(entry, {"max_queue", "max_wait_s"}, prefix)
+        classes[int(key)] = ClassConfig(
+            max_queue=_optional(entry, "max_queue", int, prefix, 0),
+            max_wait_s=_optional(entry, "max_wait_s", float, prefix, 0.001),
+        )
+    return tuple(classes)
+
+
+def _optional(table: Mapping[str, Any], key: str, kind: type, prefix: str, low: float) -> Any:
+    return _config._get(table, key, kind, prefix, None, low=low) if key in table else None
+
+
+def _routes(table: Mapping[str, Any]) -> dict[str, int]:
+    routes: dict[str, int] = {}
+    for path in table:
+        if not path.startswith("/"):
+            raise _config.ConfigError(f'`admission.routes."{path}"`: a route is a path starting with "/"')
+        routes[path] = _class(table, path, "admission.routes.", None)
+    return routes
+
+
+def _tenant(entry: object, prefix: str) -> TenantConfig:
+    if not isinstance(entry, dict):
+        raise _config.ConfigError(f"`{prefix[:-1]}` must be a table")
+    _config._no_unknown_keys(entry, {f for f in TenantConfig.__dataclass_fields__}, prefix)
+    defaults = TenantConfig()
+    return TenantConfig(
+        default_class=_class(entry, "default_class", prefix, None),
+        max_concurrency=_config._get(entry, "max_concurrency", int, prefix, defaults.max_concurrency, low=0),
+        rate_per_s=_config._get(entry, "rate_per_s", float, prefix, defaults.rate_per_s, low=0),
+        burst=_config._get(entry, "burst", int, prefix, defaults.burst, low=0),
+    )

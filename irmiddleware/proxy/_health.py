@@ -1,0 +1,350 @@
+"""The fleet's health: active checks, passive outlier ejection, and the native state they decide.
+
+`FleetHealth` is the one place that sets a backend's native state ("active" / "down"):
+- active checks probe each backend (the adapter's health path, or a plugin's `irm_health_probe`)
+  every `interval_s`, each bounded by `timeout_s`; `unhealthy_threshold` consecutive failures take
+  a backend out, `healthy_threshold` consecutive passes bring it back. A refused connection is a
+  failure like any other: a backend still loading is simply not ready. With `require_ready`, a
+  backend gets no traffic before its first passing check.
+- passive ejections come from `OutlierDetector`, fed by every attempt the proxy makes. An ejected
+  backend is re-admitted once its cool-down is over *and* a health check made after that passes.
+- panic threshold: when ejections would leave fewer than `min_eligible_share` of a pool's backends
+  eligible, that pool's healthy backends are all routed to, ejected or not (some traffic to a
+  doubtful backend beats none at all). Health checks are never overridden: a backend that fails
+  them is down whatever the share.
+
+`FleetMonitor` runs the checks and the load-signal scraper as asyncio tasks in the middleware's
+lifespan, with a small httpx client of their own so probes never queue behind user traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+import pluggy
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from irmiddleware import _plugins
+from irmiddleware.hooks import HealthProbe
+from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._outlier import OutlierDetector
+from irmiddleware.proxy._signals import SignalScraper
+
+__all__ = ["FleetHealth", "FleetMonitor"]
+
+log = logging.getLogger("irmiddleware.proxy.health")
+
+_SLEEP_MIN_S: Final = 0.005
+
+
+@dataclass(slots=True)
+class _Checks:
+    """One backend's active-check record."""
+
+    probe: HealthProbe
+    healthy: bool
+    ever_passed: bool = False
+    passes: int = 0
+    failures: int = 0
+    next_at: float = 0.0
+    last_at: float = 0.0
+
+
+class _HealthMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.healthy = Gauge(
+            "irm_backend_healthy", "1 if the backend passes its health checks.", ["backend"], registry=registry
+        )
+        self.transitions = Counter(
+            "irm_backend_state_transitions",
+            "Changes of a backend's routing state, by the state entered (active, down).",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self.checks = Counter(
+            "irm_health_checks", "Active health checks by result (pass, fail).", ["backend", "result"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "irm_outlier_ejections",
+            "Passive ejections by reason (connect, 5xx, upstream, timeout, overload).",
+            ["backend", "reason"],
+            registry=registry,
+        )
+        self.ejected = Gauge(
+            "irm_outlier_ejected", "1 while the backend is ejected (cool-down not over or not re-checked).",
+            ["backend"], registry=registry,
+        )
+        self.panic = Gauge(
+            "irm_outlier_panic_pools", "Pools routing to ejected backends (panic threshold reached).",
+            registry=registry,
+        )
+
+
+class FleetHealth:
+    """Active-check records, the outlier detector, and the native state they imply."""
+
+    def __init__(
+        self, fleet: Fleet, config: RouterConfig, manager: pluggy.PluginManager, registry: CollectorRegistry
+    ) -> None:
+        self.fleet = fleet
+        self.config = config.health
+        self.outliers = OutlierDetector(config.outliers, list(fleet.backends))
+        self._metrics = _HealthMetrics(registry)
+        self._state_observers = _plugins.observers(manager, "irm_backend_state_changed")
+        start_healthy = not (self.config.enabled and self.config.require_ready)
+        self._checks = {
+            b.id: _Checks(self._probe_of(manager, b), healthy=start_healthy) for b in fleet.backends.values()
+        }
+        self._states = {backend_id: "active" for backend_id in fleet.backends}
+        self._panic_pools: set[str] = set()
+        for backend in fleet.backends.values():
+            self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
+            self._metrics.ejected.labels(backend.url).set(0)
+        self.apply()
+
+    def _probe_of(self, manager: pluggy.PluginManager, backend: Backend) -> HealthProbe:
+        default = HealthProbe(backend.adapter.health_path, timeout_s=self.config.timeout_s)
+        try:
+            probe = manager.hook.irm_health_probe(backend=backend.info, adapter=backend.adapter)
+        except Exception as error:  # a plugin's bug must not take health checking down
+            log.error("irm_health_probe raised for %s: %r; using %s", backend.url, error, default.path)
+            return default
+        return probe if isinstance(probe, HealthProbe) else default
+
+    # ---- passive: every attempt of live traffic -------------------------------------------------
+
+    def observe(self, backend: Backend, outcome: str, status: int | None) -> None:
+        """Called by the proxy once per attempt; ejects the backend when its streak says so."""
+        overload = status is not None and status in backend.adapter.overload_statuses
+        reason = self.outliers.observe(backend.id, outcome, status, overload, time.monotonic())
+        if reason is not None:
+            self._metrics.ejections.labels(backend.url, reason).inc()
+            self._metrics.ejected.labels(backend.url).set(1)
+            self.apply()
+
+    # ---- active checks --------------------------------------------------------------------------
+
+    def due(self, now: float) -> list[int]:
+        """Backends to probe now: their interval is up, or their cool-down just ended."""
+        return [backend_id for backend_id, checks in self._checks.items() if self._is_due(backend_id, checks, now)]
+
+    def _is_due(self, backend_id: int, checks: _Checks, now: float) -> bool:
+        if now >= checks.next_at:
+            return True
+        end = self.outliers.ejection_end(backend_id)
+        return end is not None and checks.last_at < end <= now
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until something is due (bounded by the interval)."""
+        wake = now + self.config.interval_s
+        for backend_id, checks in self._checks.items():
+            wake = min(wake, checks.next_at)
+            end = self.outliers.ejection_end(backend_id)
+            if end is not None and checks.last_at < end:
+                wake = min(wake, end)
+        return max(_SLEEP_MIN_S, wake - now)
+
+    async def check(self, client: httpx.AsyncClient, backend_id: int) -> bool:
+        """Probes one backend and records the result; True when a state may have changed."""
+        backend, checks = self.fleet.backends[backend_id], self._checks[backend_id]
+        passed = await _probe(client, backend.url, checks.probe)
+        now = time.monotonic()
+        checks.last_at, checks.next_at = now, now + self.config.interval_s
+        self._metrics.checks.labels(backend.url, "pass" if passed else "fail").inc()
+        changed = self._count(backend, checks, passed)
+        if passed and self.outliers.cooled_down(backend_id, now):
+            self.outliers.readmit(backend_id, now)
+            self._metrics.ejected.labels(backend.url).set(0)
+            changed = True
+        return changed
+
+    def _count(self, backend: Backend, checks: _Checks, passed: bool) -> bool:
+        if passed:
+            checks.passes, checks.failures = checks.passes + 1, 0
+            # A backend that never passed (still loading) is ready at its first pass; one that was
+            # taken out must prove itself `healthy_threshold` times.
+            needed = self.config.healthy_threshold if checks.ever_passed else 1
+            checks.ever_passed = True
+            flip = not checks.healthy and checks.passes >= needed
+        else:
+            checks.passes, checks.failures = 0, checks.failures + 1
+            flip = checks.healthy and checks.failures >= self.config.unhealthy_threshold
+        if flip:
+            checks.healthy = passed
+            self._metrics.healthy.labels(backend.url).set(1 if passed else 0)
+        return flip
+
+    def readmit_unchecked(self, now: float) -> bool:
+        """Without active checks, an ejected backend comes back when its cool-down ends."""
+        readmitted = False
+        for backend_id, backend in self.fleet.backends.items():
+            if self.outliers.cooled_down(backend_id, now):
+                self.outliers.readmit(backend_id, now)
+                self._metrics.ejected.labels(backend.url).set(0)
+                readmitted = True
+        return readmitted
+
+    def needs_discovery(self) -> bool:
+        """Some healthy backend still has no models (it was down when they were discovered)."""
+        return any(
+            checks.healthy and not self.fleet.backends[b].models and self.fleet.backends[b].adapter.models_path
+            for b, checks in self._checks.items()
+        )
+
+    # ---- the native state ----------------------------------------------------------------------
+
+    def apply(self) -> None:
+        """Sets every backend's native state from its checks, its ejection and the panic rule."""
+        panic = self._panic_members()
+        for backend_id, backend in self.fleet.backends.items():
+            healthy = self._checks[backend_id].healthy
+            ejected = self.outliers.is_ejected(backend_id)
+            state = "active" if healthy and (not ejected or backend_id in panic) else "down"
+            if state != self._states[backend_id]:
+                self._set_state(backend, state, self._why(backend_id, healthy, ejected))
+
+    def _panic_members(self) -> set[int]:
+        members_in_panic: set[int] = set()
+        panic_pools: set[str] = set()
+        share = self.fleet_share
+        for model in self.fleet.models:
+            members = self.fleet.pool_of(model)
+            healthy = [m for m in members if self._checks[m].healthy]
+            eligible = [m for m in healthy if not self.outliers.is_ejected(m)]
+            if len(eligible) < len(healthy) and len(eligible) < math.ceil(share * len(members)):
+                members_in_panic.update(healthy)
+                panic_pools.add(model)
+        for model in panic_pools - self._panic_pools:
+            log.warning("pool %r: too few eligible backends, routing to ejected ones too (panic)", model)
+        self._panic_pools = panic_pools
+        self._metrics.panic.set(len(panic_pools))
+        return members_in_panic
+
+    @property
+    def fleet_share(self) -> float:
+        return self.outliers.config.min_eligible_share if self.outliers.config.enabled else 0.0
+
+    def _why(self, backend_id: int, healthy: bool, ejected: bool) -> str:
+        if not healthy:
+            checks = self._checks[backend_id]
+            return "not ready yet" if not checks.ever_passed else "health checks failed"
+        if ejected:
+            return f"ejected ({self.outliers.reason(backend_id)})"
+        return "healthy"
+
+    def _set_state(self, backend: Backend, state: str, reason: str) -> None:
+        if self.fleet.router.accelerator_stats(backend.id).state == "draining":
+            return  # an operator's drain is theirs to undo
+        old, self._states[backend.id] = self._states[backend.id], state
+        self.fleet.router.set_state(backend.id, state)
+        self._metrics.transitions.labels(backend.url, state).inc()
+        log.warning("backend %s: %s -> %s (%s)", backend.url, old, state, reason)
+        for plugin_name, function in self._state_observers:
+            try:
+                function(backend=backend.info, old=old, new=state, reason=reason)
+            except Exception as error:
+                log.warning("irmiddleware plugin %r raised in irm_backend_state_changed: %r", plugin_name, error)
+
+    def status_of(self, backend_id: int) -> dict[str, Any]:
+        ejected = self.outliers.is_ejected(backend_id)
+        return {
+            "healthy": self._checks[backend_id].healthy,
+            "ejected": ejected,
+            "ejection_reason": self.outliers.reason(backend_id) if ejected else None,
+        }
+
+
+async def _probe(client: httpx.AsyncClient, base_url: str, probe: HealthProbe) -> bool:
+    try:
+        async with asyncio.timeout(probe.timeout_s):  # a hard bound over connect + read
+            response = await client.get(base_url + probe.path, timeout=probe.timeout_s)
+    except (httpx.HTTPError, TimeoutError, OSError):
+        return False
+    return response.status_code in probe.ok_statuses
+
+
+class FleetMonitor:
+    """Runs health checks and signal scraping for a `RoutingMiddleware`, from startup to shutdown."""
+
+    def __init__(
+        self, fleet: Fleet, config: RouterConfig, manager: pluggy.PluginManager, registry: CollectorRegistry
+    ) -> None:
+        self.health = FleetHealth(fleet, config, manager, registry)
+        self.signals = SignalScraper(fleet, config, registry)
+        self._fleet = fleet
+        self._config = config
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Starts the tasks; with `require_ready`, first waits for one round of checks (bounded
+        by the probe timeout) so ready backends take traffic from the first request."""
+        if self._client is not None:
+            return
+        count = len(self._fleet.backends)
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=2 * count + 2, max_keepalive_connections=2 * count + 2),
+            follow_redirects=False,
+            trust_env=False,  # like the proxy's client: only configured backends are contacted
+        )
+        health = self._config.health
+        if health.enabled and health.require_ready:
+            await self._check_round(list(self._fleet.backends))
+        if health.enabled or self._config.outliers.enabled:
+            self._tasks.append(asyncio.create_task(self._health_loop(), name="irm-health"))
+        if self.signals.active:
+            self._tasks.append(asyncio.create_task(self.signals.run(self._client), name="irm-signals"))
+
+    async def stop(self) -> None:
+        """Cancels the tasks, waits for them and closes the client (lifespan shutdown)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def observe(self, backend: Backend, outcome: str, status: int | None) -> None:
+        self.health.observe(backend, outcome, status)
+
+    def status_of(self, backend_id: int) -> dict[str, Any]:
+        return {**self.health.status_of(backend_id), "signals": self.signals.status_of(backend_id)}
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self._health_tick()
+            except Exception:  # keep watching the fleet whatever one round hit
+                log.exception("health check round failed")
+            await asyncio.sleep(self.health.next_wake(time.monotonic()))
+
+    async def _health_tick(self) -> None:
+        now = time.monotonic()
+        if not self._config.health.enabled:
+            if self.health.readmit_unchecked(now):
+                self.health.apply()
+            return
+        due = self.health.due(now)
+        if due:
+            await self._check_round(due)
+
+    async def _check_round(self, backend_ids: list[int]) -> None:
+        client = self._client
+        assert client is not None
+        results = await asyncio.gather(*(self.health.check(client, b) for b in backend_ids))
+        if any(results):
+            if self.health.needs_discovery():
+                await self._fleet.discover(client)  # a backend that was down at startup has models now
+            self.health.apply()

@@ -1,0 +1,266 @@
+"""Admission control end to end, with real uvicorn servers on 127.0.0.1 and vLLM emulators whose
+per-token time makes requests hold capacity: under mixed-class saturation no urgent request is shed
+while less urgent ones get in; waiters are served by class, then arrival; queue bounds, eviction and
+wait timeouts hold and answer 503 + Retry-After in OpenAI's error shape; a waiter whose client hangs
+up leaves the queue at once; tenant limits answer 429; the router's /metrics and status endpoint
+answer within a second while 2000 requests are queued or shed; and every in-flight and queue
+counter is back to zero at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from proxy_support import Emulator, RouterServer, wait_idle
+
+from irmiddleware.proxy import RoutingMiddleware, parse_config
+from irmiddleware.testing import assert_idle
+
+Emulators = Callable[..., list[Emulator]]
+Routers = Callable[..., RouterServer]
+ALL_SHARES = [1.0] * 8  # classes then differ only in queue order, not in what they may fill
+
+
+def config_of(backends: list[Emulator], capacity: int, **admission: Any) -> Any:
+    entries = [{"url": b.url, "capacity": capacity, "models": ["m"]} for b in backends]
+    return parse_config({"router": {"retry_after_s": 2}, "backends": entries, "admission": admission})
+
+
+def post(url: str, priority: int, tokens: int = 4, tag: str = "", timeout: float = 30) -> httpx.Response:
+    body = {"model": "m", "prompt": f"Hi {tag}", "max_tokens": tokens, "ignore_eos": True}
+    headers = {"x-irm-priority": str(priority)}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=timeout)
+
+
+@contextlib.contextmanager
+def holding(url: str, tokens: int = 400) -> Iterator[None]:
+    """Holds one slot with a class-0 stream until the block ends (then hangs up)."""
+    body = {"model": "m", "prompt": "hold", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as held:
+        lines = held.iter_lines()  # keep the iterator: dropping it closes the stream
+        next(lines)
+        yield
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def samples(url: str, name: str) -> dict[tuple[str, ...], float]:
+    found: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value  # type: ignore[arg-type]
+    return found
+
+
+def assert_all_idle(server: RouterServer) -> None:
+    app: RoutingMiddleware = server.app
+    wait_idle(app)
+    assert_idle(app.router)
+    assert app.admission.queue.total == 0 and app.admission.queue.waiting == [0] * 8
+    assert set(samples(server.url, "irm_admission_queue_length").values()) == {0.0}
+
+
+def test_urgent_requests_are_not_shed_while_others_get_in(emulators: Emulators, router: Routers) -> None:
+    backends = emulators(2, max_num_seqs=2, time_per_output_token_s=0.02)
+    server = router(
+        config_of(backends, 2, max_queue=12, aging_s=0, classes={"6": {"max_wait_s": 0.3}}, max_wait_s=20)
+    )
+    classes = [0 if i % 4 == 0 else 6 for i in range(48)]  # 12 urgent, 36 batch, interleaved
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        futures = [pool.submit(post, server.url, c, 5, str(i)) for i, c in enumerate(classes)]
+        answers = [(c, f.result(timeout=60)) for c, f in zip(classes, futures, strict=True)]
+    urgent = [r.status_code for c, r in answers if c == 0]
+    batch = [r.status_code for c, r in answers if c == 6]
+    assert urgent == [200] * 12
+    assert 200 in batch and 503 in batch  # batch traffic was admitted and shed
+    refused = next(r for c, r in answers if r.status_code == 503)
+    assert refused.headers["retry-after"] == "2"
+    assert (
+        refused.json()["error"]["type"] == "ServiceUnavailableError"
+        and refused.json()["error"]["code"] == 503
+    )
+    shed = samples(server.url, "irm_admission_shed_total")
+    assert not any(dict(labels)["class"] == "0" for labels in shed)
+    assert sum(shed.values()) == batch.count(503)
+    assert_all_idle(server)
+
+
+def test_waiters_are_served_by_class_then_arrival(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
+    server = router(config_of([backend], 1, max_queue=10, aging_s=0, class_shares=ALL_SHARES))
+    queue = server.app.admission.queue
+    arrivals = [("a", 3), ("b", 1), ("c", 3), ("d", 0), ("e", 7), ("f", 1)]
+    finished: list[str] = []
+
+    def send(tag: str, priority: int) -> None:
+        assert post(server.url, priority, 3, tag).status_code == 200
+        finished.append(tag)  # list.append is atomic; capacity 1 serves one at a time
+
+    with ThreadPoolExecutor(max_workers=len(arrivals)) as pool, holding(server.url):
+        futures = []
+        for count, (tag, priority) in enumerate(arrivals, start=1):
+            futures.append(pool.submit(send, tag, priority))
+            wait_until(lambda count=count: queue.total == count)  # queued in this arrival order
+    for future in futures:
+        future.result(timeout=30)
+    assert finished == ["d", "b", "f", "a", "c", "e"]
+    assert_all_idle(server)
+
+
+def test_queue_bound_eviction_and_timeout(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
+    server = router(config_of([backend], 1, max_queue=3, max_wait_s=1.0, aging_s=0, class_shares=ALL_SHARES))
+    queue = server.app.admission.queue
+    timed: dict[str, tuple[int, float]] = {}
+
+    def send(tag: str, priority: int) -> None:
+        started = time.monotonic()
+        timed[tag] = (post(server.url, priority, 2, tag).status_code, time.monotonic() - started)
+
+    with ThreadPoolExecutor(max_workers=8) as pool, holding(server.url):
+        futures = []
+        for count in range(1, 4):  # one at a time, so low2 is the newest
+            futures.append(pool.submit(send, f"low{count - 1}", 5))
+            wait_until(lambda count=count: queue.total == count)
+        futures.append(pool.submit(send, "late-low", 5))  # queue full of class 5: refused
+        wait_until(lambda: "late-low" in timed)
+        futures.append(pool.submit(send, "urgent", 1))  # evicts the newest class-5 waiter
+        wait_until(lambda: "low2" in timed)
+        assert queue.total == 3 and max(queue.waiting) <= 3
+        for future in futures:
+            future.result(timeout=10)  # the holder keeps the slot: everyone left times out
+    assert timed["late-low"][0] == 503 and timed["late-low"][1] < 0.5  # refused at once
+    assert timed["low2"][0] == 503 and timed["low2"][1] < 0.9  # evicted before its max_wait
+    for tag in ("low0", "low1", "urgent"):
+        status, elapsed = timed[tag]
+        assert status == 503 and 0.95 <= elapsed < 2.5, (tag, elapsed)
+    shed = {
+        (dict(k)["class"], dict(k)["reason"]): v
+        for k, v in samples(server.url, "irm_admission_shed_total").items()
+    }
+    assert shed == {("5", "queue_full"): 1, ("5", "evicted"): 1, ("5", "timeout"): 2, ("1", "timeout"): 1}
+    assert_all_idle(server)
+
+
+def test_a_disconnecting_waiter_leaves_at_once(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
+    server = router(config_of([backend], 1, max_queue=1, max_wait_s=30))
+    queue = server.app.admission.queue
+    with ThreadPoolExecutor(max_workers=1) as pool, holding(server.url):
+        gone = pool.submit(post, server.url, 0, 2, "gone", 0.5)  # the client gives up after 0.5 s
+        wait_until(lambda: queue.total == 1)
+        hung_up = time.monotonic()
+        wait_until(lambda: queue.total == 0, timeout_s=2.0)
+        assert time.monotonic() - hung_up < 1.5  # long before its 30 s max_wait
+        assert isinstance(gone.exception(timeout=5), httpx.TimeoutException)
+        stays = pool.submit(post, server.url, 0, 2, "stays")  # the freed place is usable
+        wait_until(lambda: queue.total == 1)
+    assert stays.result(timeout=10).status_code == 200
+    assert sum(samples(server.url, "irm_admission_abandoned_total").values()) == 1
+    assert_all_idle(server)
+
+
+def test_tenant_limits_answer_429(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1, max_num_seqs=4, time_per_output_token_s=0.01)
+    tenants = {"rate": {"rate_per_s": 0.5, "burst": 2}, "one": {"max_concurrency": 1}}
+    server = router(config_of([backend], 4, max_queue=4, tenants=tenants))
+    body = {"model": "m", "prompt": "x", "max_tokens": 2}
+
+    def send(key: str) -> httpx.Response:
+        auth = {"authorization": f"Bearer {key}"}
+        return httpx.post(f"{server.url}/v1/completions", json=body, headers=auth, timeout=30)
+
+    assert [send("rate").status_code for _ in range(3)] == [200, 200, 429]
+    limited = send("rate")
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["type"] == "TooManyRequestsError"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(
+            httpx.post,
+            f"{server.url}/v1/completions",
+            json={**body, "max_tokens": 40, "ignore_eos": True},
+            headers={"authorization": "Bearer one"},
+            timeout=30,
+        )
+        wait_until(lambda: any(s.requests_in_flight for s in server.app.router.stats()))
+        assert send("one").status_code == 429
+        assert send("someone-else").status_code == 200  # other tenants are not affected
+        assert slow.result(timeout=10).status_code == 200
+    assert send("one").status_code == 200
+    outcomes = samples(server.url, "irm_requests_total")
+    assert sum(v for k, v in outcomes.items() if dict(k)["outcome"] == "over_limit") == 3
+    assert_all_idle(server)
+
+
+# A load generator in a process of its own, so its client work does not compete with the router
+# for this process's GIL: 2000 requests at once, each may wait at most 0.5 s.
+_LOAD = """
+import asyncio, json, sys
+import httpx
+async def main(url, count):
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def one(i):
+            body = {"model": "m", "prompt": "x", "max_tokens": 2, "ignore_eos": True}
+            try:
+                r = await client.post("/v1/completions", json=body, headers={"x-irm-priority": str(i % 8)})
+                return r.status_code
+            except httpx.HTTPError:
+                return 0
+        codes = await asyncio.gather(*(one(i) for i in range(count)))
+    print(json.dumps({str(c): codes.count(c) for c in set(codes)}))
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_router_stays_responsive_under_overload(emulators: Emulators, router: Routers) -> None:
+    backends = emulators(2, max_num_seqs=4, time_per_output_token_s=0.01)
+    server = router(config_of(backends, 4, max_queue=500, max_wait_s=0.5, class_shares=ALL_SHARES))
+    admission = server.app.admission
+    load = subprocess.Popen(
+        [sys.executable, "-c", _LOAD, server.url, "2000"], stdout=subprocess.PIPE, text=True
+    )
+    answer_times_s: list[float] = []
+    peak_waiting = 0
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        deadline = time.monotonic() + 60
+        while load.poll() is None and time.monotonic() < deadline:
+            peak_waiting = max(peak_waiting, admission.queue.total)
+            if admission.queue.total >= 100:  # measure while the overload is on
+                for path in ("/metrics", "/irm/status"):
+                    started = time.monotonic()
+                    assert client.get(path).status_code == 200
+                    answer_times_s.append(time.monotonic() - started)
+            time.sleep(0.02)
+    out, _ = load.communicate(timeout=60)
+    codes = json.loads(out)
+    assert sum(codes.values()) == 2000 and codes.get("200", 0) > 0 and codes.get("503", 0) > 0
+    assert peak_waiting >= 100 and len(answer_times_s) >= 4
+    assert max(answer_times_s) < 1.0, answer_times_s
+    assert_all_idle(server)
+
+
+def test_status_reports_the_queue(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
+    server = router(config_of([backend], 1, max_queue=2, max_wait_s=5, class_shares=ALL_SHARES))
+    with ThreadPoolExecutor(max_workers=1) as pool, holding(server.url):
+        waiting: Future[httpx.Response] = pool.submit(post, server.url, 4, 2)
+        wait_until(lambda: server.app.admission.queue.total == 1)
+        status = httpx.get(f"{server.url}/irm/status").json()["admission"]
+        assert status == {"waiting": 1, "waiting_by_class": [0, 0, 0, 0, 1, 0, 0, 0]}
+    assert waiting.result(timeout=10).status_code == 200
+    assert_all_idle(server)
