@@ -136,19 +136,28 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="irmiddleware bench-proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per phase (default 1000)")
     parser.add_argument("--concurrency", type=int, default=16, help="clients in the throughput phase")
+    parser.add_argument("--transport", choices=["lean", "httpx"], default="lean", help="the proxy's upstream")
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024:
         parser.error("--requests must be in 10..100000 and --concurrency in 1..1024")
     backend = f"http://127.0.0.1:{_free_port()}"
     proxy = f"http://127.0.0.1:{_free_port()}"
     serve = ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096"]
-    serve += ["--listen", proxy.removeprefix("http://"), "--log-level", "warning"]
+    serve += [
+        "--listen",
+        proxy.removeprefix("http://"),
+        "--log-level",
+        "warning",
+        "--transport",
+        args.transport,
+    ]
     with (
         _process(["-c", _EMULATOR, backend.rpartition(":")[2]], backend),
         _process(serve, proxy) as proxy_process,
     ):
         print(
-            f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend"
+            f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend,"
+            f" {args.transport} upstream transport"
         )
         for name, stream in (("non-streaming", False), ("streaming (16 chunks)", True)):
             direct = _phase(backend, args, stream, None)

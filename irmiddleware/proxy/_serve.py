@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "--strategy", help="routing strategy (p2c, round_robin, least_connections, a plugin's)"
     )
     parser.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
+    parser.add_argument(
+        "--transport", choices=["lean", "httpx"], help="upstream transport (default lean; see doc/proxy.md)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -58,6 +61,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         overrides["strategy"] = args.strategy
     if args.listen is not None:
         overrides["listen"] = check_listen(args.listen)
+    if args.transport is not None:
+        overrides["transport"] = args.transport
     return dataclasses.replace(config, **overrides)
 
 
