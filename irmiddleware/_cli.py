@@ -23,6 +23,11 @@ COMMANDS: Final = {
     ),
     "bench": ("irmiddleware._bench", "bench_main", "decisions/s of the native core (seed scale test)"),
     "bench-proxy": ("irmiddleware.proxy._bench", "bench_proxy_main", "proxy overhead against direct calls"),
+    "bench-affinity": (
+        "irmiddleware.sim._bench_affinity",
+        "bench_affinity_main",
+        "cost of a cache-aware decision",
+    ),
     "bench-admission": (
         "irmiddleware.proxy._bench_admission",
         "bench_admission_main",

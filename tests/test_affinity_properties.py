@@ -114,7 +114,7 @@ def test_no_backend_ever_exceeds_the_bound_while_keys_arrive(
 DISRUPTION_KEYS = 12_000
 # A backend's share of the keys is the length of its 128 arcs on the ring: relative standard
 # deviation about 1/√128 ≈ 9 %, plus sampling noise of 12,000 keys (≤ 9 % at n = 40). A share over
-# 1.5× or under 0.5× the fair one is four standard deviations out.
+# 1.5 or under 0.5 times the fair one is four standard deviations out.
 SHARE_TOLERANCE = 0.5
 
 
@@ -250,7 +250,9 @@ def _route_prompt(router: Router, text: str) -> tuple[int, str | None, int]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(count=st.integers(2, 12), how=st.sampled_from(["down", "removed", "replaced"]), key=st.integers(0, 2**40))
+@given(
+    count=st.integers(2, 12), how=st.sampled_from(["down", "removed", "replaced"]), key=st.integers(0, 2**40)
+)
 def test_entries_for_removed_or_down_backends_are_never_used(count: int, how: str, key: int) -> None:
     router = _router("prefix_affinity", [10] * count)
     prompt = _steer("prefix_affinity", key)["prefix_hashes"]
@@ -296,7 +298,8 @@ def _route_key(router: Router, key: int) -> int:
 
 def test_low_entropy_prefix_hashes_still_use_the_whole_index() -> None:
     """`prefix_hashes=` accepts any u64 ints; 100 one-block prompts with hashes 1..100 fit a
-    65,536-entry index many times over, yet only the last 8 can be remembered."""
+    65,536-entry index many times over, so all are remembered (before the fix they all landed in
+    one 8-way set and none was)."""
     router = _router("prefix_affinity", [10] * 4, prefix_index_entries=65_536)
     for hash_value in range(1, 101):
         router.acquire(1, prefix_hashes=[hash_value]).release()  # type: ignore[union-attr]

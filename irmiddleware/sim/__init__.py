@@ -14,7 +14,15 @@ models time, arrivals and how accelerators serve requests (see `_model` for the 
         print(result.strategy, result.latency, result.rejection_rate)
 """
 
-from irmiddleware.sim._engine import DEFAULT_STRATEGIES, Progress, Scenario, compare, simulate
+from irmiddleware.sim._chat import ChatWorkload, session_rate
+from irmiddleware.sim._engine import (
+    AFFINITY_STRATEGIES,
+    DEFAULT_STRATEGIES,
+    Progress,
+    Scenario,
+    compare,
+    simulate,
+)
 from irmiddleware.sim._model import (
     Arrival,
     ArrivalProcess,
@@ -32,7 +40,14 @@ from irmiddleware.sim._model import (
     mean_work_s,
     offered_rate,
 )
-from irmiddleware.sim._stats import Outage, Percentiles, StrategyResult, format_histograms, format_table
+from irmiddleware.sim._stats import (
+    Affinity,
+    Outage,
+    Percentiles,
+    StrategyResult,
+    format_histograms,
+    format_table,
+)
 from irmiddleware.sim._theory import (
     BallsIntoBins,
     balls_into_bins,
@@ -42,11 +57,14 @@ from irmiddleware.sim._theory import (
 )
 
 __all__ = [
+    "AFFINITY_STRATEGIES",
     "DEFAULT_STRATEGIES",
+    "Affinity",
     "Arrival",
     "ArrivalProcess",
     "BallsIntoBins",
     "BurstyArrivals",
+    "ChatWorkload",
     "Failure",
     "Fleet",
     "Job",
@@ -71,5 +89,6 @@ __all__ = [
     "max_load_two_choices",
     "mean_work_s",
     "offered_rate",
+    "session_rate",
     "simulate",
 ]

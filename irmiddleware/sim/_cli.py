@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from irmiddleware.sim._engine import DEFAULT_STRATEGIES, Scenario, compare
+from irmiddleware.sim._chat import ChatWorkload, session_rate
+from irmiddleware.sim._engine import (
+    AFFINITY_STRATEGIES,
+    DEFAULT_STRATEGIES,
+    Scenario,
+    compare,
+    default_strategies,
+)
 from irmiddleware.sim._model import (
     ArrivalProcess,
     BurstyArrivals,
@@ -40,8 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--requests", type=int, default=100_000, help="requests per strategy (default 100000)"
     )
-    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated")
-    parser.add_argument("--workload", choices=("uniform", "llm"), default="llm")
+    parser.add_argument(
+        "--strategies",
+        help=f"comma-separated (default {','.join(DEFAULT_STRATEGIES)}; "
+        f"with --workload chat {','.join(AFFINITY_STRATEGIES)})",
+    )
+    parser.add_argument(
+        "--workload", choices=("uniform", "llm", "chat"), default="llm", help="chat: multi-turn sessions"
+    )
+    _add_chat_options(parser)
     parser.add_argument("--arrival", choices=("poisson", "bursty", "trace"), default="poisson")
     parser.add_argument("--trace", type=Path, help="CSV or JSONL with time[, prompt_tokens, output_tokens]")
     parser.add_argument("--load", type=float, default=0.8, help="offered load, 1.0 = all batches full")
@@ -76,6 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_chat_options(parser: argparse.ArgumentParser) -> None:
+    chat = parser.add_argument_group("--workload chat (sessions sharing a system prompt, prefix caches)")
+    chat.add_argument("--sessions", type=int, default=2_000, help="sessions (default 2000; not --requests)")
+    chat.add_argument("--turns", default="2:8", metavar="MIN:MAX", help="turns per session (default 2:8)")
+    chat.add_argument("--system-tokens", type=int, default=1_024, help="shared system prompt (default 1024)")
+    chat.add_argument("--system-prompts", type=int, default=1, help="distinct system prompts (default 1)")
+    chat.add_argument("--think", type=float, default=10.0, help="mean think time between turns, s")
+    chat.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=256,
+        help="prefix cache per batch slot, 16-token blocks (default 256)",
+    )
+    chat.add_argument(
+        "--epsilon", type=float, default=0.25, help="bounded-load slack of the core (default 0.25)"
+    )
+
+
 def simulate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.balls_into_bins:
@@ -93,7 +125,8 @@ def simulate_main(argv: list[str]) -> int:
     started = time.perf_counter()
     bar = _ProgressBar.for_stderr()
     try:
-        results = compare(scenario, args.strategies.split(","), progress=bar.update if bar else None)
+        strategies = args.strategies.split(",") if args.strategies else default_strategies(scenario)
+        results = compare(scenario, strategies, progress=bar.update if bar else None)
     except ValueError as error:  # An unknown strategy name, or a malformed trace row.
         print(f"irmiddleware simulate: {error}", file=sys.stderr)
         return 2
@@ -117,17 +150,36 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         capacity_follows_speed=not args.uniform_capacity,
         seed=args.seed,
     )
-    workload: Workload = LlmWorkload() if args.workload == "llm" else UniformWorkload()
+    workload = _workload(args)
     return Scenario(
         fleet=fleet,
         workload=workload,
         arrivals=_arrivals(args, fleet, workload),
-        requests=args.requests,
+        requests=args.sessions if isinstance(workload, ChatWorkload) else args.requests,
         failures=tuple(Failure.parse(text) for text in args.fail),
         on_failure=args.on_failure,
         retries=args.retries,
         backoff_s=args.backoff,
         seed=args.seed,
+        balance_epsilon=args.epsilon,
+    )
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.workload == "llm":
+        return LlmWorkload()
+    if args.workload == "uniform":
+        return UniformWorkload()
+    turns = args.turns.split(":")
+    if len(turns) != 2:
+        raise ValueError(f"--turns expects MIN:MAX, got {args.turns!r}")
+    return ChatWorkload(
+        system_tokens=args.system_tokens,
+        system_prompts=args.system_prompts,
+        turns_min=int(turns[0]),
+        turns_max=int(turns[1]),
+        think_s=args.think,
+        cache_blocks_per_slot=args.cache_blocks,
     )
 
 
@@ -139,7 +191,10 @@ def _arrivals(args: argparse.Namespace, fleet: Fleet, workload: Workload) -> Arr
             # A pipe would not do either: each strategy replays the file from its start.
             raise ValueError(f"no trace file {args.trace} (it must be a regular file)")
         return TraceArrivals(args.trace)
-    rate = offered_rate(fleet, workload, args.load)
+    if isinstance(workload, ChatWorkload):  # Arrivals start sessions.
+        rate = session_rate(fleet, workload, args.load)
+    else:
+        rate = offered_rate(fleet, workload, args.load)
     return BurstyArrivals(rate) if args.arrival == "bursty" else PoissonArrivals(rate)
 
 
@@ -147,9 +202,11 @@ def _describe(scenario: Scenario, requests: int) -> str:
     fleet = scenario.fleet
     speeds = f"speeds {min(fleet.speeds):.2f}-{max(fleet.speeds):.2f}"
     capacities = f"capacity {min(fleet.capacities)}-{max(fleet.capacities)}"
+    workload = scenario.workload
+    sessions = f" in {scenario.requests} sessions" if isinstance(workload, ChatWorkload) else ""
     return (
-        f"{len(fleet)} accelerators ({speeds}, {capacities}), {requests} {scenario.workload.name} "
-        f"requests, {scenario.arrivals.name} arrivals, seed {scenario.seed}"
+        f"{len(fleet)} accelerators ({speeds}, {capacities}), {requests} {workload.name} "
+        f"requests{sessions}, {scenario.arrivals.name} arrivals, seed {scenario.seed}"
     )
 
 

@@ -17,6 +17,11 @@ Policies, chosen to match what a client of the real router sees:
   `on_failure="fail"` (the default: a crashed server loses its work) the requests it held fail at
   that instant and are released as failed; with `"finish"` they run to completion (a graceful
   shutdown). Failed requests are not retried.
+- With a `ChatWorkload`, each arrival starts a session; its next turn arrives a think time after
+  the previous answer ended. A session whose turn is rejected or fails ends there (the user gives
+  up). Every request carries its session id (`affinity_key`) and its prompt's block hashes
+  (`prefix_hashes`) to the core, whatever the strategy: the strategies without affinity ignore them.
+  A crashed accelerator (`on_failure="fail"`) loses its prefix cache.
 """
 
 from __future__ import annotations
@@ -30,15 +35,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from irmiddleware._native import SLOT_NONE
-from irmiddleware._router import Accelerator, Router
+from irmiddleware._native import SLOT_NONE, Outcome, uint64_array
+from irmiddleware._router import Accelerator, Router, strategy_id
+from irmiddleware.sim._chat import ChatWorkload, Conversation, PrefixCache, chat_requests_max
 from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
-from irmiddleware.sim._stats import Outage, Percentiles, StrategyResult
+from irmiddleware.sim._stats import Affinity, Outage, Percentiles, StrategyResult
 
 DEFAULT_STRATEGIES: Final = ("round_robin", "least_connections", "p2c")
+# The default for workloads with sessions and shared prefixes, where affinity can pay.
+AFFINITY_STRATEGIES: Final = (*DEFAULT_STRATEGIES, "consistent_hash", "prefix_affinity")
 
 # Event kinds, in the order they are handled when times tie (the sequence number decides first).
-_ARRIVAL, _MILESTONE, _RETRY, _DOWN, _UP = range(5)
+_ARRIVAL, _MILESTONE, _RETRY, _DOWN, _UP, _TURN = range(6)
 # Milestones closer than this (in work-seconds) are due together: float rounding, not real gaps.
 _TIE_S = 1e-9
 # Rebuild the event heap without stale entries when it outgrows live work by this factor.
@@ -51,7 +59,11 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Scenario:
-    """Everything a run needs except the strategy; the same scenario replays the same requests."""
+    """Everything a run needs except the strategy; the same scenario replays the same requests.
+
+    With a `ChatWorkload`, `arrivals` are session starts and `requests` counts sessions (each sends
+    one request per turn). `balance_epsilon` is the core's bounded-load slack and
+    `prefix_index_entries` the size of its prefix index (consistent_hash and prefix_affinity)."""
 
     fleet: Fleet
     workload: Workload
@@ -62,6 +74,8 @@ class Scenario:
     retries: int = 0
     backoff_s: float = 0.05
     seed: int = 0
+    balance_epsilon: float = 0.25
+    prefix_index_entries: int = 1 << 18
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -70,7 +84,16 @@ class Scenario:
             raise ValueError("retries and backoff_s must be >= 0")
         if self.on_failure not in ("fail", "finish"):
             raise ValueError(f"on_failure must be 'fail' or 'finish', got {self.on_failure!r}")
+        if not 0 <= self.balance_epsilon <= 10:
+            raise ValueError("balance_epsilon must be in 0..10")
         _check_failures(self.failures, len(self.fleet))
+
+    @property
+    def requests_max(self) -> int:
+        """The most requests the scenario can send (sessions send several)."""
+        if isinstance(self.workload, ChatWorkload):
+            return chat_requests_max(self.workload, self.requests)
+        return self.requests
 
 
 def _check_failures(failures: Sequence[Failure], fleet_size: int) -> None:
@@ -94,10 +117,19 @@ def simulate(scenario: Scenario, strategy: str, *, progress: Progress | None = N
 
 
 def compare(
-    scenario: Scenario, strategies: Iterable[str] = DEFAULT_STRATEGIES, *, progress: Progress | None = None
+    scenario: Scenario, strategies: Iterable[str] | None = None, *, progress: Progress | None = None
 ) -> list[StrategyResult]:
-    """Runs the same scenario (same requests, same arrival times) once per strategy."""
+    """Runs the same scenario (same requests, same arrival times) once per strategy; by default
+    `DEFAULT_STRATEGIES`, or `AFFINITY_STRATEGIES` for a chat workload."""
+    if strategies is None:
+        strategies = default_strategies(scenario)
     return [simulate(scenario, strategy, progress=progress) for strategy in strategies]
+
+
+def default_strategies(scenario: Scenario) -> tuple[str, ...]:
+    """Without sessions or shared prefixes the affinity strategies only repeat p2c and least
+    connections (their fallbacks), so they are compared on chat workloads only."""
+    return AFFINITY_STRATEGIES if isinstance(scenario.workload, ChatWorkload) else DEFAULT_STRATEGIES
 
 
 class _NativeFleet:
@@ -108,30 +140,44 @@ class _NativeFleet:
     million requests. Swap `acquire`/`release` for a public fast path once the router has one.
     """
 
-    def __init__(self, fleet: Fleet, strategy: str, seed: int) -> None:
-        self.router = Router(strategy, max_accelerators=len(fleet), seed=seed)
+    def __init__(self, scenario: Scenario, strategy: str) -> None:
+        fleet = scenario.fleet
+        self.router = Router(
+            strategy,
+            max_accelerators=len(fleet),
+            seed=scenario.seed,
+            balance_epsilon=scenario.balance_epsilon,
+            prefix_index_entries=scenario.prefix_index_entries,
+        )
         for index, capacity in enumerate(fleet.capacities):
             self.router.add_accelerator(Accelerator(index, capacity))
-        table = self.router._table
-        strategy_number = self.router._strategy
         # Accelerator ids are fleet indices, so the router's slot -> id map is slot -> index.
-        index_by_slot = [-1 if index is None else index for index in self.router._ids_by_slot]
-        slot_by_index = [0] * len(fleet)
-        for slot, index in enumerate(index_by_slot):
+        self.index_by_slot = [-1 if index is None else index for index in self.router._ids_by_slot]
+        self.slot_by_index = [0] * len(fleet)
+        for slot, index in enumerate(self.index_by_slot):
             if index >= 0:
-                slot_by_index[index] = slot
-        table_acquire, table_release = table.acquire, table.release
+                self.slot_by_index[index] = slot
+        self.strategy_number = strategy_id(strategy)
+        self.outcomes = {outcome: 0 for outcome in Outcome}
+        self._table_acquire = self.router._table.acquire
+        self._table_release = self.router._table.release
 
-        def acquire(job: Job) -> int:
-            """The chosen accelerator's index, or -1 when nothing fits."""
-            slot = table_acquire(strategy_number, job.cost, 0)
-            return -1 if slot == SLOT_NONE else index_by_slot[slot]
+    def acquire(self, cost: int) -> int:
+        """The chosen accelerator's index, or -1 when nothing fits."""
+        slot = self._table_acquire(self.strategy_number, cost, 0)
+        return -1 if slot == SLOT_NONE else self.index_by_slot[slot]
 
-        def release(index: int, job: Job, latency_s: float, ok: bool) -> None:
-            table_release(slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
+    def acquire_affine(self, cost: int, session: int, hashes: list[int]) -> int:
+        """Like `acquire`, with the session key and the prompt's block hashes; counts outcomes."""
+        array = uint64_array(hashes) if hashes else None
+        slot, outcome, _matched = self.router._table.acquire_affine(
+            self.strategy_number, cost, 0, session, array, None
+        )
+        self.outcomes[outcome] += 1
+        return -1 if slot == SLOT_NONE else self.index_by_slot[slot]
 
-        self.acquire = acquire
-        self.release = release
+    def release(self, index: int, job: Job, latency_s: float, ok: bool) -> None:
+        self._table_release(self.slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
 
     def set_down(self, index: int, down: bool) -> None:
         self.router.set_state(index, "down" if down else "active")
@@ -150,14 +196,68 @@ class _NativeFleet:
 
 
 class _Request:
-    __slots__ = ("accelerator", "arrival_s", "attempts", "first_token_s", "job")
+    __slots__ = ("accelerator", "arrival_s", "attempts", "conversation", "first_token_s", "hashes", "job")
 
-    def __init__(self, arrival_s: float, job: Job) -> None:
+    def __init__(self, arrival_s: float, job: Job, conversation: Conversation | None = None) -> None:
         self.arrival_s = arrival_s
         self.job = job
         self.accelerator = -1
         self.attempts = 0
         self.first_token_s = math.nan
+        self.conversation = conversation
+        self.hashes: list[int] = []
+
+
+class _Chat:
+    """Sessions and prefix caches for a `ChatWorkload`: builds each turn's request, charges its
+    prefill for the uncached blocks only, and counts cache hits."""
+
+    def __init__(self, workload: ChatWorkload, fleet: Fleet) -> None:
+        self.workload = workload
+        self.caches = [PrefixCache(workload.cache_blocks(capacity)) for capacity in fleet.capacities]
+        self.sessions = 0
+        self.prompt_blocks = self.cached_blocks = 0
+
+    def first_turn(self, arrival_s: float, rng: random.Random) -> _Request:
+        conversation = Conversation(self.sessions, self.workload.session(rng), self.workload)
+        self.sessions += 1
+        return self._turn(arrival_s, conversation)
+
+    def next_turn(self, now: float, request: _Request) -> _Request | None:
+        """The session's next request (arriving after the user's think time), if any."""
+        conversation = request.conversation
+        assert conversation is not None
+        think_s = conversation.plan.turns[conversation.turn].think_s
+        conversation.turn += 1
+        if conversation.turn >= len(conversation.plan.turns):
+            return None
+        return self._turn(now + think_s, conversation)
+
+    def _turn(self, arrival_s: float, conversation: Conversation) -> _Request:
+        turn = conversation.plan.turns[conversation.turn]
+        request = _Request(
+            arrival_s, self.workload.job(turn.prompt_tokens, turn.output_tokens, 0), conversation
+        )
+        request.hashes = conversation.blocks(turn.prompt_tokens, self.workload.block_tokens)
+        return request
+
+    def start(self, index: int, request: _Request) -> None:
+        """The accelerator reuses its cached prefix and caches the rest of the prompt."""
+        cache, hashes, job = self.caches[index], request.hashes, request.job
+        cached = cache.cached_prefix(hashes)
+        self.prompt_blocks += len(hashes)
+        self.cached_blocks += cached
+        request.job = self.workload.job(
+            job.prompt_tokens, job.output_tokens, cached * self.workload.block_tokens
+        )
+        cache.store(hashes)
+
+    def end(self, index: int, request: _Request) -> None:
+        """The answer's blocks are cached too: the next turn's prompt starts with them."""
+        conversation, job = request.conversation, request.job
+        assert conversation is not None
+        tokens = job.prompt_tokens + job.output_tokens
+        self.caches[index].store(conversation.blocks(tokens, self.workload.block_tokens))
 
 
 # (time, sequence, kind, accelerator or failure index, version, request)
@@ -173,7 +273,13 @@ class _Simulation:
         self.scenario = scenario
         self.strategy = strategy
         self.progress = progress
-        self.native = _NativeFleet(fleet, strategy, scenario.seed)
+        self.native = _NativeFleet(scenario, strategy)
+        workload = scenario.workload
+        self.chat = _Chat(workload, fleet) if isinstance(workload, ChatWorkload) else None
+        self.capacities = fleet.capacities
+        self.active_capacity = sum(fleet.capacities)
+        self.cost_total = 0  # cost in flight over the fleet, for the bounded-load check
+        self.bound_excess_max = -math.inf  # most cost units any admission put above the bound
         self.speeds = list(fleet.speeds)
         self.slowdown = fleet.batch_slowdown
         self.clock = [0.0] * count  # progress clock: work-seconds each running request has received
@@ -226,6 +332,10 @@ class _Simulation:
                 if not self._schedule_next_arrival():  # This is the last one: close the window.
                     self.arrivals_end_s, self.completed_by_arrivals_end = time_s, self.completed
                 self._route(time_s, request)
+            elif kind == _TURN:
+                assert request is not None
+                self.arrivals_end_s, self.completed_by_arrivals_end = time_s, self.completed
+                self._route(time_s, request)
             elif kind == _RETRY:
                 assert request is not None
                 self._route(time_s, request)
@@ -238,30 +348,42 @@ class _Simulation:
     def _push_limit(self) -> int:
         # Per attempt: its arrival or retry event, and at most one reschedule for its start and one
         # per milestone (two per request); per failure: two events and one reschedule.
-        attempts = self.scenario.requests * (1 + self.scenario.retries)
+        attempts = self.scenario.requests_max * (1 + self.scenario.retries)
         return 4 * attempts + 3 * len(self.scenario.failures) + 16
 
     # ---- arrivals and routing ------------------------------------------------------------------
 
     def _schedule_next_arrival(self) -> bool:
-        """Schedules the next arrival; False when there is none (all requests have arrived)."""
-        if self.arrived >= self.scenario.requests:
+        """Schedules the next arrival (a request, or a session's first turn); False when there is
+        none (all have arrived)."""
+        started = self.arrived if self.chat is None else self.chat.sessions
+        if started >= self.scenario.requests:
             return False
         arrival = next(self.arrival_stream, None)
         if arrival is None:  # A trace shorter than the requested count.
             return False
-        self.arrived += 1
-        job = self.scenario.workload.draw(self.jobs_rng, arrival.prompt_tokens, arrival.output_tokens)
-        request = _Request(arrival.time_s, job)
-        heapq.heappush(self.events, (arrival.time_s, next(self.sequence), _ARRIVAL, 0, 0, request))
-        if self.arrived % _PROGRESS_EVERY == 0:
+        if self.chat is None:
+            job = self.scenario.workload.draw(self.jobs_rng, arrival.prompt_tokens, arrival.output_tokens)
+            request = _Request(arrival.time_s, job)
+        else:
+            request = self.chat.first_turn(arrival.time_s, self.jobs_rng)
+        self._push_request(request, _ARRIVAL)
+        if (started + 1) % _PROGRESS_EVERY == 0:
             self._compact_events()
             if self.progress is not None:
-                self.progress(self.strategy, self.arrived, self.scenario.requests)
+                self.progress(self.strategy, started + 1, self.scenario.requests)
         return True
 
+    def _push_request(self, request: _Request, kind: int) -> None:
+        self.arrived += 1
+        heapq.heappush(self.events, (request.arrival_s, next(self.sequence), kind, 0, 0, request))
+
     def _route(self, now: float, request: _Request) -> None:
-        index = self.native.acquire(request.job)
+        conversation = request.conversation
+        if conversation is None:
+            index = self.native.acquire(request.job.cost)
+        else:
+            index = self.native.acquire_affine(request.job.cost, conversation.number, request.hashes)
         if index >= 0:
             self._start(now, index, request)
         elif request.attempts < self.scenario.retries:
@@ -275,16 +397,30 @@ class _Simulation:
 
     def _start(self, now: float, index: int, request: _Request) -> None:
         self._advance(index, now)
+        if self.chat is not None:
+            self.chat.start(index, request)
         job = request.job
         request.accelerator = index
         self.running[index] += 1
         self.cost_running[index] += job.cost
+        self._check_bound(index, job.cost)
         clock = self.clock[index]
         heap = self.milestones[index]
         if self.streams_tokens:
             heapq.heappush(heap, (clock + job.prefill_s, next(self.sequence), False, request))
         heapq.heappush(heap, (clock + job.prefill_s + job.decode_s, next(self.sequence), True, request))
         self._reschedule(index, now)
+
+    def _check_bound(self, index: int, cost: int) -> None:
+        """Records how far this admission put the accelerator above the core's bounded load,
+        ⌈(1+ε) * fleet cost in flight * its capacity share⌉ (≤ 0: within it). Every strategy is
+        measured; only consistent_hash and prefix_affinity promise it."""
+        self.cost_total += cost
+        share = self.capacities[index] / self.active_capacity
+        limit = math.ceil((1 + self.scenario.balance_epsilon) * self.cost_total * share)
+        excess = self.cost_running[index] - limit
+        if excess > self.bound_excess_max:
+            self.bound_excess_max = excess
 
     # ---- accelerators --------------------------------------------------------------------------
 
@@ -325,6 +461,7 @@ class _Simulation:
         job = request.job
         self.running[index] -= 1
         self.cost_running[index] -= job.cost
+        self.cost_total -= job.cost
         latency_s = now - request.arrival_s
         self.native.release(index, job, latency_s, True)
         self.completed += 1
@@ -333,6 +470,11 @@ class _Simulation:
         if self.streams_tokens:
             self.ttfts.append(request.first_token_s - request.arrival_s)
         self.end_s = max(self.end_s, now)
+        if self.chat is not None:
+            self.chat.end(index, request)
+            following = self.chat.next_turn(now, request)
+            if following is not None:
+                self._push_request(following, _TURN)
 
     # ---- failures ------------------------------------------------------------------------------
 
@@ -346,8 +488,11 @@ class _Simulation:
         index = self.scenario.failures[number].accelerator
         self.routed_at_down[number] = self.native.routed(index)
         self.native.set_down(index, True)
+        self.active_capacity -= self.capacities[index]
         if self.scenario.on_failure == "fail":
             self._fail_in_flight(now, index)
+            if self.chat is not None:
+                self.chat.caches[index].clear()
 
     def _fail_in_flight(self, now: float, index: int) -> None:
         self._advance(index, now)
@@ -355,13 +500,16 @@ class _Simulation:
             if is_end:
                 self.native.release(index, request.job, now - request.arrival_s, False)
                 self.failed += 1
+                self.cost_total -= request.job.cost
         self.milestones[index].clear()
         self.running[index] = self.cost_running[index] = 0
         self._reschedule(index, now)
 
     def _on_up(self, now: float, number: int) -> None:
         self._record_outage(number)
-        self.native.set_down(self.scenario.failures[number].accelerator, False)
+        accelerator = self.scenario.failures[number].accelerator
+        self.native.set_down(accelerator, False)
+        self.active_capacity += self.capacities[accelerator]
 
     def _record_outage(self, number: int) -> None:
         failure = self.scenario.failures[number]
@@ -412,4 +560,10 @@ class _Simulation:
             outages=tuple(sorted(self.outages, key=lambda outage: (outage.down_s, outage.accelerator))),
             latencies_s=latencies,
             ttfts_s=ttfts,
+            capacities=capacities,
+            balance_epsilon=self.scenario.balance_epsilon,
+            bound_excess_max=max(0, int(self.bound_excess_max)) if self.completed else 0,
+            prompt_blocks=0 if self.chat is None else self.chat.prompt_blocks,
+            cached_blocks=0 if self.chat is None else self.chat.cached_blocks,
+            affinity=Affinity.of(self.native.outcomes),
         )

@@ -4,15 +4,20 @@ Latency is from a request's arrival to its last token, including any retry backo
 token likewise to its first. Rejected and failed requests have no latency: they are counted in the
 rejection and failure rates instead, so a strategy cannot look fast by turning requests away.
 Utilisation of an accelerator is its time-averaged cost in flight divided by its capacity, over the
-whole run (time 0 to the last completion).
+whole run (time 0 to the last completion). The bound is the core's bounded-load rule averaged over
+time: no accelerator above (1+ε) * the fleet's capacity-weighted mean utilisation; at each admission
+the simulator also measures how many cost units the chosen accelerator went over
+⌈(1+ε) * fleet cost in flight * its capacity share⌉.
 """
 
 from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from irmiddleware._native import Outcome
 
 HISTOGRAM_BINS = 10
 
@@ -47,6 +52,26 @@ class Outage:
     routed_while_down: int
 
 
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """How the core's affinity decisions went: the affine backend took the request (hit), nothing
+    was remembered (miss), or the affine backend was over its bound and another took it."""
+
+    hits: int = 0
+    misses: int = 0
+    overloads: int = 0
+
+    @classmethod
+    def of(cls, outcomes: Mapping[Outcome, int]) -> Affinity:
+        return cls(
+            outcomes.get(Outcome.HIT, 0), outcomes.get(Outcome.MISS, 0), outcomes.get(Outcome.OVERLOAD, 0)
+        )
+
+    @property
+    def decisions(self) -> int:
+        return self.hits + self.misses + self.overloads
+
+
 @dataclass(frozen=True)
 class StrategyResult:
     """One strategy's run. Equal results (==) mean identical numbers, down to every latency."""
@@ -67,6 +92,30 @@ class StrategyResult:
     outages: tuple[Outage, ...] = ()
     latencies_s: array[float] = field(default_factory=lambda: array("d"), repr=False)
     ttfts_s: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    capacities: tuple[int, ...] = ()
+    balance_epsilon: float = 0.25
+    bound_excess_max: int = 0
+    prompt_blocks: int = 0
+    cached_blocks: int = 0
+    affinity: Affinity = Affinity()
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Cached prompt blocks over prompt blocks (None when prefix caching was not modelled)."""
+        return self.cached_blocks / self.prompt_blocks if self.prompt_blocks else None
+
+    @property
+    def mean_utilisation(self) -> float:
+        """The fleet's utilisation: cost in flight over capacity, both summed over accelerators."""
+        if not self.capacities:
+            return _mean(self.utilisation)
+        busy = sum(u * c for u, c in zip(self.utilisation, self.capacities, strict=True))
+        return busy / sum(self.capacities)
+
+    @property
+    def utilisation_bound(self) -> float:
+        """(1+ε) * the fleet's utilisation: the bounded-load rule's limit, averaged over time."""
+        return (1 + self.balance_epsilon) * self.mean_utilisation
 
     @property
     def throughput_rps(self) -> float:
@@ -117,13 +166,18 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def format_table(results: Sequence[StrategyResult]) -> str:
-    """A fixed-width comparison, one row per strategy."""
+    """A fixed-width comparison, one row per strategy; with prefix caching modelled, also the
+    cache hit rate and the busiest accelerator's utilisation against the bounded-load limit."""
     with_ttft = any(result.ttft is not None for result in results)
+    with_cache = any(result.cache_hit_rate is not None for result in results)
     header = ["strategy", "done", "rej%", "fail%", "req/s", "p50 s", "p90 s", "p99 s", "max s"]
     if with_ttft:
         header += ["ttft p50", "ttft p99"]
     header += ["util max/mean", "util cv"]
-    return format_columns([header] + [_row(result, with_ttft) for result in results], rule=True)
+    if with_cache:
+        header += ["hit%", "util max", "bound"]
+    rows = [_row(result, with_ttft) + (_cache_cells(result) if with_cache else []) for result in results]
+    return format_columns([header, *rows], rule=True)
 
 
 def format_columns(rows: Sequence[Sequence[str]], *, rule: bool = False) -> str:
@@ -149,6 +203,15 @@ def _row(result: StrategyResult, with_ttft: bool) -> list[str]:
         row += [_seconds(result.ttft, "p50"), _seconds(result.ttft, "p99")]
     row += [f"{result.imbalance:.2f}", f"{result.utilisation_cv:.3f}"]
     return row
+
+
+def _cache_cells(result: StrategyResult) -> list[str]:
+    rate = result.cache_hit_rate
+    return [
+        "-" if rate is None else f"{100 * rate:.1f}",
+        f"{max(result.utilisation):.3f}",
+        f"{result.utilisation_bound:.3f}",
+    ]
 
 
 def _seconds(percentiles: Percentiles | None, name: str) -> str:

@@ -14,12 +14,13 @@ def test_public_names_are_pinned_and_sorted() -> None:
     names = irmiddleware.sim.__all__
     assert names == sorted(names, key=lambda name: (not name.isupper(), name[0].islower(), name))
     assert set(names) == {
-        "DEFAULT_STRATEGIES", "Arrival", "ArrivalProcess", "BallsIntoBins", "BurstyArrivals", "Failure",
+        "AFFINITY_STRATEGIES", "DEFAULT_STRATEGIES", "Affinity", "Arrival", "ArrivalProcess", "BallsIntoBins",
+        "BurstyArrivals", "ChatWorkload", "Failure",
         "Fleet", "Job", "LlmWorkload", "Outage", "Percentiles", "PoissonArrivals", "Progress",
         "ReplayArrivals", "Scenario", "StrategyResult", "TraceArrivals", "UniformWorkload", "Workload",
         "balls_into_bins", "compare", "format_balls_into_bins", "format_histograms", "format_table",
         "make_fleet", "max_load_one_choice", "max_load_two_choices", "mean_work_s", "offered_rate",
-        "simulate",
+        "session_rate", "simulate",
     }  # fmt: skip
     for name in names:
         assert hasattr(irmiddleware.sim, name), name

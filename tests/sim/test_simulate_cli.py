@@ -108,3 +108,15 @@ def test_progress_bar_only_when_asked(
     monkeypatch.setenv("IRM_PROGRESS", "0")
     assert simulate_main([*SMALL, "--strategies", "p2c"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_chat_workload_compares_all_five_strategies(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--workload", "chat", "--accelerators", "4", "--sessions", "60", "--turns", "2:4", "--seed", "2"]
+    assert simulate_main(argv) == 0
+    output = capsys.readouterr().out
+    names = ("round_robin", "least_connections", "p2c", "consistent_hash", "prefix_affinity")
+    rows = [line.split()[0] for line in output.splitlines() if line.split() and line.split()[0] in names]
+    assert rows == list(names)
+    assert "hit%" in output and "bound" in output and "in 60 sessions" in output
+    assert simulate_main([*argv, "--turns", "3"]) == 2
+    assert "--turns expects MIN:MAX" in capsys.readouterr().err
