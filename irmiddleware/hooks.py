@@ -85,6 +85,10 @@ class RouteInfo:
     model: str
     cost: int = 1
     priority: int = 0
+    session_key: str | None = None
+    """A session key (the configured header, else the OpenAI `user` field), for consistent_hash."""
+    prompt: str | None = None
+    """The prompt as text (chat messages rendered in order), for prefix_affinity."""
 
 
 PickFunction = Callable[[Sequence[BackendLoad], RouteInfo], "int | None"]
@@ -225,6 +229,20 @@ class BackendAdapter:
             raise AdapterError(400, "request body needs a string `model` field", param="model")
         return model
 
+    def affinity_of(self, endpoint: Endpoint, body: bytes) -> tuple[str | None, str | None]:
+        """(session key, prompt text) of a request, for the cache-aware strategies; None where
+        the request has none. OpenAI-style: the `user` field, and the chat messages rendered in
+        order ("role\ncontent\n" each, so a conversation's next turn extends the previous
+        turn's text) or the completion prompt."""
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None, None
+        if not isinstance(parsed, dict):
+            return None, None
+        user = parsed.get("user")
+        return (user if isinstance(user, str) and user else None), _prompt_text(parsed)
+
     def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
         """The body of an error the router answers itself, in the API's shape (OpenAI/vLLM
         `{"error": {"message", "type", "param", "code"}}`)."""
@@ -362,3 +380,21 @@ class IrmHookspecs:
         "timeout", "upstream", "overloaded" (answered an overload status and was retried
         elsewhere), "client_disconnected", "cancelled", "internal"); its load has been
         released."""
+
+
+def _prompt_text(body: Mapping[str, object]) -> str | None:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            if isinstance(message, dict):
+                content = message.get("content")
+                text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+                parts.append(f"{message.get('role')}\n{text}\n")
+        return "".join(parts) or None
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return prompt[0]
+    return None

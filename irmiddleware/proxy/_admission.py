@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import json
 import math
@@ -71,13 +72,20 @@ class Shed(Exception):
 class Waiter(Generic[T]):
     """One request waiting for capacity. `future` gets the lease, or None when it was evicted."""
 
-    __slots__ = ("arrival_s", "future", "live", "model", "priority", "seq")
+    __slots__ = ("arrival_s", "future", "live", "model", "priority", "route", "seq")
 
     def __init__(
-        self, model: str, priority: int, arrival_s: float, seq: int, future: asyncio.Future[T | None]
+        self,
+        model: str,
+        priority: int,
+        arrival_s: float,
+        seq: int,
+        future: asyncio.Future[T | None],
+        route: Any = None,
     ) -> None:
         self.model, self.priority, self.arrival_s, self.seq = model, priority, arrival_s, seq
         self.future = future
+        self.route = route  # what `try_acquire` needs besides model and class (e.g. affinity)
         self.live = True  # in the queue; removal is lazy (a dead entry is skipped where it is met)
 
 
@@ -91,13 +99,14 @@ class WaitQueue(Generic[T]):
     FIFO the head is the oldest, hence also the most promoted, so comparing heads finds the best
     waiter and comparing tails finds the worst.
 
-    `try_acquire(model, class)` reserves capacity for a waiter (a non-blocking call into the core).
+    `try_acquire(model, class, route)` reserves capacity for a waiter (a non-blocking call into the
+    core); `route` is what the waiter entered with.
     """
 
     def __init__(
         self,
         config: AdmissionConfig,
-        try_acquire: Callable[[str, int], T | None],
+        try_acquire: Callable[[str, int, Any], T | None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
@@ -115,7 +124,9 @@ class WaitQueue(Generic[T]):
             return waiter.priority
         return max(0, waiter.priority - int((now - waiter.arrival_s) / aging_s))
 
-    def enter(self, model: str, priority: int, future: asyncio.Future[T | None]) -> Waiter[T]:
+    def enter(
+        self, model: str, priority: int, future: asyncio.Future[T | None], route: Any = None
+    ) -> Waiter[T]:
         """Queues a request, evicting a less urgent waiter when the queue is full; `Shed` when the
         request may not wait (`no_capacity`) or the queue is full of requests as urgent."""
         limit = self._config.max_queue_of(priority)
@@ -129,7 +140,7 @@ class WaitQueue(Generic[T]):
                 raise _saturated(model, "queue_full")
             self._remove(victim)
             victim.future.set_result(None)
-        waiter = Waiter(model, priority, self._clock(), next(self._seq), future)
+        waiter = Waiter(model, priority, self._clock(), next(self._seq), future, route)
         queues = self._queues.get(model)
         if queues is None:
             queues = self._queues[model] = [collections.deque() for _ in range(CLASSES_COUNT)]
@@ -153,7 +164,7 @@ class WaitQueue(Generic[T]):
             now = self._clock()
             heads = sorted(self._heads(models), key=lambda w: (self.effective(w, now), w.seq))
             for head in heads:
-                lease = self._try_acquire(head.model, self.effective(head, now))
+                lease = self._try_acquire(head.model, self.effective(head, now), head.route)
                 if lease is not None:
                     self._remove(head)
                     head.future.set_result(lease)
@@ -312,7 +323,7 @@ class Admission:
             priority = self._default_class(route.path, limits)
         if self.config.forward_priority and adapter.type_name in _FORWARD_PRIORITY_TYPES:
             body = _with_priority(body, priority)
-        route = RouteInfo(route.path, route.model, route.cost, priority)
+        route = dataclasses.replace(route, priority=priority)
         if tenant is None or limits is None or not limits.limited:
             return route, body, _NO_TICKET
         return route, body, self._enter_tenant(tenant, limits, priority)
@@ -380,7 +391,7 @@ class Admission:
             return lease
         loop = asyncio.get_running_loop()
         try:
-            waiter = self.queue.enter(route.model, route.priority, loop.create_future())
+            waiter = self.queue.enter(route.model, route.priority, loop.create_future(), route)
         except Shed as shed:
             self._count_shed(route.priority, shed.reason)
             raise
@@ -412,8 +423,11 @@ class Admission:
         self._admitted[priority][1].inc()
         return lease
 
-    def _try_acquire(self, model: str, priority: int) -> Lease | None:
-        return self._fleet.acquire(RouteInfo("", model, 1, priority))
+    def _try_acquire(self, model: str, priority: int, route: RouteInfo | None) -> Lease | None:
+        # The waiter's own route (its cost, session key, prompt) at the class it has aged to.
+        if route is None:
+            return self._fleet.acquire(RouteInfo("", model, 1, priority))
+        return self._fleet.acquire(dataclasses.replace(route, priority=priority))
 
     # ---- 3. releases ----------------------------------------------------------------------------
 

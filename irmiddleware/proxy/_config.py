@@ -115,6 +115,20 @@ class SignalsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AffinityConfig:
+    """`[router.affinity]`: what the cache-aware strategies (consistent_hash, prefix_affinity)
+    read from a request."""
+
+    session_header: str = "x-session-id"
+    """The header carrying a session key (consistent_hash); else the body's OpenAI `user` field."""
+    prefix_block_chars: int = _bounded(64, 1)
+    """Characters per prompt block hashed for prefix_affinity (64 ≈ vLLM's 16-token blocks)."""
+    balance_epsilon: float = _bounded(0.25, 0.0, 10.0)
+    """Bounded load: a backend may exceed its share of the fleet's load by this fraction before
+    affinity yields to load."""
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     """One `[[backends]]` entry."""
 
@@ -139,12 +153,16 @@ class RouterConfig:
     """`Retry-After` on 503 answers when nothing fits."""
     metrics_path: str = "/metrics"
     status_path: str = "/irm/status"
+    transport: str = "lean"
+    """Upstream HTTP/1.1 transport under the httpx client: `lean` (ours, `http://` backends) or
+    `httpx` (httpcore for everything)."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
     signals: SignalsConfig = field(default_factory=SignalsConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
 
@@ -186,12 +204,14 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         retry_after_s=value("retry_after_s", int, low=0),
         metrics_path=_path(value("metrics_path", str), "metrics_path"),
         status_path=_path(value("status_path", str), "status_path"),
+        transport=_one_of(value("transport", str), "transport", ("lean", "httpx")),
         timeouts=_section(router, "timeouts", TimeoutsConfig, float),
         limits=_section(router, "limits", LimitsConfig, int),
         retries=_section(router, "retries", RetriesConfig, int),
         health=_typed_section(router, "health", HealthConfig),
         outliers=_typed_section(router, "outliers", OutliersConfig),
         signals=_typed_section(router, "signals", SignalsConfig),
+        affinity=_typed_section(router, "affinity", AffinityConfig),
         admission=parse_admission(_table(data, "admission", "")),
     )
     _no_duplicate_urls(config.backends)
@@ -295,6 +315,12 @@ def check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"`router.listen` must be HOST:PORT, got {value!r}")
+    return value
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"`router.{key}` must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

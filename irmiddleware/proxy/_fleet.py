@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from irmiddleware._plugins import Registry
-from irmiddleware._router import Accelerator, Lease, Router
+from irmiddleware._router import Accelerator, Lease, Router, prefix_hashes
 from irmiddleware.hooks import (
     BackendAdapter,
     BackendInfo,
@@ -58,7 +58,17 @@ class Fleet:
             max_accelerators=max(16, len(config.backends)),
             signal_age_max_s=config.signals.max_age_s,
             class_shares=config.admission.class_shares,
+            balance_epsilon=config.affinity.balance_epsilon,
         )
+        # Only the cache-aware strategies read a request's session key or prompt: the others
+        # skip extracting them (and hashing the prompt).
+        self.wants_session_key = native == "consistent_hash"
+        self.wants_prompt = native == "prefix_affinity"
+        self._block_chars = config.affinity.prefix_block_chars
+        self._affinity_outcomes = {
+            outcome: metrics.affinity.labels(config.strategy, outcome)
+            for outcome in ("hit", "miss", "overload")
+        }
         self.backends: dict[int, Backend] = {}
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
@@ -132,8 +142,20 @@ class Fleet:
         if self._python is not None:
             lease = self._acquire_python(self._python, route)
         else:
-            lease = self.router.acquire(route.cost, route.priority, pool=route.model)
+            lease = self._acquire_native(route)
         self._decided["routed" if lease else "no_capacity"].inc()
+        return lease
+
+    def _acquire_native(self, route: RouteInfo) -> Lease | None:
+        hashes = None
+        if self.wants_prompt and route.prompt:
+            hashes = prefix_hashes(route.prompt, self._block_chars)
+        key = route.session_key if self.wants_session_key else None
+        lease = self.router.acquire(
+            route.cost, route.priority, pool=route.model, affinity_key=key, prefix_hashes=hashes
+        )
+        if lease is not None and lease.affinity is not None:
+            self._affinity_outcomes[lease.affinity].inc()
         return lease
 
     def _acquire_python(self, strategy: PythonStrategy, route: RouteInfo) -> Lease | None:

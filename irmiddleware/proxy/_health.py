@@ -61,7 +61,10 @@ class _Checks:
 class _HealthMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.healthy = Gauge(
-            "irm_backend_healthy", "1 if the backend passes its health checks.", ["backend"], registry=registry
+            "irm_backend_healthy",
+            "1 if the backend passes its health checks.",
+            ["backend"],
+            registry=registry,
         )
         self.transitions = Counter(
             "irm_backend_state_transitions",
@@ -70,7 +73,9 @@ class _HealthMetrics:
             registry=registry,
         )
         self.checks = Counter(
-            "irm_health_checks", "Active health checks by result (pass, fail).", ["backend", "result"],
+            "irm_health_checks",
+            "Active health checks by result (pass, fail).",
+            ["backend", "result"],
             registry=registry,
         )
         self.ejections = Counter(
@@ -80,11 +85,14 @@ class _HealthMetrics:
             registry=registry,
         )
         self.ejected = Gauge(
-            "irm_outlier_ejected", "1 while the backend is ejected (cool-down not over or not re-checked).",
-            ["backend"], registry=registry,
+            "irm_outlier_ejected",
+            "1 while the backend is ejected (cool-down not over or not re-checked).",
+            ["backend"],
+            registry=registry,
         )
         self.panic = Gauge(
-            "irm_outlier_panic_pools", "Pools routing to ejected backends (panic threshold reached).",
+            "irm_outlier_panic_pools",
+            "Pools routing to ejected backends (panic threshold reached).",
             registry=registry,
         )
 
@@ -104,12 +112,14 @@ class FleetHealth:
         self._checks = {
             b.id: _Checks(self._probe_of(manager, b), healthy=start_healthy) for b in fleet.backends.values()
         }
-        self._states = {backend_id: "active" for backend_id in fleet.backends}
+        # The starting state is set silently: it is configuration, not a change to report.
+        initial = "active" if start_healthy else "down"
+        self._states = dict.fromkeys(fleet.backends, initial)
         self._panic_pools: set[str] = set()
         for backend in fleet.backends.values():
+            fleet.router.set_state(backend.id, initial)
             self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
             self._metrics.ejected.labels(backend.url).set(0)
-        self.apply()
 
     def _probe_of(self, manager: pluggy.PluginManager, backend: Backend) -> HealthProbe:
         default = HealthProbe(backend.adapter.health_path, timeout_s=self.config.timeout_s)
@@ -135,7 +145,9 @@ class FleetHealth:
 
     def due(self, now: float) -> list[int]:
         """Backends to probe now: their interval is up, or their cool-down just ended."""
-        return [backend_id for backend_id, checks in self._checks.items() if self._is_due(backend_id, checks, now)]
+        return [
+            backend_id for backend_id, checks in self._checks.items() if self._is_due(backend_id, checks, now)
+        ]
 
     def _is_due(self, backend_id: int, checks: _Checks, now: float) -> bool:
         if now >= checks.next_at:
@@ -196,7 +208,9 @@ class FleetHealth:
     def needs_discovery(self) -> bool:
         """Some healthy backend still has no models (it was down when they were discovered)."""
         return any(
-            checks.healthy and not self.fleet.backends[b].models and self.fleet.backends[b].adapter.models_path
+            checks.healthy
+            and not self.fleet.backends[b].models
+            and self.fleet.backends[b].adapter.models_path
             for b, checks in self._checks.items()
         )
 
@@ -236,7 +250,8 @@ class FleetHealth:
     def _why(self, backend_id: int, healthy: bool, ejected: bool) -> str:
         if not healthy:
             checks = self._checks[backend_id]
-            return "not ready yet" if not checks.ever_passed else "health checks failed"
+            waiting = self.config.require_ready and not checks.ever_passed
+            return "not ready yet" if waiting else "health checks failed"
         if ejected:
             return f"ejected ({self.outliers.reason(backend_id)})"
         return "healthy"
@@ -247,12 +262,15 @@ class FleetHealth:
         old, self._states[backend.id] = self._states[backend.id], state
         self.fleet.router.set_state(backend.id, state)
         self._metrics.transitions.labels(backend.url, state).inc()
-        log.warning("backend %s: %s -> %s (%s)", backend.url, old, state, reason)
+        level = logging.WARNING if state == "down" else logging.INFO
+        log.log(level, "backend %s: %s -> %s (%s)", backend.url, old, state, reason)
         for plugin_name, function in self._state_observers:
             try:
                 function(backend=backend.info, old=old, new=state, reason=reason)
             except Exception as error:
-                log.warning("irmiddleware plugin %r raised in irm_backend_state_changed: %r", plugin_name, error)
+                log.warning(
+                    "irmiddleware plugin %r raised in irm_backend_state_changed: %r", plugin_name, error
+                )
 
     def status_of(self, backend_id: int) -> dict[str, Any]:
         ejected = self.outliers.is_ejected(backend_id)

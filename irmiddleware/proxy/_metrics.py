@@ -93,4 +93,11 @@ class RouterMetrics:
             ["strategy", "result"],
             registry=self.registry,
         )
+        self.affinity = Counter(
+            "irm_affinity_decisions",
+            "Cache-aware decisions by strategy and outcome: hit (the affine backend took it), miss "
+            "(nothing remembered) or overload (the affine backend was over its bounded load).",
+            ["strategy", "outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_BackendCollector(stats))

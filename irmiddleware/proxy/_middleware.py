@@ -29,7 +29,13 @@ from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._health import FleetMonitor
 from irmiddleware.proxy._metrics import RouterMetrics
-from irmiddleware.proxy._upstream import CONNECT_ERRORS, create_client, request_headers, response_headers
+from irmiddleware.proxy._upstream import (
+    CONNECT_ERRORS,
+    create_client,
+    parsed_url,
+    request_headers,
+    response_headers,
+)
 
 __all__ = ["ASGIApp", "RoutingMiddleware", "create_app"]
 
@@ -127,6 +133,7 @@ class RoutingMiddleware:
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._created = int(time.time())
+        self._session_header = config.affinity.session_header.lower().encode("latin-1")
 
     @property
     def router(self) -> Any:
@@ -232,7 +239,12 @@ class RoutingMiddleware:
             model = self.fleet.default_model(exchange.adapter) or model
         if not self.fleet.serves(model):
             raise _Reject(404, f"The model `{model}` does not exist.", "rejected", "model")
-        exchange.route = RouteInfo(exchange.scope["path"], model)
+        session_key = prompt = None
+        if self.fleet.wants_session_key or self.fleet.wants_prompt:
+            session_key, prompt = exchange.adapter.affinity_of(endpoint, exchange.body)
+            header = _header(exchange.scope, self._session_header)
+            session_key = header or session_key
+        exchange.route = RouteInfo(exchange.scope["path"], model, session_key=session_key, prompt=prompt)
 
     async def _route_watching_disconnect(self, exchange: _Exchange) -> None:
         # The request body is read, so the next `receive()` returns only when the client goes
@@ -354,7 +366,17 @@ class _Attempt:
     """One try on one backend. Entering it owns `lease`; leaving it releases the lease, exactly
     once, whatever happened inside. `run` returns True when the request may be retried elsewhere."""
 
-    __slots__ = ("backend", "exchange", "lease", "middleware", "number", "outcome", "sent_s", "status", "tried")
+    __slots__ = (
+        "backend",
+        "exchange",
+        "lease",
+        "middleware",
+        "number",
+        "outcome",
+        "sent_s",
+        "status",
+        "tried",
+    )
 
     def __init__(
         self, middleware: RoutingMiddleware, exchange: _Exchange, lease: Lease, number: int, tried: list[int]
@@ -400,7 +422,7 @@ class _Attempt:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         request = client.build_request(
-            scope["method"], url, headers=request_headers(scope["headers"]), content=exchange.body
+            scope["method"], parsed_url(url), headers=request_headers(scope["headers"]), content=exchange.body
         )
         self.sent_s = time.perf_counter()
         try:
@@ -473,6 +495,13 @@ def _upstream_failure(outcome: str) -> tuple[int, str]:
     if outcome == "timeout":
         return 504, "The backend did not answer in time."
     return 502, "The backend failed to answer."
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1") or None
+    return None
 
 
 async def _watch_disconnect(exchange: _Exchange, task: asyncio.Task[Any]) -> None:

@@ -1,7 +1,7 @@
 """Passive outlier detection: live traffic decides when a backend should be left alone for a while.
 
 Consecutive connection failures, or consecutive errors (5xx, broken answers, timeouts, overload
-answers), eject a backend for a cool-down of `base_ejection_s × 2^n` (n = its earlier ejections,
+answers), eject a backend for a cool-down of `base_ejection_s * 2**n` (n = its earlier ejections,
 forgiven after a clean `max_ejection_s`), capped at `max_ejection_s`. An overload answer also
 earns a short fixed penalty, so a full backend is skipped at once without being called broken.
 

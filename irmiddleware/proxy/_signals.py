@@ -53,14 +53,21 @@ class SignalScraper:
         self._readings: dict[int, _Reading] = {}
         self._failing: set[int] = set()
         self._queue = Gauge(
-            "irm_backend_reported_queue", "Queue depth the backend last reported.", ["backend"], registry=registry
+            "irm_backend_reported_queue",
+            "Queue depth the backend last reported.",
+            ["backend"],
+            registry=registry,
         )
         self._kv = Gauge(
-            "irm_backend_reported_kv_usage", "KV-cache use (0-1) the backend last reported.", ["backend"],
+            "irm_backend_reported_kv_usage",
+            "KV-cache use (0-1) the backend last reported.",
+            ["backend"],
             registry=registry,
         )
         self._scrapes = Counter(
-            "irm_signal_scrapes", "Scrapes of backends' metrics, by result (ok, failed).", ["backend", "result"],
+            "irm_signal_scrapes",
+            "Scrapes of backends' metrics, by result (ok, failed).",
+            ["backend", "result"],
             registry=registry,
         )
 
@@ -91,7 +98,9 @@ class SignalScraper:
     def _record(self, backend: Backend, signals: LoadSignals, read_at: float) -> None:
         queue_depth = max(0, min(int(signals.queue_depth), _QUEUE_DEPTH_MAX))
         kv_usage = max(0.0, min(float(signals.kv_usage), 1.0))
-        self._fleet.router.set_signals(backend.id, queue_depth=queue_depth, kv_usage=kv_usage, read_at=read_at)
+        self._fleet.router.set_signals(
+            backend.id, queue_depth=queue_depth, kv_usage=kv_usage, read_at=read_at
+        )
         self._readings[backend.id] = _Reading(signals, read_at)
         self._queue.labels(backend.url).set(queue_depth)
         self._kv.labels(backend.url).set(kv_usage)

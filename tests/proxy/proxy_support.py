@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -111,3 +112,25 @@ def wait_idle(middleware: RoutingMiddleware, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while any(in_flight(middleware)) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Polls `predicate` every 10 ms; fails naming `what` after `timeout_s` (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached within {timeout_s} s: {what}"
+        time.sleep(0.01)
+
+
+def backend_status(server: RouterServer, url: str) -> dict[str, Any]:
+    """The router's status entry of the backend at `url`."""
+    status: dict[str, Any] = httpx.get(f"{server.url}/irm/status").json()
+    return next(b for b in status["backends"] if b["url"] == url)
+
+
+# Health checks, outlier detection and signal scraping at test speed (50 ms).
+FAST_FLEET = {
+    "health": {"interval_s": 0.05, "timeout_s": 0.5, "healthy_threshold": 2, "unhealthy_threshold": 2},
+    "outliers": {"base_ejection_s": 0.3, "max_ejection_s": 2.0, "overload_penalty_s": 0.3},
+    "signals": {"interval_s": 0.05, "timeout_s": 0.5, "max_age_s": 1.0},
+}

@@ -121,8 +121,8 @@ def test_clashing_names_and_unknown_names_are_config_errors(emulators: Emulators
         _plugins.PluginError, match=r"unknown strategy 'fastest'; available: .*least_connections"
     ):
         create_app(config_for([backend.url], strategy="fastest"))
-    tgi = RouterConfig(backends=(BackendConfig(url=backend.url, type="tgi"),))
-    with pytest.raises(_plugins.PluginError, match=r"unknown backend type 'tgi'; available: .*vllm"):
+    tgi = RouterConfig(backends=(BackendConfig(url=backend.url, type="sglang"),))
+    with pytest.raises(_plugins.PluginError, match=r"unknown backend type 'sglang'; available: .*vllm"):
         create_app(tgi)
 
 

@@ -1,0 +1,96 @@
+"""Active health checks against real vLLM emulators: a backend slow to start (connections refused
+while it "loads") gets no traffic before its first passing check when `require_ready` is set; a
+backend whose `/health` fails is taken out after `unhealthy_threshold` checks and brought back after
+`healthy_threshold`, with the change logged, exported as metrics and sent to the
+`irm_backend_state_changed` hook; the checks stop cleanly at shutdown; and after each test nothing
+is left in flight."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from proxy_support import FAST_FLEET, Emulator, RouterServer, backend_status, config_for, wait_until
+
+from irmiddleware.hooks import BackendInfo, hookimpl
+from irmiddleware.proxy import create_app
+from irmiddleware.testing import assert_idle
+
+Emulators = Callable[..., list[Emulator]]
+Routers = Callable[..., RouterServer]
+BODY = {"model": "m", "prompt": "Hi", "max_tokens": 2}
+
+
+def _fleet(**health: Any) -> dict[str, Any]:
+    return {**FAST_FLEET, "health": {**FAST_FLEET["health"], **health}}
+
+
+def _metric(server: RouterServer, line_start: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class StateRecorder:
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str, str, str]] = []
+
+    @hookimpl
+    def irm_backend_state_changed(self, backend: BackendInfo, old: str, new: str, reason: str) -> None:
+        self.changes.append((backend.url, old, new, reason))
+
+
+def test_slow_starter_gets_nothing_before_it_is_ready(emulators: Emulators, router: Routers) -> None:
+    (ready,) = emulators(1)
+    (loading,) = emulators(1, startup_delay_s=0.6)  # port bound, connections refused meanwhile
+    config = config_for([ready.url, loading.url], strategy="round_robin", **_fleet(require_ready=True))
+    server = router(config)
+    assert backend_status(server, loading.url)["state"] == "down"
+    sent_early = 0
+    while not loading.server.started and sent_early < 200:
+        assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+        sent_early += 1
+    # Not one attempt went to the loading backend (no refused connection, no retry).
+    assert backend_status(server, loading.url)["routed"] == 0
+    assert _metric(server, 'irm_routing_decisions_total{result="retry"') == 0.0
+    wait_until(lambda: backend_status(server, loading.url)["state"] == "active", "ready after loading")
+    for _ in range(6):
+        assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+    assert loading.emulator.stats.received >= 2  # round robin now includes it
+    assert_idle(server.app.router)
+
+
+def test_failing_health_takes_a_backend_out_and_back(emulators: Emulators) -> None:
+    sick, well = emulators(2)
+    recorder = StateRecorder()
+    app = create_app(config_for([sick.url, well.url], **_fleet()), plugins=(recorder,))
+    with RouterServer(app) as server:
+        sick.emulator.reconfigure(unhealthy=True)
+        wait_until(lambda: backend_status(server, sick.url)["state"] == "down", "down after failed checks")
+        status = backend_status(server, sick.url)
+        assert status["healthy"] is False and status["ejected"] is False
+        assert _metric(server, f'irm_backend_healthy{{backend="{sick.url}"}}') == 0.0
+        received = sick.emulator.stats.received
+        for _ in range(10):
+            assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+        assert sick.emulator.stats.received == received  # nothing new while down
+
+        sick.emulator.reconfigure(unhealthy=False)
+        wait_until(lambda: backend_status(server, sick.url)["state"] == "active", "back after passing checks")
+        transitions = f'irm_backend_state_transitions_total{{backend="{sick.url}",state="down"}}'
+        assert _metric(server, transitions) == 1.0
+        assert (sick.url, "active", "down", "health checks failed") in recorder.changes
+        assert (sick.url, "down", "active", "healthy") in recorder.changes
+        assert_idle(server.app.router)
+    assert app.monitor._tasks == []  # cancelled and awaited at lifespan shutdown
+
+
+def test_router_answers_fleet_health_itself(emulators: Emulators, router: Routers) -> None:
+    """TGI and Triton clients ask the router whether it is ready; vLLM's path is not routed."""
+    (backend,) = emulators(1)
+    server = router(config_for([backend.url], **_fleet()))
+    assert httpx.get(f"{server.url}/health").status_code == 404  # vLLM adapter: not a routed path
+    assert backend_status(server, backend.url)["healthy"] is True
+    assert_idle(server.app.router)

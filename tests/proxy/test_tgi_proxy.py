@@ -1,0 +1,85 @@
+"""The router in front of TGI emulators, driven by real clients: `huggingface_hub.InferenceClient`
+(`text_generation` with and without streaming, through the `/` compat route, and
+`chat_completion`), the `openai` client against the chat endpoint, and raw `/generate`,
+`/generate_stream` (events without `[DONE]`), `/info` and `/health`. Backends' models come from
+`/info`'s `model_id`; requests that name no model (or "tgi", or the hub's "dummy") go to the one
+model the TGI fleet serves. Errors the router answers itself have TGI's shape."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+from huggingface_hub import InferenceClient
+from proxy_support import FAST_FLEET, RouterServer, wait_until
+
+from irmiddleware.proxy import parse_config
+from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread
+
+Routers = Callable[..., RouterServer]
+MODEL = "org/tgi-model"
+
+
+@contextlib.contextmanager
+def _tgi_router(router: Routers, count: int = 2) -> Iterator[RouterServer]:
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for _ in range(count):
+            app = create_tgi_app(TGIConfig(model_id=MODEL, time_per_output_token_s=0.001))
+            urls.append(stack.enter_context(serve_in_thread(app)).url)
+        backends = [{"url": url, "type": "tgi"} for url in urls]  # models discovered from /info
+        yield router(parse_config({"router": FAST_FLEET, "backends": backends}))
+
+
+def test_huggingface_hub_client_through_the_router(router: Routers) -> None:
+    with _tgi_router(router) as server:
+        client = InferenceClient(model=server.url)
+        text = client.text_generation("Hello", max_new_tokens=5)
+        assert isinstance(text, str) and text
+        streamed = list(client.text_generation("Hello", max_new_tokens=5, stream=True))
+        assert "".join(streamed) == text  # same prompt, same deterministic answer
+        chat = client.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=6)
+        assert chat.choices[0].message.content
+        chunks = list(client.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=6, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert_idle(server.app.router)
+
+
+def test_openai_client_and_raw_routes(router: Routers) -> None:
+    with _tgi_router(router) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="tgi", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content
+        stream = client.chat.completions.create(
+            model="tgi", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        with httpx.Client(base_url=server.url) as http:
+            assert http.get("/info").json()["model_id"] == MODEL
+            assert http.get("/health").status_code == 200
+            generated = http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+            assert generated.status_code == 200 and "generated_text" in generated.json()
+            with http.stream("POST", "/generate_stream", json={"inputs": "Hi"}) as response:
+                raw = response.read().decode()
+            assert raw.startswith("data:") and "[DONE]" not in raw
+            too_big = http.post("/generate", content=b"x" * (17 * 1024 * 1024))
+            assert too_big.status_code == 413 and set(too_big.json()) == {"error", "error_type"}
+        assert_idle(server.app.router)
+
+
+def test_health_follows_the_fleet(router: Routers) -> None:
+    app = create_tgi_app(TGIConfig(model_id=MODEL))
+    with serve_in_thread(app) as backend:
+        config = parse_config(
+            {"router": FAST_FLEET, "backends": [{"url": backend.url, "type": "tgi", "models": [MODEL]}]}
+        )
+        server = router(config)
+        app.state.emulator.reconfigure(unhealthy=True)
+        wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503, "router unhealthy")
+        assert httpx.get(f"{server.url}/health").json() == {"error": "unhealthy", "error_type": "healthcheck"}
+        assert_idle(server.app.router)
