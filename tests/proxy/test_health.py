@@ -11,7 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from proxy_support import FAST_FLEET, Emulator, RouterServer, backend_status, config_for, wait_until
+from proxy_support import (
+    FAST_FLEET,
+    Emulator,
+    RouterServer,
+    backend_status,
+    config_for,
+    wait_idle,
+    wait_until,
+)
 
 from irmiddleware.hooks import BackendInfo, hookimpl
 from irmiddleware.proxy import create_app
@@ -59,6 +67,7 @@ def test_slow_starter_gets_nothing_before_it_is_ready(emulators: Emulators, rout
     for _ in range(6):
         assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
     assert loading.emulator.stats.received >= 2  # round robin now includes it
+    wait_idle(server.app)
     assert_idle(server.app.router)
 
 
@@ -83,6 +92,7 @@ def test_failing_health_takes_a_backend_out_and_back(emulators: Emulators) -> No
         assert _metric(server, transitions) == 1.0
         assert (sick.url, "active", "down", "health checks failed") in recorder.changes
         assert (sick.url, "down", "active", "healthy") in recorder.changes
+        wait_idle(server.app)
         assert_idle(server.app.router)
     assert app.monitor._tasks == []  # cancelled and awaited at lifespan shutdown
 
@@ -93,4 +103,5 @@ def test_router_answers_fleet_health_itself(emulators: Emulators, router: Router
     server = router(config_for([backend.url], **_fleet()))
     assert httpx.get(f"{server.url}/health").status_code == 404  # vLLM adapter: not a routed path
     assert backend_status(server, backend.url)["healthy"] is True
+    wait_idle(server.app)
     assert_idle(server.app.router)

@@ -59,6 +59,7 @@ def test_killed_backend_is_ejected_and_readmitted_when_back(emulators: Emulators
             assert _post(server.url) == 200
         assert app.state.emulator.stats.received >= 1
     wait_idle(server.app)
+    wait_idle(server.app)
     assert_idle(server.app.router)
 
 
@@ -103,6 +104,7 @@ def test_overloaded_backend_is_skipped_and_gets_less_traffic(
             f'irm_outlier_ejections_total{{backend="{urls[0]}",reason="overload"}}'
             in httpx.get(f"{server.url}/metrics").text
         )
+        wait_idle(server.app)
         assert_idle(server.app.router)
 
 
@@ -122,5 +124,7 @@ def test_panic_threshold_keeps_a_pool_routable(emulators: Emulators, router: Rou
     assert backend_status(solo, alone.url)["ejected"] is True
     assert backend_status(solo, alone.url)["state"] == "active"  # panic: ejected but routed to
     assert alone.emulator.stats.received == 5
+    wait_idle(server.app)
     assert_idle(server.app.router)
+    wait_idle(solo.app)
     assert_idle(solo.app.router)

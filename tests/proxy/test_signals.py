@@ -15,7 +15,15 @@ import httpx
 from irmiddleware_plugins.tgi import TGIAdapter
 from irmiddleware_plugins.triton import TritonAdapter
 from irmiddleware_plugins.vllm import VLLMAdapter
-from proxy_support import FAST_FLEET, Emulator, RouterServer, backend_status, config_for, wait_until
+from proxy_support import (
+    FAST_FLEET,
+    Emulator,
+    RouterServer,
+    backend_status,
+    config_for,
+    wait_idle,
+    wait_until,
+)
 
 from irmiddleware.testing import (
     TGIConfig,
@@ -97,6 +105,7 @@ def test_queue_aware_avoids_a_backend_loaded_by_others(emulators: Emulators, rou
             assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200
         routed = [b.emulator.stats.received - n for b, n in zip((busy, idle_a, idle_b), before, strict=True)]
     assert routed[0] < min(routed[1:]), routed  # p2c between equals would give each about a third
+    wait_idle(server.app)
     assert_idle(server.app.router)
 
 
@@ -108,4 +117,5 @@ def test_signals_go_stale_when_scrapes_fail(emulators: Emulators, router: Router
     wait_until(lambda: not backend_status(server, backend.url)["signals"]["fresh"], "stale after max_age_s")
     metrics = httpx.get(f"{server.url}/metrics").text
     assert f'irm_signal_scrapes_total{{backend="{backend.url}",result="failed"}}' in metrics
+    wait_idle(server.app)
     assert_idle(server.app.router)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import openai
 from huggingface_hub import InferenceClient
-from proxy_support import FAST_FLEET, RouterServer, wait_until
+from proxy_support import FAST_FLEET, RouterServer, wait_idle, wait_until
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread
@@ -44,6 +44,7 @@ def test_huggingface_hub_client_through_the_router(router: Routers) -> None:
         assert chat.choices[0].message.content
         chunks = list(client.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=6, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        wait_idle(server.app)
         assert_idle(server.app.router)
 
 
@@ -69,6 +70,7 @@ def test_openai_client_and_raw_routes(router: Routers) -> None:
             assert raw.startswith("data:") and "[DONE]" not in raw
             too_big = http.post("/generate", content=b"x" * (17 * 1024 * 1024))
             assert too_big.status_code == 413 and set(too_big.json()) == {"error", "error_type"}
+        wait_idle(server.app)
         assert_idle(server.app.router)
 
 
@@ -82,4 +84,5 @@ def test_health_follows_the_fleet(router: Routers) -> None:
         app.state.emulator.reconfigure(unhealthy=True)
         wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503, "router unhealthy")
         assert httpx.get(f"{server.url}/health").json() == {"error": "unhealthy", "error_type": "healthcheck"}
+        wait_idle(server.app)
         assert_idle(server.app.router)

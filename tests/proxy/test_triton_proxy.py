@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton_http  # type: ignore[import-untyped]
-from proxy_support import FAST_FLEET, RouterServer, backend_status, wait_until
+from proxy_support import FAST_FLEET, RouterServer, backend_status, wait_idle, wait_until
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from irmiddleware.proxy import parse_config
@@ -85,6 +85,7 @@ def test_tritonclient_through_the_router(router: Routers, binary: bool) -> None:
         assert default.as_numpy("A1").tolist() == (data + 1).tolist()
         with pytest.raises(InferenceServerException, match=r"unknown model|does not exist"):
             client.infer("nope", [tensor])
+        wait_idle(server.app)
         assert_idle(server.app.router)
 
 
@@ -103,6 +104,7 @@ def test_generate_stream_index_and_errors(router: Routers) -> None:
             assert sorted(entry["name"] for entry in index) == ["add", "llm"]
             unknown = http.post("/v2/models/nope/infer", json={"inputs": []})
             assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
+        wait_idle(server.app)
         assert_idle(server.app.router)
 
 
@@ -118,4 +120,5 @@ def test_metrics_port_signals_and_full_queue_retried(router: Routers) -> None:
         tensor = triton_http.InferInput("A", [4], "FP32").set_data_from_numpy(data)
         for _ in range(10):
             assert _client(server).infer("add", [tensor]).as_numpy("A1").tolist() == [1.0] * 4
+        wait_idle(server.app)
         assert_idle(server.app.router)
