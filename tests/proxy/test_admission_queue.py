@@ -41,7 +41,9 @@ def queue_of(
 ) -> tuple[WaitQueue[str], Clock]:
     clock = Clock()
     config = parse_admission({"max_queue": 100, "aging_s": 0, **admission})
-    return WaitQueue(config, lambda model, c, _route: f"lease:{model}:{c}" if fits(model, c) else None, clock), clock
+    return WaitQueue(
+        config, lambda model, c, _route: f"lease:{model}:{c}" if fits(model, c) else None, clock
+    ), clock
 
 
 def test_served_by_class_then_arrival(loop: asyncio.AbstractEventLoop) -> None:
