@@ -299,8 +299,12 @@ fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, co
         assert(first_index != second_index);
         const first = candidate(t, candidates, first_index, cost, class, view, now_ms);
         const second = candidate(t, candidates, second_index, cost, class, view, now_ms);
-        const better = @min(first, second);
-        const worse = @max(first, second);
+        var better = @min(first, second);
+        var worse = @max(first, second);
+        // Equal loads (an idle fleet) must not always favour the lower slot: break ties at random.
+        if (first >> 32 == second >> 32 and better != tree.node_none and t.random() & 1 == 1) {
+            std.mem.swap(u64, &better, &worse);
+        }
         if (better == tree.node_none) continue;
         if (t.reserve(@truncate(better), cost, class)) return @truncate(better);
         if (worse != tree.node_none and t.reserve(@truncate(worse), cost, class)) return @truncate(worse);
@@ -452,4 +456,17 @@ test "queue-aware p2c avoids a backend reporting a long queue, until the report 
     var chosen_busy = false;
     for (0..40) |_| chosen_busy = chosen_busy or acquire(&t, .ofTable(&t), .queue_aware, 1, 0) == busy;
     try testing.expect(chosen_busy);
+}
+
+test "p2c breaks ties between equally loaded backends at random" {
+    const t = try table_mod.testTable(4);
+    defer table_mod.testTableFree(t);
+    for (0..3) |i| _ = try t.add(i, 100, 1000);
+    var chosen: [3]u32 = @splat(0);
+    for (0..300) |_| {
+        const slot = acquire(&t, .ofTable(&t), .p2c, 1, 0);
+        chosen[slot] += 1;
+        try t.release(slot, 1, 0, true); // always idle again: every decision is a tie
+    }
+    for (chosen) |count| try testing.expect(count >= 60 and count <= 140);
 }

@@ -104,7 +104,7 @@ def test_queue_aware_avoids_a_backend_loaded_by_others(emulators: Emulators, rou
             body = {"model": "m", "prompt": "Hi", "max_tokens": 1}
             assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200
         routed = [b.emulator.stats.received - n for b, n in zip((busy, idle_a, idle_b), before, strict=True)]
-    assert routed[0] < min(routed[1:]), routed  # p2c between equals would give each about a third
+    assert routed[0] < min(routed[1:]), routed  # plain p2c: 21 of 30 here (it sees no load)
     wait_idle(server.app)
     assert_idle(server.app.router)
 
