@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from irmiddleware.proxy import RouterConfig, RoutingMiddleware, create_app, parse_config
 from irmiddleware.testing import create_vllm_app, serve_in_thread
@@ -36,33 +32,20 @@ class Emulator:
 
 
 class RouterServer:
-    """A router app on uvicorn in a thread, with lifespan on (the emulators' helper runs without
-    one, and the router's upstream client lives in the lifespan)."""
+    """A router app served by `serve_in_thread` with its lifespan on (the router's upstream
+    client lives in the lifespan); `.app` is the app, `.url` where it listens."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._sock]))
+        self._serving = serve_in_thread(app, lifespan=True)
+        self.url = ""
 
     def __enter__(self) -> RouterServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("router did not start")
-            time.sleep(0.01)
+        self.url = self._serving.__enter__().url
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._sock.close()
+        self._serving.__exit__(None, None, None)
 
 
 def config_for(urls: list[str], models: list[str] | None = ("m",), **router: Any) -> RouterConfig:  # type: ignore[assignment]
