@@ -8,7 +8,7 @@ the core's counters are the truth, and a scrape-time read costs nothing per requ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from irmiddleware._router import AcceleratorStats
 
-__all__ = ["OUTCOMES", "RouterMetrics"]
+__all__ = ["OUTCOMES", "BackendMetrics", "RouterMetrics"]
 
 OUTCOMES: Final = (
     "ok",  # the backend's whole answer reached the client, status < 400
@@ -62,8 +62,21 @@ class _BackendCollector(Collector):
         yield from (in_flight, load, capacity, up)
 
 
+class BackendMetrics(NamedTuple):
+    """One backend's histogram children (`RouterMetrics.of`)."""
+
+    latency: Any
+    ttfb: Any
+
+
 class RouterMetrics:
-    """The metric objects the middleware updates, and the registry `/metrics` exports."""
+    """The metric objects the middleware updates, and the registry `/metrics` exports.
+
+    The per-request updates go through `of` and `count`, which keep the labelled children in
+    plain dicts: prometheus-client's `labels()` takes a lock and checks the labels on every call,
+    a few microseconds each, three times per request. Both caches are bounded: the label values
+    are configured backend URLs (plus "none") and the fixed `OUTCOMES`.
+    """
 
     def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
         self.registry = CollectorRegistry()
@@ -101,3 +114,21 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.registry.register(_BackendCollector(stats))
+        self._of: dict[str, BackendMetrics] = {}
+        self._counted: dict[tuple[str, str], Any] = {}
+
+    def of(self, backend_url: str) -> BackendMetrics:
+        """The latency and time-to-first-byte histograms of one backend."""
+        found = self._of.get(backend_url)
+        if found is None:
+            found = BackendMetrics(self.latency.labels(backend_url), self.ttfb.labels(backend_url))
+            self._of[backend_url] = found
+        return found
+
+    def count(self, backend_url: str, outcome: str) -> None:
+        """Counts one finished request in `irm_requests_total`."""
+        key = (backend_url, outcome)
+        child = self._counted.get(key)
+        if child is None:
+            child = self._counted[key] = self.requests.labels(backend_url, outcome)
+        child.inc()

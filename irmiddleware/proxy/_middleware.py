@@ -31,7 +31,7 @@ from irmiddleware.proxy._health import FleetMonitor
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._upstream import (
     CONNECT_ERRORS,
-    create_client,
+    Upstream,
     parsed_url,
     request_headers,
     response_headers,
@@ -129,7 +129,7 @@ class RoutingMiddleware:
             name: _plugins.observers(self.plugin_manager, f"irm_request_{name}")
             for name in ("routed", "first_byte", "completed", "failed")
         }
-        self._client: httpx.AsyncClient | None = None
+        self._upstream: Upstream | None = None
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._created = int(time.time())
@@ -181,25 +181,25 @@ class RoutingMiddleware:
     async def startup(self) -> None:
         """Creates the upstream client and discovers models; idempotent."""
         async with self._start_lock:
-            if self._client is None:
-                client = create_client(self.config)
-                await self.fleet.discover(client)
+            if self._upstream is None:
+                upstream = Upstream(self.config)
+                await self.fleet.discover(upstream.client)
                 await self.monitor.start()
-                self._client = client
+                self._upstream = upstream
 
     async def aclose(self) -> None:
         """Stops health checks and scrapers and closes the upstream client (lifespan shutdown)."""
         await self.monitor.stop()
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            await upstream.aclose()
 
     # ---- one request ---------------------------------------------------------------------------
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, adapter: BackendAdapter
     ) -> None:
-        if self._client is None:
+        if self._upstream is None:
             await self.startup()
         exchange = _Exchange(scope, receive, send, adapter, next(self._ids))
         try:
@@ -227,7 +227,7 @@ class RoutingMiddleware:
             exchange.outcome = "internal"
             await self._send_error(exchange, 500, "Internal router error.")
         finally:
-            self.metrics.requests.labels(exchange.backend_url, exchange.outcome).inc()
+            self.metrics.count(exchange.backend_url, exchange.outcome)
 
     async def _read_request(self, exchange: _Exchange, endpoint: Endpoint) -> None:
         exchange.body = await _read_body(exchange, self.config.limits.max_body_bytes)
@@ -405,9 +405,7 @@ class _Attempt:
         self.middleware.admission.released(self.backend.id)
         self.exchange.outcome = self.outcome
         if self.sent_s:
-            self.middleware.metrics.latency.labels(self.backend.url).observe(
-                time.perf_counter() - self.sent_s
-            )
+            self.middleware.metrics.of(self.backend.url).latency.observe(time.perf_counter() - self.sent_s)
         if self.outcome in ("ok", "backend_error"):
             self.middleware._notify("completed", self, self.status)
         else:
@@ -415,18 +413,16 @@ class _Attempt:
 
     async def run(self) -> bool:
         middleware, exchange = self.middleware, self.exchange
-        client = middleware._client
-        assert client is not None
+        upstream = middleware._upstream
+        assert upstream is not None
         scope = exchange.scope
         url = self.backend.url + scope["path"]
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        request = client.build_request(
-            scope["method"], parsed_url(url), headers=request_headers(scope["headers"]), content=exchange.body
-        )
+        headers = request_headers(scope["headers"])
         self.sent_s = time.perf_counter()
         try:
-            response = await client.send(request, stream=True)
+            response = await upstream.send(scope["method"], parsed_url(url), headers, exchange.body)
         except _RETRIABLE as error:
             self.outcome = "connect_error"
             log.warning("backend %s unreachable (attempt %d): %r", self.backend.url, self.number, error)
@@ -461,7 +457,7 @@ class _Attempt:
     async def _relay(self, response: httpx.Response) -> None:
         exchange, metrics = self.exchange, self.middleware.metrics
         self.status = response.status_code
-        metrics.ttfb.labels(self.backend.url).observe(time.perf_counter() - self.sent_s)
+        metrics.of(self.backend.url).ttfb.observe(time.perf_counter() - self.sent_s)
         self.middleware._notify("first_byte", self, self.status)
         send = exchange.send
         exchange.started = True
