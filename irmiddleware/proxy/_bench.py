@@ -4,7 +4,9 @@ An emulated vLLM backend (no generation delay) and the proxy (`irmiddleware serv
 child processes on 127.0.0.1. For non-streaming and streaming completions the same client sends
 the same requests directly and through the proxy, first one at a time (latency p50/p99) and then
 with concurrency (requests/s). The proxy's CPU time per request is read from /proc for the proxy
-process alone. Prints numbers; asserts nothing.
+process alone. As a floor for that CPU figure, the same client also calls a bare uvicorn app that
+answers a fixed body (what any Python ASGI server costs per request before proxying anything).
+Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ import sys, uvicorn
 from irmiddleware.testing import create_vllm_app
 app = create_vllm_app(served_model_names=("m",), max_num_seqs=1024, time_per_request_s=0.0,
                       time_per_prompt_token_s=0.0, time_per_output_token_s=0.0)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+# The floor: uvicorn (with the same loop and parser as `irmiddleware serve`) answering a fixed body.
+_BARE = """
+import sys, uvicorn
+BODY = b'{"id":"cmpl-0","object":"text_completion","choices":[{"index":0,"text":"hello"}]}'
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
 
@@ -142,6 +158,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be in 10..100000 and --concurrency in 1..1024")
     backend = f"http://127.0.0.1:{_free_port()}"
     proxy = f"http://127.0.0.1:{_free_port()}"
+    bare = f"http://127.0.0.1:{_free_port()}"
     serve = ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096"]
     serve += [
         "--listen",
@@ -159,8 +176,17 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
             f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend,"
             f" {args.transport} upstream transport"
         )
+        non_streaming_cpu = 0.0
         for name, stream in (("non-streaming", False), ("streaming (16 chunks)", True)):
             direct = _phase(backend, args, stream, None)
             proxied = _phase(proxy, args, stream, proxy_process.pid)
             _report(name, direct, proxied)
+            non_streaming_cpu = non_streaming_cpu or proxied.cpu_s_per_request or 0.0
+    with _process(["-c", _BARE, bare.rpartition(":")[2]], bare) as bare_process:
+        floor = _phase(bare, args, False, bare_process.pid).cpu_s_per_request or 0.0
+    ratio = non_streaming_cpu / floor if floor else float("nan")
+    print(
+        f"floor: a bare uvicorn app answering a fixed body costs {floor * 1e6:.0f} us/request;"
+        f" the non-streaming proxy is {ratio:.1f}x that"
+    )
     return 0
