@@ -6,6 +6,13 @@ adapter reads its queue depth and KV-cache use from the text (with prometheus-cl
 the values go to the native table (`Router.set_signals`) stamped with the time of the successful
 scrape. A failed scrape changes nothing: the last values age, and once older than `max_age_s` the
 core ignores them (stale signals are never trusted).
+
+The core adds the reported queue to the router's own cost in flight, so the router's own requests
+waiting at the backend must not be in it twice. When the adapter reports the running requests as
+well (vLLM, TGI), what goes to the core is the backend's other requests: running + waiting minus
+the router's requests in flight there (never below 0). The router's in-flight count includes
+requests still on the wire, so the estimate errs towards fewer others, not more. Without a running
+count (Triton's pending count) the queue goes in as reported.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class _Reading:
     signals: LoadSignals
     read_at: float
     """`time.monotonic()` when the scrape succeeded (the core's clock)."""
+    others: int
+    """The requests given to the core: the backend's requests the router did not send."""
 
 
 class SignalScraper:
@@ -98,10 +107,12 @@ class SignalScraper:
     def _record(self, backend: Backend, signals: LoadSignals, read_at: float) -> None:
         queue_depth = max(0, min(int(signals.queue_depth), _QUEUE_DEPTH_MAX))
         kv_usage = max(0.0, min(float(signals.kv_usage), 1.0))
-        self._fleet.router.set_signals(
-            backend.id, queue_depth=queue_depth, kv_usage=kv_usage, read_at=read_at
-        )
-        self._readings[backend.id] = _Reading(signals, read_at)
+        others = queue_depth
+        if signals.running is not None:
+            ours = self._fleet.router.accelerator_stats(backend.id).requests_in_flight
+            others = max(0, min(queue_depth + max(0, int(signals.running)) - ours, _QUEUE_DEPTH_MAX))
+        self._fleet.router.set_signals(backend.id, queue_depth=others, kv_usage=kv_usage, read_at=read_at)
+        self._readings[backend.id] = _Reading(signals, read_at, others)
         self._queue.labels(backend.url).set(queue_depth)
         self._kv.labels(backend.url).set(kv_usage)
         self._scrapes.labels(backend.url, "ok").inc()
@@ -124,6 +135,7 @@ class SignalScraper:
         return {
             "queue_depth": reading.signals.queue_depth,
             "running": reading.signals.running,
+            "others": reading.others,
             "kv_usage": reading.signals.kv_usage,
             "age_s": round(age_s, 3),
             "fresh": age_s <= self._config.max_age_s,

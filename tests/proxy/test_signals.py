@@ -2,7 +2,8 @@
 (vLLM waiting/running/KV, TGI queue/batch, Triton pending on its own metrics port); the router
 scrapes them into the native table, so under `queue_aware` a backend with a long queue of load the
 router did not send (clients calling it directly) gets fewer new requests than its idle peers; and
-a backend that stops answering scrapes has its signals go stale (ignored), never trusted forever."""
+the router's own requests queued at a backend are not counted twice; and a backend that stops
+answering scrapes has its signals go stale (ignored), never trusted forever."""
 
 from __future__ import annotations
 
@@ -105,6 +106,29 @@ def test_queue_aware_avoids_a_backend_loaded_by_others(emulators: Emulators, rou
             assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200
         routed = [b.emulator.stats.received - n for b, n in zip((busy, idle_a, idle_b), before, strict=True)]
     assert routed[0] < min(routed[1:]), routed  # plain p2c: 21 of 30 here (it sees no load)
+    wait_idle(server.app)
+    assert_idle(server.app.router)
+
+
+def test_the_routers_own_queued_requests_are_not_counted_twice(emulators: Emulators, router: Routers) -> None:
+    """Requests the router sent are in its own in-flight count already: of a backend's running +
+    waiting requests, only the others go to the core as reported load."""
+    (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
+    server = router(config_for([backend.url], strategy="queue_aware", **FAST_FLEET))
+
+    def signals() -> dict[str, int]:
+        return backend_status(server, backend.url)["signals"] or {}
+
+    with _direct_load(server.url, 4):  # through the router: 1 running and 3 waiting, all ours
+        wait_until(
+            lambda: signals().get("queue_depth") == 3 and signals().get("running") == 1, "4 at the backend"
+        )
+        reading = signals()
+        assert (reading["queue_depth"], reading["running"], reading["others"]) == (3, 1, 0), reading
+        with _direct_load(backend.url, 2):  # two more straight to the backend
+            wait_until(lambda: signals().get("queue_depth") == 5, "6 at the backend")
+            reading = signals()
+            assert (reading["queue_depth"], reading["running"], reading["others"]) == (5, 1, 2), reading
     wait_idle(server.app)
     assert_idle(server.app.router)
 
