@@ -18,6 +18,7 @@ Needs the `testing` extra (Starlette and uvicorn). See doc/emulators.md.
 """
 
 from irmiddleware.testing._invariants import assert_idle
+from irmiddleware.testing._polling import wait_until
 from irmiddleware.testing._server import serve_in_thread
 from irmiddleware.testing._tgi import TGIConfig, create_tgi_app
 from irmiddleware.testing._triton import (
@@ -41,4 +42,5 @@ __all__ = [
     "create_triton_metrics_app",
     "create_vllm_app",
     "serve_in_thread",
+    "wait_until",
 ]

@@ -97,14 +97,6 @@ def wait_idle(middleware: RoutingMiddleware, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Polls `predicate` every 10 ms; fails naming `what` after `timeout_s` (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached within {timeout_s} s: {what}"
-        time.sleep(0.01)
-
-
 def backend_status(server: RouterServer, url: str) -> dict[str, Any]:
     """The router's status entry of the backend at `url`."""
     status: dict[str, Any] = httpx.get(f"{server.url}/irm/status").json()

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy_support import Emulator, RouterServer, wait_idle
 
 from irmiddleware.proxy import RoutingMiddleware, parse_config
-from irmiddleware.testing import assert_idle
+from irmiddleware.testing import assert_idle, wait_until
 
 Emulators = Callable[..., list[Emulator]]
 Routers = Callable[..., RouterServer]
@@ -48,13 +48,6 @@ def holding(url: str, tokens: int = 400) -> Iterator[None]:
         lines = held.iter_lines()  # keep the iterator: dropping it closes the stream
         next(lines)
         yield
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def samples(url: str, name: str) -> dict[tuple[str, ...], float]:

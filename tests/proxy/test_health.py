@@ -18,12 +18,11 @@ from proxy_support import (
     backend_status,
     config_for,
     wait_idle,
-    wait_until,
 )
 
 from irmiddleware.hooks import BackendInfo, hookimpl
 from irmiddleware.proxy import create_app
-from irmiddleware.testing import assert_idle
+from irmiddleware.testing import assert_idle, wait_until
 
 Emulators = Callable[..., list[Emulator]]
 Routers = Callable[..., RouterServer]

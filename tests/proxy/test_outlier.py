@@ -17,10 +17,17 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_support import FAST, FAST_FLEET, Emulator, RouterServer, backend_status, wait_idle, wait_until
+from proxy_support import FAST, FAST_FLEET, Emulator, RouterServer, backend_status, wait_idle
 
 from irmiddleware.proxy import parse_config
-from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, create_vllm_app, serve_in_thread
+from irmiddleware.testing import (
+    TGIConfig,
+    assert_idle,
+    create_tgi_app,
+    create_vllm_app,
+    serve_in_thread,
+    wait_until,
+)
 
 Emulators = Callable[..., list[Emulator]]
 Routers = Callable[..., RouterServer]

@@ -23,7 +23,6 @@ from proxy_support import (
     backend_status,
     config_for,
     wait_idle,
-    wait_until,
 )
 
 from irmiddleware.testing import (
@@ -34,6 +33,7 @@ from irmiddleware.testing import (
     create_tgi_app,
     create_triton_app,
     serve_in_thread,
+    wait_until,
 )
 
 Emulators = Callable[..., list[Emulator]]

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 import httpx
 import openai
 from huggingface_hub import InferenceClient
-from proxy_support import FAST_FLEET, RouterServer, wait_idle, wait_until
+from proxy_support import FAST_FLEET, RouterServer, wait_idle
 
 from irmiddleware.proxy import parse_config
-from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread
+from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread, wait_until
 
 Routers = Callable[..., RouterServer]
 MODEL = "org/tgi-model"

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton_http  # type: ignore[import-untyped]
-from proxy_support import FAST_FLEET, RouterServer, backend_status, wait_idle, wait_until
+from proxy_support import FAST_FLEET, RouterServer, backend_status, wait_idle
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from irmiddleware.proxy import parse_config
@@ -26,6 +26,7 @@ from irmiddleware.testing import (
     assert_idle,
     create_triton_app,
     serve_in_thread,
+    wait_until,
 )
 
 Routers = Callable[..., RouterServer]

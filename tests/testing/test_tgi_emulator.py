@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from irmiddleware.testing import TGIConfig, create_tgi_app, serve_in_thread
+from irmiddleware.testing import TGIConfig, create_tgi_app, serve_in_thread, wait_until
 from irmiddleware.testing._server import RunningServer
 from irmiddleware.testing._tgi import TGIEmulator
 
@@ -45,13 +44,6 @@ def tgi_server() -> Iterator[TGIFactory]:
             return stack.enter_context(serve_in_thread(app)), app.state.emulator
 
         yield start
-
-
-def _wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + _DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.01)
 
 
 def _events(raw: str, prefix: str = "data: ") -> list[Any]:
@@ -251,7 +243,7 @@ def test_queue_shows_in_metrics(tgi_server: TGIFactory) -> None:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             body = {"inputs": "x", "parameters": {"max_new_tokens": 1}}
             queued = pool.submit(httpx.post, f"{server.url}/generate", json=body, timeout=_DEADLINE_S * 3)
-            _wait_until(lambda: emulator.stats.waiting == 1)
+            wait_until(lambda: emulator.stats.waiting == 1)
             response = httpx.get(f"{server.url}/metrics")
             assert "_total" not in response.text and "# TYPE tgi_request_count counter" in response.text
             samples = _samples(response.text)
@@ -263,7 +255,7 @@ def test_queue_shows_in_metrics(tgi_server: TGIFactory) -> None:
             assert queued.result(_DEADLINE_S * 3).status_code == 200
     finally:
         holder.close()
-    _wait_until(lambda: emulator.stats.running == 0)
+    wait_until(lambda: emulator.stats.running == 0)
     samples = _samples(httpx.get(f"{server.url}/metrics").text)
     assert samples["tgi_request_success"] == [({}, 1.0)] and samples["tgi_request_count"] == [({}, 2.0)]
     assert samples["tgi_request_duration"][-1] == ({}, 1.0)  # _count

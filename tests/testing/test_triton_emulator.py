@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from irmiddleware.testing import (
     create_triton_app,
     create_triton_metrics_app,
     serve_in_thread,
+    wait_until,
 )
 from irmiddleware.testing._server import RunningServer
 from irmiddleware.testing._triton import TritonEmulator
@@ -71,13 +71,6 @@ def triton_server() -> Iterator[TritonFactory]:
             return stack.enter_context(serve_in_thread(app)), app.state.emulator
 
         yield start
-
-
-def _wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + _DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.01)
 
 
 def _client(server: RunningServer) -> triton_http.InferenceServerClient:
@@ -250,9 +243,9 @@ def test_full_queue_answers_503_and_metrics_show_the_queue(triton_server: Triton
     url = f"{server.url}/v2/models/llm/generate"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, url, json=body, timeout=_DEADLINE_S * 2)
-        _wait_until(lambda: emulator.stats.running == 1)
+        wait_until(lambda: emulator.stats.running == 1)
         second = pool.submit(httpx.post, url, json=body, timeout=_DEADLINE_S * 2)
-        _wait_until(lambda: emulator.stats.waiting == 1)
+        wait_until(lambda: emulator.stats.waiting == 1)
         rejected = httpx.post(url, json={**body, "id": "r1"})
         assert (rejected.status_code, rejected.json()) == (
             503,

@@ -14,7 +14,6 @@ import base64
 import concurrent.futures
 import json
 import struct
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 import irmiddleware.testing
-from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread
+from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread, wait_until
 from irmiddleware.testing._server import RunningServer
 from irmiddleware.testing._vllm import VLLMEmulator, count_tokens
 
@@ -33,13 +32,6 @@ from irmiddleware.testing._vllm import VLLMEmulator, count_tokens
 VLLMFactory = Callable[..., tuple[RunningServer, VLLMEmulator]]
 _DEADLINE_S = 5.0
 _CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
-
-
-def _wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + _DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.01)
 
 
 def _client(url: str, api_key: str = "unused") -> openai.OpenAI:
@@ -75,6 +67,7 @@ def test_public_api_is_pinned() -> None:
         "create_triton_metrics_app",
         "create_vllm_app",
         "serve_in_thread",
+        "wait_until",
     ]
 
 
@@ -289,7 +282,7 @@ def test_max_num_seqs_really_queues(vllm_server: VLLMFactory) -> None:
     body = {"model": "m", "prompt": "second", "max_tokens": 2}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         second = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=_DEADLINE_S * 2)
-        _wait_until(lambda: emulator.stats.waiting == 1)
+        wait_until(lambda: emulator.stats.waiting == 1)
         assert (
             _gauge(server.url, "vllm:num_requests_running"),
             _gauge(server.url, "vllm:num_requests_waiting"),
@@ -299,7 +292,7 @@ def test_max_num_seqs_really_queues(vllm_server: VLLMFactory) -> None:
         assert not second.done()  # Still queued behind the running stream.
         holder.close()  # The client goes away: vLLM aborts the request and frees its slot.
         assert second.result(timeout=_DEADLINE_S * 2).status_code == 200
-    _wait_until(lambda: emulator.stats.running == 0)
+    wait_until(lambda: emulator.stats.running == 0)
     assert (emulator.stats.aborted, emulator.stats.completed) == (1, 1)
 
 
@@ -321,7 +314,7 @@ def test_raising_max_num_seqs_starts_waiters(vllm_server: VLLMFactory) -> None:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             body = {"model": "m", "prompt": "x", "max_tokens": 1}
             second = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=_DEADLINE_S)
-            _wait_until(lambda: emulator.stats.waiting == 1)
+            wait_until(lambda: emulator.stats.waiting == 1)
             emulator.reconfigure(max_num_seqs=2)
             assert second.result(timeout=_DEADLINE_S).status_code == 200
             assert emulator.stats.running == 1  # The holder is still streaming.
@@ -374,7 +367,7 @@ def test_die_after_tokens_cuts_the_stream(vllm_server: VLLMFactory) -> None:
     assert len(events) == 2 and "data: [DONE]" not in events
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False})
-    _wait_until(lambda: emulator.stats.aborted == 2)
+    wait_until(lambda: emulator.stats.aborted == 2)
 
 
 def test_kill_resets_connections_and_refuses_new_ones() -> None:
