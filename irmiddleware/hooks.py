@@ -198,6 +198,12 @@ class BackendAdapter:
     overload_statuses: frozenset[int] = frozenset({429, 503})
     """Statuses meaning "too busy, try another backend": retried elsewhere when no byte has
     reached the client yet, and counted against the backend by outlier detection."""
+    overload_in_stream: bool = False
+    """True when the server can report overload inside a 200 event stream instead of with a
+    status (TGI takes its permit inside the stream, protocols.md §3.4). The router then holds a
+    `text/event-stream` answer's headers until its first event has arrived, asks
+    `stream_overloaded`, and retries elsewhere as for an overload status. Off by default: holding
+    the headers delays them until the first token (the first token itself is not delayed)."""
     single_model: bool = False
     """True when requests need not name the model (TGI serves one per server): a name the fleet
     does not serve then means "the one model the backends of this type serve"."""
@@ -242,6 +248,12 @@ class BackendAdapter:
             return None, None
         user = parsed.get("user")
         return (user if isinstance(user, str) and user else None), _prompt_text(parsed)
+
+    def stream_overloaded(self, first_event: bytes) -> bool:
+        """Whether the first event of a 200 event stream is the server's overload report (only
+        asked when `overload_in_stream` is True). `first_event` holds at least the first event,
+        or all the stream had when it ended or passed 64 KiB."""
+        return False
 
     def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
         """The body of an error the router answers itself, in the API's shape (OpenAI/vLLM

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -49,6 +49,7 @@ log = logging.getLogger("irmiddleware.proxy")
 
 _JSON: Final = [(b"content-type", b"application/json")]
 _OK_OUTCOMES: Final = frozenset({"ok", "client_disconnected"})
+_PEEK_MAX: Final = 64 * 1024  # bytes held at most while looking for a stream's first event
 # Failures before any response byte: the request never started on the backend's side as far as the
 # client can tell, so it may go to another backend. A read error here is a backend that died (or
 # reset the connection) after taking the request; a read *timeout* is not retried (a slow backend
@@ -431,20 +432,35 @@ class _Attempt:
             self.outcome = _outcome_of(error)
             await middleware._send_error(exchange, *_upstream_failure(self.outcome))
             return False
-        if self._overloaded_elsewhere(response.status_code):
-            await response.aclose()
-            return True
         try:
-            await self._relay(response)
+            if response.status_code in self.backend.adapter.overload_statuses and self._retry_overloaded(
+                response.status_code
+            ):
+                return True
+            chunks = response.aiter_raw()
+            held = b""
+            if self.backend.adapter.overload_in_stream and _is_event_stream(response):
+                try:
+                    held = await _first_event(chunks)
+                except _RETRIABLE as error:
+                    self.outcome = "upstream_error"
+                    log.warning("backend %s broke off before its first event: %r", self.backend.url, error)
+                    return True
+                except httpx.HTTPError as error:
+                    self.outcome = _outcome_of(error)
+                    await middleware._send_error(exchange, *_upstream_failure(self.outcome))
+                    return False
+                # The status TGI gives the same overload outside a stream (protocols.md §3.4).
+                if self.backend.adapter.stream_overloaded(held) and self._retry_overloaded(429):
+                    return True
+            await self._relay(response, chunks, held)
         finally:
             await response.aclose()
         return False
 
-    def _overloaded_elsewhere(self, status: int) -> bool:
+    def _retry_overloaded(self, status: int) -> bool:
         # An overload answer is retried on another backend while retries remain and one could take
         # it; otherwise the backend's own answer is relayed, as the honest reply.
-        if status not in self.backend.adapter.overload_statuses:
-            return False
         middleware = self.middleware
         if self.number > middleware.config.retries.connect_attempts:
             return False
@@ -454,7 +470,7 @@ class _Attempt:
         log.info("backend %s overloaded (%d); trying another", self.backend.url, status)
         return True
 
-    async def _relay(self, response: httpx.Response) -> None:
+    async def _relay(self, response: httpx.Response, chunks: AsyncIterator[bytes], held: bytes) -> None:
         exchange, metrics = self.exchange, self.middleware.metrics
         self.status = response.status_code
         metrics.of(self.backend.url).ttfb.observe(time.perf_counter() - self.sent_s)
@@ -464,7 +480,9 @@ class _Attempt:
         headers = response_headers(response.headers.raw)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         try:
-            async for chunk in response.aiter_raw():
+            if held:
+                await send({"type": "http.response.body", "body": held, "more_body": True})
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
             # Headers are out: the only honest signal left is a broken connection, so end without
@@ -475,6 +493,23 @@ class _Attempt:
         exchange.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.status_code == 200 and response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    )
+
+
+async def _first_event(chunks: AsyncIterator[bytes]) -> bytes:
+    """The stream's bytes up to the end of its first event (or all of it, if shorter, or the first
+    `_PEEK_MAX` bytes). `chunks` stays open: relaying continues from where this stopped."""
+    held = b""
+    async for chunk in chunks:
+        held += chunk
+        if b"\n\n" in held or b"\r\n\r\n" in held or len(held) > _PEEK_MAX:
+            break
+    return held
 
 
 def _outcome_of(error: BaseException | None) -> str:

@@ -6,7 +6,11 @@ client fills in (huggingface_hub sends "dummy"). So a backend's model is its `/i
 (or the configured name), and a request goes to the backends serving the model it names, or,
 when it names none the fleet serves, to the one model the TGI backends serve. Bodies and streams
 (`data:` events without `[DONE]`) go through untouched. Errors are
-`{"error": ..., "error_type": ...}`; a full server answers 429 `overloaded`.
+`{"error": ..., "error_type": ...}`; a full server answers 429 `overloaded`, except on streaming
+routes, where it takes its permit inside the stream and so reports overload as the first event of
+a 200 answer (§3.4): `data:{"error":"Model is overloaded","error_type":"overloaded"}` on
+`/generate_stream`, `data:{"error":{"message":"Model is overloaded","http_status_code":422}}` on
+streaming chat. `stream_overloaded` recognizes both, so the router retries those elsewhere too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ _ERROR_TYPES: Final = {
     503: "unavailable",
     504: "timeout",
 }
+_OVERLOADED: Final = "Model is overloaded"
 _QUEUE: Final = "tgi_queue_size"
 _BATCH: Final = "tgi_batch_current_size"
 
@@ -43,6 +48,7 @@ class TGIAdapter(BackendAdapter):
     health_path = "/health"
     models_path = "/info"
     overload_statuses = frozenset({429})
+    overload_in_stream = True
     single_model = True
     endpoints = (
         Endpoint("/health", _GET, kind="health"),
@@ -69,6 +75,22 @@ class TGIAdapter(BackendAdapter):
 
     def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
         return json.dumps({"error": message, "error_type": _ERROR_TYPES.get(status, "router")}).encode()
+
+    def stream_overloaded(self, first_event: bytes) -> bool:
+        line = first_event.lstrip().partition(b"\n")[0].rstrip(b"\r")
+        if not line.startswith(b"data:"):
+            return False
+        try:
+            payload = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not isinstance(payload, dict):
+            return False
+        error = payload.get("error")
+        if payload.get("error_type") == "overloaded":  # /generate_stream
+            return True
+        # Streaming chat: no error type, only the message (and a 422 that is not one).
+        return isinstance(error, dict) and error.get("message") == _OVERLOADED
 
     def health_answer(self, ready: bool) -> tuple[int, bytes]:
         if ready:
