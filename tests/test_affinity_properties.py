@@ -5,6 +5,8 @@
   ε and fleet sizes, equal and unequal capacities), for consistent_hash and prefix_affinity;
 - minimal disruption: in a quiet fleet, removing one of n backends moves only that backend's keys
   (about 1/n of them), adding one moves about 1/(n+1), all of them to the newcomer;
+- capacity-weighted ring: on a mixed fleet each backend owns keys in proportion to its capacity,
+  and removing or resizing a backend other than the largest moves keys only to or from it;
 - the prefix index has fixed memory: two million distinct prompts leave the process's RSS flat
   after warm-up, old prompts are forgotten and recent ones remembered;
 - the same prompt (or session key) routed twice in a quiet fleet lands on the same backend;
@@ -161,6 +163,54 @@ def test_adding_a_backend_moves_about_one_in_n_plus_one_keys_all_to_it(count: in
     assert all(after[key] == count for key in moved)  # Only the newcomer takes keys.
     fair = len(keys) / (count + 1)
     assert (1 - SHARE_TOLERANCE) * fair <= len(moved) <= (1 + SHARE_TOLERANCE) * fair
+    router.close()
+
+
+# ---- capacity-weighted ring ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capacities",
+    [[50, 50, 50, 200, 200, 200], [25, 50, 100, 200], [100] * 5 + [400] * 2, [30, 30, 30, 30, 30, 300]],
+)
+def test_keys_follow_capacity_on_a_mixed_fleet(capacities: list[int]) -> None:
+    """Each backend has the same number of ring points, but a smaller one's points take a key
+    only in proportion to its capacity: in a quiet fleet each backend owns a share of the keys
+    close to its share of the capacity (the same tolerance as the equal-capacity tests)."""
+    router = _router("consistent_hash", capacities)
+    owners = _owners(router, range(DISRUPTION_KEYS))
+    total = sum(capacities)
+    for backend, capacity in enumerate(capacities):
+        share = sum(1 for owner in owners.values() if owner == backend) / DISRUPTION_KEYS
+        fair = capacity / total
+        assert (1 - SHARE_TOLERANCE) * fair <= share <= (1 + SHARE_TOLERANCE) * fair, (backend, share, fair)
+    router.close()
+
+
+@settings(max_examples=12, deadline=None)
+@given(capacities=st.lists(st.sampled_from([25, 50, 100, 200]), min_size=3, max_size=30), data=st.data())
+def test_changing_a_smaller_backend_moves_keys_only_to_or_from_it(
+    capacities: list[int], data: st.DataObject
+) -> None:
+    """Removing a backend, or resizing one, moves no key between two other backends, as long as
+    it is not the largest (whose capacity is the ring's scale)."""
+    largest = max(capacities)
+    smaller = [index for index, capacity in enumerate(capacities) if capacity < largest]
+    if not smaller:
+        return
+    changed = data.draw(st.sampled_from(smaller), label="changed")
+    router = _router("consistent_hash", capacities)
+    keys = range(DISRUPTION_KEYS // 4)
+    before = _owners(router, keys)
+    if data.draw(st.booleans(), label="remove"):
+        router.remove_accelerator(changed)
+    else:
+        new_capacity = data.draw(st.integers(1, largest), label="capacity")
+        router.update_accelerator(changed, capacity=new_capacity)
+    after = _owners(router, keys)
+    assert [
+        key for key in keys if changed not in (before[key], after[key]) and before[key] != after[key]
+    ] == []
     router.close()
 
 

@@ -98,8 +98,24 @@ pub fn upperBound(t: *const Table, count: u32, hash: u64) u32 {
     return low;
 }
 
-pub fn pointSlot(t: *const Table, index: u32) u32 {
-    return @atomicLoad(u32, &t.ring[index].slot, .monotonic);
+pub fn pointAt(t: *const Table, index: u32) RingPoint {
+    return loadPoint(t, index);
+}
+
+/// Whether the ring point (`point_hash`, of `slot`) takes the key at `position`. Every backend
+/// has the same number of points, so to give each a share of keys in proportion to its capacity
+/// × weight, a point of a backend below the largest (`weighted_max`) takes a key only with
+/// probability weight / weighted_max, decided by a hash of (key, point); a key a point declines
+/// walks on clockwise. The first point that takes a key then belongs to each backend with
+/// probability ∝ its points × its acceptance ∝ its weight. Changing one backend's weight moves
+/// only keys to or from it, unless it is (or becomes) the largest: that rescales every backend.
+pub fn accepts(t: *const Table, slot: u32, position: u64, point_hash: u64, weighted_max: u64) bool {
+    const s = &t.slots[slot];
+    const weight = table_mod.configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
+    if (weight >= weighted_max) return true;
+    const draw = table_mod.splitmix64(position ^ point_hash ^ 0x6A09_E667_F3BC_C908);
+    // draw / 2^64 < weight / weighted_max, in integers.
+    return @as(u128, draw) * weighted_max < @as(u128, weight) << 64;
 }
 
 fn loadPoint(t: *const Table, index: u32) RingPoint {
@@ -121,6 +137,8 @@ fn storePoint(t: *const Table, index: u32, point: RingPoint) void {
 pub const Totals = struct {
     cost: u64,
     weighted_capacity: u64,
+    /// The largest configured capacity × weight among the candidates (the ring's scale).
+    weighted_max: u64,
 };
 
 /// Whether `slot` may take `cost` without exceeding ⌈(1+ε) × its share of the fleet's cost in

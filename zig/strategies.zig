@@ -78,20 +78,27 @@ pub const Candidates = struct {
         return false;
     }
 
-    /// The cost in flight and capacity × weight of the candidates (whole table: kept in the header).
+    /// The cost in flight and capacity × weight of the candidates, and the largest configured
+    /// capacity × weight among them (whole table: all three kept in the header).
     fn totals(candidates: Candidates, t: *const Table) affinity.Totals {
         if (candidates.whole_table) return .{
             .cost = t.header.cost_in_flight_total.load(.monotonic),
             .weighted_capacity = t.header.weighted_capacity_total.load(.monotonic),
+            .weighted_max = t.header.weighted_max.load(.monotonic),
         };
-        var result: affinity.Totals = .{ .cost = 0, .weighted_capacity = 0 };
+        var result: affinity.Totals = .{ .cost = 0, .weighted_capacity = 0, .weighted_max = 0 };
         for (0..candidates.slots.len) |index| {
             const slot = candidates.at(index);
             if (slot >= t.backendsMax()) continue;
             const word = t.wordOf(slot);
             result.cost += word.cost;
             const s = &t.slots[slot];
-            result.weighted_capacity += table_mod.weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), word.state);
+            const capacity = s.capacity.load(.monotonic);
+            const weight_milli = s.weight_milli.load(.monotonic);
+            result.weighted_capacity += table_mod.weighted(capacity, weight_milli, word.state);
+            if (table_mod.isPresent(word.state)) {
+                result.weighted_max = @max(result.weighted_max, table_mod.configuredWeight(capacity, weight_milli));
+            }
         }
         return result;
     }
@@ -136,18 +143,23 @@ pub fn isKnown(strategy: u32) bool {
 }
 
 /// Consistent hashing with bounded loads: the key goes to the first backend clockwise from its
-/// point on the ring that stays within ⌈(1+ε) × its share of the average⌉; adding or removing a
-/// backend moves only the keys of its own arcs. If the walk finds none, p2c decides.
+/// point on the ring that takes it (points of smaller backends take a key only in proportion to
+/// their capacity × weight, `affinity.accepts`) and stays within ⌈(1+ε) × its share of the
+/// average⌉; adding or removing a backend moves only the keys of its own arcs. If the walk finds
+/// none, p2c decides.
 fn consistentHash(t: *const Table, candidates: Candidates, key: u64, cost: u32, class: u32) Decision {
     if (!affinity.ensureRing(t)) return .{ .slot = powerOfTwoChoices(t, candidates, cost, class), .outcome = .miss };
     const count = affinity.ringCount(t);
     if (count == 0) return .{ .slot = slot_none, .outcome = .miss };
     const totals = candidates.totals(t);
-    const start = affinity.upperBound(t, count, table_mod.splitmix64(key));
+    const position = table_mod.splitmix64(key);
+    const start = affinity.upperBound(t, count, position);
     var owner_seen = false;
     for (0..@min(count, ring_walk_points_max)) |step| {
-        const slot = affinity.pointSlot(t, @intCast((start + step) % count));
+        const point = affinity.pointAt(t, @intCast((start + step) % count));
+        const slot = point.slot;
         if (slot >= t.backendsMax() or !candidates.contains(slot)) continue;
+        if (!affinity.accepts(t, slot, position, point.hash, totals.weighted_max)) continue;
         const is_owner = !owner_seen;
         owner_seen = true;
         if (!affinity.withinBound(t, slot, cost, totals)) continue;
@@ -417,6 +429,59 @@ test "consistent hashing keeps a key on its backend and bounds the load" {
     for (0..400) |_| per_slot[acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0).slot] += 1;
     const total: f64 = 401;
     for (per_slot) |count| try testing.expect(@as(f64, @floatFromInt(count)) <= @ceil(1.25 * total / 8) + 1);
+}
+
+test "consistent hashing gives each backend keys in proportion to its capacity × weight" {
+    const t = try table_mod.testTable(16);
+    defer table_mod.testTableFree(t);
+    // Capacity 1:1:2:4, and the same 1:1:2:4 through weight on a second set of ids.
+    const capacities = [_]u32{ 100, 100, 200, 400, 100, 100, 100, 100 };
+    const weights = [_]u32{ 1000, 1000, 1000, 1000, 1000, 1000, 2000, 4000 };
+    var slots: [8]u32 = undefined;
+    for (&slots, capacities, weights, 0..) |*slot, capacity, weight, id| slot.* = try t.add(id, capacity, weight);
+    // Idle fleet (each key released at once): the bound never interferes, so this is the ring's own split.
+    const keys = 80_000;
+    var per_slot: [16]u32 = @splat(0);
+    for (0..keys) |key| {
+        const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
+        try testing.expectEqual(Outcome.hit, decision.outcome);
+        per_slot[decision.slot] += 1;
+        try t.release(decision.slot, 1, 0, true);
+    }
+    var total_weight: f64 = 0;
+    for (capacities, weights) |capacity, weight| total_weight += @floatFromInt(@as(u64, capacity) * weight);
+    for (slots, capacities, weights) |slot, capacity, weight| {
+        const expected = @as(f64, @floatFromInt(@as(u64, capacity) * weight)) / total_weight;
+        const got = @as(f64, @floatFromInt(per_slot[slot])) / keys;
+        // Points are placed by hash: with the table's points per backend a share lands within ~25 %.
+        try testing.expect(got > expected * 0.75 and got < expected * 1.25);
+    }
+}
+
+test "removing a smaller backend moves only the keys it had" {
+    const t = try table_mod.testTable(16);
+    defer table_mod.testTableFree(t);
+    for (0..6) |id| _ = try t.add(id, if (id < 3) 400 else 100, 1000);
+    const keys = 20_000;
+    var before: [keys]u32 = undefined;
+    for (&before, 0..) |*owner, key| {
+        const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
+        owner.* = decision.slot;
+        try t.release(decision.slot, 1, 0, true);
+    }
+    const gone = try t.find(4);
+    try t.remove(gone);
+    var moved: u32 = 0;
+    for (before, 0..) |owner, key| {
+        const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
+        try t.release(decision.slot, 1, 0, true);
+        if (owner == gone) {
+            moved += 1;
+        } else {
+            try testing.expectEqual(owner, decision.slot);
+        }
+    }
+    try testing.expect(moved > 0);
 }
 
 test "prefix affinity follows the longest prefix and learns new locations" {

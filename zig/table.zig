@@ -21,7 +21,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 2;
+pub const layout_version: u32 = 3;
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -115,6 +115,9 @@ pub const Header = extern struct {
     prefix_clock: Atomic(u64),
     /// Server-reported signals older than this are ignored by `queue_aware`.
     signal_age_max_ms: Atomic(u32),
+    /// The largest configured capacity × weight of a present backend, whatever its state: the
+    /// consistent-hash ring's weighting scale (affinity.zig `accepts`). Changed under the lock.
+    weighted_max: Atomic(u64),
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
@@ -410,6 +413,7 @@ pub const Table = struct {
         // .release: a reader that sees the new count also sees the list entry.
         t.header.present_count.store(position + 1, .release);
         _ = t.header.weighted_capacity_total.fetchAdd(weighted(capacity, weight_milli, .active), .monotonic);
+        _ = t.header.weighted_max.fetchMax(configuredWeight(capacity, weight_milli), .monotonic);
         affinity.onAdded(t, slot);
         tree.onLeafChanged(t, slot);
         return slot;
@@ -442,6 +446,8 @@ pub const Table = struct {
         t.present[position].store(moved, .monotonic);
         t.present_pos[moved] = position;
         t.header.present_count.store(last, .release);
+        const removed_weight = configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
+        if (removed_weight >= t.header.weighted_max.load(.monotonic)) t.rescanWeightedMax();
         tree.onLeafChanged(t, slot);
     }
 
@@ -473,7 +479,18 @@ pub const Table = struct {
         } else return error.Busy;
         _ = t.header.weighted_capacity_total.fetchSub(contribution_old, .monotonic);
         _ = t.header.weighted_capacity_total.fetchAdd(weighted(capacity, weight_milli, state), .monotonic);
+        t.rescanWeightedMax(); // O(backends), like the update's lock: configuration, not traffic
         tree.onLeafChanged(t, slot);
+    }
+
+    /// Recomputes `weighted_max` from the present backends; called under the lock.
+    fn rescanWeightedMax(t: *const Table) void {
+        var largest: u64 = 0;
+        for (t.present[0..t.header.present_count.load(.monotonic)]) |*entry| {
+            const s = &t.slots[entry.load(.monotonic)];
+            largest = @max(largest, configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic)));
+        }
+        t.header.weighted_max.store(largest, .monotonic);
     }
 
     pub fn find(t: *const Table, id: u64) Error!u32 {
@@ -576,7 +593,12 @@ pub const Table = struct {
 
 /// What a backend adds to the fleet's capacity × weight: only active backends take new work.
 pub fn weighted(capacity: u32, weight_milli: u32, state: State) u64 {
-    return if (state == .active) @as(u64, capacity) * weight_milli else 0;
+    return if (state == .active) configuredWeight(capacity, weight_milli) else 0;
+}
+
+/// Capacity × weight as configured, whatever the state.
+pub fn configuredWeight(capacity: u32, weight_milli: u32) u64 {
+    return @as(u64, capacity) * weight_milli;
 }
 
 pub fn isPresent(state: State) bool {
