@@ -544,7 +544,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         origin = ("http", url.host, url.port or 80)
         timeouts = _timeouts(request)
         head = _request_head(request)
-        body = request.content if isinstance(request.stream, httpx.ByteStream) else None
+        stream = request.stream
+        # A ByteStream yields its one bytes object: joining it returns that object, uncopied, and
+        # works whether or not the request was `read()` (which costs a slow typing isinstance).
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else None
         connection = await pool.acquire(origin, timeouts)
         try:
             return await self._exchange(pool, connection, request, head, body, timeouts)

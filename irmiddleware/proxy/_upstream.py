@@ -133,7 +133,6 @@ class Upstream:
             request = httpx.Request(
                 method, url, headers=headers, stream=httpx.ByteStream(body), extensions=self._extensions
             )
-            request.read()  # `request.content`, which the transport writes, without a copy
             return await self._lean.handle_async_request(request)
         client = self.client
         return await client.send(
