@@ -463,6 +463,7 @@ pub const Table = struct {
         const s = &t.slots[slot];
         const before = t.wordOf(slot);
         if (!isPresent(before.state)) return error.UnknownBackend;
+        const configured_old = configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
         const contribution_old = weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), before.state);
         s.capacity.store(capacity, .monotonic);
         s.weight_milli.store(weight_milli, .monotonic);
@@ -479,7 +480,13 @@ pub const Table = struct {
         } else return error.Busy;
         _ = t.header.weighted_capacity_total.fetchSub(contribution_old, .monotonic);
         _ = t.header.weighted_capacity_total.fetchAdd(weighted(capacity, weight_milli, state), .monotonic);
-        t.rescanWeightedMax(); // O(backends), like the update's lock: configuration, not traffic
+        // A state change (health) leaves the scale alone; only shrinking the largest needs a scan.
+        const configured_new = configuredWeight(capacity, weight_milli);
+        if (configured_new >= t.header.weighted_max.load(.monotonic)) {
+            t.header.weighted_max.store(configured_new, .monotonic);
+        } else if (configured_old >= t.header.weighted_max.load(.monotonic)) {
+            t.rescanWeightedMax();
+        }
         tree.onLeafChanged(t, slot);
     }
 
@@ -734,4 +741,21 @@ test "update lowers capacity for new reservations and changes state" {
     try t.update(slot, 100, 1000, .draining);
     try testing.expect(!t.reserve(slot, 1, 0));
     try testing.expectError(error.InvalidState, t.update(slot, 10, 1000, .free));
+}
+
+test "the largest configured capacity × weight follows adds, updates and removals" {
+    const t = try testTable(8);
+    defer testTableFree(t);
+    const small = try t.add(1, 100, 1000);
+    const large = try t.add(2, 400, 1000);
+    const middle = try t.add(3, 200, 1000);
+    try testing.expectEqual(@as(u64, 400_000), t.header.weighted_max.load(.monotonic));
+    try t.update(large, 400, 1000, .down); // a state change keeps the scale
+    try testing.expectEqual(@as(u64, 400_000), t.header.weighted_max.load(.monotonic));
+    try t.update(large, 50, 1000, .active); // the largest shrinks: rescanned
+    try testing.expectEqual(@as(u64, 200_000), t.header.weighted_max.load(.monotonic));
+    try t.remove(middle);
+    try testing.expectEqual(@as(u64, 100_000), t.header.weighted_max.load(.monotonic));
+    try t.update(small, 100, 3000, .active); // weight counts as much as capacity
+    try testing.expectEqual(@as(u64, 300_000), t.header.weighted_max.load(.monotonic));
 }
