@@ -2,8 +2,9 @@
 while it "loads") gets no traffic before its first passing check when `require_ready` is set; a
 backend whose `/health` fails is taken out after `unhealthy_threshold` checks and brought back after
 `healthy_threshold`, with the change logged, exported as metrics and sent to the
-`irm_backend_state_changed` hook; the checks stop cleanly at shutdown; and after each test nothing
-is left in flight."""
+`irm_backend_state_changed` hook; a plugin's `irm_health_probe` replaces the adapter's check (and
+one that raises leaves the adapter's in place); the checks stop cleanly at shutdown; and after each
+test nothing is left in flight."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from proxy_support import (
     wait_idle,
 )
 
-from irmiddleware.hooks import BackendInfo, hookimpl
+from irmiddleware.hooks import BackendInfo, HealthProbe, hookimpl
 from irmiddleware.proxy import create_app
 from irmiddleware.testing import assert_idle, wait_until
 
@@ -104,3 +105,47 @@ def test_router_answers_fleet_health_itself(emulators: Emulators, router: Router
     assert backend_status(server, backend.url)["healthy"] is True
     wait_idle(server.app)
     assert_idle(server.app.router)
+
+
+class ModelsProbe:
+    """Checks vLLM backends on `/v1/models` instead of `/health` (a plugin's `irm_health_probe`)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl
+    def irm_health_probe(self, backend: BackendInfo, adapter: object) -> HealthProbe | None:
+        self.asked.append(backend.url)
+        return HealthProbe("/v1/models", ok_statuses=frozenset({200}), timeout_s=1.0)
+
+
+class BrokenProbe:
+    @hookimpl
+    def irm_health_probe(self, backend: BackendInfo, adapter: object) -> HealthProbe | None:
+        raise RuntimeError("probe plugin bug")
+
+
+def test_a_plugins_health_probe_replaces_the_adapters(emulators: Emulators) -> None:
+    (backend,) = emulators(1)
+    probe = ModelsProbe()
+    app = create_app(config_for([backend.url], **_fleet()), plugins=(probe,))
+    with RouterServer(app) as server:
+        assert probe.asked == [backend.url]
+        backend.emulator.reconfigure(unhealthy=True)  # /health answers 503; /v1/models still 200
+        checks = 'irm_health_checks_total{backend="' + backend.url + '",result="pass"}'
+        passed = _metric(server, checks)
+        wait_until(lambda: _metric(server, checks) >= passed + 4, "four more passing checks")
+        assert backend_status(server, backend.url)["state"] == "active"
+        assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+        wait_idle(server.app)
+        assert_idle(server.app.router)
+
+
+def test_a_raising_health_probe_plugin_falls_back_to_the_adapters_path(emulators: Emulators) -> None:
+    (backend,) = emulators(1)
+    app = create_app(config_for([backend.url], **_fleet()), plugins=(BrokenProbe(),))
+    with RouterServer(app) as server:
+        backend.emulator.reconfigure(unhealthy=True)  # the adapter's /health: taken out
+        wait_until(lambda: backend_status(server, backend.url)["state"] == "down", "down on /health")
+        wait_idle(server.app)
+        assert_idle(server.app.router)
