@@ -43,7 +43,7 @@ def test_cli_lists_commands_and_refuses_unknown_ones() -> None:
 
 def test_bench_proxy_measures_direct_proxied_and_floor() -> None:
     """Starts an emulated backend, the proxy and a bare uvicorn app on 127.0.0.1 as processes."""
-    result = run_cli("bench-proxy", "--requests", "20", "--concurrency", "2")
+    result = run_cli("bench-proxy", "--requests", "20", "--concurrency", "2", "--repeats", "2")
     assert result.returncode == 0, result.stderr
     sections = re.findall(r"^(non-streaming|streaming \(16 chunks\)):$", result.stdout, re.M)
     assert sections == ["non-streaming", "streaming (16 chunks)"], result.stdout
@@ -52,7 +52,8 @@ def test_bench_proxy_measures_direct_proxied_and_floor() -> None:
     )
     assert [label for label, _rate in rates] == ["direct ", "proxied"] * 2, result.stdout
     assert all(int(rate) > 0 for _label, rate in rates)
-    assert len(re.findall(r"proxy CPU +\d+ us/request$", result.stdout, re.M)) == 2, result.stdout
+    cpu = r"proxy CPU +\d+ us/request \(median of 2 rounds, \d+-\d+\)$"
+    assert len(re.findall(cpu, result.stdout, re.M)) == 2, result.stdout
     assert re.search(r"^floor: a bare uvicorn app .* costs \d+ us/request", result.stdout, re.M), (
         result.stdout
     )
@@ -62,3 +63,4 @@ def test_bench_proxy_refuses_bad_sizes() -> None:
     result = run_cli("bench-proxy", "--requests", "5")
     assert result.returncode == 2
     assert "--requests must be" in result.stderr
+    assert run_cli("bench-proxy", "--repeats", "0").returncode == 2

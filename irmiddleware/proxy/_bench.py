@@ -53,8 +53,21 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 @dataclass
 class _Phase:
     latencies_s: list[float]
+    """Every sequential request's latency, all rounds."""
     rate_per_s: float
-    cpu_s_per_request: float | None
+    """Median over the rounds."""
+    cpu_s_per_request: list[float]
+    """One figure per round (empty when the process's CPU is not measured)."""
+
+    @property
+    def cpu_text(self) -> str:
+        cpu = self.cpu_s_per_request
+        if not cpu:
+            return "n/a"
+        text = f"{statistics.median(cpu) * 1e6:6.0f} us/request"
+        if len(cpu) > 1:
+            text += f" (median of {len(cpu)} rounds, {min(cpu) * 1e6:.0f}-{max(cpu) * 1e6:.0f})"
+        return text
 
 
 def _free_port() -> int:
@@ -125,11 +138,16 @@ async def _concurrent(url: str, count: int, concurrency: int, stream: bool) -> f
 
 def _phase(url: str, args: argparse.Namespace, stream: bool, pid: int | None) -> _Phase:
     _sequential(url, min(50, args.requests), stream)  # warm up connections and code paths
-    cpu_before = _cpu_s(pid) if pid else 0.0
-    latencies = _sequential(url, args.requests, stream)
-    rate = asyncio.run(_concurrent(url, args.requests, args.concurrency, stream))
-    cpu = (_cpu_s(pid) - cpu_before) / (2 * args.requests) if pid else None
-    return _Phase(latencies, rate, cpu)
+    latencies: list[float] = []
+    rates: list[float] = []
+    cpu: list[float] = []
+    for _round in range(args.repeats):
+        cpu_before = _cpu_s(pid) if pid else 0.0
+        latencies += _sequential(url, args.requests, stream)
+        rates.append(asyncio.run(_concurrent(url, args.requests, args.concurrency, stream)))
+        if pid:
+            cpu.append((_cpu_s(pid) - cpu_before) / (2 * args.requests))
+    return _Phase(latencies, statistics.median(rates), cpu)
 
 
 def _quantile_ms(values: list[float], q: float) -> float:
@@ -139,12 +157,11 @@ def _quantile_ms(values: list[float], q: float) -> float:
 def _report(name: str, direct: _Phase, proxied: _Phase) -> None:
     p50 = _quantile_ms(proxied.latencies_s, 0.5) - _quantile_ms(direct.latencies_s, 0.5)
     p99 = _quantile_ms(proxied.latencies_s, 0.99) - _quantile_ms(direct.latencies_s, 0.99)
-    cpu = proxied.cpu_s_per_request or 0.0
     print(f"{name}:")
     for label, phase in (("direct ", direct), ("proxied", proxied)):
         p50_ms, p99_ms = _quantile_ms(phase.latencies_s, 0.5), _quantile_ms(phase.latencies_s, 0.99)
         print(f"  {label}: p50 {p50_ms:7.3f} ms  p99 {p99_ms:7.3f} ms  {phase.rate_per_s:8.0f} req/s")
-    print(f"  added  : p50 {p50:+7.3f} ms  p99 {p99:+7.3f} ms   proxy CPU {cpu * 1e6:6.0f} us/request")
+    print(f"  added  : p50 {p50:+7.3f} ms  p99 {p99:+7.3f} ms   proxy CPU {proxied.cpu_text}")
 
 
 def bench_proxy_main(argv: list[str] | None = None) -> int:
@@ -152,10 +169,13 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="irmiddleware bench-proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per phase (default 1000)")
     parser.add_argument("--concurrency", type=int, default=16, help="clients in the throughput phase")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds per phase; CPU is reported as their median (default 1)"
+    )
     parser.add_argument("--transport", choices=["lean", "httpx"], default="lean", help="the proxy's upstream")
     args = parser.parse_args(argv)
-    if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024:
-        parser.error("--requests must be in 10..100000 and --concurrency in 1..1024")
+    if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024 or not 1 <= args.repeats <= 20:
+        parser.error("--requests must be in 10..100000, --concurrency in 1..1024 and --repeats in 1..20")
     backend = f"http://127.0.0.1:{_free_port()}"
     proxy = f"http://127.0.0.1:{_free_port()}"
     bare = f"http://127.0.0.1:{_free_port()}"
@@ -172,18 +192,20 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         _process(["-c", _EMULATOR, backend.rpartition(":")[2]], backend),
         _process(serve, proxy) as proxy_process,
     ):
+        rounds = f", {args.repeats} rounds per phase" if args.repeats > 1 else ""
         print(
             f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend,"
-            f" {args.transport} upstream transport"
+            f" {args.transport} upstream transport{rounds}"
         )
         non_streaming_cpu = 0.0
         for name, stream in (("non-streaming", False), ("streaming (16 chunks)", True)):
             direct = _phase(backend, args, stream, None)
             proxied = _phase(proxy, args, stream, proxy_process.pid)
             _report(name, direct, proxied)
-            non_streaming_cpu = non_streaming_cpu or proxied.cpu_s_per_request or 0.0
+            if not stream:
+                non_streaming_cpu = statistics.median(proxied.cpu_s_per_request)
     with _process(["-c", _BARE, bare.rpartition(":")[2]], bare) as bare_process:
-        floor = _phase(bare, args, False, bare_process.pid).cpu_s_per_request or 0.0
+        floor = statistics.median(_phase(bare, args, False, bare_process.pid).cpu_s_per_request)
     ratio = non_streaming_cpu / floor if floor else float("nan")
     print(
         f"floor: a bare uvicorn app answering a fixed body costs {floor * 1e6:.0f} us/request;"
