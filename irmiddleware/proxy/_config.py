@@ -156,6 +156,10 @@ class RouterConfig:
     transport: str = "lean"
     """Upstream HTTP/1.1 transport under the httpx client: `lean` (ours, `http://` backends) or
     `httpx` (httpcore for everything)."""
+    shutdown_grace_s: int | None = None
+    """`irmiddleware serve` on SIGTERM/SIGINT: stop accepting, then let requests in flight finish
+    for at most this many seconds before cutting them (their load is released, outcome `cancelled`).
+    None (the default) waits for every one, so nothing in flight is lost."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
@@ -205,6 +209,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         metrics_path=_path(value("metrics_path", str), "metrics_path"),
         status_path=_path(value("status_path", str), "status_path"),
         transport=_one_of(value("transport", str), "transport", ("lean", "httpx")),
+        shutdown_grace_s=_optional_seconds(router, "shutdown_grace_s"),
         timeouts=_section(router, "timeouts", TimeoutsConfig, float),
         limits=_section(router, "limits", LimitsConfig, int),
         retries=_section(router, "retries", RetriesConfig, int),
@@ -277,6 +282,14 @@ def _get(
     if low is not None and typing.cast(float, value) < low:
         raise ConfigError(f"`{prefix}{key}` must be >= {low}, got {value!r}")
     return value
+
+
+def _optional_seconds(router: Mapping[str, Any], key: str) -> int | None:
+    # Whole seconds: uvicorn's graceful-shutdown timeout is an int.
+    if key not in router:
+        return None
+    seconds: int = _get(router, key, int, "router.", None, low=0)
+    return seconds
 
 
 def _table(data: Mapping[str, Any], key: str, prefix: str) -> Mapping[str, Any]:

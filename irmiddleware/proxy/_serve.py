@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transport", choices=["lean", "httpx"], help="upstream transport (default lean; see doc/proxy.md)"
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=int,
+        metavar="SECONDS",
+        help="on SIGTERM, let requests in flight finish for at most this long (default: wait for all)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -63,6 +69,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         overrides["listen"] = check_listen(args.listen)
     if args.transport is not None:
         overrides["transport"] = args.transport
+    if args.shutdown_grace is not None:
+        if args.shutdown_grace < 0:
+            raise ConfigError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+        overrides["shutdown_grace_s"] = args.shutdown_grace
     return dataclasses.replace(config, **overrides)
 
 
@@ -91,5 +101,13 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"irmiddleware serve: {error}", file=sys.stderr)
         return 2
     host, port = config.listen_host_port
-    uvicorn.run(app, host=host, port=port, lifespan="on", log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=config.shutdown_grace_s,
+    )
     return 0

@@ -69,6 +69,8 @@ def test_design_md_shape_and_example_file_load(tmp_path: Path) -> None:
             "router.retries",
         ),
         ({"router": {"metrics_path": "metrics"}, "backends": [{"url": "http://a"}]}, "router.metrics_path"),
+        ({"router": {"shutdown_grace_s": -1}, "backends": [{"url": "http://a"}]}, "router.shutdown_grace_s"),
+        ({"router": {"shutdown_grace_s": 1.5}, "backends": [{"url": "http://a"}]}, "router.shutdown_grace_s"),
     ],
 )
 def test_invalid_values_name_their_key(document: dict[str, Any], key: str) -> None:

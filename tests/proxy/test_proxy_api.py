@@ -39,3 +39,8 @@ def test_serve_flags_and_file() -> None:
     with pytest.raises(ConfigError, match="--backend"):
         build_config(_parser().parse_args([]))
     assert serve_main(["--strategy", "p2c"]) == 2  # no backend: a clear message, exit code 2
+    graceful = build_config(
+        _parser().parse_args(["--backend", "http://127.0.0.1:9001", "--shutdown-grace", "30"])
+    )
+    assert graceful.shutdown_grace_s == 30 and config.shutdown_grace_s is None
+    assert serve_main(["--backend", "http://127.0.0.1:9001", "--shutdown-grace", "-1"]) == 2

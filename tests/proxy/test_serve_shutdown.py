@@ -1,0 +1,81 @@
+"""`irmiddleware serve` shuts down gracefully on SIGTERM. With no grace set, a stream in flight
+runs to its end before the process exits. With `--shutdown-grace 1`, a stream that would take
+~20 s more is cut once the grace is over: the client sees a broken (not a falsely complete)
+response, the router closes the upstream connection so the backend stops generating, and the
+process exits. Every wait is bounded; nothing asserts on wall-clock time."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from proxy_support import Emulator
+
+from irmiddleware.testing import wait_until
+
+Emulators = Callable[..., list[Emulator]]
+# After its graceful shutdown uvicorn re-raises the signal it caught, so the process ends "killed by
+# SIGTERM" like any well-behaved server; 0 if it was told to stop some other way.
+_EXITED = (0, -signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _serve(backend_url: str, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "irmiddleware", "serve", "--backend", backend_url, "--model", "m"]
+    command += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning", *flags]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/irm/status", timeout=1).status_code == 200
+            return False
+
+        wait_until(answers, "the router answers", timeout_s=30)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _stream(url: str, tokens: int) -> contextlib.AbstractContextManager[httpx.Response]:
+    body = {"model": "m", "prompt": "Hi", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30)
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(emulators: Emulators) -> None:
+    (backend,) = emulators(1, time_per_output_token_s=0.01)
+    with _serve(backend.url) as (process, url), _stream(url, 100) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the stream is under way
+        process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert len(rest) == 100  # 99 more tokens (the first came before SIGTERM), then [DONE]
+        assert process.wait(20) in _EXITED
+    assert backend.emulator.stats.completed == 1 and backend.emulator.stats.aborted == 0
+
+
+def test_sigterm_with_a_grace_cuts_a_longer_stream_and_frees_the_backend(emulators: Emulators) -> None:
+    (backend,) = emulators(1, time_per_output_token_s=0.01)
+    with _serve(backend.url, "--shutdown-grace", "1") as (process, url), _stream(url, 2000) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):  # cut without the last chunk, not "complete"
+            for _line in lines:
+                pass
+        assert process.wait(20) in _EXITED
+    wait_until(lambda: backend.emulator.stats.aborted == 1, "the backend saw the upstream close")
+    assert backend.emulator.stats.completed == 0 and backend.emulator.stats.running == 0
