@@ -424,14 +424,8 @@ class _Attempt:
         self.sent_s = time.perf_counter()
         try:
             response = await upstream.send(scope["method"], parsed_url(url), headers, exchange.body)
-        except _RETRIABLE as error:
-            self.outcome = "connect_error"
-            log.warning("backend %s unreachable (attempt %d): %r", self.backend.url, self.number, error)
-            return True
         except httpx.HTTPError as error:
-            self.outcome = _outcome_of(error)
-            await middleware._send_error(exchange, *_upstream_failure(self.outcome))
-            return False
+            return await self._failed_before_answer(error, "connect_error", "unreachable")
         try:
             if response.status_code in self.backend.adapter.overload_statuses and self._retry_overloaded(
                 response.status_code
@@ -442,20 +436,27 @@ class _Attempt:
             if self.backend.adapter.overload_in_stream and _is_event_stream(response):
                 try:
                     held = await _first_event(chunks)
-                except _RETRIABLE as error:
-                    self.outcome = "upstream_error"
-                    log.warning("backend %s broke off before its first event: %r", self.backend.url, error)
-                    return True
                 except httpx.HTTPError as error:
-                    self.outcome = _outcome_of(error)
-                    await middleware._send_error(exchange, *_upstream_failure(self.outcome))
-                    return False
+                    return await self._failed_before_answer(
+                        error, "upstream_error", "broke off before its first event"
+                    )
                 # The status TGI gives the same overload outside a stream (protocols.md §3.4).
                 if self.backend.adapter.stream_overloaded(held) and self._retry_overloaded(429):
                     return True
             await self._relay(response, chunks, held)
         finally:
             await response.aclose()
+        return False
+
+    async def _failed_before_answer(self, error: httpx.HTTPError, retriable_outcome: str, what: str) -> bool:
+        # Nothing reached the client yet. A failure the backend may not have acted on is retried
+        # elsewhere (True); any other is answered 502/504 here (False).
+        if isinstance(error, _RETRIABLE):
+            self.outcome = retriable_outcome
+            log.warning("backend %s %s (attempt %d): %r", self.backend.url, what, self.number, error)
+            return True
+        self.outcome = _outcome_of(error)
+        await self.middleware._send_error(self.exchange, *_upstream_failure(self.outcome))
         return False
 
     def _retry_overloaded(self, status: int) -> bool:
