@@ -109,15 +109,8 @@ class Upstream:
         # ones keep httpx's transport and its TLS setup.
         self._lean = LeanTransport(_limits(config)) if config.transport == "lean" else None
         self.client = create_client(config, self._lean)
-        timeouts = config.timeouts
-        # The `timeout` extension in the form `AsyncClient.build_request` writes it.
-        timeout = {
-            "connect": timeouts.connect_s,
-            "read": timeouts.read_s,
-            "write": timeouts.write_s,
-            "pool": timeouts.pool_s,
-        }
-        self._extensions: Final = {"timeout": timeout}
+        # The client's timeouts, as the extension `AsyncClient.build_request` writes.
+        self._extensions: Final = {"timeout": self.client.timeout.as_dict()}
 
     async def send(
         self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
