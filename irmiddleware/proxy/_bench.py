@@ -60,11 +60,15 @@ class _Phase:
     """One figure per round (empty when the process's CPU is not measured)."""
 
     @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_s_per_request)
+
+    @property
     def cpu_text(self) -> str:
         cpu = self.cpu_s_per_request
         if not cpu:
             return "n/a"
-        text = f"{statistics.median(cpu) * 1e6:6.0f} us/request"
+        text = f"{self.cpu_median * 1e6:6.0f} us/request"
         if len(cpu) > 1:
             text += f" (median of {len(cpu)} rounds, {min(cpu) * 1e6:.0f}-{max(cpu) * 1e6:.0f})"
         return text
@@ -203,9 +207,9 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
             proxied = _phase(proxy, args, stream, proxy_process.pid)
             _report(name, direct, proxied)
             if not stream:
-                non_streaming_cpu = statistics.median(proxied.cpu_s_per_request)
+                non_streaming_cpu = proxied.cpu_median
     with _process(["-c", _BARE, bare.rpartition(":")[2]], bare) as bare_process:
-        floor = statistics.median(_phase(bare, args, False, bare_process.pid).cpu_s_per_request)
+        floor = _phase(bare, args, False, bare_process.pid).cpu_median
     ratio = non_streaming_cpu / floor if floor else float("nan")
     print(
         f"floor: a bare uvicorn app answering a fixed body costs {floor * 1e6:.0f} us/request;"

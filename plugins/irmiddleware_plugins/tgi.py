@@ -86,10 +86,10 @@ class TGIAdapter(BackendAdapter):
             return False
         if not isinstance(payload, dict):
             return False
-        error = payload.get("error")
         if payload.get("error_type") == "overloaded":  # /generate_stream
             return True
         # Streaming chat: no error type, only the message (and a 422 that is not one).
+        error = payload.get("error")
         return isinstance(error, dict) and error.get("message") == _OVERLOADED
 
     def health_answer(self, ready: bool) -> tuple[int, bytes]:
