@@ -110,8 +110,7 @@ pub fn pointAt(t: *const Table, index: u32) RingPoint {
 /// probability ∝ its points × its acceptance ∝ its weight. Changing one backend's weight moves
 /// only keys to or from it, unless it is (or becomes) the largest: that rescales every backend.
 pub fn accepts(t: *const Table, slot: u32, position: u64, point_hash: u64, weighted_max: u64) bool {
-    const s = &t.slots[slot];
-    const weight = table_mod.configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
+    const weight = t.slots[slot].configuredWeightOf();
     if (weight >= weighted_max) return true;
     const draw = table_mod.splitmix64(position ^ point_hash ^ 0x6A09_E667_F3BC_C908);
     // draw / 2^64 < weight / weighted_max, in integers.
@@ -150,7 +149,7 @@ pub fn withinBound(t: *const Table, slot: u32, cost: u32, totals: Totals) bool {
     if (word.cost == 0) return true;
     if (totals.weighted_capacity == 0) return false;
     const s = &t.slots[slot];
-    const weighted: f64 = @floatFromInt(@as(u64, s.capacity.load(.monotonic)) * s.weight_milli.load(.monotonic));
+    const weighted: f64 = @floatFromInt(s.configuredWeightOf());
     const epsilon: f64 = @as(f64, @floatFromInt(t.header.balance_epsilon_permille.load(.monotonic))) / 1000;
     const share = weighted / @as(f64, @floatFromInt(totals.weighted_capacity));
     const limit = @ceil((1 + epsilon) * @as(f64, @floatFromInt(totals.cost + cost)) * share);

@@ -79,6 +79,11 @@ pub const Slot = extern struct {
     reserved_u32: u32,
     reserved: [6]u64,
 
+    /// This slot's capacity × weight as configured, whatever its state.
+    pub fn configuredWeightOf(s: *const Slot) u64 {
+        return configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
+    }
+
     comptime {
         // Two cache lines: a slot never shares a line with its neighbour's hot word.
         assert(@sizeOf(Slot) == 128);
@@ -446,8 +451,7 @@ pub const Table = struct {
         t.present[position].store(moved, .monotonic);
         t.present_pos[moved] = position;
         t.header.present_count.store(last, .release);
-        const removed_weight = configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
-        if (removed_weight >= t.header.weighted_max.load(.monotonic)) t.rescanWeightedMax();
+        if (s.configuredWeightOf() >= t.header.weighted_max.load(.monotonic)) t.rescanWeightedMax();
         tree.onLeafChanged(t, slot);
     }
 
@@ -463,7 +467,7 @@ pub const Table = struct {
         const s = &t.slots[slot];
         const before = t.wordOf(slot);
         if (!isPresent(before.state)) return error.UnknownBackend;
-        const configured_old = configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic));
+        const configured_old = s.configuredWeightOf();
         const contribution_old = weighted(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic), before.state);
         s.capacity.store(capacity, .monotonic);
         s.weight_milli.store(weight_milli, .monotonic);
@@ -494,8 +498,7 @@ pub const Table = struct {
     fn rescanWeightedMax(t: *const Table) void {
         var largest: u64 = 0;
         for (t.present[0..t.header.present_count.load(.monotonic)]) |*entry| {
-            const s = &t.slots[entry.load(.monotonic)];
-            largest = @max(largest, configuredWeight(s.capacity.load(.monotonic), s.weight_milli.load(.monotonic)));
+            largest = @max(largest, t.slots[entry.load(.monotonic)].configuredWeightOf());
         }
         t.header.weighted_max.store(largest, .monotonic);
     }
