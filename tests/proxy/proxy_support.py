@@ -58,8 +58,14 @@ def config_for(urls: list[str], models: list[str] | None = ("m",), **router: Any
     return parse_config({"router": router, "backends": backends})
 
 
+Emulators = Callable[..., list[Emulator]]
+"""The `emulators` fixture: `emulators(n, **config)` starts n vLLM emulators."""
+Routers = Callable[..., RouterServer]
+"""The `router` fixture: `router(config, **options)` serves a router."""
+
+
 @pytest.fixture
-def emulators() -> Iterator[Callable[..., list[Emulator]]]:
+def emulators() -> Iterator[Emulators]:
     """`emulators(n, **config)` starts n vLLM emulators serving model "m"."""
     with contextlib.ExitStack() as stack:
 
@@ -74,7 +80,7 @@ def emulators() -> Iterator[Callable[..., list[Emulator]]]:
 
 
 @pytest.fixture
-def router() -> Iterator[Callable[..., RouterServer]]:
+def router() -> Iterator[Routers]:
     """`router(config, **options)` serves `create_app(config, **options)`; `.app` is the middleware."""
     with contextlib.ExitStack() as stack:
 

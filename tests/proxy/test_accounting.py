@@ -12,13 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_support import Emulator, RouterServer, wait_idle
+from proxy_support import Emulators, Routers, wait_idle
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import assert_idle
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 ROUNDS = 12  # each round sends one request of every kind below
 
 

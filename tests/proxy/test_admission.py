@@ -13,19 +13,17 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_support import Emulator, RouterServer, wait_idle
+from proxy_support import Emulator, Emulators, Routers, RouterServer, wait_idle
 
 from irmiddleware.proxy import RoutingMiddleware, parse_config
 from irmiddleware.testing import assert_idle, wait_until
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 ALL_SHARES = [1.0] * 8  # classes then differ only in queue order, not in what they may fill
 
 

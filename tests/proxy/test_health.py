@@ -8,13 +8,13 @@ test nothing is left in flight."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 from proxy_support import (
     FAST_FLEET,
-    Emulator,
+    Emulators,
+    Routers,
     RouterServer,
     backend_status,
     config_for,
@@ -25,8 +25,6 @@ from irmiddleware.hooks import BackendInfo, HealthProbe, hookimpl
 from irmiddleware.proxy import create_app
 from irmiddleware.testing import assert_idle, wait_until
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 BODY = {"model": "m", "prompt": "Hi", "max_tokens": 2}
 
 

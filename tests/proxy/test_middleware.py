@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
-from proxy_support import Emulator, RouterServer, config_for, wait_idle
+from proxy_support import Emulators, Routers, RouterServer, config_for, wait_idle
 
 from irmiddleware.proxy import RoutingMiddleware, create_app, parse_config
 from irmiddleware.testing import assert_idle
-
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 
 
 def client_of(router: RouterServer) -> openai.OpenAI:

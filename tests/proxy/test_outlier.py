@@ -17,7 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_support import FAST, FAST_FLEET, Emulator, RouterServer, backend_status, wait_idle
+from proxy_support import (
+    FAST,
+    FAST_FLEET,
+    Emulators,
+    Routers,
+    backend_status,
+    wait_idle,
+)
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import (
@@ -29,8 +36,6 @@ from irmiddleware.testing import (
     wait_until,
 )
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 BODY = {"model": "m", "prompt": "Hi", "max_tokens": 4}
 
 

@@ -12,15 +12,13 @@ from collections.abc import Callable, Sequence
 
 import httpx
 import pytest
-from proxy_support import Emulator, RouterServer, config_for
+from proxy_support import Emulators, Routers, config_for
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import BackendLoad, PythonStrategy, RequestEvent, RouteInfo, Strategy, hookimpl
 from irmiddleware.proxy import BackendConfig, RouterConfig, create_app
 from irmiddleware.testing import assert_idle
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 BODY = {"model": "m", "prompt": "Hi", "max_tokens": 2}
 
 

@@ -11,15 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from proxy_support import Emulator
+from proxy_support import Emulators
 
 from irmiddleware.testing import wait_until
 
-Emulators = Callable[..., list[Emulator]]
 # After its graceful shutdown uvicorn re-raises the signal it caught, so the process ends "killed by
 # SIGTERM" like any well-behaved server; 0 if it was told to stop some other way.
 _EXITED = (0, -signal.SIGTERM)

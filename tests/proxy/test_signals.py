@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 from irmiddleware_plugins.tgi import TGIAdapter
@@ -18,8 +18,8 @@ from irmiddleware_plugins.triton import TritonAdapter
 from irmiddleware_plugins.vllm import VLLMAdapter
 from proxy_support import (
     FAST_FLEET,
-    Emulator,
-    RouterServer,
+    Emulators,
+    Routers,
     backend_status,
     config_for,
     wait_idle,
@@ -36,8 +36,6 @@ from irmiddleware.testing import (
     wait_until,
 )
 
-Emulators = Callable[..., list[Emulator]]
-Routers = Callable[..., RouterServer]
 DIRECT = 8  # requests sent straight to one backend, bypassing the router
 
 

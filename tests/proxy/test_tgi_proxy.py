@@ -10,7 +10,7 @@ no other backend could take the request."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,12 +18,11 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 from irmiddleware_plugins.tgi import TGIAdapter
-from proxy_support import FAST_FLEET, RouterServer, wait_idle
+from proxy_support import FAST_FLEET, Routers, RouterServer, wait_idle
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread, wait_until
 
-Routers = Callable[..., RouterServer]
 MODEL = "org/tgi-model"
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton_http  # type: ignore[import-untyped]
-from proxy_support import FAST_FLEET, RouterServer, backend_status, wait_idle
+from proxy_support import FAST_FLEET, Routers, RouterServer, backend_status, wait_idle
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from irmiddleware.proxy import parse_config
@@ -29,7 +29,6 @@ from irmiddleware.testing import (
     wait_until,
 )
 
-Routers = Callable[..., RouterServer]
 MODELS = (
     TritonModel(
         "add", inputs=(TritonTensor("A", "FP32", (4,)),), outputs=(TritonTensor("A1", "FP32", (4,)),)
