@@ -58,6 +58,16 @@ def config_for(urls: list[str], models: list[str] | None = ("m",), **router: Any
     return parse_config({"router": router, "backends": backends})
 
 
+@contextlib.contextmanager
+def held_stream(url: str, path: str, body: dict[str, Any]) -> Iterator[None]:
+    """POSTs a streaming request and keeps it open, past its first line, until the block ends;
+    then hangs up (the server sees the disconnect)."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=30) as response:
+        lines = response.iter_lines()  # keep the iterator: dropping it closes the stream
+        next(lines)
+        yield
+
+
 Emulators = Callable[..., list[Emulator]]
 """The `emulators` fixture: `emulators(n, **config)` starts n vLLM emulators."""
 Routers = Callable[..., RouterServer]

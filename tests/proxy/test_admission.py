@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_support import Emulator, Emulators, Routers, RouterServer, wait_idle
+from proxy_support import Emulator, Emulators, Routers, RouterServer, held_stream, wait_idle
 
 from irmiddleware.proxy import RoutingMiddleware, parse_config
 from irmiddleware.testing import assert_idle, wait_until
@@ -42,9 +42,7 @@ def post(url: str, priority: int, tokens: int = 4, tag: str = "", timeout: float
 def holding(url: str, tokens: int = 400) -> Iterator[None]:
     """Holds one slot with a class-0 stream until the block ends (then hangs up)."""
     body = {"model": "m", "prompt": "hold", "max_tokens": tokens, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as held:
-        lines = held.iter_lines()  # keep the iterator: dropping it closes the stream
-        next(lines)
+    with held_stream(url, "/v1/completions", body):
         yield
 
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 from irmiddleware_plugins.tgi import TGIAdapter
-from proxy_support import FAST_FLEET, Routers, RouterServer, wait_idle
+from proxy_support import FAST_FLEET, Routers, RouterServer, held_stream, wait_idle
 
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread, wait_until
@@ -96,10 +96,7 @@ def test_health_follows_the_fleet(router: Routers) -> None:
 def _occupied(url: str) -> Iterator[None]:
     """Takes a server's only permit with a long stream sent straight to it (bypassing the router),
     held until the block ends; then hangs up."""
-    body = {"inputs": "hold", "parameters": {"max_new_tokens": 1000}}
-    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as held:
-        lines = held.iter_lines()  # keep the iterator: dropping it closes the stream
-        next(lines)
+    with held_stream(url, "/generate_stream", {"inputs": "hold", "parameters": {"max_new_tokens": 1000}}):
         yield
 
 
