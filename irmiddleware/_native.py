@@ -29,6 +29,9 @@ ABI_VERSION: Final = 2
 SLOT_NONE: Final = 0xFFFF_FFFF
 BACKENDS_MAX_LIMIT: Final = 1 << 20
 CLASSES_COUNT: Final = 8
+"""Priority classes of the core (`classes_count` in zig/table.zig): 0 is the most urgent, 7 the least."""
+DEFAULT_CLASS_SHARES: Final = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5)
+"""Share of capacity class k may fill in a new table (`default_class_share_permille`, zig/table.zig)."""
 COST_MAX: Final = 2**31 - 1
 CAPACITY_MAX: Final = 2**31 - 1
 WEIGHT_MILLI_MAX: Final = 1_000_000

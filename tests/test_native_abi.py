@@ -5,8 +5,10 @@ failed test (with the signal) instead of taking pytest down."""
 from __future__ import annotations
 
 import ctypes
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,3 +195,21 @@ def test_random_calls_never_crash_the_process() -> None:
     result = subprocess.run([sys.executable, "-c", FUZZ_CHILD], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "survived"
+
+
+def test_python_constants_agree_with_the_core() -> None:
+    # Each constant is written once on each side of the ABI; this is the one place that checks they
+    # agree, against the Zig source and against what a new table actually does.
+    source = (Path(__file__).resolve().parent.parent / "zig" / "table.zig").read_text()
+    count = re.search(r"pub const classes_count: u32 = (\d+);", source)
+    shares = re.search(r"default_class_share_permille = \[classes_count\]u32\{([^}]*)\}", source)
+    assert count is not None and shares is not None
+    assert int(count.group(1)) == _native.CLASSES_COUNT
+    permille = tuple(int(value) for value in shares.group(1).split(","))
+    assert permille == tuple(round(share * 1000) for share in _native.DEFAULT_CLASS_SHARES)
+    table = _native.NativeTable(4)
+    live = tuple(table.class_share(priority) for priority in range(_native.CLASSES_COUNT))
+    assert live == _native.DEFAULT_CLASS_SHARES
+    out = ctypes.c_uint32()
+    assert call("irm_table_get_class_share", table._handle, _native.CLASSES_COUNT, ctypes.byref(out)) != "ok"
+    table.close()

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hatch_build import native_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_zig_unit_tests_pass() -> None:
-    pinned = dict(re.findall(r'\.(\w+)\s*=\s*"([^"]*)"', (ROOT / "zig" / "native.zon").read_text()))
+    pinned = native_settings()
     version = subprocess.run(
         [sys.executable, "-m", "ziglang", "version"], capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -9,19 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 # A module import (not `from ... import`): `_config` imports this module while it is being
 # initialized, and only uses of its names at call time are safe in such a cycle.
+from irmiddleware._native import CLASSES_COUNT, DEFAULT_CLASS_SHARES
 from irmiddleware.proxy import _config
 
 __all__ = ["CLASSES_COUNT", "AdmissionConfig", "ClassConfig", "TenantConfig", "parse_admission"]
-
-CLASSES_COUNT: Final = 8
-"""Priority classes of the native core: 0 is the most urgent, 7 the least."""
-
-_CORE_SHARES: Final = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5)
-"""The native core's default per-class shares of capacity (zig/table.zig)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +66,7 @@ class AdmissionConfig:
     forward_priority: bool = False
     """Write the class into the body's `priority` field for vLLM backends (they must run
     `--scheduling-policy priority`, otherwise a non-zero value is a 400)."""
-    class_shares: tuple[float, ...] = _CORE_SHARES
+    class_shares: tuple[float, ...] = DEFAULT_CLASS_SHARES
     """Share of each backend's capacity that class k may fill (non-increasing, 0 < share <= 1)."""
     max_queue: int = 0
     """Requests waiting for capacity at most, all classes; 0 = never wait (503 at once)."""
