@@ -11,7 +11,7 @@ your app::
 or run it alone: `irmiddleware serve --config router.toml`. See doc/proxy.md.
 """
 
-from irmiddleware.proxy._config import (
+from irmiddleware.proxy.config import (
     BackendConfig,
     ConfigError,
     LimitsConfig,

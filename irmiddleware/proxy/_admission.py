@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from irmiddleware._native import CLASSES_COUNT
 from irmiddleware._router import Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
-from irmiddleware.proxy._admission_config import AdmissionConfig, TenantConfig
+from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 from irmiddleware.proxy._fleet import Fleet
 
 __all__ = ["SHED_REASONS", "Admission", "Shed", "Ticket", "WaitQueue", "Waiter"]

@@ -22,7 +22,7 @@ from irmiddleware.hooks import (
     PythonStrategy,
     RouteInfo,
 )
-from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._metrics import RouterMetrics
 
 __all__ = ["Backend", "Fleet"]

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import HealthProbe
-from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._outlier import OutlierDetector
 from irmiddleware.proxy._signals import SignalScraper

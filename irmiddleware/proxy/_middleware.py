@@ -25,7 +25,7 @@ from irmiddleware import _plugins
 from irmiddleware._router import Lease
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RequestEvent, RouteInfo
 from irmiddleware.proxy._admission import Admission, Shed
-from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._health import FleetMonitor
 from irmiddleware.proxy._metrics import RouterMetrics

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from irmiddleware.proxy._config import OutliersConfig
+from irmiddleware.proxy.config import OutliersConfig
 
 __all__ = ["OutlierDetector"]
 

@@ -27,7 +27,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware.hooks import LoadSignals
-from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 
 __all__ = ["SignalScraper"]

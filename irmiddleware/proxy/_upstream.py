@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import httpx
 
-from irmiddleware.proxy._config import RouterConfig
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._transport import LeanTransport
 
 __all__ = [

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from irmiddleware.proxy import parse_config
-from irmiddleware.proxy._config import ConfigError
+from irmiddleware.proxy.config import ConfigError
 from irmiddleware.proxy._transport import LeanTransport
 from irmiddleware.proxy._upstream import Upstream, request_headers
 from irmiddleware.testing import create_vllm_app, serve_in_thread
