@@ -21,7 +21,7 @@ from irmiddleware.proxy.config import (
     load_config,
     parse_config,
 )
-from irmiddleware.proxy._metrics import OUTCOMES
+from irmiddleware.proxy._outcomes import OUTCOMES
 from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
 
 __all__ = [

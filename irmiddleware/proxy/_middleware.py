@@ -29,6 +29,7 @@ from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._health import FleetMonitor
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 from irmiddleware.proxy._upstream import (
     CONNECT_ERRORS,
     Upstream,
@@ -48,7 +49,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("irmiddleware.proxy")
 
 _JSON: Final = [(b"content-type", b"application/json")]
-_OK_OUTCOMES: Final = frozenset({"ok", "client_disconnected"})
+_OK_OUTCOMES: Final[frozenset[AttemptOutcome]] = frozenset({"ok", "client_disconnected"})
 _PEEK_MAX: Final = 64 * 1024  # bytes held at most while looking for a stream's first event
 # Failures before any response byte: the request never started on the backend's side as far as the
 # client can tell, so it may go to another backend. A read error here is a backend that died (or
@@ -60,7 +61,7 @@ _RETRIABLE: Final = (*CONNECT_ERRORS, httpx.ReadError, httpx.WriteError)
 class _Reject(Exception):
     """The router answers the request itself with an error (never retried, nothing leased)."""
 
-    def __init__(self, status: int, message: str, outcome: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, outcome: Outcome, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.outcome, self.param = status, message, outcome, param
         self.retry_after: int | None = None
@@ -94,7 +95,7 @@ class _Exchange:
         self.started = False  # response headers sent to the client: no retry from now on
         self.disconnected = False
         self.done = False  # the last message is being sent: a disconnect now is the normal end
-        self.outcome = "internal"
+        self.outcome: Outcome = "internal"
         self.backend_url = "none"
         self.started_s = time.perf_counter()
 
@@ -385,7 +386,7 @@ class _Attempt:
         self.middleware, self.exchange, self.lease, self.number = middleware, exchange, lease, number
         self.tried = tried
         self.backend: Backend = middleware.fleet.backends[lease.accelerator_id]
-        self.outcome = "internal"
+        self.outcome: AttemptOutcome = "internal"
         self.status: int | None = None
         self.sent_s = 0.0
 
@@ -404,7 +405,9 @@ class _Attempt:
         self.middleware.monitor.observe(self.backend, self.outcome, self.status)
         # After `observe`, so a backend it just ejected is not handed to a waiter.
         self.middleware.admission.released(self.backend.id)
-        self.exchange.outcome = self.outcome
+        # An overload answer retried elsewhere is not how the request ends: the next attempt, or
+        # the 503 when none could take it, overwrites this.
+        self.exchange.outcome = "no_capacity" if self.outcome == "overloaded" else self.outcome
         if self.sent_s:
             self.middleware.metrics.of(self.backend.url).latency.observe(time.perf_counter() - self.sent_s)
         if self.outcome in ("ok", "backend_error"):
@@ -448,7 +451,7 @@ class _Attempt:
             await response.aclose()
         return False
 
-    async def _failed_before_answer(self, error: httpx.HTTPError, retriable_outcome: str, what: str) -> bool:
+    async def _failed_before_answer(self, error: httpx.HTTPError, retriable_outcome: Outcome, what: str) -> bool:
         # Nothing reached the client yet. A failure the backend may not have acted on is retried
         # elsewhere (True); any other is answered 502/504 here (False).
         if isinstance(error, _RETRIABLE):
@@ -513,7 +516,7 @@ async def _first_event(chunks: AsyncIterator[bytes]) -> bytes:
     return held
 
 
-def _outcome_of(error: BaseException | None) -> str:
+def _outcome_of(error: BaseException | None) -> Outcome:
     if isinstance(error, httpx.TimeoutException):
         return "timeout"
     if isinstance(error, httpx.HTTPError):
@@ -523,7 +526,7 @@ def _outcome_of(error: BaseException | None) -> str:
     return "internal"
 
 
-def _upstream_failure(outcome: str) -> tuple[int, str]:
+def _upstream_failure(outcome: Outcome) -> tuple[int, str]:
     if outcome == "timeout":
         return 504, "The backend did not answer in time."
     return 502, "The backend failed to answer."

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from irmiddleware.proxy._outcomes import AttemptOutcome
 from irmiddleware.proxy.config import OutliersConfig
 
 __all__ = ["OutlierDetector"]
 
-# Attempt outcomes (see `_metrics.OUTCOMES`, plus "overloaded") -> the kind of failure they are.
+# Attempt outcomes -> the kind of failure they are.
 # Outcomes not listed ("client_disconnected", "cancelled", "internal") say nothing about the backend.
-_FAILURES: Final = {
+_FAILURES: Final[dict[AttemptOutcome, str]] = {
     "connect_error": "connect",
     "upstream_error": "upstream",
     "timeout": "timeout",
@@ -49,7 +50,7 @@ class OutlierDetector:
         self._records = {backend_id: _Record() for backend_id in backend_ids}
 
     def observe(
-        self, backend_id: int, outcome: str, status: int | None, overload: bool, now: float
+        self, backend_id: int, outcome: AttemptOutcome, status: int | None, overload: bool, now: float
     ) -> str | None:
         """Records one attempt's result; returns the ejection reason when it ejects the backend
         ("connect", "5xx", "upstream", "timeout", "overload"), else None. `overload` is True when
@@ -117,7 +118,7 @@ class OutlierDetector:
         return kind
 
 
-def _kind_of(outcome: str, status: int | None, overload: bool) -> str | None:
+def _kind_of(outcome: AttemptOutcome, status: int | None, overload: bool) -> str | None:
     if outcome == "backend_error" and overload:
         return "overload"  # relayed as is: no other backend could take it
     if outcome == "backend_error" and (status or 0) >= 500:
