@@ -36,8 +36,8 @@ from irmiddleware.hooks import HealthProbe
 from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._outcomes import AttemptOutcome
-from irmiddleware.proxy._outlier import OutlierDetector
-from irmiddleware.proxy._signals import SignalScraper
+from irmiddleware.proxy.control._outlier import OutlierDetector
+from irmiddleware.proxy.control._signals import SignalScraper
 
 __all__ = ["FleetHealth", "FleetMonitor"]
 
