@@ -11,6 +11,8 @@ your app::
 or run it alone: `irmiddleware serve --config router.toml`. See doc/proxy.md.
 """
 
+from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
+from irmiddleware.proxy._outcomes import OUTCOMES
 from irmiddleware.proxy.config import (
     BackendConfig,
     ConfigError,
@@ -21,8 +23,6 @@ from irmiddleware.proxy.config import (
     load_config,
     parse_config,
 )
-from irmiddleware.proxy._outcomes import OUTCOMES
-from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
 
 __all__ = [
     "OUTCOMES",

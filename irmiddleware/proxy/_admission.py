@@ -31,9 +31,9 @@ from prometheus_client.registry import Collector
 from irmiddleware._native import CLASSES_COUNT
 from irmiddleware._router import Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
-from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._outcomes import Outcome
+from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 
 __all__ = ["SHED_REASONS", "Admission", "Shed", "Ticket", "WaitQueue", "Waiter"]
 

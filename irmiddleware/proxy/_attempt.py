@@ -27,7 +27,13 @@ from irmiddleware.proxy._exchange import ClientExchange, send_error
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
-from irmiddleware.proxy._upstream import CONNECT_ERRORS, Upstream, parsed_url, request_headers, response_headers
+from irmiddleware.proxy._upstream import (
+    CONNECT_ERRORS,
+    Upstream,
+    parsed_url,
+    request_headers,
+    response_headers,
+)
 from irmiddleware.proxy.config import RetriesConfig
 
 __all__ = ["Attempt", "AttemptContext", "Notify", "RequestObservers", "Step", "outcome_of"]
@@ -153,11 +159,15 @@ class Attempt:
         headers = request_headers(scope["headers"])
         self.sent_s = time.perf_counter()
         try:
-            response = await self.context.upstream.send(scope["method"], parsed_url(url), headers, exchange.body)
+            response = await self.context.upstream.send(
+                scope["method"], parsed_url(url), headers, exchange.body
+            )
         except httpx.HTTPError as error:
             return await self._failed_before_answer(error, "connect_error", "unreachable")
         try:
-            if response.status_code in adapter.overload_statuses and self._retry_overloaded(response.status_code):
+            if response.status_code in adapter.overload_statuses and self._retry_overloaded(
+                response.status_code
+            ):
                 return True
             chunks = response.aiter_raw()
             held = b""
@@ -176,7 +186,9 @@ class Attempt:
             await response.aclose()
         return False
 
-    async def _failed_before_answer(self, error: httpx.HTTPError, retriable_outcome: Outcome, what: str) -> bool:
+    async def _failed_before_answer(
+        self, error: httpx.HTTPError, retriable_outcome: Outcome, what: str
+    ) -> bool:
         # Nothing reached the client yet. A failure the backend may not have acted on is retried
         # elsewhere (True); any other is answered 502/504 here (False).
         if isinstance(error, _RETRIABLE):

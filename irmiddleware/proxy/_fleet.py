@@ -22,8 +22,8 @@ from irmiddleware.hooks import (
     PythonStrategy,
     RouteInfo,
 )
-from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy.config import RouterConfig
 
 __all__ = ["Backend", "Fleet"]
 

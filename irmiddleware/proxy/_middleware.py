@@ -156,7 +156,9 @@ class RoutingMiddleware:
             exchange.outcome = reject.outcome
             retry_after_s = None
             if reject.status in (429, 503):
-                retry_after_s = self.config.retry_after_s if reject.retry_after is None else reject.retry_after
+                retry_after_s = (
+                    self.config.retry_after_s if reject.retry_after is None else reject.retry_after
+                )
             await send_error(exchange, reject.status, reject.message, reject.param, retry_after_s)
         except Exception:
             log.exception("internal error while routing %s", scope["path"])

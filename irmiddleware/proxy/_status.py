@@ -14,8 +14,8 @@ from irmiddleware.proxy._admission import Admission
 from irmiddleware.proxy._exchange import JSON_HEADERS, Send, respond
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
-from irmiddleware.proxy.control import FleetMonitor
 from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.control import FleetMonitor
 
 __all__ = ["StatusResponder"]
 

@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from irmiddleware.proxy import parse_config
-from irmiddleware.proxy.config import ConfigError
 from irmiddleware.proxy._transport import LeanTransport
 from irmiddleware.proxy._upstream import Upstream, request_headers
+from irmiddleware.proxy.config import ConfigError
 from irmiddleware.testing import create_vllm_app, serve_in_thread
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]

@@ -33,9 +33,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import HealthProbe
-from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._outcomes import AttemptOutcome
+from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy.control._outlier import OutlierDetector
 from irmiddleware.proxy.control._signals import SignalScraper
 
