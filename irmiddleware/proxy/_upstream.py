@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import httpx
 
-from irmiddleware.proxy._transport import LeanTransport
+from irmiddleware.http11 import LeanTransport
 from irmiddleware.proxy.config import RouterConfig
 
 __all__ = [
