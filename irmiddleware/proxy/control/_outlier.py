@@ -5,7 +5,7 @@ answers), eject a backend for a cool-down of `base_ejection_s * 2**n` (n = its e
 forgiven after a clean `max_ejection_s`), capped at `max_ejection_s`. An overload answer also
 earns a short fixed penalty, so a full backend is skipped at once without being called broken.
 
-This module only keeps the books, on a clock the caller passes in; `_health.FleetHealth` turns
+This module only keeps the books, on a clock the caller passes in; `FleetHealth` (`_health`) turns
 ejections into native states (with the panic threshold) and re-admits a backend once its cool-down
 is over and a health check passes.
 """
