@@ -357,7 +357,7 @@ class IrmHookspecs:
 
     @hookspec
     def irm_request_failed(self, event: RequestEvent) -> None:
-        """The attempt ended without a complete response (`event.error`: "connect",
-        "timeout", "upstream", "overloaded" (answered an overload status and was retried
+        """The attempt ended without a complete response (`event.error`: "connect_error",
+        "timeout", "upstream_error", "overloaded" (answered an overload status and was retried
         elsewhere), "client_disconnected", "cancelled", "internal"); its load has been
         released."""
