@@ -168,30 +168,23 @@ def metric_samples(metrics_text: str, names: Collection[str]) -> dict[str, list[
     return found
 
 
-_ERROR_TYPES: Final = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    413: "RequestTooLargeError",
-    429: "TooManyRequestsError",
-    502: "BadGatewayError",
-    503: "ServiceUnavailableError",
-    504: "GatewayTimeoutError",
-}
-
-
 class BackendAdapter:
-    """How the router speaks one backend protocol: which paths it routes, where the model name is,
-    what errors look like, how to check health and discover models.
+    """How the router speaks one backend protocol: which paths it routes, where a request names its
+    model, what errors look like, how to check health, discover models and read load signals.
 
-    The default implementation is OpenAI-compatible; subclass it for another protocol (Triton and
-    TGI adapters override `match` for path parameters and `error_body` for their error shapes).
-    Instances are shared by every request: keep them stateless.
+    This is the protocol-neutral contract. A subclass must set `type_name` and `endpoints` and
+    implement `model_of` (and `parse_models` when it sets `models_path`); every other member has
+    a neutral default to override where the protocol differs. For an OpenAI-compatible server,
+    subclass `irmiddleware.adapters.OpenAIAdapter` instead, which implements all of it for the
+    OpenAI API (vLLM's and TGI's adapters do). Instances are shared by every request: keep them
+    stateless.
     """
 
-    type_name: str = "openai"
-    health_path: str = "/v1/models"
+    type_name: str = ""
+    """The backend type this adapter is registered as (`[[backends]] type`)."""
+    health_path: str = "/health"
     """GET this path; any 2xx means healthy (used by health checks)."""
-    models_path: str | None = "/v1/models"
+    models_path: str | None = None
     """GET this path to discover the served models when the config lists none; None = cannot."""
     models_method: str = "GET"
     """The method of the discovery request (Triton's repository index is a POST)."""
@@ -200,19 +193,15 @@ class BackendAdapter:
     reached the client yet, and counted against the backend by outlier detection."""
     overload_in_stream: bool = False
     """True when the server can report overload inside a 200 event stream instead of with a
-    status (TGI takes its permit inside the stream, protocols.md §3.4). The router then holds a
+    status (TGI takes its permit inside the stream, doc/protocols.md §3.4). The router then holds a
     `text/event-stream` answer's headers until its first event has arrived, asks
     `stream_overloaded`, and retries elsewhere as for an overload status. Off by default: holding
     the headers delays them until the first token (the first token itself is not delayed)."""
     single_model: bool = False
     """True when requests need not name the model (TGI serves one per server): a name the fleet
     does not serve then means "the one model the backends of this type serve"."""
-    endpoints: tuple[Endpoint, ...] = (
-        Endpoint("/v1/completions", frozenset({"POST"})),
-        Endpoint("/v1/chat/completions", frozenset({"POST"})),
-        Endpoint("/v1/embeddings", frozenset({"POST"})),
-        Endpoint("/v1/models", frozenset({"GET"}), kind="models"),
-    )
+    endpoints: tuple[Endpoint, ...] = ()
+    """The paths this adapter routes (exact paths; templates with `{...}` need `match`)."""
 
     def match(self, method: str, path: str) -> Endpoint | None:
         """The endpoint for a request, or None if this adapter does not route it. The default
@@ -224,30 +213,14 @@ class BackendAdapter:
         return None
 
     def model_of(self, endpoint: Endpoint, path: str, body: bytes) -> str:
-        """The model a request names. OpenAI-style: the JSON body's `model` field. Raises
-        `AdapterError(400)` for a body that is not a JSON object with a string `model`."""
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise AdapterError(400, f"request body is not valid JSON: {error}") from None
-        model = parsed.get("model") if isinstance(parsed, dict) else None
-        if not isinstance(model, str) or not model:
-            raise AdapterError(400, "request body needs a string `model` field", param="model")
-        return model
+        """The model a request names (from its path or body). Raise `AdapterError(400)` for a
+        request the router cannot read; return "" when a `single_model` request names none."""
+        raise NotImplementedError(f"{type(self).__name__} must say where a request names its model")
 
     def affinity_of(self, endpoint: Endpoint, body: bytes) -> tuple[str | None, str | None]:
         """(session key, prompt text) of a request, for the cache-aware strategies; None where
-        the request has none. OpenAI-style: the `user` field, and the chat messages rendered in
-        order ("role\ncontent\n" each, so a conversation's next turn extends the previous
-        turn's text) or the completion prompt."""
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None, None
-        if not isinstance(parsed, dict):
-            return None, None
-        user = parsed.get("user")
-        return (user if isinstance(user, str) and user else None), _prompt_text(parsed)
+        the request has none. Default: neither."""
+        return None, None
 
     def stream_overloaded(self, first_event: bytes) -> bool:
         """Whether the first event of a 200 event stream is the server's overload report (only
@@ -256,18 +229,14 @@ class BackendAdapter:
         return False
 
     def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
-        """The body of an error the router answers itself, in the API's shape (OpenAI/vLLM
-        `{"error": {"message", "type", "param", "code"}}`)."""
-        error_type = _ERROR_TYPES.get(status, "RouterError")
-        error = {"message": message, "type": error_type, "param": param, "code": status}
-        return json.dumps({"error": error}).encode()
+        """The body of an error the router answers itself, in the API's shape. Default:
+        `{"error": message}`."""
+        return json.dumps({"error": message}).encode()
 
     def models_body(self, models: Sequence[str], created: int) -> bytes:
-        """The router's own answer to a "models" endpoint: every model some backend serves."""
-        cards = [
-            {"id": name, "object": "model", "created": created, "owned_by": "irmiddleware"} for name in models
-        ]
-        return json.dumps({"object": "list", "data": cards}).encode()
+        """The router's own answer to a "models" endpoint: every model some backend serves.
+        Default: a JSON array of the names."""
+        return json.dumps(list(models)).encode()
 
     def health_answer(self, ready: bool) -> tuple[int, bytes]:
         """The router's own answer to a "health" endpoint: `ready` is True when some backend
@@ -284,9 +253,9 @@ class BackendAdapter:
         return None
 
     def parse_models(self, body: bytes) -> list[str]:
-        """The model names in a backend's answer to `models_path` (discovery)."""
-        parsed = json.loads(body)
-        return [str(card["id"]) for card in parsed.get("data", []) if isinstance(card, dict) and "id" in card]
+        """The model names in a backend's answer to `models_path` (discovery); only called when
+        `models_path` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets models_path but cannot read the answer")
 
 
 # ---- types exchanged with health checks and observers -----------------------------------------
@@ -388,25 +357,7 @@ class IrmHookspecs:
 
     @hookspec
     def irm_request_failed(self, event: RequestEvent) -> None:
-        """The attempt ended without a complete response (`event.error`: "connect",
-        "timeout", "upstream", "overloaded" (answered an overload status and was retried
+        """The attempt ended without a complete response (`event.error`: "connect_error",
+        "timeout", "upstream_error", "overloaded" (answered an overload status and was retried
         elsewhere), "client_disconnected", "cancelled", "internal"); its load has been
         released."""
-
-
-def _prompt_text(body: Mapping[str, object]) -> str | None:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for message in messages:
-            if isinstance(message, dict):
-                content = message.get("content")
-                text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
-                parts.append(f"{message.get('role')}\n{text}\n")
-        return "".join(parts) or None
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        return prompt[0]
-    return None

@@ -28,3 +28,15 @@ def test_public_names_are_pinned() -> None:
     ]
     for name in irmiddleware.__all__:
         assert hasattr(irmiddleware, name), name
+
+
+def test_adapter_and_transport_packages_are_pinned() -> None:
+    import irmiddleware.adapters
+    import irmiddleware.http11
+
+    adapters = ["OpenAIAdapter", "TGIAdapter", "TritonAdapter", "VLLMAdapter", "prompt_text"]
+    assert irmiddleware.adapters.__all__ == adapters
+    assert irmiddleware.http11.__all__ == ["LeanTransport"]
+    for module in (irmiddleware.adapters, irmiddleware.http11):
+        for name in module.__all__:
+            assert hasattr(module, name), name

@@ -11,7 +11,9 @@ your app::
 or run it alone: `irmiddleware serve --config router.toml`. See doc/proxy.md.
 """
 
-from irmiddleware.proxy._config import (
+from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
+from irmiddleware.proxy._outcomes import OUTCOMES
+from irmiddleware.proxy.config import (
     BackendConfig,
     ConfigError,
     LimitsConfig,
@@ -21,8 +23,6 @@ from irmiddleware.proxy._config import (
     load_config,
     parse_config,
 )
-from irmiddleware.proxy._metrics import OUTCOMES
-from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
 
 __all__ = [
     "OUTCOMES",

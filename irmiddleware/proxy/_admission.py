@@ -31,8 +31,9 @@ from prometheus_client.registry import Collector
 from irmiddleware._native import CLASSES_COUNT
 from irmiddleware._router import Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
-from irmiddleware.proxy._admission_config import AdmissionConfig, TenantConfig
 from irmiddleware.proxy._fleet import Fleet
+from irmiddleware.proxy._outcomes import Outcome
+from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 
 __all__ = ["SHED_REASONS", "Admission", "Shed", "Ticket", "WaitQueue", "Waiter"]
 
@@ -59,7 +60,7 @@ class Shed(Exception):
     """The request is refused by admission control; the middleware answers `status` itself."""
 
     def __init__(
-        self, status: int, message: str, outcome: str, reason: str, retry_after: int | None = None
+        self, status: int, message: str, outcome: Outcome, reason: str, retry_after: int | None = None
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.outcome, self.reason = status, message, outcome, reason

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from irmiddleware._plugins import Registry
-from irmiddleware._router import Accelerator, Lease, Router, prefix_hashes
+from irmiddleware._router import Accelerator, AcceleratorStats, Lease, Router, prefix_hashes
 from irmiddleware.hooks import (
     BackendAdapter,
     BackendInfo,
@@ -22,8 +22,8 @@ from irmiddleware.hooks import (
     PythonStrategy,
     RouteInfo,
 )
-from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy.config import RouterConfig
 
 __all__ = ["Backend", "Fleet"]
 
@@ -206,6 +206,11 @@ class Fleet:
             if lease is not None:
                 return lease
         return None
+
+    def backend_stats(self) -> list[tuple[str, AcceleratorStats]]:
+        """(URL, native stats) of every configured backend, read from the core now."""
+        known = self.backends
+        return [(known[s.id].url, s) for s in self.router.stats() if s.id in known]
 
     def snapshot(self, members: frozenset[int]) -> tuple[BackendLoad, ...]:
         """A read-only view of the members' load, for Python strategies."""

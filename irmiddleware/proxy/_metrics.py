@@ -15,23 +15,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from irmiddleware._router import AcceleratorStats
+from irmiddleware.proxy._outcomes import Outcome
 
-__all__ = ["OUTCOMES", "BackendMetrics", "RouterMetrics"]
-
-OUTCOMES: Final = (
-    "ok",  # the backend's whole answer reached the client, status < 400
-    "backend_error",  # the backend's whole answer reached the client, status >= 400
-    "connect_error",  # no backend could be reached (after retries): 502
-    "upstream_error",  # the backend broke the connection or answered garbage: 502 or a cut body
-    "timeout",  # the backend was too slow: 504 or a cut body
-    "client_disconnected",  # the client went away before the end
-    "no_capacity",  # nothing fits: 503
-    "rejected",  # the router refused the request itself: 400, 404, 413
-    "over_limit",  # a tenant over its rate or concurrency limit: 429 (doc/admission.md)
-    "cancelled",  # the server cancelled the request (shutdown)
-    "internal",  # a bug or a plugin exception: 500
-)
-"""Every request ends with exactly one of these, counted in `irm_requests_total`."""
+__all__ = ["BackendMetrics", "RouterMetrics"]
 
 # Latency buckets from 5 ms to 10 min: LLM answers span four orders of magnitude.
 _BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -75,7 +61,7 @@ class RouterMetrics:
     The per-request updates go through `of` and `count`, which keep the labelled children in
     plain dicts: prometheus-client's `labels()` takes a lock and checks the labels on every call,
     a few microseconds each, three times per request. Both caches are bounded: the label values
-    are configured backend URLs (plus "none") and the fixed `OUTCOMES`.
+    are configured backend URLs (plus "none") and the fixed `Outcome` values.
     """
 
     def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
@@ -115,7 +101,7 @@ class RouterMetrics:
         )
         self.registry.register(_BackendCollector(stats))
         self._of: dict[str, BackendMetrics] = {}
-        self._counted: dict[tuple[str, str], Any] = {}
+        self._counted: dict[tuple[str, Outcome], Any] = {}
 
     def of(self, backend_url: str) -> BackendMetrics:
         """The latency and time-to-first-byte histograms of one backend."""
@@ -125,7 +111,7 @@ class RouterMetrics:
             self._of[backend_url] = found
         return found
 
-    def count(self, backend_url: str, outcome: str) -> None:
+    def count(self, backend_url: str, outcome: Outcome) -> None:
         """Counts one finished request in `irm_requests_total`."""
         key = (backend_url, outcome)
         child = self._counted.get(key)

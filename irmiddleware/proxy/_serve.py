@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any
 
-from irmiddleware.proxy._config import ConfigError, RouterConfig, check_listen, load_config, parse_config
+from irmiddleware.proxy.config import ConfigError, RouterConfig, check_listen, load_config, parse_config
 
 __all__ = ["build_config", "serve_main"]
 

@@ -24,8 +24,8 @@ from typing import Any, Final
 
 import httpx
 
-from irmiddleware.proxy._config import RouterConfig
-from irmiddleware.proxy._transport import LeanTransport
+from irmiddleware.http11 import LeanTransport
+from irmiddleware.proxy.config import RouterConfig
 
 __all__ = [
     "CONNECT_ERRORS",

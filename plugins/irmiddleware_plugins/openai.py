@@ -1,19 +1,16 @@
-"""Built-in adapter for any OpenAI-compatible server (SGLang, llama.cpp, LiteLLM, ...): the OpenAI
-paths, the model from the JSON body, OpenAI-style errors, health = `GET /v1/models` answers 2xx."""
+"""Backend type "openai": any OpenAI-compatible server (SGLang, llama.cpp, LiteLLM, ...).
+
+The adapter is `irmiddleware.adapters.OpenAIAdapter`; this plugin registers it through the same hook
+a third-party plugin uses."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from irmiddleware.adapters import OpenAIAdapter
 from irmiddleware.hooks import BackendAdapter, hookimpl
 
 __all__ = ["OpenAIAdapter", "irm_adapters"]
-
-
-class OpenAIAdapter(BackendAdapter):
-    """The OpenAI-compatible protocol; `BackendAdapter`'s defaults are exactly that."""
-
-    type_name = "openai"
 
 
 @hookimpl

@@ -1,50 +1,16 @@
-"""Built-in adapter for vLLM's OpenAI-compatible server (protocols.md §1).
+"""Backend type "vllm": vLLM.
 
-vLLM speaks the OpenAI paths (`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`,
-`/v1/models`), names the model in the JSON body's `model` field and answers errors as
-`{"error": {"message", "type", "param", "code"}}` (since 0.10.1). What differs from a generic
-OpenAI server is its health endpoint (`GET /health`: 200 when the engine is alive, 503 when dead),
-its Prometheus metrics on the API port (`/metrics`), and its overload answer: 503 once a bounded
-queue (`--max-num-queued-reqs`) is full (a rival proposal answers 429; both count as overload).
-"""
+The adapter is `irmiddleware.adapters.VLLMAdapter`; this plugin registers it through the same hook
+a third-party plugin uses."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final
 
-from irmiddleware.hooks import BackendAdapter, LoadSignals, hookimpl, metric_samples
+from irmiddleware.adapters import VLLMAdapter
+from irmiddleware.hooks import BackendAdapter, hookimpl
 
 __all__ = ["VLLMAdapter", "irm_adapters"]
-
-_WAITING: Final = "vllm:num_requests_waiting"
-_RUNNING: Final = "vllm:num_requests_running"
-_KV: Final = "vllm:kv_cache_usage_perc"
-_KV_OLD: Final = "vllm:gpu_cache_usage_perc"  # before 0.10; removed in 0.12
-
-
-class VLLMAdapter(BackendAdapter):
-    """vLLM: OpenAI paths and errors, `/health` for health, `/v1/models` for discovery."""
-
-    type_name = "vllm"
-    health_path = "/health"
-    overload_statuses = frozenset({429, 503})
-
-    def metrics_url(self, base_url: str) -> str | None:
-        return base_url + "/metrics"
-
-    def load_signals(self, metrics_text: str) -> LoadSignals | None:
-        samples = metric_samples(metrics_text, (_WAITING, _RUNNING, _KV, _KV_OLD))
-        if _WAITING not in samples:
-            return None
-        # One sample per data-parallel engine: queues add up; the fullest KV cache is the limit.
-        kv = samples.get(_KV) or samples.get(_KV_OLD) or [0.0]
-        running = samples.get(_RUNNING)
-        return LoadSignals(
-            queue_depth=round(sum(samples[_WAITING])),
-            kv_usage=max(kv),
-            running=round(sum(running)) if running else None,
-        )
 
 
 @hookimpl

@@ -106,10 +106,13 @@ def in_flight(middleware: RoutingMiddleware) -> list[int]:
 
 
 def wait_idle(middleware: RoutingMiddleware, timeout_s: float = 5.0) -> None:
-    """Waits (bounded) until nothing is in flight: releases after a client hangs up happen on the
-    router's loop a moment later."""
+    """Waits until nothing is in flight (releases after a client hangs up happen on the router's
+    loop a moment later); AssertionError, with the counts, when something is still in flight at
+    the deadline."""
     deadline = time.monotonic() + timeout_s
-    while any(in_flight(middleware)) and time.monotonic() < deadline:
+    while any(counts := in_flight(middleware)):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"still in flight after {timeout_s} s: {counts}")
         time.sleep(0.01)
 
 

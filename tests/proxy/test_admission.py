@@ -3,7 +3,7 @@ per-token time makes requests hold capacity: under mixed-class saturation no urg
 while less urgent ones get in; waiters are served by class, then arrival; queue bounds, eviction and
 wait timeouts hold and answer 503 + Retry-After in OpenAI's error shape; a waiter whose client hangs
 up leaves the queue at once; tenant limits answer 429; the router's /metrics and status endpoint
-answer within a second while 2000 requests are queued or shed; and every in-flight and queue
+answer while 2000 requests are queued or shed (their answers report the queue); and every in-flight and queue
 counter is back to zero at the end."""
 
 from __future__ import annotations
@@ -112,36 +112,40 @@ def test_waiters_are_served_by_class_then_arrival(emulators: Emulators, router: 
 
 def test_queue_bound_eviction_and_timeout(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
-    server = router(config_of([backend], 1, max_queue=3, max_wait_s=1.0, aging_s=0, class_shares=ALL_SHARES))
+    server = router(config_of([backend], 1, max_queue=3, max_wait_s=2.0, aging_s=0, class_shares=ALL_SHARES))
     queue = server.app.admission.queue
-    timed: dict[str, tuple[int, float]] = {}
+    answered: list[tuple[str, int]] = []  # in the order the answers came (list.append is atomic)
 
     def send(tag: str, priority: int) -> None:
-        started = time.monotonic()
-        timed[tag] = (post(server.url, priority, 2, tag).status_code, time.monotonic() - started)
+        answered.append((tag, post(server.url, priority, 2, tag).status_code))
 
-    with ThreadPoolExecutor(max_workers=8) as pool, holding(server.url):
+    def tags() -> list[str]:
+        return [tag for tag, _ in answered]
+
+    with ThreadPoolExecutor(max_workers=8) as pool, holding(server.url, tokens=2000):
         futures = []
         for count in range(1, 4):  # one at a time, so low2 is the newest
             futures.append(pool.submit(send, f"low{count - 1}", 5))
             wait_until(lambda count=count: queue.total == count)
         futures.append(pool.submit(send, "late-low", 5))  # queue full of class 5: refused
-        wait_until(lambda: "late-low" in timed)
+        wait_until(lambda: "late-low" in tags())
         futures.append(pool.submit(send, "urgent", 1))  # evicts the newest class-5 waiter
-        wait_until(lambda: "low2" in timed)
-        assert queue.total == 3 and max(queue.waiting) <= 3
+        wait_until(lambda: "low2" in tags())
+        # Refused and evicted while the three first arrivals (or their replacement) still wait.
+        assert tags() == ["late-low", "low2"] and queue.total == 3 and max(queue.waiting) <= 3
         for future in futures:
             future.result(timeout=10)  # the holder keeps the slot: everyone left times out
-    assert timed["late-low"][0] == 503 and timed["late-low"][1] < 0.5  # refused at once
-    assert timed["low2"][0] == 503 and timed["low2"][1] < 0.9  # evicted before its max_wait
-    for tag in ("low0", "low1", "urgent"):
-        status, elapsed = timed[tag]
-        assert status == 503 and 0.95 <= elapsed < 2.5, (tag, elapsed)
+        still_held = backend.emulator.stats.received == 1  # only the holder reached the backend
+    assert still_held and dict(answered) == dict.fromkeys(("late-low", "low2", "low0", "low1", "urgent"), 503)
     shed = {
         (dict(k)["class"], dict(k)["reason"]): v
         for k, v in samples(server.url, "irm_admission_shed_total").items()
     }
     assert shed == {("5", "queue_full"): 1, ("5", "evicted"): 1, ("5", "timeout"): 2, ("1", "timeout"): 1}
+    # late-low was refused without waiting: only the three that entered the queue (and urgent)
+    # are in the wait histogram.
+    waits = {dict(k)["class"]: v for k, v in samples(server.url, "irm_admission_wait_seconds_count").items()}
+    assert waits == {"5": 3, "1": 1}
     assert_all_idle(server)
 
 
@@ -152,10 +156,11 @@ def test_a_disconnecting_waiter_leaves_at_once(emulators: Emulators, router: Rou
     with ThreadPoolExecutor(max_workers=1) as pool, holding(server.url):
         gone = pool.submit(post, server.url, 0, 2, "gone", 0.5)  # the client gives up after 0.5 s
         wait_until(lambda: queue.total == 1)
-        hung_up = time.monotonic()
-        wait_until(lambda: queue.total == 0, timeout_s=2.0)
-        assert time.monotonic() - hung_up < 1.5  # long before its 30 s max_wait
+        wait_until(lambda: queue.total == 0)  # while the slot is still held: it left, unserved
         assert isinstance(gone.exception(timeout=5), httpx.TimeoutException)
+        # Not shed (a 30 s max_wait has not passed) and never served: abandoned.
+        assert samples(server.url, "irm_admission_shed_total") == {}
+        assert backend.emulator.stats.received == 1
         stays = pool.submit(post, server.url, 0, 2, "stays")  # the freed place is usable
         wait_until(lambda: queue.total == 1)
     assert stays.result(timeout=10).status_code == 200
@@ -223,24 +228,38 @@ def test_router_stays_responsive_under_overload(emulators: Emulators, router: Ro
     load = subprocess.Popen(
         [sys.executable, "-c", _LOAD, server.url, "2000"], stdout=subprocess.PIPE, text=True
     )
-    answer_times_s: list[float] = []
+    # What the status and metrics answers reported as waiting: an answer computed while 100 or
+    # more requests wait was served during the overload, not after the queue drained.
+    reported_waiting: dict[str, list[float]] = {"/irm/status": [], "/metrics": []}
     peak_waiting = 0
-    with httpx.Client(base_url=server.url, timeout=5) as client:
-        deadline = time.monotonic() + 60
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        deadline = time.monotonic() + 60  # a bound on a stuck load generator, not a measurement
         while load.poll() is None and time.monotonic() < deadline:
             peak_waiting = max(peak_waiting, admission.queue.total)
-            if admission.queue.total >= 100:  # measure while the overload is on
-                for path in ("/metrics", "/irm/status"):
-                    started = time.monotonic()
-                    assert client.get(path).status_code == 200
-                    answer_times_s.append(time.monotonic() - started)
+            if admission.queue.total >= 100:  # ask while the overload is on
+                status = client.get("/irm/status")
+                assert status.status_code == 200
+                reported_waiting["/irm/status"].append(status.json()["admission"]["waiting"])
+                metrics = client.get("/metrics")
+                assert metrics.status_code == 200
+                reported_waiting["/metrics"].append(_queue_length(metrics.text))
             time.sleep(0.02)
     out, _ = load.communicate(timeout=60)
     codes = json.loads(out)
     assert sum(codes.values()) == 2000 and codes.get("200", 0) > 0 and codes.get("503", 0) > 0
-    assert peak_waiting >= 100 and len(answer_times_s) >= 4
-    assert max(answer_times_s) < 1.0, answer_times_s
+    assert peak_waiting >= 100
+    for path, waiting in reported_waiting.items():
+        assert sum(1 for count in waiting if count >= 100) >= 2, (path, waiting)
     assert_all_idle(server)
+
+
+def _queue_length(metrics_text: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "irm_admission_queue_length"
+    )
 
 
 def test_status_reports_the_queue(emulators: Emulators, router: Routers) -> None:

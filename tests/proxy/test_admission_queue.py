@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from irmiddleware.hooks import RouteInfo
 from irmiddleware.proxy import ConfigError, create_app, load_config, parse_config
 from irmiddleware.proxy._admission import Admission, Shed, WaitQueue
-from irmiddleware.proxy._admission_config import AdmissionConfig, parse_admission
+from irmiddleware.proxy.config import AdmissionConfig, parse_admission
 
 
 class Clock:

@@ -13,9 +13,6 @@ import threading
 from collections.abc import Iterator
 
 import httpx
-from irmiddleware_plugins.tgi import TGIAdapter
-from irmiddleware_plugins.triton import TritonAdapter
-from irmiddleware_plugins.vllm import VLLMAdapter
 from proxy_support import (
     FAST_FLEET,
     Emulators,
@@ -25,6 +22,7 @@ from proxy_support import (
     wait_idle,
 )
 
+from irmiddleware.adapters import TGIAdapter, TritonAdapter, VLLMAdapter
 from irmiddleware.testing import (
     TGIConfig,
     TritonConfig,

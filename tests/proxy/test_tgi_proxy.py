@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 from huggingface_hub import InferenceClient
-from irmiddleware_plugins.tgi import TGIAdapter
 from proxy_support import FAST_FLEET, Routers, RouterServer, held_stream, wait_idle
 
+from irmiddleware.adapters import TGIAdapter
 from irmiddleware.proxy import parse_config
 from irmiddleware.testing import TGIConfig, assert_idle, create_tgi_app, serve_in_thread, wait_until
 

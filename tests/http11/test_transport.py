@@ -1,4 +1,5 @@
-"""`LeanTransport` speaks HTTP/1.1 correctly and fails the way the middleware's retry logic expects.
+"""`LeanTransport` (irmiddleware.http11) speaks HTTP/1.1 correctly and fails the way the proxy's
+retry logic expects.
 
 Against the vLLM emulator on uvicorn it gives the same answers as httpx's own transport. Against
 tiny scripted asyncio servers on 127.0.0.1 it proves the edge cases: keep-alive reuse,
@@ -8,118 +9,32 @@ connection cut mid-body raises `RemoteProtocolError` or `ReadError` and is never
 abandoned halfway (or a cancelled request) closes its connection, refused connections raise
 `ConnectError`, a silent server `ReadTimeout`, a full pool waits for a free connection and then
 raises `PoolTimeout`, and a keep-alive connection the server closed while idle is replaced
-transparently. Every wait is bounded by `_run`'s timeout; nothing asserts on wall-clock time.
+transparently. Every wait is bounded by `run_bounded`'s timeout; nothing asserts on wall-clock time.
+The package stands alone: importing it loads nothing of the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from irmiddleware.proxy import parse_config
-from irmiddleware.proxy._config import ConfigError
-from irmiddleware.proxy._transport import LeanTransport
-from irmiddleware.proxy._upstream import Upstream, request_headers
 from irmiddleware.testing import create_vllm_app, serve_in_thread
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    # The bound keeps a hung exchange from hanging the suite; it is not a timing assertion.
-    asyncio.run(asyncio.wait_for(coro, 20))
-
-
-def _client(
-    max_connections: int = 10, read: float = 5.0, pool: float = 5.0, **limits: Any
-) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(5.0, read=read, pool=pool)
-    transport = LeanTransport(httpx.Limits(max_connections=max_connections, **limits))
-    return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One request's head and body (Content-Length or chunked)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            body += await reader.readexactly(size + 2)
-            if not size:
-                return head, body[:-2]
-            body = body[:-2]
-    length = 0
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head, await reader.readexactly(length)
-
-
-class RawServer:
-    """A scripted server: `handler(reader, writer, connection_index)` runs per connection."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.closed_by_client = 0  # connections on which the server read EOF
-        self.url = ""
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await self.handler(reader, writer, self.connections)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.closed_by_client += 1
-        finally:
-            writer.close()
-
-
-def keep_alive(*answers: bytes) -> Handler:
-    """Answers each request on a connection with the next of `answers` (cycling)."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        for index in range(1000):
-            await _read_request(reader)
-            writer.write(answers[index % len(answers)])
-            await writer.drain()
-
-    return handler
-
-
-async def _eof(reader: asyncio.StreamReader) -> None:
-    """Waits until the client closes the connection (reading and discarding anything else), then
-    raises ConnectionError, which `RawServer` counts in `closed_by_client`."""
-    while await reader.read(65536):
-        pass
-    raise ConnectionError("the client closed the connection")
-
+from tests.http11.http11_support import OK, RawServer, eof, keep_alive, lean_client, read_request, run_bounded
 
 # ---- the emulator, compared with httpx's own transport -------------------------------------------
 
 
 def _emulator_answers(url: str, lean: bool) -> tuple[list[Any], list[bytes]]:
     async def scenario() -> tuple[list[Any], list[bytes]]:
-        client = _client() if lean else httpx.AsyncClient(timeout=5.0, trust_env=False)
+        client = lean_client() if lean else httpx.AsyncClient(timeout=5.0, trust_env=False)
         async with client:
             models = (await client.get(url + "/v1/models")).json()
             body = {"model": "m", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
@@ -151,13 +66,13 @@ def test_emulator_answers_match_httpx_transport() -> None:
 
 def test_keep_alive_connection_is_reused() -> None:
     async def scenario() -> None:
-        async with RawServer(keep_alive(OK)) as server, _client() as client:
+        async with RawServer(keep_alive(OK)) as server, lean_client() as client:
             for _ in range(5):
                 response = await client.post(server.url + "/x", content=b"{}")
                 assert response.content == b"ok"
             assert server.connections == 1
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_content_length_chunked_and_until_close_bodies() -> None:
@@ -167,20 +82,20 @@ def test_content_length_chunked_and_until_close_bodies() -> None:
     )
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         if index == 1:
             for position in range(0, len(chunked), 7):  # framing split at awkward places
                 writer.write(chunked[position : position + 7])
                 await writer.drain()
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
             await writer.drain()
             writer.write(b"cde")
-            await _read_request(reader)
+            await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil close")  # no framing: the body ends at EOF
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             assert (await client.get(server.url)).content == b"hello 0123456789"
             assert (await client.get(server.url)).content == b"abcde"
             assert (await client.get(server.url)).content == b"until close"
@@ -188,23 +103,23 @@ def test_content_length_chunked_and_until_close_bodies() -> None:
             assert (await client.get(server.url)).content == b"until close"
             assert server.connections == 2  # a read-until-close connection is not reused
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_stream_yields_first_chunk_before_the_server_sends_the_next() -> None:
     first_seen = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n")
         await writer.drain()
         await first_seen.wait()  # the rest only once the client holds the first event
         writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
         await writer.drain()
-        await _eof(reader)
+        await eof(reader)
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             async with client.stream("GET", server.url) as response:
                 chunks = []
                 async for chunk in response.aiter_raw():
@@ -212,7 +127,7 @@ def test_stream_yields_first_chunk_before_the_server_sends_the_next() -> None:
                     first_seen.set()
             assert chunks == [b"data: 1", b"data: 2"]
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 @pytest.mark.parametrize("status", [204, 304])
@@ -224,14 +139,14 @@ def test_head_204_304_have_no_body_and_keep_the_connection(status: int) -> None:
     )
 
     async def scenario() -> None:
-        async with RawServer(keep_alive(*answers)) as server, _client() as client:
+        async with RawServer(keep_alive(*answers)) as server, lean_client() as client:
             head = await client.head(server.url)
             assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "10")
             assert (await client.get(server.url)).content == b""
             assert (await client.get(server.url)).content == b"ok"  # 1xx interim answers skipped
             assert server.connections == 1
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_large_bodies_both_ways() -> None:
@@ -239,11 +154,11 @@ def test_large_bodies_both_ways() -> None:
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         for _request in range(2):
-            _head, received = await _read_request(reader)
+            _head, received = await read_request(reader)
             assert received == big
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big))
             await writer.drain()
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for position in range(0, len(big), 100_000):
             piece = big[position : position + 100_000]
@@ -257,13 +172,13 @@ def test_large_bodies_both_ways() -> None:
             yield big[position : position + 1_000_000]
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             assert (await client.post(server.url, content=big)).content == big
             assert (await client.post(server.url, content=streamed())).content == big  # chunked upload
             assert (await client.post(server.url, content=b"")).content == big
             assert server.connections == 1
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 # ---- failures ------------------------------------------------------------------------------------
@@ -278,7 +193,7 @@ def test_large_bodies_both_ways() -> None:
 )
 def test_server_closing_mid_body_raises_and_the_connection_is_not_reused(partial: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         if index == 1:
             writer.write(partial)
             await writer.drain()
@@ -286,18 +201,18 @@ def test_server_closing_mid_body_raises_and_the_connection_is_not_reused(partial
         writer.write(OK)
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(server.url)
             assert (await client.get(server.url)).content == b"ok"
             assert server.connections == 2
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_connection_reset_mid_body_is_a_read_error() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
         await writer.drain()
         sock = writer.get_extra_info("socket")
@@ -307,43 +222,43 @@ def test_connection_reset_mid_body_is_a_read_error() -> None:
     async def scenario() -> None:
         async with (
             RawServer(handler) as server,
-            _client() as client,
+            lean_client() as client,
             client.stream("GET", server.url) as response,
         ):
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
                 await response.aread()
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_server_closing_before_answering_is_a_retriable_protocol_error() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await _read_request(reader)  # then close without a byte
+        await read_request(reader)  # then close without a byte
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.post(server.url, content=b"{}")
             assert server.connections == 1  # a fresh connection is not retried by the transport
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_idle_connection_closed_by_the_server_is_replaced_transparently() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(OK)
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")  # the next request arrives, and the server drops it:
         # what a keep-alive timeout racing a new request looks like from the client
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             assert (await client.post(server.url, content=b"1")).content == b"ok"
             assert (await client.post(server.url, content=b"2")).content == b"ok"
             assert server.connections == 2
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_connect_refused_is_a_connect_error() -> None:
@@ -352,20 +267,20 @@ def test_connect_refused_is_a_connect_error() -> None:
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
 
         async def scenario() -> None:
-            async with _client() as client:
+            async with lean_client() as client:
                 with pytest.raises(httpx.ConnectError):
                     await client.get(f"http://127.0.0.1:{port}/")
 
-        _run(scenario())
+        run_bounded(scenario())
 
 
 def test_silent_server_is_a_read_timeout_and_the_connection_is_closed() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await _read_request(reader)
-        await _eof(reader)  # never answers
+        await read_request(reader)
+        await eof(reader)  # never answers
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client(read=0.05) as client:
+        async with RawServer(handler) as server, lean_client(read=0.05) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.get(server.url)
             for _ in range(100):  # bounded: the server sees the close within a few loop turns
@@ -374,7 +289,7 @@ def test_silent_server_is_a_read_timeout_and_the_connection_is_closed() -> None:
                 await asyncio.sleep(0.01)
             assert server.closed_by_client == 1
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_full_pool_waits_for_a_connection_then_times_out() -> None:
@@ -382,7 +297,7 @@ def test_full_pool_waits_for_a_connection_then_times_out() -> None:
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         for _request in range(10):
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
             await writer.drain()
             await release_body.wait()
@@ -390,7 +305,7 @@ def test_full_pool_waits_for_a_connection_then_times_out() -> None:
             await writer.drain()
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client(max_connections=1, pool=0.05) as client:
+        async with RawServer(handler) as server, lean_client(max_connections=1, pool=0.05) as client:
             async with client.stream("GET", server.url) as first:
                 with pytest.raises(httpx.PoolTimeout):
                     await client.get(server.url)  # the only connection is busy
@@ -403,19 +318,19 @@ def test_full_pool_waits_for_a_connection_then_times_out() -> None:
             assert (await waiting).content == b"abcd"  # it got the connection the first one freed
             assert server.connections == 1
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_abandoned_stream_and_cancelled_request_close_their_connections() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         if index == 1:
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
             await writer.drain()
-        await _eof(reader)  # index 2 never answers: its request is cancelled while waiting
+        await eof(reader)  # index 2 never answers: its request is cancelled while waiting
 
     async def scenario() -> None:
-        async with RawServer(handler) as server, _client() as client:
+        async with RawServer(handler) as server, lean_client() as client:
             async with client.stream("GET", server.url) as response:
                 async for _chunk in response.aiter_raw():
                     break  # the client of the proxy went away after one chunk
@@ -433,19 +348,19 @@ def test_abandoned_stream_and_cancelled_request_close_their_connections() -> Non
                 await asyncio.sleep(0.01)
             assert (server.connections, server.closed_by_client) == (2, 2)
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_connection_close_answer_is_not_reused() -> None:
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
 
     async def scenario() -> None:
-        async with RawServer(keep_alive(answer)) as server, _client() as client:
+        async with RawServer(keep_alive(answer)) as server, lean_client() as client:
             for _ in range(2):
                 assert (await client.get(server.url)).content == b"ok"
             assert server.connections == 2
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 @pytest.mark.parametrize(
@@ -461,141 +376,36 @@ def test_connection_close_answer_is_not_reused() -> None:
 )
 def test_malformed_answers_are_protocol_errors(answer: bytes) -> None:
     async def scenario() -> None:
-        async with RawServer(keep_alive(answer)) as server, _client() as client:
+        async with RawServer(keep_alive(answer)) as server, lean_client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(server.url)
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_header_injection_is_refused_before_sending() -> None:
     async def scenario() -> None:
-        async with RawServer(keep_alive(OK)) as server, _client() as client:
+        async with RawServer(keep_alive(OK)) as server, lean_client() as client:
             with pytest.raises(httpx.LocalProtocolError):
                 await client.get(server.url, headers={"x-a": "1\r\nx-smuggled: 2"})
             assert server.connections == 0
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 def test_https_is_not_spoken() -> None:
     async def scenario() -> None:
-        async with _client() as client:
+        async with lean_client() as client:
             with pytest.raises(httpx.UnsupportedProtocol):
                 await client.get("https://127.0.0.1:1/")
 
-    _run(scenario())
+    run_bounded(scenario())
 
 
 # ---- configuration -------------------------------------------------------------------------------
 
 
-def test_transport_config_key() -> None:
-    backends = [{"url": "http://127.0.0.1:9", "models": ["m"]}]
-    assert parse_config({"backends": backends}).transport == "lean"
-    assert parse_config({"router": {"transport": "httpx"}, "backends": backends}).transport == "httpx"
-    with pytest.raises(ConfigError, match=r"router\.transport"):
-        parse_config({"router": {"transport": "h2"}, "backends": backends})
-
-
-def _config(transport: str) -> Any:
-    backends = [{"url": "http://127.0.0.1:9", "models": ["m"]}]
-    return parse_config({"router": {"transport": transport}, "backends": backends})
-
-
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_upstream_uses_the_configured_transport(transport: str) -> None:
-    async def scenario() -> None:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-        upstream = Upstream(_config(transport))
-        try:
-            async with RawServer(keep_alive(answer, answer)) as server:
-                chosen = upstream.client._transport_for_url(httpx.URL(server.url))
-                assert isinstance(chosen, LeanTransport) == (transport == "lean")
-                response = await upstream.send("GET", httpx.URL(server.url), [], b"")
-                assert json.loads(await response.aread()) == {}
-                # The client itself (discovery, health checks) shares the same transport.
-                assert json.loads((await upstream.client.get(server.url)).content) == {}
-                assert server.connections == 1
-        finally:
-            await upstream.aclose()
-
-    _run(scenario())
-
-
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_upstream_sends_the_forwarded_headers_host_and_length(transport: str) -> None:
-    """The lean path skips httpx's request building, so it adds Host and Content-Length itself:
-    the backend must see what httpx's own path sends (minus httpx's default headers)."""
-    requests: list[tuple[bytes, bytes]] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _index: int) -> None:
-        for _request in range(3):
-            requests.append(await _read_request(reader))
-            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-            await writer.drain()
-
-    def headers_of(head: bytes) -> dict[bytes, list[bytes]]:
-        found: dict[bytes, list[bytes]] = {}
-        for line in head.split(b"\r\n")[1:]:
-            if line:
-                name, _, value = line.partition(b":")
-                found.setdefault(name.lower(), []).append(value.strip())
-        return found
-
-    async def scenario() -> None:
-        upstream = Upstream(_config(transport))
-        try:
-            async with RawServer(handler) as server:
-                url = httpx.URL(server.url + "/v1/completions?x=1")
-                forwarded = request_headers(
-                    [(b"x-api-key", b"k"), (b"host", b"client"), (b"content-length", b"9")]
-                )
-                for method, body in (("POST", b'{"a": 1}'), ("POST", b""), ("GET", b"")):
-                    response = await upstream.send(method, url, forwarded, body)
-                    await response.aread()
-        finally:
-            await upstream.aclose()
-        port = server.url.rpartition(":")[2].encode()
-        for (head, body), (method, sent) in zip(
-            requests, [(b"POST", b'{"a": 1}'), (b"POST", b""), (b"GET", b"")], strict=True
-        ):
-            assert head.startswith(method + b" /v1/completions?x=1 HTTP/1.1\r\n")
-            headers = headers_of(head)
-            assert headers[b"x-api-key"] == [b"k"]
-            assert headers[b"host"] == [b"127.0.0.1:" + port]
-            assert headers.get(b"content-length") == (None if method == b"GET" else [str(len(sent)).encode()])
-            assert body == sent
-
-    _run(scenario())
-
-
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_shared_client_never_replays_a_backends_cookie(transport: str) -> None:
-    """One user's Set-Cookie must reach that user, and never ride on the next user's request."""
-    heads: list[bytes] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _index: int) -> None:
-        for _request in range(4):
-            head, _body = await _read_request(reader)
-            heads.append(head.lower())
-            writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: session=alice\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-
-    async def scenario() -> None:
-        upstream = Upstream(_config(transport))
-        try:
-            async with RawServer(handler) as server:
-                url = httpx.URL(server.url)
-                first = await upstream.send("GET", url, [], b"")
-                await first.aread()
-                assert first.headers["set-cookie"] == "session=alice"
-                await (await upstream.send("GET", url, [], b"")).aread()
-                # The client's own requests (discovery, health) keep no cookie either.
-                await upstream.client.get(server.url)
-                await upstream.client.get(server.url)
-                assert [b"cookie:" in head for head in heads] == [False] * 4
-        finally:
-            await upstream.aclose()
-
-    _run(scenario())
+def test_the_package_does_not_import_the_proxy() -> None:
+    script = "import sys, irmiddleware.http11; print(sorted(m for m in sys.modules if 'proxy' in m))"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

@@ -27,8 +27,8 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware.hooks import LoadSignals
-from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy.config import RouterConfig
 
 __all__ = ["SignalScraper"]
 

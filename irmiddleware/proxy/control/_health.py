@@ -33,10 +33,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import HealthProbe
-from irmiddleware.proxy._config import RouterConfig
 from irmiddleware.proxy._fleet import Backend, Fleet
-from irmiddleware.proxy._outlier import OutlierDetector
-from irmiddleware.proxy._signals import SignalScraper
+from irmiddleware.proxy._outcomes import AttemptOutcome
+from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.control._outlier import OutlierDetector
+from irmiddleware.proxy.control._signals import SignalScraper
 
 __all__ = ["FleetHealth", "FleetMonitor"]
 
@@ -132,7 +133,7 @@ class FleetHealth:
 
     # ---- passive: every attempt of live traffic -------------------------------------------------
 
-    def observe(self, backend: Backend, outcome: str, status: int | None) -> None:
+    def observe(self, backend: Backend, outcome: AttemptOutcome, status: int | None) -> None:
         """Called by the proxy once per attempt; ejects the backend when its streak says so."""
         overload = status is not None and status in backend.adapter.overload_statuses
         reason = self.outliers.observe(backend.id, outcome, status, overload, time.monotonic())
@@ -334,7 +335,7 @@ class FleetMonitor:
         if client is not None:
             await client.aclose()
 
-    def observe(self, backend: Backend, outcome: str, status: int | None) -> None:
+    def observe(self, backend: Backend, outcome: AttemptOutcome, status: int | None) -> None:
         self.health.observe(backend, outcome, status)
 
     def status_of(self, backend_id: int) -> dict[str, Any]:

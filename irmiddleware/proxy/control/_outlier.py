@@ -5,7 +5,7 @@ answers), eject a backend for a cool-down of `base_ejection_s * 2**n` (n = its e
 forgiven after a clean `max_ejection_s`), capped at `max_ejection_s`. An overload answer also
 earns a short fixed penalty, so a full backend is skipped at once without being called broken.
 
-This module only keeps the books, on a clock the caller passes in; `_health.FleetHealth` turns
+This module only keeps the books, on a clock the caller passes in; `FleetHealth` (`_health`) turns
 ejections into native states (with the panic threshold) and re-admits a backend once its cool-down
 is over and a health check passes.
 """
@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from irmiddleware.proxy._config import OutliersConfig
+from irmiddleware.proxy._outcomes import AttemptOutcome
+from irmiddleware.proxy.config import OutliersConfig
 
 __all__ = ["OutlierDetector"]
 
-# Attempt outcomes (see `_metrics.OUTCOMES`, plus "overloaded") -> the kind of failure they are.
+# Attempt outcomes -> the kind of failure they are.
 # Outcomes not listed ("client_disconnected", "cancelled", "internal") say nothing about the backend.
-_FAILURES: Final = {
+_FAILURES: Final[dict[AttemptOutcome, str]] = {
     "connect_error": "connect",
     "upstream_error": "upstream",
     "timeout": "timeout",
@@ -49,7 +50,7 @@ class OutlierDetector:
         self._records = {backend_id: _Record() for backend_id in backend_ids}
 
     def observe(
-        self, backend_id: int, outcome: str, status: int | None, overload: bool, now: float
+        self, backend_id: int, outcome: AttemptOutcome, status: int | None, overload: bool, now: float
     ) -> str | None:
         """Records one attempt's result; returns the ejection reason when it ejects the backend
         ("connect", "5xx", "upstream", "timeout", "overload"), else None. `overload` is True when
@@ -117,7 +118,7 @@ class OutlierDetector:
         return kind
 
 
-def _kind_of(outcome: str, status: int | None, overload: bool) -> str | None:
+def _kind_of(outcome: AttemptOutcome, status: int | None, overload: bool) -> str | None:
     if outcome == "backend_error" and overload:
         return "overload"  # relayed as is: no other backend could take it
     if outcome == "backend_error" and (status or 0) >= 500:

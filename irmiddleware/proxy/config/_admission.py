@@ -11,12 +11,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# A module import (not `from ... import`): `_config` imports this module while it is being
-# initialized, and only uses of its names at call time are safe in such a cycle.
 from irmiddleware._native import CLASSES_COUNT, DEFAULT_CLASS_SHARES
-from irmiddleware.proxy import _config
+from irmiddleware.proxy.config._toml import (
+    ConfigError,
+    bounded,
+    default_of,
+    field_names,
+    get,
+    no_unknown_keys,
+    read,
+    table,
+)
 
-__all__ = ["CLASSES_COUNT", "AdmissionConfig", "ClassConfig", "TenantConfig", "parse_admission"]
+__all__ = ["AdmissionConfig", "ClassConfig", "TenantConfig", "parse_admission"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +43,11 @@ class TenantConfig:
 
     default_class: int | None = None
     """Class of this tenant's requests that name none (between header/body and the route default)."""
-    max_concurrency: int = 0
+    max_concurrency: int = bounded(0, 0)
     """Requests of this tenant waiting or in flight at once; more get 429."""
-    rate_per_s: float = 0.0
+    rate_per_s: float = bounded(0.0, 0)
     """Sustained requests per second (token bucket); faster gets 429 with Retry-After."""
-    burst: int = 0
+    burst: int = bounded(0, 0)
     """Bucket size; 0 = max(1, ceil(rate_per_s))."""
 
     @property
@@ -68,11 +75,11 @@ class AdmissionConfig:
     `--scheduling-policy priority`, otherwise a non-zero value is a 400)."""
     class_shares: tuple[float, ...] = DEFAULT_CLASS_SHARES
     """Share of each backend's capacity that class k may fill (non-increasing, 0 < share <= 1)."""
-    max_queue: int = 0
+    max_queue: int = bounded(0, 0)
     """Requests waiting for capacity at most, all classes; 0 = never wait (503 at once)."""
-    max_wait_s: float = 10.0
+    max_wait_s: float = bounded(10.0, 0.001)
     """Longest wait for capacity before 503 (per class: `classes.N.max_wait_s`)."""
-    aging_s: float = 1.0
+    aging_s: float = bounded(1.0, 0)
     """A waiter is promoted one class per `aging_s` waited (0 = never): it is then ordered and
     admitted like that class, so lower classes cannot starve."""
     classes: tuple[ClassConfig, ...] = (ClassConfig(),) * CLASSES_COUNT
@@ -93,71 +100,70 @@ class AdmissionConfig:
         return self.max_queue if own is None else min(own, self.max_queue)
 
 
-def parse_admission(table: Mapping[str, Any]) -> AdmissionConfig:
+def parse_admission(values: Mapping[str, Any]) -> AdmissionConfig:
     """Validates the `[admission]` table (empty = defaults); ConfigError names the key."""
-    known = {f for f in AdmissionConfig.__dataclass_fields__}
-    _config._no_unknown_keys(table, known, "admission.")
-    defaults = AdmissionConfig()
+    prefix = "admission."
+    no_unknown_keys(values, field_names(AdmissionConfig), prefix)
 
-    def value(key: str, kind: type, low: float | None = None) -> Any:
-        return _config._get(table, key, kind, "admission.", getattr(defaults, key), low=low)
+    def value(key: str) -> Any:
+        return read(values, AdmissionConfig, key, prefix)
 
     return AdmissionConfig(
-        header=value("header", str).lower(),
-        body_priority=value("body_priority", bool),
-        default_class=_class(table, "default_class", "admission.", defaults.default_class),
-        forward_priority=value("forward_priority", bool),
-        class_shares=_shares(table.get("class_shares", list(defaults.class_shares))),
-        max_queue=value("max_queue", int, low=0),
-        max_wait_s=value("max_wait_s", float, low=0.001),
-        aging_s=value("aging_s", float, low=0),
-        classes=_classes(_config._table(table, "classes", "admission.")),
-        routes=_routes(_config._table(table, "routes", "admission.")),
-        tenant_header=value("tenant_header", str).lower(),
+        header=value("header").lower(),
+        body_priority=value("body_priority"),
+        default_class=_class(values, "default_class", prefix, default_of(AdmissionConfig, "default_class")),
+        forward_priority=value("forward_priority"),
+        class_shares=_shares(values.get("class_shares", list(DEFAULT_CLASS_SHARES))),
+        max_queue=value("max_queue"),
+        max_wait_s=value("max_wait_s"),
+        aging_s=value("aging_s"),
+        classes=_classes(table(values, "classes", prefix)),
+        routes=_routes(table(values, "routes", prefix)),
+        tenant_header=value("tenant_header").lower(),
         tenants={
             key: _tenant(entry, f'admission.tenants."{key}".')
-            for key, entry in _config._table(table, "tenants", "admission.").items()
+            for key, entry in table(values, "tenants", prefix).items()
         },
-        tenant_defaults=_tenant(table.get("tenant_defaults", {}), "admission.tenant_defaults."),
+        tenant_defaults=_tenant(values.get("tenant_defaults", {}), "admission.tenant_defaults."),
     )
 
 
-def _class(table: Mapping[str, Any], key: str, prefix: str, default: int | None) -> Any:
-    if key not in table:
+def _class(values: Mapping[str, Any], key: str, prefix: str, default: int | None) -> Any:
+    if key not in values:
         return default
-    priority = _config._get(table, key, int, prefix, default, low=0)
+    priority = get(values, key, int, prefix, default, low=0)
     if priority >= CLASSES_COUNT:
-        raise _config.ConfigError(f"`{prefix}{key}` must be a class 0..{CLASSES_COUNT - 1}, got {priority}")
+        raise ConfigError(f"`{prefix}{key}` must be a class 0..{CLASSES_COUNT - 1}, got {priority}")
     return priority
 
 
 def _shares(shares: object) -> tuple[float, ...]:
     where = "`admission.class_shares`"
     if not isinstance(shares, list) or len(shares) != CLASSES_COUNT:
-        raise _config.ConfigError(f"{where} must be an array of {CLASSES_COUNT} numbers, got {shares!r}")
+        raise ConfigError(f"{where} must be an array of {CLASSES_COUNT} numbers, got {shares!r}")
     for index, share in enumerate(shares):
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0.001 <= share <= 1:
-            raise _config.ConfigError(f"`admission.class_shares[{index}]` must be in 0.001..1, got {share!r}")
+            raise ConfigError(f"`admission.class_shares[{index}]` must be in 0.001..1, got {share!r}")
     # Non-increasing, so a request that fits never blocks a more urgent one that would not:
     # the queue's order and the core's shares then agree on who goes first.
     for index in range(1, CLASSES_COUNT):
         if shares[index] > shares[index - 1]:
-            raise _config.ConfigError(
+            raise ConfigError(
                 f"`admission.class_shares[{index}]` ({shares[index]}) exceeds the share of the more "
                 f"urgent class {index - 1} ({shares[index - 1]}); shares must not increase"
             )
     return tuple(float(share) for share in shares)
 
 
-def _classes(table: Mapping[str, Any]) -> tuple[ClassConfig, ...]:
+def _classes(values: Mapping[str, Any]) -> tuple[ClassConfig, ...]:
     classes = [ClassConfig()] * CLASSES_COUNT
-    for key, entry in table.items():
+    for key, entry in values.items():
         if not key.isdigit() or int(key) >= CLASSES_COUNT:
-            raise _config.ConfigError(f"`admission.classes.{key}`: classes are 0..{CLASSES_COUNT - 1}")
+            raise ConfigError(f"`admission.classes.{key}`: classes are 0..{CLASSES_COUNT - 1}")
         prefix = f"admission.classes.{key}."
         if not isinstance(entry, dict):
-            raise _config.ConfigError(f"`{prefix[:-1]}` must be a table")
-        _config._no_unknown_keys(entry, {"max_queue", "max_wait_s"}, prefix)
+            raise ConfigError(f"`{prefix[:-1]}` must be a table")
+        no_unknown_keys(entry, field_names(ClassConfig), prefix)
         classes[int(key)] = ClassConfig(
             max_queue=_optional(entry, "max_queue", int, prefix, 0),
             max_wait_s=_optional(entry, "max_wait_s", float, prefix, 0.001),
@@ -165,27 +171,26 @@ def _classes(table: Mapping[str, Any]) -> tuple[ClassConfig, ...]:
     return tuple(classes)
 
 
-def _optional(table: Mapping[str, Any], key: str, kind: type, prefix: str, low: float) -> Any:
-    return _config._get(table, key, kind, prefix, None, low=low) if key in table else None
+def _optional(values: Mapping[str, Any], key: str, kind: type, prefix: str, low: float) -> Any:
+    return get(values, key, kind, prefix, None, low=low) if key in values else None
 
 
-def _routes(table: Mapping[str, Any]) -> dict[str, int]:
+def _routes(values: Mapping[str, Any]) -> dict[str, int]:
     routes: dict[str, int] = {}
-    for path in table:
+    for path in values:
         if not path.startswith("/"):
-            raise _config.ConfigError(f'`admission.routes."{path}"`: a route is a path starting with "/"')
-        routes[path] = _class(table, path, "admission.routes.", None)
+            raise ConfigError(f'`admission.routes."{path}"`: a route is a path starting with "/"')
+        routes[path] = _class(values, path, "admission.routes.", None)
     return routes
 
 
 def _tenant(entry: object, prefix: str) -> TenantConfig:
     if not isinstance(entry, dict):
-        raise _config.ConfigError(f"`{prefix[:-1]}` must be a table")
-    _config._no_unknown_keys(entry, {f for f in TenantConfig.__dataclass_fields__}, prefix)
-    defaults = TenantConfig()
+        raise ConfigError(f"`{prefix[:-1]}` must be a table")
+    no_unknown_keys(entry, field_names(TenantConfig), prefix)
     return TenantConfig(
         default_class=_class(entry, "default_class", prefix, None),
-        max_concurrency=_config._get(entry, "max_concurrency", int, prefix, defaults.max_concurrency, low=0),
-        rate_per_s=_config._get(entry, "rate_per_s", float, prefix, defaults.rate_per_s, low=0),
-        burst=_config._get(entry, "burst", int, prefix, defaults.burst, low=0),
+        max_concurrency=read(entry, TenantConfig, "max_concurrency", prefix),
+        rate_per_s=read(entry, TenantConfig, "rate_per_s", prefix),
+        burst=read(entry, TenantConfig, "burst", prefix),
     )

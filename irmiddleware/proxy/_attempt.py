@@ -1,0 +1,269 @@
+"""One try of a request on one backend: take the lease, send, relay the answer, release, once.
+
+`Attempt` is given everything it touches in an `AttemptContext` (the upstream client, the fleet,
+the health observer, admission's release callback, the metrics, the observers, the retry
+configuration), so it can be built and tested without a middleware. Entering an attempt owns its
+lease; leaving it releases the lease exactly once, whatever happened inside (normal end, upstream
+error, timeout, client disconnect, cancellation, a bug): `Attempt.__aexit__` is the one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal, Protocol
+
+import httpx
+import pluggy
+
+from irmiddleware import _plugins
+from irmiddleware._router import Lease
+from irmiddleware.hooks import RequestEvent
+from irmiddleware.proxy._exchange import ClientExchange, send_error
+from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
+from irmiddleware.proxy._upstream import (
+    CONNECT_ERRORS,
+    Upstream,
+    parsed_url,
+    request_headers,
+    response_headers,
+)
+from irmiddleware.proxy.config import RetriesConfig
+
+__all__ = ["Attempt", "AttemptContext", "Notify", "RequestObservers", "Step", "outcome_of"]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+Step = Literal["routed", "first_byte", "completed", "failed"]
+"""An attempt's steps that observers hear about (`irm_request_<step>`)."""
+
+_OK_OUTCOMES: Final[frozenset[AttemptOutcome]] = frozenset({"ok", "client_disconnected"})
+_PEEK_MAX: Final = 64 * 1024  # bytes held at most while looking for a stream's first event
+# Failures before any response byte: the request never started on the backend's side as far as the
+# client can tell, so it may go to another backend. A read error here is a backend that died (or
+# reset the connection) after taking the request; a read *timeout* is not retried (a slow backend
+# would then be loaded twice).
+_RETRIABLE: Final = (*CONNECT_ERRORS, httpx.ReadError, httpx.WriteError)
+
+
+class Notify(Protocol):
+    """The type of `AttemptContext.notify`: `notify(step, attempt, status, error)`."""
+
+    def __call__(
+        self, step: Step, attempt: Attempt, status: int | None = None, error: str | None = None
+    ) -> None: ...
+
+
+class RequestObservers:
+    """Tells the plugins' `irm_request_*` observers about an attempt's steps. The hook
+    implementations are resolved once: a request nobody observes builds no event."""
+
+    def __init__(self, manager: pluggy.PluginManager, strategy_name: str) -> None:
+        self._strategy_name = strategy_name
+        self._observers = {
+            step: _plugins.observers(manager, f"irm_request_{step}")
+            for step in ("routed", "first_byte", "completed", "failed")
+        }
+
+    def __call__(
+        self, step: Step, attempt: Attempt, status: int | None = None, error: str | None = None
+    ) -> None:
+        observers = self._observers[step]
+        if observers:
+            exchange = attempt.exchange
+            event = RequestEvent(
+                request_id=exchange.id,
+                path=exchange.route.path,
+                model=exchange.route.model,
+                backend_id=attempt.backend.id,
+                backend_url=attempt.backend.url,
+                strategy=self._strategy_name,
+                attempt=attempt.number,
+                status=status,
+                elapsed_s=time.perf_counter() - exchange.started_s,
+                error=error,
+            )
+            _plugins.notify(observers, event)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """What an attempt uses besides its request and lease; built once per router."""
+
+    upstream: Upstream
+    fleet: Fleet
+    """Backends by id, and whether another could take a request (`has_other`)."""
+    observe: Callable[[Backend, AttemptOutcome, int | None], None]
+    """The health monitor's passive observation of every attempt (outlier detection)."""
+    released: Callable[[int], None]
+    """Admission's release callback: the freed capacity of a backend goes to a waiter."""
+    metrics: RouterMetrics
+    notify: Notify
+    retries: RetriesConfig
+
+
+class Attempt:
+    """One try on one backend. Entering it owns `lease`; leaving it releases the lease, exactly
+    once, whatever happened inside. `run` returns True when the request may be retried elsewhere."""
+
+    __slots__ = ("backend", "context", "exchange", "lease", "number", "outcome", "sent_s", "status", "tried")
+
+    def __init__(
+        self, context: AttemptContext, exchange: ClientExchange, lease: Lease, number: int, tried: list[int]
+    ) -> None:
+        self.context, self.exchange, self.lease, self.number = context, exchange, lease, number
+        self.tried = tried
+        self.backend: Backend = context.fleet.backends[lease.accelerator_id]
+        self.outcome: AttemptOutcome = "internal"
+        self.status: int | None = None
+        self.sent_s = 0.0
+
+    async def __aenter__(self) -> Attempt:
+        self.exchange.backend_url = self.backend.url
+        self.context.notify("routed", self)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        context = self.context
+        if exc_type is not None and self.outcome in ("internal", "ok", "backend_error"):
+            self.outcome = "client_disconnected" if self.exchange.disconnected else outcome_of(exc)
+        ok = self.outcome in _OK_OUTCOMES or (self.outcome == "backend_error" and (self.status or 500) < 500)
+        self.lease.release(ok=ok)
+        context.observe(self.backend, self.outcome, self.status)
+        # After `observe`, so a backend it just ejected is not handed to a waiter.
+        context.released(self.backend.id)
+        # An overload answer retried elsewhere is not how the request ends: the next attempt, or
+        # the 503 when none could take it, overwrites this.
+        self.exchange.outcome = "no_capacity" if self.outcome == "overloaded" else self.outcome
+        if self.sent_s:
+            context.metrics.of(self.backend.url).latency.observe(time.perf_counter() - self.sent_s)
+        if self.outcome in ("ok", "backend_error"):
+            context.notify("completed", self, self.status)
+        else:
+            context.notify("failed", self, self.status, self.outcome)
+
+    async def run(self) -> bool:
+        exchange, adapter = self.exchange, self.backend.adapter
+        scope = exchange.scope
+        url = self.backend.url + scope["path"]
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = request_headers(scope["headers"])
+        self.sent_s = time.perf_counter()
+        try:
+            response = await self.context.upstream.send(
+                scope["method"], parsed_url(url), headers, exchange.body
+            )
+        except httpx.HTTPError as error:
+            return await self._failed_before_answer(error, "connect_error", "unreachable")
+        try:
+            if response.status_code in adapter.overload_statuses and self._retry_overloaded(
+                response.status_code
+            ):
+                return True
+            chunks = response.aiter_raw()
+            held = b""
+            if adapter.overload_in_stream and _is_event_stream(response):
+                try:
+                    held = await _first_event(chunks)
+                except httpx.HTTPError as error:
+                    return await self._failed_before_answer(
+                        error, "upstream_error", "broke off before its first event"
+                    )
+                # The status TGI gives the same overload outside a stream (doc/protocols.md §3.4).
+                if adapter.stream_overloaded(held) and self._retry_overloaded(429):
+                    return True
+            await self._relay(response, chunks, held)
+        finally:
+            await response.aclose()
+        return False
+
+    async def _failed_before_answer(
+        self, error: httpx.HTTPError, retriable_outcome: Outcome, what: str
+    ) -> bool:
+        # Nothing reached the client yet. A failure the backend may not have acted on is retried
+        # elsewhere (True); any other is answered 502/504 here (False).
+        if isinstance(error, _RETRIABLE):
+            self.outcome = retriable_outcome
+            log.warning("backend %s %s (attempt %d): %r", self.backend.url, what, self.number, error)
+            return True
+        self.outcome = outcome_of(error)
+        await send_error(self.exchange, *_upstream_failure(self.outcome))
+        return False
+
+    def _retry_overloaded(self, status: int) -> bool:
+        # An overload answer is retried on another backend while retries remain and one could take
+        # it; otherwise the backend's own answer is relayed, as the honest reply.
+        if self.number > self.context.retries.connect_attempts:
+            return False
+        if not self.context.fleet.has_other(self.exchange.route, [*self.tried, self.backend.id]):
+            return False
+        self.outcome, self.status = "overloaded", status
+        log.info("backend %s overloaded (%d); trying another", self.backend.url, status)
+        return True
+
+    async def _relay(self, response: httpx.Response, chunks: AsyncIterator[bytes], held: bytes) -> None:
+        exchange = self.exchange
+        self.status = response.status_code
+        self.context.metrics.of(self.backend.url).ttfb.observe(time.perf_counter() - self.sent_s)
+        self.context.notify("first_byte", self, self.status)
+        send = exchange.send
+        exchange.started = True
+        headers = response_headers(response.headers.raw)
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        try:
+            if held:
+                await send({"type": "http.response.body", "body": held, "more_body": True})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as error:
+            # Headers are out: the only honest signal left is a broken connection, so end without
+            # completing the response (the server then closes it) instead of faking a clean end.
+            self.outcome = outcome_of(error)
+            log.warning("backend %s broke off a response: %r", self.backend.url, error)
+            return
+        exchange.done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.outcome = "ok" if self.status < 400 else "backend_error"
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.status_code == 200 and response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    )
+
+
+async def _first_event(chunks: AsyncIterator[bytes]) -> bytes:
+    """The stream's bytes up to the end of its first event (or all of it, if shorter, or the first
+    `_PEEK_MAX` bytes). `chunks` stays open: relaying continues from where this stopped."""
+    held = b""
+    async for chunk in chunks:
+        held += chunk
+        if b"\n\n" in held or b"\r\n\r\n" in held or len(held) > _PEEK_MAX:
+            break
+    return held
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """The outcome of an attempt ended by `error`."""
+    if isinstance(error, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(error, httpx.HTTPError):
+        return "upstream_error"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    return "internal"
+
+
+def _upstream_failure(outcome: Outcome) -> tuple[int, str]:
+    if outcome == "timeout":
+        return 504, "The backend did not answer in time."
+    return 502, "The backend failed to answer."

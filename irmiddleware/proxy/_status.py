@@ -1,0 +1,91 @@
+"""What the router answers from its own view of the fleet: the JSON status document, the Prometheus
+metrics, and the adapters' "models" and "health" endpoints (`Endpoint.kind`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from irmiddleware.hooks import BackendAdapter, Endpoint
+from irmiddleware.proxy._admission import Admission
+from irmiddleware.proxy._exchange import JSON_HEADERS, Send, respond
+from irmiddleware.proxy._fleet import Fleet
+from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.control import FleetMonitor
+
+__all__ = ["StatusResponder"]
+
+_METRICS_HEADERS = ((b"content-type", CONTENT_TYPE_LATEST.encode()),)
+
+
+class StatusResponder:
+    """Answers `GET metrics_path`, `GET status_path` and the adapters' own endpoints."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        fleet: Fleet,
+        monitor: FleetMonitor,
+        admission: Admission,
+        metrics: RouterMetrics,
+    ) -> None:
+        self._paths = {config.metrics_path: self._metrics, config.status_path: self._status}
+        self.fleet, self.monitor, self.admission, self.metrics = fleet, monitor, admission, metrics
+        self._created = int(time.time())
+
+    async def answer(self, path: str, method: str, send: Send) -> bool:
+        """Answers a status or metrics request; False when `path` is neither (or not a GET)."""
+        responder = self._paths.get(path)
+        if responder is None or method != "GET":
+            return False
+        await responder(send)
+        return True
+
+    async def answer_endpoint(self, endpoint: Endpoint, adapter: BackendAdapter, send: Send) -> None:
+        """The router's own answer to an adapter's "models" or "health" endpoint."""
+        if endpoint.kind == "models":
+            await respond(send, 200, adapter.models_body(self.fleet.models, self._created))
+            return
+        ready = any(stats.state == "active" for stats in self.fleet.router.stats())
+        status, body = adapter.health_answer(ready)
+        await respond(send, status, body, JSON_HEADERS if body else ())
+
+    async def _metrics(self, send: Send) -> None:
+        await respond(send, 200, generate_latest(self.metrics.registry), _METRICS_HEADERS)
+
+    async def _status(self, send: Send) -> None:
+        await respond(send, 200, json.dumps(self.status()).encode())
+
+    def status(self) -> dict[str, Any]:
+        """The JSON status document: strategy, models and every backend's state and load."""
+        backends = []
+        for url, stats in self.fleet.backend_stats():
+            backend = self.fleet.backends[stats.id]
+            backends.append(
+                {
+                    "id": stats.id,
+                    "url": url,
+                    "type": backend.type,
+                    "models": list(backend.models),
+                    "state": stats.state,
+                    "capacity": stats.capacity,
+                    "weight": stats.weight,
+                    "load": stats.load,
+                    "requests_in_flight": stats.requests_in_flight,
+                    "routed": stats.routed,
+                    "completed": stats.completed,
+                    "failed": stats.failed,
+                    "latency_ewma_s": stats.latency_ewma_s,
+                    **self.monitor.status_of(stats.id),
+                }
+            )
+        return {
+            "strategy": self.fleet.strategy_name,
+            "models": self.fleet.models,
+            "backends": backends,
+            "admission": self.admission.status(),
+        }

@@ -1,0 +1,47 @@
+"""The router's configuration: TOML (DESIGN.md's shape) read with `tomllib` into frozen dataclasses.
+
+Layers, bottom up: `_toml` (the error type and the validating readers; a bounded field declares its
+limits with `bounded`, and `section` reads any table of such fields), one module per area
+(`_sections`: the `[router.*]` tables; `_admission`: `[admission]`), and `_document` (the whole
+file). A new `[router.x]` section is a dataclass in `_sections` and one `section(...)` line in
+`_document.parse_config`. Every value is checked once, at startup, and an error names its key.
+"""
+
+from irmiddleware.proxy.config._admission import AdmissionConfig, ClassConfig, TenantConfig, parse_admission
+from irmiddleware.proxy.config._document import (
+    BackendConfig,
+    RouterConfig,
+    check_listen,
+    load_config,
+    parse_config,
+)
+from irmiddleware.proxy.config._sections import (
+    AffinityConfig,
+    HealthConfig,
+    LimitsConfig,
+    OutliersConfig,
+    RetriesConfig,
+    SignalsConfig,
+    TimeoutsConfig,
+)
+from irmiddleware.proxy.config._toml import ConfigError
+
+__all__ = [
+    "AdmissionConfig",
+    "AffinityConfig",
+    "BackendConfig",
+    "ClassConfig",
+    "ConfigError",
+    "HealthConfig",
+    "LimitsConfig",
+    "OutliersConfig",
+    "RetriesConfig",
+    "RouterConfig",
+    "SignalsConfig",
+    "TenantConfig",
+    "TimeoutsConfig",
+    "check_listen",
+    "load_config",
+    "parse_admission",
+    "parse_config",
+]

@@ -1,0 +1,194 @@
+"""The whole configuration document: `[router]` with its sections, `[[backends]]` and `[admission]`,
+read from TOML with `tomllib` into frozen dataclasses (DESIGN.md's shape)."""
+
+from __future__ import annotations
+
+import tomllib
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
+from irmiddleware.proxy.config._sections import (
+    AffinityConfig,
+    HealthConfig,
+    LimitsConfig,
+    OutliersConfig,
+    RetriesConfig,
+    SignalsConfig,
+    TimeoutsConfig,
+)
+from irmiddleware.proxy.config._toml import (
+    ConfigError,
+    bounded,
+    field_names,
+    get,
+    no_unknown_keys,
+    read,
+    section,
+    table,
+)
+
+__all__ = ["BackendConfig", "RouterConfig", "check_listen", "load_config", "parse_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One `[[backends]]` entry."""
+
+    url: str
+    type: str = "vllm"
+    capacity: int = bounded(64, 1)
+    models: tuple[str, ...] = ()
+    """Empty = discover from the backend (the adapter's models path) at startup."""
+    weight: float = bounded(1.0, 0.001)
+    metrics_url: str | None = None
+    """Where to scrape load signals; default: the adapter's (Triton: port 8002 of the host)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """The whole configuration: `[router]` plus its tables, and `[[backends]]`."""
+
+    backends: tuple[BackendConfig, ...]
+    strategy: str = "p2c"
+    listen: str = "127.0.0.1:8000"
+    retry_after_s: int = bounded(1, 0)
+    """`Retry-After` on 503 answers when nothing fits."""
+    metrics_path: str = "/metrics"
+    status_path: str = "/irm/status"
+    transport: str = "lean"
+    """Upstream HTTP/1.1 transport under the httpx client: `lean` (`irmiddleware.http11`, for
+    `http://` backends) or `httpx` (httpcore for everything)."""
+    shutdown_grace_s: int | None = None
+    """`irmiddleware serve` on SIGTERM/SIGINT: stop accepting, then let requests in flight finish
+    for at most this many seconds before cutting them (their load is released, outcome `cancelled`).
+    None (the default) waits for every one, so nothing in flight is lost."""
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    outliers: OutliersConfig = field(default_factory=OutliersConfig)
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Reads and validates a TOML file; ConfigError names the file and the key."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def parse_config(data: Mapping[str, Any]) -> RouterConfig:
+    """Validates an already-parsed document (a dict shaped like the TOML file)."""
+    no_unknown_keys(data, {"router", "backends", "admission"}, "")
+    router = table(data, "router", "")
+    no_unknown_keys(router, field_names(RouterConfig) - {"backends"}, "router.")
+    backends = data.get("backends")
+    if not isinstance(backends, list) or not backends:
+        raise ConfigError("`backends` must be a non-empty array of tables ([[backends]])")
+
+    def value(key: str) -> Any:
+        return read(router, RouterConfig, key, "router.")
+
+    config = RouterConfig(
+        backends=tuple(_backend(entry, f"backends[{index}]") for index, entry in enumerate(backends)),
+        strategy=value("strategy"),
+        listen=check_listen(value("listen")),
+        retry_after_s=value("retry_after_s"),
+        metrics_path=_path(value("metrics_path"), "metrics_path"),
+        status_path=_path(value("status_path"), "status_path"),
+        transport=_one_of(value("transport"), "transport", ("lean", "httpx")),
+        shutdown_grace_s=_optional_seconds(router, "shutdown_grace_s"),
+        timeouts=section(router, "timeouts", TimeoutsConfig, "router."),
+        limits=section(router, "limits", LimitsConfig, "router."),
+        retries=section(router, "retries", RetriesConfig, "router."),
+        health=section(router, "health", HealthConfig, "router."),
+        outliers=section(router, "outliers", OutliersConfig, "router."),
+        signals=section(router, "signals", SignalsConfig, "router."),
+        affinity=section(router, "affinity", AffinityConfig, "router."),
+        admission=parse_admission(table(data, "admission", "")),
+    )
+    _no_duplicate_urls(config.backends)
+    return config
+
+
+def _backend(entry: object, where: str) -> BackendConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"`{where}` must be a table")
+    prefix = f"{where}."
+    no_unknown_keys(entry, field_names(BackendConfig), prefix)
+    if "url" not in entry:
+        raise ConfigError(f"`{where}.url` is required")
+    models = entry.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"`{where}.models` must be an array of non-empty strings")
+    return BackendConfig(
+        url=_url(entry["url"], f"{where}.url"),
+        type=read(entry, BackendConfig, "type", prefix),
+        capacity=read(entry, BackendConfig, "capacity", prefix),
+        models=tuple(dict.fromkeys(models)),
+        weight=read(entry, BackendConfig, "weight", prefix),
+        metrics_url=_url(entry["metrics_url"], f"{where}.metrics_url") if "metrics_url" in entry else None,
+    )
+
+
+def _optional_seconds(router: Mapping[str, Any], key: str) -> int | None:
+    # Whole seconds: uvicorn's graceful-shutdown timeout is an int.
+    if key not in router:
+        return None
+    seconds: int = get(router, key, int, "router.", None, low=0)
+    return seconds
+
+
+def _url(value: object, where: str) -> str:
+    parsed = urllib.parse.urlsplit(value) if isinstance(value, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"`{where}` must be an http(s) URL like http://127.0.0.1:9001, got {value!r}")
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"`{where}` must not have a query or fragment, got {value!r}")
+    return str(value).rstrip("/")
+
+
+def check_listen(value: str) -> str:
+    """`value` if it is HOST:PORT; ConfigError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"`router.listen` must be HOST:PORT, got {value!r}")
+    return value
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"`router.{key}` must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _path(value: str, key: str) -> str:
+    if not value.startswith("/"):
+        raise ConfigError(f"`router.{key}` must start with '/', got {value!r}")
+    return value
+
+
+def _no_duplicate_urls(backends: Sequence[BackendConfig]) -> None:
+    seen: set[str] = set()
+    for index, backend in enumerate(backends):
+        if backend.url in seen:
+            raise ConfigError(f"`backends[{index}].url` {backend.url!r} is listed twice")
+        seen.add(backend.url)

@@ -1,0 +1,104 @@
+"""The `[router.*]` sections: one frozen dataclass each, every field with its default and, where a
+value has limits, its bounds (`bounded`). `_toml.section` reads each of them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from irmiddleware.proxy.config._toml import bounded
+
+__all__ = [
+    "AffinityConfig",
+    "HealthConfig",
+    "LimitsConfig",
+    "OutliersConfig",
+    "RetriesConfig",
+    "SignalsConfig",
+    "TimeoutsConfig",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """`[router.timeouts]`, seconds. `read_s` bounds the wait for each chunk (a token stream's gap
+    between tokens, or a non-streaming answer's whole generation), so it is long by default."""
+
+    connect_s: float = bounded(5.0, 0.001)
+    read_s: float = bounded(600.0, 0.001)
+    write_s: float = bounded(60.0, 0.001)
+    pool_s: float = bounded(10.0, 0.001)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`[router.limits]`: request body size and upstream connection pool bounds."""
+
+    max_body_bytes: int = bounded(16 * 1024 * 1024, 1)
+    max_connections: int = bounded(1024, 1)
+    max_keepalive_connections: int = bounded(256, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RetriesConfig:
+    """`[router.retries]`: extra attempts on another backend after a connection failure (before
+    any byte reached the client; never after)."""
+
+    connect_attempts: int = bounded(2, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """`[router.health]`: active checks (each adapter's health endpoint, or a plugin's probe)."""
+
+    enabled: bool = True
+    interval_s: float = bounded(5.0, 0.01)
+    timeout_s: float = bounded(2.0, 0.001)
+    healthy_threshold: int = bounded(2, 1)
+    """Consecutive passing checks that bring a backend marked unhealthy back."""
+    unhealthy_threshold: int = bounded(3, 1)
+    """Consecutive failing checks (refused, timeout, bad status) that take a backend out."""
+    require_ready: bool = False
+    """True: a backend gets no traffic before its first passing check (slow starters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutliersConfig:
+    """`[router.outliers]`: passive ejection from live traffic."""
+
+    enabled: bool = True
+    consecutive_connect_failures: int = bounded(2, 1)
+    consecutive_errors: int = bounded(5, 1)
+    """Consecutive 5xx, broken answers, timeouts or overload answers."""
+    base_ejection_s: float = bounded(5.0, 0.001)
+    """First cool-down; each repeat offence doubles it, up to `max_ejection_s`."""
+    max_ejection_s: float = bounded(300.0, 0.001)
+    overload_penalty_s: float = bounded(0.5, 0.0)
+    """A backend answering an overload status is skipped this long (0 = never)."""
+    min_eligible_share: float = bounded(0.5, 0.0, 1.0)
+    """Ejections never leave fewer than this share of a pool's backends eligible (panic
+    threshold: beyond it the pool's healthy backends are all routed to, ejected or not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalsConfig:
+    """`[router.signals]`: scraping the load backends report (their Prometheus endpoints)."""
+
+    enabled: bool = True
+    interval_s: float = bounded(1.0, 0.01)
+    timeout_s: float = bounded(1.0, 0.001)
+    max_age_s: float = bounded(5.0, 0.01)
+    """Signals not refreshed by a successful scrape within this age are ignored by the core."""
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityConfig:
+    """`[router.affinity]`: what the cache-aware strategies (consistent_hash, prefix_affinity)
+    read from a request."""
+
+    session_header: str = "x-session-id"
+    """The header carrying a session key (consistent_hash); else the body's OpenAI `user` field."""
+    prefix_block_chars: int = bounded(64, 1)
+    """Characters per prompt block hashed for prefix_affinity (64 ≈ vLLM's 16-token blocks)."""
+    balance_epsilon: float = bounded(0.25, 0.0, 10.0)
+    """Bounded load: a backend may exceed its share of the fleet's load by this fraction before
+    affinity yields to load."""
