@@ -250,6 +250,13 @@ def _check(status: int, context: str) -> None:
         _raise(status, context)
 
 
+def _not_ints(context: str, **values: object) -> _errors.InvalidArgumentError:
+    """The error for hot-path arguments ctypes cannot pass as C ints (floats, strings, ...): the
+    fast calls skip ctypes' converters, so this is where a wrong type surfaces."""
+    wrong = ", ".join(f"{name}={value!r}" for name, value in values.items() if type(value) is not int)
+    return _errors.InvalidArgumentError("invalid_argument", f"{context}: expected ints, got {wrong}")
+
+
 def check_cost(cost: int) -> int:
     if type(cost) is not int or not 1 <= cost <= COST_MAX:
         raise _errors.InvalidArgumentError(
@@ -430,7 +437,10 @@ class NativeTable:
         """Reserves `cost`; returns the slot, or SLOT_NONE when nothing fits. Arguments must be
         in range (callers check them once, e.g. in `Request`), see the module docstring."""
         local = self._local
-        status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
+        try:
+            status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
+        except ctypes.ArgumentError:
+            raise _not_ints("acquire", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire")
         return local.out.value
@@ -438,9 +448,12 @@ class NativeTable:
     def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
         """Like `acquire`, choosing only among the pool's slots."""
         out, out_ref = self._out()
-        status = _fast_acquire_among(
-            self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
-        )
+        try:
+            status = _fast_acquire_among(
+                self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
+            )
+        except ctypes.ArgumentError:
+            raise _not_ints("acquire among pool", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire among pool")
         return out.value  # type: ignore[no-any-return]
@@ -486,7 +499,10 @@ class NativeTable:
         """Returns a reservation. `latency_us` above 2**31 - 1 is clamped."""
         if latency_us > LATENCY_US_MAX:
             latency_us = LATENCY_US_MAX
-        status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
+        try:
+            status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
+        except ctypes.ArgumentError:
+            raise _not_ints(f"release slot {slot!r}", slot=slot, cost=cost, latency_us=latency_us) from None
         if status:
             _raise(status, f"release slot {slot}")
 

@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from irmiddleware import _errors, _native
 from irmiddleware._native import CLASSES_COUNT, COST_MAX, SLOT_NONE, SlotRecord, State
@@ -474,11 +474,15 @@ class Router:
         For code that routes millions of requests in one process (the simulator, benchmarks): a
         `Lease` costs about as much as the decision itself. The caller pairs each acquire with
         one release of the same slot and cost."""
-        # Inline range checks: this is the per-request path (a helper call costs ~100 ns).
-        if type(cost) is not int or not 0 < cost <= COST_MAX:
-            _native.check_cost(cost)
-        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
-            _native.check_priority(priority)
+        # One chained range check, no type checks: on this path they would cost as much as the
+        # foreign call. A non-number fails the comparison; a float fails in the binding (ctypes
+        # cannot pass it as a C int); both end in a clear InvalidArgumentError.
+        try:
+            valid = 0 < cost <= COST_MAX and 0 <= priority < CLASSES_COUNT
+        except TypeError:
+            valid = False
+        if not valid:
+            _refuse_request(cost, priority)
         if pool is None:
             slot = self._table.acquire(self._strategy, cost, priority)
         else:
@@ -499,10 +503,8 @@ class Router:
         returns (slot or None, affinity, matched blocks). `affinity` says how the decision went
         ("hit", "miss", "overload", or None for a strategy without affinity), also when nothing
         fit; `matched` counts the prompt blocks the chosen accelerator had seen."""
-        if type(cost) is not int or not 0 < cost <= COST_MAX:
-            _native.check_cost(cost)
-        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
-            _native.check_priority(priority)
+        _native.check_cost(cost)
+        _native.check_priority(priority)
         strategy, native_pool = self._strategy, None
         if pool is not None:
             strategy, native_pool = self._pool(pool)
@@ -520,14 +522,13 @@ class Router:
         The core keeps one count per slot, not per reservation: it refuses a release of more
         than the slot holds (ReleaseMismatchError, counters unchanged), e.g. a second release
         on an otherwise idle slot, but cannot tell two reservations of one slot apart."""
-        if type(slot) is not int or slot < 0:
-            raise _errors.UnknownBackendError("unknown_backend", f"slot must be an int >= 0, got {slot!r}")
-        if type(cost) is not int or not 0 < cost <= COST_MAX:
-            _native.check_cost(cost)
-        if type(latency_us) is not int or latency_us < 0:
-            raise _errors.InvalidArgumentError(
-                "invalid_argument", f"latency_us must be an int >= 0, got {latency_us!r}"
-            )
+        # Range checks only, as in `acquire_slot`: ctypes would pass 2**32 + 1 as 1.
+        try:
+            valid = 0 <= slot < SLOT_NONE and 0 < cost <= COST_MAX and latency_us >= 0
+        except TypeError:
+            valid = False
+        if not valid:
+            _refuse_release(slot, cost, latency_us)
         self._table.release(slot, cost, latency_us, ok)
 
     def slot_of(self, accelerator_id: int) -> int:
@@ -595,6 +596,23 @@ class Router:
         if info.id != accelerator_id or info.state == State.RETIRED:
             raise _errors.UnknownBackendError("unknown_backend", f"no accelerator with id {accelerator_id!r}")
         return info
+
+
+def _refuse_request(cost: int, priority: int) -> NoReturn:
+    """Raises the clear error for arguments that failed `acquire_slot`'s range check."""
+    _native.check_cost(cost)
+    _native.check_priority(priority)
+    raise AssertionError("unreachable: one of the checks raises")
+
+
+def _refuse_release(slot: int, cost: int, latency_us: int) -> NoReturn:
+    """Raises the clear error for arguments that failed `release_slot`'s range check."""
+    if type(slot) is not int or not 0 <= slot < SLOT_NONE:
+        raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
+    _native.check_cost(cost)
+    raise _errors.InvalidArgumentError(
+        "invalid_argument", f"latency_us must be an int >= 0, got {latency_us!r}"
+    )
 
 
 def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:

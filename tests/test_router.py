@@ -333,12 +333,17 @@ def test_slot_of_another_process_is_named(shared_name: str) -> None:
     [
         (lambda r: r.acquire_slot(0), InvalidArgumentError, "cost"),
         (lambda r: r.acquire_slot(1.5), InvalidArgumentError, "cost"),
+        (lambda r: r.acquire_slot(2**32 + 1), InvalidArgumentError, "cost"),  # not masked to 1
+        (lambda r: r.acquire_slot("1"), InvalidArgumentError, "cost"),
         (lambda r: r.acquire_slot(1, 8), InvalidArgumentError, "priority"),
+        (lambda r: r.acquire_slot(1, 0.0), InvalidArgumentError, "priority"),
         (lambda r: r.acquire_slot_affine(-1, affinity_key=1), InvalidArgumentError, "cost"),
         (lambda r: r.acquire_slot_affine(1, -1, affinity_key=1), InvalidArgumentError, "priority"),
         (lambda r: r.release_slot(9, 1), UnknownBackendError, "slot 9"),
         (lambda r: r.release_slot(-1, 1), UnknownBackendError, "slot"),
         (lambda r: r.release_slot("0", 1), UnknownBackendError, "slot"),
+        (lambda r: r.release_slot(2**32, 1), UnknownBackendError, "slot"),  # not masked to 0
+        (lambda r: r.release_slot(0.0, 1), InvalidArgumentError, "slot"),
         (lambda r: r.release_slot(0, 0), InvalidArgumentError, "cost"),
         (lambda r: r.release_slot(0, 1, -5), InvalidArgumentError, "latency_us"),
         (lambda r: r.release_slot(0, 1, 0.5), InvalidArgumentError, "latency_us"),
