@@ -5,7 +5,11 @@ pools, priority shares, the slot-level fast path), with clear errors for bad inp
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -371,3 +375,14 @@ def test_a_slot_released_twice_is_refused() -> None:
         router.release_slot(slot, 2)
     assert router.accelerator_stats(0).completed == 1
     assert_idle(router)
+
+
+def test_the_slot_example_of_the_api_doc_runs() -> None:
+    text = (Path(__file__).resolve().parents[1] / "doc" / "api.md").read_text(encoding="utf-8")
+    section = text[text.index("## Slot-level calls") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(block.group(1), "doc/api.md", "exec"), {"__name__": "api_example"})
+    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()

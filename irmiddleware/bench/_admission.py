@@ -25,14 +25,6 @@ from irmiddleware.bench._harness import emulated_vllm, local_url, quantile, serv
 
 __all__ = ["bench_admission_main"]
 
-# Four sequences at a time, 5 ms a token: about 40 ms a request, so the offered rate overloads.
-_SLOW_VLLM: dict[str, object] = {
-    "served_model_names": ["m"],
-    "max_num_seqs": 4,
-    "time_per_request_s": 0.0,
-    "time_per_prompt_token_s": 0.0,
-    "time_per_output_token_s": 0.005,
-}
 _TOP, _BATCH = 0, 6
 _BODY = {"model": "m", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
 
@@ -101,7 +93,8 @@ def bench_admission_main(argv: list[str] | None = None) -> int:
     backends = [local_url() for _ in range(2)]
     with contextlib.ExitStack() as stack:
         for url in backends:
-            stack.enter_context(emulated_vllm(url, **_SLOW_VLLM))
+            # Four sequences at a time, 5 ms a token (8 tokens): ~40 ms a request, easily overloaded.
+            stack.enter_context(emulated_vllm(url, max_num_seqs=4, time_per_output_token_s=0.005))
         print(
             f"{args.requests} requests at {args.rate:g}/s (20% class {_TOP}, 80% class {_BATCH}); "
             "2 backends x capacity 4, ~40 ms per request; queue 200, max wait 2 s"

@@ -73,8 +73,18 @@ def serving(args: Sequence[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
             process.wait()
 
 
-def emulated_vllm(url: str, **options: object) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """An emulated vLLM server on `url` (`irmiddleware.testing.create_vllm_app(**options)`)."""
+def emulated_vllm(
+    url: str, *, max_num_seqs: int, time_per_output_token_s: float
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """An emulated vLLM server on `url` serving model "m": `max_num_seqs` sequences at a time, each
+    output token `time_per_output_token_s` (no other delay), see `irmiddleware.testing`."""
+    options = {
+        "served_model_names": ["m"],
+        "max_num_seqs": max_num_seqs,
+        "time_per_request_s": 0.0,
+        "time_per_prompt_token_s": 0.0,
+        "time_per_output_token_s": time_per_output_token_s,
+    }
     return serving(["-c", _VLLM, port_of(url), json.dumps(options)], url)
 
 

@@ -23,14 +23,6 @@ from irmiddleware.bench._harness import cpu_seconds, emulated_vllm, local_url, p
 
 __all__ = ["bench_proxy_main"]
 
-# No generation delay: what is left of a request's time is HTTP and the proxy.
-_INSTANT_VLLM: dict[str, object] = {
-    "served_model_names": ["m"],
-    "max_num_seqs": 1024,
-    "time_per_request_s": 0.0,
-    "time_per_prompt_token_s": 0.0,
-    "time_per_output_token_s": 0.0,
-}
 # The floor: uvicorn (with the same loop and parser as `irmiddleware serve`) answering a fixed body.
 _BARE = """
 import sys, uvicorn
@@ -153,7 +145,9 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         "--transport",
         args.transport,
     ]
-    with emulated_vllm(backend, **_INSTANT_VLLM), serving(serve, proxy) as proxy_process:
+    # No generation delay: what is left of a request's time is HTTP and the proxy.
+    instant = emulated_vllm(backend, max_num_seqs=1024, time_per_output_token_s=0.0)
+    with instant, serving(serve, proxy) as proxy_process:
         rounds = f", {args.repeats} rounds per phase" if args.repeats > 1 else ""
         print(
             f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend,"

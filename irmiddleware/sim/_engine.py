@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from irmiddleware._router import Accelerator, Router
+from irmiddleware import Accelerator, Router
 from irmiddleware.sim._chat import ChatWorkload, Conversation, PrefixCache, chat_requests_max
 from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
 from irmiddleware.sim._stats import Affinity, Outage, Percentiles, StrategyResult
