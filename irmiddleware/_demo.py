@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from irmiddleware.bench._harness import quantile
 
 MODEL = "demo-llama"
 TOKENS = 24
@@ -129,16 +130,10 @@ def run_strategy(strategy: str, urls: Sequence[str], requests: int, concurrency:
     return Run(strategy, latencies, errors, wall_s, share)
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
 def print_run(run: Run) -> None:
     total = sum(run.share.values()) or 1
     shares = "  ".join(f"{name} {100 * count / total:4.0f}%" for name, count in run.share.items())
-    latency_ms = {q: 1000 * _quantile(run.latencies_s, q) for q in (0.5, 0.9, 0.99)}
+    latency_ms = {q: 1000 * quantile(run.latencies_s, q) for q in (0.5, 0.9, 0.99)}
     print(
         f"{run.strategy:<18} {len(run.latencies_s) / run.wall_s:7.0f} req/s  "
         f"p50 {latency_ms[0.5]:5.0f} ms  p90 {latency_ms[0.9]:5.0f} ms  p99 {latency_ms[0.99]:5.0f} ms  "

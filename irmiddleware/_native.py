@@ -19,7 +19,6 @@ import enum
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,8 +40,9 @@ PREFIX_ENTRIES_LIMIT: Final = 1 << 24
 PREFIX_HASHES_MAX: Final = 1 << 16
 
 
-class Strategy(enum.IntEnum):
-    """Native strategies, numbered as in zig/strategies.zig."""
+class StrategyCode(enum.IntEnum):
+    """The core's strategy numbers, as in zig/strategies.zig (`hooks.Strategy` is the plugin-facing
+    strategy object; `_router.STRATEGIES` maps names to these codes)."""
 
     ROUND_ROBIN = 0
     LEAST_CONNECTIONS = 1
@@ -120,8 +120,12 @@ _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
 }
 
 
-class BackendInfo(ctypes.Structure):
-    """One row of `irm_table_snapshot`; mirrors `BackendInfo` in zig/abi.zig."""
+class SlotRecord(ctypes.Structure):
+    """One slot's counters as the core lays them out (`BackendInfo` in zig/abi.zig): a row of
+    `irm_table_snapshot` or the answer of `irm_backend_read`. `NativeTable.read` and `snapshot`
+    return these rows as they are (`state` is a `State` number, `weight_milli` thousandths);
+    `_router.AcceleratorStats` is the public, named view of one (`hooks.BackendInfo` is unrelated:
+    a plugin's view of a configured backend)."""
 
     _fields_ = (
         ("id", ctypes.c_uint64),
@@ -139,26 +143,6 @@ class BackendInfo(ctypes.Structure):
         ("signal_kv_permille", ctypes.c_uint32),
         ("signal_time_ms", ctypes.c_uint64),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSnapshot:
-    """A backend's counters at one instant (`NativeTable.snapshot`)."""
-
-    id: int
-    slot: int
-    state: State
-    capacity: int
-    weight: float
-    cost_in_flight: int
-    count_in_flight: int
-    routed_total: int
-    completed_total: int
-    failed_total: int
-    latency_us_ewma: int
-    signal_queue_depth: int
-    signal_kv_permille: int
-    signal_time_ms: int
 
 
 _u32, _i32, _u64, _i64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64
@@ -207,8 +191,8 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
     "irm_release": [_u32, _u32, _i32, _u32, _u32],
     "irm_release_batch": [_u32, _u32, _pu32, _pi32, _pu32, _u32, _pu32],
-    "irm_table_snapshot": [_u32, ctypes.POINTER(BackendInfo), _u32, _pu32],
-    "irm_backend_read": [_u32, _u32, ctypes.POINTER(BackendInfo)],
+    "irm_table_snapshot": [_u32, ctypes.POINTER(SlotRecord), _u32, _pu32],
+    "irm_backend_read": [_u32, _u32, ctypes.POINTER(SlotRecord)],
 }
 
 
@@ -264,6 +248,13 @@ def _raise(status: int, context: str) -> None:
 def _check(status: int, context: str) -> None:
     if status != 0:
         _raise(status, context)
+
+
+def _not_ints(context: str, **values: object) -> _errors.InvalidArgumentError:
+    """The error for hot-path arguments ctypes cannot pass as C ints (floats, strings, ...): the
+    fast calls skip ctypes' converters, so this is where a wrong type surfaces."""
+    wrong = ", ".join(f"{name}={value!r}" for name, value in values.items() if type(value) is not int)
+    return _errors.InvalidArgumentError("invalid_argument", f"{context}: expected ints, got {wrong}")
 
 
 def check_cost(cost: int) -> int:
@@ -446,7 +437,10 @@ class NativeTable:
         """Reserves `cost`; returns the slot, or SLOT_NONE when nothing fits. Arguments must be
         in range (callers check them once, e.g. in `Request`), see the module docstring."""
         local = self._local
-        status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
+        try:
+            status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
+        except ctypes.ArgumentError:
+            raise _not_ints("acquire", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire")
         return local.out.value
@@ -454,9 +448,12 @@ class NativeTable:
     def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
         """Like `acquire`, choosing only among the pool's slots."""
         out, out_ref = self._out()
-        status = _fast_acquire_among(
-            self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
-        )
+        try:
+            status = _fast_acquire_among(
+                self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
+            )
+        except ctypes.ArgumentError:
+            raise _not_ints("acquire among pool", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire among pool")
         return out.value  # type: ignore[no-any-return]
@@ -502,7 +499,10 @@ class NativeTable:
         """Returns a reservation. `latency_us` above 2**31 - 1 is clamped."""
         if latency_us > LATENCY_US_MAX:
             latency_us = LATENCY_US_MAX
-        status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
+        try:
+            status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
+        except ctypes.ArgumentError:
+            raise _not_ints(f"release slot {slot!r}", slot=slot, cost=cost, latency_us=latency_us) from None
         if status:
             _raise(status, f"release slot {slot}")
 
@@ -518,25 +518,25 @@ class NativeTable:
 
     # ---- observation ---------------------------------------------------------------------------
 
-    def read(self, slot: int) -> BackendSnapshot:
+    def read(self, slot: int) -> SlotRecord:
         """One backend's counters (it may be retired, with requests still in flight)."""
-        row = BackendInfo()
+        row = SlotRecord()
         _check(_lib.irm_backend_read(self._handle, slot, ctypes.byref(row)), f"read slot {slot}")
-        return _snapshot_of(row)
+        return row
 
-    def snapshot(self) -> list[BackendSnapshot]:
+    def snapshot(self) -> list[SlotRecord]:
         """Every backend present or still holding requests in flight, read in one call."""
         _maximum, present = self.info()
         capacity = present + 16
         while True:
-            rows = (BackendInfo * capacity)()
+            rows = (SlotRecord * capacity)()
             count = ctypes.c_uint32()
             status = _lib.irm_table_snapshot(self._handle, rows, capacity, ctypes.byref(count))
             if status_name(status) == "buffer_too_small":
                 capacity = count.value + 16
                 continue
             _check(status, "snapshot")
-            return [_snapshot_of(row) for row in rows[: count.value]]
+            return rows[: count.value]
 
 
 class Pool:
@@ -553,25 +553,6 @@ class Pool:
 
     def __len__(self) -> int:
         return self.count
-
-
-def _snapshot_of(row: BackendInfo) -> BackendSnapshot:
-    return BackendSnapshot(
-        id=row.id,
-        slot=row.slot,
-        state=State(row.state),
-        capacity=row.capacity,
-        weight=row.weight_milli / 1000,
-        cost_in_flight=row.cost_in_flight,
-        count_in_flight=row.count_in_flight,
-        routed_total=row.routed_total,
-        completed_total=row.completed_total,
-        failed_total=row.failed_total,
-        latency_us_ewma=row.latency_us_ewma,
-        signal_queue_depth=row.signal_queue_depth,
-        signal_kv_permille=row.signal_kv_permille,
-        signal_time_ms=row.signal_time_ms,
-    )
 
 
 def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Any:

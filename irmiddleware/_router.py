@@ -1,5 +1,6 @@
 """The Python routing API: the seed's `Accelerator`, `Request` and `Router`, plus what a real user
-needs on top (completion, leases, draining, stats, batches, shared tables).
+needs on top (completion, leases, draining, stats, batches, shared tables) and a slot-level fast
+path for code that routes millions of requests in one process.
 
 All decisions and all load accounting happen in the native core (`_native.NativeTable`); this
 module maps accelerator ids to the core's slots and request ids to their reservations.
@@ -12,18 +13,18 @@ import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from irmiddleware import _errors, _native
-from irmiddleware._native import SLOT_NONE, BackendSnapshot, State
+from irmiddleware._native import CLASSES_COUNT, COST_MAX, SLOT_NONE, SlotRecord, State
 
 STRATEGIES: Final = {
-    "round_robin": _native.Strategy.ROUND_ROBIN,
-    "least_connections": _native.Strategy.LEAST_CONNECTIONS,
-    "p2c": _native.Strategy.P2C,
-    "consistent_hash": _native.Strategy.CONSISTENT_HASH,
-    "prefix_affinity": _native.Strategy.PREFIX_AFFINITY,
-    "queue_aware": _native.Strategy.QUEUE_AWARE,
+    "round_robin": _native.StrategyCode.ROUND_ROBIN,
+    "least_connections": _native.StrategyCode.LEAST_CONNECTIONS,
+    "p2c": _native.StrategyCode.P2C,
+    "consistent_hash": _native.StrategyCode.CONSISTENT_HASH,
+    "prefix_affinity": _native.StrategyCode.PREFIX_AFFINITY,
+    "queue_aware": _native.StrategyCode.QUEUE_AWARE,
 }
 _OUTCOMES: Final = {
     _native.Outcome.NONE: None,
@@ -148,7 +149,7 @@ class Lease:
         else:
             latency_us = max(0, int(latency_s * 1e6))
         self.released = True
-        self._router._table.release(self.slot, self.cost, latency_us, ok)
+        self._router.release_slot(self.slot, self.cost, latency_us, ok)
 
     def __enter__(self) -> Lease:
         return self
@@ -278,9 +279,8 @@ class Router:
         """ "active", "draining" (finish what is in flight, take nothing new) or "down"."""
         if state not in _STATES:
             raise ValueError(f"unknown state {state!r}; valid states: {', '.join(_STATES)}")
-        info = self._snapshot_of(accelerator_id)
-        weight_milli = round(info.weight * 1000)
-        self._table.update(info.slot, info.capacity, weight_milli, _STATES[state])
+        info = self._record_of(accelerator_id)
+        self._table.update(info.slot, info.capacity, info.weight_milli, _STATES[state])
 
     def drain(self, accelerator_id: int) -> None:
         self.set_state(accelerator_id, "draining")
@@ -289,10 +289,10 @@ class Router:
         self, accelerator_id: int, *, capacity: int | None = None, weight: float | None = None
     ) -> None:
         """Changes capacity and/or weight while routing goes on."""
-        info = self._snapshot_of(accelerator_id)
+        info = self._record_of(accelerator_id)
         new_capacity = info.capacity if capacity is None else _native.check_capacity(capacity)
-        weight_milli = _native.weight_to_milli(info.weight if weight is None else weight)
-        self._table.update(info.slot, new_capacity, weight_milli, info.state)
+        weight_milli = info.weight_milli if weight is None else _native.weight_to_milli(weight)
+        self._table.update(info.slot, new_capacity, weight_milli, State(info.state))
         accelerator = self._accelerators.get(accelerator_id)
         if accelerator is not None:
             accelerator.capacity = new_capacity
@@ -311,6 +311,14 @@ class Router:
 
     def remove_pool(self, name: str) -> None:
         del self._pools[name]
+
+    def _pool(self, name: str) -> tuple[int, _native.Pool]:
+        """The strategy number and native pool of pool `name`."""
+        try:
+            _members, strategy, native_pool = self._pools[name]
+        except KeyError:
+            raise KeyError(f"no pool named {name!r}; pools: {sorted(self._pools)}") from None
+        return strategy, native_pool
 
     @property
     def pools(self) -> dict[str, list[int]]:
@@ -379,42 +387,17 @@ class Router:
         given); None when nothing fits. `affinity_key` (consistent_hash) and `prefix_hashes`
         (prefix_affinity, see `prefix_hashes()`) steer the affinity strategies; the others
         ignore them."""
-        # Inline range checks: this is the per-request path (helpers cost ~100 ns a call).
-        if type(cost) is not int or not 0 < cost <= _native.COST_MAX:
-            _native.check_cost(cost)
-        if type(priority) is not int or not 0 <= priority < _native.CLASSES_COUNT:
-            _native.check_priority(priority)
-        strategy, native_pool = self._strategy, None
-        if pool is not None:
-            try:
-                _members, strategy, native_pool = self._pools[pool]
-            except KeyError:
-                raise KeyError(f"no pool named {pool!r}; pools: {sorted(self._pools)}") from None
-        if affinity_key is not None or prefix_hashes is not None:
-            return self._acquire_affine(strategy, cost, priority, native_pool, affinity_key, prefix_hashes)
-        if native_pool is None:
-            slot = self._table.acquire(strategy, cost, priority)
-        else:
-            slot = self._table.acquire_among(strategy, cost, priority, native_pool)
-        if slot == SLOT_NONE:
+        if affinity_key is None and prefix_hashes is None:
+            slot = self.acquire_slot(cost, priority, pool=pool)
+            if slot is None:
+                return None
+            return Lease(self, slot, self._id_of(slot), cost)
+        slot, affinity, matched = self.acquire_slot_affine(
+            cost, priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
+        )
+        if slot is None:
             return None
-        return Lease(self, slot, self._id_of(slot), cost)
-
-    def _acquire_affine(
-        self,
-        strategy: int,
-        cost: int,
-        priority: int,
-        pool: _native.Pool | None,
-        affinity_key: int | str | bytes | None,
-        prefix_hashes: Sequence[int] | None,
-    ) -> Lease | None:
-        key = None if affinity_key is None else affinity_key_hash(affinity_key)
-        hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
-        slot, outcome, matched = self._table.acquire_affine(strategy, cost, priority, key, hashes, pool)
-        if slot == SLOT_NONE:
-            return None
-        return Lease(self, slot, self._id_of(slot), cost, _OUTCOMES[outcome], matched)
+        return Lease(self, slot, self._id_of(slot), cost, affinity, matched)
 
     def acquire_on(self, accelerator_id: int, cost: int = 1, priority: int = 0) -> Lease | None:
         """Reserves `cost` on the given accelerator (chosen by your own policy); None if it is
@@ -482,18 +465,96 @@ class Router:
             ok,
         )
 
+    # ---- slots: the per-request fast path ------------------------------------------------------
+
+    def acquire_slot(self, cost: int = 1, priority: int = 0, *, pool: str | None = None) -> int | None:
+        """Like `acquire`, without a `Lease`: reserves `cost` and returns the chosen slot (see
+        `slot_of`, `id_of_slot`), or None when nothing fits. Give it back with `release_slot`.
+
+        For code that routes millions of requests in one process (the simulator, benchmarks): a
+        `Lease` costs about as much as the decision itself. The caller pairs each acquire with
+        one release of the same slot and cost."""
+        # One chained range check, no type checks: on this path they would cost as much as the
+        # foreign call. A non-number fails the comparison; a float fails in the binding (ctypes
+        # cannot pass it as a C int); both end in a clear InvalidArgumentError.
+        try:
+            valid = 0 < cost <= COST_MAX and 0 <= priority < CLASSES_COUNT
+        except TypeError:
+            valid = False
+        if not valid:
+            _refuse_request(cost, priority)
+        if pool is None:
+            slot = self._table.acquire(self._strategy, cost, priority)
+        else:
+            strategy, native_pool = self._pool(pool)
+            slot = self._table.acquire_among(strategy, cost, priority, native_pool)
+        return None if slot == SLOT_NONE else slot
+
+    def acquire_slot_affine(
+        self,
+        cost: int = 1,
+        priority: int = 0,
+        *,
+        pool: str | None = None,
+        affinity_key: int | str | bytes | None = None,
+        prefix_hashes: Sequence[int] | None = None,
+    ) -> tuple[int | None, str | None, int]:
+        """Like `acquire_slot`, with a session key and/or prompt prefix hashes (as `acquire`):
+        returns (slot or None, affinity, matched blocks). `affinity` says how the decision went
+        ("hit", "miss", "overload", or None for a strategy without affinity), also when nothing
+        fit; `matched` counts the prompt blocks the chosen accelerator had seen."""
+        _native.check_cost(cost)
+        _native.check_priority(priority)
+        strategy, native_pool = self._strategy, None
+        if pool is not None:
+            strategy, native_pool = self._pool(pool)
+        key = None if affinity_key is None else affinity_key_hash(affinity_key)
+        hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
+        slot, outcome, matched = self._table.acquire_affine(
+            strategy, cost, priority, key, hashes, native_pool
+        )
+        return (None if slot == SLOT_NONE else slot), _OUTCOMES[outcome], matched
+
+    def release_slot(self, slot: int, cost: int, latency_us: int = 0, ok: bool = True) -> None:
+        """Gives back a reservation of `acquire_slot`/`acquire_slot_affine`: the same slot and
+        cost, with the request's latency (µs, for the latency average) and whether it succeeded.
+
+        The core keeps one count per slot, not per reservation: it refuses a release of more
+        than the slot holds (ReleaseMismatchError, counters unchanged), e.g. a second release
+        on an otherwise idle slot, but cannot tell two reservations of one slot apart."""
+        # Range checks only, as in `acquire_slot`: ctypes would pass 2**32 + 1 as 1.
+        try:
+            valid = 0 <= slot < SLOT_NONE and 0 < cost <= COST_MAX and latency_us >= 0
+        except TypeError:
+            valid = False
+        if not valid:
+            _refuse_release(slot, cost, latency_us)
+        self._table.release(slot, cost, latency_us, ok)
+
+    def slot_of(self, accelerator_id: int) -> int:
+        """The core's slot of an accelerator (stable while it is in the table); UnknownBackendError
+        if there is none."""
+        return self._slot(accelerator_id)
+
+    def id_of_slot(self, slot: int) -> int:
+        """The id of the accelerator in `slot` (in shared mode, also one another process added);
+        UnknownBackendError for a slot that holds none."""
+        if type(slot) is not int or not 0 <= slot < len(self._ids_by_slot):
+            raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
+        return self._id_of(slot)
+
     # ---- observation ---------------------------------------------------------------------------
 
     def load(self, accelerator_id: int) -> int:
         """Cost units in flight on the accelerator."""
-        return self._snapshot_of(accelerator_id).cost_in_flight
+        return int(self._record_of(accelerator_id).cost_in_flight)
 
     def stats(self) -> list[AcceleratorStats]:
         """Every accelerator's counters, read from the core in one call."""
         return [_stats_of(info) for info in self._table.snapshot()]
 
     def accelerator_stats(self, accelerator_id: int) -> AcceleratorStats:
-        return _stats_of(self._snapshot_of(accelerator_id))
+        return _stats_of(self._record_of(accelerator_id))
 
     @property
     def in_flight(self) -> int:
@@ -516,11 +577,13 @@ class Router:
         return slot
 
     def _id_of(self, slot: int) -> int:
+        """The id in `slot`, a slot in range (from the core, or checked by `id_of_slot`)."""
         accelerator_id = self._ids_by_slot[slot]
         if accelerator_id is None:  # Added by another process sharing the table.
             self._refresh_ids()
             accelerator_id = self._ids_by_slot[slot]
-            assert accelerator_id is not None
+            if accelerator_id is None:
+                raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot}")
         return accelerator_id
 
     def _refresh_ids(self) -> None:
@@ -528,11 +591,28 @@ class Router:
             self._ids_by_slot[info.slot] = info.id
             self._slots_by_id[info.id] = info.slot
 
-    def _snapshot_of(self, accelerator_id: int) -> BackendSnapshot:
+    def _record_of(self, accelerator_id: int) -> SlotRecord:
         info = self._table.read(self._slot(accelerator_id))
         if info.id != accelerator_id or info.state == State.RETIRED:
             raise _errors.UnknownBackendError("unknown_backend", f"no accelerator with id {accelerator_id!r}")
         return info
+
+
+def _refuse_request(cost: int, priority: int) -> NoReturn:
+    """Raises the clear error for arguments that failed `acquire_slot`'s range check."""
+    _native.check_cost(cost)
+    _native.check_priority(priority)
+    raise AssertionError("unreachable: one of the checks raises")
+
+
+def _refuse_release(slot: int, cost: int, latency_us: int) -> NoReturn:
+    """Raises the clear error for arguments that failed `release_slot`'s range check."""
+    if type(slot) is not int or not 0 <= slot < SLOT_NONE:
+        raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
+    _native.check_cost(cost)
+    raise _errors.InvalidArgumentError(
+        "invalid_argument", f"latency_us must be an int >= 0, got {latency_us!r}"
+    )
 
 
 def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:
@@ -542,12 +622,12 @@ def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:
     return groups
 
 
-def _stats_of(info: BackendSnapshot) -> AcceleratorStats:
+def _stats_of(info: SlotRecord) -> AcceleratorStats:
     return AcceleratorStats(
         id=info.id,
-        state=info.state.name.lower(),
+        state=State(info.state).name.lower(),
         capacity=info.capacity,
-        weight=info.weight,
+        weight=info.weight_milli / 1000,
         load=info.cost_in_flight,
         requests_in_flight=info.count_in_flight,
         routed=info.routed_total,

@@ -23,7 +23,7 @@ CAPACITIES = [7, 10, 13, 16]
 ITERATIONS = 20_000
 THREADS = 4
 PROCESSES = 3
-STRATEGY_NUMBERS = [int(strategy) for strategy in _native.Strategy]
+STRATEGY_NUMBERS = [int(strategy) for strategy in _native.StrategyCode]
 
 
 @dataclass
@@ -180,7 +180,7 @@ def test_the_checker_catches_a_racy_shared_table(shared_name: str) -> None:
 def test_attached_processes_see_one_set_of_counters(shared_name: str) -> None:
     owner, _capacities = make_table(shared_name=shared_name)
     other = NativeTable(0, shared_name=shared_name, attach=True)
-    slot = other.acquire(int(_native.Strategy.ROUND_ROBIN), 3, 0)
+    slot = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
     assert owner.read(slot).cost_in_flight == 3
     owner.release(slot, 3, 10, True)
     assert other.read(slot).cost_in_flight == 0

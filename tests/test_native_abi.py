@@ -79,7 +79,7 @@ def test_backend_calls_never_crash(
     call("irm_backend_find", handle, backend_id, ctypes.byref(out))
     call("irm_backend_set_signals", handle, slot, state, state % 1200, backend_id)
     call("irm_table_set_class_share", handle, state % 10, slot % 1100)
-    info = _native.BackendInfo()
+    info = _native.SlotRecord()
     call("irm_backend_read", handle, slot, ctypes.byref(info))
 
 
@@ -159,7 +159,7 @@ def test_at_least_65536_backends_are_supported() -> None:
     for index in range(65_536):
         table.add(index, 4)
     assert table.info() == (65_536, 65_536)
-    slot = table.acquire(int(_native.Strategy.LEAST_CONNECTIONS), 1, 0)
+    slot = table.acquire(int(_native.StrategyCode.LEAST_CONNECTIONS), 1, 0)
     assert slot != _native.SLOT_NONE
     table.release(slot, 1, 0, True)
     table.close()

@@ -86,11 +86,11 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(
         target=leases,
-        strategy=st.sampled_from(list(_native.Strategy)),
+        strategy=st.sampled_from(list(_native.StrategyCode)),
         cost=st.integers(1, 12),
         priority=st.integers(0, 7),
     )
-    def acquire(self, strategy: _native.Strategy, cost: int, priority: int) -> tuple[int, int] | None:
+    def acquire(self, strategy: _native.StrategyCode, cost: int, priority: int) -> tuple[int, int] | None:
         slot = self.table.acquire(int(strategy), cost, priority)
         if slot == SLOT_NONE:
             assert not any(b.fits(cost, priority) for b in self.model.values()), (

@@ -1,11 +1,15 @@
 """The Python routing API: what the seed promised (strategies, capacity, failover) and what a real
 user needs on top (completion, leases, draining, removal with requests in flight, stats, batches,
-pools, priority shares), with clear errors for bad input."""
+pools, priority shares, the slot-level fast path), with clear errors for bad input."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +279,110 @@ def test_bad_signals_are_refused() -> None:
         router.set_signals(0, queue_depth=1, kv_usage=1.5)
     with pytest.raises(ValueError, match="queue_depth"):
         router.set_signals(0, queue_depth=-1)
+
+
+def test_slot_calls_route_and_release_like_leases() -> None:
+    router = fleet("least_connections", [2, 2])
+    slots = [router.acquire_slot(2) for _ in range(3)]
+    assert slots[2] is None  # both full
+    held = [slot for slot in slots if slot is not None]
+    assert sorted(router.id_of_slot(slot) for slot in held) == [0, 1]
+    assert [router.slot_of(router.id_of_slot(slot)) for slot in held] == held
+    assert (router.load(0), router.load(1)) == (2, 2)
+    router.release_slot(held[0], 2, 250_000, True)
+    router.release_slot(held[1], 2, ok=False)
+    stats = {s.id: s for s in router.stats()}
+    assert sorted((s.completed, s.failed) for s in stats.values()) == [(0, 1), (1, 0)]
+    assert stats[router.id_of_slot(held[0])].latency_ewma_s == pytest.approx(0.25)
+    assert_idle(router)
+
+
+def test_slot_calls_honour_pools_and_affinity() -> None:
+    router = fleet("consistent_hash", [10, 10, 10])
+    router.set_pool("llama", [1, 2], strategy="round_robin")
+    chosen = [router.acquire_slot(1, pool="llama") for _ in range(4)]
+    assert {router.id_of_slot(slot) for slot in chosen if slot is not None} == {1, 2}
+    for slot in chosen:
+        router.release_slot(slot, 1)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="no pool named"):
+        router.acquire_slot(1, pool="gpt")
+    decisions = []
+    for _ in range(3):  # an idle fleet: the key's ring owner each time
+        slot, affinity, matched = router.acquire_slot_affine(1, affinity_key="session-7")
+        decisions.append((slot, affinity, matched))
+        router.release_slot(slot, 1)  # type: ignore[arg-type]
+    assert decisions[0][0] is not None and decisions == [(decisions[0][0], "hit", 0)] * 3
+    plain = fleet("p2c", [10])
+    assert plain.acquire_slot_affine(1, affinity_key=3) == (plain.slot_of(0), None, 0)
+    prefix = fleet("prefix_affinity", [10, 10])
+    hashes = [11, 12, 13]
+    slot, affinity, _matched = prefix.acquire_slot_affine(1, prefix_hashes=hashes)
+    assert affinity == "miss"
+    assert prefix.acquire_slot_affine(1, prefix_hashes=hashes) == (slot, "hit", 3)
+
+
+def test_slot_of_another_process_is_named(shared_name: str) -> None:
+    worker = Router("p2c", shared_memory=shared_name)
+    owner = Router("p2c", shared_memory=shared_name)
+    owner.add_accelerator(Accelerator(42, 4))  # after the worker attached: it learns the id late
+    slot = worker.acquire_slot(3)
+    assert slot is not None and worker.id_of_slot(slot) == 42
+    assert owner.load(42) == 3
+    worker.release_slot(slot, 3)
+    assert_idle(owner)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda r: r.acquire_slot(0), InvalidArgumentError, "cost"),
+        (lambda r: r.acquire_slot(1.5), InvalidArgumentError, "cost"),
+        (lambda r: r.acquire_slot(2**32 + 1), InvalidArgumentError, "cost"),  # not masked to 1
+        (lambda r: r.acquire_slot("1"), InvalidArgumentError, "cost"),
+        (lambda r: r.acquire_slot(1, 8), InvalidArgumentError, "priority"),
+        (lambda r: r.acquire_slot(1, 0.0), InvalidArgumentError, "priority"),
+        (lambda r: r.acquire_slot_affine(-1, affinity_key=1), InvalidArgumentError, "cost"),
+        (lambda r: r.acquire_slot_affine(1, -1, affinity_key=1), InvalidArgumentError, "priority"),
+        (lambda r: r.release_slot(9, 1), UnknownBackendError, "slot 9"),
+        (lambda r: r.release_slot(-1, 1), UnknownBackendError, "slot"),
+        (lambda r: r.release_slot("0", 1), UnknownBackendError, "slot"),
+        (lambda r: r.release_slot(2**32, 1), UnknownBackendError, "slot"),  # not masked to 0
+        (lambda r: r.release_slot(0.0, 1), InvalidArgumentError, "slot"),
+        (lambda r: r.release_slot(0, 0), InvalidArgumentError, "cost"),
+        (lambda r: r.release_slot(0, 1, -5), InvalidArgumentError, "latency_us"),
+        (lambda r: r.release_slot(0, 1, 0.5), InvalidArgumentError, "latency_us"),
+        (lambda r: r.id_of_slot(9), UnknownBackendError, "slot 9"),
+        (lambda r: r.id_of_slot(-1), UnknownBackendError, "slot -1"),
+        (lambda r: r.slot_of(7), UnknownBackendError, "id 7"),
+    ],
+)
+def test_bad_slot_calls_are_refused_clearly(call: object, error: type[Exception], message: str) -> None:
+    router = fleet("p2c", [10])
+    held = router.acquire_slot(2)
+    with pytest.raises(error, match=message):
+        call(router)  # type: ignore[operator]
+    assert router.load(0) == 2  # a refused call changes nothing
+    router.release_slot(held, 2)  # type: ignore[arg-type]
+    assert_idle(router)
+
+
+def test_a_slot_released_twice_is_refused() -> None:
+    router = fleet("round_robin", [10])
+    slot = router.acquire_slot(2)
+    assert slot is not None
+    router.release_slot(slot, 2)
+    with pytest.raises(ReleaseMismatchError):
+        router.release_slot(slot, 2)
+    assert router.accelerator_stats(0).completed == 1
+    assert_idle(router)
+
+
+def test_the_slot_example_of_the_api_doc_runs() -> None:
+    text = (Path(__file__).resolve().parents[1] / "doc" / "api.md").read_text(encoding="utf-8")
+    section = text[text.index("## Slot-level calls") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(block.group(1), "doc/api.md", "exec"), {"__name__": "api_example"})
+    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()

@@ -35,8 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from irmiddleware._native import SLOT_NONE, Outcome, uint64_array
-from irmiddleware._router import Accelerator, Router, strategy_id
+from irmiddleware import Accelerator, Router
 from irmiddleware.sim._chat import ChatWorkload, Conversation, PrefixCache, chat_requests_max
 from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
 from irmiddleware.sim._stats import Affinity, Outage, Percentiles, StrategyResult
@@ -135,9 +134,8 @@ def default_strategies(scenario: Scenario) -> tuple[str, ...]:
 class _NativeFleet:
     """The fleet in a real `Router`; the only code here that touches the router.
 
-    Per-request calls go through `Router._table` (the native table) and `Router._ids_by_slot`:
-    `Router.acquire` builds a `Lease` per request, which costs more than the decision itself at a
-    million requests. Swap `acquire`/`release` for a public fast path once the router has one.
+    Per-request calls use the router's slot-level calls (`acquire_slot`, `release_slot`): a
+    `Lease` per request would cost more than the decision itself at a million requests.
     """
 
     def __init__(self, scenario: Scenario, strategy: str) -> None:
@@ -151,33 +149,31 @@ class _NativeFleet:
         )
         for index, capacity in enumerate(fleet.capacities):
             self.router.add_accelerator(Accelerator(index, capacity))
-        # Accelerator ids are fleet indices, so the router's slot -> id map is slot -> index.
-        self.index_by_slot = [-1 if index is None else index for index in self.router._ids_by_slot]
-        self.slot_by_index = [0] * len(fleet)
-        for slot, index in enumerate(self.index_by_slot):
-            if index >= 0:
-                self.slot_by_index[index] = slot
-        self.strategy_number = strategy_id(strategy)
-        self.outcomes = {outcome: 0 for outcome in Outcome}
-        self._table_acquire = self.router._table.acquire
-        self._table_release = self.router._table.release
+        # Accelerator ids are fleet indices; two lists turn slots into indices and back.
+        self.slot_by_index = [self.router.slot_of(index) for index in range(len(fleet))]
+        self.index_by_slot = [-1] * (max(self.slot_by_index) + 1)
+        for index, slot in enumerate(self.slot_by_index):
+            self.index_by_slot[slot] = index
+        self.outcomes: dict[str | None, int] = {}
+        self._acquire = self.router.acquire_slot
+        self._acquire_affine = self.router.acquire_slot_affine
+        self._release = self.router.release_slot
 
     def acquire(self, cost: int) -> int:
         """The chosen accelerator's index, or -1 when nothing fits."""
-        slot = self._table_acquire(self.strategy_number, cost, 0)
-        return -1 if slot == SLOT_NONE else self.index_by_slot[slot]
+        slot = self._acquire(cost)
+        return -1 if slot is None else self.index_by_slot[slot]
 
     def acquire_affine(self, cost: int, session: int, hashes: list[int]) -> int:
         """Like `acquire`, with the session key and the prompt's block hashes; counts outcomes."""
-        array = uint64_array(hashes) if hashes else None
-        slot, outcome, _matched = self.router._table.acquire_affine(
-            self.strategy_number, cost, 0, session, array, None
+        slot, affinity, _matched = self._acquire_affine(
+            cost, affinity_key=session, prefix_hashes=hashes if hashes else None
         )
-        self.outcomes[outcome] += 1
-        return -1 if slot == SLOT_NONE else self.index_by_slot[slot]
+        self.outcomes[affinity] = self.outcomes.get(affinity, 0) + 1
+        return -1 if slot is None else self.index_by_slot[slot]
 
     def release(self, index: int, job: Job, latency_s: float, ok: bool) -> None:
-        self._table_release(self.slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
+        self._release(self.slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
 
     def set_down(self, index: int, down: bool) -> None:
         self.router.set_state(index, "down" if down else "active")

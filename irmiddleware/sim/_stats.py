@@ -17,8 +17,6 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from irmiddleware._native import Outcome
-
 HISTOGRAM_BINS = 10
 
 
@@ -62,10 +60,9 @@ class Affinity:
     overloads: int = 0
 
     @classmethod
-    def of(cls, outcomes: Mapping[Outcome, int]) -> Affinity:
-        return cls(
-            outcomes.get(Outcome.HIT, 0), outcomes.get(Outcome.MISS, 0), outcomes.get(Outcome.OVERLOAD, 0)
-        )
+    def of(cls, outcomes: Mapping[str | None, int]) -> Affinity:
+        """From counts keyed by `Router.acquire_slot_affine`'s affinity ("hit", "miss", ...)."""
+        return cls(outcomes.get("hit", 0), outcomes.get("miss", 0), outcomes.get("overload", 0))
 
     @property
     def decisions(self) -> int:

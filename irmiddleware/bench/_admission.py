@@ -13,25 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
-from irmiddleware.proxy._bench import _free_port, _process
+from irmiddleware.bench._harness import emulated_vllm, local_url, quantile, serving
 
 __all__ = ["bench_admission_main"]
 
-_EMULATOR = """
-import sys, uvicorn
-from irmiddleware.testing import create_vllm_app
-app = create_vllm_app(served_model_names=("m",), max_num_seqs=4, time_per_request_s=0.0,
-                      time_per_prompt_token_s=0.0, time_per_output_token_s=0.005)
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
-"""
 _TOP, _BATCH = 0, 6
 _BODY = {"model": "m", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
 
@@ -77,9 +70,8 @@ async def _workload(url: str, count: int, rate_per_s: float) -> _Run:
 
 
 def _ms(values: list[float], q: float) -> str:
-    if len(values) < 2:
-        return "    n/a"
-    return f"{statistics.quantiles(values, n=100, method='inclusive')[round(q * 100) - 1] * 1000:7.1f}"
+    value = quantile(values, q)
+    return "    n/a" if math.isnan(value) else f"{value * 1000:7.1f}"
 
 
 def _report(name: str, run: _Run) -> None:
@@ -98,10 +90,11 @@ def bench_admission_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 100 <= args.requests <= 20_000 or not 10 <= args.rate <= 10_000:
         parser.error("--requests must be in 100..20000 and --rate in 10..10000")
-    backends = [f"http://127.0.0.1:{_free_port()}" for _ in range(2)]
+    backends = [local_url() for _ in range(2)]
     with contextlib.ExitStack() as stack:
         for url in backends:
-            stack.enter_context(_process(["-c", _EMULATOR, url.rpartition(":")[2]], url))
+            # Four sequences at a time, 5 ms a token (8 tokens): ~40 ms a request, easily overloaded.
+            stack.enter_context(emulated_vllm(url, max_num_seqs=4, time_per_output_token_s=0.005))
         print(
             f"{args.requests} requests at {args.rate:g}/s (20% class {_TOP}, 80% class {_BATCH}); "
             "2 backends x capacity 4, ~40 ms per request; queue 200, max wait 2 s"
@@ -112,12 +105,12 @@ def bench_admission_main(argv: list[str] | None = None) -> int:
 
 
 def _one_run(backends: list[str], classes: bool, count: int, rate_per_s: float) -> _Run:
-    router = f"http://127.0.0.1:{_free_port()}"
+    router = local_url()
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
         file.write(_config(backends, router.removeprefix("http://"), classes))
     try:
         serve = ["-m", "irmiddleware", "serve", "--config", file.name, "--log-level", "warning"]
-        with _process(serve, router):
+        with serving(serve, router):
             return asyncio.run(_workload(router, count, rate_per_s))
     finally:
         os.unlink(file.name)

@@ -1,7 +1,13 @@
 """`irmiddleware bench`: the seed's scale test (10,000 accelerators, 100,000 requests) for each
 strategy, measured per call and batched, route-only and route+release, with the seed package
 (`intelligent_routing`) measured in the same run when it is importable. Prints numbers; asserts
-nothing (benchmarks are not tests)."""
+nothing (benchmarks are not tests).
+
+Per-call pairs are measured three ways, from the most convenient to the floor: a `Lease`, the
+router's public slot calls (`Router.acquire_slot`/`release_slot`), and the binding's table
+(`_native.NativeTable`, what the slot calls wrap). The batched modes call the binding's batch
+functions on a table of their own: 10,000 decisions per foreign call.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from irmiddleware import _native
-from irmiddleware._router import STRATEGIES, Accelerator, Request, Router
+from irmiddleware import STRATEGIES, Accelerator, Request, Router, _native
+from irmiddleware.bench._harness import format_table
 
 CAPACITY = 100
 BATCH = 10_000
@@ -39,6 +45,15 @@ def fresh_router(strategy: str, accelerators: int) -> Router:
     for index in range(accelerators):
         router.add_accelerator(Accelerator(index, CAPACITY))
     return router
+
+
+def fresh_table(accelerators: int) -> _native.NativeTable:
+    """The binding's table alone, filled like `fresh_router`'s."""
+    table = _native.NativeTable(accelerators)
+    table.seed(1)
+    for index in range(accelerators):
+        table.add(index, CAPACITY)
+    return table
 
 
 def route_per_call(route: Callable[[Any], object], request_type: Any, requests: int) -> float:
@@ -84,9 +99,23 @@ def pairs_per_call(router: Router, requests: int) -> Callable[[], float]:
     return run
 
 
-def pairs_per_call_binding(router: Router, requests: int) -> Callable[[], float]:
+def pairs_per_call_slots(router: Router, requests: int) -> Callable[[], float]:
+    """Route then release through the router's public slot calls (no `Lease`)."""
+
+    def run() -> float:
+        acquire, release = router.acquire_slot, router.release_slot
+        started = time.perf_counter()
+        for _ in range(requests):
+            slot = acquire(1, 0)
+            if slot is not None:
+                release(slot, 1, 0, True)
+        return time.perf_counter() - started
+
+    return run
+
+
+def pairs_per_call_binding(table: _native.NativeTable, number: int, requests: int) -> Callable[[], float]:
     """Route then release through the binding's hot path: the floor of a per-call pair."""
-    table, number = router._table, int(STRATEGIES[router.strategy])
 
     def run() -> float:
         acquire, release, none = table.acquire, table.release, _native.SLOT_NONE
@@ -100,9 +129,10 @@ def pairs_per_call_binding(router: Router, requests: int) -> Callable[[], float]
     return run
 
 
-def batched(router: Router, requests: int, timed_release: bool) -> Callable[[], float]:
+def batched(
+    table: _native.NativeTable, number: int, requests: int, timed_release: bool
+) -> Callable[[], float]:
     """`BATCH` decisions per foreign call; the releases are timed only for route+release."""
-    table, number = router._table, int(STRATEGIES[router.strategy])
     costs = _native.int32_array([1] * BATCH)
     batches = [_native.empty_uint32_array(BATCH) for _ in range(requests // BATCH)]
 
@@ -133,25 +163,32 @@ def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> li
     def rate(run: Callable[[], float]) -> float:
         return median_rate(run, requests, repeats)
 
+    number = int(STRATEGIES[strategy])
+    table = fresh_table(accelerators)
     with fresh_router(strategy, accelerators) as router:
         runs = {
             "route per call (seed API)": ours_route_per_call(strategy, accelerators, requests),
-            "route batched": batched(router, requests, timed_release=False),
+            "route batched": batched(table, number, requests, timed_release=False),
             "route+release per call (Lease)": pairs_per_call(router, requests),
-            "route+release per call (binding)": pairs_per_call_binding(router, requests),
-            "route+release batched": batched(router, requests, timed_release=True),
+            "route+release per call (slots)": pairs_per_call_slots(router, requests),
+            "route+release per call (binding)": pairs_per_call_binding(table, number, requests),
+            "route+release batched": batched(table, number, requests, timed_release=True),
         }
-        return [Result(strategy, mode, rate(run)) for mode, run in runs.items()]
+        try:
+            return [Result(strategy, mode, rate(run)) for mode, run in runs.items()]
+        finally:
+            table.close()
 
 
 def print_table(results: list[Result], seed_rates: dict[str, float]) -> None:
-    print(f"{'strategy':<18} {'mode':<34} {'per second':>14} {'x seed per call':>16}")
+    rows = []
     for result in results:
         baseline = seed_rates.get(result.strategy)
-        ratio = f"{result.rate / baseline:15.1f}x" if baseline else f"{'-':>16}"
-        print(f"{result.strategy:<18} {result.mode:<34} {result.rate:14,.0f} {ratio}")
+        ratio = f"{result.rate / baseline:.1f}x" if baseline else "-"
+        rows.append([result.strategy, result.mode, f"{result.rate:,.0f}", ratio])
     for strategy, rate in seed_rates.items():
-        print(f"{strategy:<18} {'seed intelligent_routing per call':<34} {rate:14,.0f} {'1.0x':>16}")
+        rows.append([strategy, "seed intelligent_routing per call", f"{rate:,.0f}", "1.0x"])
+    print(format_table(["strategy", "mode", "per second", "x seed per call"], rows, left=2))
 
 
 def bench_main(argv: list[str]) -> int:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
 from irmiddleware import Accelerator, Router, prefix_hashes
+from irmiddleware.bench._harness import format_table, quantile
 
 _VOCABULARY = (
     "the model request server cache token prompt user assistant answer question latency batch route "
@@ -96,10 +96,8 @@ def measure_plain(strategy: str, prompts: Sequence[tuple[int, str]], accelerator
     return samples
 
 
-def _row(name: str, samples_ns: list[int]) -> str:
-    ordered = sorted(samples_ns)
-    p99 = ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
-    return f"{name:<40} {statistics.median(ordered) / 1000:>9.2f} {p99 / 1000:>9.2f}"
+def _row(name: str, samples_ns: list[int]) -> list[str]:
+    return [name, *(f"{quantile(samples_ns, q) / 1000:.2f}" for q in (0.5, 0.99))]
 
 
 def bench_affinity_main(argv: list[str]) -> int:
@@ -116,16 +114,16 @@ def bench_affinity_main(argv: list[str]) -> int:
         f"({len(prefix_hashes(longest))} blocks of 64 bytes), {args.accelerators} accelerators"
     )
     prefix = measure_prefix(prompts, args.accelerators)
-    print(f"\n{'per decision, µs':<40} {'median':>9} {'p99':>9}")
-    print(_row("prefix_affinity: hashing", prefix["hashing"]))
-    print(_row("prefix_affinity: decision + release", prefix["decision+release"]))
-    print(_row("prefix_affinity: hash + decide + release", prefix["total"]))
-    print(
+    rows = [
+        _row("prefix_affinity: hashing", prefix["hashing"]),
+        _row("prefix_affinity: decision + release", prefix["decision+release"]),
+        _row("prefix_affinity: hash + decide + release", prefix["total"]),
         _row(
             "consistent_hash: decision + release",
             measure_plain("consistent_hash", prompts, args.accelerators),
-        )
-    )
-    print(_row("p2c (baseline): decision + release", measure_plain("p2c", prompts, args.accelerators)))
+        ),
+        _row("p2c (baseline): decision + release", measure_plain("p2c", prompts, args.accelerators)),
+    ]
+    print("\n" + format_table(["per decision, µs", "median", "p99"], rows))
     print(f"\ngoal: prefix_affinity hash + decide + release under {_GOAL_US:g} µs")
     return 0

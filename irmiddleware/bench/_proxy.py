@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 
+from irmiddleware.bench._harness import cpu_seconds, emulated_vllm, local_url, port_of, quantile, serving
+
 __all__ = ["bench_proxy_main"]
 
-_EMULATOR = """
-import sys, uvicorn
-from irmiddleware.testing import create_vllm_app
-app = create_vllm_app(served_model_names=("m",), max_num_seqs=1024, time_per_request_s=0.0,
-                      time_per_prompt_token_s=0.0, time_per_output_token_s=0.0)
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
-"""
 # The floor: uvicorn (with the same loop and parser as `irmiddleware serve`) answering a fixed body.
 _BARE = """
 import sys, uvicorn
@@ -74,40 +63,6 @@ class _Phase:
         return text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cpu_s(pid: int) -> float:
-    # utime + stime of one process, fields 14 and 15 of /proc/PID/stat (after the command name).
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def _process(args: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"{args[:2]} did not start on {url}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def _body(stream: bool) -> dict[str, object]:
     return {"model": "m", "prompt": "Hello there", "max_tokens": 16, "ignore_eos": True, "stream": stream}
 
@@ -146,16 +101,16 @@ def _phase(url: str, args: argparse.Namespace, stream: bool, pid: int | None) ->
     rates: list[float] = []
     cpu: list[float] = []
     for _round in range(args.repeats):
-        cpu_before = _cpu_s(pid) if pid else 0.0
+        cpu_before = cpu_seconds(pid) if pid else 0.0
         latencies += _sequential(url, args.requests, stream)
         rates.append(asyncio.run(_concurrent(url, args.requests, args.concurrency, stream)))
         if pid:
-            cpu.append((_cpu_s(pid) - cpu_before) / (2 * args.requests))
+            cpu.append((cpu_seconds(pid) - cpu_before) / (2 * args.requests))
     return _Phase(latencies, statistics.median(rates), cpu)
 
 
 def _quantile_ms(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] * 1000
+    return quantile(values, q) * 1000
 
 
 def _report(name: str, direct: _Phase, proxied: _Phase) -> None:
@@ -180,9 +135,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024 or not 1 <= args.repeats <= 20:
         parser.error("--requests must be in 10..100000, --concurrency in 1..1024 and --repeats in 1..20")
-    backend = f"http://127.0.0.1:{_free_port()}"
-    proxy = f"http://127.0.0.1:{_free_port()}"
-    bare = f"http://127.0.0.1:{_free_port()}"
+    backend, proxy, bare = local_url(), local_url(), local_url()
     serve = ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096"]
     serve += [
         "--listen",
@@ -192,10 +145,9 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         "--transport",
         args.transport,
     ]
-    with (
-        _process(["-c", _EMULATOR, backend.rpartition(":")[2]], backend),
-        _process(serve, proxy) as proxy_process,
-    ):
+    # No generation delay: what is left of a request's time is HTTP and the proxy.
+    instant = emulated_vllm(backend, max_num_seqs=1024, time_per_output_token_s=0.0)
+    with instant, serving(serve, proxy) as proxy_process:
         rounds = f", {args.repeats} rounds per phase" if args.repeats > 1 else ""
         print(
             f"{args.requests} requests per phase, concurrency {args.concurrency}, one emulated vLLM backend,"
@@ -208,7 +160,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
             _report(name, direct, proxied)
             if not stream:
                 non_streaming_cpu = proxied.cpu_median
-    with _process(["-c", _BARE, bare.rpartition(":")[2]], bare) as bare_process:
+    with serving(["-c", _BARE, port_of(bare)], bare) as bare_process:
         floor = _phase(bare, args, False, bare_process.pid).cpu_median
     ratio = non_streaming_cpu / floor if floor else float("nan")
     print(
