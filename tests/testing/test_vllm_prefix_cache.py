@@ -8,9 +8,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread
-from irmiddleware.testing._common import count_tokens
-from irmiddleware.testing._vllm import block_hashes
+from irmiddleware.testing import VLLMConfig, block_hashes, count_tokens, create_vllm_app, serve_in_thread
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 8  # ~400 characters: 6 blocks
 
