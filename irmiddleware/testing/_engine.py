@@ -40,6 +40,7 @@ __all__ = [
     "TokenServiceModel",
     "count_tokens",
     "filler",
+    "openai_usage",
     "render_chat",
     "sse",
 ]
@@ -96,6 +97,15 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):  # Content parts; only text parts carry tokens here.
         return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     raise ValueError("messages: content should be a string or a list of parts")
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The OpenAI `usage` object that vLLM and TGI both answer on their `/v1` routes."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
 
 
 def sse(payload: Any, space: bool = True) -> str:

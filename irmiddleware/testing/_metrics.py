@@ -12,6 +12,7 @@ Every emulator keeps its own `Metrics`, so several emulators can share a process
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -79,18 +80,23 @@ class Family(Generic[S]):
     """One metric family: a series per combination of label values, exported in creation order."""
 
     def __init__(
-        self, name: str, kind: str, help_text: str, labelnames: tuple[str, ...], make: Callable[[], S]
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        labels: tuple[Labels, tuple[str, ...]],
+        make: Callable[[], S],
     ) -> None:
         self.name = name
         self.kind = kind
         self.help_text = help_text
-        self.labelnames = labelnames
+        self.const_labels, self.labelnames = labels
         self._make: Callable[[], S] = make
         self._series: dict[tuple[str, ...], tuple[S, float]] = {}
 
     def labels(self, **labels: str) -> S:
-        """The series of these label values (every label name, no other), created at first use;
-        call it early to export a series before anything happened to it."""
+        """The series of these label values (every label name but the constant ones, no other),
+        created at first use; call it early to export a series before anything happened to it."""
         if set(labels) != set(self.labelnames):
             raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {tuple(labels)}")
         key = tuple(labels[name] for name in self.labelnames)
@@ -104,7 +110,7 @@ class Family(Generic[S]):
         samples: list[Sample] = []
         created: list[Sample] = []
         for key, (series, created_at) in self._series.items():
-            labels = dict(zip(self.labelnames, key, strict=True))
+            labels = {**self.const_labels, **dict(zip(self.labelnames, key, strict=True))}
             samples += series.samples(exposed, labels, number)
             created.append((f"{self.name}_created", labels, created_at))
         text = _family(exposed, self.kind, self.help_text, samples, number)
@@ -114,23 +120,25 @@ class Family(Generic[S]):
 
 
 class Metrics:
-    """The metric families of one emulator, in the order they are declared."""
+    """The metric families of one emulator, in the order they are declared; `const_labels` are
+    on every series (vLLM's `model_name` and `engine`)."""
 
-    def __init__(self, client_style: bool = False) -> None:
+    def __init__(self, client_style: bool = False, const_labels: Labels | None = None) -> None:
         self.client_style = client_style
+        self.const_labels = dict(const_labels or {})
         self._families: list[Family[Value] | Family[Histogram]] = []
 
     def counter(self, name: str, help_text: str, *labelnames: str) -> Family[Value]:
-        return self._add(Family(name, "counter", help_text, labelnames, Value))
+        return self._add(Family(name, "counter", help_text, (self.const_labels, labelnames), Value))
 
     def gauge(self, name: str, help_text: str, *labelnames: str) -> Family[Value]:
-        return self._add(Family(name, "gauge", help_text, labelnames, Value))
+        return self._add(Family(name, "gauge", help_text, (self.const_labels, labelnames), Value))
 
     def histogram(
         self, name: str, help_text: str, buckets: Iterable[float], *labelnames: str
     ) -> Family[Histogram]:
-        bounds = tuple(buckets)
-        return self._add(Family(name, "histogram", help_text, labelnames, lambda: Histogram(bounds)))
+        make = functools.partial(Histogram, tuple(buckets))
+        return self._add(Family(name, "histogram", help_text, (self.const_labels, labelnames), make))
 
     def _add(self, family: Family[S]) -> Family[S]:
         self._families.append(family)

@@ -40,6 +40,7 @@ from irmiddleware.testing._engine import (
     check,
     count_tokens,
     filler,
+    openai_usage,
     render_chat,
     sse,
 )
@@ -508,7 +509,14 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         kind = "chat.completion" if chat else "text_completion"
-        return JSONResponse({"object": kind, **meta, "choices": [choice], "usage": _usage(job)})
+        return JSONResponse(
+            {
+                "object": kind,
+                **meta,
+                "choices": [choice],
+                "usage": openai_usage(job.prompt_tokens, len(job.words)),
+            }
+        )
 
     def _fingerprint(self) -> str:
         return f"{self.config.version}-{self.config.docker_label or 'native'}"
@@ -532,7 +540,15 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
                     )
                     yield sse({"object": kind, **meta, "choices": [choice], "usage": None}, space)
             if include_usage:
-                yield sse({"object": kind, **meta, "choices": [], "usage": _usage(job)}, space)
+                yield sse(
+                    {
+                        "object": kind,
+                        **meta,
+                        "choices": [],
+                        "usage": openai_usage(job.prompt_tokens, len(job.words)),
+                    },
+                    space,
+                )
         except _TGIError as error:
             # Streaming chat reports overload like this, under HTTP 200 (doc/protocols.md §3.4).
             self._fail(error)
@@ -542,15 +558,6 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
 
 def _ms(seconds: float) -> str:
     return str(int(seconds * 1000))  # TGI reports whole milliseconds in its x-*-time headers.
-
-
-def _usage(job: _Job) -> dict[str, int]:
-    completion = len(job.words)
-    return {
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": job.prompt_tokens + completion,
-    }
 
 
 def create_tgi_app(config: TGIConfig | None = None, **overrides: Any) -> Starlette:

@@ -58,6 +58,7 @@ from irmiddleware.testing._engine import (
     check,
     count_tokens,
     filler,
+    openai_usage,
     render_chat,
     sse,
 )
@@ -179,73 +180,53 @@ class _Metrics:
     """vLLM's Prometheus metrics, as prometheus_client writes them (vLLM exports with it)."""
 
     def __init__(self, model_name: str, show_deprecated: bool) -> None:
-        self.metrics = m = Metrics(client_style=True)
-        self.labels = {"model_name": model_name, "engine": "0"}
-        labels = tuple(self.labels)
-        self.running = m.gauge(
-            "vllm:num_requests_running", "Number of requests in model execution batches.", *labels
-        )
-        self.waiting = m.gauge(
-            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", *labels
-        )
-        self.kv_usage = m.gauge(
-            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", *labels
-        )
+        self.metrics = m = Metrics(client_style=True, const_labels={"model_name": model_name, "engine": "0"})
+        self.running = m.gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = m.gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = m.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.gpu_usage = (
-            m.gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.", *labels)
+            m.gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.")
             if show_deprecated
             else None
         )
-        self.prompt_tokens = m.counter("vllm:prompt_tokens", "Number of prefill tokens processed.", *labels)
+        self.prompt_tokens = m.counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels()
         self.generation_tokens = m.counter(
-            "vllm:generation_tokens", "Number of generation tokens processed.", *labels
-        )
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        ).labels()
         self.prefix_queries = m.counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            *labels,
-        )
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        ).labels()
         self.prefix_hits = m.counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", *labels
-        )
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        ).labels()
         self.success = m.counter(
-            "vllm:request_success", "Count of successfully processed requests.", *labels, "finished_reason"
+            "vllm:request_success", "Count of successfully processed requests.", "finished_reason"
         )
+        for reason in ("stop", "length", "abort"):  # Exported from the first scrape, as in vLLM.
+            self.success.labels(finished_reason=reason)
         self.ttft = m.histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            _TTFT_BUCKETS,
-            *labels,
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS
         )
         self.e2e = m.histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
             _LATENCY_BUCKETS,
-            *labels,
         )
         self.queue_time = m.histogram(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
             _LATENCY_BUCKETS,
-            *labels,
         )
-        # Create the labelled series now so every one is exported from the first scrape.
-        for family in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens):
-            family.labels(**self.labels)
-        for family in (self.prefix_queries, self.prefix_hits):
-            family.labels(**self.labels)
-        for reason in ("stop", "length", "abort"):
-            self.success.labels(**self.labels, finished_reason=reason)
 
     def render(self, running: int, waiting: int, max_num_seqs: int) -> str:
         """Export; gauges are set from the scheduler at scrape time so they can never drift."""
-        self.running.labels(**self.labels).set(running)
-        self.waiting.labels(**self.labels).set(waiting)
+        self.running.labels().set(running)
+        self.waiting.labels().set(waiting)
         # A stand-in for KV usage: the share of running slots in use, 0..1.
         usage = min(1.0, running / max_num_seqs)
-        self.kv_usage.labels(**self.labels).set(usage)
+        self.kv_usage.labels().set(usage)
         if self.gpu_usage is not None:
-            self.gpu_usage.labels(**self.labels).set(usage)
+            self.gpu_usage.labels().set(usage)
         return self.metrics.render()
 
 
@@ -282,14 +263,6 @@ class _Job(Job):
     @property
     def completion_tokens(self) -> int:
         return sum(len(choice.words) for choice in self.choices)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-    }
 
 
 def _as_dict(raw: bytes) -> dict[str, Any]:
@@ -561,19 +534,19 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
                     self._usage_chunk(job, choices, sum(min(step + 1, len(c.words)) for c in job.choices))
                 )
         if job.include_usage:
-            yield sse({**_chunk(job, []), "usage": _usage(job.prompt_tokens, job.completion_tokens)})
+            yield sse({**_chunk(job, []), "usage": openai_usage(job.prompt_tokens, job.completion_tokens)})
         yield "data: [DONE]\n\n"
 
     def _usage_chunk(self, job: _Job, choices: list[dict[str, Any]], tokens_so_far: int) -> dict[str, Any]:
         chunk = _chunk(job, choices)
         if job.include_usage and job.continuous_usage:  # vLLM's per-chunk running usage.
-            chunk["usage"] = _usage(job.prompt_tokens, tokens_so_far)
+            chunk["usage"] = openai_usage(job.prompt_tokens, tokens_so_far)
         return chunk
 
     # -- the engine's hooks: vLLM's metrics, prefix cache and `die_after_tokens` --------------------
 
     def _admitted(self, job: _Job) -> None:
-        self._metrics.queue_time.labels(**self._metrics.labels).observe(job.queued_s)
+        self._metrics.queue_time.labels().observe(job.queued_s)
 
     def _prefill_s(self, job: _Job) -> float:
         return self.config.prefill_s(job.prompt_tokens - self._cached_tokens(job))
@@ -591,13 +564,12 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
             prompt_tokens = count_tokens(prompt)
             # Tokens of the cached characters: the prefix covered by whole cached blocks.
             cached += min(prompt_tokens, count_tokens(prompt[: hit_blocks * self.config.block_chars]))
-        labels = self._metrics.labels
-        self._metrics.prefix_queries.labels(**labels).inc(job.prompt_tokens)
-        self._metrics.prefix_hits.labels(**labels).inc(cached)
+        self._metrics.prefix_queries.inc(job.prompt_tokens)
+        self._metrics.prefix_hits.inc(cached)
         return cached
 
     def _prefilled(self, job: _Job) -> None:
-        self._metrics.prompt_tokens.labels(**self._metrics.labels).inc(job.prompt_tokens)
+        self._metrics.prompt_tokens.inc(job.prompt_tokens)
 
     def _cut(self, job: _Job, tokens_done: int) -> None:
         die_after = self.config.die_after_tokens
@@ -605,17 +577,15 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
             raise _EmulatedCrash(f"die_after_tokens={die_after}")
 
     def _token(self, job: _Job, step: int) -> None:
-        labels = self._metrics.labels
         if step == 0:
-            self._metrics.ttft.labels(**labels).observe(time.monotonic() - job.arrival)
-        self._metrics.generation_tokens.labels(**labels).inc(sum(step < len(c.words) for c in job.choices))
+            self._metrics.ttft.labels().observe(time.monotonic() - job.arrival)
+        self._metrics.generation_tokens.inc(sum(step < len(c.words) for c in job.choices))
 
     def _finished(self, job: _Job, outcome: Outcome) -> None:
-        labels = self._metrics.labels
-        self._metrics.e2e.labels(**labels).observe(time.monotonic() - job.arrival)
+        self._metrics.e2e.labels().observe(time.monotonic() - job.arrival)
         reasons = [choice.finish_reason for choice in job.choices] if outcome == "completed" else ["abort"]
         for reason in reasons:
-            self._metrics.success.labels(**labels, finished_reason=reason).inc()
+            self._metrics.success.labels(finished_reason=reason).inc()
 
     # -- embeddings -------------------------------------------------------------------------------
 
@@ -669,7 +639,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
                 "created": job.created,
                 "model": model,
                 "data": data,
-                "usage": _usage(job.prompt_tokens, 0),
+                "usage": openai_usage(job.prompt_tokens, 0),
             }
         )
 
@@ -741,7 +711,7 @@ def _whole_body(job: _Job) -> dict[str, Any]:
         "created": job.created,
         "model": job.model,
         "choices": choices,
-        "usage": _usage(job.prompt_tokens, job.completion_tokens),
+        "usage": openai_usage(job.prompt_tokens, job.completion_tokens),
     }
 
 
