@@ -436,7 +436,7 @@ class Engine(Generic[C, J]):
             async for _ in steps:
                 pass
 
-    # -- hooks ---------------------------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------------------
 
     def _queue_full(self, job: J) -> EmulatedError:
         """The protocol's answer to a request that finds the queue full."""

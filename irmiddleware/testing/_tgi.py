@@ -144,7 +144,7 @@ def _token(job: _Job, step: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (doc/protocols.md §3.5), written by hand: TGI's counters carry no `_total` suffix
+# Metrics (doc/protocols.md §3.5): TGI's counters carry no `_total` suffix
 # ---------------------------------------------------------------------------------------------
 
 
@@ -176,17 +176,18 @@ class _Metrics:
             ).labels()
             for short in ("request", "queue", "validation", "inference", "mean_time_per_token")
         }
-        input_step = config.max_input_tokens / 100
-        total_step = config.max_total_tokens / 100
-        self.input_length = m.histogram(
-            "tgi_request_input_length", "input_length", (input_step * (k + 1) for k in range(100))
-        ).labels()
-        self.generated_tokens = m.histogram(
-            "tgi_request_generated_tokens", "generated_tokens", (total_step * (k + 1) for k in range(100))
-        ).labels()
-        self.max_new_tokens = m.histogram(
-            "tgi_request_max_new_tokens", "max_new_tokens", (total_step * (k + 1) for k in range(100))
-        ).labels()
+        # Token-count histograms: 100 equal buckets up to the configured maximum.
+        limits = {
+            "input_length": config.max_input_tokens,
+            "generated_tokens": config.max_total_tokens,
+            "max_new_tokens": config.max_total_tokens,
+        }
+        self.lengths = {
+            name: m.histogram(
+                f"tgi_request_{name}", name, (limit / 100 * (k + 1) for k in range(100))
+            ).labels()
+            for name, limit in limits.items()
+        }
 
     def batch(self, method: str) -> None:
         """One inference call of the batch, per `method` ("prefill" or "decode")."""
@@ -222,7 +223,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
     def _slots(self) -> int:
         return min(self.config.max_batch_size, self.config.max_concurrent_requests)
 
-    # -- plain endpoints (doc/protocols.md §3.1, §3.2, §3.5) -----------------------------------------
+    # -- plain endpoints (doc/protocols.md §3.1, §3.2, §3.5) ---------------------------------------
 
     async def health(self, request: Request) -> Response:
         if self.config.unhealthy:
@@ -259,7 +260,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         text = self._metrics.render(self._scheduler.waiting, self._scheduler.running, self._running_tokens)
         return Response(text, media_type=PROMETHEUS_TEXT)
 
-    # -- inference endpoints (doc/protocols.md §3.3) -------------------------------------------------
+    # -- inference endpoints (doc/protocols.md §3.3) -----------------------------------------------
 
     async def generate(self, request: Request) -> Response:
         return await self._answer(request, lambda body: self._generate(body, stream=False))
@@ -341,8 +342,8 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         words = filler(f"{config.seed}:{prompt}", config.output_tokens_range, limit)
         job = _Job(prompt_tokens=tokens, words=words, max_new_tokens=limit, details=details)
         self._metrics.durations["validation"].observe(time.monotonic() - started)
-        self._metrics.input_length.observe(tokens)
-        self._metrics.max_new_tokens.observe(limit)
+        self._metrics.lengths["input_length"].observe(tokens)
+        self._metrics.lengths["max_new_tokens"].observe(limit)
         return job
 
     def _generate_job(self, body: dict[str, Any]) -> _Job:
@@ -356,7 +357,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
             raise _RawError(422, "Failed to deserialize the JSON body into the target type: parameters")
         return self._job(inputs, parameters.get("max_new_tokens"), bool(parameters.get("details")))
 
-    # -- the engine's hooks: TGI's batch metrics and overload -----------------------------------------
+    # -- the engine's hooks: TGI's batch metrics and overload --------------------------------------
 
     def _queue_full(self, job: _Job) -> EmulatedError:
         return _TGIError(429, _OVERLOADED, "overloaded")
@@ -384,9 +385,9 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         durations["queue"].observe(job.queued_s)
         durations["inference"].observe(job.inference_s)
         durations["mean_time_per_token"].observe(job.inference_s / max(1, len(job.words)))
-        self._metrics.generated_tokens.observe(len(job.words))
+        self._metrics.lengths["generated_tokens"].observe(len(job.words))
 
-    # -- /generate, /generate_stream, / ----------------------------------------------------------
+    # -- /generate, /generate_stream, / ------------------------------------------------------------
 
     async def _generate(self, body: dict[str, Any], stream: bool) -> Response:
         job = self._generate_job(body)
@@ -465,7 +466,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
             "input_length": job.prompt_tokens,
         }
 
-    # -- OpenAI-compatible routes (doc/protocols.md §3.3) --------------------------------------------
+    # -- OpenAI-compatible routes (doc/protocols.md §3.3) ------------------------------------------
 
     def _openai_job(self, body: dict[str, Any], chat: bool) -> _Job:
         prompt: Any

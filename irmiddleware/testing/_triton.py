@@ -406,7 +406,7 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
             self._pending.labels(model=model, version=version).set(self._queues[model, version].waiting)
         return self._metrics.render()
 
-    # -- server endpoints (doc/protocols.md §2.1) ----------------------------------------------------
+    # -- server endpoints (doc/protocols.md §2.1) --------------------------------------------------
 
     async def server_metadata(self, request: Request) -> Response:
         extensions = [
@@ -428,7 +428,7 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
         ok = not config.unhealthy and not config.not_ready and all_ready
         return Response(status_code=200 if ok else 400)
 
-    # -- model endpoints (doc/protocols.md §2.1, §2.2) -----------------------------------------------
+    # -- model endpoints (doc/protocols.md §2.1, §2.2) ---------------------------------------------
 
     async def model_metadata(self, request: Request) -> Response:
         model, version = self._resolve(request, need_ready=False)
@@ -484,7 +484,7 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
         self.reconfigure(unready_models=tuple(sorted(unready)))
         return Response(status_code=200)
 
-    # -- inference (doc/protocols.md §2.3) -----------------------------------------------------------
+    # -- inference (doc/protocols.md §2.3) ---------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
         return await self._answer(request, self._infer)
@@ -544,7 +544,7 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
             raise _bad("max_tokens must be a positive integer")
         return filler(f"{self.config.seed}:{prompt}", self.config.output_tokens_range, limit)
 
-    # -- generate extension ----------------------------------------------------------------------
+    # -- generate extension ------------------------------------------------------------------------
 
     def _generate_run(self, body: dict[str, Any], model: TritonModel, version: str, stream: bool) -> _Run:
         # Top-level keys map to inputs by name, then to `parameters` (doc/protocols.md §2.3).

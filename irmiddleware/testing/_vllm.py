@@ -334,7 +334,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         self._metrics = _Metrics(config.served_model_names[0], config.show_deprecated_metrics)
         self._prefix_cache = PrefixCache(config.prefix_cache_blocks)
 
-    # -- plain endpoints (doc/protocols.md §1.1, §1.2) -----------------------------------------------
+    # -- plain endpoints (doc/protocols.md §1.1, §1.2) ---------------------------------------------
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=503 if self.config.unhealthy else 200)
@@ -361,7 +361,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         )
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    # -- inference endpoints (doc/protocols.md §1.3) -------------------------------------------------
+    # -- inference endpoints (doc/protocols.md §1.3) -----------------------------------------------
 
     async def completions(self, request: Request) -> Response:
         return await self._answer(request, self._generate, chat=False)
@@ -412,7 +412,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         named = {"kv_cache_usage_perc": usage, "num_requests_waiting": waiting}
         return "JSON " + json.dumps({"named_metrics": named})
 
-    # -- validation shared by all inference APIs -------------------------------------------------
+    # -- validation shared by all inference APIs ---------------------------------------------------
 
     def _check_model(self, body: dict[str, Any], api: str) -> str:
         # Route-level capability check first, as vLLM does before looking at the model name.
@@ -441,7 +441,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         suffix = request.headers.get("x-request-id") or body.get("request_id") or uuid.uuid4().hex
         return f"{prefix}-{suffix}"
 
-    # -- generation -------------------------------------------------------------------------------
+    # -- generation --------------------------------------------------------------------------------
 
     async def _generate(self, request: Request, body: dict[str, Any], chat: bool) -> Response:
         job = self._parse_generation(request, body, chat)
@@ -543,7 +543,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
             chunk["usage"] = openai_usage(job.prompt_tokens, tokens_so_far)
         return chunk
 
-    # -- the engine's hooks: vLLM's metrics, prefix cache and `die_after_tokens` --------------------
+    # -- the engine's hooks: vLLM's metrics, prefix cache and `die_after_tokens` -------------------
 
     def _admitted(self, job: _Job) -> None:
         self._metrics.queue_time.labels().observe(job.queued_s)
@@ -587,7 +587,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         for reason in reasons:
             self._metrics.success.labels(finished_reason=reason).inc()
 
-    # -- embeddings -------------------------------------------------------------------------------
+    # -- embeddings --------------------------------------------------------------------------------
 
     async def _embed(self, request: Request, body: dict[str, Any], chat: bool) -> Response:
         model = self._check_model(body, "Embeddings")
@@ -682,7 +682,7 @@ def _model_card(name: str, root: str, created: int, max_model_len: int) -> dict[
     }
 
 
-# -- response bodies ------------------------------------------------------------------------------
+# -- response bodies -------------------------------------------------------------------------------
 
 
 def _token_text(job: _Job, choice: _Choice, step: int) -> str:
