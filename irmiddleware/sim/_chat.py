@@ -10,9 +10,9 @@ Token content is not simulated, only its identity: a block wholly inside the sys
 same in every session that shares that system prompt; any later block belongs to its session (the
 conversation up to its end is that session's alone).
 
-Each accelerator's cache (`irmiddleware._prefix_cache.PrefixCache`, the same model the vLLM emulator
-uses) is an LRU of block hashes holding `cache_blocks_per_slot` blocks per batch
-slot (more memory, more batch, more cache). A request reuses the longest run of its prompt's blocks,
+Each accelerator's cache is a `PrefixCache` (`irmiddleware._prefix_cache`, the one the vLLM
+emulator keeps too): an LRU of block hashes holding `cache_blocks_per_slot` blocks per batch slot
+(more memory, more batch, more cache). A request reuses the longest run of its prompt's blocks,
 from the first, that the cache holds; prefill work is charged for the rest only. Its prompt blocks
 are cached when it starts, and the blocks of its answer when it ends (the next turn's prompt starts
 with them). Blocks of running requests are not pinned: at the sizes used here an LRU evicts them

@@ -8,8 +8,9 @@ decode steps (`Engine._steps`), the request counters (`EmulatorStats`) and `reco
 change is made here and holds for all three emulators; the prefix cache the vLLM emulator keeps is
 `irmiddleware._prefix_cache`, the one the simulator uses too.
 
-Dependencies point one way: the protocol modules import this module, which imports only the standard
-library (no Starlette, no uvicorn), so it can be read and tested without an HTTP stack.
+Dependencies point one way: the protocol modules import this module, and it imports only the
+standard library (no Starlette, no uvicorn, no protocol): what a server does with a request is kept
+apart from how it speaks, so a protocol change cannot reach the timing model or the reverse.
 """
 
 from __future__ import annotations
