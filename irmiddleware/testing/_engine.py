@@ -164,6 +164,10 @@ class ServiceModel:
             value = getattr(self, name)
             check(value is None or value >= low, f"{name} must be >= {low}")
 
+    def answer(self, prompt: str, limit: int, ignore_eos: bool = False) -> list[str]:
+        """The filler words answering `prompt` (deterministic for `seed`), at most `limit`."""
+        return filler(f"{self.seed}:{prompt}", self.output_tokens_range, limit, ignore_eos)
+
     def prefill_s(self, prompt_tokens: int) -> float:
         """Time from taking a slot to the first token."""
         return self.time_per_request_s

@@ -39,7 +39,6 @@ from irmiddleware.testing._engine import (
     TokenServiceModel,
     check,
     count_tokens,
-    filler,
     openai_usage,
     render_chat,
     sse,
@@ -339,7 +338,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
                 f"`inputs` tokens + `max_new_tokens` must be <= {config.max_total_tokens}. "
                 f"Given: {tokens} `inputs` tokens and {limit} `max_new_tokens`"
             )
-        words = filler(f"{config.seed}:{prompt}", config.output_tokens_range, limit)
+        words = config.answer(prompt, limit)
         job = _Job(prompt_tokens=tokens, words=words, max_new_tokens=limit, details=details)
         self._metrics.durations["validation"].observe(time.monotonic() - started)
         self._metrics.lengths["input_length"].observe(tokens)

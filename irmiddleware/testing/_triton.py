@@ -43,7 +43,6 @@ from irmiddleware.testing._engine import (
     Scheduler,
     ServiceModel,
     check,
-    filler,
     sse,
 )
 from irmiddleware.testing._metrics import PROMETHEUS_TEXT, Family, Metrics, Value
@@ -542,7 +541,7 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
         limit = self.config.default_max_tokens if max_tokens is None else max_tokens
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise _bad("max_tokens must be a positive integer")
-        return filler(f"{self.config.seed}:{prompt}", self.config.output_tokens_range, limit)
+        return self.config.answer(prompt, limit)
 
     # -- generate extension ------------------------------------------------------------------------
 

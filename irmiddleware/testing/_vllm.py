@@ -57,7 +57,6 @@ from irmiddleware.testing._engine import (
     TokenServiceModel,
     check,
     count_tokens,
-    filler,
     openai_usage,
     render_chat,
     sse,
@@ -492,8 +491,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
         for prompt, tokens in zip(prompts, prompt_tokens, strict=True):
             limit = self._check_context(tokens, max_tokens)
             for sample in range(n):
-                key = f"{self.config.seed}:{prompt}:{sample}"
-                words = filler(key, self.config.output_tokens_range, limit, ignore_eos)
+                words = self.config.answer(f"{prompt}:{sample}", limit, ignore_eos)
                 choices.append(_Choice(len(choices), words, "length" if len(words) == limit else "stop"))
         return choices
 
