@@ -15,6 +15,7 @@ apart from how it speaks, so a protocol change cannot reach the timing model or 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import dataclasses
@@ -121,7 +122,7 @@ def sse(payload: Any, space: bool = True) -> str:
 
 
 @dataclass(kw_only=True)
-class ServiceModel:
+class ServiceModel(abc.ABC):
     """The fields every emulator's config shares, validated on creation and by `reconfigure`.
 
     A request waits for a slot, then pays `prefill_s` (the first token comes with it) and
@@ -172,9 +173,9 @@ class ServiceModel:
         """Time from taking a slot to the first token."""
         return self.time_per_request_s
 
+    @abc.abstractmethod
     def decode_s(self) -> float:
         """Time per generated token after the first."""
-        raise NotImplementedError
 
 
 @dataclass(kw_only=True)
@@ -341,7 +342,7 @@ J = TypeVar("J", bound=Job)
 R = TypeVar("R")
 
 
-class Engine(Generic[C, J]):
+class Engine(abc.ABC, Generic[C, J]):
     """What every emulator does with a request, whatever its protocol: count it, queue it, run it
     step by step on the service model, and keep its counters right however it ends.
 
@@ -443,9 +444,9 @@ class Engine(Generic[C, J]):
 
     # -- hooks -------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _queue_full(self, job: J) -> EmulatedError:
         """The protocol's answer to a request that finds the queue full."""
-        raise NotImplementedError
 
     def _reconfigured(self) -> None:
         """The config was replaced (e.g. Triton adds queues for new models)."""
