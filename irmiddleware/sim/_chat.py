@@ -10,8 +10,9 @@ Token content is not simulated, only its identity: a block wholly inside the sys
 same in every session that shares that system prompt; any later block belongs to its session (the
 conversation up to its end is that session's alone).
 
-Each accelerator's cache is an LRU of block hashes holding `cache_blocks_per_slot` blocks per batch
-slot (more memory, more batch, more cache). A request reuses the longest run of its prompt's blocks,
+Each accelerator's cache is a `PrefixCache` (`irmiddleware._prefix_cache`, the one the vLLM
+emulator keeps too): an LRU of block hashes holding `cache_blocks_per_slot` blocks per batch slot
+(more memory, more batch, more cache). A request reuses the longest run of its prompt's blocks,
 from the first, that the cache holds; prefill work is charged for the rest only. Its prompt blocks
 are cached when it starts, and the blocks of its answer when it ends (the next turn's prompt starts
 with them). Blocks of running requests are not pinned: at the sizes used here an LRU evicts them
@@ -21,10 +22,12 @@ only when the cache is far too small anyway.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+# `PrefixCache` is the one model of a server's prefix cache, shared with the vLLM emulator; it is
+# re-exported here because the simulation engine imports it from this module.
+from irmiddleware._prefix_cache import PrefixCache as PrefixCache
 from irmiddleware.sim._model import Fleet, Job, _lognormal_tokens
 
 _MASK = 2**64 - 1
@@ -150,39 +153,6 @@ class Conversation:
             previous = _mix(previous ^ _mix((owner << 20) | index))
             hashes.append(previous)
         return hashes[:wanted]
-
-
-class PrefixCache:
-    """One accelerator's cached blocks, least recently used first."""
-
-    __slots__ = ("blocks", "capacity_blocks")
-
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity_blocks = capacity_blocks
-        self.blocks: OrderedDict[int, None] = OrderedDict()
-
-    def cached_prefix(self, hashes: list[int]) -> int:
-        """How many of `hashes`, from the first, are cached (a cache reuses a prefix only)."""
-        blocks = self.blocks
-        for count, block in enumerate(hashes):
-            if block not in blocks:
-                return count
-        return len(hashes)
-
-    def store(self, hashes: list[int]) -> None:
-        """Caches `hashes` as the most recent blocks, evicting the least recently used."""
-        if self.capacity_blocks == 0:
-            return
-        blocks = self.blocks
-        for block in hashes[-self.capacity_blocks :]:
-            blocks[block] = None
-            blocks.move_to_end(block)
-        for _ in range(len(blocks) - self.capacity_blocks):
-            blocks.popitem(last=False)
-
-    def clear(self) -> None:
-        """A crashed server loses its cache."""
-        self.blocks.clear()
 
 
 def mean_session_work_s(workload: ChatWorkload) -> float:

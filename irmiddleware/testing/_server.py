@@ -93,7 +93,7 @@ class RunningServer:
 
     def _run(self) -> None:
         # Like vLLM while it loads its model: the port is bound but not listening, so connecting
-        # is refused until the delay is over (protocols.md §1.1).
+        # is refused until the delay is over (doc/protocols.md §1.1).
         if self._cancel_start.wait(self._startup_delay_s):
             return
         with asyncio.Runner() as runner:

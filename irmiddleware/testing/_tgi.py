@@ -1,11 +1,12 @@
-"""A Hugging Face Text Generation Inference (TGI) router emulator (protocols.md §3).
+"""A Hugging Face Text Generation Inference (TGI) router emulator (doc/protocols.md §3).
 
 It answers TGI's paths with TGI's bodies, headers, status codes, SSE framing and Prometheus
 metrics, and "generates" deterministic filler text on a timing model instead of running a model.
 One server serves one model (`model_id`), as TGI does.
 
-Tokenizer and text are the vLLM emulator's (`irmiddleware.testing._common`): whitespace words cut
-into 4-character pieces; generated tokens are filler words of at most 4 characters.
+The service model, tokenizer, queue and step loop are the shared engine's (`_engine`): whitespace
+words cut into 4-character pieces; generated tokens are filler words of at most 4 characters. This
+module keeps TGI's paths, bodies, errors, stream framing and metric names.
 
 Scheduling. At most `max_batch_size` requests decode at once; the rest wait in the queue
 (`tgi_queue_size`). Everything in flight (running plus queued) holds one of
@@ -16,13 +17,12 @@ inside the stream.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -30,32 +30,36 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from irmiddleware.testing._common import (
-    PROMETHEUS_TEXT,
-    EmulatorStats,
-    Histogram,
-    QueueFull,
+from irmiddleware.testing._engine import (
+    EmulatedError,
+    Engine,
+    Job,
+    Outcome,
     Scheduler,
+    TokenServiceModel,
     check,
     count_tokens,
-    filler,
-    prom_family,
+    openai_usage,
     render_chat,
     sse,
 )
+from irmiddleware.testing._metrics import PROMETHEUS_TEXT, Metrics
 
 __all__ = ["TGIConfig", "TGIEmulator", "create_tgi_app"]
 
-# TGI's duration buckets: 0.0001·1.5^k (protocols.md §3.5); the count of 35 is from TGI's
+# TGI's duration buckets: 0.0001·1.5^k (doc/protocols.md §3.5); the count of 35 is from TGI's
 # `server.rs` as we recall it (unconfirmed).
 _DURATION_BUCKETS = tuple(0.0001 * 1.5**k for k in range(1, 36))
 _OVERLOADED = "Model is overloaded"
 
 
-@dataclass
-class TGIConfig:
-    """How the emulated TGI server behaves. Every field is validated on creation; change fields at
-    runtime with `TGIEmulator.reconfigure` (validated, and applies capacity changes at once)."""
+@dataclass(kw_only=True)
+class TGIConfig(TokenServiceModel):
+    """How the emulated TGI server behaves: the shared service model (`time_per_*`,
+    `output_tokens_range`, `seed`, `fail_status`, `startup_delay_s`; `unhealthy` makes `/health`,
+    `GET /` and `/ping` answer 503 `{"error":"unhealthy","error_type":"healthcheck"}`) plus TGI's own
+    fields. Every field is validated on creation; change fields at runtime with
+    `TGIEmulator.reconfigure` (validated, and applies capacity changes at once)."""
 
     model_id: str = "emulated/model"
     """What `/info`, `/v1/models` and the chat `model` field report."""
@@ -75,60 +79,34 @@ class TGIConfig:
     version: str = "3.3.6-dev0"
     """Router version in `/info` and in the chat `system_fingerprint`."""
     docker_label: str | None = None
-    time_per_request_s: float = 0.01
-    """Fixed part of prefill, after the request leaves the queue."""
-    time_per_prompt_token_s: float = 0.0001
-    time_per_output_token_s: float = 0.005
-    """Decode time per generated token (one stream event per token)."""
-    output_tokens_range: tuple[int, int] = (16, 64)
-    """The "natural" answer length per prompt; shorter `max_new_tokens` ends with "length"."""
-    seed: int = 0
     sse_space: bool = True
     """Write `data: {...}` (axum 0.7, TGI at db931fc); False writes `data:{...}` like older builds
-    (protocols.md §3, framing correction). huggingface_hub needs the space before `[DONE]`."""
+    (doc/protocols.md §3, framing correction). huggingface_hub needs the space before `[DONE]`."""
     api_key: str | None = None
     """`--api-key`: inference routes need `Authorization: Bearer <key>`, else 401 empty (§3.1)."""
-    # Fault knobs.
-    fail_status: int | None = None
-    """Answer every inference request at once with this status and a TGI error body."""
-    unhealthy: bool = False
-    """`/health` (and `GET /`, `/ping`) answer 503 `{"error":"unhealthy","error_type":"healthcheck"}`."""
-    startup_delay_s: float = 0.0
-    """`serve_in_thread` keeps the port closed this long, like TGI warming up (§3.1)."""
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` when a value is out of range."""
+        super().validate()
         check(bool(self.model_id), "model_id must be non-empty")
-        for name in (
-            "max_concurrent_requests",
-            "max_batch_size",
-            "max_input_tokens",
-            "max_client_batch_size",
-        ):
-            check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        self.at_least(
+            1, "max_concurrent_requests", "max_batch_size", "max_input_tokens", "max_client_batch_size"
+        )
         check(self.max_total_tokens > self.max_input_tokens, "max_total_tokens must exceed max_input_tokens")
-        for name in ("time_per_request_s", "time_per_prompt_token_s", "time_per_output_token_s"):
-            check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        check(self.startup_delay_s >= 0, "startup_delay_s must be >= 0")
-        low, high = self.output_tokens_range
-        check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
-        check(self.fail_status is None or 400 <= self.fail_status <= 599, "fail_status must be an error")
 
 
-class _TGIError(Exception):
-    """An error answered with TGI's body `{"error", "error_type"}` (protocols.md §3.4)."""
+class _TGIError(EmulatedError):
+    """An error answered with TGI's body `{"error", "error_type"}` (doc/protocols.md §3.4)."""
 
-    def __init__(self, status: int, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def __init__(self, status: int, message: str, error_type: str = "generation") -> None:
+        super().__init__(status, message)
         self.error_type = error_type
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
+
+
+class _RawError(EmulatedError):
+    """A plain-text rejection from axum's JSON extractor, before TGI's own validation."""
 
 
 def _validation(message: str) -> _TGIError:
@@ -136,16 +114,16 @@ def _validation(message: str) -> _TGIError:
 
 
 @dataclass
-class _Job:
-    """One validated generation request."""
+class _Job(Job):
+    """One validated generation request (`prompt_tokens`; `steps` is one per word)."""
 
-    prompt_tokens: int
     words: list[str]
     max_new_tokens: int
     details: bool
-    arrival: float = field(default_factory=time.monotonic)
-    queued_s: float = 0.0
     inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.steps = len(self.words)
 
     @property
     def finish_reason(self) -> str:
@@ -165,75 +143,61 @@ def _token(job: _Job, step: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (protocols.md §3.5), written by hand: TGI's counters carry no `_total` suffix
+# Metrics (doc/protocols.md §3.5): TGI's counters carry no `_total` suffix
 # ---------------------------------------------------------------------------------------------
 
 
 class _Metrics:
     def __init__(self, config: TGIConfig) -> None:
-        self.count = 0
-        self.success = 0
-        self.failure: dict[str, int] = {}
-        self.batch_count = {"prefill": 0, "decode": 0}
-        self.histograms = {
-            name: Histogram(_DURATION_BUCKETS)
-            for name in ("request", "queue", "validation", "inference", "mean_time_per_token")
+        self.metrics = m = Metrics()
+        self.queue_size = m.gauge("tgi_queue_size", "Current queue size").labels()
+        self.batch_size = m.gauge("tgi_batch_current_size", "Current batch size").labels()
+        self.batch_tokens = m.gauge(
+            "tgi_batch_current_max_tokens", "Maximum tokens for the current batch"
+        ).labels()
+        self.count = m.counter("tgi_request_count", "Total number of requests").labels()
+        self.success = m.counter("tgi_request_success", "Number of successful requests").labels()
+        self.failure = m.counter("tgi_request_failure", "Number of failed requests", "err")
+        self._batches = (
+            m.counter("tgi_batch_inference_count", "Inference calls per method", "method"),
+            m.counter(
+                "tgi_batch_inference_success", "Number of successful inference calls per method", "method"
+            ),
+        )
+        for family in self._batches:
+            for method in ("prefill", "decode"):
+                family.labels(method=method)
+        self.durations = {
+            short: m.histogram(
+                "tgi_request_duration" if short == "request" else f"tgi_request_{short}_duration",
+                f"Request {short} duration",
+                _DURATION_BUCKETS,
+            ).labels()
+            for short in ("request", "queue", "validation", "inference", "mean_time_per_token")
         }
-        input_step = config.max_input_tokens / 100
-        total_step = config.max_total_tokens / 100
-        self.input_length = Histogram(input_step * (k + 1) for k in range(100))
-        self.generated_tokens = Histogram(total_step * (k + 1) for k in range(100))
-        self.max_new_tokens = Histogram(total_step * (k + 1) for k in range(100))
+        # Token-count histograms: 100 equal buckets up to the configured maximum.
+        limits = {
+            "input_length": config.max_input_tokens,
+            "generated_tokens": config.max_total_tokens,
+            "max_new_tokens": config.max_total_tokens,
+        }
+        self.lengths = {
+            name: m.histogram(
+                f"tgi_request_{name}", name, (limit / 100 * (k + 1) for k in range(100))
+            ).labels()
+            for name, limit in limits.items()
+        }
+
+    def batch(self, method: str) -> None:
+        """One inference call of the batch, per `method` ("prefill" or "decode")."""
+        for family in self._batches:
+            family.labels(method=method).inc()
 
     def render(self, queue: int, batch: int, batch_tokens: int) -> str:
-        parts = [
-            prom_family("tgi_queue_size", "gauge", "Current queue size", [("tgi_queue_size", {}, queue)]),
-            prom_family(
-                "tgi_batch_current_size",
-                "gauge",
-                "Current batch size",
-                [("tgi_batch_current_size", {}, batch)],
-            ),
-            prom_family(
-                "tgi_batch_current_max_tokens",
-                "gauge",
-                "Maximum tokens for the current batch",
-                [("tgi_batch_current_max_tokens", {}, batch_tokens)],
-            ),
-            _counter("tgi_request_count", "Total number of requests", {(): self.count}),
-            _counter("tgi_request_success", "Number of successful requests", {(): self.success}),
-            _counter("tgi_request_failure", "Number of failed requests", self._by("err", self.failure)),
-            _counter(
-                "tgi_batch_inference_count",
-                "Inference calls per method",
-                self._by("method", self.batch_count),
-            ),
-            _counter(
-                "tgi_batch_inference_success",
-                "Number of successful inference calls per method",
-                self._by("method", self.batch_count),
-            ),
-        ]
-        for short, hist in self.histograms.items():
-            name = "tgi_request_duration" if short == "request" else f"tgi_request_{short}_duration"
-            parts.append(prom_family(name, "histogram", f"Request {short} duration", hist.samples(name, {})))
-        for name, hist in (
-            ("tgi_request_input_length", self.input_length),
-            ("tgi_request_generated_tokens", self.generated_tokens),
-            ("tgi_request_max_new_tokens", self.max_new_tokens),
-        ):
-            parts.append(
-                prom_family(name, "histogram", name.removeprefix("tgi_request_"), hist.samples(name, {}))
-            )
-        return "".join(parts)
-
-    @staticmethod
-    def _by(label: str, values: dict[str, int]) -> dict[tuple[tuple[str, str], ...], int]:
-        return {((label, key),): value for key, value in values.items()}
-
-
-def _counter(name: str, help_text: str, values: dict[tuple[tuple[str, str], ...], int]) -> str:
-    return prom_family(name, "counter", help_text, [(name, dict(labels), v) for labels, v in values.items()])
+        self.queue_size.set(queue)
+        self.batch_size.set(batch)
+        self.batch_tokens.set(batch_tokens)
+        return self.metrics.render()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,34 +205,24 @@ def _counter(name: str, help_text: str, values: dict[tuple[tuple[str, str], ...]
 # ---------------------------------------------------------------------------------------------
 
 
-class TGIEmulator:
-    """State and handlers of one emulated TGI server; reachable as `app.state.emulator`."""
+class TGIEmulator(Engine[TGIConfig, _Job]):
+    """State and handlers of one emulated TGI server; reachable as `app.state.emulator`
+    (`config`, `stats`, `reconfigure` from the shared engine)."""
+
+    error = _TGIError
 
     def __init__(self, config: TGIConfig) -> None:
-        self.config = config
+        super().__init__(config)
         # Permits = running slots + queue places, so "no permit" is exactly "queue full" (§3.4).
         self._scheduler = Scheduler(self._slots, lambda: self.config.max_concurrent_requests - self._slots())
+        self._queues[None] = self._scheduler
         self._metrics = _Metrics(config)
-        self._tally = EmulatorStats()
         self._running_tokens = 0
 
     def _slots(self) -> int:
         return min(self.config.max_batch_size, self.config.max_concurrent_requests)
 
-    @property
-    def stats(self) -> EmulatorStats:
-        """A snapshot of the request counters."""
-        return dataclasses.replace(
-            self._tally, running=self._scheduler.running, waiting=self._scheduler.waiting
-        )
-
-    def reconfigure(self, **changes: Any) -> TGIConfig:
-        """Replace config fields (validated); more slots start waiters at once."""
-        self.config = dataclasses.replace(self.config, **changes)
-        self._scheduler.admit_threadsafe()
-        return self.config
-
-    # -- plain endpoints (protocols.md §3.1, §3.2, §3.5) -----------------------------------------
+    # -- plain endpoints (doc/protocols.md §3.1, §3.2, §3.5) ---------------------------------------
 
     async def health(self, request: Request) -> Response:
         if self.config.unhealthy:
@@ -305,7 +259,7 @@ class TGIEmulator:
         text = self._metrics.render(self._scheduler.waiting, self._scheduler.running, self._running_tokens)
         return Response(text, media_type=PROMETHEUS_TEXT)
 
-    # -- inference endpoints (protocols.md §3.3) -------------------------------------------------
+    # -- inference endpoints (doc/protocols.md §3.3) -----------------------------------------------
 
     async def generate(self, request: Request) -> Response:
         return await self._answer(request, lambda body: self._generate(body, stream=False))
@@ -323,24 +277,24 @@ class TGIEmulator:
     async def completions(self, request: Request) -> Response:
         return await self._answer(request, lambda body: self._openai(body, chat=False))
 
-    async def _answer(self, request: Request, handler: Callable[[dict[str, Any]], Any]) -> Response:
-        """Shared front door: auth, count, `fail_status`, JSON parsing, TGI's error body."""
+    async def _answer(
+        self, request: Request, handler: Callable[[dict[str, Any]], Awaitable[Response]]
+    ) -> Response:
+        """The engine's front door behind TGI's auth; TGI's error bodies."""
         if not self._authorized(request):
             return Response(status_code=401)
-        self._tally.received += 1
-        self._metrics.count += 1
-        try:
-            if self.config.fail_status is not None:
-                raise _TGIError(self.config.fail_status, "Emulated failure (fail_status).", "generation")
-            body = await self._body(request)
-            response: Response = await handler(body)
-            return response
-        except _TGIError as error:
-            self._fail(error)
+        self._metrics.count.inc()
+
+        async def handle() -> Response:
+            return await handler(await self._body(request))
+
+        return await self._serve(handle, self._error_response)
+
+    def _error_response(self, error: EmulatedError) -> Response:
+        if isinstance(error, _TGIError):
+            self._metrics.failure.labels(err=error.error_type).inc()
             return JSONResponse(error.body(), status_code=error.status)
-        except _RawError as error:
-            self._tally.failed += 1
-            return PlainTextResponse(error.message, status_code=error.status)
+        return PlainTextResponse(error.message, status_code=error.status)
 
     def _authorized(self, request: Request) -> bool:
         key = self.config.api_key
@@ -358,10 +312,9 @@ class TGIEmulator:
         return body
 
     def _fail(self, error: _TGIError) -> None:
-        self._tally.failed += 1
-        if error.error_type == "overloaded":
-            self._tally.rejected += 1
-        self._metrics.failure[error.error_type] = self._metrics.failure.get(error.error_type, 0) + 1
+        """Count an error that a stream reports in-band (the front door counts the others)."""
+        self._failed(error)
+        self._metrics.failure.labels(err=error.error_type).inc()
 
     # -- validation (TGI `validation.rs`) ----------------------------------------------------------
 
@@ -385,11 +338,11 @@ class TGIEmulator:
                 f"`inputs` tokens + `max_new_tokens` must be <= {config.max_total_tokens}. "
                 f"Given: {tokens} `inputs` tokens and {limit} `max_new_tokens`"
             )
-        words = filler(f"{config.seed}:{prompt}", config.output_tokens_range, limit)
-        job = _Job(tokens, words, limit, details)
-        self._metrics.histograms["validation"].observe(time.monotonic() - started)
-        self._metrics.input_length.observe(tokens)
-        self._metrics.max_new_tokens.observe(limit)
+        words = config.answer(prompt, limit)
+        job = _Job(prompt_tokens=tokens, words=words, max_new_tokens=limit, details=details)
+        self._metrics.durations["validation"].observe(time.monotonic() - started)
+        self._metrics.lengths["input_length"].observe(tokens)
+        self._metrics.lengths["max_new_tokens"].observe(limit)
         return job
 
     def _generate_job(self, body: dict[str, Any]) -> _Job:
@@ -403,65 +356,45 @@ class TGIEmulator:
             raise _RawError(422, "Failed to deserialize the JSON body into the target type: parameters")
         return self._job(inputs, parameters.get("max_new_tokens"), bool(parameters.get("details")))
 
-    # -- running ---------------------------------------------------------------------------------
+    # -- the engine's hooks: TGI's batch metrics and overload --------------------------------------
 
-    async def _steps(self, job: _Job) -> AsyncGenerator[int, None]:
-        """Take a permit (or raise overloaded), queue, prefill, then yield each decode step."""
-        try:
-            self._scheduler.check_room()
-        except QueueFull:
-            raise _TGIError(429, _OVERLOADED, "overloaded") from None
-        admitted = finished = False
-        try:
-            await self._scheduler.acquire()
-            admitted = True
-            self._running_tokens += job.prompt_tokens + job.max_new_tokens
-            job.queued_s = time.monotonic() - job.arrival
-            config = self.config
-            await asyncio.sleep(
-                config.time_per_request_s + job.prompt_tokens * config.time_per_prompt_token_s
-            )
-            self._metrics.batch_count["prefill"] += 1
-            for step in range(len(job.words)):
-                if step:
-                    await asyncio.sleep(self.config.time_per_output_token_s)
-                    self._metrics.batch_count["decode"] += 1
-                yield step
-            finished = True
-        finally:
-            if admitted:
-                self._scheduler.release()
-                self._running_tokens -= job.prompt_tokens + job.max_new_tokens
-            self._finish(job, finished)
+    def _queue_full(self, job: _Job) -> EmulatedError:
+        return _TGIError(429, _OVERLOADED, "overloaded")
 
-    def _finish(self, job: _Job, finished: bool) -> None:
-        if not finished:
-            self._tally.aborted += 1
+    def _admitted(self, job: _Job) -> None:
+        self._running_tokens += job.prompt_tokens + job.max_new_tokens
+
+    def _prefilled(self, job: _Job) -> None:
+        self._metrics.batch("prefill")
+
+    def _token(self, job: _Job, step: int) -> None:
+        if step:
+            self._metrics.batch("decode")
+
+    def _finished(self, job: _Job, outcome: Outcome) -> None:
+        if job.started is not None:
+            self._running_tokens -= job.prompt_tokens + job.max_new_tokens
+        if outcome != "completed":
             return
         now = time.monotonic()
         job.inference_s = now - job.arrival - job.queued_s
-        self._tally.completed += 1
-        self._metrics.success += 1
-        hist = self._metrics.histograms
-        hist["request"].observe(now - job.arrival)
-        hist["queue"].observe(job.queued_s)
-        hist["inference"].observe(job.inference_s)
-        hist["mean_time_per_token"].observe(job.inference_s / max(1, len(job.words)))
-        self._metrics.generated_tokens.observe(len(job.words))
+        self._metrics.success.inc()
+        durations = self._metrics.durations
+        durations["request"].observe(now - job.arrival)
+        durations["queue"].observe(job.queued_s)
+        durations["inference"].observe(job.inference_s)
+        durations["mean_time_per_token"].observe(job.inference_s / max(1, len(job.words)))
+        self._metrics.lengths["generated_tokens"].observe(len(job.words))
 
-    async def _run_whole(self, job: _Job) -> None:
-        async with contextlib.aclosing(self._steps(job)) as steps:
-            async for _ in steps:
-                pass
-
-    # -- /generate, /generate_stream, / ----------------------------------------------------------
+    # -- /generate, /generate_stream, / ------------------------------------------------------------
 
     async def _generate(self, body: dict[str, Any], stream: bool) -> Response:
         job = self._generate_job(body)
         if stream:
             headers = {**self._headers(job, time.monotonic()), "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(job), media_type="text/event-stream", headers=headers)
-        await self._run_whole(job)
+        self._check_room(job)  # Overloaded: 429 (§3.4).
+        await self._run(job)
         return JSONResponse(self._generate_body(job), headers=self._headers(job, time.monotonic()))
 
     async def _compat(self, body: dict[str, Any]) -> Response:
@@ -507,6 +440,7 @@ class TGIEmulator:
         """`/generate_stream` events (§3.3): one per token, the last carries the text; no `[DONE]`."""
         space = self.config.sse_space
         try:
+            self._check_room(job)
             async with contextlib.aclosing(self._steps(job)) as steps:
                 async for step in steps:
                     last = step == len(job.words) - 1
@@ -531,7 +465,7 @@ class TGIEmulator:
             "input_length": job.prompt_tokens,
         }
 
-    # -- OpenAI-compatible routes (protocols.md §3.3) --------------------------------------------
+    # -- OpenAI-compatible routes (doc/protocols.md §3.3) ------------------------------------------
 
     def _openai_job(self, body: dict[str, Any], chat: bool) -> _Job:
         prompt: Any
@@ -568,13 +502,21 @@ class TGIEmulator:
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"}
             )
-        await self._run_whole(job)
+        self._check_room(job)
+        await self._run(job)
         reason = "length" if job.finish_reason == "length" else "stop"
         text = job.text.lstrip() if chat else job.text
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         kind = "chat.completion" if chat else "text_completion"
-        return JSONResponse({"object": kind, **meta, "choices": [choice], "usage": _usage(job)})
+        return JSONResponse(
+            {
+                "object": kind,
+                **meta,
+                "choices": [choice],
+                "usage": openai_usage(job.prompt_tokens, len(job.words)),
+            }
+        )
 
     def _fingerprint(self) -> str:
         return f"{self.config.version}-{self.config.docker_label or 'native'}"
@@ -586,6 +528,7 @@ class TGIEmulator:
         space = self.config.sse_space
         kind = "chat.completion.chunk" if chat else "text_completion"
         try:
+            self._check_room(job)
             async with contextlib.aclosing(self._steps(job)) as steps:
                 async for step in steps:
                     last = step == len(job.words) - 1
@@ -597,34 +540,24 @@ class TGIEmulator:
                     )
                     yield sse({"object": kind, **meta, "choices": [choice], "usage": None}, space)
             if include_usage:
-                yield sse({"object": kind, **meta, "choices": [], "usage": _usage(job)}, space)
+                yield sse(
+                    {
+                        "object": kind,
+                        **meta,
+                        "choices": [],
+                        "usage": openai_usage(job.prompt_tokens, len(job.words)),
+                    },
+                    space,
+                )
         except _TGIError as error:
-            # Streaming chat reports overload like this, under HTTP 200 (protocols.md §3.4).
+            # Streaming chat reports overload like this, under HTTP 200 (doc/protocols.md §3.4).
             self._fail(error)
             yield sse({"error": {"message": error.message, "http_status_code": 422}}, space)
         yield sse("[DONE]", space)
 
 
-class _RawError(Exception):
-    """A plain-text rejection from axum's JSON extractor, before TGI's own validation."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _ms(seconds: float) -> str:
     return str(int(seconds * 1000))  # TGI reports whole milliseconds in its x-*-time headers.
-
-
-def _usage(job: _Job) -> dict[str, int]:
-    completion = len(job.words)
-    return {
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": job.prompt_tokens + completion,
-    }
 
 
 def create_tgi_app(config: TGIConfig | None = None, **overrides: Any) -> Starlette:

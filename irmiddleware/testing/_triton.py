@@ -1,4 +1,4 @@
-"""An NVIDIA Triton Inference Server emulator: KServe v2 HTTP plus Triton's extensions (protocols.md §2).
+"""An NVIDIA Triton Inference Server emulator: KServe v2 HTTP plus Triton's extensions (doc/protocols.md §2).
 
 It answers Triton's paths with Triton's bodies, status codes and stream framing, including the
 binary tensor extension that `tritonclient.http` uses by default, and serves Triton's Prometheus
@@ -10,23 +10,23 @@ metrics on a separate app (Triton's port 8002). It runs no model; instead:
   `max_tokens` (INT32) and answers `text_output` with deterministic filler text, one token per
   `time_per_token_s`; `/generate` and `/generate_stream` are meant for it.
 
-Scheduling. Each model version has `max_concurrency` execution slots (Triton's instance count; the
-dynamic batcher's merging of requests is not emulated) and a queue bounded by `max_queue_size`
-(0 = unbounded, as in Triton's `default_queue_policy`). A request arriving at a full queue gets
-503 "Exceeds maximum queue size".
+Scheduling, timing and counters are the shared engine's (`_engine`); this module keeps Triton's
+paths, bodies, errors, stream framing and metric names. Each model version has `max_concurrency`
+execution slots (Triton's instance count; the dynamic batcher's merging of requests is not
+emulated) and a queue bounded by `max_queue_size` (0 = unbounded, as in Triton's
+`default_queue_policy`). A request arriving at a full queue gets 503 "Exceeds maximum queue size".
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import math
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,16 +35,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from irmiddleware.testing._common import (
-    PROMETHEUS_TEXT,
-    EmulatorStats,
-    QueueFull,
+from irmiddleware.testing._engine import (
+    EmulatedError,
+    Engine,
+    Job,
+    Outcome,
     Scheduler,
+    ServiceModel,
     check,
-    filler,
-    none_or_at_least,
-    prom_family,
+    sse,
 )
+from irmiddleware.testing._metrics import PROMETHEUS_TEXT, Family, Metrics, Value
 
 __all__ = [
     "TritonConfig",
@@ -55,7 +56,7 @@ __all__ = [
     "create_triton_metrics_app",
 ]
 
-# struct formats of the fixed-size datatypes, little-endian on the wire (protocols.md §2.3).
+# struct formats of the fixed-size datatypes, little-endian on the wire (doc/protocols.md §2.3).
 _FORMATS = {
     "BOOL": "?",
     "UINT8": "B",
@@ -152,16 +153,20 @@ class TritonModel:
         return max(self.versions, key=int)
 
 
-@dataclass
-class TritonConfig:
-    """How the emulated Triton server behaves. Every field is validated on creation; change fields
-    at runtime with `TritonEmulator.reconfigure` (validated, and applies capacity changes)."""
+@dataclass(kw_only=True)
+class TritonConfig(ServiceModel):
+    """How the emulated Triton server behaves: the shared service model (`time_per_request_s`,
+    `output_tokens_range`, `seed`, `fail_status` answered as `{"error": ...}`, `startup_delay_s`
+    like Triton loading its models; `unhealthy` makes `/v2/health/live` and `/v2/health/ready`
+    answer 400 with an empty body) plus Triton's own fields. Every field is validated on creation;
+    change fields at runtime with `TritonEmulator.reconfigure` (validated, and applies capacity
+    changes)."""
 
     models: tuple[TritonModel, ...] = (TritonModel("simple"), TritonModel.text_generator("llm"))
     server_version: str = "2.60.0"
     """What `GET /v2` reports as `version`."""
     strict_readiness: bool = True
-    """`--strict-readiness`: `/v2/health/ready` needs every model ready (protocols.md §2.1)."""
+    """`--strict-readiness`: `/v2/health/ready` needs every model ready (doc/protocols.md §2.1)."""
     time_per_request_s: float = 0.001
     """Execution time of one request (prefill, for a generative model), after it leaves the queue."""
     time_per_token_s: float = 0.002
@@ -170,38 +175,28 @@ class TritonConfig:
     """Token limit when a generate request sends no `max_tokens`."""
     output_tokens_range: tuple[int, int] = (8, 32)
     """The "natural" answer length is drawn per prompt from this inclusive range."""
-    seed: int = 0
-    """Seeds the filler text and the answer lengths (deterministic)."""
     # Fault knobs.
-    fail_status: int | None = None
-    """Answer every infer/generate request at once with this status and `{"error": ...}`."""
-    unhealthy: bool = False
-    """`/v2/health/live` and `/v2/health/ready` answer 400 (empty body)."""
     not_ready: bool = False
     """`/v2/health/ready` answers 400 while live stays 200."""
     unready_models: tuple[str, ...] = ()
     """Models that are loaded but not ready (like after `/v2/repository/models/{m}/unload`)."""
     stream_error_after_tokens: int | None = None
     """`generate_stream` sends `data: {"error": ...}` after this many tokens and ends (§2.3)."""
-    startup_delay_s: float = 0.0
-    """`serve_in_thread` keeps the port closed this long, like Triton loading its models (§2.1)."""
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         self.unready_models = tuple(self.unready_models)
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
-        """Raise `ValueError` when a value is out of range."""
+        super().validate()
         names = [model.name for model in self.models]
         check(bool(names) and len(set(names)) == len(names), "models must be non-empty with unique names")
-        for name in ("time_per_request_s", "time_per_token_s", "startup_delay_s"):
-            check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        check(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
-        low, high = self.output_tokens_range
-        check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
-        check(none_or_at_least(self.stream_error_after_tokens, 0), "stream_error_after_tokens must be >= 0")
-        check(self.fail_status is None or 400 <= self.fail_status <= 599, "fail_status must be an error")
+        self.at_least(1, "default_max_tokens")
+        self.at_least(0, "stream_error_after_tokens")
+
+    def decode_s(self) -> float:
+        return self.time_per_token_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,18 +204,17 @@ class TritonConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-class _TritonError(Exception):
-    """An error answered with Triton's body `{"error": message}` (protocols.md §2.4)."""
+class _TritonError(EmulatedError):
+    """An error answered with Triton's body `{"error": message}` (doc/protocols.md §2.4); `reason`
+    labels `nv_inference_request_failure`."""
 
     def __init__(self, status: int, message: str, reason: str = "OTHER") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message)
         self.reason = reason
 
 
 def _bad(message: str) -> _TritonError:
-    # INVALID_ARG → 400 since Triton 2.42 (protocols.md §2.4).
+    # INVALID_ARG → 400 since Triton 2.42 (doc/protocols.md §2.4).
     return _TritonError(400, message)
 
 
@@ -296,21 +290,8 @@ def _add_one(datatype: str, values: list[Any]) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (protocols.md §2.5)
+# Metrics (doc/protocols.md §2.5)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _VersionMetrics:
-    """Triton's per-model-version counters; durations in microseconds, as Triton counts them."""
-
-    success: int = 0
-    failure: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FAILURE_REASONS, 0))
-    inference_count: int = 0
-    exec_count: int = 0
-    request_duration_us: int = 0
-    queue_duration_us: int = 0
-    compute_infer_duration_us: int = 0
 
 
 # (name, help) of the counters, in Triton's order; the help texts follow TC `src/metrics.cc`.
@@ -331,36 +312,85 @@ _COUNTERS = (
 )
 
 
+class _VersionMetrics:
+    """Triton's counters of one model version; durations in microseconds, as Triton counts them."""
+
+    def __init__(self, families: dict[str, Family[Value]], model: str, version: str) -> None:
+        labels = {"model": model, "version": version}
+
+        def counter(name: str) -> Value:
+            return families[f"nv_inference_{name}"].labels(**labels)
+
+        self.success = counter("request_success")
+        failure = families["nv_inference_request_failure"]
+        self.failure = {reason: failure.labels(**labels, reason=reason) for reason in _FAILURE_REASONS}
+        self.inference_count = counter("count")
+        self.exec_count = counter("exec_count")
+        self.request_duration_us = counter("request_duration_us")
+        self.queue_duration_us = counter("queue_duration_us")
+        self.compute_infer_duration_us = counter("compute_infer_duration_us")
+
+
 # ---------------------------------------------------------------------------------------------
 # The emulator
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Execution:
-    """One admitted request: its timing, for the metrics."""
+class _Run(Job):
+    """One inference request of a model version (`queue` is `(model name, version)`)."""
 
-    arrival: float
-    started: float = 0.0
+    model: TritonModel
+    version: str
+    request_id: Any
+    batch: int = 1
+    """Inferences in the request (`nv_inference_count`)."""
+    words: list[str] = dataclasses.field(default_factory=list)
+    """A generative model's answer, one decode step per word."""
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        self.queue = self.key
+        self.steps = len(self.words)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model.name, self.version)
 
 
-class TritonEmulator:
-    """State and handlers of one emulated Triton server; reachable as `app.state.emulator`."""
+class TritonEmulator(Engine[TritonConfig, _Run]):
+    """State and handlers of one emulated Triton server; reachable as `app.state.emulator`
+    (`config`, `stats`, `reconfigure` from the shared engine)."""
+
+    error = _TritonError
 
     def __init__(self, config: TritonConfig) -> None:
-        self.config = config
-        self._schedulers: dict[tuple[str, str], Scheduler] = {}
-        self._metrics: dict[tuple[str, str], _VersionMetrics] = {}
-        self._tally = EmulatorStats()
-        for model in config.models:
-            self._add_model(model)
+        super().__init__(config)
+        self._metrics = Metrics()
+        self._counters = {
+            name: self._metrics.counter(
+                name, help_text, "model", "version", *(("reason",) if name.endswith("failure") else ())
+            )
+            for name, help_text in _COUNTERS
+        }
+        self._pending = self._metrics.gauge(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution per-model.",
+            "model",
+            "version",
+        )
+        self._versions: dict[tuple[str, str], _VersionMetrics] = {}
+        self._reconfigured()
 
-    def _add_model(self, model: TritonModel) -> None:
-        for version in model.versions:
-            key = (model.name, version)
-            self._metrics.setdefault(key, _VersionMetrics())
-            if key not in self._schedulers:
-                self._schedulers[key] = self._scheduler_for(model.name)
+    def _reconfigured(self) -> None:
+        """Give every model version of the config its queue and its counters."""
+        for model in self.config.models:
+            for version in model.versions:
+                key = (model.name, version)
+                if key not in self._queues:
+                    self._queues[key] = self._scheduler_for(model.name)
+                    self._versions[key] = _VersionMetrics(self._counters, model.name, version)
+                    self._pending.labels(model=model.name, version=version)
 
     def _scheduler_for(self, name: str) -> Scheduler:
         # Read the model's limits on every decision, so `reconfigure` changes them live.
@@ -369,46 +399,13 @@ class TritonEmulator:
             lambda: self._model_named(name).max_queue_size or None,
         )
 
-    # -- public ---------------------------------------------------------------------------------
-
-    @property
-    def stats(self) -> EmulatorStats:
-        """A snapshot of the request counters, summed over all models."""
-        running = sum(s.running for s in self._schedulers.values())
-        waiting = sum(s.waiting for s in self._schedulers.values())
-        return dataclasses.replace(self._tally, running=running, waiting=waiting)
-
-    def reconfigure(self, **changes: Any) -> TritonConfig:
-        """Replace config fields (validated); more slots start waiters at once."""
-        self.config = dataclasses.replace(self.config, **changes)
-        for model in self.config.models:
-            self._add_model(model)
-        for scheduler in self._schedulers.values():
-            scheduler.admit_threadsafe()
-        return self.config
-
     def render_metrics(self) -> str:
         """Triton's metrics text (what the metrics app serves)."""
-        rows = {key: dataclasses.astuple(m) for key, m in self._metrics.items()}
-        parts = []
-        for index, (name, help_text) in enumerate(_COUNTERS):
-            samples: list[tuple[str, dict[str, str], float]] = []
-            for (model, version), metric in self._metrics.items():
-                labels = {"model": model, "version": version}
-                if name == "nv_inference_request_failure":
-                    samples += [(name, {**labels, "reason": r}, n) for r, n in metric.failure.items()]
-                else:
-                    samples.append((name, labels, rows[model, version][index]))
-            parts.append(prom_family(name, "counter", help_text, samples))
-        pending = [
-            ("nv_inference_pending_request_count", {"model": m, "version": v}, float(s.waiting))
-            for (m, v), s in self._schedulers.items()
-        ]
-        help_text = "Instantaneous number of pending requests awaiting execution per-model."
-        parts.append(prom_family("nv_inference_pending_request_count", "gauge", help_text, pending))
-        return "".join(parts)
+        for model, version in self._versions:
+            self._pending.labels(model=model, version=version).set(self._queues[model, version].waiting)
+        return self._metrics.render()
 
-    # -- server endpoints (protocols.md §2.1) ----------------------------------------------------
+    # -- server endpoints (doc/protocols.md §2.1) --------------------------------------------------
 
     async def server_metadata(self, request: Request) -> Response:
         extensions = [
@@ -430,7 +427,7 @@ class TritonEmulator:
         ok = not config.unhealthy and not config.not_ready and all_ready
         return Response(status_code=200 if ok else 400)
 
-    # -- model endpoints (protocols.md §2.1, §2.2) -----------------------------------------------
+    # -- model endpoints (doc/protocols.md §2.1, §2.2) ---------------------------------------------
 
     async def model_metadata(self, request: Request) -> Response:
         model, version = self._resolve(request, need_ready=False)
@@ -486,7 +483,7 @@ class TritonEmulator:
         self.reconfigure(unready_models=tuple(sorted(unready)))
         return Response(status_code=200)
 
-    # -- inference (protocols.md §2.3) -----------------------------------------------------------
+    # -- inference (doc/protocols.md §2.3) ---------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
         return await self._answer(request, self._infer)
@@ -500,56 +497,56 @@ class TritonEmulator:
     async def _answer(
         self, request: Request, handler: Callable[[Request, TritonModel, str], Awaitable[Response]]
     ) -> Response:
-        """Shared front door: resolve the model, count, apply `fail_status`."""
+        """The engine's front door, once the path names a ready model version."""
         model, version = self._resolve(request, need_ready=True)
-        self._tally.received += 1
-        try:
-            if self.config.fail_status is not None:
-                raise _TritonError(self.config.fail_status, "Emulated failure (fail_status).")
-            return await handler(request, model, version)
-        except _TritonError as error:
-            self._tally.failed += 1
-            self._metrics[model.name, version].failure[error.reason] += 1
-            raise
+
+        def render(error: EmulatedError) -> Response:
+            self._count_failure((model.name, version), error)
+            return _error_response(error)
+
+        return await self._serve(lambda: handler(request, model, version), render)
+
+    def _count_failure(self, key: tuple[str, str], error: EmulatedError) -> None:
+        reason = error.reason if isinstance(error, _TritonError) else "OTHER"
+        self._versions[key].failure[reason].inc()
 
     async def _infer(self, request: Request, model: TritonModel, version: str) -> Response:
         body, binary = _split_body(await request.body(), request.headers)
         inputs = _decode_inputs(model, body, binary)
         wanted = _wanted_outputs(model, body)
-        request_id = body.get("id")
         batch = inputs[0].shape[0] if model.max_batch_size > 0 and inputs[0].shape else 1
-        async with self._execution(model, version, request_id, batch):
-            outputs = await self._compute(model, inputs)
-        self._tally.completed += 1
-        return _infer_response(model, version, request_id, outputs, wanted)
-
-    async def _compute(self, model: TritonModel, inputs: list[_Tensor]) -> dict[str, _Tensor]:
-        if not model.generative:
-            await asyncio.sleep(self.config.time_per_request_s)
-            return {
+        words = self._prompt_words(inputs) if model.generative else []
+        run = _Run(model=model, version=version, request_id=body.get("id"), batch=batch, words=words)
+        self._check_room(run)
+        await self._run(run)
+        if model.generative:
+            outputs = {"text_output": _Tensor("text_output", "BYTES", [1], [_text_of(words).encode()])}
+        else:
+            outputs = {
                 out.name: _Tensor(out.name, out.datatype, inp.shape, _add_one(inp.datatype, inp.values))
                 for out, inp in zip(model.outputs, _paired(model, inputs), strict=True)
             }
+        return _infer_response(model, version, run.request_id, outputs, wanted)
+
+    def _prompt_words(self, inputs: list[_Tensor]) -> list[str]:
+        """A generative model's answer to its `text_input` and optional `max_tokens` tensors."""
         by_name = {tensor.name: tensor for tensor in inputs}
         prompt = (
             by_name["text_input"].values[0].decode("utf-8", "replace") if by_name["text_input"].values else ""
         )
         max_tokens = by_name["max_tokens"].values[0] if "max_tokens" in by_name else None
-        words = self._words(prompt, max_tokens)
-        await asyncio.sleep(self.config.time_per_request_s + len(words) * self.config.time_per_token_s)
-        text = _text_of(words)
-        return {"text_output": _Tensor("text_output", "BYTES", [1], [text.encode()])}
+        return self._words(prompt, max_tokens)
 
     def _words(self, prompt: str, max_tokens: Any) -> list[str]:
         limit = self.config.default_max_tokens if max_tokens is None else max_tokens
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise _bad("max_tokens must be a positive integer")
-        return filler(f"{self.config.seed}:{prompt}", self.config.output_tokens_range, limit)
+        return self.config.answer(prompt, limit)
 
-    # -- generate extension ----------------------------------------------------------------------
+    # -- generate extension ------------------------------------------------------------------------
 
-    def _parse_generate(self, body: dict[str, Any], model: TritonModel) -> list[str]:
-        # Top-level keys map to inputs by name, then to `parameters` (protocols.md §2.3).
+    def _generate_run(self, body: dict[str, Any], model: TritonModel, version: str, stream: bool) -> _Run:
+        # Top-level keys map to inputs by name, then to `parameters` (doc/protocols.md §2.3).
         if not model.generative:
             # Mapping arbitrary keys onto tensor models is not emulated; say so instead of guessing.
             raise _bad(f"generate is only emulated for generative models, not for '{model.name}'")
@@ -558,86 +555,61 @@ class TritonEmulator:
             raise _bad("expected 'text_input' to be a string")
         parameters = body.get("parameters")
         parameters = parameters if isinstance(parameters, dict) else {}
-        return self._words(text, body.get("max_tokens", parameters.get("max_tokens")))
+        words = self._words(text, body.get("max_tokens", parameters.get("max_tokens")))
+        return _Run(model=model, version=version, request_id=body.get("id"), words=words, stream=stream)
 
     async def _generate(self, request: Request, model: TritonModel, version: str) -> Response:
-        body = _json_object(await request.body())
-        words = self._parse_generate(body, model)
-        async with self._execution(model, version, body.get("id"), 1):
-            await asyncio.sleep(self.config.time_per_request_s + len(words) * self.config.time_per_token_s)
-        self._tally.completed += 1
-        return JSONResponse(_generate_body(model, version, body.get("id"), _text_of(words)))
+        run = self._generate_run(_json_object(await request.body()), model, version, stream=False)
+        self._check_room(run)
+        await self._run(run)
+        return JSONResponse(_generate_body(model, version, run.request_id, _text_of(run.words)))
 
     async def _generate_stream(self, request: Request, model: TritonModel, version: str) -> Response:
-        body = _json_object(await request.body())
-        words = self._parse_generate(body, model)
+        run = self._generate_run(_json_object(await request.body()), model, version, stream=True)
         # Errors before inference starts are plain JSON with a status (§2.3): check the queue now.
-        self._check_room(model, version, body.get("id"))
-        events = self._stream_events(model, version, body.get("id"), words)
-        return StreamingResponse(events, media_type="text/event-stream; charset=utf-8")
+        self._check_room(run)
+        return StreamingResponse(self._stream_events(run), media_type="text/event-stream; charset=utf-8")
 
-    async def _stream_events(
-        self, model: TritonModel, version: str, request_id: Any, words: list[str]
-    ) -> AsyncGenerator[str, None]:
+    async def _stream_events(self, run: _Run) -> AsyncGenerator[str, None]:
         """`data: {json}\\n\\n` per token, no `[DONE]`; a later error is an event (§2.3)."""
-        metrics = self._metrics[model.name, version]
         try:
-            async with self._execution(model, version, request_id, 1):
-                await asyncio.sleep(self.config.time_per_request_s)
-                for step, word in enumerate(words):
-                    if step:
-                        await asyncio.sleep(self.config.time_per_token_s)
-                    if step == self.config.stream_error_after_tokens:
-                        raise _TritonError(500, "Emulated failure mid-stream (stream_error_after_tokens).")
-                    text = word if step == 0 else f" {word}"
-                    yield _sse_line(_generate_body(model, version, request_id, text))
+            self._check_room(run)  # Again: the queue may have filled since the headers went out.
+            async with contextlib.aclosing(self._steps(run)) as steps:
+                async for step in steps:
+                    text = run.words[step] if step == 0 else f" {run.words[step]}"
+                    yield sse(_generate_body(run.model, run.version, run.request_id, text))
         except _TritonError as error:
-            self._tally.failed += 1
-            metrics.failure[error.reason] += 1
-            yield _sse_line({"error": error.message})
-            return
-        self._tally.completed += 1
+            self._failed(error)
+            self._count_failure(run.key, error)
+            yield sse({"error": error.message})
 
-    # -- scheduling and accounting ---------------------------------------------------------------
+    # -- the engine's hooks: Triton's counters, queue bound and mid-stream fault -------------------
 
-    def _check_room(self, model: TritonModel, version: str, request_id: Any) -> None:
-        try:
-            self._schedulers[model.name, version].check_room()
-        except QueueFull:
-            self._tally.rejected += 1
-            # protocols.md §2.4: the dynamic batcher's wording, with the request id or a placeholder.
-            shown = request_id if request_id else _UNKNOWN_ID
-            raise _TritonError(503, f"[request id: {shown}] Exceeds maximum queue size", "REJECTED") from None
+    def _queue_full(self, run: _Run) -> EmulatedError:
+        # doc/protocols.md §2.4: the dynamic batcher's wording, with the request id or a placeholder.
+        shown = run.request_id if run.request_id else _UNKNOWN_ID
+        return _TritonError(503, f"[request id: {shown}] Exceeds maximum queue size", "REJECTED")
 
-    @contextlib.asynccontextmanager
-    async def _execution(
-        self, model: TritonModel, version: str, request_id: Any, batch: int
-    ) -> AsyncIterator[None]:
-        """Queue for a slot, hold it while the body runs, and keep Triton's counters right."""
-        scheduler = self._schedulers[model.name, version]
-        metrics = self._metrics[model.name, version]
-        run = _Execution(time.monotonic())
-        self._check_room(model, version, request_id)
-        admitted = False
-        try:
-            await scheduler.acquire()
-            admitted = True
-            run.started = time.monotonic()
-            metrics.queue_duration_us += _us(run.started - run.arrival)
-            yield
-            metrics.success += 1
-            metrics.inference_count += batch
-            metrics.exec_count += 1
-        except (asyncio.CancelledError, GeneratorExit):
-            self._tally.aborted += 1
-            metrics.failure["CANCELED"] += 1
-            raise
-        finally:
-            now = time.monotonic()
-            if admitted:
-                scheduler.release()
-                metrics.compute_infer_duration_us += _us(now - run.started)
-            metrics.request_duration_us += _us(now - run.arrival)
+    def _admitted(self, run: _Run) -> None:
+        self._versions[run.key].queue_duration_us.inc(_us(run.queued_s))
+
+    def _cut(self, run: _Run, tokens_done: int) -> None:
+        after = self.config.stream_error_after_tokens
+        if run.stream and tokens_done == after and tokens_done < run.steps:
+            raise _TritonError(500, "Emulated failure mid-stream (stream_error_after_tokens).")
+
+    def _finished(self, run: _Run, outcome: Outcome) -> None:
+        metrics = self._versions[run.key]
+        now = time.monotonic()
+        if outcome == "completed":
+            metrics.success.inc()
+            metrics.inference_count.inc(run.batch)
+            metrics.exec_count.inc()
+        elif outcome == "aborted":
+            metrics.failure["CANCELED"].inc()
+        if run.started is not None:
+            metrics.compute_infer_duration_us.inc(_us(now - run.started))
+        metrics.request_duration_us.inc(_us(now - run.arrival))
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -673,11 +645,6 @@ def _text_of(words: list[str]) -> str:
     return " ".join(words)
 
 
-def _sse_line(payload: dict[str, Any]) -> str:
-    # Triton's `sse_prefix` is "data: " with a space (protocols.md §2.3).
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
 def _generate_body(model: TritonModel, version: str, request_id: Any, text: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model_name": model.name, "model_version": version, "text_output": text}
     return {"id": request_id, **body} if request_id is not None else body
@@ -705,7 +672,7 @@ def _config_json(model: TritonModel) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request and response bodies (protocols.md §2.3, binary tensor extension)
+# Request and response bodies (doc/protocols.md §2.3, binary tensor extension)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -838,7 +805,7 @@ def _infer_response(
             entry["data"] = _to_json(tensor.datatype, tensor.values)
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model.name, "model_version": version, "outputs": entries}
-    if request_id is not None:  # Echoed only when sent (protocols.md §2.3).
+    if request_id is not None:  # Echoed only when sent (doc/protocols.md §2.3).
         body = {"id": request_id, **body}
     header = json.dumps(body, separators=(",", ":")).encode()
     if not chunks:
@@ -854,20 +821,24 @@ def _infer_response(
 # ---------------------------------------------------------------------------------------------
 
 
+def _error_response(error: EmulatedError) -> Response:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
 async def _triton_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, _TritonError)
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    return _error_response(error)
 
 
 async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    if error.status_code == 404:  # An unmatched path (protocols.md §2).
+    if error.status_code == 404:  # An unmatched path (doc/protocols.md §2).
         return JSONResponse({"error": "Not Found"}, status_code=404)
     return Response(status_code=error.status_code, headers=error.headers)  # 405: empty body.
 
 
 def _model_routes(emulator: TritonEmulator) -> list[Route]:
-    """Every model path, with and without `/versions/{v}` (protocols.md §2)."""
+    """Every model path, with and without `/versions/{v}` (doc/protocols.md §2)."""
     endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
         ("", emulator.model_metadata, "GET"),
         ("/ready", emulator.model_ready, "GET"),

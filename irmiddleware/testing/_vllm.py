@@ -1,9 +1,10 @@
-"""A vLLM OpenAI-compatible server emulator (protocols.md §1).
+"""A vLLM OpenAI-compatible server emulator (doc/protocols.md §1).
 
 It answers the same paths with the same bodies, status codes, stream framing and Prometheus
 metrics as vLLM, but "generates" deterministic filler text on a timing model instead of running a
 model. It is a real ASGI app: serve it with `serve_in_thread` (or any ASGI server) and drive it over
-HTTP.
+HTTP. The service model, queue and step loop are the shared engine's (`_engine`); this module keeps
+vLLM's paths, bodies, errors, stream framing and metric names.
 
 Tokenizer. Text is split on whitespace and every word is cut into pieces of at most 4 characters;
 each piece is one token: "hello world" is 4 tokens ("hell", "o", "worl", "d"), see `count_tokens`.
@@ -15,22 +16,18 @@ Scheduling. At most `max_num_seqs` requests run at once; the rest wait in a queu
 its prefill (`time_per_request_s + uncached prompt tokens * time_per_prompt_token_s`), then one
 `time_per_output_token_s` per generated token.
 
-Prefix cache. With `prefix_cache_blocks > 0` the server keeps an LRU of prompt blocks, as vLLM's
-automatic prefix caching does: the prompt text is cut into blocks of `block_chars` characters
-(64 ≈ vLLM's 16-token blocks under this tokenizer) with chained hashes (a block's hash covers the
-whole prompt before it, so only true prefixes match). The longest cached prefix of a prompt skips
-its prefill; `vllm:prefix_cache_queries_total` / `_hits_total` count prompt tokens and cached
-tokens, as vLLM does.
+Prefix cache. With `prefix_cache_blocks > 0` the server keeps an LRU of prompt blocks
+(`irmiddleware._prefix_cache`), as vLLM's automatic prefix caching does: the prompt text is cut
+into blocks of `block_chars` characters (64 ≈ vLLM's 16-token blocks under this tokenizer) with
+chained hashes. The longest cached prefix of a prompt skips its prefill;
+`vllm:prefix_cache_queries_total` / `_hits_total` count prompt tokens and cached tokens, as vLLM does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -39,10 +36,9 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -51,19 +47,23 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from irmiddleware.testing._common import (
-    EmulatorStats,
-    QueueFull,
+from irmiddleware._prefix_cache import PrefixCache, block_hashes
+from irmiddleware.testing._engine import (
+    EmulatedError,
+    Engine,
+    Job,
+    Outcome,
     Scheduler,
+    TokenServiceModel,
     check,
     count_tokens,
-    filler,
-    none_or_at_least,
+    openai_usage,
     render_chat,
     sse,
 )
+from irmiddleware.testing._metrics import Metrics
 
-__all__ = ["EmulatorStats", "VLLMConfig", "VLLMEmulator", "count_tokens", "create_vllm_app"]
+__all__ = ["VLLMConfig", "VLLMEmulator", "create_vllm_app"]
 
 # vLLM's own bucket boundaries for these histograms (vllm/v1/metrics/loggers.py).
 # fmt: off
@@ -73,7 +73,7 @@ _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 # fmt: on
 
-# Error "type" strings. vLLM uses these names for 400/404/500 (protocols.md §1.4); the names for
+# Error "type" strings. vLLM uses these names for 400/404/500 (doc/protocols.md §1.4); the names for
 # other statuses are our guess and unconfirmed.
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -87,13 +87,16 @@ _ERROR_TYPES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration and statistics
+# Configuration and errors
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class VLLMConfig:
-    """How the emulated vLLM server behaves. Every field is validated on creation.
+@dataclass(kw_only=True)
+class VLLMConfig(TokenServiceModel):
+    """How the emulated vLLM server behaves: the shared service model (`time_per_*`,
+    `output_tokens_range`, `seed`, `fail_status`, `startup_delay_s`; `unhealthy` makes `/health`
+    and `/ping` answer 503, as vLLM does when its engine died) plus vLLM's own fields. Every field
+    is validated on creation.
 
     Fields may be changed at runtime through `app.state.emulator.config` (tests flip faults that
     way); prefer `VLLMEmulator.reconfigure`, which validates and applies capacity changes at once.
@@ -111,20 +114,9 @@ class VLLMConfig:
     """Requests that run at once; later ones wait in the queue."""
     max_num_queued_reqs: int | None = None
     """Waiting-queue bound (vLLM >= 0.29 `--max-num-queued-reqs`); None = unbounded, the
-    historical behaviour. A request arriving at a full queue gets 503 (protocols.md §1.4)."""
+    historical behaviour. A request arriving at a full queue gets 503 (doc/protocols.md §1.4)."""
     priority_scheduling: bool = False
     """`--scheduling-policy priority`: without it a non-zero `priority` field is a 400 (§1.6)."""
-    time_per_request_s: float = 0.01
-    """Fixed part of prefill, paid once per request after it leaves the queue."""
-    time_per_prompt_token_s: float = 0.0001
-    """Prefill time per prompt token."""
-    time_per_output_token_s: float = 0.005
-    """Decode time per generated token (one stream chunk per token)."""
-    output_tokens_range: tuple[int, int] = (16, 64)
-    """The "natural" answer length is drawn from this inclusive range per prompt; a request with a
-    smaller `max_tokens` ends with finish_reason "length", otherwise "stop"."""
-    seed: int = 0
-    """Seeds the filler text, answer lengths and embeddings (all deterministic)."""
     api_key: str | None = None
     """`--api-key`: when set, `/v1*` needs `Authorization: Bearer <api_key>` (401 otherwise)."""
     enable_request_id_headers: bool = False
@@ -136,15 +128,8 @@ class VLLMConfig:
     unsupported_api_status: int = 400
     """Status for e.g. embeddings on a generative model. vLLM answers 400 "The model does not
     support Embeddings API"; the newest code raises NotImplementedError, seen as 501 (unconfirmed)."""
-    # Fault knobs.
-    fail_status: int | None = None
-    """Answer every inference request at once with this status and a vLLM error body."""
-    unhealthy: bool = False
-    """`/health` and `/ping` answer 503, as vLLM does when its engine died."""
-    startup_delay_s: float = 0.0
-    """`serve_in_thread` keeps the port bound but not listening this long (connection refused)."""
     die_after_tokens: int | None = None
-    """Drop the connection after this many generated tokens, mid-response (crash mid-stream)."""
+    """Fault knob: drop the connection after this many generated tokens, mid-response."""
     prefix_cache_blocks: int = 0
     """Prompt blocks the prefix cache holds (LRU); 0 disables it (every prompt is prefilled)."""
     block_chars: int = 64
@@ -152,36 +137,23 @@ class VLLMConfig:
 
     def __post_init__(self) -> None:
         self.served_model_names = tuple(self.served_model_names)
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
-        """Raise `ValueError` when a value is out of range."""
-        if not self.served_model_names or not all(self.served_model_names):
-            raise ValueError("served_model_names must be non-empty strings")
-        check(self.embedding_dim >= 1, "embedding_dim must be >= 1")
-        check(self.max_model_len >= 1, "max_model_len must be >= 1")
-        check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        check(none_or_at_least(self.max_num_queued_reqs, 0), "max_num_queued_reqs must be >= 0")
-        for name in ("time_per_request_s", "time_per_prompt_token_s", "time_per_output_token_s"):
-            check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        check(self.startup_delay_s >= 0, "startup_delay_s must be >= 0")
-        low, high = self.output_tokens_range
-        check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
-        check(none_or_at_least(self.die_after_tokens, 0), "die_after_tokens must be >= 0")
-        check(self.prefix_cache_blocks >= 0, "prefix_cache_blocks must be >= 0")
-        check(self.block_chars >= 1, "block_chars must be >= 1")
-        for name in ("fail_status", "unsupported_api_status"):
-            status = getattr(self, name)
-            check(status is None or 400 <= status <= 599, f"{name} must be an HTTP error status")
+        super().validate()
+        check(
+            bool(self.served_model_names) and all(self.served_model_names),
+            "served_model_names must be non-empty strings",
+        )
+        self.at_least(0, "max_num_queued_reqs", "die_after_tokens", "prefix_cache_blocks")
+        self.at_least(1, "embedding_dim", "max_model_len", "max_num_seqs", "block_chars")
 
 
-class _RequestError(Exception):
+class _RequestError(EmulatedError):
     """An error answered with vLLM's body: `{"error": {message, type, param, code}}`."""
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message)
         self.param = param
 
 
@@ -189,107 +161,72 @@ class _EmulatedCrash(Exception):
     """Raised inside a response body to make uvicorn drop the connection (`die_after_tokens`)."""
 
 
-def _error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    # Shape since vLLM 0.10.1; `code` is the integer status (protocols.md §1.4).
+def _error_response(error: EmulatedError) -> Response:
+    # Shape since vLLM 0.10.1; `code` is the integer status (doc/protocols.md §1.4).
+    status = error.status
     error_type = _ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    param = error.param if isinstance(error, _RequestError) else None
+    body = {"error": {"message": error.message, "type": error_type, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics (protocols.md §1.5)
+# Metrics (doc/protocols.md §1.5)
 # ---------------------------------------------------------------------------------------------
 
 
 class _Metrics:
-    """vLLM's Prometheus metrics in a registry of their own, so emulators can share a process."""
+    """vLLM's Prometheus metrics, as prometheus_client writes them (vLLM exports with it)."""
 
     def __init__(self, model_name: str, show_deprecated: bool) -> None:
-        self.registry = CollectorRegistry()
-        labels = ("model_name", "engine")
-        self._labels = {"model_name": model_name, "engine": "0"}
-        self.running = self._gauge(
-            "vllm:num_requests_running", "Number of requests in model execution batches."
-        )
-        self.waiting = self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
-        self.kv_usage = self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.metrics = m = Metrics(client_style=True, const_labels={"model_name": model_name, "engine": "0"})
+        self.running = m.gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = m.gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = m.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.gpu_usage = (
-            self._gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.")
+            m.gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.")
             if show_deprecated
             else None
         )
-        reg = self.registry
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=reg
+        self.prompt_tokens = m.counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels()
+        self.generation_tokens = m.counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        ).labels()
+        self.prefix_queries = m.counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        ).labels()
+        self.prefix_hits = m.counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        ).labels()
+        self.success = m.counter(
+            "vllm:request_success", "Count of successfully processed requests.", "finished_reason"
         )
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=reg
+        for reason in ("stop", "length", "abort"):  # Exported from the first scrape, as in vLLM.
+            self.success.labels(finished_reason=reason)
+        self.ttft = m.histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS
         )
-        self.prefix_queries = Counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            labels,
-            registry=reg,
-        )
-        self.prefix_hits = Counter(
-            "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            labels,
-            registry=reg,
-        )
-        self.success = Counter(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            (*labels, "finished_reason"),
-            registry=reg,
-        )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=reg,
-        )
-        self.e2e = Histogram(
+        self.e2e = m.histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
+            _LATENCY_BUCKETS,
         )
-        self.queue_time = Histogram(
+        self.queue_time = m.histogram(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
+            _LATENCY_BUCKETS,
         )
-        # Create the labelled children now so every series is exported from the first scrape.
-        for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits):
-            metric.labels(**self._labels)
-        for reason in ("stop", "length", "abort"):
-            self.success.labels(**self._labels, finished_reason=reason)
 
-    def _gauge(self, name: str, documentation: str) -> Gauge:
-        return Gauge(name, documentation, ("model_name", "engine"), registry=self.registry)
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return self._labels
-
-    def render(self, running: int, waiting: int, max_num_seqs: int) -> bytes:
+    def render(self, running: int, waiting: int, max_num_seqs: int) -> str:
         """Export; gauges are set from the scheduler at scrape time so they can never drift."""
-        self.running.labels(**self._labels).set(running)
-        self.waiting.labels(**self._labels).set(waiting)
+        self.running.labels().set(running)
+        self.waiting.labels().set(waiting)
         # A stand-in for KV usage: the share of running slots in use, 0..1.
         usage = min(1.0, running / max_num_seqs)
-        self.kv_usage.labels(**self._labels).set(usage)
+        self.kv_usage.labels().set(usage)
         if self.gpu_usage is not None:
-            self.gpu_usage.labels(**self._labels).set(usage)
-        return generate_latest(self.registry)
+            self.gpu_usage.labels().set(usage)
+        return self.metrics.render()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,37 +242,26 @@ class _Choice:
 
 
 @dataclass
-class _Job:
-    """One validated generation request, ready to be scheduled."""
+class _Job(Job):
+    """One validated generation request, ready to be scheduled (`prompt_tokens`, `priority`)."""
 
     chat: bool
     model: str
     response_id: str
     created: int
-    prompt_tokens: int
     prompts: list[str]
     choices: list[_Choice]
-    priority: int
     stream: bool
     include_usage: bool
     continuous_usage: bool
-    arrival: float = field(default_factory=time.monotonic)
 
-    @property
-    def steps(self) -> int:
-        return max(len(choice.words) for choice in self.choices)
+    def __post_init__(self) -> None:
+        # All prompts and samples decode together: the longest answer sets the steps.
+        self.steps = max(len(choice.words) for choice in self.choices)
 
     @property
     def completion_tokens(self) -> int:
         return sum(len(choice.words) for choice in self.choices)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-    }
 
 
 def _as_dict(raw: bytes) -> dict[str, Any]:
@@ -394,37 +320,20 @@ def _render_chat(messages: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class VLLMEmulator:
-    """State and handlers of one emulated vLLM server; reachable as `app.state.emulator`."""
+class VLLMEmulator(Engine[VLLMConfig, _Job]):
+    """State and handlers of one emulated vLLM server; reachable as `app.state.emulator`
+    (`config`, `stats`, `reconfigure` from the shared engine)."""
+
+    error = _RequestError
 
     def __init__(self, config: VLLMConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._scheduler = Scheduler(lambda: self.config.max_num_seqs, lambda: self.config.max_num_queued_reqs)
+        self._queues[None] = self._scheduler
         self._metrics = _Metrics(config.served_model_names[0], config.show_deprecated_metrics)
-        self._tally = EmulatorStats()
-        self._prefix_cache = PrefixCache(lambda: self.config.prefix_cache_blocks)
+        self._prefix_cache = PrefixCache(config.prefix_cache_blocks)
 
-    # -- public ---------------------------------------------------------------------------------
-
-    @property
-    def stats(self) -> EmulatorStats:
-        """A snapshot of the request counters."""
-        return dataclasses.replace(
-            self._tally, running=self._scheduler.running, waiting=self._scheduler.waiting
-        )
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        """This emulator's own Prometheus registry."""
-        return self._metrics.registry
-
-    def reconfigure(self, **changes: Any) -> VLLMConfig:
-        """Replace config fields (validated); a larger `max_num_seqs` starts waiters at once."""
-        self.config = dataclasses.replace(self.config, **changes)
-        self._scheduler.admit_threadsafe()
-        return self.config
-
-    # -- plain endpoints (protocols.md §1.1, §1.2) -----------------------------------------------
+    # -- plain endpoints (doc/protocols.md §1.1, §1.2) ---------------------------------------------
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=503 if self.config.unhealthy else 200)
@@ -451,7 +360,7 @@ class VLLMEmulator:
         )
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    # -- inference endpoints (protocols.md §1.3) -------------------------------------------------
+    # -- inference endpoints (doc/protocols.md §1.3) -----------------------------------------------
 
     async def completions(self, request: Request) -> Response:
         return await self._answer(request, self._generate, chat=False)
@@ -468,23 +377,19 @@ class VLLMEmulator:
         handler: Callable[[Request, dict[str, Any], bool], Awaitable[Response]],
         chat: bool,
     ) -> Response:
-        """Shared front door: count, apply `fail_status`, turn `_RequestError` into vLLM's body."""
-        self._tally.received += 1
-        try:
-            if self.config.fail_status is not None:
-                raise _RequestError(self.config.fail_status, "Emulated failure (fail_status).")
+        """The engine's front door with vLLM's error body; headers on every success."""
+
+        async def handle() -> Response:
             response = await handler(request, _as_dict(await request.body()), chat)
-        except _RequestError as error:
-            self._tally.failed += 1
-            return _error_response(error.status, error.message, error.param)
-        except QueueFull:
-            self._tally.failed += 1
-            self._tally.rejected += 1
-            # vLLM >= 0.29 rejects with 503 (protocols.md §1.4); the exact message is unconfirmed.
-            limit = self.config.max_num_queued_reqs
-            return _error_response(503, f"The waiting queue is full (max_num_queued_reqs={limit}).")
-        self._add_headers(request, response)
-        return response
+            self._add_headers(request, response)
+            return response
+
+        return await self._serve(handle, _error_response)
+
+    def _queue_full(self, job: _Job) -> EmulatedError:
+        # vLLM >= 0.29 rejects with 503 (doc/protocols.md §1.4); the exact message is unconfirmed.
+        limit = self.config.max_num_queued_reqs
+        return _RequestError(503, f"The waiting queue is full (max_num_queued_reqs={limit}).")
 
     def _add_headers(self, request: Request, response: Response) -> None:
         if self.config.enable_request_id_headers:
@@ -494,7 +399,7 @@ class VLLMEmulator:
             response.headers["endpoint-load-metrics"] = self._orca_load(load_format)
 
     def _orca_load(self, load_format: str) -> str:
-        # ORCA load report (protocols.md §1.6; the first vLLM release with it is unconfirmed, and
+        # ORCA load report (doc/protocols.md §1.6; the first vLLM release with it is unconfirmed, and
         # so is the exact JSON layout).
         usage = min(1.0, self._scheduler.running / self.config.max_num_seqs)
         waiting = self._scheduler.waiting
@@ -506,7 +411,7 @@ class VLLMEmulator:
         named = {"kv_cache_usage_perc": usage, "num_requests_waiting": waiting}
         return "JSON " + json.dumps({"named_metrics": named})
 
-    # -- validation shared by all inference APIs -------------------------------------------------
+    # -- validation shared by all inference APIs ---------------------------------------------------
 
     def _check_model(self, body: dict[str, Any], api: str) -> str:
         # Route-level capability check first, as vLLM does before looking at the model name.
@@ -524,22 +429,22 @@ class VLLMEmulator:
     def _check_priority(self, body: dict[str, Any]) -> int:
         priority = _int_field(body, "priority", 0, -(2**63)) or 0
         if priority != 0 and not self.config.priority_scheduling:
-            # protocols.md §1.6: non-zero priority needs `--scheduling-policy priority`.
+            # doc/protocols.md §1.6: non-zero priority needs `--scheduling-policy priority`.
             raise _RequestError(
                 400, f"Got priority {priority} but Priority scheduling is not enabled.", "priority"
             )
         return priority
 
     def _response_id(self, prefix: str, request: Request, body: dict[str, Any]) -> str:
-        # protocols.md §1.6: X-Request-Id, else the body's request_id, else a random id.
+        # doc/protocols.md §1.6: X-Request-Id, else the body's request_id, else a random id.
         suffix = request.headers.get("x-request-id") or body.get("request_id") or uuid.uuid4().hex
         return f"{prefix}-{suffix}"
 
-    # -- generation -------------------------------------------------------------------------------
+    # -- generation --------------------------------------------------------------------------------
 
     async def _generate(self, request: Request, body: dict[str, Any], chat: bool) -> Response:
         job = self._parse_generation(request, body, chat)
-        self._scheduler.check_room()
+        self._check_room(job)
         if job.stream:
             # Like vLLM, the stream's headers go out at once; queueing happens inside the body.
             return StreamingResponse(self._stream(job), media_type="text/event-stream")
@@ -586,8 +491,7 @@ class VLLMEmulator:
         for prompt, tokens in zip(prompts, prompt_tokens, strict=True):
             limit = self._check_context(tokens, max_tokens)
             for sample in range(n):
-                key = f"{self.config.seed}:{prompt}:{sample}"
-                words = filler(key, self.config.output_tokens_range, limit, ignore_eos)
+                words = self.config.answer(f"{prompt}:{sample}", limit, ignore_eos)
                 choices.append(_Choice(len(choices), words, "length" if len(words) == limit else "stop"))
         return choices
 
@@ -608,9 +512,7 @@ class VLLMEmulator:
 
     async def _run_whole(self, job: _Job) -> dict[str, Any]:
         """Run a non-streaming request to the end and build the response body."""
-        async with contextlib.aclosing(self._steps(job)) as steps:
-            async for _ in steps:
-                pass
+        await self._run(job)
         return _whole_body(job)
 
     async def _json_then_die(self, job: _Job) -> AsyncGenerator[str, None]:
@@ -630,78 +532,60 @@ class VLLMEmulator:
                     self._usage_chunk(job, choices, sum(min(step + 1, len(c.words)) for c in job.choices))
                 )
         if job.include_usage:
-            yield sse({**_chunk(job, []), "usage": _usage(job.prompt_tokens, job.completion_tokens)})
+            yield sse({**_chunk(job, []), "usage": openai_usage(job.prompt_tokens, job.completion_tokens)})
         yield "data: [DONE]\n\n"
 
     def _usage_chunk(self, job: _Job, choices: list[dict[str, Any]], tokens_so_far: int) -> dict[str, Any]:
         chunk = _chunk(job, choices)
         if job.include_usage and job.continuous_usage:  # vLLM's per-chunk running usage.
-            chunk["usage"] = _usage(job.prompt_tokens, tokens_so_far)
+            chunk["usage"] = openai_usage(job.prompt_tokens, tokens_so_far)
         return chunk
 
-    async def _steps(self, job: _Job) -> AsyncGenerator[int, None]:
-        """Queue, prefill, then yield each decode step index; keeps stats and metrics right."""
-        labels = self._metrics.labels
-        admitted = finished = False
-        try:
-            await self._scheduler.acquire(job.priority)
-            admitted = True
-            self._metrics.queue_time.labels(**labels).observe(time.monotonic() - job.arrival)
-            config = self.config
-            uncached = job.prompt_tokens - self._cached_tokens(job)
-            await asyncio.sleep(config.time_per_request_s + uncached * config.time_per_prompt_token_s)
-            self._metrics.prompt_tokens.labels(**labels).inc(job.prompt_tokens)
-            for step in range(job.steps):
-                if step > 0:
-                    await asyncio.sleep(self.config.time_per_output_token_s)
-                self._cut_if_dying(step)
-                if step == 0:
-                    self._metrics.ttft.labels(**labels).observe(time.monotonic() - job.arrival)
-                self._metrics.generation_tokens.labels(**labels).inc(
-                    sum(step < len(c.words) for c in job.choices)
-                )
-                yield step
-            self._cut_if_dying(job.steps)
-            finished = True
-        finally:
-            if admitted:
-                self._scheduler.release()
-            self._finish(job, finished)
+    # -- the engine's hooks: vLLM's metrics, prefix cache and `die_after_tokens` -------------------
+
+    def _admitted(self, job: _Job) -> None:
+        self._metrics.queue_time.labels().observe(job.queued_s)
+
+    def _prefill_s(self, job: _Job) -> float:
+        return self.config.prefill_s(job.prompt_tokens - self._cached_tokens(job))
 
     def _cached_tokens(self, job: _Job) -> int:
         """Looks each prompt up in the prefix cache (then caches it); returns the prompt tokens
         whose prefill is skipped, and counts queries and hits in vLLM's metrics."""
         if self.config.prefix_cache_blocks == 0:
             return 0
+        self._prefix_cache.capacity_blocks = self.config.prefix_cache_blocks  # May have been changed.
         cached = 0
         for prompt in job.prompts:
             blocks = block_hashes(prompt, self.config.block_chars)
-            hit_blocks = self._prefix_cache.lookup_and_insert(blocks)
+            hit_blocks = self._prefix_cache.lookup_and_store(blocks)
             prompt_tokens = count_tokens(prompt)
             # Tokens of the cached characters: the prefix covered by whole cached blocks.
             cached += min(prompt_tokens, count_tokens(prompt[: hit_blocks * self.config.block_chars]))
-        labels = self._metrics.labels
-        self._metrics.prefix_queries.labels(**labels).inc(job.prompt_tokens)
-        self._metrics.prefix_hits.labels(**labels).inc(cached)
+        self._metrics.prefix_queries.inc(job.prompt_tokens)
+        self._metrics.prefix_hits.inc(cached)
         return cached
 
-    def _cut_if_dying(self, tokens_done: int) -> None:
+    def _prefilled(self, job: _Job) -> None:
+        self._metrics.prompt_tokens.inc(job.prompt_tokens)
+
+    def _cut(self, job: _Job, tokens_done: int) -> None:
         die_after = self.config.die_after_tokens
         if die_after is not None and tokens_done >= die_after:
             raise _EmulatedCrash(f"die_after_tokens={die_after}")
 
-    def _finish(self, job: _Job, finished: bool) -> None:
-        labels = self._metrics.labels
-        self._metrics.e2e.labels(**labels).observe(time.monotonic() - job.arrival)
-        if finished:
-            self._tally.completed += 1
-            for choice in job.choices:
-                self._metrics.success.labels(**labels, finished_reason=choice.finish_reason).inc()
-        else:
-            self._tally.aborted += 1
-            self._metrics.success.labels(**labels, finished_reason="abort").inc()
+    def _token(self, job: _Job, step: int) -> None:
+        if step == 0:
+            self._metrics.ttft.labels().observe(time.monotonic() - job.arrival)
+        self._metrics.generation_tokens.inc(sum(step < len(c.words) for c in job.choices))
 
-    # -- embeddings -------------------------------------------------------------------------------
+    def _finished(self, job: _Job, outcome: Outcome) -> None:
+        self._metrics.e2e.labels().observe(time.monotonic() - job.arrival)
+        reasons = [choice.finish_reason for choice in job.choices] if outcome == "completed" else ["abort"]
+        for reason in reasons:
+            self._metrics.success.labels(finished_reason=reason).inc()
+
+    # -- embeddings --------------------------------------------------------------------------------
 
     async def _embed(self, request: Request, body: dict[str, Any], chat: bool) -> Response:
         model = self._check_model(body, "Embeddings")
@@ -739,13 +623,13 @@ class VLLMEmulator:
             include_usage=False,
             continuous_usage=False,
         )
-        self._scheduler.check_room()
-        await self._run_whole(job)
+        self._check_room(job)
+        await self._run(job)
         data = [
             {"index": i, "object": "embedding", "embedding": _embedding(self.config, text, encoding)}
             for i, text in enumerate(texts)
         ]
-        # completion_tokens: 0 is unconfirmed for vLLM's embeddings usage (protocols.md §1.3).
+        # completion_tokens: 0 is unconfirmed for vLLM's embeddings usage (doc/protocols.md §1.3).
         return JSONResponse(
             {
                 "id": job.response_id,
@@ -753,7 +637,7 @@ class VLLMEmulator:
                 "created": job.created,
                 "model": model,
                 "data": data,
-                "usage": _usage(job.prompt_tokens, 0),
+                "usage": openai_usage(job.prompt_tokens, 0),
             }
         )
 
@@ -796,7 +680,7 @@ def _model_card(name: str, root: str, created: int, max_model_len: int) -> dict[
     }
 
 
-# -- response bodies ------------------------------------------------------------------------------
+# -- response bodies -------------------------------------------------------------------------------
 
 
 def _token_text(job: _Job, choice: _Choice, step: int) -> str:
@@ -825,7 +709,7 @@ def _whole_body(job: _Job) -> dict[str, Any]:
         "created": job.created,
         "model": job.model,
         "choices": choices,
-        "usage": _usage(job.prompt_tokens, job.completion_tokens),
+        "usage": openai_usage(job.prompt_tokens, job.completion_tokens),
     }
 
 
@@ -921,39 +805,3 @@ def create_vllm_app(config: VLLMConfig | None = None, **overrides: Any) -> Starl
     app = Starlette(routes=routes, middleware=[Middleware(_AuthMiddleware, emulator=emulator)])
     app.state.emulator = emulator
     return app
-
-
-def block_hashes(text: str, block_chars: int) -> list[bytes]:
-    """Chained hashes of the full blocks of `text`: block i's hash covers every character before
-    its end, so two prompts share a block hash exactly when they share that whole prefix."""
-    hashes = []
-    previous = b""
-    for start in range(0, len(text) - block_chars + 1, block_chars):
-        previous = hashlib.blake2b(
-            previous + text[start : start + block_chars].encode(), digest_size=16
-        ).digest()
-        hashes.append(previous)
-    return hashes
-
-
-class PrefixCache:
-    """An LRU of block hashes with a capacity in blocks (read on each use, so it can be changed
-    with `reconfigure`)."""
-
-    def __init__(self, capacity: Callable[[], int]) -> None:
-        self._capacity = capacity
-        self._blocks: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-
-    def lookup_and_insert(self, blocks: list[bytes]) -> int:
-        """The number of leading blocks already cached; then all of them become most recent."""
-        hits = 0
-        for block in blocks:
-            if block not in self._blocks:
-                break
-            hits += 1
-        for block in blocks:
-            self._blocks[block] = None
-            self._blocks.move_to_end(block)
-        while len(self._blocks) > self._capacity():
-            self._blocks.popitem(last=False)
-        return hits

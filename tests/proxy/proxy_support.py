@@ -13,9 +13,7 @@ import httpx
 import pytest
 
 from irmiddleware.proxy import RouterConfig, RoutingMiddleware, create_app, parse_config
-from irmiddleware.testing import create_vllm_app, serve_in_thread
-from irmiddleware.testing._server import RunningServer
-from irmiddleware.testing._vllm import VLLMEmulator
+from irmiddleware.testing import RunningServer, VLLMEmulator, create_vllm_app, serve_in_thread
 
 # Fast timings so the suite runs in seconds; tests slow down what they need.
 FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}

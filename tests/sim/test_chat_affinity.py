@@ -25,7 +25,8 @@ from irmiddleware.sim import (
     session_rate,
     simulate,
 )
-from irmiddleware.sim._chat import Conversation, PrefixCache
+from irmiddleware.sim._chat import Conversation
+from irmiddleware.testing import PrefixCache
 
 
 def _chat_scenario(sessions: int = 1_500, seed: int = 1) -> Scenario:

@@ -8,9 +8,7 @@ from typing import Any
 
 import pytest
 
-from irmiddleware.testing import create_vllm_app, serve_in_thread
-from irmiddleware.testing._server import RunningServer
-from irmiddleware.testing._vllm import VLLMEmulator
+from irmiddleware.testing import RunningServer, VLLMEmulator, create_vllm_app, serve_in_thread
 
 # Fast timings so a whole test file runs in seconds; individual tests slow down what they need.
 FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}

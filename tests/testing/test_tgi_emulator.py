@@ -1,4 +1,4 @@
-"""The TGI emulator speaks Hugging Face TGI's router protocol (protocols.md §3) over real HTTP.
+"""The TGI emulator speaks Hugging Face TGI's router protocol (doc/protocols.md §3) over real HTTP.
 
 Each test starts a real uvicorn server on 127.0.0.1 and drives it with the official clients
 (`huggingface_hub.InferenceClient` for `text_generation` and `chat_completion`, streaming and not;
@@ -25,9 +25,14 @@ import pytest
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from irmiddleware.testing import TGIConfig, create_tgi_app, serve_in_thread, wait_until
-from irmiddleware.testing._server import RunningServer
-from irmiddleware.testing._tgi import TGIEmulator
+from irmiddleware.testing import (
+    RunningServer,
+    TGIConfig,
+    TGIEmulator,
+    create_tgi_app,
+    serve_in_thread,
+    wait_until,
+)
 
 _DEADLINE_S = 5.0
 _FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}

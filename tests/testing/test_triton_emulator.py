@@ -1,4 +1,4 @@
-"""The Triton emulator speaks Triton's HTTP protocol (protocols.md §2) over real HTTP.
+"""The Triton emulator speaks Triton's HTTP protocol (doc/protocols.md §2) over real HTTP.
 
 Each test starts a real uvicorn server on 127.0.0.1 and drives it with the official
 `tritonclient.http` client or raw httpx. They prove: health and readiness (200 / 400 with empty
@@ -27,7 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from irmiddleware.testing import (
+    RunningServer,
     TritonConfig,
+    TritonEmulator,
     TritonModel,
     TritonTensor,
     create_triton_app,
@@ -35,8 +37,6 @@ from irmiddleware.testing import (
     serve_in_thread,
     wait_until,
 )
-from irmiddleware.testing._server import RunningServer
-from irmiddleware.testing._triton import TritonEmulator
 
 _DEADLINE_S = 5.0
 _FAST = {"time_per_request_s": 0.0, "time_per_token_s": 0.001}
@@ -144,7 +144,7 @@ def test_infer_with_tritonclient(triton_server: TritonFactory, binary_in: bool, 
 
 def test_default_infer_uses_binary_outputs(triton_server: TritonFactory) -> None:
     server, _ = triton_server()
-    # No outputs requested: tritonclient sets binary_data_output (protocols.md §2.3).
+    # No outputs requested: tritonclient sets binary_data_output (doc/protocols.md §2.3).
     result = _client(server).infer("add", _inputs(True), model_version="1")
     assert result.get_output("A1")["parameters"]["binary_data_size"] == 16
     assert result.as_numpy("B1").tolist() == [[2, 3, -2147483648, -4]]

@@ -1,4 +1,4 @@
-"""The vLLM emulator speaks vLLM's protocol (protocols.md §1) over real HTTP.
+"""The vLLM emulator speaks vLLM's protocol (doc/protocols.md §1) over real HTTP.
 
 Each test starts a real uvicorn server on 127.0.0.1 and drives it with httpx or the official
 `openai` client. They prove: the plain endpoints and model cards, completion/chat/embedding bodies
@@ -24,9 +24,15 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 import irmiddleware.testing
-from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread, wait_until
-from irmiddleware.testing._server import RunningServer
-from irmiddleware.testing._vllm import VLLMEmulator, count_tokens
+from irmiddleware.testing import (
+    RunningServer,
+    VLLMConfig,
+    VLLMEmulator,
+    count_tokens,
+    create_vllm_app,
+    serve_in_thread,
+    wait_until,
+)
 
 # The `vllm_server` fixture (conftest.py): start an emulator with config overrides.
 VLLMFactory = Callable[..., tuple[RunningServer, VLLMEmulator]]
@@ -56,12 +62,20 @@ def _gauge(url: str, name: str) -> float:
 
 def test_public_api_is_pinned() -> None:
     assert irmiddleware.testing.__all__ == [
+        "EmulatorStats",
+        "PrefixCache",
+        "RunningServer",
         "TGIConfig",
+        "TGIEmulator",
         "TritonConfig",
+        "TritonEmulator",
         "TritonModel",
         "TritonTensor",
         "VLLMConfig",
+        "VLLMEmulator",
         "assert_idle",
+        "block_hashes",
+        "count_tokens",
         "create_tgi_app",
         "create_triton_app",
         "create_triton_metrics_app",

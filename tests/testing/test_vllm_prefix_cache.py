@@ -1,16 +1,26 @@
 """The vLLM emulator's prefix cache: a repeated prompt prefix is a hit (counted in vLLM's
 `vllm:prefix_cache_queries_total` / `_hits_total` as prompt and cached tokens), a different prefix
-is not, and the LRU forgets what no longer fits. Driven with the openai client over real HTTP."""
+is not, and the LRU forgets what no longer fits. Driven with the openai client over real HTTP.
+It is the simulator's prefix cache too (one class), and the simulator imports without the `testing`
+extra (Starlette, uvicorn)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from irmiddleware.testing import VLLMConfig, create_vllm_app, serve_in_thread
-from irmiddleware.testing._common import count_tokens
-from irmiddleware.testing._vllm import block_hashes
+from irmiddleware.testing import (
+    PrefixCache,
+    VLLMConfig,
+    block_hashes,
+    count_tokens,
+    create_vllm_app,
+    serve_in_thread,
+)
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 8  # ~400 characters: 6 blocks
 
@@ -65,3 +75,29 @@ def test_block_hashes_chain_over_the_whole_prefix() -> None:
     assert len(first) == len(second) == 2
     assert first[1] != second[1]  # same second block, different prefix: no match
     assert block_hashes("a" * 64 + "b" * 70, 64)[:2] == first
+
+
+def test_the_simulator_keeps_the_same_prefix_cache() -> None:
+    import irmiddleware.sim._engine
+
+    assert irmiddleware.sim._engine.PrefixCache is PrefixCache
+
+
+def test_the_simulator_imports_without_starlette_or_uvicorn() -> None:
+    # A None entry in sys.modules makes `import starlette` fail, as if it were not installed.
+    code = (
+        "import sys\n"
+        "sys.modules['starlette'] = sys.modules['uvicorn'] = None\n"
+        "import irmiddleware.sim\n"
+        "assert not any(name.startswith('irmiddleware.testing') for name in sys.modules)\n"
+        "sys.modules['starlette'] = None\n"
+        "try:\n"
+        "    import irmiddleware.testing\n"
+        "except ImportError:\n"
+        "    print('blocked')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "blocked"  # The check itself can fail: the block works.
