@@ -25,9 +25,6 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
-# `PrefixCache` is the one model of a server's prefix cache, shared with the vLLM emulator; it is
-# re-exported here because the simulation engine imports it from this module.
-from irmiddleware._prefix_cache import PrefixCache as PrefixCache
 from irmiddleware.sim._model import Fleet, Job, _lognormal_tokens
 
 _MASK = 2**64 - 1

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from irmiddleware import Accelerator, Router
-from irmiddleware.sim._chat import ChatWorkload, Conversation, PrefixCache, chat_requests_max
+from irmiddleware._prefix_cache import PrefixCache
+from irmiddleware.sim._chat import ChatWorkload, Conversation, chat_requests_max
 from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
 from irmiddleware.sim._stats import Affinity, Outage, Percentiles, StrategyResult
 

@@ -107,7 +107,7 @@ def _one_permit_backend(stack: contextlib.ExitStack) -> tuple[str, Any]:
 
 def test_overload_inside_a_stream_is_retried_on_another_backend(router: Routers) -> None:
     """TGI reports overload on streaming routes as the first event of an HTTP 200 answer
-    (protocols.md §3.4); the router must see it before relaying and try another backend."""
+    (doc/protocols.md §3.4); the router must see it before relaying and try another backend."""
     with contextlib.ExitStack() as stack:
         busy_url, busy = _one_permit_backend(stack)
         free_url, free = _one_permit_backend(stack)
