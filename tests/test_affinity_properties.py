@@ -132,6 +132,7 @@ def _owners(router: Router, keys: range) -> dict[int, int]:
     return owners
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(count=st.integers(3, 40), data=st.data())
 def test_removing_a_backend_moves_only_its_keys(count: int, data: st.DataObject) -> None:
@@ -151,6 +152,7 @@ def test_removing_a_backend_moves_only_its_keys(count: int, data: st.DataObject)
     router.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(count=st.integers(2, 40))
 def test_adding_a_backend_moves_about_one_in_n_plus_one_keys_all_to_it(count: int) -> None:
@@ -229,6 +231,7 @@ def _rss_bytes() -> int:
     return int(fields[1]) * 4096  # Resident pages; Linux pages are 4 KiB on x86-64.
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
 def test_prefix_index_memory_stays_fixed_and_old_prompts_are_forgotten() -> None:
     import ctypes

@@ -10,7 +10,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from irmiddleware.bench._harness import format_table, quantile
+
+pytestmark = pytest.mark.slow  # runs the benchmark commands, which start routers and emulators as processes
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

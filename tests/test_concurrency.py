@@ -19,6 +19,8 @@ from irmiddleware import _native
 from irmiddleware._errors import NativeError
 from irmiddleware._native import SLOT_NONE, NativeTable
 
+pytestmark = pytest.mark.slow  # races threads and forked processes on one table
+
 CAPACITIES = [7, 10, 13, 16]
 ITERATIONS = 20_000
 THREADS = 4

@@ -8,6 +8,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the demo: an emulated fleet, a router and a client for each strategy
+
 
 def test_demo_reports_each_strategy_and_shuts_down() -> None:
     result = subprocess.run(

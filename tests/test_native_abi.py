@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -191,6 +192,7 @@ print("survived")
 """
 
 
+@pytest.mark.slow
 def test_random_calls_never_crash_the_process() -> None:
     result = subprocess.run([sys.executable, "-c", FUZZ_CHILD], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])

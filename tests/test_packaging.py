@@ -15,6 +15,8 @@ import pytest
 from hatch_build import native_settings
 from irmiddleware import _native
 
+pytestmark = pytest.mark.slow  # inspects the built library with binutils
+
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = _native._library_path()
 

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the seed's quick start in fresh interpreters
+
 # Verbatim from the seed README's "Python Usage", with only the import line changed.
 QUICK_START = """
 import irmiddleware as intelligent_routing

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hatch_build import native_settings
+
+pytestmark = pytest.mark.slow  # compiles the Zig unit tests
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -405,6 +405,7 @@ def test_https_is_not_spoken() -> None:
 # ---- configuration -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_package_does_not_import_the_proxy() -> None:
     script = "import sys, irmiddleware.http11; print(sorted(m for m in sys.modules if 'proxy' in m))"
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

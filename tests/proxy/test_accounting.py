@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_support import Emulators, Routers, wait_idle
 
@@ -67,6 +68,7 @@ def _send(url: str, kind: Callable[[httpx.Client], None]) -> None:
         kind(client)
 
 
+@pytest.mark.slow
 def test_counters_balance_after_a_hostile_mix(emulators: Emulators, router: Routers) -> None:
     ok_a, ok_doomed = emulators(2, served_model_names=("ok",), time_per_output_token_s=0.02)
     (err,) = emulators(1, served_model_names=("err",), fail_status=503)

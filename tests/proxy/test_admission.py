@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_support import Emulator, Emulators, Routers, RouterServer, held_stream, wait_idle
 
@@ -63,6 +64,7 @@ def assert_all_idle(server: RouterServer) -> None:
     assert set(samples(server.url, "irm_admission_queue_length").values()) == {0.0}
 
 
+@pytest.mark.slow
 def test_urgent_requests_are_not_shed_while_others_get_in(emulators: Emulators, router: Routers) -> None:
     backends = emulators(2, max_num_seqs=2, time_per_output_token_s=0.02)
     server = router(
@@ -88,6 +90,7 @@ def test_urgent_requests_are_not_shed_while_others_get_in(emulators: Emulators, 
     assert_all_idle(server)
 
 
+@pytest.mark.slow
 def test_waiters_are_served_by_class_then_arrival(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
     server = router(config_of([backend], 1, max_queue=10, aging_s=0, class_shares=ALL_SHARES))
@@ -110,6 +113,7 @@ def test_waiters_are_served_by_class_then_arrival(emulators: Emulators, router: 
     assert_all_idle(server)
 
 
+@pytest.mark.slow
 def test_queue_bound_eviction_and_timeout(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
     server = router(config_of([backend], 1, max_queue=3, max_wait_s=2.0, aging_s=0, class_shares=ALL_SHARES))
@@ -149,6 +153,7 @@ def test_queue_bound_eviction_and_timeout(emulators: Emulators, router: Routers)
     assert_all_idle(server)
 
 
+@pytest.mark.slow
 def test_a_disconnecting_waiter_leaves_at_once(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, max_num_seqs=1, time_per_output_token_s=0.01)
     server = router(config_of([backend], 1, max_queue=1, max_wait_s=30))
@@ -168,6 +173,7 @@ def test_a_disconnecting_waiter_leaves_at_once(emulators: Emulators, router: Rou
     assert_all_idle(server)
 
 
+@pytest.mark.slow
 def test_tenant_limits_answer_429(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, max_num_seqs=4, time_per_output_token_s=0.01)
     tenants = {"rate": {"rate_per_s": 0.5, "burst": 2}, "one": {"max_concurrency": 1}}
@@ -221,6 +227,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
+@pytest.mark.slow
 def test_router_stays_responsive_under_overload(emulators: Emulators, router: Routers) -> None:
     backends = emulators(2, max_num_seqs=4, time_per_output_token_s=0.01)
     server = router(config_of(backends, 4, max_queue=500, max_wait_s=0.5, class_shares=ALL_SHARES))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_support import Emulator, RouterServer, config_for, wait_idle
 
@@ -71,6 +72,7 @@ def run(
     return prefix_hit_rate(fleet)
 
 
+@pytest.mark.slow
 def test_affinity_raises_the_servers_prefix_cache_hit_rate(
     emulators: Callable[..., list[Emulator]], router: Callable[..., RouterServer]
 ) -> None:

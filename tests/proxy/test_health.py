@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from proxy_support import (
     FAST_FLEET,
     Emulators,
@@ -48,6 +49,7 @@ class StateRecorder:
         self.changes.append((backend.url, old, new, reason))
 
 
+@pytest.mark.slow
 def test_slow_starter_gets_nothing_before_it_is_ready(emulators: Emulators, router: Routers) -> None:
     (ready,) = emulators(1)
     (loading,) = emulators(1, startup_delay_s=0.6)  # port bound, connections refused meanwhile
@@ -71,6 +73,7 @@ def test_slow_starter_gets_nothing_before_it_is_ready(emulators: Emulators, rout
     assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_failing_health_takes_a_backend_out_and_back(emulators: Emulators) -> None:
     sick, well = emulators(2)
     recorder = StateRecorder()

@@ -62,6 +62,7 @@ def test_openai_client_through_the_router(emulators: Emulators, router: Routers)
     assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_streams_are_relayed_while_generated(emulators: Emulators, router: Routers) -> None:
     (backend,) = emulators(1, time_per_output_token_s=0.05)
     server = router(config_for([backend.url]))
@@ -136,6 +137,7 @@ def test_backend_status_and_headers_pass_through(emulators: Emulators, router: R
     assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_upstream_timeout_is_504(emulators: Emulators, router: Routers) -> None:
     (slow,) = emulators(1, time_per_request_s=2.0)
     server = router(config_for([slow.url], timeouts={"read_s": 0.2}))

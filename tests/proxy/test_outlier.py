@@ -48,6 +48,7 @@ def _post(url: str) -> int:
         return client.post(f"{url}/v1/completions", json=BODY).status_code
 
 
+@pytest.mark.slow
 def test_killed_backend_is_ejected_and_readmitted_when_back(emulators: Emulators, router: Routers) -> None:
     backends = emulators(3, time_per_output_token_s=0.005)
     doomed = backends[1]
@@ -95,6 +96,7 @@ def _overloaders(kind: str) -> Iterator[tuple[list[str], Callable[[], int]]]:
         yield [server.url for _app, server in apps], lambda: apps[0][0].state.emulator.stats.received
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "path", "body"),
     [
@@ -120,6 +122,7 @@ def test_overloaded_backend_is_skipped_and_gets_less_traffic(
         assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_panic_threshold_keeps_a_pool_routable(emulators: Emulators, router: Routers) -> None:
     first, second = emulators(2, fail_status=500)
     entries = [{"url": b.url, "models": ["m"]} for b in (first, second)]

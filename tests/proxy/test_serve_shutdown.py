@@ -19,6 +19,8 @@ from proxy_support import Emulators
 
 from irmiddleware.testing import wait_until
 
+pytestmark = pytest.mark.slow  # signals real `irmiddleware serve` processes
+
 # After its graceful shutdown uvicorn re-raises the signal it caught, so the process ends "killed by
 # SIGTERM" like any well-behaved server; 0 if it was told to stop some other way.
 _EXITED = (0, -signal.SIGTERM)

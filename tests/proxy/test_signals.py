@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 
 import httpx
+import pytest
 from proxy_support import (
     FAST_FLEET,
     Emulators,
@@ -88,6 +89,7 @@ def test_adapters_read_their_servers_metrics(emulators: Emulators) -> None:
     assert TritonAdapter().metrics_url("http://10.0.0.5:8000") == "http://10.0.0.5:8002/metrics"
 
 
+@pytest.mark.slow
 def test_queue_aware_avoids_a_backend_loaded_by_others(emulators: Emulators, router: Routers) -> None:
     busy, idle_a, idle_b = emulators(3, max_num_seqs=1, time_per_output_token_s=0.01)
     server = router(config_for([busy.url, idle_a.url, idle_b.url], strategy="queue_aware", **FAST_FLEET))
@@ -129,6 +131,7 @@ def test_the_routers_own_queued_requests_are_not_counted_twice(emulators: Emulat
     assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_signals_go_stale_when_scrapes_fail(emulators: Emulators, router: Routers) -> None:
     (backend, other) = emulators(2)
     server = router(config_for([backend.url, other.url], **FAST_FLEET))

@@ -69,6 +69,7 @@ def _client(server: RouterServer) -> triton_http.InferenceServerClient:
     return triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))  # no scheme (§2.7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_through_the_router(router: Routers, binary: bool) -> None:
     with _tritons(2) as tritons:
@@ -108,6 +109,7 @@ def test_generate_stream_index_and_errors(router: Routers) -> None:
         assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_metrics_port_signals_and_full_queue_retried(router: Routers) -> None:
     with _tritons(2) as tritons:
         server = _router_for(router, tritons, models=True)

@@ -26,11 +26,13 @@ def results() -> list[BallsIntoBins]:
     return balls_into_bins((1_000, 10_000, 100_000), seed=0) + balls_into_bins((1_000, 10_000), seed=1)
 
 
+@pytest.mark.slow
 def test_two_choices_stay_under_log_log_bound(results: list[BallsIntoBins]) -> None:
     for result in results:
         assert result.two_choices_max <= result.two_choices_bound + TWO_CHOICES_SLACK, result
 
 
+@pytest.mark.slow
 def test_one_choice_grows_like_log_over_log_log(results: list[BallsIntoBins]) -> None:
     low, high = ONE_CHOICE_BAND
     for result in results:
@@ -39,6 +41,7 @@ def test_one_choice_grows_like_log_over_log_log(results: list[BallsIntoBins]) ->
         )
 
 
+@pytest.mark.slow
 def test_two_choices_beat_one_choice(results: list[BallsIntoBins]) -> None:
     for result in results:
         assert result.two_choices_max < result.one_choice_max, result

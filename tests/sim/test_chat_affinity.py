@@ -40,6 +40,7 @@ def results() -> dict[str, StrategyResult]:
     return {result.strategy: result for result in compare(_chat_scenario())}
 
 
+@pytest.mark.slow
 def test_all_five_strategies_serve_every_request(results: dict[str, StrategyResult]) -> None:
     assert tuple(results) == AFFINITY_STRATEGIES
     for result in results.values():
@@ -47,6 +48,7 @@ def test_all_five_strategies_serve_every_request(results: dict[str, StrategyResu
         assert result.completed == result.requests > 1_500  # several turns per session
 
 
+@pytest.mark.slow
 def test_prefix_affinity_has_the_best_ttft_tail_and_hit_rate(results: dict[str, StrategyResult]) -> None:
     best = results["prefix_affinity"]
     assert best.ttft is not None and best.cache_hit_rate is not None
@@ -58,6 +60,7 @@ def test_prefix_affinity_has_the_best_ttft_tail_and_hit_rate(results: dict[str, 
         assert best.cache_hit_rate > other.cache_hit_rate, name
 
 
+@pytest.mark.slow
 def test_prefix_affinity_stays_within_the_bound(results: dict[str, StrategyResult]) -> None:
     result = results["prefix_affinity"]
     assert max(result.utilisation) <= result.utilisation_bound
@@ -67,6 +70,7 @@ def test_prefix_affinity_stays_within_the_bound(results: dict[str, StrategyResul
     assert affinity.hits > affinity.overloads > 0  # Affinity mostly kept, sometimes yielded to load.
 
 
+@pytest.mark.slow
 def test_strategies_without_affinity_report_no_affinity_outcomes(results: dict[str, StrategyResult]) -> None:
     assert results["p2c"].affinity.hits == 0
     assert results["consistent_hash"].affinity.hits > 0

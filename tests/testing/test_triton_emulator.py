@@ -236,6 +236,7 @@ def test_repository_index(triton_server: TritonFactory) -> None:
         assert len(http.post("/v2/repository/index", json={"ready": True}).json()) == 3
 
 
+@pytest.mark.slow
 def test_full_queue_answers_503_and_metrics_show_the_queue(triton_server: TritonFactory) -> None:
     slow = TritonModel.text_generator("llm", max_queue_size=1)
     server, emulator = triton_server(models=(slow,), time_per_token_s=0.05)

@@ -11,6 +11,7 @@ import sys
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from irmiddleware.testing import (
@@ -83,6 +84,7 @@ def test_the_simulator_keeps_the_same_prefix_cache() -> None:
     assert irmiddleware.sim._engine.PrefixCache is PrefixCache
 
 
+@pytest.mark.slow
 def test_the_simulator_imports_without_starlette_or_uvicorn() -> None:
     # A None entry in sys.modules makes `import starlette` fail, as if it were not installed.
     code = (
