@@ -18,6 +18,7 @@ import ctypes
 import enum
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -371,8 +372,18 @@ class NativeTable:
             handle, self._handle = self._handle, 0
             _check(_lib.irm_table_destroy(handle), "destroy table")
 
+    def __enter__(self) -> NativeTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __del__(self) -> None:
+        # The core has a fixed registry of table handles (256): a table left to the garbage
+        # collector holds one until then. Like an unclosed file, that is worth a ResourceWarning
+        # (the test suite turns it into an error).
         if getattr(self, "_handle", 0):
+            warnings.warn(f"unclosed native table (handle {self._handle:#x})", ResourceWarning, stacklevel=1)
             _lib.irm_table_destroy(self._handle)
 
     def info(self) -> tuple[int, int]:

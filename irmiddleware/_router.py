@@ -212,6 +212,23 @@ class Router:
         self._accelerators: dict[int, Accelerator] = {}
         self._in_flight: dict[object, Lease] = {}
         self._pools: dict[str, tuple[tuple[int, ...], int, _native.Pool]] = {}
+        try:
+            self._configure(class_shares, seed, balance_epsilon, signal_age_max_s)
+            if shared_memory is not None:
+                self._refresh_ids()
+        except BaseException:
+            # A refused option must not leave the table to the garbage collector: the core's
+            # registry of tables is bounded.
+            self._table.close()
+            raise
+
+    def _configure(
+        self,
+        class_shares: Sequence[float] | None,
+        seed: int | None,
+        balance_epsilon: float | None,
+        signal_age_max_s: float | None,
+    ) -> None:
         if class_shares is not None:
             for priority, share in enumerate(class_shares):
                 self._table.set_class_share(priority, share)
@@ -221,8 +238,6 @@ class Router:
             self._table.set_balance(balance_epsilon)
         if signal_age_max_s is not None:
             self._table.set_signal_age_max(round(signal_age_max_s * 1000))
-        if shared_memory is not None:
-            self._refresh_ids()
 
     @staticmethod
     def _open_table(

@@ -101,16 +101,18 @@ def final_problems(table: NativeTable, acquired: int) -> list[str]:
 
 def run_threads(flags: int) -> list[str]:
     table, capacities = make_table(flags)
-    checker = Checker(capacities)
-    threads = [
-        threading.Thread(target=hammer, args=(table, seed, ITERATIONS, checker)) for seed in range(THREADS)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads)
-    return checker.violations + final_problems(table, checker.acquired)
+    with table:
+        checker = Checker(capacities)
+        threads = [
+            threading.Thread(target=hammer, args=(table, seed, ITERATIONS, checker))
+            for seed in range(THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+        return checker.violations + final_problems(table, checker.acquired)
 
 
 def test_threads_never_exceed_capacity_and_end_at_zero() -> None:
@@ -158,17 +160,20 @@ def process_worker(name: str, seed: int, checker: SharedChecker) -> None:
 def run_processes(shared_name: str, flags: int) -> list[str]:
     context = multiprocessing.get_context("fork")
     table, capacities = make_table(flags, shared_name=shared_name)
-    checker = SharedChecker(capacities, context)
-    workers = [
-        context.Process(target=process_worker, args=(shared_name, seed, checker)) for seed in range(PROCESSES)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert [worker.exitcode for worker in workers] == [0] * PROCESSES
-    problems = [f"{checker.shared_violations.value} violations"] if checker.shared_violations.value else []
-    return problems + final_problems(table, checker.shared_acquired.value)
+    with table:
+        checker = SharedChecker(capacities, context)
+        workers = [
+            context.Process(target=process_worker, args=(shared_name, seed, checker))
+            for seed in range(PROCESSES)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0] * PROCESSES
+        violations = checker.shared_violations.value
+        problems = [f"{violations} violations"] if violations else []
+        return problems + final_problems(table, checker.shared_acquired.value)
 
 
 def test_processes_sharing_a_table_never_exceed_capacity(shared_name: str) -> None:
@@ -181,13 +186,12 @@ def test_the_checker_catches_a_racy_shared_table(shared_name: str) -> None:
 
 def test_attached_processes_see_one_set_of_counters(shared_name: str) -> None:
     owner, _capacities = make_table(shared_name=shared_name)
-    other = NativeTable(0, shared_name=shared_name, attach=True)
-    slot = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
-    assert owner.read(slot).cost_in_flight == 3
-    owner.release(slot, 3, 10, True)
-    assert other.read(slot).cost_in_flight == 0
-    assert other.backends_max == owner.backends_max == 16
-    other.close()
+    with owner, NativeTable(0, shared_name=shared_name, attach=True) as other:
+        slot = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
+        assert owner.read(slot).cost_in_flight == 3
+        owner.release(slot, 3, 10, True)
+        assert other.read(slot).cost_in_flight == 0
+        assert other.backends_max == owner.backends_max == 16
 
 
 @pytest.mark.parametrize("bad_name", ["", "a/b", "../x", ".hidden", "x" * 201])

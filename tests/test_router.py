@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import io
 import re
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +31,24 @@ from irmiddleware.testing import assert_idle
 STRATEGIES = ("round_robin", "least_connections", "p2c")
 
 
-def fleet(strategy: str, capacities: list[int], **options: object) -> Router:
-    router = Router(strategy, max_accelerators=max(16, len(capacities)), **options)  # type: ignore[arg-type]
-    for index, capacity in enumerate(capacities):
-        router.add_accelerator(Accelerator(index, capacity))
-    return router
+Fleet = Callable[..., Router]
+"""The `fleet` fixture: `fleet(strategy, capacities, **options)`."""
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    """`fleet(strategy, capacities, **options)`: a Router with accelerators 0, 1, ... of those
+    capacities; every router built is closed when the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def build(strategy: str, capacities: list[int], **options: object) -> Router:
+            router = Router(strategy, max_accelerators=max(16, len(capacities)), **options)  # type: ignore[arg-type]
+            stack.enter_context(router)
+            for index, capacity in enumerate(capacities):
+                router.add_accelerator(Accelerator(index, capacity))
+            return router
+
+        yield build
 
 
 def test_unknown_strategy_names_the_valid_ones() -> None:
@@ -62,7 +78,7 @@ def test_bad_values_are_refused_clearly(make: object, message: str) -> None:
         make()  # type: ignore[operator]
 
 
-def test_duplicate_ids_are_refused() -> None:
+def test_duplicate_ids_are_refused(fleet: Fleet) -> None:
     router = fleet("p2c", [10])
     with pytest.raises(DuplicateBackendError):
         router.add_accelerator(Accelerator(0, 10))
@@ -70,15 +86,15 @@ def test_duplicate_ids_are_refused() -> None:
 
 
 def test_table_full_is_refused() -> None:
-    router = Router("p2c", max_accelerators=2)
-    router.add_accelerator(Accelerator(1, 10))
-    router.add_accelerator(Accelerator(2, 10))
-    with pytest.raises(TableFullError):
-        router.add_accelerator(Accelerator(3, 10))
+    with Router("p2c", max_accelerators=2) as router:
+        router.add_accelerator(Accelerator(1, 10))
+        router.add_accelerator(Accelerator(2, 10))
+        with pytest.raises(TableFullError):
+            router.add_accelerator(Accelerator(3, 10))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_capacity_is_never_exceeded_and_none_means_full(strategy: str) -> None:
+def test_capacity_is_never_exceeded_and_none_means_full(fleet: Fleet, strategy: str) -> None:
     router = fleet(strategy, [10, 20, 30])
     routed = [router.route_request(Request(index, 3)) for index in range(30)]
     # 3 + 6 + 10 requests of cost 3 fit in capacities 10, 20, 30 (at priority 0: the whole capacity).
@@ -93,7 +109,7 @@ def test_capacity_is_never_exceeded_and_none_means_full(strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_down_and_draining_accelerators_get_nothing(strategy: str) -> None:
+def test_down_and_draining_accelerators_get_nothing(fleet: Fleet, strategy: str) -> None:
     router = fleet(strategy, [100, 100, 100])
     router.set_state(0, "down")
     router.drain(1)
@@ -103,21 +119,21 @@ def test_down_and_draining_accelerators_get_nothing(strategy: str) -> None:
     assert router.route_request(Request(999, 1)) is not None
 
 
-def test_round_robin_rotates_with_failover() -> None:
+def test_round_robin_rotates_with_failover(fleet: Fleet) -> None:
     router = fleet("round_robin", [1, 5, 5])
     order = [router.route_request(Request(index)) for index in range(7)]
     assert order[:3] == [0, 1, 2]
     assert order[3:] == [1, 2, 1, 2]  # 0 is full: skipped, not an error.
 
 
-def test_least_connections_follows_relative_load() -> None:
+def test_least_connections_follows_relative_load(fleet: Fleet) -> None:
     router = fleet("least_connections", [10, 100])
     picks = collections.Counter(router.route_request(Request(index)) for index in range(55))
     # Equal relative load means 10 : 100.
     assert picks == {0: 5, 1: 50}
 
 
-def test_p2c_spreads_load_and_is_reproducible_with_a_seed() -> None:
+def test_p2c_spreads_load_and_is_reproducible_with_a_seed(fleet: Fleet) -> None:
     def picks(seed: int) -> list[int | None]:
         router = fleet("p2c", [1000] * 8, seed=seed)
         return [router.route_request(Request(index)) for index in range(400)]
@@ -130,14 +146,14 @@ def test_p2c_spreads_load_and_is_reproducible_with_a_seed() -> None:
 
 
 def test_weight_scales_the_share() -> None:
-    router = Router("least_connections", max_accelerators=4)
-    router.add_accelerator(Accelerator(1, 100, weight=3.0))
-    router.add_accelerator(Accelerator(2, 100, weight=1.0))
-    picks = collections.Counter(router.route_request(Request(index)) for index in range(80))
+    with Router("least_connections", max_accelerators=4) as router:
+        router.add_accelerator(Accelerator(1, 100, weight=3.0))
+        router.add_accelerator(Accelerator(2, 100, weight=1.0))
+        picks = collections.Counter(router.route_request(Request(index)) for index in range(80))
     assert picks == {1: 60, 2: 20}
 
 
-def test_lease_releases_on_exit_and_marks_exceptions_failed() -> None:
+def test_lease_releases_on_exit_and_marks_exceptions_failed(fleet: Fleet) -> None:
     router = fleet("p2c", [10])
     with router.lease(Request(1, 4)) as accelerator_id:
         assert accelerator_id == 0
@@ -148,14 +164,14 @@ def test_lease_releases_on_exit_and_marks_exceptions_failed() -> None:
     assert (stats.completed, stats.failed, stats.load) == (1, 1, 0)
 
 
-def test_lease_yields_none_when_nothing_fits() -> None:
+def test_lease_yields_none_when_nothing_fits(fleet: Fleet) -> None:
     router = fleet("p2c", [2])
     with router.lease(Request(1, 3)) as accelerator_id:
         assert accelerator_id is None
     assert_idle(router)
 
 
-def test_a_lease_is_released_exactly_once() -> None:
+def test_a_lease_is_released_exactly_once(fleet: Fleet) -> None:
     router = fleet("round_robin", [10])
     lease = router.acquire(2)
     assert lease is not None
@@ -165,7 +181,7 @@ def test_a_lease_is_released_exactly_once() -> None:
     assert_idle(router)
 
 
-def test_complete_unknown_and_duplicate_requests_are_refused() -> None:
+def test_complete_unknown_and_duplicate_requests_are_refused(fleet: Fleet) -> None:
     router = fleet("p2c", [10])
     with pytest.raises(KeyError):
         router.complete(42)
@@ -178,7 +194,7 @@ def test_complete_unknown_and_duplicate_requests_are_refused() -> None:
     assert stats.latency_ewma_s == pytest.approx(0.25)
 
 
-def test_removal_with_requests_in_flight_keeps_accounting_exact() -> None:
+def test_removal_with_requests_in_flight_keeps_accounting_exact(fleet: Fleet) -> None:
     router = fleet("round_robin", [10, 10])
     held = [router.acquire(1) for _ in range(4)]
     router.remove_accelerator(0)
@@ -196,7 +212,7 @@ def test_removal_with_requests_in_flight_keeps_accounting_exact() -> None:
     assert_idle(router)
 
 
-def test_update_capacity_while_routing() -> None:
+def test_update_capacity_while_routing(fleet: Fleet) -> None:
     router = fleet("round_robin", [10])
     assert router.acquire(6) is not None
     router.update_accelerator(0, capacity=5)
@@ -206,14 +222,14 @@ def test_update_capacity_while_routing() -> None:
     assert router.accelerator_stats(0).weight == 2.0
 
 
-def test_priority_classes_keep_headroom_for_urgent_traffic() -> None:
+def test_priority_classes_keep_headroom_for_urgent_traffic(fleet: Fleet) -> None:
     router = fleet("round_robin", [100], class_shares=[1.0, 0.5])
     assert router.acquire(50, priority=1) is not None
     assert router.acquire(1, priority=1) is None  # class 1 may fill only half
     assert router.acquire(50, priority=0) is not None  # class 0 still finds room
 
 
-def test_batch_routing_matches_per_call_semantics() -> None:
+def test_batch_routing_matches_per_call_semantics(fleet: Fleet) -> None:
     router = fleet("round_robin", [4, 4], class_shares=[1.0, 1.0])
     requests = [Request(index, 1, index % 2) for index in range(10)]
     routed = router.route_batch(requests)
@@ -226,7 +242,7 @@ def test_batch_routing_matches_per_call_semantics() -> None:
     assert_idle(router)
 
 
-def test_pools_restrict_choice_and_share_one_account() -> None:
+def test_pools_restrict_choice_and_share_one_account(fleet: Fleet) -> None:
     router = fleet("p2c", [10, 10, 10])
     router.set_pool("llama", [0, 1])
     router.set_pool("mistral", [1, 2], strategy="round_robin")
@@ -244,13 +260,13 @@ def test_pools_restrict_choice_and_share_one_account() -> None:
 def test_current_load_of_an_added_accelerator_is_live() -> None:
     accelerator = Accelerator(5, 10)
     assert accelerator.current_load == 0
-    router = Router("p2c", max_accelerators=4)
-    router.add_accelerator(accelerator)
-    router.route_request(Request(1, 7))
-    assert accelerator.current_load == 7
+    with Router("p2c", max_accelerators=4) as router:
+        router.add_accelerator(accelerator)
+        router.route_request(Request(1, 7))
+        assert accelerator.current_load == 7
 
 
-def test_bad_state_names_are_refused() -> None:
+def test_bad_state_names_are_refused(fleet: Fleet) -> None:
     router = fleet("p2c", [10])
     with pytest.raises(ValueError, match="draining"):
         router.set_state(0, "sleeping")
@@ -258,12 +274,17 @@ def test_bad_state_names_are_refused() -> None:
         router.set_state(7, "down")
 
 
-def test_class_share_out_of_range_is_refused() -> None:
-    with pytest.raises(InvalidArgumentError):
-        Router("p2c", class_shares=[1.0, 0.0])
+def test_class_share_out_of_range_is_refused_and_frees_the_table() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidArgumentError):
+            Router("p2c", class_shares=[1.0, 0.0])
+        gc.collect()
+    # The table opened before the option was refused is closed at once, not left to `__del__`.
+    assert [w for w in caught if "unclosed native table" in str(w.message)] == []
 
 
-def test_queue_aware_avoids_reported_queues_while_they_are_fresh() -> None:
+def test_queue_aware_avoids_reported_queues_while_they_are_fresh(fleet: Fleet) -> None:
     router = fleet("queue_aware", [100, 100, 100], seed=3)
     router.set_signals(0, queue_depth=40, kv_usage=0.5)
     picks = collections.Counter(router.acquire(1).accelerator_id for _ in range(60))  # type: ignore[union-attr]
@@ -273,7 +294,7 @@ def test_queue_aware_avoids_reported_queues_while_they_are_fresh() -> None:
     assert picks[0] > 0
 
 
-def test_bad_signals_are_refused() -> None:
+def test_bad_signals_are_refused(fleet: Fleet) -> None:
     router = fleet("queue_aware", [10])
     with pytest.raises(ValueError, match="kv_usage"):
         router.set_signals(0, queue_depth=1, kv_usage=1.5)
@@ -281,7 +302,7 @@ def test_bad_signals_are_refused() -> None:
         router.set_signals(0, queue_depth=-1)
 
 
-def test_slot_calls_route_and_release_like_leases() -> None:
+def test_slot_calls_route_and_release_like_leases(fleet: Fleet) -> None:
     router = fleet("least_connections", [2, 2])
     slots = [router.acquire_slot(2) for _ in range(3)]
     assert slots[2] is None  # both full
@@ -297,7 +318,7 @@ def test_slot_calls_route_and_release_like_leases() -> None:
     assert_idle(router)
 
 
-def test_slot_calls_honour_pools_and_affinity() -> None:
+def test_slot_calls_honour_pools_and_affinity(fleet: Fleet) -> None:
     router = fleet("consistent_hash", [10, 10, 10])
     router.set_pool("llama", [1, 2], strategy="round_robin")
     chosen = [router.acquire_slot(1, pool="llama") for _ in range(4)]
@@ -322,14 +343,16 @@ def test_slot_calls_honour_pools_and_affinity() -> None:
 
 
 def test_slot_of_another_process_is_named(shared_name: str) -> None:
-    worker = Router("p2c", shared_memory=shared_name)
-    owner = Router("p2c", shared_memory=shared_name)
-    owner.add_accelerator(Accelerator(42, 4))  # after the worker attached: it learns the id late
-    slot = worker.acquire_slot(3)
-    assert slot is not None and worker.id_of_slot(slot) == 42
-    assert owner.load(42) == 3
-    worker.release_slot(slot, 3)
-    assert_idle(owner)
+    with (
+        Router("p2c", shared_memory=shared_name) as worker,
+        Router("p2c", shared_memory=shared_name) as owner,
+    ):
+        owner.add_accelerator(Accelerator(42, 4))  # after the worker attached: it learns the id late
+        slot = worker.acquire_slot(3)
+        assert slot is not None and worker.id_of_slot(slot) == 42
+        assert owner.load(42) == 3
+        worker.release_slot(slot, 3)
+        assert_idle(owner)
 
 
 @pytest.mark.parametrize(
@@ -356,7 +379,9 @@ def test_slot_of_another_process_is_named(shared_name: str) -> None:
         (lambda r: r.slot_of(7), UnknownBackendError, "id 7"),
     ],
 )
-def test_bad_slot_calls_are_refused_clearly(call: object, error: type[Exception], message: str) -> None:
+def test_bad_slot_calls_are_refused_clearly(
+    fleet: Fleet, call: object, error: type[Exception], message: str
+) -> None:
     router = fleet("p2c", [10])
     held = router.acquire_slot(2)
     with pytest.raises(error, match=message):
@@ -366,7 +391,7 @@ def test_bad_slot_calls_are_refused_clearly(call: object, error: type[Exception]
     assert_idle(router)
 
 
-def test_a_slot_released_twice_is_refused() -> None:
+def test_a_slot_released_twice_is_refused(fleet: Fleet) -> None:
     router = fleet("round_robin", [10])
     slot = router.acquire_slot(2)
     assert slot is not None
@@ -383,6 +408,10 @@ def test_the_slot_example_of_the_api_doc_runs() -> None:
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block is not None
     output = io.StringIO()
+    namespace: dict[str, object] = {"__name__": "api_example"}
     with contextlib.redirect_stdout(output):
-        exec(compile(block.group(1), "doc/api.md", "exec"), {"__name__": "api_example"})
+        exec(compile(block.group(1), "doc/api.md", "exec"), namespace)
+    for value in namespace.values():  # the example's routers, freed now rather than by `__del__`
+        if isinstance(value, Router):
+            value.close()
     assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()

@@ -70,10 +70,12 @@ class Fleet:
             for outcome in ("hit", "miss", "overload")
         }
         self.backends: dict[int, Backend] = {}
-        for backend_id, entry in enumerate(config.backends):
-            adapter = registry.adapter(entry.type)
-            self.backends[backend_id] = Backend(backend_id, entry.url, entry.type, adapter, entry.models)
-            self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+        try:
+            self._add_backends(config, registry)
+        except BaseException:
+            # An unknown adapter type is a configuration error: the table must not outlive it.
+            self.router.close()
+            raise
         self._pools: dict[str, frozenset[int]] = {}
         self._metrics = metrics
         self._decided = {
@@ -81,6 +83,12 @@ class Fleet:
             for result in ("routed", "no_capacity", "fallback", "retry")
         }
         self._rebuild_pools()
+
+    def _add_backends(self, config: RouterConfig, registry: Registry) -> None:
+        for backend_id, entry in enumerate(config.backends):
+            adapter = registry.adapter(entry.type)
+            self.backends[backend_id] = Backend(backend_id, entry.url, entry.type, adapter, entry.models)
+            self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
 
     # ---- models --------------------------------------------------------------------------------
 

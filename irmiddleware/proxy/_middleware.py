@@ -133,6 +133,13 @@ class RoutingMiddleware:
         if attempts is not None:
             await attempts.upstream.aclose()
 
+    def close(self) -> None:
+        """Frees the native routing table, for a middleware that is done for good (its server has
+        stopped; the lifespan may have come and gone). Lifespan shutdown does not do this, because
+        a test client can run an app's lifespan more than once. Idempotent; nothing can be routed
+        afterwards."""
+        self.fleet.router.close()
+
     # ---- one request ---------------------------------------------------------------------------
 
     async def _handle(

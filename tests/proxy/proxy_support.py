@@ -44,6 +44,8 @@ class RouterServer:
 
     def __exit__(self, *exc: object) -> None:
         self._serving.__exit__(None, None, None)
+        if isinstance(self.app, RoutingMiddleware):
+            self.app.close()
 
 
 def config_for(urls: list[str], models: list[str] | None = ("m",), **router: Any) -> RouterConfig:  # type: ignore[assignment]

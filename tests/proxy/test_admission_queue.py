@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from irmiddleware.hooks import RouteInfo
-from irmiddleware.proxy import ConfigError, create_app, load_config, parse_config
+from irmiddleware.proxy import ConfigError, RoutingMiddleware, create_app, load_config, parse_config
 from irmiddleware.proxy._admission import Admission, Shed, WaitQueue
 from irmiddleware.proxy.config import AdmissionConfig, parse_admission
 
@@ -116,9 +116,21 @@ def test_waiters_that_left_free_their_place(loop: asyncio.AbstractEventLoop) -> 
 # ---- classes and tenants -------------------------------------------------------------------------
 
 
+_APPS: list[RoutingMiddleware] = []
+"""Apps built by `admission_of`, closed when the test ends (`_close_apps`)."""
+
+
+@pytest.fixture(autouse=True)
+def _close_apps() -> Iterator[None]:
+    yield
+    while _APPS:
+        _APPS.pop().close()
+
+
 def admission_of(**table: Any) -> tuple[Admission, Any, Clock]:
     config = parse_config({"backends": [{"url": "http://127.0.0.1:9", "models": ["m"]}], "admission": table})
     app = create_app(config)
+    _APPS.append(app)
     clock = Clock()
     admission = Admission(config.admission, app.fleet, CollectorRegistry(), 1, clock=clock)
     return admission, app.fleet.backends[0].adapter, clock

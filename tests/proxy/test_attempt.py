@@ -26,7 +26,8 @@ BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}]
 
 
 class Recorded:
-    """An attempt context whose callbacks record what they were told."""
+    """An attempt context whose callbacks record what they were told; closing it frees the
+    fleet's table."""
 
     def __init__(self, config: RouterConfig) -> None:
         manager, broken = _plugins.load_plugins()
@@ -46,6 +47,12 @@ class Recorded:
             notify=lambda step, attempt, status=None, error=None: self.steps.append(step),
             retries=config.retries,
         )
+
+    def __enter__(self) -> Recorded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fleet.router.close()
 
     def exchange(self) -> ClientExchange:
         scope: dict[str, Any] = {
@@ -90,45 +97,45 @@ async def _attempt(recorded: Recorded, exchange: ClientExchange) -> tuple[Attemp
 
 def test_an_attempt_relays_and_releases_once(emulators: Emulators) -> None:
     (backend,) = emulators(1)
-    recorded = Recorded(config_for([backend.url]))
-    exchange = recorded.exchange()
-    attempt, retry = asyncio.run(_attempt(recorded, exchange))
-    assert not retry and attempt.outcome == exchange.outcome == "ok" and attempt.status == 200
-    assert recorded.sent[0]["type"] == "http.response.start" and recorded.sent[0]["status"] == 200
-    body = b"".join(m.get("body", b"") for m in recorded.sent[1:])
-    assert json.loads(body)["object"] == "chat.completion"
-    assert recorded.sent[-1]["more_body"] is False and exchange.started and exchange.done
-    assert recorded.counts() == (0, 1, 0)  # released exactly once, as a success
-    assert recorded.observed == [(0, "ok", 200)] and recorded.released == [0]
-    assert recorded.steps == ["routed", "first_byte", "completed"]
-    assert backend.emulator.stats.received == 1
+    with Recorded(config_for([backend.url])) as recorded:
+        exchange = recorded.exchange()
+        attempt, retry = asyncio.run(_attempt(recorded, exchange))
+        assert not retry and attempt.outcome == exchange.outcome == "ok" and attempt.status == 200
+        assert recorded.sent[0]["type"] == "http.response.start" and recorded.sent[0]["status"] == 200
+        body = b"".join(m.get("body", b"") for m in recorded.sent[1:])
+        assert json.loads(body)["object"] == "chat.completion"
+        assert recorded.sent[-1]["more_body"] is False and exchange.started and exchange.done
+        assert recorded.counts() == (0, 1, 0)  # released exactly once, as a success
+        assert recorded.observed == [(0, "ok", 200)] and recorded.released == [0]
+        assert recorded.steps == ["routed", "first_byte", "completed"]
+        assert backend.emulator.stats.received == 1
 
 
 def test_an_unreachable_backend_asks_for_a_retry_and_sends_nothing() -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    recorded = Recorded(config_for([f"http://127.0.0.1:{port}"]))
-    exchange = recorded.exchange()
-    attempt, retry = asyncio.run(_attempt(recorded, exchange))
-    assert retry and attempt.outcome == exchange.outcome == "connect_error"
-    assert recorded.sent == [] and not exchange.started
-    assert recorded.counts() == (0, 0, 1)  # released exactly once, as a failure
-    assert recorded.observed == [(0, "connect_error", None)] and recorded.released == [0]
-    assert recorded.steps == ["routed", "failed"]
+    with Recorded(config_for([f"http://127.0.0.1:{port}"])) as recorded:
+        exchange = recorded.exchange()
+        attempt, retry = asyncio.run(_attempt(recorded, exchange))
+        assert retry and attempt.outcome == exchange.outcome == "connect_error"
+        assert recorded.sent == [] and not exchange.started
+        assert recorded.counts() == (0, 0, 1)  # released exactly once, as a failure
+        assert recorded.observed == [(0, "connect_error", None)] and recorded.released == [0]
+        assert recorded.steps == ["routed", "failed"]
 
 
 def test_an_exception_inside_still_releases_once(emulators: Emulators) -> None:
     (backend,) = emulators(1)
-    recorded = Recorded(config_for([backend.url]))
-    exchange = recorded.exchange()
+    with Recorded(config_for([backend.url])) as recorded:
+        exchange = recorded.exchange()
 
-    async def broken_send(message: Message) -> None:
-        raise RuntimeError("the ASGI server failed")
+        async def broken_send(message: Message) -> None:
+            raise RuntimeError("the ASGI server failed")
 
-    exchange.send = broken_send
-    with pytest.raises(RuntimeError):
-        asyncio.run(_attempt(recorded, exchange))
-    assert exchange.outcome == "internal" and recorded.counts() == (0, 0, 1)
-    assert recorded.observed == [(0, "internal", 200)] and recorded.released == [0]
-    assert recorded.steps == ["routed", "first_byte", "failed"]
+        exchange.send = broken_send
+        with pytest.raises(RuntimeError):
+            asyncio.run(_attempt(recorded, exchange))
+        assert exchange.outcome == "internal" and recorded.counts() == (0, 0, 1)
+        assert recorded.observed == [(0, "internal", 200)] and recorded.released == [0]
+        assert recorded.steps == ["routed", "first_byte", "failed"]

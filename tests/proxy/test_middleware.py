@@ -194,6 +194,11 @@ def test_mounted_in_fastapi_next_to_its_routes(emulators: Emulators) -> None:
         status = httpx.get(f"{server.url}/irm/status").json()
         assert status["backends"][0]["completed"] == 1 and status["backends"][0]["requests_in_flight"] == 0
         assert "irm_backend_in_flight" in httpx.get(f"{server.url}/metrics").text
+    # FastAPI built the middleware itself: find it in the app's stack to free its table.
+    layer = app.middleware_stack
+    while not isinstance(layer, RoutingMiddleware):
+        layer = layer.app
+    layer.close()
 
 
 def test_standalone_app_answers_404_elsewhere(emulators: Emulators, router: Routers) -> None:
