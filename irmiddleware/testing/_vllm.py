@@ -703,21 +703,20 @@ def _whole_body(job: _Job) -> dict[str, Any]:
             choices.append({**base, "message": {"role": "assistant", "content": text, "tool_calls": []}})
         else:
             choices.append({**base, "text": text})
-    return {
-        "id": job.response_id,
-        "object": "chat.completion" if job.chat else "text_completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": choices,
-        "usage": openai_usage(job.prompt_tokens, job.completion_tokens),
-    }
+    whole = _envelope(job, "chat.completion" if job.chat else "text_completion", choices)
+    return {**whole, "usage": openai_usage(job.prompt_tokens, job.completion_tokens)}
 
 
 def _chunk(job: _Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
     # Completion stream chunks keep object "text_completion", as in vLLM.
+    return _envelope(job, "chat.completion.chunk" if job.chat else "text_completion", choices)
+
+
+def _envelope(job: _Job, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every OpenAI answer and stream chunk carries, in vLLM's order."""
     return {
         "id": job.response_id,
-        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "object": kind,
         "created": job.created,
         "model": job.model,
         "choices": choices,
