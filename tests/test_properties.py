@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
@@ -165,4 +166,4 @@ class TableMachine(RuleBasedStateMachine):
 
 
 TableMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
-test_table_against_model = TableMachine.TestCase
+test_table_against_model = pytest.mark.slow(TableMachine.TestCase)  # 150 runs of up to 60 steps

@@ -70,6 +70,7 @@ def test_balls_into_bins(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ln ln n/ln 2" in out and "1,000" in out
 
 
+@pytest.mark.slow  # imports matplotlib and renders a figure
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp.png"
