@@ -15,6 +15,11 @@ COMMANDS: Final = {
         "demo_main",
         "emulated fleet + router + real client traffic, per strategy",
     ),
+    "emulate": (
+        "irmiddleware.testing._emulate",
+        "emulate_main",
+        "serve one emulated vLLM, Triton or TGI server (for trying a router config)",
+    ),
     "serve": ("irmiddleware.proxy._serve", "serve_main", "run the routing proxy (--config router.toml)"),
     "simulate": (
         "irmiddleware.sim._cli",
