@@ -42,7 +42,11 @@ COMMANDS: Final = {
 
 
 def usage() -> str:
-    lines = ["usage: irmiddleware COMMAND [options]   (irmiddleware COMMAND --help for options)", ""]
+    lines = [
+        "usage: irmiddleware COMMAND [options]   (irmiddleware COMMAND --help for options;"
+        " irmiddleware --version)",
+        "",
+    ]
     lines += [f"  {name:<12} {help_text}" for name, (_module, _function, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -52,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        from irmiddleware import __version__  # late: the CLI imports nothing it does not run
+
+        print(f"irmiddleware {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"irmiddleware: unknown command {command!r}\n\n{usage()}", file=sys.stderr)

@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from irmiddleware._router import STRATEGIES
 from irmiddleware.proxy.config import ConfigError, RouterConfig, check_listen, load_config, parse_config
 
 __all__ = ["build_config", "serve_main"]
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="append", default=[], help="model served by --backend entries")
     parser.add_argument(
-        "--strategy", help="routing strategy (p2c, round_robin, least_connections, a plugin's)"
+        "--strategy",
+        help=f"routing strategy ({', '.join(sorted(STRATEGIES))}, or a plugin's; default p2c)",
     )
     parser.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
     parser.add_argument(
