@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from irmiddleware._demo import Run, reading
+
 pytestmark = pytest.mark.slow  # runs the demo: an emulated fleet, a router and a client for each strategy
 
 
@@ -27,6 +29,21 @@ def test_demo_reports_each_strategy_and_shuts_down() -> None:
         assert len(shares) == 4
         assert 98 <= sum(shares) <= 102  # rounded percentages of all routed requests
     assert "returned to zero" in result.stdout
+    reading = next(line for line in result.stdout.splitlines() if "had the shortest tail" in line)
+    best, worst = re.findall(r"^(\w+) had the shortest tail .* and (\w+) the longest", reading)[0]
+    assert {best, worst} == {"round_robin", "p2c"}
+
+
+def test_the_reading_names_the_best_and_worst_tail_and_round_robins_slow_share() -> None:
+    def run(strategy: str, latencies_s: list[float], slow_requests: int) -> Run:
+        share = {"fast-a": 40, "fast-b": 40, "medium": 20 - slow_requests, "slow": slow_requests}
+        return Run(strategy, latencies_s, 0, 1.0, share)
+
+    runs = [run("round_robin", [0.1] * 8 + [0.9] * 2, 10), run("p2c", [0.1] * 10, 4)]
+    first, second = reading(runs)
+    assert first.startswith("p2c had the shortest tail (p90 100 ms) and round_robin the longest (900 ms)")
+    assert "it sent slow 10% of the requests, p2c 4%" in second
+    assert reading(runs[:1]) == []  # nothing to compare
 
 
 def test_demo_refuses_bad_arguments() -> None:
