@@ -33,6 +33,11 @@ COMMANDS: Final = {
         "bench_affinity_main",
         "cost of a cache-aware decision",
     ),
+    "bench-signals": (
+        "irmiddleware.bench._signals",
+        "bench_signals_main",
+        "reading a backend's load from its Prometheus page",
+    ),
     "bench-admission": (
         "irmiddleware.bench._admission",
         "bench_admission_main",

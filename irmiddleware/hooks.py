@@ -159,13 +159,40 @@ class LoadSignals:
 
 def metric_samples(metrics_text: str, names: Collection[str]) -> dict[str, list[float]]:
     """The values of the samples named `names` in a Prometheus text exposition (one per label
-    set), parsed with prometheus-client's parser. Raises ValueError for text it cannot parse."""
+    set), parsed with prometheus-client's parser. Names are as the page writes them (a counter
+    written without `_total`, as TGI does, is found under that name). Raises ValueError when a
+    line of those samples cannot be parsed; the other lines are not read at all.
+
+    Only the lines of those metrics reach the parser (`_wanted_lines`): a server's page is mostly
+    histograms the router never reads, and parsing them all costs far more than the few lines it
+    needs (figures in doc/benchmarks.md, `irmiddleware bench-signals`)."""
     found: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(metrics_text):
+    for family in text_string_to_metric_families(_wanted_lines(metrics_text, names)):
         for sample in family.samples:
             if sample.name in names:
                 found.setdefault(sample.name, []).append(sample.value)
     return found
+
+
+def _wanted_lines(metrics_text: str, names: Collection[str]) -> str:
+    """The sample lines of `names` in a Prometheus text exposition, in page order. Each name is
+    found with `str.find`, a scan in C: a Python loop over a 600-line page costs more than the
+    parse it saves. The `# HELP`/`# TYPE` lines are left out: without them the parser reads each
+    sample as untyped, with the same name and value (the tests compare against whole-page parses)."""
+    text = "\n" + metrics_text
+    found: list[tuple[int, str]] = []
+    for name in names:
+        needle = "\n" + name
+        start = text.find(needle)
+        while start >= 0:  # Bounded: each match moves `start` forward.
+            end = text.find("\n", start + 1)
+            line = text[start + 1 : end if end >= 0 else len(text)]
+            # The name must end here (at labels, a space or a tab), not continue as another's.
+            if line[len(name) : len(name) + 1] in ("{", " ", "\t"):
+                found.append((start, line))
+            start = text.find(needle, start + 1)
+    found.sort()
+    return "".join(line + "\n" for _start, line in found)
 
 
 class BackendAdapter:
