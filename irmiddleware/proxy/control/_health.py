@@ -108,10 +108,11 @@ class FleetHealth:
         self.config = config.health
         self.outliers = OutlierDetector(config.outliers, list(fleet.backends))
         self._metrics = _HealthMetrics(registry)
-        self._state_observers = _plugins.observers(manager, "irm_backend_state_changed")
+        self._state_observers = _plugins.HookCalls.of(manager, "irm_backend_state_changed")
         start_healthy = not (self.config.enabled and self.config.require_ready)
+        probes = _plugins.HookCalls.of(manager, "irm_health_probe")
         self._checks = {
-            b.id: _Checks(self._probe_of(manager, b), healthy=start_healthy) for b in fleet.backends.values()
+            b.id: _Checks(self._probe_of(probes, b), healthy=start_healthy) for b in fleet.backends.values()
         }
         # The starting state is set silently: it is configuration, not a change to report.
         initial = "active" if start_healthy else "down"
@@ -122,13 +123,11 @@ class FleetHealth:
             self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
             self._metrics.ejected.labels(backend.url).set(0)
 
-    def _probe_of(self, manager: pluggy.PluginManager, backend: Backend) -> HealthProbe:
+    def _probe_of(self, probes: _plugins.HookCalls | None, backend: Backend) -> HealthProbe:
         default = HealthProbe(backend.adapter.health_path, timeout_s=self.config.timeout_s)
-        try:
-            probe = manager.hook.irm_health_probe(backend=backend.info, adapter=backend.adapter)
-        except Exception as error:  # a plugin's bug must not take health checking down
-            log.error("irm_health_probe raised for %s: %r; using %s", backend.url, error, default.path)
-            return default
+        # A plugin that raises is logged and the next one is asked: a plugin's bug must not take
+        # health checking (or another plugin's probe) down.
+        probe = probes.first(backend=backend.info, adapter=backend.adapter) if probes else None
         return probe if isinstance(probe, HealthProbe) else default
 
     # ---- passive: every attempt of live traffic -------------------------------------------------
@@ -265,13 +264,8 @@ class FleetHealth:
         self._metrics.transitions.labels(backend.url, state).inc()
         level = logging.WARNING if state == "down" else logging.INFO
         log.log(level, "backend %s: %s -> %s (%s)", backend.url, old, state, reason)
-        for plugin_name, function in self._state_observers:
-            try:
-                function(backend=backend.info, old=old, new=state, reason=reason)
-            except Exception as error:
-                log.warning(
-                    "irmiddleware plugin %r raised in irm_backend_state_changed: %r", plugin_name, error
-                )
+        if self._state_observers is not None:
+            self._state_observers.notify(backend=backend.info, old=old, new=state, reason=reason)
 
     def status_of(self, backend_id: int) -> dict[str, Any]:
         ejected = self.outliers.is_ejected(backend_id)
