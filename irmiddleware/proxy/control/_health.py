@@ -69,7 +69,7 @@ class _HealthMetrics:
         )
         self.transitions = Counter(
             "irm_backend_state_transitions",
-            "Changes of a backend's routing state, by the state entered (active, down).",
+            "Changes of a backend's routing state, by the state entered (active, down, draining).",
             ["backend", "state"],
             registry=registry,
         )
@@ -119,7 +119,7 @@ class FleetHealth:
         self._states = dict.fromkeys(fleet.backends, initial)
         self._panic_pools: set[str] = set()
         for backend in fleet.backends.values():
-            fleet.router.set_state(backend.id, initial)
+            fleet.set_state(backend.id, initial)
             self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
             self._metrics.ejected.labels(backend.url).set(0)
 
@@ -220,11 +220,36 @@ class FleetHealth:
         """Sets every backend's native state from its checks, its ejection and the panic rule."""
         panic = self._panic_members()
         for backend_id, backend in self.fleet.backends.items():
-            healthy = self._checks[backend_id].healthy
-            ejected = self.outliers.is_ejected(backend_id)
-            state = "active" if healthy and (not ejected or backend_id in panic) else "down"
+            state, reason = self._decided(backend_id, panic)
             if state != self._states[backend_id]:
-                self._set_state(backend, state, self._why(backend_id, healthy, ejected))
+                self._set_state(backend, state, reason)
+
+    def _decided(self, backend_id: int, panic: set[int]) -> tuple[str, str]:
+        """The state the checks, the ejection and the panic rule give a backend, and why."""
+        healthy = self._checks[backend_id].healthy
+        ejected = self.outliers.is_ejected(backend_id)
+        state = "active" if healthy and (not ejected or backend_id in panic) else "down"
+        return state, self._why(backend_id, healthy, ejected)
+
+    def drain(self, backend_id: int) -> None:
+        """An operator's drain: the backend takes nothing new (what is in flight completes) and
+        health checks leave its state alone until `undrain`."""
+        backend = self.fleet.backends[backend_id]
+        old = self.fleet.router.accelerator_stats(backend_id).state
+        if old != "draining":
+            self.fleet.set_state(backend_id, "draining")
+            self._announce(backend, old, "draining", "drained by an operator")
+
+    def undrain(self, backend_id: int) -> None:
+        """Ends an operator's drain: the backend takes the state its checks and ejection give it
+        now (the fleet then serves admission's waiters if it is active)."""
+        backend = self.fleet.backends[backend_id]
+        if self.fleet.router.accelerator_stats(backend_id).state != "draining":
+            return
+        state, reason = self._decided(backend_id, self._panic_members())
+        self._states[backend_id] = state
+        self.fleet.set_state(backend_id, state)
+        self._announce(backend, "draining", state, f"drain ended, {reason}")
 
     def _panic_members(self) -> set[int]:
         members_in_panic: set[int] = set()
@@ -260,7 +285,10 @@ class FleetHealth:
         if self.fleet.router.accelerator_stats(backend.id).state == "draining":
             return  # an operator's drain is theirs to undo
         old, self._states[backend.id] = self._states[backend.id], state
-        self.fleet.router.set_state(backend.id, state)
+        self.fleet.set_state(backend.id, state)  # back to active: admission's waiters are served
+        self._announce(backend, old, state, reason)
+
+    def _announce(self, backend: Backend, old: str, state: str, reason: str) -> None:
         self._metrics.transitions.labels(backend.url, state).inc()
         level = logging.WARNING if state == "down" else logging.INFO
         log.log(level, "backend %s: %s -> %s (%s)", backend.url, old, state, reason)
