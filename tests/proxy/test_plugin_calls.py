@@ -3,12 +3,17 @@ another: `tryfirst`/`trylast` order holds for the registration hooks and for obs
 notification hook reaches an implementation that takes a subset of the spec's arguments (here, of
 a real router's request lifecycle and health transitions); hook wrappers, new-style and old-style,
 see each plugin's call with its result or exception; and an observer that raises is logged by name
-while the other observers still hear the event and the request is answered."""
+while the other observers still hear the event and the request is answered. doc/plugins.md's example
+of these rules runs as written."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -264,3 +269,13 @@ def test_every_notification_hook_reaches_a_subset_implementation(
     assert {"routed", "first_byte", "completed", "failed", "state:down"} <= set(observer.heard)
     wait_idle(server.app)
     assert_idle(server.app.router)
+
+
+def test_the_plugins_doc_example_runs() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "doc" / "plugins.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## How hooks are called") :]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(block, "doc/plugins.md", "exec"), {"__name__": "plugins_doc_example"})
+    assert output.getvalue() == "['p2c']\n"
