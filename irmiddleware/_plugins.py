@@ -194,10 +194,6 @@ class HookCalls:
             callers.append((impl.plugin_name, manager.subset_hook_caller(name, others)))
         return cls(name, tuple(callers))
 
-    @property
-    def plugin_names(self) -> tuple[str, ...]:
-        return tuple(plugin_name for plugin_name, _caller in self._callers)
-
     def each(
         self, kwargs: Mapping[str, object], *, failed: dict[str, str] | None = None
     ) -> Iterator[tuple[str, Any]]:
