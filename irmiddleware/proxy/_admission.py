@@ -10,6 +10,10 @@ The flow for one request (`RoutingMiddleware` calls these in order):
    fits, the request waits in `WaitQueue` (bounded in length and time) or is shed with 503.
 3. Every release of a lease calls `Admission.released`, which hands the freed capacity to the best
    waiter at once: no polling, and exactly one waiter is woken per freed slot.
+4. Capacity that appears without a release (a backend back to active after failed health checks,
+   an ejection or a drain; a larger capacity; a backend that joined a pool) reaches
+   `Admission.capacity_appeared` through the fleet's `on_capacity`, which serves every waiter
+   that now fits at once.
 """
 
 from __future__ import annotations
@@ -276,6 +280,8 @@ class Admission:
         # Without limits or per-tenant classes the tenant header is not even looked at.
         self._tenants_on = limits_on or bool(config.tenants)
         self.queue: WaitQueue[Lease] = WaitQueue(config, self._try_acquire, clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop the waiters' futures belong to (set when the first request waits)."""
         self._metrics(registry)
 
     def _metrics(self, registry: CollectorRegistry) -> None:
@@ -391,6 +397,8 @@ class Admission:
     async def acquire(self, route: RouteInfo) -> Lease:
         """A lease for `route` at its class's share, waiting in the queue when nothing fits;
         `Shed` (503) when it may not wait, the queue is full, it was evicted, or it timed out."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # for `capacity_appeared` from other threads
         if self.queue.total:
             # Capacity can also appear without a release (a backend coming back, a larger
             # capacity): waiters take it before this newcomer may.
@@ -449,9 +457,28 @@ class Admission:
                 self.queue.dispatch(backend.models, limit=1)
 
     def kick(self) -> int:
-        """Hands any free capacity to waiters, for every model; call it when capacity appears
-        without a release (a backend marked healthy, a larger capacity). Returns how many got in."""
+        """Hands any free capacity to waiters, for every model, now; call it on the event loop's
+        thread when capacity appears without a release. Returns how many got in."""
         return self.queue.dispatch(self._fleet.models)
+
+    def capacity_appeared(self) -> None:
+        """Capacity may have appeared without a release (the fleet's `on_capacity` listener):
+        waiters that now fit are served at once. Safe from any thread: off the loop's thread, the
+        hand-over is scheduled on the loop (the waiters' futures belong to it)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # no request has been admitted yet: nobody waits
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            if self.queue.total:
+                self.kick()
+        else:
+            # Scheduled even if the queue looks empty from here: a request on the loop may be
+            # between finding no capacity and entering the queue.
+            loop.call_soon_threadsafe(self.kick)
 
     # ---- observation ---------------------------------------------------------------------------
 

@@ -61,13 +61,16 @@ class Notify(Protocol):
 
 
 class RequestObservers:
-    """Tells the plugins' `irm_request_*` observers about an attempt's steps. The hook
-    implementations are resolved once: a request nobody observes builds no event."""
+    """Tells the plugins' `irm_request_*` observers about an attempt's steps, through pluggy.
+
+    The hook callers are resolved once, here. A step nobody implements maps to None, so a request
+    nobody observes costs one dict lookup and one `is not None` test per step: no event is built
+    and pluggy is not entered (a pluggy call costs microseconds, the lookup tens of nanoseconds)."""
 
     def __init__(self, manager: pluggy.PluginManager, strategy_name: str) -> None:
         self._strategy_name = strategy_name
         self._observers = {
-            step: _plugins.observers(manager, f"irm_request_{step}")
+            step: _plugins.HookCalls.of(manager, f"irm_request_{step}")
             for step in ("routed", "first_byte", "completed", "failed")
         }
 
@@ -75,7 +78,7 @@ class RequestObservers:
         self, step: Step, attempt: Attempt, status: int | None = None, error: str | None = None
     ) -> None:
         observers = self._observers[step]
-        if observers:
+        if observers is not None:
             exchange = attempt.exchange
             event = RequestEvent(
                 request_id=exchange.id,
@@ -89,7 +92,7 @@ class RequestObservers:
                 elapsed_s=time.perf_counter() - exchange.started_s,
                 error=error,
             )
-            _plugins.notify(observers, event)
+            observers.notify(event=event)
 
 
 @dataclass(frozen=True, slots=True)

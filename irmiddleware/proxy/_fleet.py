@@ -2,12 +2,16 @@
 
 This is where a routing decision is made and a lease is taken; `_middleware` decides when, and
 releases the lease (in exactly one place). Nothing here does I/O except model discovery.
+
+Every change that can make room without a release goes through the fleet too (a backend set
+active, a new capacity or weight, a backend that gained models at discovery), and the fleet tells
+whoever listens (`on_capacity`: admission, whose waiters take the room at once).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -82,6 +86,7 @@ class Fleet:
             result: metrics.decisions.labels(config.strategy, result)
             for result in ("routed", "no_capacity", "fallback", "retry")
         }
+        self._capacity_listeners: list[Callable[[], None]] = []
         self._rebuild_pools()
 
     def _add_backends(self, config: RouterConfig, registry: Registry) -> None:
@@ -89,6 +94,33 @@ class Fleet:
             adapter = registry.adapter(entry.type)
             self.backends[backend_id] = Backend(backend_id, entry.url, entry.type, adapter, entry.models)
             self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+
+    # ---- states and capacity -------------------------------------------------------------------
+
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` whenever capacity may have appeared without a release. It is called
+        on the thread that made the change: a listener that touches the event loop must be safe
+        to call from any thread."""
+        self._capacity_listeners.append(listener)
+
+    def set_state(self, backend_id: int, state: str) -> None:
+        """Sets a backend's routing state ("active", "draining", "down"); entering "active" (back
+        from down, or a drain ended) tells the capacity listeners."""
+        self.router.set_state(backend_id, state)
+        if state == "active":
+            self._capacity_appeared()
+
+    def update_backend(
+        self, backend_id: int, *, capacity: int | None = None, weight: float | None = None
+    ) -> None:
+        """Changes a backend's capacity and/or weight while routing goes on, and tells the
+        capacity listeners (a larger capacity has room for waiters)."""
+        self.router.update_accelerator(backend_id, capacity=capacity, weight=weight)
+        self._capacity_appeared()
+
+    def _capacity_appeared(self) -> None:
+        for listener in self._capacity_listeners:
+            listener()
 
     # ---- models --------------------------------------------------------------------------------
 
@@ -117,6 +149,7 @@ class Fleet:
             except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
                 log.warning("model discovery failed for %s: %r", backend.url, error)
         self._rebuild_pools()
+        self._capacity_appeared()  # a backend that joined a pool brings its capacity with it
 
     def default_model(self, adapter: BackendAdapter) -> str | None:
         """For a `single_model` adapter (TGI): the one model its type's backends serve, which a

@@ -65,6 +65,7 @@ class RoutingMiddleware:
         self.metrics = RouterMetrics(lambda: self.fleet.backend_stats())
         self.fleet = Fleet(config, self.registry, self.metrics)
         self.admission = Admission(config.admission, self.fleet, self.metrics.registry, config.retry_after_s)
+        self.fleet.on_capacity(self.admission.capacity_appeared)
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
         self._routes = Routes(self.fleet.backends.values())
@@ -82,6 +83,25 @@ class RoutingMiddleware:
     def status(self) -> dict[str, Any]:
         """The JSON status document: strategy, models and every backend's state and load."""
         return self.responder.status()
+
+    # ---- operating the fleet (any thread) -------------------------------------------------------
+
+    def drain(self, backend_id: int) -> None:
+        """Takes a backend out of routing until `undrain`: what is in flight completes, nothing
+        new is sent, and health checks leave its state alone."""
+        self.monitor.health.drain(backend_id)
+
+    def undrain(self, backend_id: int) -> None:
+        """Ends a drain: the backend is active again unless its health checks or an ejection keep
+        it down, and requests waiting in admission are served at once."""
+        self.monitor.health.undrain(backend_id)
+
+    def update_backend(
+        self, backend_id: int, *, capacity: int | None = None, weight: float | None = None
+    ) -> None:
+        """Changes a backend's capacity and/or weight while routing goes on; requests waiting in
+        admission take a larger capacity at once."""
+        self.fleet.update_backend(backend_id, capacity=capacity, weight=weight)
 
     # ---- ASGI ----------------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@ per-token time makes requests hold capacity: under mixed-class saturation no urg
 while less urgent ones get in; waiters are served by class, then arrival; queue bounds, eviction and
 wait timeouts hold and answer 503 + Retry-After in OpenAI's error shape; a waiter whose client hangs
 up leaves the queue at once; tenant limits answer 429; the router's /metrics and status endpoint
-answer while 2000 requests are queued or shed (their answers report the queue); and every in-flight and queue
-counter is back to zero at the end."""
+answer while 2000 requests are queued or shed (their answers report the queue); waiters are served
+as soon as capacity appears without a release (the only backend recovering from failed health
+checks, a drain ending, a larger capacity), none timing out; and every in-flight and queue counter is
+back to zero at the end."""
 
 from __future__ import annotations
 
@@ -20,7 +22,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_support import Emulator, Emulators, Routers, RouterServer, held_stream, wait_idle
+from proxy_support import (
+    FAST_FLEET,
+    Emulator,
+    Emulators,
+    Routers,
+    RouterServer,
+    backend_status,
+    held_stream,
+    wait_idle,
+)
 
 from irmiddleware.proxy import RoutingMiddleware, parse_config
 from irmiddleware.testing import assert_idle, wait_until
@@ -28,9 +39,12 @@ from irmiddleware.testing import assert_idle, wait_until
 ALL_SHARES = [1.0] * 8  # classes then differ only in queue order, not in what they may fill
 
 
-def config_of(backends: list[Emulator], capacity: int, **admission: Any) -> Any:
+def config_of(
+    backends: list[Emulator], capacity: int, fleet: dict[str, Any] | None = None, **admission: Any
+) -> Any:
     entries = [{"url": b.url, "capacity": capacity, "models": ["m"]} for b in backends]
-    return parse_config({"router": {"retry_after_s": 2}, "backends": entries, "admission": admission})
+    router = {"retry_after_s": 2, **(fleet or {})}
+    return parse_config({"router": router, "backends": entries, "admission": admission})
 
 
 def post(url: str, priority: int, tokens: int = 4, tag: str = "", timeout: float = 30) -> httpx.Response:
@@ -278,4 +292,50 @@ def test_status_reports_the_queue(emulators: Emulators, router: Routers) -> None
         status = httpx.get(f"{server.url}/irm/status").json()["admission"]
         assert status == {"waiting": 1, "waiting_by_class": [0, 0, 0, 0, 1, 0, 0, 0]}
     assert waiting.result(timeout=10).status_code == 200
+    assert_all_idle(server)
+
+
+def _served_while_waiting(server: RouterServer, count: int, make_room: Any) -> None:
+    """Queues `count` requests, calls `make_room()` while they wait, and checks that every one is
+    served: none shed (a 10 s max_wait_s is far longer than making room takes), all admitted from
+    the queue."""
+    queue = server.app.admission.queue
+    key = (("class", "0"), ("wait", "queued"))
+    queued_before = samples(server.url, "irm_admission_admitted_total").get(key, 0.0)
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(post, server.url, 0, 2, str(i)) for i in range(count)]
+        wait_until(lambda: queue.total == count, f"{count} requests waiting")
+        make_room()
+        codes = [future.result(timeout=30).status_code for future in futures]
+    assert codes == [200] * count
+    assert samples(server.url, "irm_admission_shed_total") == {}
+    assert samples(server.url, "irm_admission_admitted_total")[key] == queued_before + count
+
+
+@pytest.mark.slow
+def test_waiters_are_served_when_the_only_backend_recovers(emulators: Emulators, router: Routers) -> None:
+    (backend,) = emulators(1)
+    server = router(config_of([backend], 4, FAST_FLEET, max_queue=8, max_wait_s=10))
+    backend.emulator.reconfigure(unhealthy=True)
+    wait_until(lambda: backend_status(server, backend.url)["state"] == "down", "down after failed checks")
+    # Nothing arrives and nothing is released after the recovery: only the recovery serves them.
+    _served_while_waiting(server, 4, lambda: backend.emulator.reconfigure(unhealthy=False))
+    assert backend_status(server, backend.url)["state"] == "active"
+    assert_all_idle(server)
+
+
+@pytest.mark.slow
+def test_waiters_are_served_when_a_drain_ends_or_capacity_grows(
+    emulators: Emulators, router: Routers
+) -> None:
+    (backend,) = emulators(1, max_num_seqs=4, time_per_output_token_s=0.01)
+    server = router(config_of([backend], 1, max_queue=8, max_wait_s=10, class_shares=ALL_SHARES))
+    app: RoutingMiddleware = server.app
+    with holding(server.url):  # the one slot stays taken: no release can serve the waiters
+        _served_while_waiting(server, 3, lambda: app.update_backend(0, capacity=4))
+    wait_idle(app)
+    app.drain(0)
+    assert backend_status(server, backend.url)["state"] == "draining"
+    _served_while_waiting(server, 3, lambda: app.undrain(0))  # called from this thread, not the loop
+    assert backend_status(server, backend.url)["state"] == "active"
     assert_all_idle(server)

@@ -3,11 +3,13 @@ while it "loads") gets no traffic before its first passing check when `require_r
 backend whose `/health` fails is taken out after `unhealthy_threshold` checks and brought back after
 `healthy_threshold`, with the change logged, exported as metrics and sent to the
 `irm_backend_state_changed` hook; a plugin's `irm_health_probe` replaces the adapter's check (and
-one that raises leaves the adapter's in place); the checks stop cleanly at shutdown; and after each
+one that raises leaves the adapter's in place, or the next plugin's: plugins are asked in pluggy's
+order, `tryfirst` first); the checks stop cleanly at shutdown; and after each
 test nothing is left in flight."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
@@ -128,6 +130,17 @@ class BrokenProbe:
         raise RuntimeError("probe plugin bug")
 
 
+def _assert_checked_on_models_path(server: RouterServer, url: str) -> None:
+    """The backend at `url` stays active while its `/health` fails: it is checked elsewhere."""
+    checks = 'irm_health_checks_total{backend="' + url + '",result="pass"}'
+    passed = _metric(server, checks)
+    wait_until(lambda: _metric(server, checks) >= passed + 4, "four more passing checks")
+    assert backend_status(server, url)["state"] == "active"
+    assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
+    wait_idle(server.app)
+    assert_idle(server.app.router)
+
+
 def test_a_plugins_health_probe_replaces_the_adapters(emulators: Emulators) -> None:
     (backend,) = emulators(1)
     probe = ModelsProbe()
@@ -135,13 +148,59 @@ def test_a_plugins_health_probe_replaces_the_adapters(emulators: Emulators) -> N
     with RouterServer(app) as server:
         assert probe.asked == [backend.url]
         backend.emulator.reconfigure(unhealthy=True)  # /health answers 503; /v1/models still 200
-        checks = 'irm_health_checks_total{backend="' + backend.url + '",result="pass"}'
-        passed = _metric(server, checks)
-        wait_until(lambda: _metric(server, checks) >= passed + 4, "four more passing checks")
-        assert backend_status(server, backend.url)["state"] == "active"
-        assert httpx.post(f"{server.url}/v1/completions", json=BODY).status_code == 200
-        wait_idle(server.app)
-        assert_idle(server.app.router)
+        _assert_checked_on_models_path(server, backend.url)
+
+
+class AskedProbe:
+    """Records that it was asked, then raises (`answer` None) or answers a probe of `answer`."""
+
+    def __init__(self, name: str, asked: list[str], answer: str | None) -> None:
+        self.__name__, self._asked, self._answer = name, asked, answer
+
+    def _ask(self) -> HealthProbe | None:
+        self._asked.append(self.__name__)
+        if self._answer is None:
+            raise RuntimeError("probe plugin bug")
+        return HealthProbe(self._answer, ok_statuses=frozenset({200}), timeout_s=1.0)
+
+
+class AskedFirst(AskedProbe):
+    @hookimpl(tryfirst=True)
+    def irm_health_probe(self) -> HealthProbe | None:
+        return self._ask()
+
+
+class AskedPlain(AskedProbe):
+    @hookimpl
+    def irm_health_probe(self, backend: BackendInfo) -> HealthProbe | None:
+        return self._ask()
+
+
+class AskedLast(AskedProbe):
+    @hookimpl(trylast=True)
+    def irm_health_probe(self, adapter: object) -> HealthProbe | None:
+        return self._ask()
+
+
+def test_health_probe_plugins_are_asked_in_pluggy_order_past_one_that_raises(
+    emulators: Emulators, caplog: pytest.LogCaptureFixture
+) -> None:
+    (backend,) = emulators(1)
+    asked: list[str] = []
+    # tryfirst registered first and trylast last (registration order alone would reverse them);
+    # the tryfirst one raises, and the next one's answer wins: the trylast one is never asked.
+    plugins = (
+        AskedFirst("raising", asked, None),
+        AskedPlain("models", asked, "/v1/models"),
+        AskedLast("late", asked, "/nowhere"),
+    )
+    with caplog.at_level(logging.WARNING, logger="irmiddleware.plugins"):
+        app = create_app(config_for([backend.url], **_fleet()), plugins=plugins)
+    with RouterServer(app) as server:
+        assert asked == ["raising", "models"]
+        assert "'raising' raised in irm_health_probe" in caplog.text
+        backend.emulator.reconfigure(unhealthy=True)  # /health answers 503; /v1/models still 200
+        _assert_checked_on_models_path(server, backend.url)
 
 
 def test_a_raising_health_probe_plugin_falls_back_to_the_adapters_path(emulators: Emulators) -> None:

@@ -69,7 +69,7 @@ class _HealthMetrics:
         )
         self.transitions = Counter(
             "irm_backend_state_transitions",
-            "Changes of a backend's routing state, by the state entered (active, down).",
+            "Changes of a backend's routing state, by the state entered (active, down, draining).",
             ["backend", "state"],
             registry=registry,
         )
@@ -108,27 +108,26 @@ class FleetHealth:
         self.config = config.health
         self.outliers = OutlierDetector(config.outliers, list(fleet.backends))
         self._metrics = _HealthMetrics(registry)
-        self._state_observers = _plugins.observers(manager, "irm_backend_state_changed")
+        self._state_observers = _plugins.HookCalls.of(manager, "irm_backend_state_changed")
         start_healthy = not (self.config.enabled and self.config.require_ready)
+        probes = _plugins.HookCalls.of(manager, "irm_health_probe")
         self._checks = {
-            b.id: _Checks(self._probe_of(manager, b), healthy=start_healthy) for b in fleet.backends.values()
+            b.id: _Checks(self._probe_of(probes, b), healthy=start_healthy) for b in fleet.backends.values()
         }
         # The starting state is set silently: it is configuration, not a change to report.
         initial = "active" if start_healthy else "down"
         self._states = dict.fromkeys(fleet.backends, initial)
         self._panic_pools: set[str] = set()
         for backend in fleet.backends.values():
-            fleet.router.set_state(backend.id, initial)
+            fleet.set_state(backend.id, initial)
             self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
             self._metrics.ejected.labels(backend.url).set(0)
 
-    def _probe_of(self, manager: pluggy.PluginManager, backend: Backend) -> HealthProbe:
+    def _probe_of(self, probes: _plugins.HookCalls | None, backend: Backend) -> HealthProbe:
         default = HealthProbe(backend.adapter.health_path, timeout_s=self.config.timeout_s)
-        try:
-            probe = manager.hook.irm_health_probe(backend=backend.info, adapter=backend.adapter)
-        except Exception as error:  # a plugin's bug must not take health checking down
-            log.error("irm_health_probe raised for %s: %r; using %s", backend.url, error, default.path)
-            return default
+        # A plugin that raises is logged and the next one is asked: a plugin's bug must not take
+        # health checking (or another plugin's probe) down.
+        probe = probes.first(backend=backend.info, adapter=backend.adapter) if probes else None
         return probe if isinstance(probe, HealthProbe) else default
 
     # ---- passive: every attempt of live traffic -------------------------------------------------
@@ -221,11 +220,36 @@ class FleetHealth:
         """Sets every backend's native state from its checks, its ejection and the panic rule."""
         panic = self._panic_members()
         for backend_id, backend in self.fleet.backends.items():
-            healthy = self._checks[backend_id].healthy
-            ejected = self.outliers.is_ejected(backend_id)
-            state = "active" if healthy and (not ejected or backend_id in panic) else "down"
+            state, reason = self._decided(backend_id, panic)
             if state != self._states[backend_id]:
-                self._set_state(backend, state, self._why(backend_id, healthy, ejected))
+                self._set_state(backend, state, reason)
+
+    def _decided(self, backend_id: int, panic: set[int]) -> tuple[str, str]:
+        """The state the checks, the ejection and the panic rule give a backend, and why."""
+        healthy = self._checks[backend_id].healthy
+        ejected = self.outliers.is_ejected(backend_id)
+        state = "active" if healthy and (not ejected or backend_id in panic) else "down"
+        return state, self._why(backend_id, healthy, ejected)
+
+    def drain(self, backend_id: int) -> None:
+        """An operator's drain: the backend takes nothing new (what is in flight completes) and
+        health checks leave its state alone until `undrain`."""
+        backend = self.fleet.backends[backend_id]
+        old = self.fleet.router.accelerator_stats(backend_id).state
+        if old != "draining":
+            self.fleet.set_state(backend_id, "draining")
+            self._announce(backend, old, "draining", "drained by an operator")
+
+    def undrain(self, backend_id: int) -> None:
+        """Ends an operator's drain: the backend takes the state its checks and ejection give it
+        now (the fleet then serves admission's waiters if it is active)."""
+        backend = self.fleet.backends[backend_id]
+        if self.fleet.router.accelerator_stats(backend_id).state != "draining":
+            return
+        state, reason = self._decided(backend_id, self._panic_members())
+        self._states[backend_id] = state
+        self.fleet.set_state(backend_id, state)
+        self._announce(backend, "draining", state, f"drain ended, {reason}")
 
     def _panic_members(self) -> set[int]:
         members_in_panic: set[int] = set()
@@ -261,17 +285,15 @@ class FleetHealth:
         if self.fleet.router.accelerator_stats(backend.id).state == "draining":
             return  # an operator's drain is theirs to undo
         old, self._states[backend.id] = self._states[backend.id], state
-        self.fleet.router.set_state(backend.id, state)
+        self.fleet.set_state(backend.id, state)  # back to active: admission's waiters are served
+        self._announce(backend, old, state, reason)
+
+    def _announce(self, backend: Backend, old: str, state: str, reason: str) -> None:
         self._metrics.transitions.labels(backend.url, state).inc()
         level = logging.WARNING if state == "down" else logging.INFO
         log.log(level, "backend %s: %s -> %s (%s)", backend.url, old, state, reason)
-        for plugin_name, function in self._state_observers:
-            try:
-                function(backend=backend.info, old=old, new=state, reason=reason)
-            except Exception as error:
-                log.warning(
-                    "irmiddleware plugin %r raised in irm_backend_state_changed: %r", plugin_name, error
-                )
+        if self._state_observers is not None:
+            self._state_observers.notify(backend=backend.info, old=old, new=state, reason=reason)
 
     def status_of(self, backend_id: int) -> dict[str, Any]:
         ejected = self.outliers.is_ejected(backend_id)
