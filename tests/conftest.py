@@ -1,5 +1,5 @@
 """Shared fixtures. Every test that ends with an idle router checks that in-flight counters are
-zero (DESIGN.md's one invariant) with `irmiddleware.testing.assert_idle`."""
+zero (the one accounting invariant, doc/architecture.md) with `irmiddleware.testing.assert_idle`."""
 
 from __future__ import annotations
 

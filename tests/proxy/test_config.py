@@ -1,4 +1,4 @@
-"""The TOML configuration: DESIGN.md's shape parses into typed defaults, the shipped example config
+"""The TOML configuration: the documented shape parses into typed defaults, the shipped example config
 loads, and every invalid value fails at startup with an error naming its key."""
 
 from __future__ import annotations

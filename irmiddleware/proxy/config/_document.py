@@ -1,5 +1,5 @@
 """The whole configuration document: `[router]` with its sections, `[[backends]]` and `[admission]`,
-read from TOML with `tomllib` into frozen dataclasses (DESIGN.md's shape)."""
+read from TOML with `tomllib` into frozen dataclasses (the shape doc/proxy.md documents)."""
 
 from __future__ import annotations
 
