@@ -1,4 +1,5 @@
-"""The router's configuration: TOML (the shape doc/proxy.md documents) read with `tomllib` into frozen dataclasses.
+"""The router's configuration: TOML (the shape doc/proxy.md documents) read with `tomllib` into
+frozen dataclasses.
 
 Layers, bottom up: `_toml` (the error type and the validating readers; a bounded field declares its
 limits with `bounded`, and `section` reads any table of such fields), one module per area
