@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 2
+ABI_VERSION: Final = 3
 SLOT_NONE: Final = 0xFFFF_FFFF
 BACKENDS_MAX_LIMIT: Final = 1 << 20
 CLASSES_COUNT: Final = 8
@@ -94,6 +94,7 @@ _STATUS_NAMES: Final = (
     "shared_incompatible",
     "invalid_name",
     "system_error",
+    "shared_corrupt",
 )
 
 _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
@@ -118,6 +119,7 @@ _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
     "shared_not_found": _errors.SharedMemoryError,
     "shared_incompatible": _errors.SharedMemoryError,
     "system_error": _errors.SharedMemoryError,
+    "shared_corrupt": _errors.SharedMemoryError,
 }
 
 

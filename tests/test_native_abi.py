@@ -31,7 +31,7 @@ def make_table() -> _native.NativeTable:
 
 
 TABLE = make_table()
-VALID_STATUSES = set(range(22))
+VALID_STATUSES = set(range(len(_native._STATUS_NAMES)))
 
 
 def call(name: str, *args: object) -> str:

@@ -16,7 +16,7 @@ const strategies = @import("strategies.zig");
 const Table = table_mod.Table;
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 2;
+pub const abi_version: u32 = 3;
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -41,6 +41,8 @@ pub const Status = enum(i32) {
     shared_incompatible = 19,
     invalid_name = 20,
     system_error = 21,
+    /// A shared table's header contradicts itself or its segment (stale or damaged): not attached.
+    shared_corrupt = 22,
 };
 
 const Error = table_mod.Error || memory.Error;
@@ -55,6 +57,8 @@ fn statusFrom(err: Error) Status {
         error.Busy => .busy,
         error.InvalidState => .invalid_state,
         error.Incompatible => .shared_incompatible,
+        error.Corrupt => .shared_corrupt,
+        error.SharedCorrupt => .shared_corrupt,
         error.OutOfMemory => .out_of_memory,
         error.SharedExists => .shared_exists,
         error.SharedNotFound => .shared_not_found,
@@ -244,7 +248,7 @@ export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count
     const out_max = out_backends_max orelse return status(.invalid_argument);
     const out_present = out_present_count orelse return status(.invalid_argument);
     out_max.* = t.backendsMax();
-    out_present.* = t.header.present_count.load(.acquire);
+    out_present.* = t.presentCount();
     return status(.ok);
 }
 
@@ -491,7 +495,8 @@ export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, o
     const t = lookup(handle) orelse return status(.invalid_handle);
     const count_out = out_count orelse return status(.invalid_argument);
     if (capacity > 0 and out == null) return status(.invalid_argument);
-    const high_water = t.header.slots_high_water.load(.acquire);
+    // Clamped: the mark is shared memory, and `view` checked it only once.
+    const high_water = @min(t.header.slots_high_water.load(.acquire), t.backendsMax());
     var count: u32 = 0;
     for (0..high_water) |index| {
         if (t.wordOf(@intCast(index)).state == .free) continue;

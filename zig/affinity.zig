@@ -31,12 +31,11 @@ pub fn ensureRing(t: *const Table) bool {
     t.lock() catch return false;
     defer t.unlock();
     if (t.header.ring_enabled.load(.monotonic) != 0) return true;
-    const present_count = t.header.present_count.load(.monotonic);
     var count: u32 = 0;
-    for (t.present[0..present_count]) |*entry| {
+    for (t.present[0..t.presentCount()]) |*entry| {
         const slot = entry.load(.monotonic);
         const id = t.slots[slot].id.load(.monotonic);
-        for (0..t.header.ring_points_per_backend) |point| {
+        for (0..pointsPerBackend(t)) |point| {
             t.ring[count] = .{ .hash = pointHash(id, @intCast(point)), .slot = slot, .reserved = 0 };
             count += 1;
         }
@@ -47,6 +46,12 @@ pub fn ensureRing(t: *const Table) bool {
     return true;
 }
 
+/// Every backend's number of points, from this process's view of the table (the ring holds that
+/// many per slot), never re-read from the shared header.
+fn pointsPerBackend(t: *const Table) u32 {
+    return @intCast(t.ring.len / t.slots.len);
+}
+
 fn pointLessThan(_: void, a: RingPoint, b: RingPoint) bool {
     return a.hash < b.hash;
 }
@@ -55,8 +60,8 @@ fn pointLessThan(_: void, a: RingPoint, b: RingPoint) bool {
 pub fn onAdded(t: *const Table, slot: u32) void {
     if (t.header.ring_enabled.load(.acquire) == 0) return;
     const id = t.slots[slot].id.load(.monotonic);
-    var count = t.header.ring_count.load(.monotonic);
-    for (0..t.header.ring_points_per_backend) |point| {
+    var count = ringCount(t);
+    for (0..pointsPerBackend(t)) |point| {
         assert(count < t.ring.len);
         const hash = pointHash(id, @intCast(point));
         const position = upperBound(t, count, hash);
@@ -72,7 +77,7 @@ pub fn onAdded(t: *const Table, slot: u32) void {
 /// places (so only its keys move).
 pub fn onRemoved(t: *const Table, slot: u32) void {
     if (t.header.ring_enabled.load(.acquire) == 0) return;
-    const count = t.header.ring_count.load(.monotonic);
+    const count = ringCount(t);
     var kept: u32 = 0;
     for (0..count) |index| {
         const point = loadPoint(t, @intCast(index));
@@ -226,10 +231,10 @@ pub fn locationValid(t: *const Table, slot: u32, incarnation: u32) bool {
 }
 
 fn setOf(t: *const Table, hash: u64) u32 {
-    assert(t.header.prefix_sets_count > 0);
+    assert(t.prefix_locks.len > 0);
     // Mixed first: callers may pass low-entropy hashes (small or sequential ints), which must
     // still spread over every set.
-    return @intCast(table_mod.splitmix64(hash) % t.header.prefix_sets_count);
+    return @intCast(table_mod.splitmix64(hash) % t.prefix_locks.len);
 }
 
 fn waysOf(t: *const Table, set: u32) []PrefixEntry {
@@ -273,7 +278,7 @@ test "ring points follow ids and removal keeps the others in place" {
     defer table_mod.testTableFree(t);
     for (0..4) |i| _ = try t.add(100 + i, 10, 1000);
     try testing.expect(ensureRing(&t));
-    const per = t.header.ring_points_per_backend;
+    const per = pointsPerBackend(&t);
     try testing.expectEqual(4 * per, ringCount(&t));
     for (1..ringCount(&t)) |i| try testing.expect(t.ring[i - 1].hash <= t.ring[i].hash);
     const removed = try t.find(101);

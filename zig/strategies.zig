@@ -64,8 +64,7 @@ pub const Candidates = struct {
     whole_table: bool,
 
     pub fn ofTable(t: *const Table) Candidates {
-        // .acquire pairs with the .release store in `add`: entries below the count are written.
-        const count = t.header.present_count.load(.acquire);
+        const count = t.presentCount();
         const slots: [*]const u32 = @ptrCast(t.present.ptr);
         return .{ .slots = slots[0..count], .cursor = &t.header.rr_cursor, .whole_table = true };
     }

@@ -21,7 +21,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 3;
+pub const layout_version: u32 = 4;
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -43,6 +43,8 @@ pub const Error = error{
     Busy,
     InvalidState,
     Incompatible,
+    /// A shared table's header contradicts itself or the region it describes.
+    Corrupt,
 };
 
 pub const State = enum(u4) {
@@ -123,11 +125,72 @@ pub const Header = extern struct {
     /// The largest configured capacity × weight of a present backend, whatever its state: the
     /// consistent-hash ring's weighting scale (affinity.zig `accepts`). Changed under the lock.
     weighted_max: Atomic(u64),
+    /// A hash of the fields that fix the layout (`LayoutFields`), written once by `format`: a
+    /// process attaching to a stale or damaged segment finds out before it trusts any size.
+    layout_checksum: u64,
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
     }
 };
+
+/// The header fields that never change after `format` and decide where everything lies, copied
+/// out of the (shared, writable by others) header once, so that what is checked is what is used.
+const LayoutFields = extern struct {
+    magic: u64,
+    region_bytes: u64,
+    layout_version: u32,
+    backends_max: u32,
+    tree_leaves_count: u32,
+    idmap_count: u32,
+    flags: u32,
+    ring_points_max: u32,
+    ring_points_per_backend: u32,
+    prefix_sets_count: u32,
+
+    fn of(header: *const Header) LayoutFields {
+        return .{
+            .magic = header.magic,
+            .region_bytes = header.region_bytes,
+            .layout_version = header.layout_version,
+            .backends_max = header.backends_max,
+            .tree_leaves_count = header.tree_leaves_count,
+            .idmap_count = header.idmap_count,
+            .flags = header.flags,
+            .ring_points_max = header.ring_points_max,
+            .ring_points_per_backend = header.ring_points_per_backend,
+            .prefix_sets_count = header.prefix_sets_count,
+        };
+    }
+
+    fn checksum(fields: LayoutFields) u64 {
+        return std.hash.Wyhash.hash(layout_checksum_seed, std.mem.asBytes(&fields));
+    }
+
+    /// The layout the primary fields (backends_max, prefix_sets_count) give, if every derived
+    /// field agrees with it.
+    fn layout(fields: LayoutFields) Error!Layout {
+        if (fields.backends_max < 1) return error.Corrupt;
+        if (fields.backends_max > backends_max_limit) return error.Corrupt;
+        if (fields.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Corrupt;
+        if (fields.flags & ~flags_known != 0) return error.Corrupt;
+        const result = Layout.init(fields.backends_max, fields.prefix_sets_count * prefix_ways);
+        if (fields.tree_leaves_count != result.tree_leaves_count) return error.Corrupt;
+        if (fields.idmap_count != result.idmap_count) return error.Corrupt;
+        if (fields.ring_points_max != result.ring_points_max) return error.Corrupt;
+        if (fields.ring_points_per_backend != Layout.ringPointsPerBackend(fields.backends_max)) return error.Corrupt;
+        if (fields.prefix_sets_count != result.prefix_sets_count) return error.Corrupt;
+        if (fields.region_bytes != result.region_bytes) return error.Corrupt;
+        return result;
+    }
+
+    comptime {
+        // No padding: the checksum hashes every byte, so none may be undefined.
+        assert(@sizeOf(LayoutFields) == 2 * 8 + 8 * 4);
+    }
+};
+
+const layout_checksum_seed: u64 = 0x4952_4D5F_4C41_594F; // "IRM_LAYO"
 
 pub const IdEntry = extern struct {
     id: u64,
@@ -215,6 +278,7 @@ pub const Layout = struct {
 };
 
 pub const default_balance_epsilon_permille: u32 = 250;
+pub const balance_epsilon_permille_max: u32 = 10_000;
 pub const default_signal_age_max_ms: u32 = 5000;
 
 pub const default_class_share_permille = [classes_count]u32{ 1000, 900, 800, 700, 600, 500, 500, 500 };
@@ -249,32 +313,42 @@ pub const Table = struct {
         header.ring_points_max = layout.ring_points_max;
         header.ring_points_per_backend = Layout.ringPointsPerBackend(backends_max);
         header.prefix_sets_count = layout.prefix_sets_count;
+        header.layout_checksum = LayoutFields.of(header).checksum();
         header.balance_epsilon_permille.store(default_balance_epsilon_permille, .monotonic);
         header.signal_age_max_ms.store(default_signal_age_max_ms, .monotonic);
         for (&header.class_share_permille, default_class_share_permille) |*share, value| {
             share.store(value, .monotonic);
         }
-        const table = view(region) catch unreachable;
+        const table = slicesOf(region, layout);
         for (table.tree_nodes) |*node| node.store(std.math.maxInt(u64), .monotonic);
         // .release: a process that attaches and sees `ready` also sees the formatted header.
         header.ready.store(1, .release);
         return table;
     }
 
-    /// Interprets an already formatted region, checking that its layout is the one we build.
+    /// Interprets an already formatted region (a shared segment another process formatted, maybe
+    /// stale or damaged), checking every header field before anything is read through it: the
+    /// layout fields against their checksum and against the layout they imply, the region's size,
+    /// and the bounds of every count that indexes an array.
     pub fn view(region: []align(header_bytes) u8) Error!Table {
         if (region.len < header_bytes) return error.Incompatible;
-        const header: *Header = @ptrCast(region.ptr);
-        if (header.magic != magic) return error.Incompatible;
-        if (header.layout_version != layout_version) return error.Incompatible;
-        if (header.backends_max < 1 or header.backends_max > backends_max_limit) return error.Incompatible;
-        if (header.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Incompatible;
-        const layout = Layout.init(header.backends_max, header.prefix_sets_count * prefix_ways);
-        if (header.region_bytes != layout.region_bytes) return error.Incompatible;
-        if (region.len < layout.region_bytes) return error.Incompatible;
-        const n = header.backends_max;
+        const header: *const Header = @ptrCast(region.ptr);
+        const fields = LayoutFields.of(header);
+        if (fields.magic != magic) return error.Incompatible;
+        if (fields.layout_version != layout_version) return error.Incompatible;
+        if (header.layout_checksum != fields.checksum()) return error.Corrupt;
+        const layout = try fields.layout();
+        if (region.len != layout.region_bytes) return error.Corrupt;
+        const table = slicesOf(region, layout);
+        try table.checkCounters();
+        return table;
+    }
+
+    fn slicesOf(region: []align(header_bytes) u8, layout: Layout) Table {
+        assert(region.len == layout.region_bytes);
+        const n = layout.backends_max;
         return .{
-            .header = header,
+            .header = @ptrCast(region.ptr),
             .slots = sliceAt(Slot, region, layout.slots_offset, n),
             .present = sliceAt(Atomic(u32), region, layout.present_offset, n),
             .present_pos = sliceAt(u32, region, layout.present_pos_offset, n),
@@ -287,8 +361,44 @@ pub const Table = struct {
         };
     }
 
+    /// The header's changing fields, checked only against bounds that hold at every instant, so
+    /// that another process adding or removing backends meanwhile never makes this fail: flags
+    /// are 0 or 1, counts fit their arrays, listed slots are below the high-water mark, shares and
+    /// ε are in their ranges.
+    fn checkCounters(t: *const Table) Error!void {
+        const header = t.header;
+        if (header.ready.load(.acquire) != 1) return error.Corrupt;
+        if (header.lock.load(.monotonic) > 1) return error.Corrupt;
+        if (header.index_enabled.load(.monotonic) > 1) return error.Corrupt;
+        if (header.ring_enabled.load(.monotonic) > 1) return error.Corrupt;
+        if (header.ring_count.load(.acquire) > t.ring.len) return error.Corrupt;
+        if (header.balance_epsilon_permille.load(.monotonic) > balance_epsilon_permille_max) return error.Corrupt;
+        for (&header.class_share_permille) |*share| {
+            const value = share.load(.monotonic);
+            if (value < 1) return error.Corrupt;
+            if (value > 1000) return error.Corrupt;
+        }
+        // In this order: `add` raises the high-water mark before it lists a slot and publishes the
+        // count (.release), so a count read first (.acquire) is covered by the mark read after.
+        const present_count = header.present_count.load(.acquire);
+        const high_water = header.slots_high_water.load(.acquire);
+        if (high_water > t.slots.len) return error.Corrupt;
+        if (present_count > high_water) return error.Corrupt;
+        for (t.present[0..present_count]) |*entry| {
+            if (entry.load(.monotonic) >= high_water) return error.Corrupt;
+        }
+    }
+
+    /// From this process's view, never from the shared header: a size another process could
+    /// overwrite is never trusted after `view` checked it.
     pub fn backendsMax(t: *const Table) u32 {
-        return t.header.backends_max;
+        return @intCast(t.slots.len);
+    }
+
+    /// The number of listed present slots, clamped to the list (the count is shared memory).
+    pub fn presentCount(t: *const Table) u32 {
+        // .acquire pairs with the .release stores of add/remove: entries below it are written.
+        return @min(t.header.present_count.load(.acquire), t.backendsMax());
     }
 
     pub fn racy(t: *const Table) bool {
@@ -497,7 +607,7 @@ pub const Table = struct {
     /// Recomputes `weighted_max` from the present backends; called under the lock.
     fn rescanWeightedMax(t: *const Table) void {
         var largest: u64 = 0;
-        for (t.present[0..t.header.present_count.load(.monotonic)]) |*entry| {
+        for (t.present[0..t.presentCount()]) |*entry| {
             largest = @max(largest, t.slots[entry.load(.monotonic)].configuredWeightOf());
         }
         t.header.weighted_max.store(largest, .monotonic);
@@ -711,6 +821,30 @@ test "a removed backend with requests in flight retires, then frees on the last 
     // The table is now full up to its high-water mark, so the next add reuses the freed slot.
     try testing.expectEqual(slot, try t.add(2, 10, 1000));
     try testing.expectError(error.TableFull, t.add(3, 10, 1000));
+}
+
+test "view refuses a header whose layout fields or counts are damaged, and accepts an intact one" {
+    const t = try testTable(8);
+    defer testTableFree(t);
+    _ = try t.add(1, 10, 1000);
+    _ = try Table.view(t.region);
+    const bytes = std.mem.asBytes(t.header);
+    const layout_end = @offsetOf(Header, "flags") + 4;
+    // Every bit of the layout fields is covered by the checksum.
+    for (0..layout_end) |byte| {
+        bytes[byte] ^= 0x10;
+        defer bytes[byte] ^= 0x10;
+        try testing.expect(std.meta.isError(Table.view(t.region)));
+    }
+    const counts = [_]*Atomic(u32){ &t.header.present_count, &t.header.slots_high_water, &t.header.ring_count, &t.header.lock, &t.header.class_share_permille[3] };
+    for (counts) |count| {
+        const saved = count.load(.monotonic);
+        count.store(std.math.maxInt(u32), .monotonic);
+        defer count.store(saved, .monotonic);
+        try testing.expectError(error.Corrupt, Table.view(t.region));
+    }
+    try testing.expectError(error.Corrupt, Table.view(t.region[0 .. t.region.len - header_bytes]));
+    _ = try Table.view(t.region);
 }
 
 test "duplicate ids and a full table are refused" {
