@@ -39,6 +39,9 @@ LATENCY_US_MAX: Final = 2**31 - 1  # passed as a C int on the hot path
 FLAG_RACY_FOR_TESTS: Final = 1
 PREFIX_ENTRIES_LIMIT: Final = 1 << 24
 PREFIX_HASHES_MAX: Final = 1 << 16
+BATCH_COUNT_MAX: Final = 1 << 16
+"""The most entries one batch call takes (`batch_count_max`, zig/abi.zig); the binding splits
+larger batches into calls of at most this many."""
 
 
 class StrategyCode(enum.IntEnum):
@@ -155,6 +158,7 @@ _pchar = ctypes.c_char_p
 
 _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_abi_version": [_pu32],
+    "irm_runtime_safety": [_pu32],
     "irm_table_create": [_u32, _u32, _u32, _pu32],
     "irm_table_create_shared": [_pchar, _u32, _u32, _u32, _u32, _pu32],
     "irm_table_attach_shared": [_pchar, _u32, _pu32],
@@ -234,6 +238,25 @@ _lib, _fast = _load()
 _fast_acquire = _fast.irm_acquire
 _fast_release = _fast.irm_release
 _fast_acquire_among = _fast.irm_acquire_among
+
+
+def runtime_safety() -> bool:
+    """Whether the loaded library checks its assertions (built Debug or ReleaseSafe)."""
+    enabled = ctypes.c_uint32()
+    _check(_lib.irm_runtime_safety(ctypes.byref(enabled)), "runtime safety")
+    return enabled.value == 1
+
+
+def _chunks(count: int) -> range:
+    """The starts of the batch calls that cover `count` entries."""
+    return range(0, count, BATCH_COUNT_MAX)
+
+
+def _part(array: Any, start: int, count: int) -> Any:
+    """`array[start:start + count]` sharing its memory, for one chunk of a batch (None stays None)."""
+    if array is None:
+        return None
+    return (array._type_ * count).from_buffer(array, start * ctypes.sizeof(array._type_))
 
 
 def status_name(status: int) -> str:
@@ -504,9 +527,21 @@ class NativeTable:
         if len(slots_out) < count:
             raise ValueError("slots_out is shorter than costs")
         out, out_ref = self._out()
-        status = _lib.irm_acquire_batch(self._handle, strategy, priority, count, costs, slots_out, out_ref)
-        _check(status, "acquire batch")
-        return int(out.value)
+        acquired = 0
+        for start in _chunks(count):
+            chunk = min(BATCH_COUNT_MAX, count - start)
+            status = _lib.irm_acquire_batch(
+                self._handle,
+                strategy,
+                priority,
+                chunk,
+                _part(costs, start, chunk),
+                _part(slots_out, start, chunk),
+                out_ref,
+            )
+            _check(status, "acquire batch")
+            acquired += out.value
+        return acquired
 
     def release(self, slot: int, cost: int, latency_us: int, ok: bool) -> None:
         """Returns a reservation. `latency_us` above 2**31 - 1 is clamped."""
@@ -526,8 +561,14 @@ class NativeTable:
         if len(costs) != count or (latencies_us is not None and len(latencies_us) != count):
             raise ValueError("slots, costs and latencies must have the same length")
         out, out_ref = self._out()
-        status = _lib.irm_release_batch(self._handle, count, slots, costs, latencies_us, int(ok), out_ref)
-        _check(status, f"release batch (released {out.value} of {count})")
+        for start in _chunks(count):
+            chunk = min(BATCH_COUNT_MAX, count - start)
+            status = _lib.irm_release_batch(
+                self._handle, chunk, _part(slots, start, chunk), _part(costs, start, chunk),
+                _part(latencies_us, start, chunk),
+                int(ok), out_ref,
+            )  # fmt: skip
+            _check(status, f"release batch (released {start + out.value} of {count})")
 
     # ---- observation ---------------------------------------------------------------------------
 

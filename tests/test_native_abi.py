@@ -5,6 +5,7 @@ failed test (with the signal) instead of taking pytest down."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import subprocess
 import sys
@@ -215,3 +216,32 @@ def test_python_constants_agree_with_the_core() -> None:
     out = ctypes.c_uint32()
     assert call("irm_table_get_class_share", table._handle, _native.CLASSES_COUNT, ctypes.byref(out)) != "ok"
     table.close()
+
+
+def test_batches_are_bounded_and_the_binding_splits_larger_ones() -> None:
+    out = ctypes.c_uint32()
+    count = _native.BATCH_COUNT_MAX + 1
+    costs = _native.int32_array([1] * count)
+    slots = _native.empty_uint32_array(count)
+    too_many = call("irm_acquire_batch", TABLE._handle, 0, 0, count, costs, slots, ctypes.byref(out))
+    assert too_many == "invalid_argument"
+    assert call("irm_release_batch", TABLE._handle, count, slots, costs, None, 1, ctypes.byref(out)) == (
+        "invalid_argument"
+    )
+    with _native.NativeTable(2) as table:
+        table.add(1, count)
+        assert table.acquire_batch(0, 0, costs, slots) == count
+        assert table.read(0).count_in_flight == count
+        table.release_batch(slots, costs, None, True)
+        assert table.read(0).count_in_flight == 0
+
+
+def test_the_library_checks_its_assertions_as_configured() -> None:
+    # The README's test command (and so CI) builds with zig/native.zon's mode: ReleaseSafe, so
+    # the whole suite runs against a library whose every Zig assertion is checked.
+    settings = (Path(__file__).resolve().parent.parent / "zig" / "native.zon").read_text()
+    optimize = re.search(r'\.optimize = "(\w+)"', settings)
+    assert optimize is not None
+    if "IRM_OPTIMIZE" in os.environ or "IRM_LIBRARY" in os.environ:
+        pytest.skip("the library was built or chosen by hand")
+    assert _native.runtime_safety() == (optimize.group(1) in ("Debug", "ReleaseSafe"))

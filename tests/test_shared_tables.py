@@ -66,7 +66,7 @@ FREE_FIELDS = {
     "rr_cursor", "rng_state", "cost_in_flight_total", "weighted_capacity_total", "prefix_clock",
     "signal_age_max_ms", "weighted_max",
 }  # fmt: skip
-# The rest have bounds (flags 0/1, counts within the layout, shares 1–1000): all ones is refused.
+# The rest have bounds (flags 0/1, counts within the layout, shares 1 to 1000): all ones is refused.
 
 SHM = Path("/dev/shm")
 STRATEGIES = ("round_robin", "least_connections", "p2c", "consistent_hash", "prefix_affinity", "queue_aware")
@@ -75,7 +75,7 @@ CHILD = """
 import json, sys
 from irmiddleware import Router, prefix_hashes
 from irmiddleware._errors import SharedMemoryError
-STRATEGIES = %r
+STRATEGIES = STRATEGIES_HERE
 
 def use(name):
     hashes = prefix_hashes("a prompt that is long enough for two blocks " * 4, 64)
@@ -104,7 +104,7 @@ def use(name):
 for name in sys.argv[1:]:
     print(json.dumps([name, "started"]), flush=True)
     print(json.dumps([name, use(name)]), flush=True)
-""" % (STRATEGIES,)
+""".replace("STRATEGIES_HERE", repr(STRATEGIES))
 
 
 def field_cases(original: bytes) -> Iterator[tuple[str, str, bytes]]:
@@ -134,7 +134,9 @@ def random_flips(original: bytes, count: int) -> Iterator[tuple[str, str, bytes]
 
 def make_original(name: str) -> bytes:
     """A real table in use: tree, ring and prefix index built, a request in flight."""
-    with Router("least_connections", shared_memory=name, max_accelerators=16, prefix_index_entries=64) as router:
+    with Router(
+        "least_connections", shared_memory=name, max_accelerators=16, prefix_index_entries=64
+    ) as router:
         for index in range(4):
             router.add_accelerator(Accelerator(index, capacity=10 + index))
         held = router.acquire(2)

@@ -160,6 +160,20 @@ fn checkSlot(t: *const Table, slot: u32) bool {
     return slot < t.backendsMax();
 }
 
+/// A pool's cursor: the caller's u64, used as an atomic. The cast relies on `Atomic(u64)` having
+/// u64's size and 8-byte alignment; a `*u64` from C promises that alignment, and a pointer that
+/// breaks the promise is refused here rather than faulting in an atomic instruction.
+fn cursorFrom(cursor: ?*u64) ?*Atomic(u64) {
+    const pointer = cursor orelse return null;
+    if (@intFromPtr(pointer) % @alignOf(Atomic(u64)) != 0) return null;
+    return @ptrCast(pointer);
+}
+
+comptime {
+    assert(@sizeOf(Atomic(u64)) == @sizeOf(u64));
+    assert(@alignOf(Atomic(u64)) == 8);
+}
+
 fn nameFrom(name: ?[*]const u8, name_len: u32) ?[]const u8 {
     const bytes = name orelse return null;
     if (name_len == 0 or name_len > memory.name_bytes_max) return null;
@@ -175,6 +189,14 @@ fn status(s: Status) i32 {
 export fn irm_abi_version(out_version: ?*u32) i32 {
     const out = out_version orelse return status(.invalid_argument);
     out.* = abi_version;
+    return status(.ok);
+}
+
+/// `*out_enabled` is 1 if this library was built with runtime safety checks (Debug or
+/// ReleaseSafe: every assertion is checked and a failed one aborts), 0 if not (ReleaseFast).
+export fn irm_runtime_safety(out_enabled: ?*u32) i32 {
+    const out = out_enabled orelse return status(.invalid_argument);
+    out.* = @intFromBool(std.debug.runtime_safety);
     return status(.ok);
 }
 
@@ -359,7 +381,7 @@ export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_
 export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_slot: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     const out = out_slot orelse return status(.invalid_argument);
-    const cursor_checked: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+    const cursor_checked = cursorFrom(cursor) orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
@@ -388,7 +410,7 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
     if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
     const candidates: strategies.Candidates = if (slots) |list| blk: {
         if (slots_count > t.backendsMax()) return status(.invalid_argument);
-        const pool_cursor: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
         break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
     } else .ofTable(t);
     const input: strategies.Affinity = .{
@@ -430,12 +452,19 @@ export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_s
     return status(.ok);
 }
 
-/// Makes `count` decisions in one call: `out_slots[i]` is the slot for `costs[i]` or 0xFFFFFFFF.
+/// The most decisions (or releases) one batch call makes: bounds the time a call runs, and the
+/// lengths the caller's arrays are trusted to have. Larger batches are refused
+/// (`invalid_argument`); the binding splits them.
+pub const batch_count_max: u32 = 1 << 16;
+
+/// Makes `count` (at most `batch_count_max`) decisions in one call: `out_slots[i]` is the slot for
+/// `costs[i]` or 0xFFFFFFFF.
 export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_slots: ?[*]u32, out_acquired: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     const out_count = out_acquired orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (count > batch_count_max) return status(.invalid_argument);
     if (count == 0) {
         out_count.* = 0;
         return status(.ok);
@@ -464,13 +493,15 @@ export fn irm_release(handle: u32, slot: u32, cost: i32, latency_us: u32, ok: u3
     return status(.ok);
 }
 
-/// Releases `count` reservations; entries whose slot is 0xFFFFFFFF are skipped (batch acquire
-/// output can be passed back as is). Stops at the first error; `*out_released` says how far it got.
+/// Releases `count` (at most `batch_count_max`) reservations; entries whose slot is 0xFFFFFFFF are
+/// skipped (batch acquire output can be passed back as is). Stops at the first error;
+/// `*out_released` says how far it got.
 export fn irm_release_batch(handle: u32, count: u32, slots: ?[*]const u32, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     const out_count = out_released orelse return status(.invalid_argument);
     out_count.* = 0;
     if (ok > 1) return status(.invalid_argument);
+    if (count > batch_count_max) return status(.invalid_argument);
     if (count == 0) return status(.ok);
     const slot_list = (slots orelse return status(.invalid_argument))[0..count];
     const cost_list = (costs orelse return status(.invalid_argument))[0..count];

@@ -157,7 +157,8 @@ pub fn withinBound(t: *const Table, slot: u32, cost: u32, totals: Totals) bool {
     const weighted: f64 = @floatFromInt(s.configuredWeightOf());
     const epsilon: f64 = @as(f64, @floatFromInt(t.header.balance_epsilon_permille.load(.monotonic))) / 1000;
     const share = weighted / @as(f64, @floatFromInt(totals.weighted_capacity));
-    const limit = @ceil((1 + epsilon) * @as(f64, @floatFromInt(totals.cost + cost)) * share);
+    // Saturating: the fleet total is a shared hint that may hold any value.
+    const limit = @ceil((1 + epsilon) * @as(f64, @floatFromInt(totals.cost +| cost)) * share);
     return @as(f64, @floatFromInt(@as(u64, word.cost) + cost)) <= limit;
 }
 
@@ -182,7 +183,7 @@ pub fn prefixLookup(t: *const Table, hash: u64) Locations {
     for (waysOf(t, set)) |*entry| {
         if (entry.stamp == 0 or entry.hash != hash) continue;
         result = .{ .slots = entry.slots, .incarnations = entry.incarnations, .found = true };
-        entry.stamp = t.header.prefix_clock.fetchAdd(1, .monotonic) + 1;
+        entry.stamp = nextStamp(t);
         break;
     }
     return result;
@@ -196,7 +197,7 @@ pub fn prefixRecord(t: *const Table, hash: u64, slot: u32) void {
     defer unlockSet(t, set);
     const ways = waysOf(t, set);
     const incarnation = t.slots[slot].incarnation.load(.monotonic);
-    const stamp = t.header.prefix_clock.fetchAdd(1, .monotonic) + 1;
+    const stamp = nextStamp(t);
     const entry = for (ways) |*way| {
         if (way.stamp != 0 and way.hash == hash) break way;
     } else blk: {
@@ -228,6 +229,12 @@ pub fn locationValid(t: *const Table, slot: u32, incarnation: u32) bool {
     if (slot >= t.backendsMax()) return false;
     if (t.slots[slot].incarnation.load(.monotonic) != incarnation) return false;
     return t.wordOf(slot).state == .active;
+}
+
+/// The next LRU stamp. The clock wraps (it is shared memory, and any value must be safe); a
+/// stamp of 0, which marks an empty way, then makes one entry look free: a lost hint, no more.
+fn nextStamp(t: *const Table) u64 {
+    return t.header.prefix_clock.fetchAdd(1, .monotonic) +% 1;
 }
 
 fn setOf(t: *const Table, hash: u64) u32 {

@@ -111,7 +111,7 @@ pub const Candidates = struct {
 pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost: u32, class: u32) u32 {
     assert(cost > 0);
     assert(class < table_mod.classes_count);
-    return switch (strategy) {
+    const slot = switch (strategy) {
         .round_robin => roundRobinFromCursor(t, candidates, cost, class),
         .least_connections => leastConnections(t, candidates, cost, class),
         .p2c, .consistent_hash => powerOfTwoChoices(t, candidates, cost, class),
@@ -119,19 +119,30 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
         .queue_aware => twoChoices(t, candidates, cost, class, .reported),
         _ => unreachable, // The ABI edge validates the strategy.
     };
+    // Post-condition: none, or a slot of this table on which `reserve` took `cost` (its own
+    // post-conditions check that the reservation moved exactly `cost` and fits).
+    if (slot != slot_none) assert(slot < t.backendsMax());
+    return slot;
 }
 
 /// Like `acquire`, with a session key (consistent_hash) or chained prefix hashes
 /// (prefix_affinity); other strategies ignore them.
 pub fn acquireAffine(t: *const Table, candidates: Candidates, strategy: Strategy, input: Affinity, cost: u32, class: u32) Decision {
     switch (strategy) {
-        .consistent_hash => if (input.key) |key| return consistentHash(t, candidates, key, cost, class),
+        .consistent_hash => if (input.key) |key| return decided(t, consistentHash(t, candidates, key, cost, class)),
         .prefix_affinity => if (input.hashes.len > 0 and affinity.prefixEnabled(t)) {
-            return prefixAffinity(t, candidates, input.hashes, cost, class);
+            return decided(t, prefixAffinity(t, candidates, input.hashes, cost, class));
         },
         else => {},
     }
     return .{ .slot = acquire(t, candidates, strategy, cost, class) };
+}
+
+/// Post-condition of an affine decision: as `acquire`'s, and a hit always names a slot.
+fn decided(t: *const Table, decision: Decision) Decision {
+    if (decision.slot != slot_none) assert(decision.slot < t.backendsMax());
+    if (decision.outcome == .hit) assert(decision.slot != slot_none);
+    return decision;
 }
 
 pub fn isKnown(strategy: u32) bool {
@@ -233,7 +244,8 @@ fn roundRobinFromCursor(t: *const Table, candidates: Candidates, cost: u32, clas
     const start = candidates.cursor.fetchAdd(1, .monotonic);
     const count = candidates.slots.len;
     for (0..count) |offset| {
-        const slot = candidates.at((start + offset) % count);
+        // `start` is any u64 (a wrapping cursor, a random number): reduced first, never overflowed.
+        const slot = candidates.at((start % count + offset) % count);
         if (slot >= t.backendsMax() or !t.reserve(slot, cost, class)) continue;
         if (offset > 0) _ = candidates.cursor.fetchAdd(offset, .monotonic);
         return slot;
@@ -246,7 +258,8 @@ fn roundRobinFromCursor(t: *const Table, candidates: Candidates, cost: u32, clas
 fn roundRobin(t: *const Table, candidates: Candidates, cost: u32, class: u32, start: u64) u32 {
     const count = candidates.slots.len;
     for (0..count) |offset| {
-        const slot = candidates.at((start + offset) % count);
+        // `start` is any u64 (a wrapping cursor, a random number): reduced first, never overflowed.
+        const slot = candidates.at((start % count + offset) % count);
         if (slot >= t.backendsMax()) continue;
         if (t.reserve(slot, cost, class)) return slot;
     }

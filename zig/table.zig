@@ -443,6 +443,10 @@ pub const Table = struct {
             var new = old;
             new.cost += cost;
             new.count += 1;
+            // Post-conditions: the reservation moves exactly `cost` and one request, and fits.
+            assert(new.cost - old.cost == cost);
+            assert(new.count - old.count == 1);
+            assert(new.cost <= limit);
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -477,6 +481,8 @@ pub const Table = struct {
             if (new.cost < new.count) return error.ReleaseMismatch;
             if (new.count == 0 and new.cost != 0) return error.ReleaseMismatch;
             if (new.state == .retired and new.count == 0) new.state = .free;
+            assert(old.cost - new.cost == cost);
+            assert(old.count - new.count == 1);
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -497,11 +503,14 @@ pub const Table = struct {
     }
 
     pub fn add(t: *const Table, id: u64, capacity: u32, weight_milli: u32) Error!u32 {
-        assert(capacity >= 1 and capacity <= capacity_max);
-        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        assert(capacity >= 1);
+        assert(capacity <= capacity_max);
+        assert(weight_milli >= 1);
+        assert(weight_milli <= weight_milli_max);
         try t.lock();
         defer t.unlock();
         if (t.idmapFind(id) != null) return error.DuplicateId;
+        const id_index = t.idmapFreeIndex(id) orelse return error.Corrupt;
         const slot = t.freeSlot() orelse return error.TableFull;
         const s = &t.slots[slot];
         s.id.store(id, .monotonic);
@@ -521,7 +530,7 @@ pub const Table = struct {
         const new: Word = .{ .state = .active, .epoch = old.epoch +% 1 };
         // .release: the fields stored above are visible to whoever sees the slot active.
         s.word.store(@bitCast(new), .release);
-        t.idmapInsert(id, slot);
+        t.idmap[id_index] = .{ .id = id, .slot_plus_one = slot + 1, .reserved = 0 };
         const position = t.header.present_count.load(.monotonic);
         t.present[position].store(slot, .monotonic);
         t.present_pos[slot] = position;
@@ -538,6 +547,10 @@ pub const Table = struct {
         try t.lock();
         defer t.unlock();
         const s = &t.slots[slot];
+        // Under the lock a present slot stays present and its id stays in the index; a present
+        // slot whose id is missing is a damaged table, refused before anything changes.
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        const id_index = t.idmapIndex(s.id.load(.monotonic)) orelse return error.Corrupt;
         var attempts: u32 = 0;
         while (attempts < release_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.acquire);
@@ -553,7 +566,7 @@ pub const Table = struct {
             }
         } else return error.Busy;
         affinity.onRemoved(t, slot);
-        t.idmapRemove(s.id.load(.monotonic));
+        t.idmapRemoveAt(id_index);
         const position = t.present_pos[slot];
         const last = t.header.present_count.load(.monotonic) - 1;
         assert(position <= last);
@@ -566,8 +579,10 @@ pub const Table = struct {
     }
 
     pub fn update(t: *const Table, slot: u32, capacity: u32, weight_milli: u32, state: State) Error!void {
-        assert(capacity >= 1 and capacity <= capacity_max);
-        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        assert(capacity >= 1);
+        assert(capacity <= capacity_max);
+        assert(weight_milli >= 1);
+        assert(weight_milli <= weight_milli_max);
         switch (state) {
             .active, .draining, .down => {},
             else => return error.InvalidState,
@@ -668,36 +683,46 @@ pub const Table = struct {
     }
 
     fn idmapFind(t: *const Table, id: u64) ?u32 {
+        const index = t.idmapIndex(id) orelse return null;
+        return t.idmap[index].slot_plus_one - 1;
+    }
+
+    /// The entry holding `id`, if any: at most one pass over the map, so a full or damaged map
+    /// ends the probe instead of looping.
+    fn idmapIndex(t: *const Table, id: u64) ?usize {
         const mask = t.idmap.len - 1;
         var index = splitmix64(id) & mask;
         for (0..t.idmap.len) |_| {
             const entry = t.idmap[index];
             if (entry.slot_plus_one == 0) return null;
-            if (entry.id == id) return entry.slot_plus_one - 1;
+            if (entry.id == id) return index;
             index = (index + 1) & mask;
         }
         return null;
     }
 
-    fn idmapInsert(t: *const Table, id: u64, slot: u32) void {
+    /// Where `id` would be inserted: the first empty entry from its home. The map has twice as
+    /// many entries as slots, so one always exists unless the map is damaged (one bounded pass).
+    fn idmapFreeIndex(t: *const Table, id: u64) ?usize {
         const mask = t.idmap.len - 1;
         var index = splitmix64(id) & mask;
-        // The map has twice as many entries as slots, so an empty entry always exists.
-        while (t.idmap[index].slot_plus_one != 0) index = (index + 1) & mask;
-        t.idmap[index] = .{ .id = id, .slot_plus_one = slot + 1, .reserved = 0 };
+        for (0..t.idmap.len) |_| {
+            if (t.idmap[index].slot_plus_one == 0) return index;
+            index = (index + 1) & mask;
+        }
+        return null;
     }
 
     /// Linear probing with backward-shift deletion: no tombstones, so lookups stay short forever.
-    fn idmapRemove(t: *const Table, id: u64) void {
+    fn idmapRemoveAt(t: *const Table, index: usize) void {
         const mask = t.idmap.len - 1;
-        var index = splitmix64(id) & mask;
-        while (t.idmap[index].id != id or t.idmap[index].slot_plus_one == 0) {
-            assert(t.idmap[index].slot_plus_one != 0);
-            index = (index + 1) & mask;
-        }
+        assert(t.idmap[index].slot_plus_one != 0);
         var hole = index;
         var next = (hole + 1) & mask;
-        while (t.idmap[next].slot_plus_one != 0) : (next = (next + 1) & mask) {
+        // At most one pass: the map always has an empty entry (twice as many entries as slots),
+        // and the bound keeps a damaged map from looping forever.
+        for (0..t.idmap.len) |_| {
+            if (t.idmap[next].slot_plus_one == 0) break;
             const home = splitmix64(t.idmap[next].id) & mask;
             // Move the entry back if its home is not cyclically within (hole, next].
             const distance_home = (next -% home) & mask;
@@ -706,6 +731,7 @@ pub const Table = struct {
                 t.idmap[hole] = t.idmap[next];
                 hole = next;
             }
+            next = (next + 1) & mask;
         }
         t.idmap[hole] = .{ .id = 0, .slot_plus_one = 0, .reserved = 0 };
     }
