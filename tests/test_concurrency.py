@@ -17,7 +17,7 @@ import pytest
 
 from irmiddleware import _native
 from irmiddleware._errors import NativeError
-from irmiddleware._native import SLOT_NONE, NativeTable
+from irmiddleware._native import SLOT_NONE, NativeTable, slot_of_ticket
 
 pytestmark = pytest.mark.slow  # races threads and forked processes on one table
 
@@ -60,18 +60,18 @@ def hammer(table: NativeTable, seed: int, iterations: int, checker: Checker) -> 
     try:
         for _ in range(iterations):
             if holding and (len(holding) >= 8 or rng.random() < 0.5):
-                slot, cost = holding.pop(rng.randrange(len(holding)))
-                checker.on_releasing(slot, cost)
-                table.release(slot, cost, rng.randrange(1000), rng.random() < 0.9)
+                ticket, cost = holding.pop(rng.randrange(len(holding)))
+                checker.on_releasing(slot_of_ticket(ticket), cost)
+                table.release(ticket, cost, rng.randrange(1000), rng.random() < 0.9)
                 continue
             cost = rng.randint(1, 5)
-            slot = table.acquire(rng.choice(STRATEGY_NUMBERS), cost, rng.randrange(3))
-            if slot != SLOT_NONE:
-                checker.on_acquired(slot, cost)
-                holding.append((slot, cost))
-        for slot, cost in holding:
-            checker.on_releasing(slot, cost)
-            table.release(slot, cost, 0, True)
+            ticket = table.acquire(rng.choice(STRATEGY_NUMBERS), cost, rng.randrange(3))
+            if ticket != SLOT_NONE:
+                checker.on_acquired(slot_of_ticket(ticket), cost)
+                holding.append((ticket, cost))
+        for ticket, cost in holding:
+            checker.on_releasing(slot_of_ticket(ticket), cost)
+            table.release(ticket, cost, 0, True)
     except NativeError as error:  # A corrupted account shows up as a refused release.
         checker.violations.append(f"native error: {error}")
 
@@ -187,10 +187,10 @@ def test_the_checker_catches_a_racy_shared_table(shared_name: str) -> None:
 def test_attached_processes_see_one_set_of_counters(shared_name: str) -> None:
     owner, _capacities = make_table(shared_name=shared_name)
     with owner, NativeTable(0, shared_name=shared_name, attach=True) as other:
-        slot = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
-        assert owner.read(slot).cost_in_flight == 3
-        owner.release(slot, 3, 10, True)
-        assert other.read(slot).cost_in_flight == 0
+        ticket = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
+        assert owner.read(slot_of_ticket(ticket)).cost_in_flight == 3
+        owner.release(ticket, 3, 10, True)
+        assert other.read(slot_of_ticket(ticket)).cost_in_flight == 0
         assert other.backends_max == owner.backends_max == 16
 
 

@@ -48,7 +48,7 @@ def handles() -> st.SearchStrategy[int]:
 @settings(max_examples=300, deadline=None)
 @given(handle=handles(), strategy=U32, cost=I32, priority=U32)
 def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: int) -> None:
-    out = ctypes.c_uint32()
+    out = ctypes.c_uint64()
     name = call("irm_acquire", handle, strategy, cost, priority, ctypes.byref(out))
     if handle != TABLE._handle:
         assert name == "invalid_handle"
@@ -59,9 +59,11 @@ def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: 
 
 
 @settings(max_examples=300, deadline=None)
-@given(handle=handles(), slot=U32, cost=I32, latency=U32, ok=U32)
-def test_release_never_crashes_or_corrupts(handle: int, slot: int, cost: int, latency: int, ok: int) -> None:
-    call("irm_release", handle, slot, cost, latency, ok)
+@given(handle=handles(), slot=U32, incarnation=U32, cost=I32, latency=U32, ok=U32)
+def test_release_never_crashes_or_corrupts(
+    handle: int, slot: int, incarnation: int, cost: int, latency: int, ok: int
+) -> None:
+    call("irm_release", handle, slot, incarnation, cost, latency, ok)
     # Nothing was acquired, so nothing can have been released: the table must still be idle.
     assert all(info.cost_in_flight == 0 for info in TABLE.snapshot())
 
@@ -97,11 +99,28 @@ def test_null_out_pointers_are_refused() -> None:
     assert call("irm_release_batch", handle, 4, None, None, None, 1, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_table_snapshot", handle, None, 4, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_backend_read", handle, 0, None) == "invalid_argument"
-    assert call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(out)) == "invalid_argument"
+    ticket = ctypes.c_uint64()
+    assert (
+        call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(ticket)) == "invalid_argument"
+    )
     matched = ctypes.c_uint32()
     assert (
         call(
-            "irm_acquire_affine", handle, 4, 1, 0, 0, 0, None, 5, None, 0, None, ctypes.byref(out), None, None
+            "irm_acquire_affine",
+            handle,
+            4,
+            1,
+            0,
+            0,
+            0,
+            None,
+            5,
+            None,
+            0,
+            None,
+            ctypes.byref(ticket),
+            None,
+            None,
         )
         == "invalid_argument"
     )
@@ -119,7 +138,8 @@ def test_null_out_pointers_are_refused() -> None:
             None,
             0,
             None,
-            *(ctypes.byref(out),) * 2,
+            ctypes.byref(ticket),
+            ctypes.byref(out),
             ctypes.byref(matched),
         )
         == "invalid_argument"
@@ -133,7 +153,7 @@ def test_destroyed_handles_are_refused() -> None:
     handle = table._handle
     table.close()
     table.close()  # idempotent
-    out = ctypes.c_uint32()
+    out = ctypes.c_uint64()
     assert call("irm_acquire", handle, 0, 1, 0, ctypes.byref(out)) == "invalid_handle"
     assert call("irm_table_destroy", handle) == "invalid_handle"
 
@@ -148,7 +168,7 @@ def test_table_sizes_are_checked() -> None:
 
 def test_a_batch_with_one_bad_cost_reserves_nothing() -> None:
     costs = _native.int32_array([1, 2, 0, 1])
-    slots = _native.empty_uint32_array(4)
+    slots = _native.ticket_array(4)
     out = ctypes.c_uint32()
     assert (
         call("irm_acquire_batch", TABLE._handle, 0, 0, 4, costs, slots, ctypes.byref(out)) == "invalid_cost"
@@ -172,6 +192,7 @@ import ctypes, random
 from irmiddleware._native import _lib
 rng = random.Random(5)
 out = ctypes.c_uint32()
+ticket = ctypes.c_uint64()
 handle = ctypes.c_uint32()
 _lib.irm_table_create(16, 64, 0, ctypes.byref(handle))
 names = [n for n in dir(_lib) if n.startswith("irm_") and n not in ("irm_table_destroy", "irm_shared_unlink")]
@@ -184,6 +205,8 @@ for _ in range(20000):
     for argtype in function.argtypes:
         if argtype is ctypes.POINTER(ctypes.c_uint32):
             args.append(rng.choice([None, ctypes.byref(out)]))
+        elif argtype is ctypes.POINTER(ctypes.c_uint64):
+            args.append(rng.choice([None, ctypes.byref(ticket)]))
         elif argtype in (ctypes.c_uint32, ctypes.c_uint64):
             args.append(abs(rng.choice(values)))
         else:
@@ -222,7 +245,7 @@ def test_batches_are_bounded_and_the_binding_splits_larger_ones() -> None:
     out = ctypes.c_uint32()
     count = _native.BATCH_COUNT_MAX + 1
     costs = _native.int32_array([1] * count)
-    slots = _native.empty_uint32_array(count)
+    slots = _native.ticket_array(count)
     too_many = call("irm_acquire_batch", TABLE._handle, 0, 0, count, costs, slots, ctypes.byref(out))
     assert too_many == "invalid_argument"
     assert call("irm_release_batch", TABLE._handle, count, slots, costs, None, 1, ctypes.byref(out)) == (

@@ -15,8 +15,14 @@ const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
 const Table = table_mod.Table;
 
+/// A failed safety check (the shipped ReleaseSafe build, or Debug) writes its message, e.g.
+/// "index out of bounds: index 9, len 8", to stderr and stops the host at once: the core's state
+/// can no longer be trusted. No stack trace: unwinding would link the DWARF reader into every
+/// build for a path that must never run (and, with it, instructions beyond the baseline CPU).
+pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
+
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 3;
+pub const abi_version: u32 = 3; // 3: tickets (acquire) and incarnations (release), shared_corrupt, stale_release.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -43,6 +49,8 @@ pub const Status = enum(i32) {
     system_error = 21,
     /// A shared table's header contradicts itself or its segment (stale or damaged): not attached.
     shared_corrupt = 22,
+    /// A release for a reservation whose slot was freed and reused since: refused, nothing changed.
+    stale_release = 23,
 };
 
 const Error = table_mod.Error || memory.Error;
@@ -58,6 +66,7 @@ fn statusFrom(err: Error) Status {
         error.InvalidState => .invalid_state,
         error.Incompatible => .shared_incompatible,
         error.Corrupt => .shared_corrupt,
+        error.StaleRelease => .stale_release,
         error.SharedCorrupt => .shared_corrupt,
         error.OutOfMemory => .out_of_memory,
         error.SharedExists => .shared_exists,
@@ -364,23 +373,29 @@ export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_p
 
 // ---- exports: routing (hot path) ---------------------------------------------------------------
 
-/// Picks a backend with `strategy` and reserves `cost` on it. `*out_slot` is the slot, or
-/// 0xFFFFFFFF when nothing fits (status ok: that is a normal result).
-export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
+/// Picks a backend with `strategy` and reserves `cost` on it. `*out_ticket` names the
+/// reservation (`incarnation << 32 | slot`: pass both halves to `irm_release`), or is 0xFFFFFFFF
+/// when nothing fits (status ok: that is a normal result).
+export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+    const out = out_ticket orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
-    out.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    out.* = ticketFor(t, strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority));
     return status(.ok);
+}
+
+fn ticketFor(t: *const Table, slot: u32) table_mod.Ticket {
+    if (slot == table_mod.slot_none) return table_mod.ticket_none;
+    return t.ticketOf(slot);
 }
 
 /// Like `irm_acquire`, but chooses only among `slots[0..count]` (a pool: e.g. the backends
 /// serving one model). `cursor` is the pool's round-robin position, owned by the caller.
-export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_slot: ?*u32) i32 {
+export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_ticket: ?*u64) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+    const out = out_ticket orelse return status(.invalid_argument);
     const cursor_checked = cursorFrom(cursor) orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
@@ -390,7 +405,7 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
     const slot_list: []const u32 = if (count == 0) &.{} else slots.?[0..count];
     // Out-of-range slots in a pool are skipped by the strategies, never dereferenced.
     const candidates: strategies.Candidates = .{ .slots = slot_list, .cursor = cursor_checked, .whole_table = false };
-    out.* = strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    out.* = ticketFor(t, strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority));
     return status(.ok);
 }
 
@@ -398,9 +413,9 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
 /// (`has_key` 1) for consistent_hash, chained prefix hashes for prefix_affinity. `*out_outcome`
 /// is 0 none, 1 hit, 2 miss, 3 overload (affinity yielded to load); `*out_matched_blocks` is the
 /// length of the prefix found at the chosen backend.
-export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_slot: ?*u32, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
+export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+    const out = out_ticket orelse return status(.invalid_argument);
     const outcome_out = out_outcome orelse return status(.invalid_argument);
     const matched_out = out_matched_blocks orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
@@ -418,7 +433,7 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
         .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count],
     };
     const decision = strategies.acquireAffine(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority);
-    out.* = decision.slot;
+    out.* = ticketFor(t, decision.slot);
     outcome_out.* = @backingInt(decision.outcome);
     matched_out.* = decision.matched_blocks;
     return status(.ok);
@@ -440,15 +455,15 @@ export fn irm_prefix_hashes(text: ?[*]const u8, text_len: u32, block_bytes: u32,
     return status(.ok);
 }
 
-/// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_slot` is the
-/// slot, or 0xFFFFFFFF when it cannot take the request.
-export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
+/// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_ticket` names
+/// the reservation, or is 0xFFFFFFFF when the slot cannot take the request.
+export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+    const out = out_ticket orelse return status(.invalid_argument);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
-    out.* = if (t.reserve(slot, cost_checked, priority)) slot else table_mod.slot_none;
+    out.* = if (t.reserve(slot, cost_checked, priority)) t.ticketOf(slot) else table_mod.ticket_none;
     return status(.ok);
 }
 
@@ -457,9 +472,9 @@ export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_s
 /// (`invalid_argument`); the binding splits them.
 pub const batch_count_max: u32 = 1 << 16;
 
-/// Makes `count` (at most `batch_count_max`) decisions in one call: `out_slots[i]` is the slot for
-/// `costs[i]` or 0xFFFFFFFF.
-export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_slots: ?[*]u32, out_acquired: ?*u32) i32 {
+/// Makes `count` (at most `batch_count_max`) decisions in one call: `out_tickets[i]` is the ticket
+/// for `costs[i]` or 0xFFFFFFFF.
+export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_tickets: ?[*]u64, out_acquired: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     const out_count = out_acquired orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
@@ -470,47 +485,51 @@ export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u3
         return status(.ok);
     }
     const cost_list = (costs orelse return status(.invalid_argument))[0..count];
-    const slot_list = (out_slots orelse return status(.invalid_argument))[0..count];
+    const ticket_list = (out_tickets orelse return status(.invalid_argument))[0..count];
     // Validate every cost first, so a bad batch reserves nothing.
     for (cost_list) |cost| if (cost <= 0) return status(.invalid_cost);
     var acquired: u32 = 0;
-    for (cost_list, slot_list) |cost, *slot| {
-        slot.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
-        acquired += @intFromBool(slot.* != table_mod.slot_none);
+    for (cost_list, ticket_list) |cost, *ticket| {
+        const slot = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
+        ticket.* = ticketFor(t, slot);
+        acquired += @intFromBool(slot != table_mod.slot_none);
     }
     out_count.* = acquired;
     return status(.ok);
 }
 
-/// Returns `cost` reserved on `slot`; `ok` (0/1) counts it completed or failed, and `latency_us`
-/// feeds the latency EWMA.
-export fn irm_release(handle: u32, slot: u32, cost: i32, latency_us: u32, ok: u32) i32 {
+/// Returns `cost` reserved on `slot` by the ticket `incarnation << 32 | slot`; `ok` (0/1) counts
+/// it completed or failed, and `latency_us` feeds the latency EWMA. `stale_release` if the slot
+/// was reused since (counters unchanged). The ticket comes in halves: the hot path passes only
+/// 32-bit integers.
+export fn irm_release(handle: u32, slot: u32, incarnation: u32, cost: i32, latency_us: u32, ok: u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (ok > 1) return status(.invalid_argument);
-    t.release(slot, cost_checked, latency_us, ok == 1) catch |err| return status(statusFrom(err));
+    t.release(slot, incarnation, cost_checked, latency_us, ok == 1) catch |err| return status(statusFrom(err));
     return status(.ok);
 }
 
-/// Releases `count` (at most `batch_count_max`) reservations; entries whose slot is 0xFFFFFFFF are
-/// skipped (batch acquire output can be passed back as is). Stops at the first error;
-/// `*out_released` says how far it got.
-export fn irm_release_batch(handle: u32, count: u32, slots: ?[*]const u32, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
+/// Releases `count` (at most `batch_count_max`) reservations by ticket; entries equal to
+/// 0xFFFFFFFF are skipped (batch acquire output can be passed back as is). Stops at the first
+/// error; `*out_released` says how far it got.
+export fn irm_release_batch(handle: u32, count: u32, tickets: ?[*]const u64, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
     const t = lookup(handle) orelse return status(.invalid_handle);
     const out_count = out_released orelse return status(.invalid_argument);
     out_count.* = 0;
     if (ok > 1) return status(.invalid_argument);
     if (count > batch_count_max) return status(.invalid_argument);
     if (count == 0) return status(.ok);
-    const slot_list = (slots orelse return status(.invalid_argument))[0..count];
+    const ticket_list = (tickets orelse return status(.invalid_argument))[0..count];
     const cost_list = (costs orelse return status(.invalid_argument))[0..count];
-    for (slot_list, cost_list, 0..) |slot, cost, index| {
-        if (slot != table_mod.slot_none) {
+    for (ticket_list, cost_list, 0..) |ticket, cost, index| {
+        if (ticket != table_mod.ticket_none) {
+            const slot: u32 = @truncate(ticket);
             if (!checkSlot(t, slot)) return status(.unknown_backend);
             const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
             const latency = if (latencies_us) |list| list[index] else 0;
-            t.release(slot, cost_checked, latency, ok == 1) catch |err| return status(statusFrom(err));
+            t.release(slot, @intCast(ticket >> 32), cost_checked, latency, ok == 1) catch |err| return status(statusFrom(err));
         }
         out_count.* += 1;
     }
@@ -584,17 +603,22 @@ test {
 
 test "bad handles and arguments return statuses" {
     var slot: u32 = 0;
-    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &slot));
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &ticket));
     var handle: u32 = 0;
     try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
     defer _ = irm_table_destroy(handle);
     try std.testing.expectEqual(status(.invalid_capacity), irm_backend_add(handle, 1, 0, 1000, &slot));
     try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));
-    try std.testing.expectEqual(status(.invalid_cost), irm_acquire(handle, 0, -3, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_strategy), irm_acquire(handle, 99, 1, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_priority), irm_acquire(handle, 0, 1, 8, &slot));
+    try std.testing.expectEqual(status(.invalid_cost), irm_acquire(handle, 0, -3, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_strategy), irm_acquire(handle, 99, 1, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_priority), irm_acquire(handle, 0, 1, 8, &ticket));
     try std.testing.expectEqual(status(.invalid_argument), irm_acquire(handle, 0, 1, 0, null));
-    try std.testing.expectEqual(status(.unknown_backend), irm_release(handle, 3, 1, 0, 1));
-    try std.testing.expectEqual(status(.release_mismatch), irm_release(handle, slot, 1, 0, 1));
+    try std.testing.expectEqual(status(.unknown_backend), irm_release(handle, 3, 1, 1, 0, 1));
+    try std.testing.expectEqual(status(.release_mismatch), irm_release(handle, slot, 1, 1, 0, 1));
+    try std.testing.expectEqual(status(.ok), irm_acquire(handle, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(@as(u64, 1) << 32 | slot, ticket);
+    try std.testing.expectEqual(status(.stale_release), irm_release(handle, slot, 2, 1, 0, 1));
+    try std.testing.expectEqual(status(.ok), irm_release(handle, slot, 1, 1, 0, 1));
 }

@@ -432,7 +432,7 @@ test "consistent hashing keeps a key on its backend and bounds the load" {
     for (0..8) |i| _ = try t.add(i, 1000, 1000);
     const whole = Candidates.ofTable(&t);
     const first = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
-    try t.release(first.slot, 1, 0, true);
+    try t.release(first.slot, t.incarnationOf(first.slot), 1, 0, true);
     const again = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
     try testing.expectEqual(first.slot, again.slot);
     try testing.expectEqual(Outcome.hit, again.outcome);
@@ -458,7 +458,7 @@ test "consistent hashing gives each backend keys in proportion to its capacity Ã
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
         try testing.expectEqual(Outcome.hit, decision.outcome);
         per_slot[decision.slot] += 1;
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
     }
     var total_weight: f64 = 0;
     for (capacities, weights) |capacity, weight| total_weight += @floatFromInt(@as(u64, capacity) * weight);
@@ -479,14 +479,14 @@ test "removing a smaller backend moves only the keys it had" {
     for (&before, 0..) |*owner, key| {
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
         owner.* = decision.slot;
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
     }
     const gone = try t.find(4);
     try t.remove(gone);
     var moved: u32 = 0;
     for (before, 0..) |owner, key| {
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
         if (owner == gone) {
             moved += 1;
         } else {
@@ -504,13 +504,13 @@ test "prefix affinity follows the longest prefix and learns new locations" {
     const shared = [_]u64{ 11, 22, 33 };
     const first = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &shared }, 1, 0);
     try testing.expectEqual(Outcome.miss, first.outcome);
-    try t.release(first.slot, 1, 0, true);
+    try t.release(first.slot, t.incarnationOf(first.slot), 1, 0, true);
     const longer = [_]u64{ 11, 22, 33, 44 };
     const second = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
     try testing.expectEqual(first.slot, second.slot);
     try testing.expectEqual(Outcome.hit, second.outcome);
     try testing.expectEqual(@as(u32, 3), second.matched_blocks);
-    try t.release(second.slot, 1, 0, true);
+    try t.release(second.slot, t.incarnationOf(second.slot), 1, 0, true);
     try t.update(first.slot, 1000, 1000, .down); // never routed to a down backend
     const third = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
     try testing.expect(third.slot != first.slot);
@@ -543,7 +543,7 @@ test "p2c breaks ties between equally loaded backends at random" {
     for (0..300) |_| {
         const slot = acquire(&t, .ofTable(&t), .p2c, 1, 0);
         chosen[slot] += 1;
-        try t.release(slot, 1, 0, true); // always idle again: every decision is a tie
+        try t.release(slot, t.incarnationOf(slot), 1, 0, true); // always idle again: every decision is a tie
     }
     for (chosen) |count| try testing.expect(count >= 60 and count <= 140);
 }

@@ -17,6 +17,10 @@ const affinity = @import("affinity.zig");
 pub const backends_max_limit: u32 = 1 << 20;
 pub const classes_count: u32 = 8;
 pub const slot_none: u32 = std.math.maxInt(u32);
+/// A reservation's name: `incarnation << 32 | slot`. An incarnation is at least 1 (`add` moves it
+/// before a slot takes work), so no ticket equals `ticket_none`, "nothing fits".
+pub const Ticket = u64;
+pub const ticket_none: Ticket = slot_none;
 pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
@@ -43,6 +47,9 @@ pub const Error = error{
     Busy,
     InvalidState,
     Incompatible,
+    /// A release names an incarnation the slot no longer has: its backend was removed and the
+    /// slot reused since the reservation was made.
+    StaleRelease,
     /// A shared table's header contradicts itself or the region it describes.
     Corrupt,
 };
@@ -463,11 +470,30 @@ pub const Table = struct {
         return false;
     }
 
-    /// Returns `cost` reserved on `slot`, records the outcome and folds `latency_us` into the EWMA.
-    pub fn release(t: *const Table, slot: u32, cost: u32, latency_us: u32, ok: bool) Error!void {
+    /// The ticket of a reservation just made on `slot`. Read after the reservation: a slot with a
+    /// request in flight is never freed, so its incarnation cannot move until that release.
+    pub fn ticketOf(t: *const Table, slot: u32) Ticket {
+        assert(slot < t.backendsMax());
+        return @as(u64, t.incarnationOf(slot)) << 32 | slot;
+    }
+
+    pub fn incarnationOf(t: *const Table, slot: u32) u32 {
+        // .acquire: with the reservation's .acq_rel CAS, the incarnation `add` stored before it
+        // published the slot active.
+        return t.slots[slot].incarnation.load(.acquire);
+    }
+
+    /// Returns `cost` reserved on `slot` in `incarnation`, records the outcome and folds
+    /// `latency_us` into the EWMA. A release for an earlier incarnation (the slot was reused
+    /// since) is refused and changes nothing: it must never land on the new backend.
+    pub fn release(t: *const Table, slot: u32, incarnation: u32, cost: u32, latency_us: u32, ok: bool) Error!void {
         assert(slot < t.backendsMax());
         assert(cost > 0);
         const s = &t.slots[slot];
+        // While the reservation is held the slot cannot be freed, so a matching incarnation stays
+        // matching until the CAS below (a second release of one reservation is the caller's bug).
+        if (t.wordOf(slot).state == .free) return error.UnknownBackend;
+        if (t.incarnationOf(slot) != incarnation) return error.StaleRelease;
         var attempts: u32 = 0;
         const freed = while (attempts < release_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.monotonic);
@@ -810,9 +836,9 @@ test "reserve never exceeds capacity and release returns it" {
     try testing.expect(!t.reserve(slot, 5, 0));
     try testing.expect(t.reserve(slot, 4, 0));
     try testing.expectEqual(@as(u32, 10), t.wordOf(slot).cost);
-    try t.release(slot, 6, 100, true);
-    try t.release(slot, 4, 100, false);
-    try testing.expectError(error.ReleaseMismatch, t.release(slot, 1, 0, true));
+    try t.release(slot, t.incarnationOf(slot), 6, 100, true);
+    try t.release(slot, t.incarnationOf(slot), 4, 100, false);
+    try testing.expectError(error.ReleaseMismatch, t.release(slot, t.incarnationOf(slot), 1, 0, true));
     const word = t.wordOf(slot);
     try testing.expectEqual(@as(u32, 0), word.cost);
     try testing.expectEqual(@as(u20, 0), word.count);
@@ -840,10 +866,15 @@ test "a removed backend with requests in flight retires, then frees on the last 
     try testing.expectEqual(State.retired, t.wordOf(slot).state);
     try testing.expect(!t.reserve(slot, 1, 0));
     try testing.expectError(error.UnknownBackend, t.find(1));
-    try t.release(slot, 3, 5, true);
+    try t.release(slot, t.incarnationOf(slot), 3, 5, true);
     try testing.expectEqual(State.free, t.wordOf(slot).state);
     const again = try t.add(1, 10, 1000);
     try testing.expectEqual(again, try t.find(1));
+    // A release from before the reuse carries the old incarnation: refused, counters unchanged.
+    try testing.expect(t.reserve(again, 2, 0));
+    try testing.expectError(error.StaleRelease, t.release(again, t.incarnationOf(again) - 1, 2, 5, true));
+    try testing.expectEqual(@as(u32, 2), t.wordOf(again).cost);
+    try t.release(again, t.incarnationOf(again), 2, 5, true);
     // The table is now full up to its high-water mark, so the next add reuses the freed slot.
     try testing.expectEqual(slot, try t.add(2, 10, 1000));
     try testing.expectError(error.TableFull, t.add(3, 10, 1000));
