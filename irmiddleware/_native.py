@@ -400,10 +400,20 @@ class NativeTable:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unmaps the table (idempotent). A shared table's name stays until `unlink_shared`."""
-        if self._handle:
-            handle, self._handle = self._handle, 0
-            _check(_lib.irm_table_destroy(handle), "destroy table")
+        """Unmaps the table (idempotent). A shared table's name stays until `unlink_shared`.
+
+        Safe while other threads use the table: their calls from now on raise
+        InvalidHandleError, and the core unmaps only once the calls in progress are done.
+        BusyError if those did not finish in time (the table stays closed; close again)."""
+        handle = self._handle
+        if not handle:
+            return
+        status = _lib.irm_table_destroy(handle)
+        if status_name(status) == "busy":
+            _raise(status, "destroy table (calls still in progress)")
+        self._handle = 0
+        if status_name(status) != "invalid_handle":  # invalid: a concurrent close finished it
+            _check(status, "destroy table")
 
     def __enter__(self) -> NativeTable:
         return self

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,3 +211,45 @@ def test_shared_table_errors_are_typed(shared_name: str) -> None:
         NativeTable(4, shared_name=shared_name)
     assert exists.value.status == "shared_exists"
     table.close()
+
+
+# ---- closing while threads route ---------------------------------------------------------------
+
+CLOSE_WHILE_ROUTING = """
+import sys, threading, time
+from irmiddleware import Accelerator, InvalidHandleError, Router
+
+def route(router, refused):
+    try:
+        while True:
+            ticket = router.acquire_slot(1)
+            if ticket is not None:
+                router.release_slot(ticket, 1)
+    except InvalidHandleError:
+        refused.append(1)
+
+for round in range(int(sys.argv[1])):
+    router = Router("round_robin", max_accelerators=4)
+    for index in range(2):
+        router.add_accelerator(Accelerator(index, capacity=8))
+    refused = []
+    threads = [threading.Thread(target=route, args=(router, refused)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.001 * (round % 5))
+    router.close()
+    for thread in threads:
+        thread.join()
+    assert len(refused) == 3, refused
+print("survived")
+"""
+
+
+def test_closing_a_router_while_threads_route_is_safe() -> None:
+    # Each round closes the router under three routing threads; every thread must end with a
+    # clean InvalidHandleError. A use of the unmapped table would kill the child with a signal.
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_ROUTING, "150"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "survived"

@@ -99,8 +99,23 @@ pub const BackendInfo = extern struct {
 
 const tables_max = 256;
 
+/// One registry entry's state in one word, so that a call's entry and a destroy's closing are
+/// decided by single atomic operations: the handle (0 when the entry is free, with
+/// `closing_bit` set once a destroy began) in the high half, calls in progress in the low half.
+const Usage = packed struct(u64) {
+    calls: u32,
+    handle: u32,
+};
+
+/// Handles stay below 2^31 (they pass as a C int), so the top bit is free to mark a closing one.
+const closing_bit: u32 = 1 << 31;
+
+/// How long `irm_table_destroy` waits for calls in progress (each is bounded) before it reports
+/// `busy`; the table stays closed to new calls and a later destroy finishes the job.
+const destroy_wait_attempts_max: u32 = 1 << 22;
+
 const Entry = struct {
-    handle: Atomic(u32) = .init(0),
+    usage: Atomic(u64) = .init(0),
     table: Table = undefined,
 };
 
@@ -108,35 +123,91 @@ var registry: [tables_max]Entry = @splat(.{});
 var registry_lock: Atomic(u32) = .init(0);
 var registry_generation: u32 = 0;
 
-fn lookup(handle: u32) ?*const Table {
+/// Starts a call on `handle`: its table, or null for a handle that is not open (never was,
+/// destroyed, or being destroyed). Every successful `enter` is paired with one `leave`, which
+/// keeps the table mapped until then: `irm_table_destroy` waits for the calls in progress.
+fn enter(handle: u32) ?*const Table {
+    if (handle == 0) return null;
+    if (handle & closing_bit != 0) return null; // Never a handle: would match a closing entry.
     const entry = &registry[handle % tables_max];
-    // .acquire pairs with the .release in `register`: the table view is complete.
-    if (handle == 0 or entry.handle.load(.acquire) != handle) return null;
+    // One fetchAdd, not a CAS loop: the hot path pays one atomic either way, and a miss undoes
+    // its count at once. .acquire pairs with `register`'s .release (the table view is complete).
+    const usage: Usage = @bitCast(entry.usage.fetchAdd(1, .acquire));
+    if (usage.handle != handle) {
+        leaveEntry(entry);
+        return null;
+    }
     return &entry.table;
+}
+
+fn leave(handle: u32) void {
+    leaveEntry(&registry[handle % tables_max]);
+}
+
+fn leaveEntry(entry: *Entry) void {
+    // .release: everything this call did with the table happens before a destroy that sees the
+    // count drop (its .acquire load) unmaps it.
+    const before: Usage = @bitCast(entry.usage.fetchSub(1, .release));
+    assert(before.calls > 0);
 }
 
 fn register(table: Table) ?u32 {
     registryLock();
     defer registryLock_release();
     for (&registry, 0..) |*entry, index| {
-        if (entry.handle.load(.monotonic) != 0) continue;
+        if (entry.usage.load(.monotonic) != 0) continue;
         // Generations keep handles below 2^31 so they pass as a C int.
         registry_generation = (registry_generation % ((1 << 23) - 1)) + 1;
         const handle: u32 = (registry_generation << 8) | @as(u32, @intCast(index));
+        assert(handle & closing_bit == 0);
         entry.table = table;
-        entry.handle.store(handle, .release);
+        // A CAS, not a store: a stale `enter` may hold a momentary count on a free entry.
+        // .release publishes the table view to the calls that enter with this handle.
+        const published: Usage = .{ .calls = 0, .handle = handle };
+        if (entry.usage.cmpxchgStrong(0, @bitCast(published), .release, .monotonic) != null) continue;
         return handle;
     }
     return null;
 }
 
-fn unregister(handle: u32) ?Table {
-    registryLock();
-    defer registryLock_release();
+/// Closes `handle` to new calls, waits (bounded) for the calls in progress, and frees the entry.
+/// Returns the table to unmap, or an error status: `invalid_handle` if the handle is not open
+/// (or another destroy finished it), `busy` if calls did not drain in time (then it stays closed
+/// and a later destroy of the same handle finishes the job).
+fn unregister(handle: u32) union(enum) { table: Table, failed: Status } {
+    if (handle == 0) return .{ .failed = .invalid_handle };
+    if (handle & closing_bit != 0) return .{ .failed = .invalid_handle };
     const entry = &registry[handle % tables_max];
-    if (handle == 0 or entry.handle.load(.monotonic) != handle) return null;
-    entry.handle.store(0, .release);
-    return entry.table;
+    const closing = handle | closing_bit;
+    var usage: Usage = @bitCast(entry.usage.load(.monotonic));
+    while (usage.handle == handle) {
+        var marked = usage;
+        marked.handle = closing;
+        // .monotonic is enough: new calls only need to see the mark to turn away, and the wait
+        // below synchronises with the calls already in progress.
+        const seen = entry.usage.cmpxchgWeak(@bitCast(usage), @bitCast(marked), .monotonic, .monotonic) orelse break;
+        usage = @bitCast(seen);
+    }
+    // Marked now (by us or by an earlier destroy that gave up waiting), or not ours to close.
+    if (usage.handle != handle and usage.handle != closing) return .{ .failed = .invalid_handle };
+    // Copied while the entry is still ours: once it is free, `register` may reuse it.
+    const table = entry.table;
+    var attempts: u32 = 0;
+    while (attempts < destroy_wait_attempts_max) : (attempts += 1) {
+        const idle: Usage = .{ .calls = 0, .handle = closing };
+        // .acquire pairs with `leave`'s .release: every call's use of the table is done.
+        if (entry.usage.cmpxchgWeak(@bitCast(idle), 0, .acquire, .monotonic) == null) {
+            return .{ .table = table };
+        }
+        const now: Usage = @bitCast(entry.usage.load(.monotonic));
+        if (now.handle != closing) return .{ .failed = .invalid_handle }; // another destroy won
+        if (attempts % 64 == 63) {
+            _ = std.os.linux.sched_yield();
+        } else {
+            std.atomic.spinLoopHint();
+        }
+    }
+    return .{ .failed = .busy };
 }
 
 fn registryLock() void {
@@ -267,15 +338,20 @@ export fn irm_shared_unlink(name: ?[*]const u8, name_len: u32) i32 {
     return status(.ok);
 }
 
-/// Unmaps the table. The caller guarantees no other call on this handle is in progress.
+/// Unmaps the table, safely while other threads use the handle: new calls on it get
+/// `invalid_handle` at once, and the unmapping waits (bounded) for the calls in progress. `busy`
+/// if they did not finish in time: the handle stays closed, and destroying it again finishes.
 export fn irm_table_destroy(handle: u32) i32 {
-    const table = unregister(handle) orelse return status(.invalid_handle);
-    memory.unmap(table.region);
+    switch (unregister(handle)) {
+        .table => |table| memory.unmap(table.region),
+        .failed => |failed| return status(failed),
+    }
     return status(.ok);
 }
 
 export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_max = out_backends_max orelse return status(.invalid_argument);
     const out_present = out_present_count orelse return status(.invalid_argument);
     out_max.* = t.backendsMax();
@@ -285,7 +361,8 @@ export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count
 
 /// Seeds the table's random sequence (p2c) so a single caller gets reproducible decisions.
 export fn irm_table_seed(handle: u32, seed: u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     t.header.rng_state.store(seed, .monotonic);
     return status(.ok);
 }
@@ -293,7 +370,8 @@ export fn irm_table_seed(handle: u32, seed: u64) i32 {
 /// Sets ε of the bounded-load strategies in per mille (0–10000): a backend may take up to
 /// ⌈(1+ε) × its share of the fleet's load⌉ before affinity yields.
 export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (epsilon_permille > 10_000) return status(.invalid_argument);
     t.header.balance_epsilon_permille.store(epsilon_permille, .monotonic);
     return status(.ok);
@@ -302,14 +380,16 @@ export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
 /// Sets how old (ms of CLOCK_MONOTONIC) a backend's reported signals may be before `queue_aware`
 /// ignores them.
 export fn irm_table_set_signal_age_max(handle: u32, age_max_ms: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     t.header.signal_age_max_ms.store(age_max_ms, .monotonic);
     return status(.ok);
 }
 
 /// Sets the share of capacity (per mille, 1–1000) that requests of `priority` may fill.
 export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     if (share_permille == 0 or share_permille > 1000) return status(.invalid_argument);
     t.header.class_share_permille[priority].store(share_permille, .monotonic);
@@ -317,7 +397,8 @@ export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: 
 }
 
 export fn irm_table_get_class_share(handle: u32, priority: u32, out_share_permille: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_share_permille orelse return status(.invalid_argument);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     out.* = t.header.class_share_permille[priority].load(.monotonic);
@@ -327,7 +408,8 @@ export fn irm_table_get_class_share(handle: u32, priority: u32, out_share_permil
 // ---- exports: backends --------------------------------------------------------------------------
 
 export fn irm_backend_add(handle: u32, id: u64, capacity: i64, weight_milli: i64, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_slot orelse return status(.invalid_argument);
     const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
     const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
@@ -336,7 +418,8 @@ export fn irm_backend_add(handle: u32, id: u64, capacity: i64, weight_milli: i64
 }
 
 export fn irm_backend_remove(handle: u32, slot: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     t.remove(slot) catch |err| return status(statusFrom(err));
     return status(.ok);
@@ -344,7 +427,8 @@ export fn irm_backend_remove(handle: u32, slot: u32) i32 {
 
 /// Changes capacity, weight and state (1 active, 2 draining, 3 down) while routing goes on.
 export fn irm_backend_update(handle: u32, slot: u32, capacity: i64, weight_milli: i64, state: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
     const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
@@ -355,7 +439,8 @@ export fn irm_backend_update(handle: u32, slot: u32, capacity: i64, weight_milli
 }
 
 export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_slot orelse return status(.invalid_argument);
     out.* = t.find(id) catch |err| return status(statusFrom(err));
     return status(.ok);
@@ -364,7 +449,8 @@ export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
 /// Records load the server itself reports (queue depth, KV-cache use in per mille) and when it
 /// was read (`time_ms` of CLOCK_MONOTONIC, i.e. Python's `time.monotonic() * 1000`).
 export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     if (kv_permille > 1000) return status(.invalid_argument);
     t.setSignals(slot, queue_depth, kv_permille, time_ms) catch |err| return status(statusFrom(err));
@@ -377,7 +463,8 @@ export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_p
 /// reservation (`incarnation << 32 | slot`: pass both halves to `irm_release`), or is 0xFFFFFFFF
 /// when nothing fits (status ok: that is a normal result).
 export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_ticket orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
@@ -394,7 +481,8 @@ fn ticketFor(t: *const Table, slot: u32) table_mod.Ticket {
 /// Like `irm_acquire`, but chooses only among `slots[0..count]` (a pool: e.g. the backends
 /// serving one model). `cursor` is the pool's round-robin position, owned by the caller.
 export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_ticket: ?*u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_ticket orelse return status(.invalid_argument);
     const cursor_checked = cursorFrom(cursor) orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
@@ -414,7 +502,8 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
 /// is 0 none, 1 hit, 2 miss, 3 overload (affinity yielded to load); `*out_matched_blocks` is the
 /// length of the prefix found at the chosen backend.
 export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_ticket orelse return status(.invalid_argument);
     const outcome_out = out_outcome orelse return status(.invalid_argument);
     const matched_out = out_matched_blocks orelse return status(.invalid_argument);
@@ -458,7 +547,8 @@ export fn irm_prefix_hashes(text: ?[*]const u8, text_len: u32, block_bytes: u32,
 /// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_ticket` names
 /// the reservation, or is 0xFFFFFFFF when the slot cannot take the request.
 export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_ticket orelse return status(.invalid_argument);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
@@ -475,7 +565,8 @@ pub const batch_count_max: u32 = 1 << 16;
 /// Makes `count` (at most `batch_count_max`) decisions in one call: `out_tickets[i]` is the ticket
 /// for `costs[i]` or 0xFFFFFFFF.
 export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_tickets: ?[*]u64, out_acquired: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_count = out_acquired orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
@@ -503,7 +594,8 @@ export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u3
 /// was reused since (counters unchanged). The ticket comes in halves: the hot path passes only
 /// 32-bit integers.
 export fn irm_release(handle: u32, slot: u32, incarnation: u32, cost: i32, latency_us: u32, ok: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (ok > 1) return status(.invalid_argument);
@@ -515,7 +607,8 @@ export fn irm_release(handle: u32, slot: u32, incarnation: u32, cost: i32, laten
 /// 0xFFFFFFFF are skipped (batch acquire output can be passed back as is). Stops at the first
 /// error; `*out_released` says how far it got.
 export fn irm_release_batch(handle: u32, count: u32, tickets: ?[*]const u64, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_count = out_released orelse return status(.invalid_argument);
     out_count.* = 0;
     if (ok > 1) return status(.invalid_argument);
@@ -542,7 +635,8 @@ export fn irm_release_batch(handle: u32, count: u32, tickets: ?[*]const u64, cos
 /// `capacity` rows). `*out_count` is the number of such backends; if it exceeds `capacity` the
 /// status is `buffer_too_small` and the first `capacity` rows are filled.
 export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, out_count: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const count_out = out_count orelse return status(.invalid_argument);
     if (capacity > 0 and out == null) return status(.invalid_argument);
     // Clamped: the mark is shared memory, and `view` checked it only once.
@@ -559,7 +653,8 @@ export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, o
 
 /// Reads one backend's counters (present, or retired with requests still in flight).
 export fn irm_backend_read(handle: u32, slot: u32, out_info: ?*BackendInfo) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_info orelse return status(.invalid_argument);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     if (t.wordOf(slot).state == .free) return status(.unknown_backend);
@@ -599,6 +694,30 @@ test {
     _ = strategies;
     _ = @import("tree.zig");
     _ = @import("affinity.zig");
+}
+
+test "a destroy waits for calls in progress and turns new ones away" {
+    var handle: u32 = 0;
+    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
+    _ = enter(handle) orelse return error.TestUnexpectedResult; // A call in progress.
+    var destroyed: i32 = -1;
+    const closer = try std.Thread.spawn(.{}, destroyInto, .{ handle, &destroyed });
+    const usage = &registry[handle % tables_max].usage;
+    while (@as(Usage, @bitCast(usage.load(.acquire))).handle == handle) std.atomic.spinLoopHint();
+    // Marked closing: new calls are refused, the table stays mapped for the call in progress.
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(handle, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(@as(u32, 1), @as(Usage, @bitCast(usage.load(.acquire))).calls);
+    leave(handle);
+    closer.join();
+    // A slow machine may have made the destroy give up (busy); destroying again finishes it.
+    if (destroyed == status(.busy)) destroyed = irm_table_destroy(handle);
+    try std.testing.expectEqual(status(.ok), destroyed);
+    try std.testing.expectEqual(status(.invalid_handle), irm_table_destroy(handle));
+}
+
+fn destroyInto(handle: u32, out: *i32) void {
+    out.* = irm_table_destroy(handle);
 }
 
 test "bad handles and arguments return statuses" {
