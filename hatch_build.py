@@ -3,6 +3,8 @@
 It runs `zig build-lib` from the pinned `ziglang` package directly instead of `zig build`: compiling
 Zig's own build runner costs about 100 s cold, the library itself a few seconds. The compiler
 settings come from zig/native.zon, which build.zig reads too, so both paths build the same library.
+`IRM_OPTIMIZE` overrides its optimize mode for one build: `IRM_OPTIMIZE=ReleaseFast pip install .`
+makes the unchecked library (the shipped one is ReleaseSafe).
 """
 
 from __future__ import annotations
