@@ -104,46 +104,12 @@ def test_null_out_pointers_are_refused() -> None:
         call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(ticket)) == "invalid_argument"
     )
     matched = ctypes.c_uint32()
-    assert (
-        call(
-            "irm_acquire_affine",
-            handle,
-            4,
-            1,
-            0,
-            0,
-            0,
-            None,
-            5,
-            None,
-            0,
-            None,
-            ctypes.byref(ticket),
-            None,
-            None,
-        )
-        == "invalid_argument"
-    )
-    assert (
-        call(
-            "irm_acquire_affine",
-            handle,
-            4,
-            1,
-            0,
-            0,
-            2,
-            None,
-            0,
-            None,
-            0,
-            None,
-            ctypes.byref(ticket),
-            ctypes.byref(out),
-            ctypes.byref(matched),
-        )
-        == "invalid_argument"
-    )
+    outs = (ctypes.byref(ticket), ctypes.byref(out), ctypes.byref(matched))
+    # After (handle, strategy, cost, priority, key): has_key, hashes, hashes_count, slots,
+    # slots_count, cursor, then the out-pointers: null ones, then has_key 2.
+    affine = ("irm_acquire_affine", handle, 4, 1, 0, 0)
+    assert call(*affine, 0, None, 5, None, 0, None, outs[0], None, None) == "invalid_argument"
+    assert call(*affine, 2, None, 0, None, 0, None, *outs) == "invalid_argument"
     assert call("irm_prefix_hashes", b"abc", 3, 0, None, 0, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_prefix_hashes", None, 3, 1, None, 0, ctypes.byref(out)) == "invalid_argument"
 
