@@ -3,6 +3,8 @@
 It runs `zig build-lib` from the pinned `ziglang` package directly instead of `zig build`: compiling
 Zig's own build runner costs about 100 s cold, the library itself a few seconds. The compiler
 settings come from zig/native.zon, which build.zig reads too, so both paths build the same library.
+`IRM_OPTIMIZE` overrides its optimize mode for one build: `IRM_OPTIMIZE=ReleaseFast pip install .`
+makes the unchecked library (the shipped one is ReleaseSafe).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def native_settings() -> dict[str, str]:
     return dict(re.findall(r'\.(\w+)\s*=\s*"([^"]*)"', text))
 
 
+OPTIMIZE_MODES = ("Debug", "ReleaseSafe", "ReleaseFast", "ReleaseSmall")
+
+
+def optimize_mode() -> str:
+    """`IRM_OPTIMIZE` if set (e.g. `IRM_OPTIMIZE=ReleaseFast pip install -e .`), else zig/native.zon's."""
+    mode = os.environ.get("IRM_OPTIMIZE") or native_settings()["optimize"]
+    if mode not in OPTIMIZE_MODES:
+        raise RuntimeError(f"IRM_OPTIMIZE={mode!r}: expected one of {', '.join(OPTIMIZE_MODES)}")
+    return mode
+
+
 def zig_target() -> str:
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine.lower(), os.uname().machine)
     if not sys.platform.startswith("linux"):
@@ -35,8 +48,10 @@ def zig_target() -> str:
     return f"{machine}-linux"
 
 
-def build_library(output: Path) -> None:
+def build_library(output: Path, optimize: str | None = None) -> None:
+    """Compiles libirm into `output` with `optimize` (default: `optimize_mode()`)."""
     settings = native_settings()
+    mode = optimize or optimize_mode()
     import ziglang  # noqa: F401  (fails clearly if the build requirement is missing)
 
     version = subprocess.run(
@@ -47,7 +62,7 @@ def build_library(output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "ziglang", "build-lib", "-dynamic",
-        "-O", settings["optimize"],
+        "-O", mode,
         "-target", zig_target(),
         "-mcpu", settings["cpu"],
         "--name", settings["library_name"],

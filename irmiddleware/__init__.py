@@ -15,6 +15,7 @@ from irmiddleware._errors import (
     NativeLibraryError,
     ReleaseMismatchError,
     SharedMemoryError,
+    StaleReleaseError,
     TableFullError,
     UnknownBackendError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Request",
     "Router",
     "SharedMemoryError",
+    "StaleReleaseError",
     "TableFullError",
     "UnknownBackendError",
     "__version__",

@@ -37,6 +37,11 @@ class ReleaseMismatchError(NativeError):
     cost. The counters were left unchanged."""
 
 
+class StaleReleaseError(ReleaseMismatchError):
+    """A release named a reservation whose accelerator was removed and whose slot was reused
+    since: refused, so it never lands on the new accelerator. The counters were left unchanged."""
+
+
 class BusyError(NativeError):
     """The core gave up after a bounded number of retries under contention (or a stuck lock)."""
 

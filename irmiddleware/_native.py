@@ -25,8 +25,11 @@ from typing import Any, Final
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 2
+ABI_VERSION: Final = 3
 SLOT_NONE: Final = 0xFFFF_FFFF
+"""No slot; also the ticket the acquire calls return when nothing fits."""
+TICKET_SLOT_MASK: Final = 0xFFFF_FFFF
+"""A ticket (a reservation's name) is `incarnation << 32 | slot`: the slot is its low half."""
 BACKENDS_MAX_LIMIT: Final = 1 << 20
 CLASSES_COUNT: Final = 8
 """Priority classes of the core (`classes_count` in zig/table.zig): 0 is the most urgent, 7 the least."""
@@ -39,6 +42,9 @@ LATENCY_US_MAX: Final = 2**31 - 1  # passed as a C int on the hot path
 FLAG_RACY_FOR_TESTS: Final = 1
 PREFIX_ENTRIES_LIMIT: Final = 1 << 24
 PREFIX_HASHES_MAX: Final = 1 << 16
+BATCH_COUNT_MAX: Final = 1 << 16
+"""The most entries one batch call takes (`batch_count_max`, zig/abi.zig); the binding splits
+larger batches into calls of at most this many."""
 
 
 class StrategyCode(enum.IntEnum):
@@ -94,6 +100,8 @@ _STATUS_NAMES: Final = (
     "shared_incompatible",
     "invalid_name",
     "system_error",
+    "shared_corrupt",
+    "stale_release",
 )
 
 _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
@@ -118,6 +126,8 @@ _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
     "shared_not_found": _errors.SharedMemoryError,
     "shared_incompatible": _errors.SharedMemoryError,
     "system_error": _errors.SharedMemoryError,
+    "shared_corrupt": _errors.SharedMemoryError,
+    "stale_release": _errors.StaleReleaseError,
 }
 
 
@@ -149,10 +159,12 @@ class SlotRecord(ctypes.Structure):
 _u32, _i32, _u64, _i64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64
 _pu32 = ctypes.POINTER(ctypes.c_uint32)
 _pi32 = ctypes.POINTER(ctypes.c_int32)
+_pu64 = ctypes.POINTER(ctypes.c_uint64)
 _pchar = ctypes.c_char_p
 
 _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_abi_version": [_pu32],
+    "irm_runtime_safety": [_pu32],
     "irm_table_create": [_u32, _u32, _u32, _pu32],
     "irm_table_create_shared": [_pchar, _u32, _u32, _u32, _u32, _pu32],
     "irm_table_attach_shared": [_pchar, _u32, _pu32],
@@ -169,9 +181,9 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_backend_update": [_u32, _u32, _i64, _i64, _u32],
     "irm_backend_find": [_u32, _u64, _pu32],
     "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
-    "irm_acquire": [_u32, _u32, _i32, _u32, _pu32],
-    "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu32],
-    "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, ctypes.POINTER(ctypes.c_uint64), _pu32],
+    "irm_acquire": [_u32, _u32, _i32, _u32, _pu64],
+    "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu64],
+    "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, _pu64, _pu64],
     "irm_acquire_affine": [
         _u32,
         _u32,
@@ -183,15 +195,15 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
         _u32,
         _pu32,
         _u32,
-        ctypes.POINTER(ctypes.c_uint64),
-        _pu32,
+        _pu64,
+        _pu64,
         _pu32,
         _pu32,
     ],
     "irm_prefix_hashes": [ctypes.c_void_p, _u32, _u32, ctypes.POINTER(ctypes.c_uint64), _u32, _pu32],
-    "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu32, _pu32],
-    "irm_release": [_u32, _u32, _i32, _u32, _u32],
-    "irm_release_batch": [_u32, _u32, _pu32, _pi32, _pu32, _u32, _pu32],
+    "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu64, _pu32],
+    "irm_release": [_u32, _u32, _u32, _i32, _u32, _u32],
+    "irm_release_batch": [_u32, _u32, _pu64, _pi32, _pu32, _u32, _pu32],
     "irm_table_snapshot": [_u32, ctypes.POINTER(SlotRecord), _u32, _pu32],
     "irm_backend_read": [_u32, _u32, ctypes.POINTER(SlotRecord)],
 }
@@ -232,6 +244,25 @@ _lib, _fast = _load()
 _fast_acquire = _fast.irm_acquire
 _fast_release = _fast.irm_release
 _fast_acquire_among = _fast.irm_acquire_among
+
+
+def runtime_safety() -> bool:
+    """Whether the loaded library checks its assertions (built Debug or ReleaseSafe)."""
+    enabled = ctypes.c_uint32()
+    _check(_lib.irm_runtime_safety(ctypes.byref(enabled)), "runtime safety")
+    return enabled.value == 1
+
+
+def _chunks(count: int) -> range:
+    """The starts of the batch calls that cover `count` entries."""
+    return range(0, count, BATCH_COUNT_MAX)
+
+
+def _part(array: Any, start: int, count: int) -> Any:
+    """`array[start:start + count]` sharing its memory, for one chunk of a batch (None stays None)."""
+    if array is None:
+        return None
+    return (array._type_ * count).from_buffer(array, start * ctypes.sizeof(array._type_))
 
 
 def status_name(status: int) -> str:
@@ -304,6 +335,8 @@ class _OutParameter(threading.local):
     def __init__(self) -> None:
         self.out = ctypes.c_uint32()
         self.ref = ctypes.byref(self.out)
+        self.ticket = ctypes.c_uint64()
+        self.ticket_ref = ctypes.byref(self.ticket)
 
 
 class NativeTable:
@@ -367,10 +400,20 @@ class NativeTable:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unmaps the table (idempotent). A shared table's name stays until `unlink_shared`."""
-        if self._handle:
-            handle, self._handle = self._handle, 0
-            _check(_lib.irm_table_destroy(handle), "destroy table")
+        """Unmaps the table (idempotent). A shared table's name stays until `unlink_shared`.
+
+        Safe while other threads use the table: their calls from now on raise
+        InvalidHandleError, and the core unmaps only once the calls in progress are done.
+        BusyError if those did not finish in time (the table stays closed; close again)."""
+        handle = self._handle
+        if not handle:
+            return
+        status = _lib.irm_table_destroy(handle)
+        if status_name(status) == "busy":
+            _raise(status, "destroy table (calls still in progress)")
+        self._handle = 0
+        if status_name(status) != "invalid_handle":  # invalid: a concurrent close finished it
+            _check(status, "destroy table")
 
     def __enter__(self) -> NativeTable:
         return self
@@ -445,36 +488,38 @@ class NativeTable:
     # ---- routing -------------------------------------------------------------------------------
 
     def acquire(self, strategy: int, cost: int, priority: int) -> int:
-        """Reserves `cost`; returns the slot, or SLOT_NONE when nothing fits. Arguments must be
-        in range (callers check them once, e.g. in `Request`), see the module docstring."""
+        """Reserves `cost`; returns the reservation's ticket (`slot_of_ticket` names its slot;
+        give it to `release`), or SLOT_NONE when nothing fits. Arguments must be in range
+        (callers check them once, e.g. in `Request`), see the module docstring."""
         local = self._local
         try:
-            status = _fast_acquire(self._handle, strategy, cost, priority, local.ref)
+            status = _fast_acquire(self._handle, strategy, cost, priority, local.ticket_ref)
         except ctypes.ArgumentError:
             raise _not_ints("acquire", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire")
-        return local.out.value
+        return local.ticket.value
 
     def acquire_among(self, strategy: int, cost: int, priority: int, pool: Pool) -> int:
         """Like `acquire`, choosing only among the pool's slots."""
-        out, out_ref = self._out()
+        local = self._local
         try:
             status = _fast_acquire_among(
-                self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref, out_ref
-            )
+                self._handle, strategy, cost, priority, pool.slots, pool.count, pool.cursor_ref,
+                local.ticket_ref,
+            )  # fmt: skip
         except ctypes.ArgumentError:
             raise _not_ints("acquire among pool", cost=cost, priority=priority) from None
         if status:
             _raise(status, "acquire among pool")
-        return out.value  # type: ignore[no-any-return]
+        return local.ticket.value
 
     def acquire_affine(
         self, strategy: int, cost: int, priority: int, key: int | None, hashes: Any | None, pool: Pool | None
     ) -> tuple[int, Outcome, int]:
         """Like `acquire` (among `pool` if given) with a session key (u64) or prefix hashes (a
-        c_uint64 array): returns (slot or SLOT_NONE, outcome, matched prefix blocks)."""
-        out, out_ref = self._out()
+        c_uint64 array): returns (ticket or SLOT_NONE, outcome, matched prefix blocks)."""
+        local = self._local
         outcome, matched = ctypes.c_uint32(), ctypes.c_uint32()
         hashes_count = 0 if hashes is None else len(hashes)
         slots, slots_count, cursor = (
@@ -483,49 +528,73 @@ class NativeTable:
         key_args = (0, 0) if key is None else (key, 1)
         status = _lib.irm_acquire_affine(
             self._handle, strategy, cost, priority, *key_args, hashes, hashes_count,
-            slots, slots_count, cursor, out_ref, ctypes.byref(outcome), ctypes.byref(matched),
+            slots, slots_count, cursor, local.ticket_ref, ctypes.byref(outcome), ctypes.byref(matched),
         )  # fmt: skip
         _check(status, "acquire with affinity")
-        return out.value, Outcome(outcome.value), matched.value
+        return local.ticket.value, Outcome(outcome.value), matched.value
 
-    def acquire_on(self, slot: int, cost: int, priority: int) -> bool:
-        """Reserves `cost` on `slot` (chosen outside the core); False if it cannot take it."""
-        out, out_ref = self._out()
-        status = _lib.irm_acquire_on(self._handle, slot, cost, priority, out_ref)
+    def acquire_on(self, slot: int, cost: int, priority: int) -> int:
+        """Reserves `cost` on `slot` (chosen outside the core): the ticket, or SLOT_NONE if it
+        cannot take it."""
+        local = self._local
+        status = _lib.irm_acquire_on(self._handle, slot, cost, priority, local.ticket_ref)
         _check(status, f"acquire on slot {slot}")
-        return bool(out.value != SLOT_NONE)
+        return local.ticket.value
 
-    def acquire_batch(self, strategy: int, priority: int, costs: Any, slots_out: Any) -> int:
-        """Fills `slots_out` (a c_uint32 array) with one decision per entry of `costs` (a c_int32
-        array of the same length); returns how many were acquired."""
+    def acquire_batch(self, strategy: int, priority: int, costs: Any, tickets_out: Any) -> int:
+        """Fills `tickets_out` (a c_uint64 array, `ticket_array`) with one decision per entry of
+        `costs` (a c_int32 array of the same length): a ticket or SLOT_NONE. Returns how many
+        were acquired."""
         count = len(costs)
-        if len(slots_out) < count:
-            raise ValueError("slots_out is shorter than costs")
+        if len(tickets_out) < count:
+            raise ValueError("tickets_out is shorter than costs")
         out, out_ref = self._out()
-        status = _lib.irm_acquire_batch(self._handle, strategy, priority, count, costs, slots_out, out_ref)
-        _check(status, "acquire batch")
-        return int(out.value)
+        acquired = 0
+        for start in _chunks(count):
+            chunk = min(BATCH_COUNT_MAX, count - start)
+            status = _lib.irm_acquire_batch(
+                self._handle,
+                strategy,
+                priority,
+                chunk,
+                _part(costs, start, chunk),
+                _part(tickets_out, start, chunk),
+                out_ref,
+            )
+            _check(status, "acquire batch")
+            acquired += out.value
+        return acquired
 
-    def release(self, slot: int, cost: int, latency_us: int, ok: bool) -> None:
-        """Returns a reservation. `latency_us` above 2**31 - 1 is clamped."""
+    def release(self, ticket: int, cost: int, latency_us: int, ok: bool) -> None:
+        """Returns the reservation `ticket` names. StaleReleaseError (counters unchanged) if its
+        slot was freed and reused since. `latency_us` above 2**31 - 1 is clamped."""
         if latency_us > LATENCY_US_MAX:
             latency_us = LATENCY_US_MAX
         try:
-            status = _fast_release(self._handle, slot, cost, latency_us, 1 if ok else 0)
-        except ctypes.ArgumentError:
-            raise _not_ints(f"release slot {slot!r}", slot=slot, cost=cost, latency_us=latency_us) from None
+            slot, incarnation = ticket & TICKET_SLOT_MASK, ticket >> 32
+            status = _fast_release(self._handle, slot, incarnation, cost, latency_us, 1 if ok else 0)
+        except (ctypes.ArgumentError, TypeError):
+            raise _not_ints(
+                f"release slot {ticket!r}", ticket=ticket, cost=cost, latency_us=latency_us
+            ) from None
         if status:
             _raise(status, f"release slot {slot}")
 
-    def release_batch(self, slots: Any, costs: Any, latencies_us: Any | None, ok: bool) -> None:
-        """Releases a batch (c_uint32 slots, c_int32 costs, optional c_uint32 latencies); slots
-        equal to SLOT_NONE are skipped, so batch acquire output can be passed back as is."""
-        count = len(slots)
+    def release_batch(self, tickets: Any, costs: Any, latencies_us: Any | None, ok: bool) -> None:
+        """Releases a batch (c_uint64 tickets, c_int32 costs, optional c_uint32 latencies);
+        tickets equal to SLOT_NONE are skipped, so batch acquire output can be passed back as is."""
+        count = len(tickets)
         if len(costs) != count or (latencies_us is not None and len(latencies_us) != count):
             raise ValueError("slots, costs and latencies must have the same length")
         out, out_ref = self._out()
-        status = _lib.irm_release_batch(self._handle, count, slots, costs, latencies_us, int(ok), out_ref)
-        _check(status, f"release batch (released {out.value} of {count})")
+        for start in _chunks(count):
+            chunk = min(BATCH_COUNT_MAX, count - start)
+            status = _lib.irm_release_batch(
+                self._handle, chunk, _part(tickets, start, chunk), _part(costs, start, chunk),
+                _part(latencies_us, start, chunk),
+                int(ok), out_ref,
+            )  # fmt: skip
+            _check(status, f"release batch (released {start + out.value} of {count})")
 
     # ---- observation ---------------------------------------------------------------------------
 
@@ -590,6 +659,18 @@ def uint64_array(values: Sequence[int]) -> Any:
         return values
     if len(values) > PREFIX_HASHES_MAX:
         values = values[:PREFIX_HASHES_MAX]  # Routing on the first blocks is as good as on all.
+    return (ctypes.c_uint64 * len(values))(*values)
+
+
+def slot_of_ticket(ticket: int) -> int:
+    """The slot a ticket's reservation is on."""
+    return ticket & TICKET_SLOT_MASK
+
+
+def ticket_array(values: Sequence[int] | int) -> Any:
+    """A c_uint64 array of tickets, or of `values` zeros if it is a length (for batch output)."""
+    if isinstance(values, int):
+        return (ctypes.c_uint64 * values)()
     return (ctypes.c_uint64 * len(values))(*values)
 
 

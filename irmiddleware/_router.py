@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from irmiddleware import _errors, _native
-from irmiddleware._native import CLASSES_COUNT, COST_MAX, SLOT_NONE, SlotRecord, State
+from irmiddleware._native import CLASSES_COUNT, COST_MAX, SLOT_NONE, TICKET_SLOT_MASK, SlotRecord, State
 
 STRATEGIES: Final = {
     "round_robin": _native.StrategyCode.ROUND_ROBIN,
@@ -117,19 +117,23 @@ class Lease:
         "matched_blocks",
         "released",
         "slot",
+        "ticket",
     )
 
     def __init__(
         self,
         router: Router,
-        slot: int,
+        ticket: int,
         accelerator_id: int,
         cost: int,
         affinity: str | None = None,
         matched_blocks: int = 0,
     ) -> None:
         self._router = router
-        self.slot = slot
+        #: The reservation's name in the core (`Router.acquire_slot` returns one); `slot` is
+        #: the accelerator's slot, its low half.
+        self.ticket = ticket
+        self.slot = ticket & TICKET_SLOT_MASK
         self.accelerator_id = accelerator_id
         self.cost = cost
         #: For affinity strategies: "hit", "miss" or "overload" (affinity yielded to load).
@@ -149,7 +153,7 @@ class Lease:
         else:
             latency_us = max(0, int(latency_s * 1e6))
         self.released = True
-        self._router.release_slot(self.slot, self.cost, latency_us, ok)
+        self._router.release_slot(self.ticket, self.cost, latency_us, ok)
 
     def __enter__(self) -> Lease:
         return self
@@ -403,24 +407,25 @@ class Router:
         (prefix_affinity, see `prefix_hashes()`) steer the affinity strategies; the others
         ignore them."""
         if affinity_key is None and prefix_hashes is None:
-            slot = self.acquire_slot(cost, priority, pool=pool)
-            if slot is None:
+            ticket = self.acquire_slot(cost, priority, pool=pool)
+            if ticket is None:
                 return None
-            return Lease(self, slot, self._id_of(slot), cost)
-        slot, affinity, matched = self.acquire_slot_affine(
+            return Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), cost)
+        ticket, affinity, matched = self.acquire_slot_affine(
             cost, priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
         )
-        if slot is None:
+        if ticket is None:
             return None
-        return Lease(self, slot, self._id_of(slot), cost, affinity, matched)
+        return Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), cost, affinity, matched)
 
     def acquire_on(self, accelerator_id: int, cost: int = 1, priority: int = 0) -> Lease | None:
         """Reserves `cost` on the given accelerator (chosen by your own policy); None if it is
         not active or cannot take it."""
         slot = self._slot(accelerator_id)
-        if not self._table.acquire_on(slot, _native.check_cost(cost), _native.check_priority(priority)):
+        ticket = self._table.acquire_on(slot, _native.check_cost(cost), _native.check_priority(priority))
+        if ticket == SLOT_NONE:
             return None
-        return Lease(self, slot, accelerator_id, cost)
+        return Lease(self, ticket, accelerator_id, cost)
 
     @contextlib.contextmanager
     def lease(
@@ -451,11 +456,11 @@ class Router:
         results: list[int | None] = [None] * len(requests)
         for priority, indices in _group_by_priority(requests).items():
             costs = _native.int32_array([requests[i].cost for i in indices])
-            slots = _native.empty_uint32_array(len(indices))
-            self._table.acquire_batch(self._strategy, priority, costs, slots)
-            for index, slot in zip(indices, slots, strict=True):
-                if slot != SLOT_NONE:
-                    lease = Lease(self, slot, self._id_of(slot), requests[index].cost)
+            tickets = _native.ticket_array(len(indices))
+            self._table.acquire_batch(self._strategy, priority, costs, tickets)
+            for index, ticket in zip(indices, tickets, strict=True):
+                if ticket != SLOT_NONE:
+                    lease = Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), requests[index].cost)
                     self._in_flight[requests[index].id] = lease
                     results[index] = lease.accelerator_id
         return results
@@ -474,7 +479,7 @@ class Router:
             return
         now = time.perf_counter_ns()
         self._table.release_batch(
-            _native.uint32_array([lease.slot for lease in leases]),
+            _native.ticket_array([lease.ticket for lease in leases]),
             _native.int32_array([lease.cost for lease in leases]),
             _native.uint32_array([min((now - lease._started_ns) // 1000, 2**32 - 1) for lease in leases]),
             ok,
@@ -483,12 +488,13 @@ class Router:
     # ---- slots: the per-request fast path ------------------------------------------------------
 
     def acquire_slot(self, cost: int = 1, priority: int = 0, *, pool: str | None = None) -> int | None:
-        """Like `acquire`, without a `Lease`: reserves `cost` and returns the chosen slot (see
-        `slot_of`, `id_of_slot`), or None when nothing fits. Give it back with `release_slot`.
+        """Like `acquire`, without a `Lease`: reserves `cost` and returns the reservation's
+        ticket, an int naming the chosen slot and its incarnation (`id_of_slot` takes it), or
+        None when nothing fits. Give it back with `release_slot`.
 
         For code that routes millions of requests in one process (the simulator, benchmarks): a
         `Lease` costs about as much as the decision itself. The caller pairs each acquire with
-        one release of the same slot and cost."""
+        one release of the same ticket and cost."""
         # One chained range check, no type checks: on this path they would cost as much as the
         # foreign call. A non-number fails the comparison; a float fails in the binding (ctypes
         # cannot pass it as a C int); both end in a clear InvalidArgumentError.
@@ -499,11 +505,11 @@ class Router:
         if not valid:
             _refuse_request(cost, priority)
         if pool is None:
-            slot = self._table.acquire(self._strategy, cost, priority)
+            ticket = self._table.acquire(self._strategy, cost, priority)
         else:
             strategy, native_pool = self._pool(pool)
-            slot = self._table.acquire_among(strategy, cost, priority, native_pool)
-        return None if slot == SLOT_NONE else slot
+            ticket = self._table.acquire_among(strategy, cost, priority, native_pool)
+        return None if ticket == SLOT_NONE else ticket
 
     def acquire_slot_affine(
         self,
@@ -515,7 +521,7 @@ class Router:
         prefix_hashes: Sequence[int] | None = None,
     ) -> tuple[int | None, str | None, int]:
         """Like `acquire_slot`, with a session key and/or prompt prefix hashes (as `acquire`):
-        returns (slot or None, affinity, matched blocks). `affinity` says how the decision went
+        returns (ticket or None, affinity, matched blocks). `affinity` says how the decision went
         ("hit", "miss", "overload", or None for a strategy without affinity), also when nothing
         fit; `matched` counts the prompt blocks the chosen accelerator had seen."""
         _native.check_cost(cost)
@@ -525,26 +531,29 @@ class Router:
             strategy, native_pool = self._pool(pool)
         key = None if affinity_key is None else affinity_key_hash(affinity_key)
         hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
-        slot, outcome, matched = self._table.acquire_affine(
+        ticket, outcome, matched = self._table.acquire_affine(
             strategy, cost, priority, key, hashes, native_pool
         )
-        return (None if slot == SLOT_NONE else slot), _OUTCOMES[outcome], matched
+        return (None if ticket == SLOT_NONE else ticket), _OUTCOMES[outcome], matched
 
-    def release_slot(self, slot: int, cost: int, latency_us: int = 0, ok: bool = True) -> None:
-        """Gives back a reservation of `acquire_slot`/`acquire_slot_affine`: the same slot and
+    def release_slot(self, ticket: int, cost: int, latency_us: int = 0, ok: bool = True) -> None:
+        """Gives back a reservation of `acquire_slot`/`acquire_slot_affine`: the same ticket and
         cost, with the request's latency (µs, for the latency average) and whether it succeeded.
 
-        The core keeps one count per slot, not per reservation: it refuses a release of more
-        than the slot holds (ReleaseMismatchError, counters unchanged), e.g. a second release
-        on an otherwise idle slot, but cannot tell two reservations of one slot apart."""
+        The ticket names the slot's incarnation: if the accelerator was removed and its slot
+        reused since, the release is refused (StaleReleaseError, counters unchanged) instead of
+        landing on the new accelerator. Within one incarnation the core keeps one count per
+        slot, not per reservation: it refuses a release of more than the slot holds
+        (ReleaseMismatchError, counters unchanged), e.g. a second release on an otherwise idle
+        slot, but cannot tell two reservations of one slot apart."""
         # Range checks only, as in `acquire_slot`: ctypes would pass 2**32 + 1 as 1.
         try:
-            valid = 0 <= slot < SLOT_NONE and 0 < cost <= COST_MAX and latency_us >= 0
+            valid = 0 <= ticket < _TICKET_END and 0 < cost <= COST_MAX and latency_us >= 0
         except TypeError:
             valid = False
         if not valid:
-            _refuse_release(slot, cost, latency_us)
-        self._table.release(slot, cost, latency_us, ok)
+            _refuse_release(ticket, cost, latency_us)
+        self._table.release(ticket, cost, latency_us, ok)
 
     def slot_of(self, accelerator_id: int) -> int:
         """The core's slot of an accelerator (stable while it is in the table); UnknownBackendError
@@ -552,11 +561,15 @@ class Router:
         return self._slot(accelerator_id)
 
     def id_of_slot(self, slot: int) -> int:
-        """The id of the accelerator in `slot` (in shared mode, also one another process added);
-        UnknownBackendError for a slot that holds none."""
-        if type(slot) is not int or not 0 <= slot < len(self._ids_by_slot):
+        """The id of the accelerator in `slot`, or in the slot a ticket of `acquire_slot` names
+        (in shared mode, also one another process added); UnknownBackendError for a slot that
+        holds none."""
+        if type(slot) is not int or not 0 <= slot < _TICKET_END:
             raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
-        return self._id_of(slot)
+        index = slot & TICKET_SLOT_MASK
+        if index >= len(self._ids_by_slot):
+            raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
+        return self._id_of(index)
 
     # ---- observation ---------------------------------------------------------------------------
 
@@ -620,10 +633,14 @@ def _refuse_request(cost: int, priority: int) -> NoReturn:
     raise AssertionError("unreachable: one of the checks raises")
 
 
-def _refuse_release(slot: int, cost: int, latency_us: int) -> NoReturn:
+_TICKET_END: Final = 2**64
+"""Tickets are u64 (`incarnation << 32 | slot`)."""
+
+
+def _refuse_release(ticket: int, cost: int, latency_us: int) -> NoReturn:
     """Raises the clear error for arguments that failed `release_slot`'s range check."""
-    if type(slot) is not int or not 0 <= slot < SLOT_NONE:
-        raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {slot!r}")
+    if type(ticket) is not int or not 0 <= ticket < _TICKET_END:
+        raise _errors.UnknownBackendError("unknown_backend", f"no accelerator in slot {ticket!r}")
     _native.check_cost(cost)
     raise _errors.InvalidArgumentError(
         "invalid_argument", f"latency_us must be an int >= 0, got {latency_us!r}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 
 from irmiddleware import _native
 from irmiddleware._errors import NativeError
-from irmiddleware._native import SLOT_NONE, NativeTable
+from irmiddleware._native import SLOT_NONE, NativeTable, slot_of_ticket
 
 pytestmark = pytest.mark.slow  # races threads and forked processes on one table
 
@@ -60,18 +62,18 @@ def hammer(table: NativeTable, seed: int, iterations: int, checker: Checker) -> 
     try:
         for _ in range(iterations):
             if holding and (len(holding) >= 8 or rng.random() < 0.5):
-                slot, cost = holding.pop(rng.randrange(len(holding)))
-                checker.on_releasing(slot, cost)
-                table.release(slot, cost, rng.randrange(1000), rng.random() < 0.9)
+                ticket, cost = holding.pop(rng.randrange(len(holding)))
+                checker.on_releasing(slot_of_ticket(ticket), cost)
+                table.release(ticket, cost, rng.randrange(1000), rng.random() < 0.9)
                 continue
             cost = rng.randint(1, 5)
-            slot = table.acquire(rng.choice(STRATEGY_NUMBERS), cost, rng.randrange(3))
-            if slot != SLOT_NONE:
-                checker.on_acquired(slot, cost)
-                holding.append((slot, cost))
-        for slot, cost in holding:
-            checker.on_releasing(slot, cost)
-            table.release(slot, cost, 0, True)
+            ticket = table.acquire(rng.choice(STRATEGY_NUMBERS), cost, rng.randrange(3))
+            if ticket != SLOT_NONE:
+                checker.on_acquired(slot_of_ticket(ticket), cost)
+                holding.append((ticket, cost))
+        for ticket, cost in holding:
+            checker.on_releasing(slot_of_ticket(ticket), cost)
+            table.release(ticket, cost, 0, True)
     except NativeError as error:  # A corrupted account shows up as a refused release.
         checker.violations.append(f"native error: {error}")
 
@@ -187,10 +189,10 @@ def test_the_checker_catches_a_racy_shared_table(shared_name: str) -> None:
 def test_attached_processes_see_one_set_of_counters(shared_name: str) -> None:
     owner, _capacities = make_table(shared_name=shared_name)
     with owner, NativeTable(0, shared_name=shared_name, attach=True) as other:
-        slot = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
-        assert owner.read(slot).cost_in_flight == 3
-        owner.release(slot, 3, 10, True)
-        assert other.read(slot).cost_in_flight == 0
+        ticket = other.acquire(int(_native.StrategyCode.ROUND_ROBIN), 3, 0)
+        assert owner.read(slot_of_ticket(ticket)).cost_in_flight == 3
+        owner.release(ticket, 3, 10, True)
+        assert other.read(slot_of_ticket(ticket)).cost_in_flight == 0
         assert other.backends_max == owner.backends_max == 16
 
 
@@ -209,3 +211,45 @@ def test_shared_table_errors_are_typed(shared_name: str) -> None:
         NativeTable(4, shared_name=shared_name)
     assert exists.value.status == "shared_exists"
     table.close()
+
+
+# ---- closing while threads route ---------------------------------------------------------------
+
+CLOSE_WHILE_ROUTING = """
+import sys, threading, time
+from irmiddleware import Accelerator, InvalidHandleError, Router
+
+def route(router, refused):
+    try:
+        while True:
+            ticket = router.acquire_slot(1)
+            if ticket is not None:
+                router.release_slot(ticket, 1)
+    except InvalidHandleError:
+        refused.append(1)
+
+for round in range(int(sys.argv[1])):
+    router = Router("round_robin", max_accelerators=4)
+    for index in range(2):
+        router.add_accelerator(Accelerator(index, capacity=8))
+    refused = []
+    threads = [threading.Thread(target=route, args=(router, refused)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.001 * (round % 5))
+    router.close()
+    for thread in threads:
+        thread.join()
+    assert len(refused) == 3, refused
+print("survived")
+"""
+
+
+def test_closing_a_router_while_threads_route_is_safe() -> None:
+    # Each round closes the router under three routing threads; every thread must end with a
+    # clean InvalidHandleError. A use of the unmapped table would kill the child with a signal.
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_ROUTING, "150"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "survived"

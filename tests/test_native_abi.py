@@ -5,6 +5,7 @@ failed test (with the signal) instead of taking pytest down."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def make_table() -> _native.NativeTable:
 
 
 TABLE = make_table()
-VALID_STATUSES = set(range(22))
+VALID_STATUSES = set(range(len(_native._STATUS_NAMES)))
 
 
 def call(name: str, *args: object) -> str:
@@ -47,7 +48,7 @@ def handles() -> st.SearchStrategy[int]:
 @settings(max_examples=300, deadline=None)
 @given(handle=handles(), strategy=U32, cost=I32, priority=U32)
 def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: int) -> None:
-    out = ctypes.c_uint32()
+    out = ctypes.c_uint64()
     name = call("irm_acquire", handle, strategy, cost, priority, ctypes.byref(out))
     if handle != TABLE._handle:
         assert name == "invalid_handle"
@@ -58,9 +59,11 @@ def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: 
 
 
 @settings(max_examples=300, deadline=None)
-@given(handle=handles(), slot=U32, cost=I32, latency=U32, ok=U32)
-def test_release_never_crashes_or_corrupts(handle: int, slot: int, cost: int, latency: int, ok: int) -> None:
-    call("irm_release", handle, slot, cost, latency, ok)
+@given(handle=handles(), slot=U32, incarnation=U32, cost=I32, latency=U32, ok=U32)
+def test_release_never_crashes_or_corrupts(
+    handle: int, slot: int, incarnation: int, cost: int, latency: int, ok: int
+) -> None:
+    call("irm_release", handle, slot, incarnation, cost, latency, ok)
     # Nothing was acquired, so nothing can have been released: the table must still be idle.
     assert all(info.cost_in_flight == 0 for info in TABLE.snapshot())
 
@@ -96,33 +99,17 @@ def test_null_out_pointers_are_refused() -> None:
     assert call("irm_release_batch", handle, 4, None, None, None, 1, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_table_snapshot", handle, None, 4, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_backend_read", handle, 0, None) == "invalid_argument"
-    assert call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(out)) == "invalid_argument"
+    ticket = ctypes.c_uint64()
+    assert (
+        call("irm_acquire_among", handle, 0, 1, 0, None, 3, None, ctypes.byref(ticket)) == "invalid_argument"
+    )
     matched = ctypes.c_uint32()
-    assert (
-        call(
-            "irm_acquire_affine", handle, 4, 1, 0, 0, 0, None, 5, None, 0, None, ctypes.byref(out), None, None
-        )
-        == "invalid_argument"
-    )
-    assert (
-        call(
-            "irm_acquire_affine",
-            handle,
-            4,
-            1,
-            0,
-            0,
-            2,
-            None,
-            0,
-            None,
-            0,
-            None,
-            *(ctypes.byref(out),) * 2,
-            ctypes.byref(matched),
-        )
-        == "invalid_argument"
-    )
+    outs = (ctypes.byref(ticket), ctypes.byref(out), ctypes.byref(matched))
+    # After (handle, strategy, cost, priority, key): has_key, hashes, hashes_count, slots,
+    # slots_count, cursor, then the out-pointers: null ones, then has_key 2.
+    affine = ("irm_acquire_affine", handle, 4, 1, 0, 0)
+    assert call(*affine, 0, None, 5, None, 0, None, outs[0], None, None) == "invalid_argument"
+    assert call(*affine, 2, None, 0, None, 0, None, *outs) == "invalid_argument"
     assert call("irm_prefix_hashes", b"abc", 3, 0, None, 0, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_prefix_hashes", None, 3, 1, None, 0, ctypes.byref(out)) == "invalid_argument"
 
@@ -132,7 +119,7 @@ def test_destroyed_handles_are_refused() -> None:
     handle = table._handle
     table.close()
     table.close()  # idempotent
-    out = ctypes.c_uint32()
+    out = ctypes.c_uint64()
     assert call("irm_acquire", handle, 0, 1, 0, ctypes.byref(out)) == "invalid_handle"
     assert call("irm_table_destroy", handle) == "invalid_handle"
 
@@ -147,7 +134,7 @@ def test_table_sizes_are_checked() -> None:
 
 def test_a_batch_with_one_bad_cost_reserves_nothing() -> None:
     costs = _native.int32_array([1, 2, 0, 1])
-    slots = _native.empty_uint32_array(4)
+    slots = _native.ticket_array(4)
     out = ctypes.c_uint32()
     assert (
         call("irm_acquire_batch", TABLE._handle, 0, 0, 4, costs, slots, ctypes.byref(out)) == "invalid_cost"
@@ -171,6 +158,7 @@ import ctypes, random
 from irmiddleware._native import _lib
 rng = random.Random(5)
 out = ctypes.c_uint32()
+ticket = ctypes.c_uint64()
 handle = ctypes.c_uint32()
 _lib.irm_table_create(16, 64, 0, ctypes.byref(handle))
 names = [n for n in dir(_lib) if n.startswith("irm_") and n not in ("irm_table_destroy", "irm_shared_unlink")]
@@ -183,6 +171,8 @@ for _ in range(20000):
     for argtype in function.argtypes:
         if argtype is ctypes.POINTER(ctypes.c_uint32):
             args.append(rng.choice([None, ctypes.byref(out)]))
+        elif argtype is ctypes.POINTER(ctypes.c_uint64):
+            args.append(rng.choice([None, ctypes.byref(ticket)]))
         elif argtype in (ctypes.c_uint32, ctypes.c_uint64):
             args.append(abs(rng.choice(values)))
         else:
@@ -215,3 +205,32 @@ def test_python_constants_agree_with_the_core() -> None:
     out = ctypes.c_uint32()
     assert call("irm_table_get_class_share", table._handle, _native.CLASSES_COUNT, ctypes.byref(out)) != "ok"
     table.close()
+
+
+def test_batches_are_bounded_and_the_binding_splits_larger_ones() -> None:
+    out = ctypes.c_uint32()
+    count = _native.BATCH_COUNT_MAX + 1
+    costs = _native.int32_array([1] * count)
+    slots = _native.ticket_array(count)
+    too_many = call("irm_acquire_batch", TABLE._handle, 0, 0, count, costs, slots, ctypes.byref(out))
+    assert too_many == "invalid_argument"
+    assert call("irm_release_batch", TABLE._handle, count, slots, costs, None, 1, ctypes.byref(out)) == (
+        "invalid_argument"
+    )
+    with _native.NativeTable(2) as table:
+        table.add(1, count)
+        assert table.acquire_batch(0, 0, costs, slots) == count
+        assert table.read(0).count_in_flight == count
+        table.release_batch(slots, costs, None, True)
+        assert table.read(0).count_in_flight == 0
+
+
+def test_the_library_checks_its_assertions_as_configured() -> None:
+    # The README's test command (and so CI) builds with zig/native.zon's mode: ReleaseSafe, so
+    # the whole suite runs against a library whose every Zig assertion is checked.
+    settings = (Path(__file__).resolve().parent.parent / "zig" / "native.zon").read_text()
+    optimize = re.search(r'\.optimize = "(\w+)"', settings)
+    assert optimize is not None
+    if "IRM_OPTIMIZE" in os.environ or "IRM_LIBRARY" in os.environ:
+        pytest.skip("the library was built or chosen by hand")
+    assert _native.runtime_safety() == (optimize.group(1) in ("Debug", "ReleaseSafe"))

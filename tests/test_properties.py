@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
 from irmiddleware import _errors, _native
-from irmiddleware._native import SLOT_NONE, NativeTable, State
+from irmiddleware._native import SLOT_NONE, NativeTable, State, slot_of_ticket
 
 BACKENDS_MAX = 6
 SHARES = [1000, 900, 800, 700, 600, 500, 500, 500]
@@ -92,18 +92,18 @@ class TableMachine(RuleBasedStateMachine):
         priority=st.integers(0, 7),
     )
     def acquire(self, strategy: _native.StrategyCode, cost: int, priority: int) -> tuple[int, int] | None:
-        slot = self.table.acquire(int(strategy), cost, priority)
-        if slot == SLOT_NONE:
+        ticket = self.table.acquire(int(strategy), cost, priority)
+        if ticket == SLOT_NONE:
             assert not any(b.fits(cost, priority) for b in self.model.values()), (
                 "none, but a backend had room"
             )
             return None
-        backend = self.model[slot]
+        backend = self.model[slot_of_ticket(ticket)]
         assert backend.fits(cost, priority), f"{strategy.name} chose a backend without room"
         backend.cost += cost
         backend.count += 1
         backend.routed += 1
-        return slot, cost
+        return ticket, cost
 
     @precondition(lambda self: bool(self.model))
     @rule(target=leases, data=st.data(), cost=st.integers(1, 12), priority=st.integers(0, 7))
@@ -111,21 +111,23 @@ class TableMachine(RuleBasedStateMachine):
         """A choice made outside the core: the model predicts the answer exactly."""
         slot = data.draw(st.sampled_from(sorted(self.model)))
         backend = self.model[slot]
-        acquired = self.table.acquire_on(slot, cost, priority)
-        assert acquired == backend.fits(cost, priority)
-        if not acquired:
+        ticket = self.table.acquire_on(slot, cost, priority)
+        assert (ticket != SLOT_NONE) == backend.fits(cost, priority)
+        if ticket == SLOT_NONE:
             return None
+        assert slot_of_ticket(ticket) == slot
         backend.cost += cost
         backend.count += 1
         backend.routed += 1
-        return slot, cost
+        return ticket, cost
 
     @rule(lease=consumes(leases), ok=st.booleans())
     def release(self, lease: tuple[int, int] | None, ok: bool) -> None:
         if lease is None:
             return
-        slot, cost = lease
-        self.table.release(slot, cost, 100, ok)
+        ticket, cost = lease
+        self.table.release(ticket, cost, 100, ok)
+        slot = slot_of_ticket(ticket)
         backend = self.model[slot]
         backend.cost -= cost
         backend.count -= 1

@@ -20,6 +20,7 @@ def test_public_names_are_pinned() -> None:
         "Request",
         "Router",
         "SharedMemoryError",
+        "StaleReleaseError",
         "TableFullError",
         "UnknownBackendError",
         "__version__",

@@ -23,6 +23,7 @@ from irmiddleware import (
     ReleaseMismatchError,
     Request,
     Router,
+    StaleReleaseError,
     TableFullError,
     UnknownBackendError,
 )
@@ -304,11 +305,12 @@ def test_bad_signals_are_refused(fleet: Fleet) -> None:
 
 def test_slot_calls_route_and_release_like_leases(fleet: Fleet) -> None:
     router = fleet("least_connections", [2, 2])
-    slots = [router.acquire_slot(2) for _ in range(3)]
-    assert slots[2] is None  # both full
-    held = [slot for slot in slots if slot is not None]
-    assert sorted(router.id_of_slot(slot) for slot in held) == [0, 1]
-    assert [router.slot_of(router.id_of_slot(slot)) for slot in held] == held
+    tickets = [router.acquire_slot(2) for _ in range(3)]
+    assert tickets[2] is None  # both full
+    held = [ticket for ticket in tickets if ticket is not None]
+    assert sorted(router.id_of_slot(ticket) for ticket in held) == [0, 1]
+    # A ticket names the slot (its low half) and the slot's incarnation (its high half).
+    assert [router.slot_of(router.id_of_slot(ticket)) for ticket in held] == [t & 0xFFFF_FFFF for t in held]
     assert (router.load(0), router.load(1)) == (2, 2)
     router.release_slot(held[0], 2, 250_000, True)
     router.release_slot(held[1], 2, ok=False)
@@ -334,7 +336,8 @@ def test_slot_calls_honour_pools_and_affinity(fleet: Fleet) -> None:
         router.release_slot(slot, 1)  # type: ignore[arg-type]
     assert decisions[0][0] is not None and decisions == [(decisions[0][0], "hit", 0)] * 3
     plain = fleet("p2c", [10])
-    assert plain.acquire_slot_affine(1, affinity_key=3) == (plain.slot_of(0), None, 0)
+    ticket, affinity, matched = plain.acquire_slot_affine(1, affinity_key=3)
+    assert (plain.id_of_slot(ticket), affinity, matched) == (0, None, 0)  # type: ignore[arg-type]
     prefix = fleet("prefix_affinity", [10, 10])
     hashes = [11, 12, 13]
     slot, affinity, _matched = prefix.acquire_slot_affine(1, prefix_hashes=hashes)
@@ -369,7 +372,7 @@ def test_slot_of_another_process_is_named(shared_name: str) -> None:
         (lambda r: r.release_slot(9, 1), UnknownBackendError, "slot 9"),
         (lambda r: r.release_slot(-1, 1), UnknownBackendError, "slot"),
         (lambda r: r.release_slot("0", 1), UnknownBackendError, "slot"),
-        (lambda r: r.release_slot(2**32, 1), UnknownBackendError, "slot"),  # not masked to 0
+        (lambda r: r.release_slot(2**64, 1), UnknownBackendError, "slot"),  # not masked to 0
         (lambda r: r.release_slot(0.0, 1), InvalidArgumentError, "slot"),
         (lambda r: r.release_slot(0, 0), InvalidArgumentError, "cost"),
         (lambda r: r.release_slot(0, 1, -5), InvalidArgumentError, "latency_us"),
@@ -415,3 +418,25 @@ def test_the_slot_example_of_the_api_doc_runs() -> None:
         if isinstance(value, Router):
             value.close()
     assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()
+
+
+def test_a_stale_release_is_refused_and_leaves_the_new_accelerator_alone() -> None:
+    with Router("round_robin", max_accelerators=1) as router:  # one slot: a new accelerator reuses it
+        router.add_accelerator(Accelerator(1, capacity=10))
+        first, second = router.acquire_slot(2), router.acquire_slot(3)
+        assert first is not None and second is not None
+        router.remove_accelerator(1)  # retired, two requests still in flight
+        router.release_slot(first, 2)
+        router.release_slot(second, 3)  # the last one: the slot is free again
+        router.add_accelerator(Accelerator(2, capacity=10))
+        assert router.slot_of(2) == second & 0xFFFF_FFFF  # the very slot `second` named
+        held = router.acquire_slot(3)  # the same cost: only the incarnation tells them apart
+        assert held is not None
+        with pytest.raises(StaleReleaseError):
+            router.release_slot(second, 3)  # a late duplicate of the old accelerator's release
+        stats = router.accelerator_stats(2)
+        assert (stats.load, stats.requests_in_flight, stats.routed, stats.completed, stats.failed) == (
+            3, 1, 1, 0, 0,
+        )  # fmt: skip
+        router.release_slot(held, 3)
+        assert_idle(router)

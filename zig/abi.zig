@@ -15,8 +15,14 @@ const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
 const Table = table_mod.Table;
 
+/// A failed safety check (the shipped ReleaseSafe build, or Debug) writes its message, e.g.
+/// "index out of bounds: index 9, len 8", to stderr and stops the host at once: the core's state
+/// can no longer be trusted. No stack trace: unwinding would link the DWARF reader into every
+/// build for a path that must never run (and, with it, instructions beyond the baseline CPU).
+pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
+
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 2;
+pub const abi_version: u32 = 3; // 3: tickets (acquire) and incarnations (release), shared_corrupt, stale_release.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -41,6 +47,10 @@ pub const Status = enum(i32) {
     shared_incompatible = 19,
     invalid_name = 20,
     system_error = 21,
+    /// A shared table's header contradicts itself or its segment (stale or damaged): not attached.
+    shared_corrupt = 22,
+    /// A release for a reservation whose slot was freed and reused since: refused, nothing changed.
+    stale_release = 23,
 };
 
 const Error = table_mod.Error || memory.Error;
@@ -55,6 +65,9 @@ fn statusFrom(err: Error) Status {
         error.Busy => .busy,
         error.InvalidState => .invalid_state,
         error.Incompatible => .shared_incompatible,
+        error.Corrupt => .shared_corrupt,
+        error.StaleRelease => .stale_release,
+        error.SharedCorrupt => .shared_corrupt,
         error.OutOfMemory => .out_of_memory,
         error.SharedExists => .shared_exists,
         error.SharedNotFound => .shared_not_found,
@@ -86,8 +99,23 @@ pub const BackendInfo = extern struct {
 
 const tables_max = 256;
 
+/// One registry entry's state in one word, so that a call's entry and a destroy's closing are
+/// decided by single atomic operations: the handle (0 when the entry is free, with
+/// `closing_bit` set once a destroy began) in the high half, calls in progress in the low half.
+const Usage = packed struct(u64) {
+    calls: u32,
+    handle: u32,
+};
+
+/// Handles stay below 2^31 (they pass as a C int), so the top bit is free to mark a closing one.
+const closing_bit: u32 = 1 << 31;
+
+/// How long `irm_table_destroy` waits for calls in progress (each is bounded) before it reports
+/// `busy`; the table stays closed to new calls and a later destroy finishes the job.
+const destroy_wait_attempts_max: u32 = 1 << 22;
+
 const Entry = struct {
-    handle: Atomic(u32) = .init(0),
+    usage: Atomic(u64) = .init(0),
     table: Table = undefined,
 };
 
@@ -95,35 +123,91 @@ var registry: [tables_max]Entry = @splat(.{});
 var registry_lock: Atomic(u32) = .init(0);
 var registry_generation: u32 = 0;
 
-fn lookup(handle: u32) ?*const Table {
+/// Starts a call on `handle`: its table, or null for a handle that is not open (never was,
+/// destroyed, or being destroyed). Every successful `enter` is paired with one `leave`, which
+/// keeps the table mapped until then: `irm_table_destroy` waits for the calls in progress.
+fn enter(handle: u32) ?*const Table {
+    if (handle == 0) return null;
+    if (handle & closing_bit != 0) return null; // Never a handle: would match a closing entry.
     const entry = &registry[handle % tables_max];
-    // .acquire pairs with the .release in `register`: the table view is complete.
-    if (handle == 0 or entry.handle.load(.acquire) != handle) return null;
+    // One fetchAdd, not a CAS loop: the hot path pays one atomic either way, and a miss undoes
+    // its count at once. .acquire pairs with `register`'s .release (the table view is complete).
+    const usage: Usage = @bitCast(entry.usage.fetchAdd(1, .acquire));
+    if (usage.handle != handle) {
+        leaveEntry(entry);
+        return null;
+    }
     return &entry.table;
+}
+
+fn leave(handle: u32) void {
+    leaveEntry(&registry[handle % tables_max]);
+}
+
+fn leaveEntry(entry: *Entry) void {
+    // .release: everything this call did with the table happens before a destroy that sees the
+    // count drop (its .acquire load) unmaps it.
+    const before: Usage = @bitCast(entry.usage.fetchSub(1, .release));
+    assert(before.calls > 0);
 }
 
 fn register(table: Table) ?u32 {
     registryLock();
     defer registryLock_release();
     for (&registry, 0..) |*entry, index| {
-        if (entry.handle.load(.monotonic) != 0) continue;
+        if (entry.usage.load(.monotonic) != 0) continue;
         // Generations keep handles below 2^31 so they pass as a C int.
         registry_generation = (registry_generation % ((1 << 23) - 1)) + 1;
         const handle: u32 = (registry_generation << 8) | @as(u32, @intCast(index));
+        assert(handle & closing_bit == 0);
         entry.table = table;
-        entry.handle.store(handle, .release);
+        // A CAS, not a store: a stale `enter` may hold a momentary count on a free entry.
+        // .release publishes the table view to the calls that enter with this handle.
+        const published: Usage = .{ .calls = 0, .handle = handle };
+        if (entry.usage.cmpxchgStrong(0, @bitCast(published), .release, .monotonic) != null) continue;
         return handle;
     }
     return null;
 }
 
-fn unregister(handle: u32) ?Table {
-    registryLock();
-    defer registryLock_release();
+/// Closes `handle` to new calls, waits (bounded) for the calls in progress, and frees the entry.
+/// Returns the table to unmap, or an error status: `invalid_handle` if the handle is not open
+/// (or another destroy finished it), `busy` if calls did not drain in time (then it stays closed
+/// and a later destroy of the same handle finishes the job).
+fn unregister(handle: u32) union(enum) { table: Table, failed: Status } {
+    if (handle == 0) return .{ .failed = .invalid_handle };
+    if (handle & closing_bit != 0) return .{ .failed = .invalid_handle };
     const entry = &registry[handle % tables_max];
-    if (handle == 0 or entry.handle.load(.monotonic) != handle) return null;
-    entry.handle.store(0, .release);
-    return entry.table;
+    const closing = handle | closing_bit;
+    var usage: Usage = @bitCast(entry.usage.load(.monotonic));
+    while (usage.handle == handle) {
+        var marked = usage;
+        marked.handle = closing;
+        // .monotonic is enough: new calls only need to see the mark to turn away, and the wait
+        // below synchronises with the calls already in progress.
+        const seen = entry.usage.cmpxchgWeak(@bitCast(usage), @bitCast(marked), .monotonic, .monotonic) orelse break;
+        usage = @bitCast(seen);
+    }
+    // Marked now (by us or by an earlier destroy that gave up waiting), or not ours to close.
+    if (usage.handle != handle and usage.handle != closing) return .{ .failed = .invalid_handle };
+    // Copied while the entry is still ours: once it is free, `register` may reuse it.
+    const table = entry.table;
+    var attempts: u32 = 0;
+    while (attempts < destroy_wait_attempts_max) : (attempts += 1) {
+        const idle: Usage = .{ .calls = 0, .handle = closing };
+        // .acquire pairs with `leave`'s .release: every call's use of the table is done.
+        if (entry.usage.cmpxchgWeak(@bitCast(idle), 0, .acquire, .monotonic) == null) {
+            return .{ .table = table };
+        }
+        const now: Usage = @bitCast(entry.usage.load(.monotonic));
+        if (now.handle != closing) return .{ .failed = .invalid_handle }; // another destroy won
+        if (attempts % 64 == 63) {
+            _ = std.os.linux.sched_yield();
+        } else {
+            std.atomic.spinLoopHint();
+        }
+    }
+    return .{ .failed = .busy };
 }
 
 fn registryLock() void {
@@ -156,6 +240,20 @@ fn checkSlot(t: *const Table, slot: u32) bool {
     return slot < t.backendsMax();
 }
 
+/// A pool's cursor: the caller's u64, used as an atomic. The cast relies on `Atomic(u64)` having
+/// u64's size and 8-byte alignment; a `*u64` from C promises that alignment, and a pointer that
+/// breaks the promise is refused here rather than faulting in an atomic instruction.
+fn cursorFrom(cursor: ?*u64) ?*Atomic(u64) {
+    const pointer = cursor orelse return null;
+    if (@intFromPtr(pointer) % @alignOf(Atomic(u64)) != 0) return null;
+    return @ptrCast(pointer);
+}
+
+comptime {
+    assert(@sizeOf(Atomic(u64)) == @sizeOf(u64));
+    assert(@alignOf(Atomic(u64)) == 8);
+}
+
 fn nameFrom(name: ?[*]const u8, name_len: u32) ?[]const u8 {
     const bytes = name orelse return null;
     if (name_len == 0 or name_len > memory.name_bytes_max) return null;
@@ -171,6 +269,14 @@ fn status(s: Status) i32 {
 export fn irm_abi_version(out_version: ?*u32) i32 {
     const out = out_version orelse return status(.invalid_argument);
     out.* = abi_version;
+    return status(.ok);
+}
+
+/// `*out_enabled` is 1 if this library was built with runtime safety checks (Debug or
+/// ReleaseSafe: every assertion is checked and a failed one aborts), 0 if not (ReleaseFast).
+export fn irm_runtime_safety(out_enabled: ?*u32) i32 {
+    const out = out_enabled orelse return status(.invalid_argument);
+    out.* = @intFromBool(std.debug.runtime_safety);
     return status(.ok);
 }
 
@@ -232,25 +338,31 @@ export fn irm_shared_unlink(name: ?[*]const u8, name_len: u32) i32 {
     return status(.ok);
 }
 
-/// Unmaps the table. The caller guarantees no other call on this handle is in progress.
+/// Unmaps the table, safely while other threads use the handle: new calls on it get
+/// `invalid_handle` at once, and the unmapping waits (bounded) for the calls in progress. `busy`
+/// if they did not finish in time: the handle stays closed, and destroying it again finishes.
 export fn irm_table_destroy(handle: u32) i32 {
-    const table = unregister(handle) orelse return status(.invalid_handle);
-    memory.unmap(table.region);
+    switch (unregister(handle)) {
+        .table => |table| memory.unmap(table.region),
+        .failed => |failed| return status(failed),
+    }
     return status(.ok);
 }
 
 export fn irm_table_info(handle: u32, out_backends_max: ?*u32, out_present_count: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_max = out_backends_max orelse return status(.invalid_argument);
     const out_present = out_present_count orelse return status(.invalid_argument);
     out_max.* = t.backendsMax();
-    out_present.* = t.header.present_count.load(.acquire);
+    out_present.* = t.presentCount();
     return status(.ok);
 }
 
 /// Seeds the table's random sequence (p2c) so a single caller gets reproducible decisions.
 export fn irm_table_seed(handle: u32, seed: u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     t.header.rng_state.store(seed, .monotonic);
     return status(.ok);
 }
@@ -258,7 +370,8 @@ export fn irm_table_seed(handle: u32, seed: u64) i32 {
 /// Sets ε of the bounded-load strategies in per mille (0–10000): a backend may take up to
 /// ⌈(1+ε) × its share of the fleet's load⌉ before affinity yields.
 export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (epsilon_permille > 10_000) return status(.invalid_argument);
     t.header.balance_epsilon_permille.store(epsilon_permille, .monotonic);
     return status(.ok);
@@ -267,14 +380,16 @@ export fn irm_table_set_balance(handle: u32, epsilon_permille: u32) i32 {
 /// Sets how old (ms of CLOCK_MONOTONIC) a backend's reported signals may be before `queue_aware`
 /// ignores them.
 export fn irm_table_set_signal_age_max(handle: u32, age_max_ms: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     t.header.signal_age_max_ms.store(age_max_ms, .monotonic);
     return status(.ok);
 }
 
 /// Sets the share of capacity (per mille, 1–1000) that requests of `priority` may fill.
 export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     if (share_permille == 0 or share_permille > 1000) return status(.invalid_argument);
     t.header.class_share_permille[priority].store(share_permille, .monotonic);
@@ -282,7 +397,8 @@ export fn irm_table_set_class_share(handle: u32, priority: u32, share_permille: 
 }
 
 export fn irm_table_get_class_share(handle: u32, priority: u32, out_share_permille: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_share_permille orelse return status(.invalid_argument);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     out.* = t.header.class_share_permille[priority].load(.monotonic);
@@ -292,7 +408,8 @@ export fn irm_table_get_class_share(handle: u32, priority: u32, out_share_permil
 // ---- exports: backends --------------------------------------------------------------------------
 
 export fn irm_backend_add(handle: u32, id: u64, capacity: i64, weight_milli: i64, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_slot orelse return status(.invalid_argument);
     const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
     const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
@@ -301,7 +418,8 @@ export fn irm_backend_add(handle: u32, id: u64, capacity: i64, weight_milli: i64
 }
 
 export fn irm_backend_remove(handle: u32, slot: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     t.remove(slot) catch |err| return status(statusFrom(err));
     return status(.ok);
@@ -309,7 +427,8 @@ export fn irm_backend_remove(handle: u32, slot: u32) i32 {
 
 /// Changes capacity, weight and state (1 active, 2 draining, 3 down) while routing goes on.
 export fn irm_backend_update(handle: u32, slot: u32, capacity: i64, weight_milli: i64, state: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const capacity_checked = checkCapacity(capacity) orelse return status(.invalid_capacity);
     const weight_checked = checkWeight(weight_milli) orelse return status(.invalid_weight);
@@ -320,7 +439,8 @@ export fn irm_backend_update(handle: u32, slot: u32, capacity: i64, weight_milli
 }
 
 export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_slot orelse return status(.invalid_argument);
     out.* = t.find(id) catch |err| return status(statusFrom(err));
     return status(.ok);
@@ -329,7 +449,8 @@ export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
 /// Records load the server itself reports (queue depth, KV-cache use in per mille) and when it
 /// was read (`time_ms` of CLOCK_MONOTONIC, i.e. Python's `time.monotonic() * 1000`).
 export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     if (kv_permille > 1000) return status(.invalid_argument);
     t.setSignals(slot, queue_depth, kv_permille, time_ms) catch |err| return status(statusFrom(err));
@@ -338,24 +459,32 @@ export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_p
 
 // ---- exports: routing (hot path) ---------------------------------------------------------------
 
-/// Picks a backend with `strategy` and reserves `cost` on it. `*out_slot` is the slot, or
-/// 0xFFFFFFFF when nothing fits (status ok: that is a normal result).
-export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+/// Picks a backend with `strategy` and reserves `cost` on it. `*out_ticket` names the
+/// reservation (`incarnation << 32 | slot`: pass both halves to `irm_release`), or is 0xFFFFFFFF
+/// when nothing fits (status ok: that is a normal result).
+export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
-    out.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    out.* = ticketFor(t, strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority));
     return status(.ok);
+}
+
+fn ticketFor(t: *const Table, slot: u32) table_mod.Ticket {
+    if (slot == table_mod.slot_none) return table_mod.ticket_none;
+    return t.ticketOf(slot);
 }
 
 /// Like `irm_acquire`, but chooses only among `slots[0..count]` (a pool: e.g. the backends
 /// serving one model). `cursor` is the pool's round-robin position, owned by the caller.
-export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
-    const cursor_checked: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32, slots: ?[*]const u32, count: u32, cursor: ?*u64, out_ticket: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
+    const cursor_checked = cursorFrom(cursor) orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
@@ -364,7 +493,7 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
     const slot_list: []const u32 = if (count == 0) &.{} else slots.?[0..count];
     // Out-of-range slots in a pool are skipped by the strategies, never dereferenced.
     const candidates: strategies.Candidates = .{ .slots = slot_list, .cursor = cursor_checked, .whole_table = false };
-    out.* = strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    out.* = ticketFor(t, strategies.acquire(t, candidates, @fromBackingInt(@intCast(strategy)), cost_checked, priority));
     return status(.ok);
 }
 
@@ -372,9 +501,10 @@ export fn irm_acquire_among(handle: u32, strategy: u32, cost: i32, priority: u32
 /// (`has_key` 1) for consistent_hash, chained prefix hashes for prefix_affinity. `*out_outcome`
 /// is 0 none, 1 hit, 2 miss, 3 overload (affinity yielded to load); `*out_matched_blocks` is the
 /// length of the prefix found at the chosen backend.
-export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_slot: ?*u32, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u32, key: u64, has_key: u32, hashes: ?[*]const u64, hashes_count: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
     const outcome_out = out_outcome orelse return status(.invalid_argument);
     const matched_out = out_matched_blocks orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
@@ -384,7 +514,7 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
     if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
     const candidates: strategies.Candidates = if (slots) |list| blk: {
         if (slots_count > t.backendsMax()) return status(.invalid_argument);
-        const pool_cursor: *Atomic(u64) = @ptrCast(cursor orelse return status(.invalid_argument));
+        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
         break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
     } else .ofTable(t);
     const input: strategies.Affinity = .{
@@ -392,7 +522,7 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
         .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count],
     };
     const decision = strategies.acquireAffine(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority);
-    out.* = decision.slot;
+    out.* = ticketFor(t, decision.slot);
     outcome_out.* = @backingInt(decision.outcome);
     matched_out.* = decision.matched_blocks;
     return status(.ok);
@@ -414,68 +544,85 @@ export fn irm_prefix_hashes(text: ?[*]const u8, text_len: u32, block_bytes: u32,
     return status(.ok);
 }
 
-/// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_slot` is the
-/// slot, or 0xFFFFFFFF when it cannot take the request.
-export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_slot: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
-    const out = out_slot orelse return status(.invalid_argument);
+/// Reserves `cost` on the given slot (a strategy outside the core chose it). `*out_ticket` names
+/// the reservation, or is 0xFFFFFFFF when the slot cannot take the request.
+export fn irm_acquire_on(handle: u32, slot: u32, cost: i32, priority: u32, out_ticket: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
-    out.* = if (t.reserve(slot, cost_checked, priority)) slot else table_mod.slot_none;
+    out.* = if (t.reserve(slot, cost_checked, priority)) t.ticketOf(slot) else table_mod.ticket_none;
     return status(.ok);
 }
 
-/// Makes `count` decisions in one call: `out_slots[i]` is the slot for `costs[i]` or 0xFFFFFFFF.
-export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_slots: ?[*]u32, out_acquired: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+/// The most decisions (or releases) one batch call makes: bounds the time a call runs, and the
+/// lengths the caller's arrays are trusted to have. Larger batches are refused
+/// (`invalid_argument`); the binding splits them.
+pub const batch_count_max: u32 = 1 << 16;
+
+/// Makes `count` (at most `batch_count_max`) decisions in one call: `out_tickets[i]` is the ticket
+/// for `costs[i]` or 0xFFFFFFFF.
+export fn irm_acquire_batch(handle: u32, strategy: u32, priority: u32, count: u32, costs: ?[*]const i32, out_tickets: ?[*]u64, out_acquired: ?*u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_count = out_acquired orelse return status(.invalid_argument);
     if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (count > batch_count_max) return status(.invalid_argument);
     if (count == 0) {
         out_count.* = 0;
         return status(.ok);
     }
     const cost_list = (costs orelse return status(.invalid_argument))[0..count];
-    const slot_list = (out_slots orelse return status(.invalid_argument))[0..count];
+    const ticket_list = (out_tickets orelse return status(.invalid_argument))[0..count];
     // Validate every cost first, so a bad batch reserves nothing.
     for (cost_list) |cost| if (cost <= 0) return status(.invalid_cost);
     var acquired: u32 = 0;
-    for (cost_list, slot_list) |cost, *slot| {
-        slot.* = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
-        acquired += @intFromBool(slot.* != table_mod.slot_none);
+    for (cost_list, ticket_list) |cost, *ticket| {
+        const slot = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), @intCast(cost), priority);
+        ticket.* = ticketFor(t, slot);
+        acquired += @intFromBool(slot != table_mod.slot_none);
     }
     out_count.* = acquired;
     return status(.ok);
 }
 
-/// Returns `cost` reserved on `slot`; `ok` (0/1) counts it completed or failed, and `latency_us`
-/// feeds the latency EWMA.
-export fn irm_release(handle: u32, slot: u32, cost: i32, latency_us: u32, ok: u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+/// Returns `cost` reserved on `slot` by the ticket `incarnation << 32 | slot`; `ok` (0/1) counts
+/// it completed or failed, and `latency_us` feeds the latency EWMA. `stale_release` if the slot
+/// was reused since (counters unchanged). The ticket comes in halves: the hot path passes only
+/// 32-bit integers.
+export fn irm_release(handle: u32, slot: u32, incarnation: u32, cost: i32, latency_us: u32, ok: u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (ok > 1) return status(.invalid_argument);
-    t.release(slot, cost_checked, latency_us, ok == 1) catch |err| return status(statusFrom(err));
+    t.release(slot, incarnation, cost_checked, latency_us, ok == 1) catch |err| return status(statusFrom(err));
     return status(.ok);
 }
 
-/// Releases `count` reservations; entries whose slot is 0xFFFFFFFF are skipped (batch acquire
-/// output can be passed back as is). Stops at the first error; `*out_released` says how far it got.
-export fn irm_release_batch(handle: u32, count: u32, slots: ?[*]const u32, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+/// Releases `count` (at most `batch_count_max`) reservations by ticket; entries equal to
+/// 0xFFFFFFFF are skipped (batch acquire output can be passed back as is). Stops at the first
+/// error; `*out_released` says how far it got.
+export fn irm_release_batch(handle: u32, count: u32, tickets: ?[*]const u64, costs: ?[*]const i32, latencies_us: ?[*]const u32, ok: u32, out_released: ?*u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out_count = out_released orelse return status(.invalid_argument);
     out_count.* = 0;
     if (ok > 1) return status(.invalid_argument);
+    if (count > batch_count_max) return status(.invalid_argument);
     if (count == 0) return status(.ok);
-    const slot_list = (slots orelse return status(.invalid_argument))[0..count];
+    const ticket_list = (tickets orelse return status(.invalid_argument))[0..count];
     const cost_list = (costs orelse return status(.invalid_argument))[0..count];
-    for (slot_list, cost_list, 0..) |slot, cost, index| {
-        if (slot != table_mod.slot_none) {
+    for (ticket_list, cost_list, 0..) |ticket, cost, index| {
+        if (ticket != table_mod.ticket_none) {
+            const slot: u32 = @truncate(ticket);
             if (!checkSlot(t, slot)) return status(.unknown_backend);
             const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
             const latency = if (latencies_us) |list| list[index] else 0;
-            t.release(slot, cost_checked, latency, ok == 1) catch |err| return status(statusFrom(err));
+            t.release(slot, @intCast(ticket >> 32), cost_checked, latency, ok == 1) catch |err| return status(statusFrom(err));
         }
         out_count.* += 1;
     }
@@ -488,10 +635,12 @@ export fn irm_release_batch(handle: u32, count: u32, slots: ?[*]const u32, costs
 /// `capacity` rows). `*out_count` is the number of such backends; if it exceeds `capacity` the
 /// status is `buffer_too_small` and the first `capacity` rows are filled.
 export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, out_count: ?*u32) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const count_out = out_count orelse return status(.invalid_argument);
     if (capacity > 0 and out == null) return status(.invalid_argument);
-    const high_water = t.header.slots_high_water.load(.acquire);
+    // Clamped: the mark is shared memory, and `view` checked it only once.
+    const high_water = @min(t.header.slots_high_water.load(.acquire), t.backendsMax());
     var count: u32 = 0;
     for (0..high_water) |index| {
         if (t.wordOf(@intCast(index)).state == .free) continue;
@@ -504,7 +653,8 @@ export fn irm_table_snapshot(handle: u32, out: ?[*]BackendInfo, capacity: u32, o
 
 /// Reads one backend's counters (present, or retired with requests still in flight).
 export fn irm_backend_read(handle: u32, slot: u32, out_info: ?*BackendInfo) i32 {
-    const t = lookup(handle) orelse return status(.invalid_handle);
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
     const out = out_info orelse return status(.invalid_argument);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     if (t.wordOf(slot).state == .free) return status(.unknown_backend);
@@ -546,19 +696,48 @@ test {
     _ = @import("affinity.zig");
 }
 
+test "a destroy waits for calls in progress and turns new ones away" {
+    var handle: u32 = 0;
+    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
+    _ = enter(handle) orelse return error.TestUnexpectedResult; // A call in progress.
+    var destroyed: i32 = -1;
+    const closer = try std.Thread.spawn(.{}, destroyInto, .{ handle, &destroyed });
+    const usage = &registry[handle % tables_max].usage;
+    while (@as(Usage, @bitCast(usage.load(.acquire))).handle == handle) std.atomic.spinLoopHint();
+    // Marked closing: new calls are refused, the table stays mapped for the call in progress.
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(handle, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(@as(u32, 1), @as(Usage, @bitCast(usage.load(.acquire))).calls);
+    leave(handle);
+    closer.join();
+    // A slow machine may have made the destroy give up (busy); destroying again finishes it.
+    if (destroyed == status(.busy)) destroyed = irm_table_destroy(handle);
+    try std.testing.expectEqual(status(.ok), destroyed);
+    try std.testing.expectEqual(status(.invalid_handle), irm_table_destroy(handle));
+}
+
+fn destroyInto(handle: u32, out: *i32) void {
+    out.* = irm_table_destroy(handle);
+}
+
 test "bad handles and arguments return statuses" {
     var slot: u32 = 0;
-    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &slot));
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(0, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_handle), irm_acquire(12345, 0, 1, 0, &ticket));
     var handle: u32 = 0;
     try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
     defer _ = irm_table_destroy(handle);
     try std.testing.expectEqual(status(.invalid_capacity), irm_backend_add(handle, 1, 0, 1000, &slot));
     try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));
-    try std.testing.expectEqual(status(.invalid_cost), irm_acquire(handle, 0, -3, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_strategy), irm_acquire(handle, 99, 1, 0, &slot));
-    try std.testing.expectEqual(status(.invalid_priority), irm_acquire(handle, 0, 1, 8, &slot));
+    try std.testing.expectEqual(status(.invalid_cost), irm_acquire(handle, 0, -3, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_strategy), irm_acquire(handle, 99, 1, 0, &ticket));
+    try std.testing.expectEqual(status(.invalid_priority), irm_acquire(handle, 0, 1, 8, &ticket));
     try std.testing.expectEqual(status(.invalid_argument), irm_acquire(handle, 0, 1, 0, null));
-    try std.testing.expectEqual(status(.unknown_backend), irm_release(handle, 3, 1, 0, 1));
-    try std.testing.expectEqual(status(.release_mismatch), irm_release(handle, slot, 1, 0, 1));
+    try std.testing.expectEqual(status(.unknown_backend), irm_release(handle, 3, 1, 1, 0, 1));
+    try std.testing.expectEqual(status(.release_mismatch), irm_release(handle, slot, 1, 1, 0, 1));
+    try std.testing.expectEqual(status(.ok), irm_acquire(handle, 0, 1, 0, &ticket));
+    try std.testing.expectEqual(@as(u64, 1) << 32 | slot, ticket);
+    try std.testing.expectEqual(status(.stale_release), irm_release(handle, slot, 2, 1, 0, 1));
+    try std.testing.expectEqual(status(.ok), irm_release(handle, slot, 1, 1, 0, 1));
 }

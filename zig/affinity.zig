@@ -31,12 +31,11 @@ pub fn ensureRing(t: *const Table) bool {
     t.lock() catch return false;
     defer t.unlock();
     if (t.header.ring_enabled.load(.monotonic) != 0) return true;
-    const present_count = t.header.present_count.load(.monotonic);
     var count: u32 = 0;
-    for (t.present[0..present_count]) |*entry| {
+    for (t.present[0..t.presentCount()]) |*entry| {
         const slot = entry.load(.monotonic);
         const id = t.slots[slot].id.load(.monotonic);
-        for (0..t.header.ring_points_per_backend) |point| {
+        for (0..pointsPerBackend(t)) |point| {
             t.ring[count] = .{ .hash = pointHash(id, @intCast(point)), .slot = slot, .reserved = 0 };
             count += 1;
         }
@@ -47,6 +46,12 @@ pub fn ensureRing(t: *const Table) bool {
     return true;
 }
 
+/// Every backend's number of points, from this process's view of the table (the ring holds that
+/// many per slot), never re-read from the shared header.
+fn pointsPerBackend(t: *const Table) u32 {
+    return @intCast(t.ring.len / t.slots.len);
+}
+
 fn pointLessThan(_: void, a: RingPoint, b: RingPoint) bool {
     return a.hash < b.hash;
 }
@@ -55,8 +60,8 @@ fn pointLessThan(_: void, a: RingPoint, b: RingPoint) bool {
 pub fn onAdded(t: *const Table, slot: u32) void {
     if (t.header.ring_enabled.load(.acquire) == 0) return;
     const id = t.slots[slot].id.load(.monotonic);
-    var count = t.header.ring_count.load(.monotonic);
-    for (0..t.header.ring_points_per_backend) |point| {
+    var count = ringCount(t);
+    for (0..pointsPerBackend(t)) |point| {
         assert(count < t.ring.len);
         const hash = pointHash(id, @intCast(point));
         const position = upperBound(t, count, hash);
@@ -72,7 +77,7 @@ pub fn onAdded(t: *const Table, slot: u32) void {
 /// places (so only its keys move).
 pub fn onRemoved(t: *const Table, slot: u32) void {
     if (t.header.ring_enabled.load(.acquire) == 0) return;
-    const count = t.header.ring_count.load(.monotonic);
+    const count = ringCount(t);
     var kept: u32 = 0;
     for (0..count) |index| {
         const point = loadPoint(t, @intCast(index));
@@ -152,7 +157,8 @@ pub fn withinBound(t: *const Table, slot: u32, cost: u32, totals: Totals) bool {
     const weighted: f64 = @floatFromInt(s.configuredWeightOf());
     const epsilon: f64 = @as(f64, @floatFromInt(t.header.balance_epsilon_permille.load(.monotonic))) / 1000;
     const share = weighted / @as(f64, @floatFromInt(totals.weighted_capacity));
-    const limit = @ceil((1 + epsilon) * @as(f64, @floatFromInt(totals.cost + cost)) * share);
+    // Saturating: the fleet total is a shared hint that may hold any value.
+    const limit = @ceil((1 + epsilon) * @as(f64, @floatFromInt(totals.cost +| cost)) * share);
     return @as(f64, @floatFromInt(@as(u64, word.cost) + cost)) <= limit;
 }
 
@@ -177,7 +183,7 @@ pub fn prefixLookup(t: *const Table, hash: u64) Locations {
     for (waysOf(t, set)) |*entry| {
         if (entry.stamp == 0 or entry.hash != hash) continue;
         result = .{ .slots = entry.slots, .incarnations = entry.incarnations, .found = true };
-        entry.stamp = t.header.prefix_clock.fetchAdd(1, .monotonic) + 1;
+        entry.stamp = nextStamp(t);
         break;
     }
     return result;
@@ -191,7 +197,7 @@ pub fn prefixRecord(t: *const Table, hash: u64, slot: u32) void {
     defer unlockSet(t, set);
     const ways = waysOf(t, set);
     const incarnation = t.slots[slot].incarnation.load(.monotonic);
-    const stamp = t.header.prefix_clock.fetchAdd(1, .monotonic) + 1;
+    const stamp = nextStamp(t);
     const entry = for (ways) |*way| {
         if (way.stamp != 0 and way.hash == hash) break way;
     } else blk: {
@@ -225,11 +231,17 @@ pub fn locationValid(t: *const Table, slot: u32, incarnation: u32) bool {
     return t.wordOf(slot).state == .active;
 }
 
+/// The next LRU stamp. The clock wraps (it is shared memory, and any value must be safe); a
+/// stamp of 0, which marks an empty way, then makes one entry look free: a lost hint, no more.
+fn nextStamp(t: *const Table) u64 {
+    return t.header.prefix_clock.fetchAdd(1, .monotonic) +% 1;
+}
+
 fn setOf(t: *const Table, hash: u64) u32 {
-    assert(t.header.prefix_sets_count > 0);
+    assert(t.prefix_locks.len > 0);
     // Mixed first: callers may pass low-entropy hashes (small or sequential ints), which must
     // still spread over every set.
-    return @intCast(table_mod.splitmix64(hash) % t.header.prefix_sets_count);
+    return @intCast(table_mod.splitmix64(hash) % t.prefix_locks.len);
 }
 
 fn waysOf(t: *const Table, set: u32) []PrefixEntry {
@@ -273,7 +285,7 @@ test "ring points follow ids and removal keeps the others in place" {
     defer table_mod.testTableFree(t);
     for (0..4) |i| _ = try t.add(100 + i, 10, 1000);
     try testing.expect(ensureRing(&t));
-    const per = t.header.ring_points_per_backend;
+    const per = pointsPerBackend(&t);
     try testing.expectEqual(4 * per, ringCount(&t));
     for (1..ringCount(&t)) |i| try testing.expect(t.ring[i - 1].hash <= t.ring[i].hash);
     const removed = try t.find(101);

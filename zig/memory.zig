@@ -14,6 +14,7 @@ pub const Error = error{
     SharedExists,
     SharedNotFound,
     SharedIncompatible,
+    SharedCorrupt,
     InvalidName,
     SystemError,
 };
@@ -74,9 +75,10 @@ pub fn attachShared(name: []const u8) Error!Region {
     const ready = header.ready.load(.acquire) != 0;
     const region_bytes = header.region_bytes;
     unmap(head);
-    if (!ready or region_bytes < table_mod.header_bytes or region_bytes > file_bytes) {
-        return error.SharedIncompatible;
-    }
+    if (!ready) return error.SharedIncompatible;
+    // A size the file does not have is a damaged header; `Table.view` checks it against the rest.
+    if (region_bytes < table_mod.header_bytes) return error.SharedCorrupt;
+    if (region_bytes > file_bytes) return error.SharedCorrupt;
     return mapShared(fd, region_bytes);
 }
 

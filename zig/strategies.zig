@@ -64,8 +64,7 @@ pub const Candidates = struct {
     whole_table: bool,
 
     pub fn ofTable(t: *const Table) Candidates {
-        // .acquire pairs with the .release store in `add`: entries below the count are written.
-        const count = t.header.present_count.load(.acquire);
+        const count = t.presentCount();
         const slots: [*]const u32 = @ptrCast(t.present.ptr);
         return .{ .slots = slots[0..count], .cursor = &t.header.rr_cursor, .whole_table = true };
     }
@@ -112,7 +111,7 @@ pub const Candidates = struct {
 pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost: u32, class: u32) u32 {
     assert(cost > 0);
     assert(class < table_mod.classes_count);
-    return switch (strategy) {
+    const slot = switch (strategy) {
         .round_robin => roundRobinFromCursor(t, candidates, cost, class),
         .least_connections => leastConnections(t, candidates, cost, class),
         .p2c, .consistent_hash => powerOfTwoChoices(t, candidates, cost, class),
@@ -120,19 +119,30 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
         .queue_aware => twoChoices(t, candidates, cost, class, .reported),
         _ => unreachable, // The ABI edge validates the strategy.
     };
+    // Post-condition: none, or a slot of this table on which `reserve` took `cost` (its own
+    // post-conditions check that the reservation moved exactly `cost` and fits).
+    if (slot != slot_none) assert(slot < t.backendsMax());
+    return slot;
 }
 
 /// Like `acquire`, with a session key (consistent_hash) or chained prefix hashes
 /// (prefix_affinity); other strategies ignore them.
 pub fn acquireAffine(t: *const Table, candidates: Candidates, strategy: Strategy, input: Affinity, cost: u32, class: u32) Decision {
     switch (strategy) {
-        .consistent_hash => if (input.key) |key| return consistentHash(t, candidates, key, cost, class),
+        .consistent_hash => if (input.key) |key| return decided(t, consistentHash(t, candidates, key, cost, class)),
         .prefix_affinity => if (input.hashes.len > 0 and affinity.prefixEnabled(t)) {
-            return prefixAffinity(t, candidates, input.hashes, cost, class);
+            return decided(t, prefixAffinity(t, candidates, input.hashes, cost, class));
         },
         else => {},
     }
     return .{ .slot = acquire(t, candidates, strategy, cost, class) };
+}
+
+/// Post-condition of an affine decision: as `acquire`'s, and a hit always names a slot.
+fn decided(t: *const Table, decision: Decision) Decision {
+    if (decision.slot != slot_none) assert(decision.slot < t.backendsMax());
+    if (decision.outcome == .hit) assert(decision.slot != slot_none);
+    return decision;
 }
 
 pub fn isKnown(strategy: u32) bool {
@@ -234,7 +244,8 @@ fn roundRobinFromCursor(t: *const Table, candidates: Candidates, cost: u32, clas
     const start = candidates.cursor.fetchAdd(1, .monotonic);
     const count = candidates.slots.len;
     for (0..count) |offset| {
-        const slot = candidates.at((start + offset) % count);
+        // `start` is any u64 (a wrapping cursor, a random number): reduced first, never overflowed.
+        const slot = candidates.at((start % count + offset) % count);
         if (slot >= t.backendsMax() or !t.reserve(slot, cost, class)) continue;
         if (offset > 0) _ = candidates.cursor.fetchAdd(offset, .monotonic);
         return slot;
@@ -247,7 +258,8 @@ fn roundRobinFromCursor(t: *const Table, candidates: Candidates, cost: u32, clas
 fn roundRobin(t: *const Table, candidates: Candidates, cost: u32, class: u32, start: u64) u32 {
     const count = candidates.slots.len;
     for (0..count) |offset| {
-        const slot = candidates.at((start + offset) % count);
+        // `start` is any u64 (a wrapping cursor, a random number): reduced first, never overflowed.
+        const slot = candidates.at((start % count + offset) % count);
         if (slot >= t.backendsMax()) continue;
         if (t.reserve(slot, cost, class)) return slot;
     }
@@ -420,7 +432,7 @@ test "consistent hashing keeps a key on its backend and bounds the load" {
     for (0..8) |i| _ = try t.add(i, 1000, 1000);
     const whole = Candidates.ofTable(&t);
     const first = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
-    try t.release(first.slot, 1, 0, true);
+    try t.release(first.slot, t.incarnationOf(first.slot), 1, 0, true);
     const again = acquireAffine(&t, whole, .consistent_hash, .{ .key = 77 }, 1, 0);
     try testing.expectEqual(first.slot, again.slot);
     try testing.expectEqual(Outcome.hit, again.outcome);
@@ -446,7 +458,7 @@ test "consistent hashing gives each backend keys in proportion to its capacity Ã
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
         try testing.expectEqual(Outcome.hit, decision.outcome);
         per_slot[decision.slot] += 1;
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
     }
     var total_weight: f64 = 0;
     for (capacities, weights) |capacity, weight| total_weight += @floatFromInt(@as(u64, capacity) * weight);
@@ -467,14 +479,14 @@ test "removing a smaller backend moves only the keys it had" {
     for (&before, 0..) |*owner, key| {
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
         owner.* = decision.slot;
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
     }
     const gone = try t.find(4);
     try t.remove(gone);
     var moved: u32 = 0;
     for (before, 0..) |owner, key| {
         const decision = acquireAffine(&t, .ofTable(&t), .consistent_hash, .{ .key = key }, 1, 0);
-        try t.release(decision.slot, 1, 0, true);
+        try t.release(decision.slot, t.incarnationOf(decision.slot), 1, 0, true);
         if (owner == gone) {
             moved += 1;
         } else {
@@ -492,13 +504,13 @@ test "prefix affinity follows the longest prefix and learns new locations" {
     const shared = [_]u64{ 11, 22, 33 };
     const first = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &shared }, 1, 0);
     try testing.expectEqual(Outcome.miss, first.outcome);
-    try t.release(first.slot, 1, 0, true);
+    try t.release(first.slot, t.incarnationOf(first.slot), 1, 0, true);
     const longer = [_]u64{ 11, 22, 33, 44 };
     const second = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
     try testing.expectEqual(first.slot, second.slot);
     try testing.expectEqual(Outcome.hit, second.outcome);
     try testing.expectEqual(@as(u32, 3), second.matched_blocks);
-    try t.release(second.slot, 1, 0, true);
+    try t.release(second.slot, t.incarnationOf(second.slot), 1, 0, true);
     try t.update(first.slot, 1000, 1000, .down); // never routed to a down backend
     const third = acquireAffine(&t, whole, .prefix_affinity, .{ .hashes = &longer }, 1, 0);
     try testing.expect(third.slot != first.slot);
@@ -531,7 +543,7 @@ test "p2c breaks ties between equally loaded backends at random" {
     for (0..300) |_| {
         const slot = acquire(&t, .ofTable(&t), .p2c, 1, 0);
         chosen[slot] += 1;
-        try t.release(slot, 1, 0, true); // always idle again: every decision is a tie
+        try t.release(slot, t.incarnationOf(slot), 1, 0, true); // always idle again: every decision is a tie
     }
     for (chosen) |count| try testing.expect(count >= 60 and count <= 140);
 }

@@ -17,11 +17,15 @@ const affinity = @import("affinity.zig");
 pub const backends_max_limit: u32 = 1 << 20;
 pub const classes_count: u32 = 8;
 pub const slot_none: u32 = std.math.maxInt(u32);
+/// A reservation's name: `incarnation << 32 | slot`. An incarnation is at least 1 (`add` moves it
+/// before a slot takes work), so no ticket equals `ticket_none`, "nothing fits".
+pub const Ticket = u64;
+pub const ticket_none: Ticket = slot_none;
 pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 3;
+pub const layout_version: u32 = 4;
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -43,6 +47,11 @@ pub const Error = error{
     Busy,
     InvalidState,
     Incompatible,
+    /// A release names an incarnation the slot no longer has: its backend was removed and the
+    /// slot reused since the reservation was made.
+    StaleRelease,
+    /// A shared table's header contradicts itself or the region it describes.
+    Corrupt,
 };
 
 pub const State = enum(u4) {
@@ -123,11 +132,72 @@ pub const Header = extern struct {
     /// The largest configured capacity × weight of a present backend, whatever its state: the
     /// consistent-hash ring's weighting scale (affinity.zig `accepts`). Changed under the lock.
     weighted_max: Atomic(u64),
+    /// A hash of the fields that fix the layout (`LayoutFields`), written once by `format`: a
+    /// process attaching to a stale or damaged segment finds out before it trusts any size.
+    layout_checksum: u64,
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
     }
 };
+
+/// The header fields that never change after `format` and decide where everything lies, copied
+/// out of the (shared, writable by others) header once, so that what is checked is what is used.
+const LayoutFields = extern struct {
+    magic: u64,
+    region_bytes: u64,
+    layout_version: u32,
+    backends_max: u32,
+    tree_leaves_count: u32,
+    idmap_count: u32,
+    flags: u32,
+    ring_points_max: u32,
+    ring_points_per_backend: u32,
+    prefix_sets_count: u32,
+
+    fn of(header: *const Header) LayoutFields {
+        return .{
+            .magic = header.magic,
+            .region_bytes = header.region_bytes,
+            .layout_version = header.layout_version,
+            .backends_max = header.backends_max,
+            .tree_leaves_count = header.tree_leaves_count,
+            .idmap_count = header.idmap_count,
+            .flags = header.flags,
+            .ring_points_max = header.ring_points_max,
+            .ring_points_per_backend = header.ring_points_per_backend,
+            .prefix_sets_count = header.prefix_sets_count,
+        };
+    }
+
+    fn checksum(fields: LayoutFields) u64 {
+        return std.hash.Wyhash.hash(layout_checksum_seed, std.mem.asBytes(&fields));
+    }
+
+    /// The layout the primary fields (backends_max, prefix_sets_count) give, if every derived
+    /// field agrees with it.
+    fn layout(fields: LayoutFields) Error!Layout {
+        if (fields.backends_max < 1) return error.Corrupt;
+        if (fields.backends_max > backends_max_limit) return error.Corrupt;
+        if (fields.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Corrupt;
+        if (fields.flags & ~flags_known != 0) return error.Corrupt;
+        const result = Layout.init(fields.backends_max, fields.prefix_sets_count * prefix_ways);
+        if (fields.tree_leaves_count != result.tree_leaves_count) return error.Corrupt;
+        if (fields.idmap_count != result.idmap_count) return error.Corrupt;
+        if (fields.ring_points_max != result.ring_points_max) return error.Corrupt;
+        if (fields.ring_points_per_backend != Layout.ringPointsPerBackend(fields.backends_max)) return error.Corrupt;
+        if (fields.prefix_sets_count != result.prefix_sets_count) return error.Corrupt;
+        if (fields.region_bytes != result.region_bytes) return error.Corrupt;
+        return result;
+    }
+
+    comptime {
+        // No padding: the checksum hashes every byte, so none may be undefined.
+        assert(@sizeOf(LayoutFields) == 2 * 8 + 8 * 4);
+    }
+};
+
+const layout_checksum_seed: u64 = 0x4952_4D5F_4C41_594F; // "IRM_LAYO"
 
 pub const IdEntry = extern struct {
     id: u64,
@@ -215,6 +285,7 @@ pub const Layout = struct {
 };
 
 pub const default_balance_epsilon_permille: u32 = 250;
+pub const balance_epsilon_permille_max: u32 = 10_000;
 pub const default_signal_age_max_ms: u32 = 5000;
 
 pub const default_class_share_permille = [classes_count]u32{ 1000, 900, 800, 700, 600, 500, 500, 500 };
@@ -249,32 +320,42 @@ pub const Table = struct {
         header.ring_points_max = layout.ring_points_max;
         header.ring_points_per_backend = Layout.ringPointsPerBackend(backends_max);
         header.prefix_sets_count = layout.prefix_sets_count;
+        header.layout_checksum = LayoutFields.of(header).checksum();
         header.balance_epsilon_permille.store(default_balance_epsilon_permille, .monotonic);
         header.signal_age_max_ms.store(default_signal_age_max_ms, .monotonic);
         for (&header.class_share_permille, default_class_share_permille) |*share, value| {
             share.store(value, .monotonic);
         }
-        const table = view(region) catch unreachable;
+        const table = slicesOf(region, layout);
         for (table.tree_nodes) |*node| node.store(std.math.maxInt(u64), .monotonic);
         // .release: a process that attaches and sees `ready` also sees the formatted header.
         header.ready.store(1, .release);
         return table;
     }
 
-    /// Interprets an already formatted region, checking that its layout is the one we build.
+    /// Interprets an already formatted region (a shared segment another process formatted, maybe
+    /// stale or damaged), checking every header field before anything is read through it: the
+    /// layout fields against their checksum and against the layout they imply, the region's size,
+    /// and the bounds of every count that indexes an array.
     pub fn view(region: []align(header_bytes) u8) Error!Table {
         if (region.len < header_bytes) return error.Incompatible;
-        const header: *Header = @ptrCast(region.ptr);
-        if (header.magic != magic) return error.Incompatible;
-        if (header.layout_version != layout_version) return error.Incompatible;
-        if (header.backends_max < 1 or header.backends_max > backends_max_limit) return error.Incompatible;
-        if (header.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Incompatible;
-        const layout = Layout.init(header.backends_max, header.prefix_sets_count * prefix_ways);
-        if (header.region_bytes != layout.region_bytes) return error.Incompatible;
-        if (region.len < layout.region_bytes) return error.Incompatible;
-        const n = header.backends_max;
+        const header: *const Header = @ptrCast(region.ptr);
+        const fields = LayoutFields.of(header);
+        if (fields.magic != magic) return error.Incompatible;
+        if (fields.layout_version != layout_version) return error.Incompatible;
+        if (header.layout_checksum != fields.checksum()) return error.Corrupt;
+        const layout = try fields.layout();
+        if (region.len != layout.region_bytes) return error.Corrupt;
+        const table = slicesOf(region, layout);
+        try table.checkCounters();
+        return table;
+    }
+
+    fn slicesOf(region: []align(header_bytes) u8, layout: Layout) Table {
+        assert(region.len == layout.region_bytes);
+        const n = layout.backends_max;
         return .{
-            .header = header,
+            .header = @ptrCast(region.ptr),
             .slots = sliceAt(Slot, region, layout.slots_offset, n),
             .present = sliceAt(Atomic(u32), region, layout.present_offset, n),
             .present_pos = sliceAt(u32, region, layout.present_pos_offset, n),
@@ -287,8 +368,44 @@ pub const Table = struct {
         };
     }
 
+    /// The header's changing fields, checked only against bounds that hold at every instant, so
+    /// that another process adding or removing backends meanwhile never makes this fail: flags
+    /// are 0 or 1, counts fit their arrays, listed slots are below the high-water mark, shares and
+    /// ε are in their ranges.
+    fn checkCounters(t: *const Table) Error!void {
+        const header = t.header;
+        if (header.ready.load(.acquire) != 1) return error.Corrupt;
+        if (header.lock.load(.monotonic) > 1) return error.Corrupt;
+        if (header.index_enabled.load(.monotonic) > 1) return error.Corrupt;
+        if (header.ring_enabled.load(.monotonic) > 1) return error.Corrupt;
+        if (header.ring_count.load(.acquire) > t.ring.len) return error.Corrupt;
+        if (header.balance_epsilon_permille.load(.monotonic) > balance_epsilon_permille_max) return error.Corrupt;
+        for (&header.class_share_permille) |*share| {
+            const value = share.load(.monotonic);
+            if (value < 1) return error.Corrupt;
+            if (value > 1000) return error.Corrupt;
+        }
+        // In this order: `add` raises the high-water mark before it lists a slot and publishes the
+        // count (.release), so a count read first (.acquire) is covered by the mark read after.
+        const present_count = header.present_count.load(.acquire);
+        const high_water = header.slots_high_water.load(.acquire);
+        if (high_water > t.slots.len) return error.Corrupt;
+        if (present_count > high_water) return error.Corrupt;
+        for (t.present[0..present_count]) |*entry| {
+            if (entry.load(.monotonic) >= high_water) return error.Corrupt;
+        }
+    }
+
+    /// From this process's view, never from the shared header: a size another process could
+    /// overwrite is never trusted after `view` checked it.
     pub fn backendsMax(t: *const Table) u32 {
-        return t.header.backends_max;
+        return @intCast(t.slots.len);
+    }
+
+    /// The number of listed present slots, clamped to the list (the count is shared memory).
+    pub fn presentCount(t: *const Table) u32 {
+        // .acquire pairs with the .release stores of add/remove: entries below it are written.
+        return @min(t.header.present_count.load(.acquire), t.backendsMax());
     }
 
     pub fn racy(t: *const Table) bool {
@@ -333,6 +450,10 @@ pub const Table = struct {
             var new = old;
             new.cost += cost;
             new.count += 1;
+            // Post-conditions: the reservation moves exactly `cost` and one request, and fits.
+            assert(new.cost - old.cost == cost);
+            assert(new.count - old.count == 1);
+            assert(new.cost <= limit);
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -349,11 +470,30 @@ pub const Table = struct {
         return false;
     }
 
-    /// Returns `cost` reserved on `slot`, records the outcome and folds `latency_us` into the EWMA.
-    pub fn release(t: *const Table, slot: u32, cost: u32, latency_us: u32, ok: bool) Error!void {
+    /// The ticket of a reservation just made on `slot`. Read after the reservation: a slot with a
+    /// request in flight is never freed, so its incarnation cannot move until that release.
+    pub fn ticketOf(t: *const Table, slot: u32) Ticket {
+        assert(slot < t.backendsMax());
+        return @as(u64, t.incarnationOf(slot)) << 32 | slot;
+    }
+
+    pub fn incarnationOf(t: *const Table, slot: u32) u32 {
+        // .acquire: with the reservation's .acq_rel CAS, the incarnation `add` stored before it
+        // published the slot active.
+        return t.slots[slot].incarnation.load(.acquire);
+    }
+
+    /// Returns `cost` reserved on `slot` in `incarnation`, records the outcome and folds
+    /// `latency_us` into the EWMA. A release for an earlier incarnation (the slot was reused
+    /// since) is refused and changes nothing: it must never land on the new backend.
+    pub fn release(t: *const Table, slot: u32, incarnation: u32, cost: u32, latency_us: u32, ok: bool) Error!void {
         assert(slot < t.backendsMax());
         assert(cost > 0);
         const s = &t.slots[slot];
+        // While the reservation is held the slot cannot be freed, so a matching incarnation stays
+        // matching until the CAS below (a second release of one reservation is the caller's bug).
+        if (t.wordOf(slot).state == .free) return error.UnknownBackend;
+        if (t.incarnationOf(slot) != incarnation) return error.StaleRelease;
         var attempts: u32 = 0;
         const freed = while (attempts < release_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.monotonic);
@@ -367,6 +507,8 @@ pub const Table = struct {
             if (new.cost < new.count) return error.ReleaseMismatch;
             if (new.count == 0 and new.cost != 0) return error.ReleaseMismatch;
             if (new.state == .retired and new.count == 0) new.state = .free;
+            assert(old.cost - new.cost == cost);
+            assert(old.count - new.count == 1);
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -387,11 +529,14 @@ pub const Table = struct {
     }
 
     pub fn add(t: *const Table, id: u64, capacity: u32, weight_milli: u32) Error!u32 {
-        assert(capacity >= 1 and capacity <= capacity_max);
-        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        assert(capacity >= 1);
+        assert(capacity <= capacity_max);
+        assert(weight_milli >= 1);
+        assert(weight_milli <= weight_milli_max);
         try t.lock();
         defer t.unlock();
         if (t.idmapFind(id) != null) return error.DuplicateId;
+        const id_index = t.idmapFreeIndex(id) orelse return error.Corrupt;
         const slot = t.freeSlot() orelse return error.TableFull;
         const s = &t.slots[slot];
         s.id.store(id, .monotonic);
@@ -411,7 +556,7 @@ pub const Table = struct {
         const new: Word = .{ .state = .active, .epoch = old.epoch +% 1 };
         // .release: the fields stored above are visible to whoever sees the slot active.
         s.word.store(@bitCast(new), .release);
-        t.idmapInsert(id, slot);
+        t.idmap[id_index] = .{ .id = id, .slot_plus_one = slot + 1, .reserved = 0 };
         const position = t.header.present_count.load(.monotonic);
         t.present[position].store(slot, .monotonic);
         t.present_pos[slot] = position;
@@ -428,6 +573,10 @@ pub const Table = struct {
         try t.lock();
         defer t.unlock();
         const s = &t.slots[slot];
+        // Under the lock a present slot stays present and its id stays in the index; a present
+        // slot whose id is missing is a damaged table, refused before anything changes.
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        const id_index = t.idmapIndex(s.id.load(.monotonic)) orelse return error.Corrupt;
         var attempts: u32 = 0;
         while (attempts < release_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.acquire);
@@ -443,7 +592,7 @@ pub const Table = struct {
             }
         } else return error.Busy;
         affinity.onRemoved(t, slot);
-        t.idmapRemove(s.id.load(.monotonic));
+        t.idmapRemoveAt(id_index);
         const position = t.present_pos[slot];
         const last = t.header.present_count.load(.monotonic) - 1;
         assert(position <= last);
@@ -456,8 +605,10 @@ pub const Table = struct {
     }
 
     pub fn update(t: *const Table, slot: u32, capacity: u32, weight_milli: u32, state: State) Error!void {
-        assert(capacity >= 1 and capacity <= capacity_max);
-        assert(weight_milli >= 1 and weight_milli <= weight_milli_max);
+        assert(capacity >= 1);
+        assert(capacity <= capacity_max);
+        assert(weight_milli >= 1);
+        assert(weight_milli <= weight_milli_max);
         switch (state) {
             .active, .draining, .down => {},
             else => return error.InvalidState,
@@ -497,7 +648,7 @@ pub const Table = struct {
     /// Recomputes `weighted_max` from the present backends; called under the lock.
     fn rescanWeightedMax(t: *const Table) void {
         var largest: u64 = 0;
-        for (t.present[0..t.header.present_count.load(.monotonic)]) |*entry| {
+        for (t.present[0..t.presentCount()]) |*entry| {
             largest = @max(largest, t.slots[entry.load(.monotonic)].configuredWeightOf());
         }
         t.header.weighted_max.store(largest, .monotonic);
@@ -558,36 +709,46 @@ pub const Table = struct {
     }
 
     fn idmapFind(t: *const Table, id: u64) ?u32 {
+        const index = t.idmapIndex(id) orelse return null;
+        return t.idmap[index].slot_plus_one - 1;
+    }
+
+    /// The entry holding `id`, if any: at most one pass over the map, so a full or damaged map
+    /// ends the probe instead of looping.
+    fn idmapIndex(t: *const Table, id: u64) ?usize {
         const mask = t.idmap.len - 1;
         var index = splitmix64(id) & mask;
         for (0..t.idmap.len) |_| {
             const entry = t.idmap[index];
             if (entry.slot_plus_one == 0) return null;
-            if (entry.id == id) return entry.slot_plus_one - 1;
+            if (entry.id == id) return index;
             index = (index + 1) & mask;
         }
         return null;
     }
 
-    fn idmapInsert(t: *const Table, id: u64, slot: u32) void {
+    /// Where `id` would be inserted: the first empty entry from its home. The map has twice as
+    /// many entries as slots, so one always exists unless the map is damaged (one bounded pass).
+    fn idmapFreeIndex(t: *const Table, id: u64) ?usize {
         const mask = t.idmap.len - 1;
         var index = splitmix64(id) & mask;
-        // The map has twice as many entries as slots, so an empty entry always exists.
-        while (t.idmap[index].slot_plus_one != 0) index = (index + 1) & mask;
-        t.idmap[index] = .{ .id = id, .slot_plus_one = slot + 1, .reserved = 0 };
+        for (0..t.idmap.len) |_| {
+            if (t.idmap[index].slot_plus_one == 0) return index;
+            index = (index + 1) & mask;
+        }
+        return null;
     }
 
     /// Linear probing with backward-shift deletion: no tombstones, so lookups stay short forever.
-    fn idmapRemove(t: *const Table, id: u64) void {
+    fn idmapRemoveAt(t: *const Table, index: usize) void {
         const mask = t.idmap.len - 1;
-        var index = splitmix64(id) & mask;
-        while (t.idmap[index].id != id or t.idmap[index].slot_plus_one == 0) {
-            assert(t.idmap[index].slot_plus_one != 0);
-            index = (index + 1) & mask;
-        }
+        assert(t.idmap[index].slot_plus_one != 0);
         var hole = index;
         var next = (hole + 1) & mask;
-        while (t.idmap[next].slot_plus_one != 0) : (next = (next + 1) & mask) {
+        // At most one pass: the map always has an empty entry (twice as many entries as slots),
+        // and the bound keeps a damaged map from looping forever.
+        for (0..t.idmap.len) |_| {
+            if (t.idmap[next].slot_plus_one == 0) break;
             const home = splitmix64(t.idmap[next].id) & mask;
             // Move the entry back if its home is not cyclically within (hole, next].
             const distance_home = (next -% home) & mask;
@@ -596,6 +757,7 @@ pub const Table = struct {
                 t.idmap[hole] = t.idmap[next];
                 hole = next;
             }
+            next = (next + 1) & mask;
         }
         t.idmap[hole] = .{ .id = 0, .slot_plus_one = 0, .reserved = 0 };
     }
@@ -674,9 +836,9 @@ test "reserve never exceeds capacity and release returns it" {
     try testing.expect(!t.reserve(slot, 5, 0));
     try testing.expect(t.reserve(slot, 4, 0));
     try testing.expectEqual(@as(u32, 10), t.wordOf(slot).cost);
-    try t.release(slot, 6, 100, true);
-    try t.release(slot, 4, 100, false);
-    try testing.expectError(error.ReleaseMismatch, t.release(slot, 1, 0, true));
+    try t.release(slot, t.incarnationOf(slot), 6, 100, true);
+    try t.release(slot, t.incarnationOf(slot), 4, 100, false);
+    try testing.expectError(error.ReleaseMismatch, t.release(slot, t.incarnationOf(slot), 1, 0, true));
     const word = t.wordOf(slot);
     try testing.expectEqual(@as(u32, 0), word.cost);
     try testing.expectEqual(@as(u20, 0), word.count);
@@ -704,13 +866,42 @@ test "a removed backend with requests in flight retires, then frees on the last 
     try testing.expectEqual(State.retired, t.wordOf(slot).state);
     try testing.expect(!t.reserve(slot, 1, 0));
     try testing.expectError(error.UnknownBackend, t.find(1));
-    try t.release(slot, 3, 5, true);
+    try t.release(slot, t.incarnationOf(slot), 3, 5, true);
     try testing.expectEqual(State.free, t.wordOf(slot).state);
     const again = try t.add(1, 10, 1000);
     try testing.expectEqual(again, try t.find(1));
+    // A release from before the reuse carries the old incarnation: refused, counters unchanged.
+    try testing.expect(t.reserve(again, 2, 0));
+    try testing.expectError(error.StaleRelease, t.release(again, t.incarnationOf(again) - 1, 2, 5, true));
+    try testing.expectEqual(@as(u32, 2), t.wordOf(again).cost);
+    try t.release(again, t.incarnationOf(again), 2, 5, true);
     // The table is now full up to its high-water mark, so the next add reuses the freed slot.
     try testing.expectEqual(slot, try t.add(2, 10, 1000));
     try testing.expectError(error.TableFull, t.add(3, 10, 1000));
+}
+
+test "view refuses a header whose layout fields or counts are damaged, and accepts an intact one" {
+    const t = try testTable(8);
+    defer testTableFree(t);
+    _ = try t.add(1, 10, 1000);
+    _ = try Table.view(t.region);
+    const bytes = std.mem.asBytes(t.header);
+    const layout_end = @offsetOf(Header, "flags") + 4;
+    // Every bit of the layout fields is covered by the checksum.
+    for (0..layout_end) |byte| {
+        bytes[byte] ^= 0x10;
+        defer bytes[byte] ^= 0x10;
+        try testing.expect(std.meta.isError(Table.view(t.region)));
+    }
+    const counts = [_]*Atomic(u32){ &t.header.present_count, &t.header.slots_high_water, &t.header.ring_count, &t.header.lock, &t.header.class_share_permille[3] };
+    for (counts) |count| {
+        const saved = count.load(.monotonic);
+        count.store(std.math.maxInt(u32), .monotonic);
+        defer count.store(saved, .monotonic);
+        try testing.expectError(error.Corrupt, Table.view(t.region));
+    }
+    try testing.expectError(error.Corrupt, Table.view(t.region[0 .. t.region.len - header_bytes]));
+    _ = try Table.view(t.region);
 }
 
 test "duplicate ids and a full table are refused" {

@@ -49,7 +49,7 @@ pub fn onLeafChanged(t: *const Table, slot: u32) void {
     // .acquire pairs with the enabling CAS: once we see the index on, the rebuild has started and
     // any change we make after this point is refreshed by us.
     if (t.header.index_enabled.load(.acquire) == 0) return;
-    const leaves = t.header.tree_leaves_count;
+    const leaves = leavesCount(t);
     var node = (leaves + slot) >> 1;
     while (node >= 1) : (node >>= 1) {
         const changed_first = refresh(t, node);
@@ -64,8 +64,13 @@ pub fn onLeafChanged(t: *const Table, slot: u32) void {
 pub fn ensureEnabled(t: *const Table) void {
     if (t.header.index_enabled.load(.acquire) != 0) return;
     if (t.header.index_enabled.cmpxchgStrong(0, 1, .acq_rel, .acquire) != null) return;
-    var node = t.header.tree_leaves_count - 1;
+    var node = leavesCount(t) - 1;
     while (node >= 1) : (node -= 1) _ = refresh(t, node);
+}
+
+/// The tree's size from this process's view of the table, never re-read from the shared header.
+fn leavesCount(t: *const Table) u32 {
+    return @intCast(t.tree_nodes.len);
 }
 
 pub fn root(t: *const Table) u64 {
@@ -73,14 +78,14 @@ pub fn root(t: *const Table) u64 {
 }
 
 fn childValue(t: *const Table, node: u32) u64 {
-    const leaves = t.header.tree_leaves_count;
+    const leaves = leavesCount(t);
     if (node >= leaves) return leafValue(t, node - leaves);
     return t.tree_nodes[node].load(.acquire);
 }
 
 fn refresh(t: *const Table, node: u32) bool {
     assert(node >= 1);
-    assert(node < t.header.tree_leaves_count);
+    assert(node < leavesCount(t));
     const old = t.tree_nodes[node].load(.acquire);
     const new = @min(childValue(t, node * 2), childValue(t, node * 2 + 1));
     if (old == new) return false;

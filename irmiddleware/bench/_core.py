@@ -106,9 +106,9 @@ def pairs_per_call_slots(router: Router, requests: int) -> Callable[[], float]:
         acquire, release = router.acquire_slot, router.release_slot
         started = time.perf_counter()
         for _ in range(requests):
-            slot = acquire(1, 0)
-            if slot is not None:
-                release(slot, 1, 0, True)
+            ticket = acquire(1, 0)
+            if ticket is not None:
+                release(ticket, 1, 0, True)
         return time.perf_counter() - started
 
     return run
@@ -121,9 +121,9 @@ def pairs_per_call_binding(table: _native.NativeTable, number: int, requests: in
         acquire, release, none = table.acquire, table.release, _native.SLOT_NONE
         started = time.perf_counter()
         for _ in range(requests):
-            slot = acquire(number, 1, 0)
-            if slot != none:
-                release(slot, 1, 0, True)
+            ticket = acquire(number, 1, 0)
+            if ticket != none:
+                release(ticket, 1, 0, True)
         return time.perf_counter() - started
 
     return run
@@ -134,19 +134,19 @@ def batched(
 ) -> Callable[[], float]:
     """`BATCH` decisions per foreign call; the releases are timed only for route+release."""
     costs = _native.int32_array([1] * BATCH)
-    batches = [_native.empty_uint32_array(BATCH) for _ in range(requests // BATCH)]
+    batches = [_native.ticket_array(BATCH) for _ in range(requests // BATCH)]
 
     def run() -> float:
         elapsed = 0.0
-        for slots in batches:
+        for tickets in batches:
             started = time.perf_counter()
-            table.acquire_batch(number, 0, costs, slots)
+            table.acquire_batch(number, 0, costs, tickets)
             if timed_release:
-                table.release_batch(slots, costs, None, True)
+                table.release_batch(tickets, costs, None, True)
             elapsed += time.perf_counter() - started
         if not timed_release:  # Return the load so every repeat starts from an idle fleet.
-            for slots in batches:
-                table.release_batch(slots, costs, None, True)
+            for tickets in batches:
+                table.release_batch(tickets, costs, None, True)
         return elapsed
 
     return run

@@ -150,11 +150,11 @@ class _NativeFleet:
         )
         for index, capacity in enumerate(fleet.capacities):
             self.router.add_accelerator(Accelerator(index, capacity))
-        # Accelerator ids are fleet indices; two lists turn slots into indices and back.
-        self.slot_by_index = [self.router.slot_of(index) for index in range(len(fleet))]
-        self.index_by_slot = [-1] * (max(self.slot_by_index) + 1)
-        for index, slot in enumerate(self.slot_by_index):
-            self.index_by_slot[slot] = index
+        # Accelerator ids are fleet indices. A reservation's ticket names its accelerator's slot and
+        # incarnation; nothing is removed during a run, so each accelerator keeps one ticket value:
+        # learnt on its first decision, then a dict hit one way and a list index the other.
+        self.index_by_ticket: dict[int, int] = {}
+        self.ticket_by_index = [-1] * len(fleet)
         self.outcomes: dict[str | None, int] = {}
         self._acquire = self.router.acquire_slot
         self._acquire_affine = self.router.acquire_slot_affine
@@ -162,19 +162,27 @@ class _NativeFleet:
 
     def acquire(self, cost: int) -> int:
         """The chosen accelerator's index, or -1 when nothing fits."""
-        slot = self._acquire(cost)
-        return -1 if slot is None else self.index_by_slot[slot]
+        ticket = self._acquire(cost)
+        return -1 if ticket is None else self._index_of(ticket)
 
     def acquire_affine(self, cost: int, session: int, hashes: list[int]) -> int:
         """Like `acquire`, with the session key and the prompt's block hashes; counts outcomes."""
-        slot, affinity, _matched = self._acquire_affine(
+        ticket, affinity, _matched = self._acquire_affine(
             cost, affinity_key=session, prefix_hashes=hashes if hashes else None
         )
         self.outcomes[affinity] = self.outcomes.get(affinity, 0) + 1
-        return -1 if slot is None else self.index_by_slot[slot]
+        return -1 if ticket is None else self._index_of(ticket)
+
+    def _index_of(self, ticket: int) -> int:
+        index = self.index_by_ticket.get(ticket)
+        if index is None:
+            index = self.router.id_of_slot(ticket)
+            self.index_by_ticket[ticket] = index
+            self.ticket_by_index[index] = ticket
+        return index
 
     def release(self, index: int, job: Job, latency_s: float, ok: bool) -> None:
-        self._release(self.slot_by_index[index], job.cost, int(latency_s * 1e6), ok)
+        self._release(self.ticket_by_index[index], job.cost, int(latency_s * 1e6), ok)
 
     def set_down(self, index: int, down: bool) -> None:
         self.router.set_state(index, "down" if down else "active")
