@@ -32,6 +32,12 @@ def make_table() -> _native.NativeTable:
 
 
 TABLE = make_table()
+
+
+def teardown_module() -> None:
+    TABLE.close()  # the module's shared table, closed rather than left to interpreter exit
+
+
 VALID_STATUSES = set(range(len(_native._STATUS_NAMES)))
 
 
