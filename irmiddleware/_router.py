@@ -97,8 +97,14 @@ class Request:
 
     def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
         self.id = id
-        self.cost = _native.check_cost(cost)
-        self.priority = _native.check_priority(priority)
+        # The checks inline, with the checkers called only to raise: a seed-API caller builds one
+        # Request per decision, so these lines are on its per-call path.
+        if type(cost) is not int or not 0 < cost <= COST_MAX:
+            _native.check_cost(cost)
+        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
+            _native.check_priority(priority)
+        self.cost = cost
+        self.priority = priority
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, cost={self.cost}, priority={self.priority})"
@@ -214,7 +220,9 @@ class Router:
         self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
         self._slots_by_id: dict[int, int] = {}
         self._accelerators: dict[int, Accelerator] = {}
-        self._in_flight: dict[object, Lease] = {}
+        # route_request's reservations by request id: (ticket, cost, start in perf_counter_ns). A
+        # tuple, not a Lease: the seed API pays for this bookkeeping on every call.
+        self._in_flight: dict[object, tuple[int, int, int]] = {}
         self._pools: dict[str, tuple[tuple[int, ...], int, _native.Pool]] = {}
         try:
             self._configure(class_shares, seed, balance_epsilon, signal_age_max_s)
@@ -375,23 +383,32 @@ class Router:
         """Routes `request` (within `pool` if given; with a session key for consistent_hash or
         prompt prefix hashes for prefix_affinity); returns the accelerator id, or None when
         nothing fits. The request's cost stays reserved until `complete(request)`."""
-        if request.id in self._in_flight:
-            raise ValueError(f"request {request.id!r} is already in flight; complete it first")
-        lease = self.acquire(
-            request.cost, request.priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
-        )
-        if lease is None:
+        request_id, cost, priority = request.id, request.cost, request.priority
+        if request_id in self._in_flight:
+            raise ValueError(f"request {request_id!r} is already in flight; complete it first")
+        if affinity_key is None and prefix_hashes is None:
+            ticket = self.acquire_slot(cost, priority, pool=pool)
+        else:
+            ticket, _affinity, _matched = self.acquire_slot_affine(
+                cost, priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
+            )
+        if ticket is None:
             return None
-        self._in_flight[request.id] = lease
-        return lease.accelerator_id
+        self._in_flight[request_id] = (ticket, cost, time.perf_counter_ns())
+        return self._id_of(ticket & TICKET_SLOT_MASK)
 
     def complete(self, request: Request | object, *, ok: bool = True, latency_s: float | None = None) -> None:
         """Releases a request routed with `route_request` (pass the Request or its id)."""
         request_id = request.id if isinstance(request, Request) else request
-        lease = self._in_flight.pop(request_id, None)
-        if lease is None:
+        record = self._in_flight.pop(request_id, None)
+        if record is None:
             raise KeyError(f"request {request_id!r} is not in flight")
-        lease.release(ok=ok, latency_s=latency_s)
+        ticket, cost, started_ns = record
+        if latency_s is None:
+            latency_us = (time.perf_counter_ns() - started_ns) // 1000
+        else:
+            latency_us = max(0, int(latency_s * 1e6))
+        self.release_slot(ticket, cost, latency_us, ok)
 
     def acquire(
         self,
@@ -458,30 +475,29 @@ class Router:
             costs = _native.int32_array([requests[i].cost for i in indices])
             tickets = _native.ticket_array(len(indices))
             self._table.acquire_batch(self._strategy, priority, costs, tickets)
+            now = time.perf_counter_ns()
             for index, ticket in zip(indices, tickets, strict=True):
                 if ticket != SLOT_NONE:
-                    lease = Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), requests[index].cost)
-                    self._in_flight[requests[index].id] = lease
-                    results[index] = lease.accelerator_id
+                    self._in_flight[requests[index].id] = (ticket, requests[index].cost, now)
+                    results[index] = self._id_of(ticket & TICKET_SLOT_MASK)
         return results
 
     def complete_batch(self, requests: Iterable[Request | object], *, ok: bool = True) -> None:
         """Completes every routed request of `requests` in one native call (unrouted ones are
         skipped)."""
-        leases = []
+        records = []
         for request in requests:
             request_id = request.id if isinstance(request, Request) else request
-            lease = self._in_flight.pop(request_id, None)
-            if lease is not None and not lease.released:
-                lease.released = True
-                leases.append(lease)
-        if not leases:
+            record = self._in_flight.pop(request_id, None)
+            if record is not None:
+                records.append(record)
+        if not records:
             return
         now = time.perf_counter_ns()
         self._table.release_batch(
-            _native.ticket_array([lease.ticket for lease in leases]),
-            _native.int32_array([lease.cost for lease in leases]),
-            _native.uint32_array([min((now - lease._started_ns) // 1000, 2**32 - 1) for lease in leases]),
+            _native.ticket_array([ticket for ticket, _cost, _started in records]),
+            _native.int32_array([cost for _ticket, cost, _started in records]),
+            _native.uint32_array([min((now - started) // 1000, 2**32 - 1) for _t, _c, started in records]),
             ok,
         )
 
