@@ -154,10 +154,7 @@ class Lease:
         the time since the lease was taken."""
         if self.released:
             raise _errors.ReleaseMismatchError("release_mismatch", "lease already released")
-        if latency_s is None:
-            latency_us = (time.perf_counter_ns() - self._started_ns) // 1000
-        else:
-            latency_us = max(0, int(latency_s * 1e6))
+        latency_us = _latency_us(self._started_ns, latency_s)
         self.released = True
         self._router.release_slot(self.ticket, self.cost, latency_us, ok)
 
@@ -404,11 +401,7 @@ class Router:
         if record is None:
             raise KeyError(f"request {request_id!r} is not in flight")
         ticket, cost, started_ns = record
-        if latency_s is None:
-            latency_us = (time.perf_counter_ns() - started_ns) // 1000
-        else:
-            latency_us = max(0, int(latency_s * 1e6))
-        self.release_slot(ticket, cost, latency_us, ok)
+        self.release_slot(ticket, cost, _latency_us(started_ns, latency_s), ok)
 
     def acquire(
         self,
@@ -661,6 +654,13 @@ def _refuse_release(ticket: int, cost: int, latency_us: int) -> NoReturn:
     raise _errors.InvalidArgumentError(
         "invalid_argument", f"latency_us must be an int >= 0, got {latency_us!r}"
     )
+
+
+def _latency_us(started_ns: int, latency_s: float | None) -> int:
+    """A release's latency in µs: the caller's `latency_s`, else the time since `started_ns`."""
+    if latency_s is None:
+        return (time.perf_counter_ns() - started_ns) // 1000
+    return max(0, int(latency_s * 1e6))
 
 
 def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:
