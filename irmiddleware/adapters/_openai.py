@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from irmiddleware._json import loads_body
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint
 
 __all__ = ["OpenAIAdapter", "prompt_text"]
@@ -44,7 +45,7 @@ class OpenAIAdapter(BackendAdapter):
         """The JSON body's `model` field; `AdapterError(400)` for a body that is not a JSON object
         with a string `model`."""
         try:
-            parsed = json.loads(body)
+            parsed = loads_body(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise AdapterError(400, f"request body is not valid JSON: {error}") from None
         model = parsed.get("model") if isinstance(parsed, dict) else None
@@ -55,7 +56,7 @@ class OpenAIAdapter(BackendAdapter):
     def affinity_of(self, endpoint: Endpoint, body: bytes) -> tuple[str | None, str | None]:
         """The `user` field, and the prompt text (`prompt_text`)."""
         try:
-            parsed = json.loads(body)
+            parsed = loads_body(body)
         except (ValueError, UnicodeDecodeError):
             return None, None
         if not isinstance(parsed, dict):

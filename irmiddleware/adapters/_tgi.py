@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
+from irmiddleware._json import loads_body
 from irmiddleware.adapters._openai import OpenAIAdapter
 from irmiddleware.hooks import Endpoint, LoadSignals, metric_samples
 
@@ -68,7 +69,7 @@ class TGIAdapter(OpenAIAdapter):
         if path not in _OPENAI_PATHS:
             return ""
         try:
-            parsed = json.loads(body)
+            parsed = loads_body(body)
         except (ValueError, UnicodeDecodeError):
             return ""
         model = parsed.get("model") if isinstance(parsed, dict) else None

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from irmiddleware._json import loads_body
 from irmiddleware._native import CLASSES_COUNT
 from irmiddleware._router import Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
@@ -528,7 +529,7 @@ def _body_priority(body: bytes) -> int | None:
     if b'"priority"' not in body:  # Most bodies have none: skip a second JSON parse.
         return None
     try:
-        value = json.loads(body).get("priority")
+        value = loads_body(body).get("priority")
     except (ValueError, AttributeError):
         return None
     if not isinstance(value, int) or isinstance(value, bool):
@@ -537,7 +538,7 @@ def _body_priority(body: bytes) -> int | None:
 
 
 def _with_priority(body: bytes, priority: int) -> bytes:
-    parsed = json.loads(body)
+    parsed = loads_body(body)
     if parsed.get("priority") == priority:
         return body
     parsed["priority"] = priority
