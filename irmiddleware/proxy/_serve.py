@@ -91,13 +91,13 @@ def serve_main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from irmiddleware.proxy._middleware import create_app
+        from irmiddleware.proxy._server import EdgeLimits, edge_protocol
 
         config = build_config(args)
         app = create_app(config)
     except ImportError as error:
-        print(
-            f"irmiddleware serve needs uvicorn: pip install 'irmiddleware[serve]' ({error})", file=sys.stderr
-        )
+        needs = "irmiddleware serve needs uvicorn and httptools: pip install 'irmiddleware[serve]'"
+        print(f"{needs} ({error})", file=sys.stderr)
         return 2
     except (ConfigError, ValueError) as error:
         print(f"irmiddleware serve: {error}", file=sys.stderr)
@@ -107,6 +107,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         app,
         host=host,
         port=port,
+        # The client edge: bounded heads, head/body/idle timeouts, a connection bound
+        # (`[router.limits]`, `[router.timeouts]`). The router serves no WebSocket.
+        http=edge_protocol(EdgeLimits.of(config)),
+        ws="none",
         lifespan="on",
         log_level=args.log_level,
         access_log=False,

@@ -21,21 +21,40 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     """`[router.timeouts]`, seconds. `read_s` bounds the wait for each chunk (a token stream's gap
-    between tokens, or a non-streaming answer's whole generation), so it is long by default."""
+    between tokens, or a non-streaming answer's whole generation), so it is long by default. The
+    `client_*` keys bound the client's side (applied by `irmiddleware serve`)."""
 
     connect_s: float = bounded(5.0, 0.001)
     read_s: float = bounded(600.0, 0.001)
     write_s: float = bounded(60.0, 0.001)
     pool_s: float = bounded(10.0, 0.001)
+    client_head_s: float = bounded(10.0, 0.001)
+    """A client's request head (request line and headers) must arrive within this long of its
+    first byte, else 408 and the connection is closed (slowloris)."""
+    client_body_s: float = bounded(60.0, 0.001)
+    """A request body must arrive within this long of the end of its head, else 408 (or the
+    connection is closed, if an answer has begun)."""
+    client_idle_s: float = bounded(75.0, 0.001)
+    """An idle client connection (no request under way) is closed after this long. Longer than
+    the usual client-pool and load-balancer idle timeouts, so they close it first and never
+    reuse a connection the router is closing."""
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """`[router.limits]`: request body size and upstream connection pool bounds."""
+    """`[router.limits]`: request body size, upstream connection pool bounds, and the bounds on
+    what clients send before the router reads a body (head size, header count, connections)."""
 
     max_body_bytes: int = bounded(16 * 1024 * 1024, 1)
     max_connections: int = bounded(1024, 1)
     max_keepalive_connections: int = bounded(256, 1)
+    max_head_bytes: int = bounded(64 * 1024, 1024)
+    """A client's request line and headers together; larger heads get 431, counted as the bytes
+    arrive (before they are buffered)."""
+    max_headers: int = bounded(100, 1)
+    """Header fields in one request; more get 431."""
+    max_client_connections: int = bounded(4096, 1)
+    """Client connections open at once; a connection beyond them gets 503 and is closed."""
 
 
 @dataclass(frozen=True, slots=True)

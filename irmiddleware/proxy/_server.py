@@ -1,0 +1,232 @@
+"""The client edge of `irmiddleware serve`: uvicorn's httptools protocol with the bounds it lacks.
+
+uvicorn reads a request head of any size (httptools joins a header's pieces as they come, so one
+64 MB header costs hundreds of MB and seconds of CPU), never times out a half-sent head or body,
+arms its keep-alive timer only after a first response (a connection that sends nothing stays
+open), and its `limit_concurrency` answers 503 only once a whole head has arrived. `EdgeProtocol`
+adds, per connection:
+
+- a head budget checked where the bytes arrive, before the parser buffers them: a head (request
+  line and headers) longer than `max_head_bytes`, or with more than `max_headers` fields, gets 431;
+- a deadline for the head, from its first byte (`client_head_s`), and one for the body, from the
+  end of the head (`client_body_s`): 408, or a plain close if an answer has already begun;
+- an idle timeout (`client_idle_s`) from the moment a connection is accepted, not only between
+  requests;
+- a bound on open connections (`max_client_connections`): one more is answered 503 and closed at
+  once, so the bound holds on sockets as well as on requests.
+
+An answer that ends a connection is followed by a lingering close (the write side is shut, what
+the client still sends is discarded for at most `_LINGER_S`), so the client reads the answer
+instead of a reset. The bounds are deadlines, not inactivity timers: a client dripping a byte a
+second is cut just like one that stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http
+import json
+import logging
+from typing import Any, ClassVar, Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from irmiddleware.proxy.config import RouterConfig
+
+__all__ = ["EdgeLimits", "EdgeProtocol", "edge_protocol"]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+_LINGER_S: Final = 2.0
+_ERROR_TYPES: Final = {
+    408: "RequestTimeoutError",
+    431: "RequestHeaderFieldsTooLargeError",
+    503: "ServiceUnavailableError",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """What one client connection may use; `of(config)` reads them from `[router.limits]` and
+    `[router.timeouts]`."""
+
+    max_head_bytes: int
+    max_headers: int
+    max_connections: int
+    head_s: float
+    body_s: float
+    idle_s: float
+
+    @classmethod
+    def of(cls, config: RouterConfig) -> EdgeLimits:
+        limits, timeouts = config.limits, config.timeouts
+        return cls(
+            max_head_bytes=limits.max_head_bytes,
+            max_headers=limits.max_headers,
+            max_connections=limits.max_client_connections,
+            head_s=timeouts.client_head_s,
+            body_s=timeouts.client_body_s,
+            idle_s=timeouts.client_idle_s,
+        )
+
+
+def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
+    """An `EdgeProtocol` class bound to `limits`, for `uvicorn.run(app, http=...)` (uvicorn
+    builds one protocol object per connection from the class it is given)."""
+    return type("EdgeProtocol", (EdgeProtocol,), {"limits": limits})
+
+
+def answer(status: int, message: str) -> bytes:
+    """A complete response that ends the connection, with an OpenAI-style error body (the
+    protocol cannot know which adapter the request was for: the head is not read yet)."""
+    error = {
+        "message": message,
+        "type": _ERROR_TYPES.get(status, "RouterError"),
+        "param": None,
+        "code": status,
+    }
+    body = json.dumps({"error": error}).encode()
+    retry_after = "retry-after: 1\r\n" if status == 503 else ""
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n{retry_after}connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounded heads, head/body deadlines, an idle timeout from
+    the first moment and a connection bound (module docstring). Use `edge_protocol(limits)`."""
+
+    limits: ClassVar[EdgeLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]
+        self._reading_head = True  # from the end of one request to the end of the next one's head
+        self._head_bytes = 0
+        self._headers_count = 0
+        self._deadline: asyncio.TimerHandle | None = None  # the head's, the body's, or the linger
+        self._ended = False  # an answer that ends the connection was sent; the rest is discarded
+
+    # ---- the connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self.transport = transport
+            self._ended = True
+            log.debug("client connection refused: %d open", len(self.connections))
+            transport.write(answer(503, "Too many client connections; retry later."))
+            transport.close()
+            return
+        super().connection_made(transport)
+        # uvicorn arms its keep-alive timer only after a response: a connection that never sends
+        # a byte would stay open for good.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.limits.idle_s, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        # The head's bytes go to the parser no faster than its budget allows, so a head over the
+        # budget is refused after at most `max_head_bytes` were buffered, whatever the chunk size.
+        while data and self._reading_head:
+            if self._head_bytes == 0:
+                self._start_head_deadline()
+            room = self.limits.max_head_bytes - self._head_bytes
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if self._ended or self.transport.is_closing():
+                return
+            if self._reading_head and self._head_bytes >= self.limits.max_head_bytes:
+                self._end(431, f"The request head is larger than {self.limits.max_head_bytes} bytes.")
+                return
+        if data:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        # `on_header` stops the parser by raising; uvicorn then calls this with its own message.
+        if self._headers_count > self.limits.max_headers:
+            self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
+        else:
+            super().send_400_response(msg)
+
+    # ---- parser callbacks ----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers_count += 1
+        if self._headers_count > self.limits.max_headers:
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        self._reading_head = False
+        super().on_headers_complete()
+        self._deadline = self.loop.call_later(self.limits.body_s, self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        self._reading_head = True
+        self._head_bytes = self._headers_count = 0
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Part of the next head came while this answer was under way: its deadline starts now
+        # (an answer in progress never counts against the client's next head).
+        if self._reading_head and self._head_bytes and self._deadline is None and not self._ended:
+            self._start_head_deadline()
+
+    # ---- deadlines and the answers that end a connection ---------------------------------------
+
+    def _start_head_deadline(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self._cancel_deadline()
+            self._deadline = self.loop.call_later(self.limits.head_s, self._head_late)
+
+    def _head_late(self) -> None:
+        self._deadline = None
+        if self._reading_head and not self.transport.is_closing():
+            self._end(408, f"The request head did not arrive within {self.limits.head_s:g} s.")
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        if not self._reading_head and not self.transport.is_closing():
+            self._end(408, f"The request body did not arrive within {self.limits.body_s:g} s.")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _end(self, status: int, message: str) -> None:
+        """Answers `status` (or, with an answer already begun, only closes) and ends the
+        connection; the request's app, if one runs, sees the client gone."""
+        log.debug("client connection ended with %d: %s", status, message)
+        self._ended = True
+        self._cancel_deadline()
+        self._unset_keepalive_if_required()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's later sends are dropped
+            cycle.message_event.set()  # and a `receive()` it waits in returns http.disconnect
+        if cycle is not None and cycle.response_started:
+            # An answer has begun (or ended, e.g. a 413 before the body): nothing more may be sent.
+            self.transport.close()
+            return
+        self.transport.write(answer(status, message))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+class _TooManyHeaders(Exception):
+    """Raised from `on_header` to stop the parser (httptools turns it into a parser error)."""
