@@ -19,6 +19,12 @@ from irmiddleware.proxy.config import ConfigError, RouterConfig, check_listen, l
 
 __all__ = ["build_config", "serve_main"]
 
+log = logging.getLogger("irmiddleware.proxy")
+
+# Descriptors beyond the client and upstream connections: the listening socket, health checks,
+# signal scrapers, logs, the interpreter's own files.
+_SPARE_FILES = 64
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware serve", description="Run the routing proxy.")
@@ -102,6 +108,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"irmiddleware serve: {error}", file=sys.stderr)
         return 2
+    _raise_open_files_limit(config)
     host, port = config.listen_host_port
     uvicorn.run(
         app,
@@ -117,3 +124,26 @@ def serve_main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
     return 0
+
+
+def _raise_open_files_limit(config: RouterConfig) -> None:
+    """Raises the soft open-files limit to what `max_client_connections` and the upstream pool
+    need (up to the hard limit). Below it the kernel's limit, not the configured bound, would cap
+    client connections, and a flood of them would leave none for the upstream pool."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    need = config.limits.max_client_connections + config.limits.max_connections + _SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        log.warning(
+            "open-files limit %d is below the %d that max_client_connections and max_connections "
+            "need: the kernel will refuse connections first",
+            target,
+            need,
+        )

@@ -11,12 +11,13 @@ bytes on the wire are the test's; every wait is bounded and nothing asserts on w
 from __future__ import annotations
 
 import contextlib
+import resource
 import selectors
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,13 @@ class Serve:
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=20)
 
+    def open_files_limit(self) -> int:
+        """The process's soft open-files limit, as the kernel reports it."""
+        for line in Path(f"/proc/{self.process.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        raise AssertionError("no open-files line in /proc limits")
+
     def peak_memory_kb(self) -> int:
         """The process's resident-set high-water mark (VmHWM), a count the kernel keeps."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -49,7 +57,13 @@ class Serve:
 
 
 @contextlib.contextmanager
-def _serve(tmp_path: Path, backend: RunningServer, limits: str = "", timeouts: str = "") -> Iterator[Serve]:
+def _serve(
+    tmp_path: Path,
+    backend: RunningServer,
+    limits: str = "",
+    timeouts: str = "",
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[Serve]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -58,8 +72,17 @@ def _serve(tmp_path: Path, backend: RunningServer, limits: str = "", timeouts: s
         f'[router]\nlisten = "127.0.0.1:{port}"\n[router.limits]\n{limits}\n[router.timeouts]\n{timeouts}\n'
         f'[[backends]]\nurl = "{backend.url}"\nmodels = ["m"]\n'
     )
-    command = [sys.executable, "-m", "irmiddleware", "serve", "--config", str(config), "--log-level", "warning"]
-    server = Serve(subprocess.Popen(command), port)
+    command = [
+        sys.executable,
+        "-m",
+        "irmiddleware",
+        "serve",
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+    ]
+    server = Serve(subprocess.Popen(command, preexec_fn=preexec_fn), port)
     try:
         wait_until(lambda: _answers(server), "the router answers", timeout_s=30)
         yield server
@@ -86,7 +109,9 @@ def _read_answer(sock: socket.socket) -> bytes:
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
     )
     while len(body) < length:
         chunk = sock.recv(65536)
@@ -116,7 +141,10 @@ def edge(tmp_path_factory: pytest.TempPathFactory, backend: RunningServer) -> It
     """The default limits (64 KiB heads, 75 s idle) but 20 header fields and 1 s head and body
     deadlines, so the tests wait for seconds, not minutes."""
     with _serve(
-        tmp_path_factory.mktemp("edge"), backend, "max_headers = 20", "client_head_s = 1.0\nclient_body_s = 1.0"
+        tmp_path_factory.mktemp("edge"),
+        backend,
+        "max_headers = 20",
+        "client_head_s = 1.0\nclient_body_s = 1.0",
     ) as server:
         yield server
 
@@ -167,7 +195,7 @@ def test_a_64_mb_header_gets_431_and_the_router_never_buffers_it(edge: Serve) ->
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"larger than 65536 bytes" in answer
     grown_mb = (edge.peak_memory_kb() - before_kb) / 1024
-    # Without the bound the router buffered the whole header, several times over (+190 MB).
+    # Without the bound the router buffered the whole header, several times over (over 100 MB).
     assert grown_mb < 16, f"the router's peak memory grew by {grown_mb:.0f} MB"
     assert _answers(edge)
 
@@ -251,13 +279,13 @@ def test_by_default_an_idle_keepalive_connection_outlives_uvicorns_old_5_s(edge:
 
 @pytest.mark.slow
 def test_idle_connections_are_closed_after_client_idle_s(tmp_path: Path, backend: RunningServer) -> None:
-    with _serve(tmp_path, backend, timeouts="client_idle_s = 0.5") as server:
-        with server.connect() as silent, server.connect() as served:
-            served.sendall(_GET)
-            assert _read_answer(served).startswith(b"HTTP/1.1 200 ")
-            # Both reads end (b"") once the router closes; the sockets' 20 s timeout bounds them.
-            assert _read_to_end(silent) == b""  # never sent a byte: closed all the same
-            assert _read_to_end(served) == b""
+    idle = _serve(tmp_path, backend, timeouts="client_idle_s = 0.5")
+    with idle as server, server.connect() as silent, server.connect() as served:
+        served.sendall(_GET)
+        assert _read_answer(served).startswith(b"HTTP/1.1 200 ")
+        # Both reads end (b"") once the router closes; the sockets' 20 s timeout bounds them.
+        assert _read_to_end(silent) == b""  # never sent a byte: closed all the same
+        assert _read_to_end(served) == b""
 
 
 # ---- connections ---------------------------------------------------------------------------------
@@ -283,3 +311,20 @@ def test_a_connection_beyond_the_bound_gets_503_and_the_bound_frees_up(
         wait_until(lambda: _answers(server), "a connection is served once one closed", timeout_s=10)
         for sock in held[1:]:
             sock.close()
+
+
+@pytest.mark.slow
+def test_serve_raises_its_open_files_limit_to_what_the_connection_bound_needs(
+    tmp_path: Path, backend: RunningServer
+) -> None:
+    # A soft limit of 256 would cap client connections far below the configured 1,000.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = 1000 + 1024 + 64  # client bound, the upstream pool's default, the spare
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard open-files limit ({hard}) is below {need}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    with _serve(tmp_path, backend, "max_client_connections = 1000", preexec_fn=low_soft_limit) as server:
+        assert server.open_files_limit() >= need
