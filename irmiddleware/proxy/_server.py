@@ -114,11 +114,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
-            self.transport = transport
-            self._ended = True
-            log.debug("client connection refused: %d open", len(self.connections))
-            transport.write(answer(503, "Too many client connections; retry later."))
-            transport.close()
+            self.transport = transport  # never counted in `connections`, never parsed
+            self._end(503, "Too many client connections; retry later.")
             return
         super().connection_made(transport)
         # uvicorn arms its keep-alive timer only after a response: a connection that never sends
@@ -151,28 +148,34 @@ class EdgeProtocol(HttpToolsProtocol):
         if data:
             super().data_received(data)
 
-    def send_400_response(self, msg: str) -> None:
-        # `on_header` stops the parser by raising; uvicorn then calls this with its own message.
-        if self._headers_count > self.limits.max_headers:
-            self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
-        else:
-            super().send_400_response(msg)
-
     # ---- parser callbacks ----------------------------------------------------------------------
+
+    # After `_end` the parser may still run to the end of the bytes it was given; what it finds
+    # there is ignored.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers_count += 1
-        if self._headers_count > self.limits.max_headers:
-            raise _TooManyHeaders
-        super().on_header(name, value)
+        if self._headers_count <= self.limits.max_headers:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._ended:
+            return
         self._cancel_deadline()
         self._reading_head = False
+        if self._headers_count > self.limits.max_headers:
+            self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
+            return
         super().on_headers_complete()
         self._deadline = self.loop.call_later(self.limits.body_s, self._body_late)
 
+    def on_body(self, body: bytes) -> None:
+        if not self._ended:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._ended:
+            return
         self._cancel_deadline()
         self._reading_head = True
         self._head_bytes = self._headers_count = 0
@@ -226,7 +229,3 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
-
-
-class _TooManyHeaders(Exception):
-    """Raised from `on_header` to stop the parser (httptools turns it into a parser error)."""

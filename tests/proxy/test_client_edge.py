@@ -1,12 +1,14 @@
 """`irmiddleware serve` bounds what a client can hold or make it buffer, at the socket: a head
 over `max_head_bytes` (one 64 MB header) gets 431 while the router's peak memory stays flat, more
 than `max_headers` fields get 431, half-sent heads (sent at once or dripped) and a body that stops
-get 408 and a closed connection after their deadlines, a connection beyond
-`max_client_connections` gets 503 while the ones inside the bound are served, an idle connection
-is closed after `client_idle_s` (a connection that never sent a byte too), and by default an idle
-keep-alive connection is still open, and reused, after uvicorn's old 5 s. Each runs a real
-`irmiddleware serve` process in front of an emulated vLLM and talks to it over raw sockets, so the
-bytes on the wire are the test's; every wait is bounded and nothing asserts on wall-clock time."""
+get 408 and a closed connection after their deadlines, while an answer that lasts longer than
+those deadlines is never cut; a connection beyond `max_client_connections` gets a readable 503
+while the ones inside the bound are served, and `serve` raises its open-files limit so the bound
+is reachable; an idle connection is closed after `client_idle_s` (one that never sent a byte
+too), and by default an idle keep-alive connection is still open, and reused, after uvicorn's old
+5 s. Bad values are one clear `ConfigError`. Each runs a real `irmiddleware serve` process in
+front of an emulated vLLM and talks to it over raw sockets (httpx for the stream), so the bytes on
+the wire are the test's; every wait is bounded and nothing asserts on wall-clock time."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from irmiddleware.proxy import ConfigError, parse_config
@@ -268,6 +271,20 @@ def test_a_body_that_stops_gets_408_and_a_closed_connection(edge: Serve) -> None
 
 
 @pytest.mark.slow
+def test_an_answer_longer_than_the_deadlines_is_never_cut(edge: Serve) -> None:
+    # ~2.5 s of tokens (the emulator's 5 ms each) against 1 s head and body deadlines: the
+    # deadlines cover reading the request, never the answer.
+    body = {"model": "m", "prompt": "Hi", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    url = f"http://127.0.0.1:{edge.port}/v1/completions"
+    with httpx.Client(timeout=30) as client:
+        for _ in range(2):  # twice on one keep-alive connection
+            with client.stream("POST", url, json=body) as response:
+                lines = [line for line in response.iter_lines() if line]
+            assert response.status_code == 200
+            assert len(lines) == 501 and lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.slow
 def test_by_default_an_idle_keepalive_connection_outlives_uvicorns_old_5_s(edge: Serve) -> None:
     with edge.connect() as sock:
         sock.sendall(_GET)
@@ -301,6 +318,7 @@ def test_a_connection_beyond_the_bound_gets_503_and_the_bound_frees_up(
             sock.sendall(_GET)
             assert _read_answer(sock).startswith(b"HTTP/1.1 200 ")
         with server.connect() as extra:
+            extra.sendall(_GET)  # as a client does at once: the answer must still be readable
             answer = _read_to_end(extra)
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
         assert b"retry-after: 1" in answer and b"Too many client connections" in answer
