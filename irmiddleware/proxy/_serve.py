@@ -97,7 +97,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from irmiddleware.proxy._middleware import create_app
-        from irmiddleware.proxy._server import EdgeLimits, edge_protocol
+        from irmiddleware.proxy._server import edge_protocol
 
         config = build_config(args)
         app = create_app(config)
@@ -116,7 +116,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         port=port,
         # The client edge: bounded heads, head/body/idle timeouts, a connection bound
         # (`[router.limits]`, `[router.timeouts]`). The router serves no WebSocket.
-        http=edge_protocol(EdgeLimits.of(config)),
+        http=edge_protocol(config),
         ws="none",
         lifespan="on",
         log_level=args.log_level,

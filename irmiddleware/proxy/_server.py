@@ -1,7 +1,7 @@
 """The client edge of `irmiddleware serve`: uvicorn's httptools protocol with the bounds it lacks.
 
-uvicorn reads a request head of any size (httptools joins a header's pieces as they come, so one
-64 MB header costs hundreds of MB and seconds of CPU), never times out a half-sent head or body,
+uvicorn reads a request head of any size (httptools joins a header's pieces as they come, so a
+header of tens of MB costs a multiple of its size in memory and seconds of CPU), never times out a half-sent head or body,
 arms its keep-alive timer only after a first response (a connection that sends nothing stays
 open), and its `limit_concurrency` answers 503 only once a whole head has arrived. `EdgeProtocol`
 adds, per connection:
@@ -12,8 +12,8 @@ adds, per connection:
   end of the head (`client_body_s`): 408, or a plain close if an answer has already begun;
 - an idle timeout (`client_idle_s`) from the moment a connection is accepted, not only between
   requests;
-- a bound on open connections (`max_client_connections`): one more is answered 503 and closed at
-  once, so the bound holds on sockets as well as on requests.
+- a bound on open connections (`max_client_connections`): one more is answered 503 as soon as it
+  is accepted, before any of it is parsed, so the bound holds on sockets as well as on requests.
 
 An answer that ends a connection is followed by a lingering close (the write side is shut, what
 the client still sends is discarded for at most `_LINGER_S`), so the client reads the answer
@@ -24,7 +24,6 @@ second is cut just like one that stopped.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import http
 import json
 import logging
@@ -32,9 +31,9 @@ from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.config import LimitsConfig, RouterConfig, TimeoutsConfig
 
-__all__ = ["EdgeLimits", "EdgeProtocol", "edge_protocol"]
+__all__ = ["EdgeProtocol", "edge_protocol"]
 
 log = logging.getLogger("irmiddleware.proxy")
 
@@ -46,38 +45,14 @@ _ERROR_TYPES: Final = {
 }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EdgeLimits:
-    """What one client connection may use; `of(config)` reads them from `[router.limits]` and
-    `[router.timeouts]`."""
-
-    max_head_bytes: int
-    max_headers: int
-    max_connections: int
-    head_s: float
-    body_s: float
-    idle_s: float
-
-    @classmethod
-    def of(cls, config: RouterConfig) -> EdgeLimits:
-        limits, timeouts = config.limits, config.timeouts
-        return cls(
-            max_head_bytes=limits.max_head_bytes,
-            max_headers=limits.max_headers,
-            max_connections=limits.max_client_connections,
-            head_s=timeouts.client_head_s,
-            body_s=timeouts.client_body_s,
-            idle_s=timeouts.client_idle_s,
-        )
+def edge_protocol(config: RouterConfig) -> type[EdgeProtocol]:
+    """An `EdgeProtocol` class bound to the configuration's `[router.limits]` and
+    `[router.timeouts]`, for `uvicorn.run(app, http=...)` (uvicorn builds one protocol object per
+    connection from the class it is given)."""
+    return type("EdgeProtocol", (EdgeProtocol,), {"limits": config.limits, "timeouts": config.timeouts})
 
 
-def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
-    """An `EdgeProtocol` class bound to `limits`, for `uvicorn.run(app, http=...)` (uvicorn
-    builds one protocol object per connection from the class it is given)."""
-    return type("EdgeProtocol", (EdgeProtocol,), {"limits": limits})
-
-
-def answer(status: int, message: str) -> bytes:
+def _answer(status: int, message: str) -> bytes:
     """A complete response that ends the connection, with an OpenAI-style error body (the
     protocol cannot know which adapter the request was for: the head is not read yet)."""
     error = {
@@ -97,13 +72,14 @@ def answer(status: int, message: str) -> bytes:
 
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with bounded heads, head/body deadlines, an idle timeout from
-    the first moment and a connection bound (module docstring). Use `edge_protocol(limits)`."""
+    the first moment and a connection bound (module docstring). Use `edge_protocol(config)`."""
 
-    limits: ClassVar[EdgeLimits]
+    limits: ClassVar[LimitsConfig]
+    timeouts: ClassVar[TimeoutsConfig]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]
+        self.timeout_keep_alive = self.timeouts.client_idle_s  # type: ignore[assignment]
         self._reading_head = True  # from the end of one request to the end of the next one's head
         self._head_bytes = 0
         self._headers_count = 0
@@ -113,7 +89,7 @@ class EdgeProtocol(HttpToolsProtocol):
     # ---- the connection ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_client_connections:
             self.transport = transport  # never counted in `connections`, never parsed
             self._end(503, "Too many client connections; retry later.")
             return
@@ -121,7 +97,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn arms its keep-alive timer only after a response: a connection that never sends
         # a byte would stay open for good.
         self.timeout_keep_alive_task = self.loop.call_later(
-            self.limits.idle_s, self.timeout_keep_alive_handler
+            self.timeouts.client_idle_s, self.timeout_keep_alive_handler
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -167,7 +143,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
             return
         super().on_headers_complete()
-        self._deadline = self.loop.call_later(self.limits.body_s, self._body_late)
+        self._deadline = self.loop.call_later(self.timeouts.client_body_s, self._body_late)
 
     def on_body(self, body: bytes) -> None:
         if not self._ended:
@@ -193,17 +169,17 @@ class EdgeProtocol(HttpToolsProtocol):
     def _start_head_deadline(self) -> None:
         if self.cycle is None or self.cycle.response_complete:
             self._cancel_deadline()
-            self._deadline = self.loop.call_later(self.limits.head_s, self._head_late)
+            self._deadline = self.loop.call_later(self.timeouts.client_head_s, self._head_late)
 
     def _head_late(self) -> None:
         self._deadline = None
         if self._reading_head and not self.transport.is_closing():
-            self._end(408, f"The request head did not arrive within {self.limits.head_s:g} s.")
+            self._end(408, f"The request head did not arrive within {self.timeouts.client_head_s:g} s.")
 
     def _body_late(self) -> None:
         self._deadline = None
         if not self._reading_head and not self.transport.is_closing():
-            self._end(408, f"The request body did not arrive within {self.limits.body_s:g} s.")
+            self._end(408, f"The request body did not arrive within {self.timeouts.client_body_s:g} s.")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -225,7 +201,7 @@ class EdgeProtocol(HttpToolsProtocol):
             # An answer has begun (or ended, e.g. a 413 before the body): nothing more may be sent.
             self.transport.close()
             return
-        self.transport.write(answer(status, message))
+        self.transport.write(_answer(status, message))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
