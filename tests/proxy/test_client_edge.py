@@ -6,9 +6,10 @@ those deadlines is never cut; a connection beyond `max_client_connections` gets 
 while the ones inside the bound are served, and `serve` raises its open-files limit so the bound
 is reachable; an idle connection is closed after `client_idle_s` (one that never sent a byte
 too), and by default an idle keep-alive connection is still open, and reused, after uvicorn's old
-5 s. Bad values are one clear `ConfigError`. Each runs a real `irmiddleware serve` process in
-front of an emulated vLLM and talks to it over raw sockets (httpx for the stream), so the bytes on
-the wire are the test's; every wait is bounded and nothing asserts on wall-clock time."""
+5 s. Heads cut into single bytes and pipelined requests read as before. Bad values are one clear
+`ConfigError`. Each runs a real `irmiddleware serve` process in front of an emulated vLLM and
+talks to it over raw sockets (httpx for the stream), so the bytes on the wire are the test's;
+every wait is bounded and nothing asserts on wall-clock time."""
 
 from __future__ import annotations
 
@@ -346,3 +347,19 @@ def test_serve_raises_its_open_files_limit_to_what_the_connection_bound_needs(
 
     with _serve(tmp_path, backend, "max_client_connections = 1000", preexec_fn=low_soft_limit) as server:
         assert server.open_files_limit() >= need
+
+
+@pytest.mark.slow
+def test_heads_split_into_single_bytes_or_pipelined_are_served(edge: Serve) -> None:
+    # The head budget feeds the parser in pieces; a head cut anywhere, or two requests in one
+    # write, must read exactly as uvicorn reads them.
+    with edge.connect() as sock:
+        for byte in _GET:
+            sock.sendall(bytes([byte]))
+        assert _read_answer(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(_GET + _GET)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200 ") < 2:  # bounded by the socket's 20 s timeout
+            chunk = sock.recv(65536)
+            assert chunk, answers
+            answers += chunk
