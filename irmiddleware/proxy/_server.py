@@ -1,10 +1,10 @@
 """The client edge of `irmiddleware serve`: uvicorn's httptools protocol with the bounds it lacks.
 
 uvicorn reads a request head of any size (httptools joins a header's pieces as they come, so a
-header of tens of MB costs a multiple of its size in memory and seconds of CPU), never times out a half-sent head or body,
-arms its keep-alive timer only after a first response (a connection that sends nothing stays
-open), and its `limit_concurrency` answers 503 only once a whole head has arrived. `EdgeProtocol`
-adds, per connection:
+header of tens of MB costs a multiple of its size in memory and seconds of CPU), never times out
+a half-sent head or body, arms its keep-alive timer only after a first response (a connection
+that sends nothing stays open), and its `limit_concurrency` answers 503 only once a whole head
+has arrived. `EdgeProtocol` adds, per connection:
 
 - a head budget checked where the bytes arrive, before the parser buffers them: a head (request
   line and headers) longer than `max_head_bytes`, or with more than `max_headers` fields, gets 431;
@@ -110,8 +110,6 @@ class EdgeProtocol(HttpToolsProtocol):
         # The head's bytes go to the parser no faster than its budget allows, so a head over the
         # budget is refused after at most `max_head_bytes` were buffered, whatever the chunk size.
         while data and self._reading_head:
-            if self._head_bytes == 0:
-                self._start_head_deadline()
             room = self.limits.max_head_bytes - self._head_bytes
             piece, data = data[:room], data[room:]
             self._head_bytes += len(piece)
@@ -123,6 +121,8 @@ class EdgeProtocol(HttpToolsProtocol):
                 return
         if data:
             super().data_received(data)
+        if not self._ended and not self.transport.is_closing():
+            self._arm_deadline()
 
     # ---- parser callbacks ----------------------------------------------------------------------
 
@@ -143,7 +143,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
             return
         super().on_headers_complete()
-        self._deadline = self.loop.call_later(self.timeouts.client_body_s, self._body_late)
 
     def on_body(self, body: bytes) -> None:
         if not self._ended:
@@ -159,16 +158,22 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # Part of the next head came while this answer was under way: its deadline starts now
-        # (an answer in progress never counts against the client's next head).
-        if self._reading_head and self._head_bytes and self._deadline is None and not self._ended:
-            self._start_head_deadline()
+        # Part of the next head may have come while this answer was under way: its deadline
+        # starts now (an answer in progress never counts against the client's next head).
+        if not self._ended and not self.transport.is_closing():
+            self._arm_deadline()
 
     # ---- deadlines and the answers that end a connection ---------------------------------------
 
-    def _start_head_deadline(self) -> None:
-        if self.cycle is None or self.cycle.response_complete:
-            self._cancel_deadline()
+    def _arm_deadline(self) -> None:
+        """After the parser has had the bytes that came: a head or a body left incomplete gets its
+        deadline, unless it has one already. A request that comes whole in one read (the common
+        case) never arms a timer."""
+        if self._deadline is not None:
+            return
+        if not self._reading_head:
+            self._deadline = self.loop.call_later(self.timeouts.client_body_s, self._body_late)
+        elif self._head_bytes and (self.cycle is None or self.cycle.response_complete):
             self._deadline = self.loop.call_later(self.timeouts.client_head_s, self._head_late)
 
     def _head_late(self) -> None:
