@@ -8,11 +8,14 @@ the backend sees none of the refused requests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
-from proxy_support import Emulators, Routers, config_for, wait_idle
+from proxy_support import FAST, Emulator, RouterServer, config_for, wait_idle
 
-from irmiddleware.testing import assert_idle
+from irmiddleware.proxy import create_app
+from irmiddleware.testing import assert_idle, create_vllm_app, serve_in_thread
 
 
 def _nested(depth: int) -> bytes:
@@ -31,31 +34,42 @@ HOSTILE = {
 }
 
 
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Emulator, RouterServer]]:
+    """One emulated vLLM behind one router for the whole module (the cases share nothing)."""
+    app = create_vllm_app(served_model_names=("m",), **FAST)
+    with serve_in_thread(app) as server:
+        backend = Emulator(server, app.state.emulator)
+        with RouterServer(create_app(config_for([backend.url]))) as router:
+            yield backend, router
+
+
+def _post(router: RouterServer, body: bytes) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{router.url}/v1/completions", content=body, headers=headers)
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_json_gets_400_from_the_router(case: str, emulators: Emulators, router: Routers) -> None:
-    (backend,) = emulators(1)
-    server = router(config_for([backend.url]))
+def test_hostile_json_gets_400_from_the_router(case: str, served: tuple[Emulator, RouterServer]) -> None:
+    backend, router = served
     body, reason = HOSTILE[case]
-    response = httpx.post(
-        f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"}
-    )
+    completed = backend.emulator.stats.completed
+    response = _post(router, body)
     assert response.status_code == 400, response.text[:300]
     error = response.json()["error"]
     assert error["type"] == "BadRequestError" and error["code"] == 400
     assert error["message"].startswith("request body is not valid JSON: ") and reason in error["message"]
-    assert backend.emulator.stats.completed == 0  # refused by the router, never forwarded
-    wait_idle(server.app)
-    assert_idle(server.app.router)
+    assert backend.emulator.stats.completed == completed  # refused by the router, never forwarded
+    wait_idle(router.app)
+    assert_idle(router.app.router)
 
 
-def test_a_body_nested_exactly_as_deep_as_the_bound_is_routed(emulators: Emulators, router: Routers) -> None:
-    (backend,) = emulators(1)
-    server = router(config_for([backend.url]))
+def test_a_body_nested_exactly_as_deep_as_the_bound_is_routed(served: tuple[Emulator, RouterServer]) -> None:
+    backend, router = served
+    completed = backend.emulator.stats.completed
     # 127 arrays inside the body's object: 128 levels in all.
-    body = _PREFIX + b', "x": ' + _nested(127) + b"}"
-    response = httpx.post(
-        f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"}
-    )
+    response = _post(router, _PREFIX + b', "x": ' + _nested(127) + b"}")
     assert response.status_code == 200, response.text[:300]
-    wait_idle(server.app)
-    assert_idle(server.app.router)
+    assert backend.emulator.stats.completed == completed + 1
+    wait_idle(router.app)
+    assert_idle(router.app.router)
