@@ -9,8 +9,11 @@ differently, with a `ValueError` whose message says what was wrong, so every cal
   literals, which are not JSON; integers longer than the interpreter's digit limit (4,300 by
   default) fail in the parser itself;
 - a key repeated in one object: the router would read one `model` while a backend whose parser
-  keeps the other occurrence serves another, so the request is ambiguous and refused;
-- text that is not UTF-8 (RFC 8259 §8.1).
+  keeps the other occurrence serves another, so the request is ambiguous and refused.
+
+The text is decoded as `json.loads` decodes bytes (UTF-8, with or without a byte-order mark, or
+UTF-16/32 told by the first bytes), so the router reads what a Python backend reads; bytes that
+do not decode are refused too.
 
 Standard library only, so any layer may use it.
 """
@@ -36,10 +39,11 @@ class JSONBodyError(ValueError):
 def loads_body(body: bytes) -> Any:
     """The JSON value of a request body, read strictly (the rules in the module docstring);
     `JSONBodyError`, a `ValueError`, for anything refused."""
+    encoding = json.detect_encoding(body)
     try:
-        value = _DECODER.decode(body.decode("utf-8"))
+        value = _DECODER.decode(body.decode(encoding, "surrogatepass"))
     except UnicodeDecodeError as error:
-        raise JSONBodyError(f"not UTF-8 ({error.reason} at byte {error.start})") from None
+        raise JSONBodyError(f"not {encoding} text ({error.reason} at byte {error.start})") from None
     except RecursionError:
         raise JSONBodyError(f"nested deeper than {MAX_DEPTH} levels") from None
     except JSONBodyError:

@@ -30,7 +30,7 @@ HOSTILE = {
     "NaN": (_PREFIX + b', "temperature": NaN}', "NaN is not a JSON value"),
     "a 100,000-digit integer": (_PREFIX + b', "seed": ' + b"7" * 100_000 + b"}", "4300 digits"),
     "a duplicated model": (_PREFIX + b', "model": "other"}', "duplicate key 'model'"),
-    "bytes that are not UTF-8": (_PREFIX + b', "prompt": "\xff"}', "not UTF-8"),
+    "bytes that are not UTF-8": (_PREFIX + b', "prompt": "\xff"}', "not utf-8 text"),
 }
 
 
