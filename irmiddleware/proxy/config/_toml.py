@@ -78,7 +78,7 @@ def get(
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and not is_number):
         raise ConfigError(f"`{prefix}{key}` must be {kind.__name__}, got {value!r}")
-    if kind is float and not math.isfinite(value):
+    if kind is float and not math.isfinite(typing.cast(float, value)):
         raise ConfigError(f"`{prefix}{key}` must be a finite number, got {value!r}")
     if low is not None and typing.cast(float, value) < low:
         raise ConfigError(f"`{prefix}{key}` must be >= {low}, got {value!r}")
