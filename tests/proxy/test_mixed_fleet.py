@@ -1,0 +1,158 @@
+"""One router in front of vLLM, TGI and Triton emulators routes by model first, whatever the order of
+the configuration: each client (`openai`, `huggingface_hub.InferenceClient`, a `text_generation`-
+style client over httpx, `tritonclient.http`) is served by the backend of the model it names (or,
+for TGI's base-model names and native routes, by the TGI backend), as the emulators' own request
+counts show; an unknown model, or a model of another protocol, gets 404 in the client's protocol
+and reaches no backend; `/v1/models` lists only what OpenAI clients can reach, Triton's index only
+Triton's models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.http as triton_http  # type: ignore[import-untyped]
+from huggingface_hub import InferenceClient
+from proxy_support import FAST_FLEET, Routers, RouterServer, wait_idle
+from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
+
+from irmiddleware.proxy import parse_config
+from irmiddleware.testing import (
+    TGIConfig,
+    TritonConfig,
+    TritonModel,
+    TritonTensor,
+    assert_idle,
+    create_tgi_app,
+    create_triton_app,
+    create_vllm_app,
+    serve_in_thread,
+)
+
+pytestmark = pytest.mark.slow  # four servers and a router per order; a few seconds each
+
+VLLM_MODEL = "org/vllm-model"
+TGI_MODEL = "org/tgi-model"
+TRITON_MODELS = (
+    TritonModel(
+        "add", inputs=(TritonTensor("A", "FP32", (4,)),), outputs=(TritonTensor("A1", "FP32", (4,)),)
+    ),
+    TritonModel.text_generator("llm"),
+)
+ORDERS = [("vllm", "tgi", "triton"), ("triton", "tgi", "vllm")]
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+class Emulated:
+    """The three emulators (by type), their URLs, and the router in front of them."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        fast = {"time_per_request_s": 0.0, "time_per_output_token_s": 0.001}
+        vllm = create_vllm_app(served_model_names=(VLLM_MODEL,), **fast)
+        tgi = create_tgi_app(TGIConfig(model_id=TGI_MODEL, time_per_output_token_s=0.001))
+        triton = create_triton_app(TritonConfig(models=TRITON_MODELS, time_per_request_s=0.0))
+        self.apps = {"vllm": vllm, "tgi": tgi, "triton": triton}
+        self.urls = {kind: stack.enter_context(serve_in_thread(app)).url for kind, app in self.apps.items()}
+        self.triton_metrics = stack.enter_context(serve_in_thread(triton.state.metrics_app)).url + "/metrics"
+
+    def backends(self, order: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Backends in `order`, their models discovered from the servers."""
+        extra = {"triton": {"metrics_url": self.triton_metrics}}
+        return [{"url": self.urls[kind], "type": kind, **extra.get(kind, {})} for kind in order]
+
+    def received(self) -> dict[str, int]:
+        return {kind: app.state.emulator.stats.received for kind, app in self.apps.items()}
+
+
+@contextlib.contextmanager
+def _mixed(router: Routers, order: tuple[str, ...]) -> Iterator[tuple[Emulated, RouterServer]]:
+    with contextlib.ExitStack() as stack:
+        fleet = Emulated(stack)
+        server = router(parse_config({"router": FAST_FLEET, "backends": fleet.backends(order)}))
+        yield fleet, server
+        wait_idle(server.app)
+        assert_idle(server.app.router)
+
+
+@contextlib.contextmanager
+def _served_by(fleet: Emulated, kind: str | None, count: int = 1) -> Iterator[None]:
+    """Asserts that the block's requests reached `count` times the `kind` backend and no other
+    (`kind` None: no backend at all)."""
+    before = fleet.received()
+    yield
+    after = fleet.received()
+    expected = {name: before[name] + (count if name == kind else 0) for name in before}
+    assert after == expected, f"expected {count} request(s) on {kind}: before {before}, after {after}"
+
+
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_openai_client_is_served_by_the_model_named(router: Routers, order: tuple[str, ...]) -> None:
+    with _mixed(router, order) as (fleet, server):
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        for model, kind in ((VLLM_MODEL, "vllm"), (TGI_MODEL, "tgi"), ("tgi", "tgi")):
+            with _served_by(fleet, kind):
+                reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+                assert reply.choices[0].message.content
+            with _served_by(fleet, kind):
+                stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, stream=True)  # type: ignore[arg-type]
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        with _served_by(fleet, "vllm"):
+            assert client.completions.create(model=VLLM_MODEL, prompt="Hi", max_tokens=3).choices[0].text
+        for unknown in ("nope", "add", "llm"):  # Triton's models are not OpenAI models
+            with (
+                _served_by(fleet, None),
+                pytest.raises(openai.NotFoundError, match=f"`{unknown}` does not exist"),
+            ):
+                client.chat.completions.create(model=unknown, messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+        assert [m.id for m in client.models.list()] == sorted([TGI_MODEL, VLLM_MODEL])
+
+
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_tgi_clients_reach_the_tgi_backend(router: Routers, order: tuple[str, ...]) -> None:
+    with _mixed(router, order) as (fleet, server):
+        hub = InferenceClient(model=server.url)
+        with _served_by(fleet, "tgi"):
+            assert hub.chat_completion(CHAT, max_tokens=4).choices[0].message.content  # model "dummy"
+        with _served_by(fleet, "tgi"):
+            assert hub.text_generation("Hello", max_new_tokens=4)  # POST / (the compat route)
+        with _served_by(fleet, "tgi"):
+            assert list(hub.text_generation("Hello", max_new_tokens=4, stream=True))
+        # What `text_generation.Client` sends: /generate, /generate_stream, and chat as "tgi".
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+            with _served_by(fleet, "tgi"):
+                assert http.post("/generate", json=body).json()["generated_text"]
+            with _served_by(fleet, "tgi"), http.stream("POST", "/generate_stream", json=body) as response:
+                assert response.read().startswith(b"data:")
+            with _served_by(fleet, "tgi"):
+                chat = http.post(
+                    "/v1/chat/completions", json={"model": "tgi", "messages": CHAT, "max_tokens": 3}
+                )
+                assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
+            with _served_by(fleet, None):
+                unknown = http.post("/v1/chat/completions", json={"model": "typo", "messages": CHAT})
+            assert unknown.status_code == 404 and "`typo` does not exist" in unknown.text
+            assert http.get("/info").json()["model_id"] == TGI_MODEL
+            assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_tritonclient_reaches_the_triton_backend(router: Routers, order: tuple[str, ...]) -> None:
+    with _mixed(router, order) as (fleet, server):
+        client = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+        assert client.is_server_ready() and client.is_model_ready("add")
+        data = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+        tensor = triton_http.InferInput("A", [4], "FP32").set_data_from_numpy(data)
+        with _served_by(fleet, "triton"):
+            assert client.infer("add", [tensor]).as_numpy("A1").tolist() == (data + 1).tolist()
+        for other in ("nope", VLLM_MODEL.replace("/", "%2F")):
+            with _served_by(fleet, None), pytest.raises(InferenceServerException, match="does not exist"):
+                client.infer(other, [tensor])
+        with httpx.Client(base_url=server.url) as http:
+            index = http.post("/v2/repository/index", json={"ready": True}).json()
+            assert sorted(entry["name"] for entry in index) == ["add", "llm"]
