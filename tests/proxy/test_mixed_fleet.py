@@ -156,3 +156,28 @@ def test_tritonclient_reaches_the_triton_backend(router: Routers, order: tuple[s
         with httpx.Client(base_url=server.url) as http:
             index = http.post("/v2/repository/index", json={"ready": True}).json()
             assert sorted(entry["name"] for entry in index) == ["add", "llm"]
+
+
+@pytest.mark.parametrize("order", [("vllm", "tgi"), ("tgi", "vllm")], ids="-".join)
+def test_a_model_discovered_on_two_types_keeps_one_whatever_the_order(
+    router: Routers, order: tuple[str, ...]
+) -> None:
+    """Discovery finds "shared" on a vLLM and a TGI server: a pool speaks one protocol, so one type
+    keeps it (most backends, then the first type name: here "tgi"), in either order."""
+    with contextlib.ExitStack() as stack:
+        apps = {
+            "vllm": create_vllm_app(served_model_names=("shared",), time_per_output_token_s=0.001),
+            "tgi": create_tgi_app(TGIConfig(model_id="shared", time_per_output_token_s=0.001)),
+        }
+        urls = {kind: stack.enter_context(serve_in_thread(app)).url for kind, app in apps.items()}
+        backends = [{"url": urls[kind], "type": kind} for kind in order]
+        # Round robin would alternate between the two servers of a pool that had both.
+        config = parse_config({"router": {**FAST_FLEET, "strategy": "round_robin"}, "backends": backends})
+        server = router(config)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model="shared", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+        assert apps["tgi"].state.emulator.stats.received == 3
+        assert apps["vllm"].state.emulator.stats.received == 0
+        wait_idle(server.app)
+        assert_idle(server.app.router)
