@@ -199,7 +199,7 @@ class RoutingMiddleware:
         scope = exchange.scope
         try:
             endpoint, exchange.adapter, model = self._routes.resolve(
-                scope["method"], scope["path"], exchange.body
+                (endpoint, exchange.adapter), scope["method"], scope["path"], exchange.body
             )
         except AdapterError as error:
             raise Reject(error.status, error.message, "rejected", error.param) from None

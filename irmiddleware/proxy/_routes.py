@@ -57,15 +57,21 @@ class Routes:
             return claims if method in claims[0][0].methods else ()
         return tuple(claim for claim in claims if method in claim[0].methods)
 
-    def resolve(self, method: str, path: str, body: bytes) -> tuple[Endpoint, BackendAdapter, str]:
+    def resolve(
+        self, found: Claim, method: str, path: str, body: bytes
+    ) -> tuple[Endpoint, BackendAdapter, str]:
         """The endpoint, adapter and model pool of an inference request. A claim whose adapter
         reads a model served by backends of its own type wins; else a `single_model` claim whose
         request names no model (`model_of` returns "") takes the one model its type serves.
         `AdapterError(404)` when no claim can route it (an unknown model, or a model of another
-        protocol), or the first claim's `AdapterError` when none could read the request."""
+        protocol), or the first claim's `AdapterError` when none could read the request. `found`
+        is what `find` returned for the request."""
+        # With one template adapter (the usual Triton fleet), `found` is its only claim on a path
+        # the index does not know: no second regex match per request.
+        single = path not in self._exact and len(self._matchers) == 1
         read: list[tuple[Endpoint, BackendAdapter, str]] = []
         error: AdapterError | None = None
-        for endpoint, adapter in self._claims(method, path):
+        for endpoint, adapter in (found,) if single else self._claims(method, path):
             try:
                 model = adapter.model_of(endpoint, path, body)
             except AdapterError as refused:
