@@ -8,6 +8,7 @@ Triton's models."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from huggingface_hub import InferenceClient
 from proxy_support import FAST_FLEET, Routers, RouterServer, wait_idle
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
-from irmiddleware.proxy import parse_config
+from irmiddleware.proxy import create_app, parse_config
 from irmiddleware.testing import (
     TGIConfig,
     TritonConfig,
@@ -33,8 +34,6 @@ from irmiddleware.testing import (
     create_vllm_app,
     serve_in_thread,
 )
-
-pytestmark = pytest.mark.slow  # four servers and a router per order; a few seconds each
 
 VLLM_MODEL = "org/vllm-model"
 TGI_MODEL = "org/tgi-model"
@@ -90,6 +89,7 @@ def _served_by(fleet: Emulated, kind: str | None, count: int = 1) -> Iterator[No
     assert after == expected, f"expected {count} request(s) on {kind}: before {before}, after {after}"
 
 
+@pytest.mark.slow  # four servers and a router per order
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 def test_openai_client_is_served_by_the_model_named(router: Routers, order: tuple[str, ...]) -> None:
     with _mixed(router, order) as (fleet, server):
@@ -112,6 +112,7 @@ def test_openai_client_is_served_by_the_model_named(router: Routers, order: tupl
         assert [m.id for m in client.models.list()] == sorted([TGI_MODEL, VLLM_MODEL])
 
 
+@pytest.mark.slow  # four servers and a router per order
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 def test_tgi_clients_reach_the_tgi_backend(router: Routers, order: tuple[str, ...]) -> None:
     with _mixed(router, order) as (fleet, server):
@@ -141,6 +142,7 @@ def test_tgi_clients_reach_the_tgi_backend(router: Routers, order: tuple[str, ..
             assert http.get("/health").status_code == 200
 
 
+@pytest.mark.slow  # four servers and a router per order
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 def test_tritonclient_reaches_the_triton_backend(router: Routers, order: tuple[str, ...]) -> None:
     with _mixed(router, order) as (fleet, server):
@@ -158,6 +160,7 @@ def test_tritonclient_reaches_the_triton_backend(router: Routers, order: tuple[s
             assert sorted(entry["name"] for entry in index) == ["add", "llm"]
 
 
+@pytest.mark.slow  # three servers per order
 @pytest.mark.parametrize("order", [("vllm", "tgi"), ("tgi", "vllm")], ids="-".join)
 def test_a_model_discovered_on_two_types_keeps_one_whatever_the_order(
     router: Routers, order: tuple[str, ...]
@@ -181,3 +184,41 @@ def test_a_model_discovered_on_two_types_keeps_one_whatever_the_order(
         assert apps["vllm"].state.emulator.stats.received == 0
         wait_idle(server.app)
         assert_idle(server.app.router)
+
+
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_what_no_backend_serves_is_404_in_the_clients_protocol(order: tuple[str, ...]) -> None:
+    """The rule alone, without servers (configured models, no checks): nothing here reaches a
+    backend, so nothing needs one."""
+    models = {"vllm": ["v"], "tgi": ["t"], "triton": ["add"]}
+    backends = [
+        {"url": f"http://127.0.0.1:{9 + i}", "type": k, "models": models[k]} for i, k in enumerate(order)
+    ]
+    quiet = {"health": {"enabled": False}, "signals": {"enabled": False}}
+    app = create_app(parse_config({"router": quiet, "backends": backends}))
+
+    async def answers() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://router") as http:
+            chat = {"messages": CHAT}
+            return {
+                "models": await http.get("/v1/models"),
+                "index": await http.post("/v2/repository/index", json={}),
+                "unknown": await http.post("/v1/chat/completions", json={"model": "nope", **chat}),
+                "triton model": await http.post("/v1/chat/completions", json={"model": "add", **chat}),
+                "vllm model on triton": await http.post("/v2/models/v/infer", json={"inputs": []}),
+                "tgi health": await http.get("/health"),
+            }
+
+    try:
+        got = asyncio.run(answers())
+        asyncio.run(app.aclose())
+    finally:
+        app.close()
+    assert [card["id"] for card in got["models"].json()["data"]] == ["t", "v"]
+    assert [entry["name"] for entry in got["index"].json()] == ["add"]
+    for name, model in (("unknown", "nope"), ("triton model", "add")):
+        error = got[name].json()["error"]  # OpenAI's shape: vLLM's adapter answers first on /v1
+        assert got[name].status_code == 404 and error["message"] == f"The model `{model}` does not exist."
+    assert got["vllm model on triton"].status_code == 404
+    assert got["vllm model on triton"].json() == {"error": "The model `v` does not exist."}
+    assert got["tgi health"].status_code == 200
