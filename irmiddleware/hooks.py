@@ -225,8 +225,8 @@ class BackendAdapter:
     `stream_overloaded`, and retries elsewhere as for an overload status. Off by default: holding
     the headers delays them until the first token (the first token itself is not delayed)."""
     single_model: bool = False
-    """True when requests need not name the model (TGI serves one per server): a name the fleet
-    does not serve then means "the one model the backends of this type serve"."""
+    """True when requests need not name the model (TGI serves one per server): a request whose
+    `model_of` is "" then goes to the one model the backends of this type serve."""
     endpoints: tuple[Endpoint, ...] = ()
     """The paths this adapter routes (exact paths; templates with `{...}` need `match`)."""
 

@@ -1,11 +1,13 @@
 """Hugging Face Text Generation Inference (doc/protocols.md §3).
 
 TGI serves one model per server, and its native requests (`/generate`, `/generate_stream`, the
-`/` compat route) do not name it; its chat `model` field is "tgi", a LoRA adapter, or anything a
-client fills in (huggingface_hub sends "dummy"). So a backend's model is its `/info` `model_id`
-(or the configured name), and a request goes to the backends serving the model it names, or,
-when it names none the fleet serves, to the one model the TGI backends serve. Bodies and streams
-(`data:` events without `[DONE]`) go through untouched. Errors are
+`/` compat route) do not name it; its chat `model` field is "tgi" (or absent) for the base model,
+huggingface_hub's placeholder "dummy", or a LoRA adapter's name. So a backend's model is its
+`/info` `model_id` (or the configured names), a request naming one of them goes to its backends,
+and a request naming none (no model, "tgi", "dummy") goes to the one model the TGI backends serve.
+Any other name is unknown to the router (404), as it is to every other protocol: TGI itself would
+fall back to the base model silently, which in a mixed fleet would hide a typo behind a 200.
+Bodies and streams (`data:` events without `[DONE]`) go through untouched. Errors are
 `{"error": ..., "error_type": ...}`; a full server answers 429 `overloaded`, except on streaming
 routes, where it takes its permit inside the stream and so reports overload as the first event of
 a 200 answer (doc/protocols.md §3.4): `data:{"error":"Model is overloaded","error_type":"overloaded"}` on
@@ -27,6 +29,9 @@ __all__ = ["TGIAdapter"]
 _GET: Final = frozenset({"GET"})
 _POST: Final = frozenset({"POST"})
 _OPENAI_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Names meaning "the server's model" rather than naming one: TGI's own ("tgi", its Messages API
+# documentation's example) and huggingface_hub's placeholder when the model is given as a URL.
+_BASE_MODEL_NAMES: Final = frozenset({"", "tgi", "dummy"})
 _ERROR_TYPES: Final = {
     400: "validation",
     404: "not_found",
@@ -73,7 +78,7 @@ class TGIAdapter(OpenAIAdapter):
         except (ValueError, UnicodeDecodeError):
             return ""
         model = parsed.get("model") if isinstance(parsed, dict) else None
-        return model if isinstance(model, str) else ""
+        return model if isinstance(model, str) and model not in _BASE_MODEL_NAMES else ""
 
     def error_body(self, status: int, message: str, param: str | None = None) -> bytes:
         return json.dumps({"error": message, "error_type": _ERROR_TYPES.get(status, "router")}).encode()

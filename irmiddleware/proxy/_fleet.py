@@ -81,6 +81,9 @@ class Fleet:
             self.router.close()
             raise
         self._pools: dict[str, frozenset[int]] = {}
+        self._pool_types: dict[str, str] = {}
+        self._defaults: dict[str, str] = {}
+        """The model of each backend type that serves exactly one."""
         self._metrics = metrics
         self._decided = {
             result: metrics.decisions.labels(config.strategy, result)
@@ -134,6 +137,16 @@ class Fleet:
     def pool_of(self, model: str) -> frozenset[int]:
         return self._pools.get(model, frozenset())
 
+    def type_of(self, model: str) -> str | None:
+        """The backend type (adapter) of the pool serving `model`; None when no backend serves it."""
+        return self._pool_types.get(model)
+
+    def models_at(self, path: str) -> list[str]:
+        """The models a client reaches through `path`: those whose backends' adapter routes it
+        (an OpenAI client's `/v1/models` lists no Triton model, Triton's index no vLLM one)."""
+        types = {b.type for b in self.backends.values() if any(e.path == path for e in b.adapter.endpoints)}
+        return sorted(model for model, kind in self._pool_types.items() if kind in types)
+
     async def discover(self, client: httpx.AsyncClient) -> None:
         """Asks each backend configured without `models` which models it serves. A backend that
         cannot be asked serves nothing until the next discovery (it is logged, not fatal)."""
@@ -153,22 +166,25 @@ class Fleet:
 
     def default_model(self, adapter: BackendAdapter) -> str | None:
         """For a `single_model` adapter (TGI): the one model its type's backends serve, which a
-        request that names none (or names one nobody serves) goes to; None when it is ambiguous."""
-        if not adapter.single_model:
-            return None
-        served = {m for b in self.backends.values() if b.type == adapter.type_name for m in b.models}
-        return next(iter(served)) if len(served) == 1 else None
+        request that names none goes to; None when it is ambiguous."""
+        return self._defaults.get(adapter.type_name) if adapter.single_model else None
 
     def _rebuild_pools(self) -> None:
-        members: dict[str, list[int]] = {}
+        members: dict[str, dict[str, list[int]]] = {}
         for backend in self.backends.values():
             for model in backend.models:
-                members.setdefault(model, []).append(backend.id)
+                members.setdefault(model, {}).setdefault(backend.type, []).append(backend.id)
         for model in set(self._pools) - set(members):
             self.router.remove_pool(model)
-        for model, ids in members.items():
-            self.router.set_pool(model, ids)
-        self._pools = {model: frozenset(ids) for model, ids in members.items()}
+        self._pools, self._pool_types = {}, {}
+        for model, by_type in members.items():
+            kind = _pool_type(model, by_type)
+            self.router.set_pool(model, by_type[kind])
+            self._pools[model], self._pool_types[model] = frozenset(by_type[kind]), kind
+        served: dict[str, list[str]] = {}
+        for model, kind in self._pool_types.items():
+            served.setdefault(kind, []).append(model)
+        self._defaults = {kind: models[0] for kind, models in served.items() if len(models) == 1}
 
     # ---- routing -------------------------------------------------------------------------------
 
@@ -271,3 +287,21 @@ class Fleet:
             for s in self.router.stats()
             if s.id in members
         )
+
+
+def _pool_type(model: str, by_type: dict[str, list[int]]) -> str:
+    """The one backend type whose backends serve `model`. The configuration refuses a model listed
+    for two types; discovery can still find one, and then the type with the most backends serving
+    it keeps it (ties: the first type name), whatever the configuration's order, and the others'
+    backends are left out of its pool."""
+    kind = min(by_type, key=lambda name: (-len(by_type[name]), name))
+    if len(by_type) > 1:
+        left_out = sorted(set(by_type) - {kind})
+        log.error(
+            "model %r is served by backends of types %s; only the %r backends serve it (a model's "
+            "pool speaks one protocol)",
+            model,
+            ", ".join([kind, *left_out]),
+            kind,
+        )
+    return kind

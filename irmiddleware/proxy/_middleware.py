@@ -68,7 +68,7 @@ class RoutingMiddleware:
         self.fleet.on_capacity(self.admission.capacity_appeared)
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
-        self._routes = Routes(self.fleet.backends.values())
+        self._routes = Routes(self.fleet)
         self._observers = RequestObservers(self.plugin_manager, self.fleet.strategy_name)
         self._attempts: AttemptContext | None = None  # built with the upstream client, at startup
         self._start_lock = asyncio.Lock()
@@ -196,14 +196,13 @@ class RoutingMiddleware:
 
     async def _read_request(self, exchange: ClientExchange, endpoint: Endpoint) -> None:
         exchange.body = await _read_body(exchange, self.config.limits.max_body_bytes)
+        scope = exchange.scope
         try:
-            model = exchange.adapter.model_of(endpoint, exchange.scope["path"], exchange.body)
+            endpoint, exchange.adapter, model = self._routes.resolve(
+                (endpoint, exchange.adapter), scope["method"], scope["path"], exchange.body
+            )
         except AdapterError as error:
             raise Reject(error.status, error.message, "rejected", error.param) from None
-        if not self.fleet.serves(model):
-            model = self.fleet.default_model(exchange.adapter) or model
-        if not self.fleet.serves(model):
-            raise Reject(404, f"The model `{model}` does not exist.", "rejected", "model")
         session_key = prompt = None
         if self.fleet.wants_session_key or self.fleet.wants_prompt:
             session_key, prompt = exchange.adapter.affinity_of(endpoint, exchange.body)

@@ -1,50 +1,95 @@
-"""Which requests the router routes: the adapters' endpoints, indexed once, and the app behind a
-standalone router (404 for everything else)."""
+"""Which requests the router routes, and through which adapter: the adapters' endpoints, indexed
+once, the model-first choice of the adapter for a request, and the app behind a standalone router
+(404 for everything else).
+
+Several protocol families may claim one path (vLLM and TGI both serve `/v1/chat/completions`).
+The request's model decides, never the order of the configuration: the model a request names picks
+its pool, and the pool's backends' adapter handles the request (doc/proxy.md, "Mixed fleets").
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
-from irmiddleware.hooks import BackendAdapter, Endpoint
+from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint
 from irmiddleware.proxy._exchange import Receive, Scope, Send, respond
-from irmiddleware.proxy._fleet import Backend
+from irmiddleware.proxy._fleet import Fleet
 
 __all__ = ["Routes", "not_found"]
+
+Claim = tuple[Endpoint, BackendAdapter]
+"""An adapter's endpoint for a path: the adapter would route the request."""
 
 
 class Routes:
     """The endpoints of the fleet's adapters. Exact paths are indexed once, so dispatch costs one
     dict lookup per request; adapters with path parameters (Triton's /v2/models/{name}/infer)
-    override `match` and are asked, one per type, only for paths the index does not know."""
+    override `match` and are asked, one per type, only for paths the index does not know.
 
-    def __init__(self, backends: Iterable[Backend]) -> None:
-        self._exact: dict[str, tuple[Endpoint, BackendAdapter]] = {}
-        matchers: dict[type[BackendAdapter], BackendAdapter] = {}
-        for backend in backends:
-            adapter = backend.adapter
+    The claims on a path are ordered so that the choice never depends on the configuration's order:
+    adapters of protocols whose requests must name their model first, `single_model` ones (TGI,
+    whose requests may name none) last, then by type name. The first claim answers what needs no
+    model (model lists, health) and the errors of a request no claim can route."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        adapters = {backend.adapter.type_name: backend.adapter for backend in fleet.backends.values()}
+        ordered = sorted(adapters.values(), key=lambda a: (a.single_model, a.type_name))
+        exact: dict[str, list[Claim]] = {}
+        for adapter in ordered:
             for endpoint in adapter.endpoints:
-                # The first backend's adapter for a path handles it (adapters of one protocol
-                # family agree on these paths); templates are matched by the adapter.
-                if "{" not in endpoint.path:
-                    self._exact.setdefault(endpoint.path, (endpoint, adapter))
-            if type(adapter).match is not BackendAdapter.match:
-                matchers.setdefault(type(adapter), adapter)
-        self._matchers = tuple(matchers.values())
+                if "{" not in endpoint.path:  # templates are matched by the adapter
+                    exact.setdefault(endpoint.path, []).append((endpoint, adapter))
+        self._exact = {path: tuple(claims) for path, claims in exact.items()}
+        self._matchers = tuple(a for a in ordered if type(a).match is not BackendAdapter.match)
 
-    def find(self, method: str, path: str) -> tuple[Endpoint, BackendAdapter] | None:
-        """The endpoint and adapter routing `method path`; None when the router does not route it."""
-        found = self._exact.get(path)
-        if found is None:
-            found = self._match(method, path)
-        return found if found is not None and method in found[0].methods else None
+    def find(self, method: str, path: str) -> Claim | None:
+        """The first claim on `method path`; None when the router does not route it."""
+        claims = self._claims(method, path)
+        return claims[0] if claims else None
 
-    def _match(self, method: str, path: str) -> tuple[Endpoint, BackendAdapter] | None:
-        for adapter in self._matchers:
-            endpoint = adapter.match(method, path)
-            if endpoint is not None:
-                return endpoint, adapter
-        return None
+    def _claims(self, method: str, path: str) -> tuple[Claim, ...]:
+        claims = self._exact.get(path)
+        if claims is None:
+            found = ((adapter.match(method, path), adapter) for adapter in self._matchers)
+            return tuple((endpoint, adapter) for endpoint, adapter in found if endpoint is not None)
+        if len(claims) == 1:
+            return claims if method in claims[0][0].methods else ()
+        return tuple(claim for claim in claims if method in claim[0].methods)
+
+    def resolve(
+        self, found: Claim, method: str, path: str, body: bytes
+    ) -> tuple[Endpoint, BackendAdapter, str]:
+        """The endpoint, adapter and model pool of an inference request. A claim whose adapter
+        reads a model served by backends of its own type wins; else a `single_model` claim whose
+        request names no model (`model_of` returns "") takes the one model its type serves.
+        `AdapterError(404)` when no claim can route it (an unknown model, or a model of another
+        protocol), or the first claim's `AdapterError` when none could read the request. `found`
+        is what `find` returned for the request."""
+        # With one template adapter (the usual Triton fleet), `found` is its only claim on a path
+        # the index does not know: no second regex match per request.
+        single = path not in self._exact and len(self._matchers) == 1
+        read: list[tuple[Endpoint, BackendAdapter, str]] = []
+        error: AdapterError | None = None
+        for endpoint, adapter in (found,) if single else self._claims(method, path):
+            try:
+                model = adapter.model_of(endpoint, path, body)
+            except AdapterError as refused:
+                error = error or refused
+                continue
+            if model and self._fleet.type_of(model) == adapter.type_name:
+                return endpoint, adapter, model
+            read.append((endpoint, adapter, model))
+        for endpoint, adapter, model in read:
+            default = None if model else self._fleet.default_model(adapter)
+            if default is not None:
+                return endpoint, adapter, default
+        named = next((model for _endpoint, _adapter, model in read if model), None)
+        if named is None and error is not None:
+            raise error
+        if named is None:
+            raise AdapterError(404, "The request names no model, and no single model is served here.")
+        raise AdapterError(404, f"The model `{named}` does not exist.", param="model")
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:

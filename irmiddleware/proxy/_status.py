@@ -48,9 +48,12 @@ class StatusResponder:
     async def answer_endpoint(self, endpoint: Endpoint, adapter: BackendAdapter, send: Send) -> None:
         """The router's own answer to an adapter's "models" or "health" endpoint."""
         if endpoint.kind == "models":
-            await respond(send, 200, adapter.models_body(self.fleet.models, self._created))
+            await respond(send, 200, adapter.models_body(self.fleet.models_at(endpoint.path), self._created))
             return
-        ready = any(stats.state == "active" for stats in self.fleet.router.stats())
+        # Ready when a backend this path's clients can reach takes requests (a TGI client is not
+        # served by an active Triton server).
+        reachable = {b.id for b in self.fleet.backends.values() if endpoint in b.adapter.endpoints}
+        ready = any(s.state == "active" for s in self.fleet.router.stats() if s.id in reachable)
         status, body = adapter.health_answer(ready)
         await respond(send, status, body, JSON_HEADERS if body else ())
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
 from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
 from irmiddleware.proxy.config._sections import (
     AffinityConfig,
@@ -40,10 +41,10 @@ class BackendConfig:
 
     url: str
     type: str = "vllm"
-    capacity: int = bounded(64, 1)
+    capacity: int = bounded(64, 1, CAPACITY_MAX)
     models: tuple[str, ...] = ()
     """Empty = discover from the backend (the adapter's models path) at startup."""
-    weight: float = bounded(1.0, 0.001)
+    weight: float = bounded(1.0, 0.001, WEIGHT_MILLI_MAX / 1000)
     metrics_url: str | None = None
     """Where to scrape load signals; default: the adapter's (Triton: port 8002 of the host)."""
 
@@ -126,6 +127,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         admission=parse_admission(table(data, "admission", "")),
     )
     _no_duplicate_urls(config.backends)
+    _one_type_per_model(config.backends)
     return config
 
 
@@ -157,13 +159,49 @@ def _optional_seconds(router: Mapping[str, Any], key: str) -> int | None:
     return seconds
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _url(value: object, where: str) -> str:
+    """`value` as one canonical http(s) base URL, so that two spellings of one server compare
+    equal (`HTTP://Host:80/` is `http://host`): scheme and host in lower case, the scheme's
+    default port dropped, no trailing slash. The path keeps its case (servers may tell it apart).
+    Credentials are refused: the URL appears in status, metrics labels and logs, and the
+    transport does not send them; the error message never repeats them."""
+    shown = _redacted(value)
     parsed = urllib.parse.urlsplit(value) if isinstance(value, str) else None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"`{where}` must be an http(s) URL like http://127.0.0.1:9001, got {value!r}")
+    if parsed is None or parsed.scheme not in _DEFAULT_PORTS or not parsed.hostname:
+        raise ConfigError(f"`{where}` must be an http(s) URL like http://127.0.0.1:9001, got {shown!r}")
+    if parsed.username is not None or parsed.password is not None:
+        raise ConfigError(
+            f"`{where}` must not carry credentials (user:password@), got {shown!r}; "
+            "authenticate the router to the backend at the network level"
+        )
     if parsed.query or parsed.fragment:
-        raise ConfigError(f"`{where}` must not have a query or fragment, got {value!r}")
-    return str(value).rstrip("/")
+        raise ConfigError(f"`{where}` must not have a query or fragment, got {shown!r}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0  # out of 0..65535, or not a number: `urlsplit` refuses to read it
+    if port == 0:
+        raise ConfigError(f"`{where}` must have a port in 1..65535, got {shown!r}")
+    scheme, host = parsed.scheme, parsed.hostname
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc = f"{netloc}:{port}"
+    return urllib.parse.urlunsplit((scheme, netloc, parsed.path.rstrip("/"), "", ""))
+
+
+def _redacted(value: object) -> object:
+    """`value` with a URL's `user:password@` replaced by `***@`, for error messages (a user name
+    alone may be a token)."""
+    if not isinstance(value, str):
+        return value
+    scheme, sep, rest = value.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or "/" in userinfo:
+        return value
+    return f"{scheme}{sep}***@{host}"
 
 
 def check_listen(value: str) -> str:
@@ -187,8 +225,25 @@ def _path(value: str, key: str) -> str:
 
 
 def _no_duplicate_urls(backends: Sequence[BackendConfig]) -> None:
-    seen: set[str] = set()
+    # URLs are canonical by now, so two spellings of one server meet here: listed twice, it would
+    # get twice its capacity.
+    seen: dict[str, int] = {}
     for index, backend in enumerate(backends):
         if backend.url in seen:
-            raise ConfigError(f"`backends[{index}].url` {backend.url!r} is listed twice")
-        seen.add(backend.url)
+            first = f"`backends[{seen[backend.url]}].url`"
+            raise ConfigError(f"`backends[{index}].url` {backend.url!r} is the server of {first}")
+        seen[backend.url] = index
+
+
+def _one_type_per_model(backends: Sequence[BackendConfig]) -> None:
+    # A model's pool is served through its backends' adapter (doc/proxy.md, "Mixed fleets"), so
+    # every backend of a pool must speak the same protocol.
+    types: dict[str, tuple[str, int]] = {}
+    for index, backend in enumerate(backends):
+        for model in backend.models:
+            kind, first = types.setdefault(model, (backend.type, index))
+            if kind != backend.type:
+                raise ConfigError(
+                    f"`backends[{index}].models` lists {model!r}, which `backends[{first}]` serves as "
+                    f"type {kind!r}: a model is served by backends of one type"
+                )

@@ -9,6 +9,7 @@ table into it, taking each key's type from the field's default. Every error name
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -67,7 +68,9 @@ def field_value(values: Mapping[str, Any], spec: dataclasses.Field[Any], prefix:
 def get(
     values: Mapping[str, Any], key: str, kind: type, prefix: str, default: Any, low: float | None = None
 ) -> Any:
-    """`values[key]` (else `default`) if it is a `kind` not below `low`; ConfigError otherwise."""
+    """`values[key]` (else `default`) if it is a `kind` not below `low`; ConfigError otherwise.
+    A float must be finite: TOML spells `nan` and `inf`, and neither is a usable timeout, weight or
+    rate (a NaN compares false with every bound, so it would pass them all)."""
     value: Any = values.get(key, default)
     # bool is an int in Python; a `true` where a number belongs is a mistake, not 1.
     is_number = kind in (int, float) and not isinstance(value, bool)
@@ -75,6 +78,8 @@ def get(
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and not is_number):
         raise ConfigError(f"`{prefix}{key}` must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(typing.cast(float, value)):
+        raise ConfigError(f"`{prefix}{key}` must be a finite number, got {value!r}")
     if low is not None and typing.cast(float, value) < low:
         raise ConfigError(f"`{prefix}{key}` must be >= {low}, got {value!r}")
     return value
