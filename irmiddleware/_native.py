@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import functools
 import os
 import threading
 import warnings
@@ -607,17 +606,19 @@ class NativeTable:
 
     # ---- request records: the seed API's per-call path ------------------------------------------
 
-    def route_call(self) -> Callable[[int, int, int, int, int], int]:
-        """The core's `irm_route` bound to this table: `call(strategy, request_id & 0xFFFFFFFF,
-        request_id >> 32, cost, priority)` reserves `cost` and records the request (for
-        `complete`), and returns the chosen slot (>= 0), ROUTE_NONE when nothing fits, or
+    def route_call(self) -> tuple[Callable[[int, int, int, int, int, int], int], int]:
+        """The core's `irm_route` and this table's handle: `function(handle, strategy, request_id
+        & 0xFFFFFFFF, request_id >> 32, cost, priority)` reserves `cost` and records the request
+        (for `complete`), and returns the chosen slot (>= 0), ROUTE_NONE when nothing fits, or
         `-status` when refused (`raise_route_refusal` raises it).
 
-        The seed API's per-call path: no converters and no out-parameter, so the caller must pass
-        ints in range (ids in 0..REQUEST_ID_MAX, cost and priority as `acquire` takes them);
-        other ints would be truncated to 32 bits, and other types raise `CallArgumentError`. A
-        call after `close` answers `-invalid_handle` (handles carry a generation)."""
-        return functools.partial(_fast_route, self._handle)
+        The seed API's per-call path, so the bare foreign function (a bound method or a
+        `functools.partial` costs a tenth of the call): no converters and no out-parameter, so
+        the caller must pass ints in range (ids in 0..REQUEST_ID_MAX, cost and priority as
+        `acquire` takes them); other ints would be truncated to 32 bits, and other types raise
+        `CallArgumentError`. After `close` the handle is refused (`-invalid_handle`): handles
+        carry a generation, so a closed table's handle never names another table."""
+        return _fast_route, self._handle
 
     def complete(self, request_id: int, ok: bool, latency_us: int) -> bool:
         """Releases exactly what `route` reserved for `request_id` and forgets it; `latency_us`

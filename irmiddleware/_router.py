@@ -228,7 +228,7 @@ class Router:
         self._accelerators: dict[int, Accelerator] = {}
         # The seed API's per-call path: `irm_route` bound to the table, which records each request
         # in the core (ids that are ints in 0..2**64-1, routed without options).
-        self._route = self._table.route_call()
+        self._route, self._handle = self._table.route_call()
         # Every other reservation of route_request/route_batch by request id: (ticket, cost,
         # start in perf_counter_ns).
         self._in_flight: dict[object, tuple[int, int, int]] = {}
@@ -412,7 +412,9 @@ class Router:
             if self._in_flight and request_id in self._in_flight:
                 raise _already_in_flight(request_id)
             try:
-                slot = self._route(self._strategy, request_id & 0xFFFF_FFFF, request_id >> 32, cost, priority)
+                slot = self._route(
+                    self._handle, self._strategy, request_id & 0xFFFF_FFFF, request_id >> 32, cost, priority
+                )
             except _native.CallArgumentError:
                 _refuse_request(cost, priority)  # a float cost or priority: ctypes cannot pass it
             if slot >= 0:
