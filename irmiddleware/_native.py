@@ -10,7 +10,9 @@ Those symbols take only 32-bit integers and pointers, which ctypes passes as C i
 id travels in two halves); `NativeTable` checks every value's range before such a call, and the
 core validates them again at its edge.
 
-Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel.
+Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel; the seed API's
+per-call pair (`irm_route`, `irm_complete`) keeps it (`ctypes.PyDLL`): their work in the core is
+shorter than the GIL's round trip.
 """
 
 from __future__ import annotations
@@ -235,11 +237,12 @@ def _library_path() -> Path:
     return Path(__file__).parent / "_lib" / "libirm.so"
 
 
-def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+def _load() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.PyDLL]:
     path = _library_path()
     try:
         checked = ctypes.CDLL(str(path))
         fast = ctypes.CDLL(str(path))
+        holding_gil = ctypes.PyDLL(str(path))
     except OSError as error:
         raise _errors.NativeLibraryError(
             f"cannot load the native core {path}: {error}. Reinstall with `pip install .` "
@@ -255,16 +258,19 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         raise _errors.NativeLibraryError(
             f"{path} has ABI version {version.value}, this binding needs {ABI_VERSION}; reinstall"
         )
-    return checked, fast
+    return checked, fast, holding_gil
 
 
-_lib, _fast = _load()
+_lib, _fast, _holding_gil = _load()
 # Hot path: same symbols, no converters (see the module docstring). restype defaults to C int.
 _fast_acquire = _fast.irm_acquire
 _fast_release = _fast.irm_release
 _fast_acquire_among = _fast.irm_acquire_among
-_fast_route = _fast.irm_route
-_fast_complete = _fast.irm_complete
+# The seed API's calls keep the GIL: releasing and taking it back costs more than their work in the
+# core (a bounded decision and a map update, never a wait on Python), and the Python around them
+# holds the GIL anyway.
+_fast_route = _holding_gil.irm_route
+_fast_complete = _holding_gil.irm_complete
 _LOW: Final = 0xFFFF_FFFF
 _UNKNOWN_REQUEST: Final = _STATUS_NAMES.index("unknown_request")
 _DUPLICATE_REQUEST: Final = _STATUS_NAMES.index("duplicate_request")
