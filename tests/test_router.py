@@ -409,9 +409,10 @@ def test_a_slot_released_twice_is_refused(fleet: Fleet) -> None:
     assert_idle(router)
 
 
-def test_the_slot_example_of_the_api_doc_runs() -> None:
+def run_api_doc_example(heading: str) -> str:
+    """Runs the first Python block under `heading` in doc/api.md; returns what it printed."""
     text = (Path(__file__).resolve().parents[1] / "doc" / "api.md").read_text(encoding="utf-8")
-    section = text[text.index("## Slot-level calls") :]
+    section = text[text.index(heading) :]
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block is not None
     output = io.StringIO()
@@ -421,7 +422,17 @@ def test_the_slot_example_of_the_api_doc_runs() -> None:
     for value in namespace.values():  # the example's routers, freed now rather than by `__del__`
         if isinstance(value, Router):
             value.close()
-    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()
+    return output.getvalue()
+
+
+def test_the_slot_example_of_the_api_doc_runs() -> None:
+    output = run_api_doc_example("## Slot-level calls")
+    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output), output
+
+
+def test_the_seed_api_example_of_the_api_doc_runs() -> None:
+    output = run_api_doc_example("## The seed API's requests")
+    assert output == "request 7 is already in flight; complete it first\n0 0\n", output
 
 
 def test_a_stale_release_is_refused_and_leaves_the_new_accelerator_alone() -> None:
