@@ -50,6 +50,9 @@ BATCH_COUNT_MAX: Final = 1 << 16
 larger batches into calls of at most this many."""
 ROUTE_NONE: Final = -(1 << 31)
 """`irm_route`'s result when nothing fits (`route_none`, zig/abi.zig)."""
+ROUTE_SLOT_BASE: Final = -(1 << 30)
+"""`irm_route`'s results from this one down name the slot of a backend whose id is 2**31 or
+above: `ROUTE_SLOT_BASE - result` (`route_slot_base`, zig/abi.zig)."""
 REQUEST_ID_MAX: Final = 2**64 - 1
 """Request ids `irm_route` records in the core (u64); the router keeps any other id itself."""
 CallArgumentError: Final = ctypes.ArgumentError
@@ -615,8 +618,9 @@ class NativeTable:
     def route_call(self) -> tuple[Callable[[int, int, int, int, int, int], int], int]:
         """The core's `irm_route` and this table's handle: `function(handle, strategy, request_id
         & 0xFFFFFFFF, request_id >> 32, cost, priority)` reserves `cost` and records the request
-        (for `complete`), and returns the chosen slot (>= 0), ROUTE_NONE when nothing fits, or
-        `-status` when refused (`raise_route_refusal` raises it).
+        (for `complete`), and returns the chosen backend's id (>= 0; for an id of 2**31 or more,
+        `ROUTE_SLOT_BASE - slot`), ROUTE_NONE when nothing fits, or `-status` when refused
+        (`raise_route_refusal` raises it).
 
         The seed API's per-call path, so the bare foreign function (a bound method or a
         `functools.partial` costs a tenth of the call): no converters and no out-parameter, so

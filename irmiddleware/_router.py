@@ -21,6 +21,7 @@ from irmiddleware._native import (
     COST_MAX,
     REQUEST_ID_MAX,
     ROUTE_NONE,
+    ROUTE_SLOT_BASE,
     SLOT_NONE,
     TICKET_SLOT_MASK,
     SlotRecord,
@@ -412,17 +413,18 @@ class Router:
             if self._in_flight and request_id in self._in_flight:
                 raise _already_in_flight(request_id)
             try:
-                slot = self._route(
+                result = self._route(
                     self._handle, self._strategy, request_id & 0xFFFF_FFFF, request_id >> 32, cost, priority
                 )
             except _native.CallArgumentError:
                 _refuse_request(cost, priority)  # a float cost or priority: ctypes cannot pass it
-            if slot >= 0:
-                accelerator_id = self._ids_by_slot[slot]
-                return self._id_of(slot) if accelerator_id is None else accelerator_id
-            if slot == ROUTE_NONE:
+            if result >= 0:
+                return result  # the accelerator's id, from the table
+            if result == ROUTE_NONE:
                 return None
-            _native.raise_route_refusal(slot, request_id)
+            if result <= ROUTE_SLOT_BASE:  # an id of 2**31 or more: named by its slot
+                return int(self._table.read(ROUTE_SLOT_BASE - result).id)
+            _native.raise_route_refusal(result, request_id)
         return self._route_recorded_here(request, pool, affinity_key, prefix_hashes)
 
     def _route_recorded_here(

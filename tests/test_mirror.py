@@ -140,6 +140,7 @@ CONSTANTS = [
     ("table.zig", "flag_racy_for_tests", "FLAG_RACY_FOR_TESTS"),
     ("abi.zig", "hashes_max", "PREFIX_HASHES_MAX"),
     ("abi.zig", "route_none", "ROUTE_NONE"),
+    ("abi.zig", "route_slot_base", "ROUTE_SLOT_BASE"),
 ]
 
 

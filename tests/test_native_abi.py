@@ -101,7 +101,7 @@ def test_route_and_complete_never_crash_and_release_exactly(
 ) -> None:
     result = _lib.irm_route(handle, strategy, low, high, cost, priority)
     if result >= 0:
-        assert handle == TABLE._handle and cost > 0 and result < 3
+        assert handle == TABLE._handle and cost > 0 and result < 3  # ids and slots coincide here
         assert TABLE.read(result).cost_in_flight == cost
     else:
         assert result == _native.ROUTE_NONE or -result in VALID_STATUSES

@@ -616,3 +616,18 @@ def test_closing_with_requests_in_flight_frees_their_records() -> None:
     with pytest.raises(InvalidHandleError):
         router.complete(3)
     router.close()  # idempotent
+
+
+def test_route_request_names_any_accelerator_id_even_one_another_process_added(shared_name: str) -> None:
+    with (
+        Router("round_robin", shared_memory=shared_name) as worker,
+        Router("round_robin", shared_memory=shared_name) as owner,
+    ):
+        ids = {2**64 - 1, 2**31, 2**31 - 1, 7}  # both sides of what fits the core's i32 result
+        for accelerator_id in ids:  # after the worker attached: it never saw them added
+            owner.add_accelerator(Accelerator(accelerator_id, 4))
+        routed = {worker.route_request(Request(index)) for index in range(len(ids))}
+        assert routed == ids
+        for index in range(len(ids)):
+            worker.complete(index)
+        assert_idle(owner)

@@ -504,14 +504,23 @@ export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_
 
 /// `irm_route`'s result when nothing fits: nothing was reserved or recorded.
 pub const route_none: i32 = -(1 << 31);
+/// `irm_route`'s results from this one down name a routed request whose backend has an id that
+/// does not fit the result (2^31 and above) by its slot: `route_slot_base - result`.
+pub const route_slot_base: i32 = -(1 << 30);
+
+comptime {
+    // Slot results lie strictly between `route_none` and every `-status`.
+    assert(route_slot_base - @as(i64, table_mod.backends_max_limit) > route_none);
+    assert(route_slot_base < -@as(i32, @intCast(@typeInfo(Status).@"enum".field_names.len)));
+}
 
 /// The seed API's per-call path in one foreign call: picks a backend with `strategy`, reserves
 /// `cost` on it and records request `request_id` (passed in 32-bit halves) in this handle's
 /// request records, with the reservation and the time, for `irm_complete`. Returns the chosen
-/// slot (>= 0), `route_none` when nothing fits, or `-status` when refused: `duplicate_request` if
-/// the id is in flight already (nothing reserved). Not a status and an out-pointer, and only
-/// 32-bit integers: the binding calls it without ctypes converters or out-parameter objects,
-/// whose per-call cost exceeds the decision's.
+/// backend's id when it is below 2^31 (else `route_slot_base - slot`), `route_none` when nothing
+/// fits, or `-status` when refused: `duplicate_request` if the id is in flight already (nothing
+/// reserved). Not a status and an out-pointer, and only 32-bit integers: the binding calls it
+/// without ctypes converters or out-parameter objects, whose per-call cost exceeds the decision's.
 ///
 /// The records are this process's, per handle, never in the table: on a shared table, only the
 /// process that routed a request can complete it this way.
@@ -531,8 +540,12 @@ export fn irm_route(handle: u32, strategy: u32, request_id_low: u32, request_id_
         return route_none;
     }
     entry.requests.commit(request_id, t.ticketOf(slot), cost_checked);
+    // The reservation keeps the slot from being freed, so its id cannot change under us; it is
+    // the table's, so it is right also for a backend another process added.
+    const id = t.slots[slot].id.load(.monotonic);
+    if (id <= std.math.maxInt(i32)) return @intCast(id);
     assert(slot < table_mod.backends_max_limit);
-    return @intCast(slot);
+    return route_slot_base - @as(i32, @intCast(slot));
 }
 
 /// Completes a request `irm_route` recorded on this handle: releases exactly the reservation it
@@ -866,8 +879,8 @@ test "route records a request, complete releases exactly it, once" {
     var slot: u32 = 0;
     try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 42, 3, 1000, &slot));
     const round_robin = 0;
-    // An id above 2^32 travels in halves.
-    try std.testing.expectEqual(@as(i32, @intCast(slot)), irm_route(handle, round_robin, 7, 1, 2, 0));
+    // An id above 2^32 travels in halves; the backend's id comes back.
+    try std.testing.expectEqual(@as(i32, 42), irm_route(handle, round_robin, 7, 1, 2, 0));
     try std.testing.expectEqual(refused(.duplicate_request), irm_route(handle, round_robin, 7, 1, 1, 0));
     try std.testing.expectEqual(route_none, irm_route(handle, round_robin, 8, 0, 2, 0)); // 2 + 2 > 3
     try std.testing.expectEqual(status(.unknown_request), irm_complete(handle, 8, 0, 1, 0));
@@ -887,20 +900,20 @@ test "route records a request, complete releases exactly it, once" {
     try std.testing.expectEqual(@as(u64, 250), info.latency_us_ewma);
 }
 
-test "a completion whose slot was reused since is refused" {
+test "a completion whose slot was reused since is refused, and wide ids come back by slot" {
     var handle: u32 = 0;
     try std.testing.expectEqual(status(.ok), irm_table_create(1, 0, 0, &handle));
     defer _ = irm_table_destroy(handle);
     var slot: u32 = 0;
     try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));
-    try std.testing.expectEqual(@as(i32, @intCast(slot)), irm_route(handle, 0, 5, 0, 1, 0));
+    try std.testing.expectEqual(@as(i32, 1), irm_route(handle, 0, 5, 0, 1, 0));
     // A second, wrong release of the same slot frees it behind the record's back...
     var ticket: u64 = 0;
     try std.testing.expectEqual(status(.ok), irm_request_read(handle, 5, 0, &ticket));
     try std.testing.expectEqual(status(.ok), irm_backend_remove(handle, slot));
     try std.testing.expectEqual(status(.ok), irm_release(handle, slot, @intCast(ticket >> 32), 1, 0, 1));
     // ...so the slot is reused, and the record's release must not land on the new backend.
-    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 2, 10, 1000, &slot));
+    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1 << 31, 10, 1000, &slot));
     try std.testing.expectEqual(status(.stale_release), irm_complete(handle, 5, 0, 1, -1));
     var info: BackendInfo = undefined;
     try std.testing.expectEqual(status(.ok), irm_backend_read(handle, slot, &info));
@@ -908,5 +921,5 @@ test "a completion whose slot was reused since is refused" {
     try std.testing.expectEqual(@as(u64, 0), info.completed_total);
     // A record left in flight is freed with its handle (the testing allocator is not used here,
     // so `requests.zig`'s own tests check the freeing).
-    try std.testing.expectEqual(@as(i32, @intCast(slot)), irm_route(handle, 0, 6, 0, 1, 0));
+    try std.testing.expectEqual(route_slot_base - @as(i32, @intCast(slot)), irm_route(handle, 0, 6, 0, 1, 0));
 }
