@@ -872,12 +872,20 @@ test "bad handles and arguments return statuses" {
     try std.testing.expectEqual(status(.ok), irm_release(handle, slot, 1, 1, 0, 1));
 }
 
-test "route records a request, complete releases exactly it, once" {
+/// A new table of `backends_max` holding one backend `id` of `capacity`; the caller destroys it.
+fn testTableWithBackend(backends_max: u32, id: u64, capacity: i64) !struct { handle: u32, slot: u32 } {
     var handle: u32 = 0;
-    try std.testing.expectEqual(status(.ok), irm_table_create(4, 0, 0, &handle));
-    defer _ = irm_table_destroy(handle);
+    try std.testing.expectEqual(status(.ok), irm_table_create(backends_max, 0, 0, &handle));
+    errdefer _ = irm_table_destroy(handle);
     var slot: u32 = 0;
-    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 42, 3, 1000, &slot));
+    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, id, capacity, 1000, &slot));
+    return .{ .handle = handle, .slot = slot };
+}
+
+test "route records a request, complete releases exactly it, once" {
+    const created = try testTableWithBackend(4, 42, 3);
+    const handle, const slot = .{ created.handle, created.slot };
+    defer _ = irm_table_destroy(handle);
     const round_robin = 0;
     // An id above 2^32 travels in halves; the backend's id comes back.
     try std.testing.expectEqual(@as(i32, 42), irm_route(handle, round_robin, 7, 1, 2, 0));
@@ -901,11 +909,10 @@ test "route records a request, complete releases exactly it, once" {
 }
 
 test "a completion whose slot was reused since is refused, and wide ids come back by slot" {
-    var handle: u32 = 0;
-    try std.testing.expectEqual(status(.ok), irm_table_create(1, 0, 0, &handle));
+    const created = try testTableWithBackend(1, 1, 10);
+    const handle = created.handle;
+    var slot = created.slot;
     defer _ = irm_table_destroy(handle);
-    var slot: u32 = 0;
-    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1, 10, 1000, &slot));
     try std.testing.expectEqual(@as(i32, 1), irm_route(handle, 0, 5, 0, 1, 0));
     // A second, wrong release of the same slot frees it behind the record's back...
     var ticket: u64 = 0;
