@@ -11,6 +11,8 @@ import contextlib
 import gc
 import io
 import re
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -631,3 +633,45 @@ def test_route_request_names_any_accelerator_id_even_one_another_process_added(s
         for index in range(len(ids)):
             worker.complete(index)
         assert_idle(owner)
+
+
+SEED_API_CLOSED_UNDER_THREADS = """
+import itertools, sys, threading
+from irmiddleware import Accelerator, InvalidHandleError, Request, Router
+
+ids = itertools.count()  # unique across threads (next() on a count is atomic under the GIL)
+
+def seed_api_loop(router, ended):
+    try:
+        while True:
+            request_id = next(ids)
+            if router.route_request(Request(request_id)) is not None and request_id % 3:
+                router.complete(request_id)  # every third stays in flight, for close to free
+    except InvalidHandleError:
+        ended.append(threading.current_thread().name)
+
+for round_index in range(int(sys.argv[1])):
+    with Router("p2c", max_accelerators=4) as router:
+        router.add_accelerator(Accelerator(1, capacity=64))
+        ended = []
+        workers = [threading.Thread(target=seed_api_loop, args=(router, ended)) for _ in range(3)]
+        [worker.start() for worker in workers]
+        threading.Event().wait(0.0005 * (round_index % 4))
+    [worker.join() for worker in workers]
+    assert len(ended) == 3, ended
+print("survived")
+"""
+
+
+@pytest.mark.slow
+def test_closing_under_seed_api_threads_frees_their_records_safely() -> None:
+    # A route or complete that touched the record map after close freed it would kill the child
+    # with a signal (the shipped library checks bounds) instead of ending each thread cleanly.
+    result = subprocess.run(
+        [sys.executable, "-c", SEED_API_CLOSED_UNDER_THREADS, "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "survived"
