@@ -227,9 +227,9 @@ class Router:
         self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
         self._slots_by_id: dict[int, int] = {}
         self._accelerators: dict[int, Accelerator] = {}
-        # The seed API's per-call path: the core's `irm_route` and the table's handle (called bare:
-        # a bound method would cost a tenth of the call). The core records each request it routes
-        # (ids that are ints in 0..2**64-1, routed without options).
+        # The seed API's per-call path: the core's `irm_route` and the table's handle, called bare
+        # (no wrapper: every layer adds to the per-call cost). The core records each request it
+        # routes (ids that are ints in 0..2**64-1, routed without options).
         self._route, self._handle = self._table.route_call()
         # Every other reservation of route_request/route_batch by request id: (ticket, cost,
         # start in perf_counter_ns).
