@@ -283,6 +283,7 @@ class Router:
         """Releases the table (the shared segment's name stays; see `unlink_shared`). Requests
         still in flight are forgotten; in a shared table their load stays counted."""
         self._table.close()
+        self._handle = 0  # never a handle: the fast path's calls are refused from now on
 
     def __enter__(self) -> Router:
         return self
