@@ -3,13 +3,16 @@
 It loads the library once, declares `argtypes`/`restype` for every exported function, checks the
 ABI version, and turns statuses into the typed exceptions of `_errors`.
 
-The two hot-path calls (`irm_acquire`, `irm_release`) are also reached through a second function
-object of the same symbol *without* argtypes: ctypes' per-argument converters cost more than the
-routing decision itself (measured: 0.55 M vs 2.4 M call pairs/s). Those symbols take only 32-bit
-integers and one pointer, which ctypes passes as C ints; `NativeTable` checks every value's range
-before such a call, and the core validates them again at its edge.
+The hot-path calls (`irm_acquire`, `irm_release`, `irm_route`, `irm_complete`) are also reached
+through a second function object of the same symbol *without* argtypes: ctypes' per-argument
+converters cost more than the routing decision itself (measured: 0.55 M vs 2.4 M call pairs/s).
+Those symbols take only 32-bit integers and pointers, which ctypes passes as C ints (a u64 request
+id travels in two halves); `NativeTable` checks every value's range before such a call, and the
+core validates them again at its edge.
 
-Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel.
+Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel; the seed API's
+per-call pair (`irm_route`, `irm_complete`) keeps it (`ctypes.PyDLL`): their work in the core is
+shorter than the GIL's round trip.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import enum
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 3
+ABI_VERSION: Final = 4
 SLOT_NONE: Final = 0xFFFF_FFFF
 """No slot; also the ticket the acquire calls return when nothing fits."""
 TICKET_SLOT_MASK: Final = 0xFFFF_FFFF
@@ -45,6 +48,15 @@ PREFIX_HASHES_MAX: Final = 1 << 16
 BATCH_COUNT_MAX: Final = 1 << 16
 """The most entries one batch call takes (`batch_count_max`, zig/abi.zig); the binding splits
 larger batches into calls of at most this many."""
+ROUTE_NONE: Final = -(1 << 31)
+"""`irm_route`'s result when nothing fits (`route_none`, zig/abi.zig)."""
+ROUTE_SLOT_BASE: Final = -(1 << 30)
+"""`irm_route`'s results from this one down name the slot of a backend whose id is 2**31 or
+above: `ROUTE_SLOT_BASE - result` (`route_slot_base`, zig/abi.zig)."""
+REQUEST_ID_MAX: Final = 2**64 - 1
+"""Request ids `irm_route` records in the core (u64); the router keeps any other id itself."""
+CallArgumentError: Final = ctypes.ArgumentError
+"""What a converter-free call raises for an argument it cannot pass (a float, a string)."""
 
 
 class StrategyCode(enum.IntEnum):
@@ -102,6 +114,8 @@ _STATUS_NAMES: Final = (
     "system_error",
     "shared_corrupt",
     "stale_release",
+    "duplicate_request",
+    "unknown_request",
 )
 
 _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
@@ -128,6 +142,9 @@ _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
     "system_error": _errors.SharedMemoryError,
     "shared_corrupt": _errors.SharedMemoryError,
     "stale_release": _errors.StaleReleaseError,
+    # The router turns these two into the seed API's ValueError and KeyError with their messages.
+    "duplicate_request": _errors.InvalidArgumentError,
+    "unknown_request": _errors.NativeError,
 }
 
 
@@ -206,7 +223,14 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_release_batch": [_u32, _u32, _pu64, _pi32, _pu32, _u32, _pu32],
     "irm_table_snapshot": [_u32, ctypes.POINTER(SlotRecord), _u32, _pu32],
     "irm_backend_read": [_u32, _u32, ctypes.POINTER(SlotRecord)],
+    "irm_route": [_u32, _u32, _u32, _u32, _i32, _u32],
+    "irm_complete": [_u32, _u32, _u32, _u32, _i32],
+    "irm_request_read": [_u32, _u32, _u32, _pu64],
+    "irm_requests_count": [_u32, _pu64],
 }
+_RESULT_TYPES: Final[dict[str, Any]] = {}
+"""Exports that return something other than an i32 status (`irm_route` returns an i32 that is
+not one: see `NativeTable.route_call`)."""
 
 
 def _library_path() -> Path:
@@ -216,11 +240,12 @@ def _library_path() -> Path:
     return Path(__file__).parent / "_lib" / "libirm.so"
 
 
-def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+def _load() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.PyDLL]:
     path = _library_path()
     try:
         checked = ctypes.CDLL(str(path))
         fast = ctypes.CDLL(str(path))
+        holding_gil = ctypes.PyDLL(str(path))
     except OSError as error:
         raise _errors.NativeLibraryError(
             f"cannot load the native core {path}: {error}. Reinstall with `pip install .` "
@@ -229,21 +254,29 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(checked, name)
         function.argtypes = argtypes
-        function.restype = ctypes.c_int32
+        function.restype = _RESULT_TYPES.get(name, ctypes.c_int32)
     version = ctypes.c_uint32()
     checked.irm_abi_version(ctypes.byref(version))
     if version.value != ABI_VERSION:
         raise _errors.NativeLibraryError(
             f"{path} has ABI version {version.value}, this binding needs {ABI_VERSION}; reinstall"
         )
-    return checked, fast
+    return checked, fast, holding_gil
 
 
-_lib, _fast = _load()
+_lib, _fast, _holding_gil = _load()
 # Hot path: same symbols, no converters (see the module docstring). restype defaults to C int.
 _fast_acquire = _fast.irm_acquire
 _fast_release = _fast.irm_release
 _fast_acquire_among = _fast.irm_acquire_among
+# The seed API's calls keep the GIL: releasing and taking it back costs more than their work in the
+# core (a bounded decision and a map update, never a wait on Python), and the Python around them
+# holds the GIL anyway.
+_fast_route = _holding_gil.irm_route
+_fast_complete = _holding_gil.irm_complete
+_LOW: Final = 0xFFFF_FFFF
+_UNKNOWN_REQUEST: Final = _STATUS_NAMES.index("unknown_request")
+_DUPLICATE_REQUEST: Final = _STATUS_NAMES.index("duplicate_request")
 
 
 def runtime_safety() -> bool:
@@ -580,6 +613,58 @@ class NativeTable:
         if status:
             _raise(status, f"release slot {slot}")
 
+    # ---- request records: the seed API's per-call path ------------------------------------------
+
+    def route_call(self) -> tuple[Callable[[int, int, int, int, int, int], int], int]:
+        """The core's `irm_route` and this table's handle: `function(handle, strategy, request_id
+        & 0xFFFFFFFF, request_id >> 32, cost, priority)` reserves `cost` and records the request
+        (for `complete`), and returns the chosen backend's id (>= 0; for an id of 2**31 or more,
+        `ROUTE_SLOT_BASE - slot`), ROUTE_NONE when nothing fits, or `-status` when refused
+        (`raise_route_refusal` raises it).
+
+        The seed API's per-call path, so the bare foreign function: no converters and no
+        out-parameter, so the caller must pass ints in range (ids in 0..REQUEST_ID_MAX, cost and
+        priority as `acquire` takes them); other ints would be truncated to 32 bits, and other
+        types raise `CallArgumentError`. After `close` the handle is refused (`-invalid_handle`):
+        handles carry a generation, so a closed table's handle names no other table until the
+        process has opened some 8 million tables since."""
+        return _fast_route, self._handle
+
+    def complete(self, request_id: int, ok: bool, latency_us: int) -> bool:
+        """Releases exactly what `route` reserved for `request_id` and forgets it; `latency_us`
+        < 0 means "the time since it was routed" (measured in the core). False if no such request
+        is in flight here (nothing changed). StaleReleaseError if its backend's slot was reused
+        since (the record is gone, the counters unchanged)."""
+        if latency_us > LATENCY_US_MAX:
+            latency_us = LATENCY_US_MAX
+        status = _fast_complete(self._handle, request_id & _LOW, request_id >> 32, 1 if ok else 0, latency_us)
+        if status:
+            if status == _UNKNOWN_REQUEST:
+                return False
+            _raise(status, f"complete request {request_id}")
+        return True
+
+    def request_ticket(self, request_id: int) -> int | None:
+        """The ticket of the reservation `route` recorded for `request_id`, or None if it is not
+        in flight here."""
+        ticket = ctypes.c_uint64()
+        status = _lib.irm_request_read(
+            self._handle, request_id & _LOW, request_id >> 32, ctypes.byref(ticket)
+        )
+        if status == _UNKNOWN_REQUEST:
+            return None
+        _check(status, f"read request {request_id}")
+        return ticket.value
+
+    def requests_count(self) -> int:
+        """Requests `route` recorded here and `complete` has not released yet (none once closed:
+        closing frees the records)."""
+        if not self._handle:
+            return 0
+        count = ctypes.c_uint64()
+        _check(_lib.irm_requests_count(self._handle, ctypes.byref(count)), "count requests")
+        return count.value
+
     def release_batch(self, tickets: Any, costs: Any, latencies_us: Any | None, ok: bool) -> None:
         """Releases a batch (c_uint64 tickets, c_int32 costs, optional c_uint32 latencies);
         tickets equal to SLOT_NONE are skipped, so batch acquire output can be passed back as is."""
@@ -633,6 +718,17 @@ class Pool:
 
     def __len__(self) -> int:
         return self.count
+
+
+def raise_route_refusal(result: int, request_id: object) -> NoReturn:
+    """Raises the error for a negative `route_call` result other than ROUTE_NONE: the seed API's
+    ValueError (an InvalidArgumentError) for an id already in flight, else the status's error."""
+    if -result == _DUPLICATE_REQUEST:
+        raise _errors.InvalidArgumentError(
+            "duplicate_request", f"request {request_id!r} is already in flight; complete it first"
+        )
+    _raise(-result, f"route request {request_id!r}")
+    raise AssertionError("unreachable: _raise raises")
 
 
 def prefix_hashes(text: str | bytes, block_bytes: int = 64) -> Any:

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from irmiddleware import _errors, _native
-from irmiddleware._native import CLASSES_COUNT, COST_MAX, SLOT_NONE, TICKET_SLOT_MASK, SlotRecord, State
+from irmiddleware._native import (
+    CLASSES_COUNT,
+    COST_MAX,
+    REQUEST_ID_MAX,
+    ROUTE_NONE,
+    ROUTE_SLOT_BASE,
+    SLOT_NONE,
+    TICKET_SLOT_MASK,
+    SlotRecord,
+    State,
+)
 
 STRATEGIES: Final = {
     "round_robin": _native.StrategyCode.ROUND_ROBIN,
@@ -217,8 +227,12 @@ class Router:
         self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
         self._slots_by_id: dict[int, int] = {}
         self._accelerators: dict[int, Accelerator] = {}
-        # route_request's reservations by request id: (ticket, cost, start in perf_counter_ns). A
-        # tuple, not a Lease: the seed API pays for this bookkeeping on every call.
+        # The seed API's per-call path: the core's `irm_route` and the table's handle, called bare
+        # (no wrapper: every layer adds to the per-call cost). The core records each request it
+        # routes (ids that are ints in 0..2**64-1, routed without options).
+        self._route, self._handle = self._table.route_call()
+        # Every other reservation of route_request/route_batch by request id: (ticket, cost,
+        # start in perf_counter_ns).
         self._in_flight: dict[object, tuple[int, int, int]] = {}
         self._pools: dict[str, tuple[tuple[int, ...], int, _native.Pool]] = {}
         try:
@@ -266,8 +280,10 @@ class Router:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Releases the table (the shared segment's name stays; see `unlink_shared`)."""
+        """Releases the table (the shared segment's name stays; see `unlink_shared`). Requests
+        still in flight are forgotten; in a shared table their load stays counted."""
         self._table.close()
+        self._handle = 0  # never a handle: the fast path's calls are refused from now on
 
     def __enter__(self) -> Router:
         return self
@@ -379,10 +395,52 @@ class Router:
     ) -> int | None:
         """Routes `request` (within `pool` if given; with a session key for consistent_hash or
         prompt prefix hashes for prefix_affinity); returns the accelerator id, or None when
-        nothing fits. The request's cost stays reserved until `complete(request)`."""
+        nothing fits. The request's cost stays reserved until `complete(request)`.
+
+        A request id is any hashable; ints in 0..2**64-1 routed without options take the fast
+        path, one foreign call that also records the request in the core (per process: on a
+        shared table, complete it in the process that routed it)."""
         request_id, cost, priority = request.id, request.cost, request.priority
-        if request_id in self._in_flight:
-            raise ValueError(f"request {request_id!r} is already in flight; complete it first")
+        # Every check of the fast path in one condition: this method is the seed API's per-call
+        # cost, and each line here costs about as much as the decision in the core.
+        if (
+            type(request_id) is int
+            and 0 <= request_id <= REQUEST_ID_MAX
+            and 0 < cost <= COST_MAX
+            and 0 <= priority < CLASSES_COUNT
+            and pool is None
+            and affinity_key is None
+            and prefix_hashes is None
+        ):
+            if self._in_flight and request_id in self._in_flight:
+                raise _already_in_flight(request_id)
+            try:
+                result = self._route(
+                    self._handle, self._strategy, request_id & 0xFFFF_FFFF, request_id >> 32, cost, priority
+                )
+            except _native.CallArgumentError:
+                _refuse_request(cost, priority)  # a float cost or priority: ctypes cannot pass it
+            if result >= 0:
+                return result  # the accelerator's id, from the table
+            if result == ROUTE_NONE:
+                return None
+            if result <= ROUTE_SLOT_BASE:  # an id of 2**31 or more: named by its slot
+                return int(self._table.read(ROUTE_SLOT_BASE - result).id)
+            _native.raise_route_refusal(result, request_id)
+        return self._route_recorded_here(request, pool, affinity_key, prefix_hashes)
+
+    def _route_recorded_here(
+        self,
+        request: Request,
+        pool: str | None,
+        affinity_key: int | str | bytes | None,
+        prefix_hashes: Sequence[int] | None,
+    ) -> int | None:
+        """`route_request` for what the core does not record (ids that are not ints in range,
+        pools, affinity): the reservation is kept in `_in_flight`."""
+        request_id, cost, priority = request.id, request.cost, request.priority
+        if request_id in self._in_flight or self._recorded_in_core(request_id):
+            raise _already_in_flight(request_id)
         if affinity_key is None and prefix_hashes is None:
             ticket = self.acquire_slot(cost, priority, pool=pool)
         else:
@@ -397,6 +455,11 @@ class Router:
     def complete(self, request: Request | object, *, ok: bool = True, latency_s: float | None = None) -> None:
         """Releases a request routed with `route_request` (pass the Request or its id)."""
         request_id = request.id if isinstance(request, Request) else request
+        key = _core_key(request_id)
+        if key is not None:
+            latency_us = -1 if latency_s is None else max(0, int(latency_s * 1e6))
+            if self._table.complete(key, ok, latency_us):
+                return
         record = self._in_flight.pop(request_id, None)
         if record is None:
             raise KeyError(f"request {request_id!r} is not in flight")
@@ -460,9 +523,10 @@ class Router:
     def route_batch(self, requests: Sequence[Request]) -> list[int | None]:
         """Routes many requests in one native call per priority class; like `route_request` for
         each, in order. Complete them with `complete` or `complete_batch`."""
+        in_core = self._table.requests_count() > 0
         for request in requests:
-            if request.id in self._in_flight:
-                raise ValueError(f"request {request.id!r} is already in flight; complete it first")
+            if request.id in self._in_flight or (in_core and self._recorded_in_core(request.id)):
+                raise _already_in_flight(request.id)
         results: list[int | None] = [None] * len(requests)
         for priority, indices in _group_by_priority(requests).items():
             costs = _native.int32_array([requests[i].cost for i in indices])
@@ -476,11 +540,15 @@ class Router:
         return results
 
     def complete_batch(self, requests: Iterable[Request | object], *, ok: bool = True) -> None:
-        """Completes every routed request of `requests` in one native call (unrouted ones are
-        skipped)."""
+        """Completes every routed request of `requests` (unrouted ones are skipped): those of
+        `route_batch` in one native call, those `route_request` recorded in the core one by one."""
+        in_core = self._table.requests_count() > 0
         records = []
         for request in requests:
             request_id = request.id if isinstance(request, Request) else request
+            key = _core_key(request_id) if in_core else None
+            if key is not None and self._table.complete(key, ok, -1):
+                continue
             record = self._in_flight.pop(request_id, None)
             if record is not None:
                 records.append(record)
@@ -596,7 +664,11 @@ class Router:
     @property
     def in_flight(self) -> int:
         """Requests routed with `route_request`/`route_batch` and not yet completed."""
-        return len(self._in_flight)
+        return len(self._in_flight) + self._table.requests_count()
+
+    def _recorded_in_core(self, request_id: object) -> bool:
+        key = _core_key(request_id)
+        return key is not None and self._table.request_ticket(key) is not None
 
     # ---- ids and slots -------------------------------------------------------------------------
 
@@ -633,6 +705,24 @@ class Router:
         if info.id != accelerator_id or info.state == State.RETIRED:
             raise _errors.UnknownBackendError("unknown_backend", f"no accelerator with id {accelerator_id!r}")
         return info
+
+
+def _already_in_flight(request_id: object) -> ValueError:
+    return ValueError(f"request {request_id!r} is already in flight; complete it first")
+
+
+def _core_key(request_id: object) -> int | None:
+    """The int the core records `request_id` under, if any: an int in 0..2**64-1, or an id equal
+    to one with the same hash (a numpy integer, 1.0), since `_in_flight` would match those to it."""
+    if type(request_id) is int:
+        return request_id if 0 <= request_id <= REQUEST_ID_MAX else None
+    try:
+        key: int = int(request_id)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not 0 <= key <= REQUEST_ID_MAX or key != request_id or hash(key) != hash(request_id):
+        return None
+    return key
 
 
 def _refuse_request(cost: int, priority: int) -> NoReturn:

@@ -139,12 +139,17 @@ CONSTANTS = [
     ("table.zig", "prefix_entries_limit", "PREFIX_ENTRIES_LIMIT"),
     ("table.zig", "flag_racy_for_tests", "FLAG_RACY_FOR_TESTS"),
     ("abi.zig", "hashes_max", "PREFIX_HASHES_MAX"),
+    ("abi.zig", "route_none", "ROUTE_NONE"),
+    ("abi.zig", "route_slot_base", "ROUTE_SLOT_BASE"),
 ]
 
 
 def zig_integer(expression: str) -> int:
-    """A constant's value: a literal (with `_`), `1 << n`, or std.math.maxInt of a type."""
+    """A constant's value: a literal (with `_`), `1 << n`, or either negated as `-(...)`."""
     expression = expression.replace("_", "")
+    negated = re.fullmatch(r"-\((.+)\)", expression)
+    if negated:
+        return -zig_integer(negated.group(1))
     shift = re.fullmatch(r"(\d+)\s*<<\s*(\d+)", expression)
     if shift:
         return int(shift.group(1)) << int(shift.group(2))
@@ -177,11 +182,17 @@ PARAMETER_TYPES: dict[str, set[Any]] = {
 }
 
 
-def test_every_export_is_declared_with_its_parameter_types() -> None:
-    exports = re.findall(r"^export fn (\w+)\(([^)]*)\) i32 \{", source("abi.zig"), re.MULTILINE)
+RESULT_TYPES: dict[str, Any] = {"i32": ctypes.c_int32, "i64": ctypes.c_int64}
+
+
+def test_every_export_is_declared_with_its_parameter_and_result_types() -> None:
+    exports = re.findall(r"^export fn (\w+)\(([^)]*)\) (\w+) \{", source("abi.zig"), re.MULTILINE)
     assert exports
-    assert {name for name, _ in exports} == set(_native._SIGNATURES)
-    for name, parameters in exports:
+    assert {name for name, _, _ in exports} == set(_native._SIGNATURES)
+    for name, _parameters, result in exports:
+        assert _native._RESULT_TYPES.get(name, ctypes.c_int32) is RESULT_TYPES[result], name
+        assert getattr(_native._lib, name).restype is RESULT_TYPES[result], name
+    for name, parameters, _result in exports:
         zig_types = [part.split(":")[1].strip() for part in parameters.split(",") if part.strip()]
         declared = _native._SIGNATURES[name]
         assert len(declared) == len(zig_types), name

@@ -1,6 +1,7 @@
 """The C ABI edge: every exported function validates its arguments and answers invalid ones with
-a status, never a crash. The fuzzing runs in a child process, so a crash would show up as a
-failed test (with the signal) instead of taking pytest down."""
+a status (`irm_route`, which returns a slot, with `-status`), never a crash. The fuzzing runs in a
+child process, so a crash would show up as a failed test (with the signal) instead of taking
+pytest down."""
 
 from __future__ import annotations
 
@@ -93,6 +94,30 @@ def test_backend_calls_never_crash(
     call("irm_backend_read", handle, slot, ctypes.byref(info))
 
 
+@settings(max_examples=300, deadline=None)
+@given(handle=handles(), strategy=U32, low=U32, high=U32, cost=I32, priority=U32, ok=U32, latency=I32)
+def test_route_and_complete_never_crash_and_release_exactly(
+    handle: int, strategy: int, low: int, high: int, cost: int, priority: int, ok: int, latency: int
+) -> None:
+    result = _lib.irm_route(handle, strategy, low, high, cost, priority)
+    if result >= 0:
+        assert handle == TABLE._handle and cost > 0 and result < 3  # ids and slots coincide here
+        assert TABLE.read(result).cost_in_flight == cost
+    else:
+        assert result == _native.ROUTE_NONE or -result in VALID_STATUSES
+        assert TABLE.requests_count() == 0
+    completed = call("irm_complete", handle, low, high, ok, latency)
+    if result >= 0 and ok <= 1:
+        assert completed == "ok"
+    elif result >= 0:
+        assert completed == "invalid_argument"  # nothing released: the record stays
+        assert call("irm_complete", handle, low, high, 1, latency) == "ok"
+    else:
+        assert completed in ("invalid_handle", "invalid_argument", "unknown_request")
+    assert TABLE.requests_count() == 0
+    assert all(info.cost_in_flight == 0 for info in TABLE.snapshot())
+
+
 def test_null_out_pointers_are_refused() -> None:
     handle = TABLE._handle
     assert call("irm_acquire", handle, 0, 1, 0, None) == "invalid_argument"
@@ -118,6 +143,8 @@ def test_null_out_pointers_are_refused() -> None:
     assert call(*affine, 2, None, 0, None, 0, None, *outs) == "invalid_argument"
     assert call("irm_prefix_hashes", b"abc", 3, 0, None, 0, ctypes.byref(out)) == "invalid_argument"
     assert call("irm_prefix_hashes", None, 3, 1, None, 0, ctypes.byref(out)) == "invalid_argument"
+    assert call("irm_request_read", handle, 0, 0, None) == "invalid_argument"
+    assert call("irm_requests_count", handle, None) == "invalid_argument"
 
 
 def test_destroyed_handles_are_refused() -> None:
@@ -127,6 +154,8 @@ def test_destroyed_handles_are_refused() -> None:
     table.close()  # idempotent
     out = ctypes.c_uint64()
     assert call("irm_acquire", handle, 0, 1, 0, ctypes.byref(out)) == "invalid_handle"
+    assert call("irm_complete", handle, 0, 0, 1, -1) == "invalid_handle"
+    assert -_lib.irm_route(handle, 0, 0, 0, 1, 0) == _native._STATUS_NAMES.index("invalid_handle")
     assert call("irm_table_destroy", handle) == "invalid_handle"
 
 
@@ -172,7 +201,8 @@ values = [0, 1, -1, 2**31 - 1, -2**31, 2**32 - 1, 17, handle.value, handle.value
 for _ in range(20000):
     function = getattr(_lib, rng.choice(["irm_acquire", "irm_release", "irm_acquire_on",
         "irm_backend_remove", "irm_backend_update", "irm_backend_set_signals", "irm_table_seed",
-        "irm_table_set_class_share", "irm_backend_find", "irm_table_set_balance"]))
+        "irm_table_set_class_share", "irm_backend_find", "irm_table_set_balance", "irm_route",
+        "irm_complete", "irm_request_read", "irm_requests_count"]))
     args = []
     for argtype in function.argtypes:
         if argtype is ctypes.POINTER(ctypes.c_uint32):

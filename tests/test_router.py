@@ -1,6 +1,8 @@
 """The Python routing API: what the seed promised (strategies, capacity, failover) and what a real
 user needs on top (completion, leases, draining, removal with requests in flight, stats, batches,
-pools, priority shares, the slot-level fast path), with clear errors for bad input."""
+pools, priority shares, the slot-level fast path), with clear errors for bad input; and that the
+seed API's request records (kept in the core for int ids, by the router for any other id) refuse
+duplicates, release exactly what was reserved once, and survive threads, reuse and closing."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import contextlib
 import gc
 import io
 import re
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from irmiddleware import (
     Accelerator,
     DuplicateBackendError,
     InvalidArgumentError,
+    InvalidHandleError,
     ReleaseMismatchError,
     Request,
     Router,
@@ -405,9 +411,10 @@ def test_a_slot_released_twice_is_refused(fleet: Fleet) -> None:
     assert_idle(router)
 
 
-def test_the_slot_example_of_the_api_doc_runs() -> None:
+def run_api_doc_example(heading: str) -> str:
+    """Runs the first Python block under `heading` in doc/api.md; returns what it printed."""
     text = (Path(__file__).resolve().parents[1] / "doc" / "api.md").read_text(encoding="utf-8")
-    section = text[text.index("## Slot-level calls") :]
+    section = text[text.index(heading) :]
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block is not None
     output = io.StringIO()
@@ -417,7 +424,17 @@ def test_the_slot_example_of_the_api_doc_runs() -> None:
     for value in namespace.values():  # the example's routers, freed now rather than by `__del__`
         if isinstance(value, Router):
             value.close()
-    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output.getvalue()), output.getvalue()
+    return output.getvalue()
+
+
+def test_the_slot_example_of_the_api_doc_runs() -> None:
+    output = run_api_doc_example("## Slot-level calls")
+    assert re.fullmatch(r"accelerator (10|20)\nhit\n", output), output
+
+
+def test_the_seed_api_example_of_the_api_doc_runs() -> None:
+    output = run_api_doc_example("## The seed API's requests")
+    assert output == "request 7 is already in flight; complete it first\n0 0\n", output
 
 
 def test_a_stale_release_is_refused_and_leaves_the_new_accelerator_alone() -> None:
@@ -440,3 +457,221 @@ def test_a_stale_release_is_refused_and_leaves_the_new_accelerator_alone() -> No
         )  # fmt: skip
         router.release_slot(held, 3)
         assert_idle(router)
+
+
+# ---- the seed API's request records --------------------------------------------------------------
+
+
+def test_a_request_in_flight_is_refused_again_on_every_path(fleet: Fleet) -> None:
+    router = fleet("round_robin", [10, 10])
+    router.set_pool("all", [0, 1])
+    router.route_request(Request(1))  # recorded in the core
+    router.route_request(Request("a"))  # any hashable id: recorded by the router
+    router.route_request(Request(2), pool="all")  # an option: recorded by the router
+    for again in (Request(1), Request("a"), Request(2), Request(True)):  # True == 1
+        with pytest.raises(ValueError, match="already in flight"):
+            router.route_request(again)
+        with pytest.raises(ValueError, match="already in flight"):
+            router.route_request(again, pool="all")
+        with pytest.raises(ValueError, match="already in flight"):
+            router.route_batch([again])
+    assert router.in_flight == 3
+    assert (router.load(0), router.load(1)) == (2, 1)  # the refusals reserved nothing
+    for request_id in (1, "a", 2):
+        router.complete(request_id)
+    assert router.in_flight == 0
+    assert_idle(router)
+
+
+class _RequestId(int):
+    """An int-like id that is not exactly an int (as a numpy integer is)."""
+
+
+@pytest.mark.parametrize("request_id", [-1, 2**64, "job-7", (3, 4), _RequestId(5), 5.0])
+def test_ids_the_core_does_not_take_route_and_complete_alike(fleet: Fleet, request_id: object) -> None:
+    router = fleet("p2c", [10])
+    assert router.route_request(Request(request_id, 2)) == 0
+    assert router.in_flight == 1
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_request(Request(request_id))
+    router.complete(request_id, ok=False, latency_s=0.5)
+    stats = router.accelerator_stats(0)
+    assert (stats.load, stats.failed, stats.latency_ewma_s) == (0, 1, pytest.approx(0.5))
+    with pytest.raises(KeyError, match="not in flight"):
+        router.complete(request_id)
+
+
+def test_an_equal_int_id_is_the_same_request_whichever_record_holds_it(fleet: Fleet) -> None:
+    router = fleet("round_robin", [10])
+    router.route_request(Request(_RequestId(7)))  # recorded by the router
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_request(Request(7))  # the fast path checks the router's record too
+    router.route_request(Request(8))  # recorded in the core
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_request(Request(_RequestId(8)))
+    router.complete(7)
+    router.complete(_RequestId(8))
+    assert router.in_flight == 0
+    assert_idle(router)
+
+
+def test_complete_releases_exactly_once_what_was_reserved(fleet: Fleet) -> None:
+    router = fleet("least_connections", [10, 10])
+    assert router.route_request(Request(2**64 - 1, 3, 2)) is not None  # the largest id the core takes
+    assert router.route_request(Request(2**40, 4)) is not None
+    assert sorted((router.load(0), router.load(1))) == [3, 4]
+    router.complete(Request(2**40, 4), latency_s=0.125)
+    router.complete(2**64 - 1)
+    with pytest.raises(KeyError, match="not in flight"):
+        router.complete(2**40)
+    stats = router.stats()
+    assert sum(s.completed for s in stats) == 2
+    assert max(s.latency_ewma_s for s in stats) == pytest.approx(0.125)
+    assert_idle(router)
+
+
+@pytest.mark.parametrize(
+    ("cost", "priority", "message"),
+    [(2.5, 0, "cost"), (2**32 + 1, 0, "cost"), (1, 2**32, "priority"), (1, 0.0, "priority")],
+)
+def test_a_request_changed_after_construction_is_checked_again(
+    fleet: Fleet, cost: object, priority: object, message: str
+) -> None:
+    router = fleet("round_robin", [10])
+    request = Request(1)
+    request.cost, request.priority = cost, priority  # type: ignore[assignment]
+    with pytest.raises(InvalidArgumentError, match=message):
+        router.route_request(request)  # never truncated to 32 bits on the way to the core
+    assert router.in_flight == 0
+    assert_idle(router)
+
+
+def test_batches_see_and_complete_the_requests_the_core_records(fleet: Fleet) -> None:
+    router = fleet("round_robin", [10, 10])
+    router.route_request(Request(1))
+    with pytest.raises(ValueError, match="already in flight"):
+        router.route_batch([Request(0), Request(1)])
+    assert router.route_batch([Request(0), Request(2)]) == [1, 0]
+    assert router.in_flight == 3
+    router.complete_batch([Request(0), 1, Request(2), Request(99)])  # 99 was never routed: skipped
+    assert router.in_flight == 0
+    assert_idle(router)
+
+
+def test_a_completion_after_the_slot_was_reused_is_refused() -> None:
+    with Router("round_robin", max_accelerators=1) as router:  # one slot: a new accelerator reuses it
+        router.add_accelerator(Accelerator(1, capacity=10))
+        assert router.route_request(Request(7, 2)) == 1
+        extra = router.acquire_slot(2)
+        assert extra is not None
+        router.remove_accelerator(1)
+        router.release_slot(extra, 2)
+        router.release_slot(extra, 2)  # a wrong second release frees the slot behind the record
+        router.add_accelerator(Accelerator(2, capacity=10))
+        assert router.route_request(Request(8, 2)) == 2
+        with pytest.raises(StaleReleaseError):
+            router.complete(7)
+        stats = router.accelerator_stats(2)
+        assert (stats.load, stats.completed) == (2, 0)  # the new accelerator was left alone
+        with pytest.raises(KeyError):
+            router.complete(7)  # the record is gone either way
+        router.complete(8)
+        assert_idle(router)
+
+
+def test_threads_routing_and_completing_leave_nothing_in_flight(fleet: Fleet) -> None:
+    router = fleet("p2c", [50] * 8)
+
+    def work(thread_index: int) -> int:
+        routed = 0
+        for round_index in range(300):
+            request_id = thread_index << 32 | round_index
+            if router.route_request(Request(request_id, 1 + round_index % 3)) is not None:
+                routed += 1
+                if round_index % 4 == 0:
+                    router.complete(request_id, ok=round_index % 8 == 0)
+        for round_index in range(300):
+            if round_index % 4:
+                with contextlib.suppress(KeyError):  # not routed (nothing fitted)
+                    router.complete(thread_index << 32 | round_index)
+        return routed
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        routed = sum(pool.map(work, range(12)))
+    assert router.in_flight == 0
+    stats = router.stats()
+    assert sum(s.completed + s.failed for s in stats) == routed == sum(s.routed for s in stats)
+    assert_idle(router)
+
+
+def test_closing_with_requests_in_flight_frees_their_records() -> None:
+    router = Router("round_robin", max_accelerators=4)
+    router.add_accelerator(Accelerator(1, capacity=1000))
+    for request_id in range(500):  # enough to grow the core's record map several times
+        router.route_request(Request(request_id))
+    router.route_request(Request("kept by the router"))
+    assert router.in_flight == 501
+    router.close()
+    assert router.in_flight == 1  # the core's records went with the table
+    with pytest.raises(InvalidHandleError):
+        router.route_request(Request(1000))
+    with pytest.raises(InvalidHandleError):
+        router.complete(3)
+    router.close()  # idempotent
+
+
+def test_route_request_names_any_accelerator_id_even_one_another_process_added(shared_name: str) -> None:
+    with (
+        Router("round_robin", shared_memory=shared_name) as worker,
+        Router("round_robin", shared_memory=shared_name) as owner,
+    ):
+        ids = {2**64 - 1, 2**31, 2**31 - 1, 7}  # both sides of what fits the core's i32 result
+        for accelerator_id in ids:  # after the worker attached: it never saw them added
+            owner.add_accelerator(Accelerator(accelerator_id, 4))
+        routed = {worker.route_request(Request(index)) for index in range(len(ids))}
+        assert routed == ids
+        for index in range(len(ids)):
+            worker.complete(index)
+        assert_idle(owner)
+
+
+SEED_API_CLOSED_UNDER_THREADS = """
+import itertools, sys, threading
+from irmiddleware import Accelerator, InvalidHandleError, Request, Router
+
+ids = itertools.count()  # unique across threads (next() on a count is atomic under the GIL)
+
+def seed_api_loop(router, ended):
+    try:
+        while True:
+            request_id = next(ids)
+            if router.route_request(Request(request_id)) is not None and request_id % 3:
+                router.complete(request_id)  # every third stays in flight, for close to free
+    except InvalidHandleError:
+        ended.append(threading.current_thread().name)
+
+for round_index in range(int(sys.argv[1])):
+    with Router("p2c", max_accelerators=4) as router:
+        router.add_accelerator(Accelerator(1, capacity=64))
+        ended = []
+        workers = [threading.Thread(target=seed_api_loop, args=(router, ended)) for _ in range(3)]
+        [worker.start() for worker in workers]
+        threading.Event().wait(0.0005 * (round_index % 4))
+    [worker.join() for worker in workers]
+    assert len(ended) == 3, ended
+print("survived")
+"""
+
+
+@pytest.mark.slow
+def test_closing_under_seed_api_threads_frees_their_records_safely() -> None:
+    # A route or complete that touched the record map after close freed it would kill the child
+    # with a signal (the shipped library checks bounds) instead of ending each thread cleanly.
+    result = subprocess.run(
+        [sys.executable, "-c", SEED_API_CLOSED_UNDER_THREADS, "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "survived"

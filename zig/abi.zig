@@ -13,7 +13,9 @@ const Atomic = std.atomic.Value;
 const table_mod = @import("table.zig");
 const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
+const requests_mod = @import("requests.zig");
 const Table = table_mod.Table;
+const Requests = requests_mod.Requests;
 
 /// A failed safety check (the shipped ReleaseSafe build, or Debug) writes its message, e.g.
 /// "index out of bounds: index 9, len 8", to stderr and stops the host at once: the core's state
@@ -22,7 +24,7 @@ const Table = table_mod.Table;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 3; // 3: tickets (acquire) and incarnations (release), shared_corrupt, stale_release.
+pub const abi_version: u32 = 4; // 4: irm_route/irm_complete (per-handle request records), their statuses.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -51,9 +53,13 @@ pub const Status = enum(i32) {
     shared_corrupt = 22,
     /// A release for a reservation whose slot was freed and reused since: refused, nothing changed.
     stale_release = 23,
+    /// `irm_route` with a request id that is already in flight in this handle.
+    duplicate_request = 24,
+    /// `irm_complete` (or `irm_request_read`) with a request id that is not in flight.
+    unknown_request = 25,
 };
 
-const Error = table_mod.Error || memory.Error;
+const Error = table_mod.Error || memory.Error || requests_mod.Error;
 
 /// Exhaustive: a new error anywhere in the core breaks the build until it is mapped here.
 fn statusFrom(err: Error) Status {
@@ -74,6 +80,8 @@ fn statusFrom(err: Error) Status {
         error.SharedIncompatible => .shared_incompatible,
         error.InvalidName => .invalid_name,
         error.SystemError => .system_error,
+        error.DuplicateRequest => .duplicate_request,
+        error.UnknownRequest => .unknown_request,
     };
 }
 
@@ -117,6 +125,8 @@ const destroy_wait_attempts_max: u32 = 1 << 22;
 const Entry = struct {
     usage: Atomic(u64) = .init(0),
     table: Table = undefined,
+    /// This process's records of the requests `irm_route` made on the handle (requests.zig).
+    requests: Requests = .init(std.heap.page_allocator),
 };
 
 var registry: [tables_max]Entry = @splat(.{});
@@ -127,6 +137,12 @@ var registry_generation: u32 = 0;
 /// destroyed, or being destroyed). Every successful `enter` is paired with one `leave`, which
 /// keeps the table mapped until then: `irm_table_destroy` waits for the calls in progress.
 fn enter(handle: u32) ?*const Table {
+    const entry = enterEntry(handle) orelse return null;
+    return &entry.table;
+}
+
+/// `enter`, for the calls that also use the handle's request records.
+fn enterEntry(handle: u32) ?*Entry {
     if (handle == 0) return null;
     if (handle & closing_bit != 0) return null; // Never a handle: would match a closing entry.
     const entry = &registry[handle % tables_max];
@@ -137,7 +153,7 @@ fn enter(handle: u32) ?*const Table {
         leaveEntry(entry);
         return null;
     }
-    return &entry.table;
+    return entry;
 }
 
 fn leave(handle: u32) void {
@@ -161,6 +177,7 @@ fn register(table: Table) ?u32 {
         const handle: u32 = (registry_generation << 8) | @as(u32, @intCast(index));
         assert(handle & closing_bit == 0);
         entry.table = table;
+        entry.requests = .init(std.heap.page_allocator);
         // A CAS, not a store: a stale `enter` may hold a momentary count on a free entry.
         // .release publishes the table view to the calls that enter with this handle.
         const published: Usage = .{ .calls = 0, .handle = handle };
@@ -171,10 +188,11 @@ fn register(table: Table) ?u32 {
 }
 
 /// Closes `handle` to new calls, waits (bounded) for the calls in progress, and frees the entry.
-/// Returns the table to unmap, or an error status: `invalid_handle` if the handle is not open
-/// (or another destroy finished it), `busy` if calls did not drain in time (then it stays closed
-/// and a later destroy of the same handle finishes the job).
-fn unregister(handle: u32) union(enum) { table: Table, failed: Status } {
+/// Returns the table to unmap and the request records to free, or an error status:
+/// `invalid_handle` if the handle is not open (or another destroy finished it), `busy` if calls
+/// did not drain in time (then it stays closed and a later destroy of the same handle finishes the
+/// job).
+fn unregister(handle: u32) union(enum) { closed: struct { table: Table, requests: Requests }, failed: Status } {
     if (handle == 0) return .{ .failed = .invalid_handle };
     if (handle & closing_bit != 0) return .{ .failed = .invalid_handle };
     const entry = &registry[handle % tables_max];
@@ -194,13 +212,20 @@ fn unregister(handle: u32) union(enum) { table: Table, failed: Status } {
     const table = entry.table;
     var attempts: u32 = 0;
     while (attempts < destroy_wait_attempts_max) : (attempts += 1) {
-        const idle: Usage = .{ .calls = 0, .handle = closing };
-        // .acquire pairs with `leave`'s .release: every call's use of the table is done.
-        if (entry.usage.cmpxchgWeak(@bitCast(idle), 0, .acquire, .monotonic) == null) {
-            return .{ .table = table };
-        }
-        const now: Usage = @bitCast(entry.usage.load(.monotonic));
+        // .acquire pairs with `leave`'s .release: once no call is counted, every call's use of
+        // the table and of the records is done, and none can start (the handle is marked).
+        const now: Usage = @bitCast(entry.usage.load(.acquire));
         if (now.handle != closing) return .{ .failed = .invalid_handle }; // another destroy won
+        if (now.calls == 0) {
+            // Copied before the entry is freed: once it is, `register` may reuse it. A count
+            // that appears meanwhile is a stale `enter` turning away; it never touches them.
+            const requests = entry.requests;
+            const idle: Usage = .{ .calls = 0, .handle = closing };
+            if (entry.usage.cmpxchgWeak(@bitCast(idle), 0, .acquire, .monotonic) == null) {
+                return .{ .closed = .{ .table = table, .requests = requests } };
+            }
+            continue;
+        }
         if (attempts % 64 == 63) {
             _ = std.os.linux.sched_yield();
         } else {
@@ -343,7 +368,11 @@ export fn irm_shared_unlink(name: ?[*]const u8, name_len: u32) i32 {
 /// if they did not finish in time: the handle stays closed, and destroying it again finishes.
 export fn irm_table_destroy(handle: u32) i32 {
     switch (unregister(handle)) {
-        .table => |table| memory.unmap(table.region),
+        .closed => |closed| {
+            var requests = closed.requests;
+            requests.deinit();
+            memory.unmap(closed.table.region);
+        },
         .failed => |failed| return status(failed),
     }
     return status(.ok);
@@ -471,6 +500,106 @@ export fn irm_acquire(handle: u32, strategy: u32, cost: i32, priority: u32, out_
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     out.* = ticketFor(t, strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority));
     return status(.ok);
+}
+
+/// `irm_route`'s result when nothing fits: nothing was reserved or recorded.
+pub const route_none: i32 = -(1 << 31);
+/// `irm_route`'s results from this one down name a routed request whose backend has an id that
+/// does not fit the result (2^31 and above) by its slot: `route_slot_base - result`.
+pub const route_slot_base: i32 = -(1 << 30);
+
+comptime {
+    // Slot results lie strictly between `route_none` and every `-status`.
+    assert(route_slot_base - @as(i64, table_mod.backends_max_limit) > route_none);
+    assert(route_slot_base < -@as(i32, @intCast(@typeInfo(Status).@"enum".field_names.len)));
+}
+
+/// The seed API's per-call path in one foreign call: picks a backend with `strategy`, reserves
+/// `cost` on it and records request `request_id` (passed in 32-bit halves) in this handle's
+/// request records, with the reservation and the time, for `irm_complete`. Returns the chosen
+/// backend's id when it is below 2^31 (else `route_slot_base - slot`), `route_none` when nothing
+/// fits, or `-status` when refused: `duplicate_request` if the id is in flight already (nothing
+/// reserved). Not a status and an out-pointer, and only 32-bit integers: the binding calls it
+/// without ctypes converters or out-parameter objects, whose per-call cost exceeds the decision's.
+///
+/// The records are this process's, per handle, never in the table: on a shared table, only the
+/// process that routed a request can complete it this way.
+export fn irm_route(handle: u32, strategy: u32, request_id_low: u32, request_id_high: u32, cost: i32, priority: u32) i32 {
+    const entry = enterEntry(handle) orelse return refused(.invalid_handle);
+    defer leave(handle);
+    if (!strategies.isKnown(strategy)) return refused(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return refused(.invalid_cost);
+    if (priority >= table_mod.classes_count) return refused(.invalid_priority);
+    const request_id = requestId(request_id_low, request_id_high);
+    const t = &entry.table;
+    // The id is taken before the decision, so a duplicate changes nothing (not even a cursor).
+    entry.requests.begin(request_id, requests_mod.monotonicNs()) catch |err| return refused(statusFrom(err));
+    const slot = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority);
+    if (slot == table_mod.slot_none) {
+        entry.requests.cancel(request_id);
+        return route_none;
+    }
+    entry.requests.commit(request_id, t.ticketOf(slot), cost_checked);
+    // The reservation keeps the slot from being freed, so its id cannot change under us; it is
+    // the table's, so it is right also for a backend another process added.
+    const id = t.slots[slot].id.load(.monotonic);
+    if (id <= std.math.maxInt(i32)) return @intCast(id);
+    assert(slot < table_mod.backends_max_limit);
+    return route_slot_base - @as(i32, @intCast(slot));
+}
+
+/// Completes a request `irm_route` recorded on this handle: releases exactly the reservation it
+/// made, counts it completed (`ok` 1) or failed (0), and feeds `latency_us` to the latency EWMA;
+/// a negative `latency_us` means "the time since it was routed". `unknown_request` if it is not
+/// in flight (never routed here, or completed already); `stale_release` if its backend's slot
+/// was reused since (the record is gone either way, the counters are unchanged).
+export fn irm_complete(handle: u32, request_id_low: u32, request_id_high: u32, ok: u32, latency_us: i32) i32 {
+    const entry = enterEntry(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    if (ok > 1) return status(.invalid_argument);
+    const record = entry.requests.remove(requestId(request_id_low, request_id_high)) catch |err| return status(statusFrom(err));
+    const latency: u32 = if (latency_us >= 0) @intCast(latency_us) else elapsedUs(record.started_ns);
+    const slot: u32 = @truncate(record.ticket);
+    // The record is this process's own memory, written by `irm_route` from a real reservation.
+    assert(checkSlot(&entry.table, slot));
+    entry.table.release(slot, @intCast(record.ticket >> 32), record.cost, latency, ok == 1) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// `*out_ticket` is the reservation of a request `irm_route` recorded (in flight);
+/// `unknown_request` if there is none.
+export fn irm_request_read(handle: u32, request_id_low: u32, request_id_high: u32, out_ticket: ?*u64) i32 {
+    const entry = enterEntry(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
+    const found = entry.requests.find(requestId(request_id_low, request_id_high)) catch |err| return status(statusFrom(err));
+    const record = found orelse return status(.unknown_request);
+    out.* = record.ticket;
+    return status(.ok);
+}
+
+/// `*out_count`: the requests `irm_route` recorded on this handle and not yet completed.
+export fn irm_requests_count(handle: u32, out_count: ?*u64) i32 {
+    const entry = enterEntry(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_count orelse return status(.invalid_argument);
+    out.* = entry.requests.recordsCount() catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+fn requestId(low: u32, high: u32) u64 {
+    return @as(u64, high) << 32 | low;
+}
+
+/// Microseconds since `started_ns` (CLOCK_MONOTONIC), saturated to a u32.
+fn elapsedUs(started_ns: u64) u32 {
+    const elapsed_us = (requests_mod.monotonicNs() -| started_ns) / std.time.ns_per_us;
+    return @intCast(@min(elapsed_us, std.math.maxInt(u32)));
+}
+
+fn refused(s: Status) i32 {
+    assert(s != .ok);
+    return -@backingInt(s);
 }
 
 fn ticketFor(t: *const Table, slot: u32) table_mod.Ticket {
@@ -694,6 +823,7 @@ test {
     _ = strategies;
     _ = @import("tree.zig");
     _ = @import("affinity.zig");
+    _ = requests_mod;
 }
 
 test "a destroy waits for calls in progress and turns new ones away" {
@@ -740,4 +870,63 @@ test "bad handles and arguments return statuses" {
     try std.testing.expectEqual(@as(u64, 1) << 32 | slot, ticket);
     try std.testing.expectEqual(status(.stale_release), irm_release(handle, slot, 2, 1, 0, 1));
     try std.testing.expectEqual(status(.ok), irm_release(handle, slot, 1, 1, 0, 1));
+}
+
+/// A new table of `backends_max` holding one backend `id` of `capacity`; the caller destroys it.
+fn testTableWithBackend(backends_max: u32, id: u64, capacity: i64) !struct { handle: u32, slot: u32 } {
+    var handle: u32 = 0;
+    try std.testing.expectEqual(status(.ok), irm_table_create(backends_max, 0, 0, &handle));
+    errdefer _ = irm_table_destroy(handle);
+    var slot: u32 = 0;
+    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, id, capacity, 1000, &slot));
+    return .{ .handle = handle, .slot = slot };
+}
+
+test "route records a request, complete releases exactly it, once" {
+    const created = try testTableWithBackend(4, 42, 3);
+    const handle, const slot = .{ created.handle, created.slot };
+    defer _ = irm_table_destroy(handle);
+    const round_robin = 0;
+    // An id above 2^32 travels in halves; the backend's id comes back.
+    try std.testing.expectEqual(@as(i32, 42), irm_route(handle, round_robin, 7, 1, 2, 0));
+    try std.testing.expectEqual(refused(.duplicate_request), irm_route(handle, round_robin, 7, 1, 1, 0));
+    try std.testing.expectEqual(route_none, irm_route(handle, round_robin, 8, 0, 2, 0)); // 2 + 2 > 3
+    try std.testing.expectEqual(status(.unknown_request), irm_complete(handle, 8, 0, 1, 0));
+    var count: u64 = 0;
+    try std.testing.expectEqual(status(.ok), irm_requests_count(handle, &count));
+    try std.testing.expectEqual(@as(u64, 1), count);
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.ok), irm_request_read(handle, 7, 1, &ticket));
+    try std.testing.expectEqual(@as(u64, 1) << 32 | slot, ticket);
+    try std.testing.expectEqual(status(.invalid_argument), irm_complete(handle, 7, 1, 2, 0));
+    try std.testing.expectEqual(status(.ok), irm_complete(handle, 7, 1, 0, 250));
+    try std.testing.expectEqual(status(.unknown_request), irm_complete(handle, 7, 1, 1, 0));
+    var info: BackendInfo = undefined;
+    try std.testing.expectEqual(status(.ok), irm_backend_read(handle, slot, &info));
+    try std.testing.expectEqual(@as(u32, 0), info.cost_in_flight);
+    try std.testing.expectEqual(@as(u64, 1), info.failed_total);
+    try std.testing.expectEqual(@as(u64, 250), info.latency_us_ewma);
+}
+
+test "a completion whose slot was reused since is refused, and wide ids come back by slot" {
+    const created = try testTableWithBackend(1, 1, 10);
+    const handle = created.handle;
+    var slot = created.slot;
+    defer _ = irm_table_destroy(handle);
+    try std.testing.expectEqual(@as(i32, 1), irm_route(handle, 0, 5, 0, 1, 0));
+    // A second, wrong release of the same slot frees it behind the record's back...
+    var ticket: u64 = 0;
+    try std.testing.expectEqual(status(.ok), irm_request_read(handle, 5, 0, &ticket));
+    try std.testing.expectEqual(status(.ok), irm_backend_remove(handle, slot));
+    try std.testing.expectEqual(status(.ok), irm_release(handle, slot, @intCast(ticket >> 32), 1, 0, 1));
+    // ...so the slot is reused, and the record's release must not land on the new backend.
+    try std.testing.expectEqual(status(.ok), irm_backend_add(handle, 1 << 31, 10, 1000, &slot));
+    try std.testing.expectEqual(status(.stale_release), irm_complete(handle, 5, 0, 1, -1));
+    var info: BackendInfo = undefined;
+    try std.testing.expectEqual(status(.ok), irm_backend_read(handle, slot, &info));
+    try std.testing.expectEqual(@as(u32, 0), info.cost_in_flight);
+    try std.testing.expectEqual(@as(u64, 0), info.completed_total);
+    // A record left in flight is freed with its handle (the testing allocator is not used here,
+    // so `requests.zig`'s own tests check the freeing).
+    try std.testing.expectEqual(route_slot_base - @as(i32, @intCast(slot)), irm_route(handle, 0, 6, 0, 1, 0));
 }

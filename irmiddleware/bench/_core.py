@@ -3,9 +3,10 @@ strategy, measured per call and batched, route-only and route+release, with the 
 (`intelligent_routing`) measured in the same run when it is importable. Prints numbers; asserts
 nothing (benchmarks are not tests).
 
-Per-call pairs are measured three ways, from the most convenient to the floor: a `Lease`, the
-router's public slot calls (`Router.acquire_slot`/`release_slot`), and the binding's table
-(`_native.NativeTable`, what the slot calls wrap). The batched modes call the binding's batch
+Per-call pairs are measured four ways, from the most convenient to the floor: the seed API
+(`route_request` then `complete`), a `Lease`, the router's public slot calls
+(`Router.acquire_slot`/`release_slot`), and the binding's table (`_native.NativeTable`, what the
+slot calls wrap). The batched modes call the binding's batch
 functions on a table of their own: 10,000 decisions per foreign call.
 """
 
@@ -80,6 +81,20 @@ def seed_route_per_call(
         for index in range(accelerators):
             router.add_accelerator(seed.Accelerator(index, CAPACITY))
         return route_per_call(router.route_request, seed.Request, requests)
+
+    return run
+
+
+def seed_api_pairs_per_call(router: Router, requests: int) -> Callable[[], float]:
+    """`route_request(Request(...))` then `complete(id)`, one request at a time."""
+
+    def run() -> float:
+        route, complete = router.route_request, router.complete
+        started = time.perf_counter()
+        for index in range(requests):
+            if route(Request(index, 1, 0)) is not None:
+                complete(index)
+        return time.perf_counter() - started
 
     return run
 
@@ -169,6 +184,7 @@ def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> li
         runs = {
             "route per call (seed API)": ours_route_per_call(strategy, accelerators, requests),
             "route batched": batched(table, number, requests, timed_release=False),
+            "route+complete per call (seed API)": seed_api_pairs_per_call(router, requests),
             "route+release per call (Lease)": pairs_per_call(router, requests),
             "route+release per call (slots)": pairs_per_call_slots(router, requests),
             "route+release per call (binding)": pairs_per_call_binding(table, number, requests),

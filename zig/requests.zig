@@ -1,0 +1,323 @@
+//! The in-flight records of `irm_route`: request id → the reservation it made (ticket and cost) and
+//! when, so that `irm_complete` releases exactly what was reserved and measures the latency.
+//!
+//! One map per table handle, in this process's memory beside the handle, never in the table: a
+//! shared table's in-flight records belong to the process that routed the requests (another
+//! process cannot complete them, and a process that exits takes its records with it).
+//!
+//! Open addressing with linear probing and backward-shift deletion (no tombstones), grown by
+//! doubling under one lock. Its size is bounded by the reservations it names: each record holds a
+//! reservation, and the table bounds those (a slot takes at most `count_max` requests).
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Atomic = std.atomic.Value;
+const Allocator = std.mem.Allocator;
+const table_mod = @import("table.zig");
+
+pub const Error = error{
+    /// The id already names a request in flight (or one being routed right now).
+    DuplicateRequest,
+    /// No request with that id is in flight.
+    UnknownRequest,
+    OutOfMemory,
+    /// The lock stayed taken beyond its bound.
+    Busy,
+};
+
+/// What `irm_route` recorded for one request.
+pub const Record = struct {
+    ticket: table_mod.Ticket,
+    cost: u32,
+    started_ns: u64,
+};
+
+/// A record's ticket while its decision is being made: the id is taken (a concurrent route with
+/// the same id is a duplicate), but there is no reservation to release yet. Real tickets never
+/// equal it (slots are below 2^20).
+const ticket_routing: table_mod.Ticket = std.math.maxInt(u64);
+/// An empty entry: real tickets have an incarnation of at least 1.
+const ticket_empty: table_mod.Ticket = 0;
+
+const Entry = extern struct {
+    id: u64,
+    ticket: table_mod.Ticket,
+    started_ns: u64,
+    cost: u32,
+    reserved: u32,
+
+    comptime {
+        assert(@sizeOf(Entry) == 32);
+    }
+};
+
+const entries_min: usize = 64;
+const run_ids: u64 = 8;
+
+comptime {
+    assert(entries_min % run_ids == 0);
+}
+const lock_attempts_max: u32 = 1 << 24;
+
+pub const Requests = struct {
+    allocator: Allocator,
+    lock_word: Atomic(u32) = .init(0),
+    /// A power of two long (or empty before the first record); at most half full, which keeps
+    /// the clusters that runs of consecutive ids form short.
+    entries: []Entry = &.{},
+    /// Records, including those still being routed.
+    count: u64 = 0,
+
+    pub fn init(allocator: Allocator) Requests {
+        return .{ .allocator = allocator };
+    }
+
+    /// Frees the map. Only when no call can use it any more (the handle is closed and drained).
+    pub fn deinit(r: *Requests) void {
+        if (r.entries.len > 0) r.allocator.free(r.entries);
+        r.entries = &.{};
+        r.count = 0;
+    }
+
+    /// Takes `id` for a request about to be routed: `DuplicateRequest` if it is taken. Follow
+    /// with `commit` (a reservation was made) or `cancel` (nothing fit).
+    pub fn begin(r: *Requests, id: u64, started_ns: u64) Error!void {
+        try r.lock();
+        defer r.unlock();
+        if (r.indexOf(id) != null) return error.DuplicateRequest;
+        if ((r.count + 1) * 2 > r.entries.len) try r.grow();
+        const index = r.freeIndexFor(id);
+        r.entries[index] = .{ .id = id, .ticket = ticket_routing, .started_ns = started_ns, .cost = 0, .reserved = 0 };
+        r.count += 1;
+    }
+
+    /// Records the reservation of a request `begin` took.
+    pub fn commit(r: *Requests, id: u64, ticket: table_mod.Ticket, cost: u32) void {
+        assert(ticket != ticket_routing);
+        assert(ticket != ticket_empty);
+        assert(cost > 0);
+        r.lockAlways();
+        defer r.unlock();
+        const index = r.indexOf(id).?; // Taken by `begin`; only `cancel` or `commit` end that.
+        assert(r.entries[index].ticket == ticket_routing);
+        r.entries[index].ticket = ticket;
+        r.entries[index].cost = cost;
+    }
+
+    /// Gives back an id `begin` took, for a request that was not routed.
+    pub fn cancel(r: *Requests, id: u64) void {
+        r.lockAlways();
+        defer r.unlock();
+        const index = r.indexOf(id).?;
+        assert(r.entries[index].ticket == ticket_routing);
+        r.removeAt(index);
+    }
+
+    /// Removes and returns the record of a routed request.
+    pub fn remove(r: *Requests, id: u64) Error!Record {
+        try r.lock();
+        defer r.unlock();
+        const index = r.indexOf(id) orelse return error.UnknownRequest;
+        const entry = r.entries[index];
+        // Still being routed by another thread: not in flight yet.
+        if (entry.ticket == ticket_routing) return error.UnknownRequest;
+        r.removeAt(index);
+        return .{ .ticket = entry.ticket, .cost = entry.cost, .started_ns = entry.started_ns };
+    }
+
+    /// The record of a routed request, if it is in flight.
+    pub fn find(r: *Requests, id: u64) Error!?Record {
+        try r.lock();
+        defer r.unlock();
+        const index = r.indexOf(id) orelse return null;
+        const entry = r.entries[index];
+        if (entry.ticket == ticket_routing) return null;
+        return .{ .ticket = entry.ticket, .cost = entry.cost, .started_ns = entry.started_ns };
+    }
+
+    pub fn recordsCount(r: *Requests) Error!u64 {
+        try r.lock();
+        defer r.unlock();
+        return r.count;
+    }
+
+    /// Where `id`'s probe starts: runs of `run_ids` consecutive ids land on consecutive entries,
+    /// so ids from a counter share cache lines and pages (a hash of the whole id sends every
+    /// record to a new page: a TLB miss per call once the map outgrows the TLB, which dominated
+    /// `irm_route`'s cost in a VM), and the runs are scattered by a hash of the rest, so however
+    /// ids are chosen at most `run_ids` of them share a start.
+    fn home(r: *const Requests, id: u64) usize {
+        const run = table_mod.splitmix64(id / run_ids);
+        return @intCast((run *% run_ids +% id % run_ids) & (r.entries.len - 1));
+    }
+
+    /// The entry holding `id`: at most one pass, though the map always has empty entries.
+    fn indexOf(r: *const Requests, id: u64) ?usize {
+        if (r.entries.len == 0) return null;
+        const mask = r.entries.len - 1;
+        var index = r.home(id);
+        for (0..r.entries.len) |_| {
+            const entry = &r.entries[index];
+            if (entry.ticket == ticket_empty) return null;
+            if (entry.id == id) return index;
+            index = (index + 1) & mask;
+        }
+        return null;
+    }
+
+    /// The first empty entry from `id`'s home; one exists (the map is at most half full).
+    fn freeIndexFor(r: *const Requests, id: u64) usize {
+        assert(r.count < r.entries.len);
+        const mask = r.entries.len - 1;
+        var index = r.home(id);
+        while (r.entries[index].ticket != ticket_empty) index = (index + 1) & mask;
+        return index;
+    }
+
+    fn grow(r: *Requests) Error!void {
+        const length = @max(entries_min, r.entries.len * 2);
+        const fresh = try r.allocator.alloc(Entry, length);
+        @memset(fresh, std.mem.zeroes(Entry));
+        const old = r.entries;
+        r.entries = fresh;
+        for (old) |entry| {
+            if (entry.ticket == ticket_empty) continue;
+            r.entries[r.freeIndexFor(entry.id)] = entry;
+        }
+        if (old.len > 0) r.allocator.free(old);
+    }
+
+    /// Backward-shift deletion: entries after the hole that may move closer to home do.
+    fn removeAt(r: *Requests, index: usize) void {
+        assert(r.entries[index].ticket != ticket_empty);
+        assert(r.count > 0);
+        const mask = r.entries.len - 1;
+        var hole = index;
+        var next = (hole + 1) & mask;
+        while (r.entries[next].ticket != ticket_empty) : (next = (next + 1) & mask) {
+            const distance_home = (next -% r.home(r.entries[next].id)) & mask;
+            const distance_hole = (next -% hole) & mask;
+            if (distance_home >= distance_hole) {
+                r.entries[hole] = r.entries[next];
+                hole = next;
+            }
+        }
+        r.entries[hole] = std.mem.zeroes(Entry);
+        r.count -= 1;
+    }
+
+    fn lock(r: *Requests) Error!void {
+        var attempts: u32 = 0;
+        while (attempts < lock_attempts_max) : (attempts += 1) {
+            // .acquire: the critical section sees everything the previous holder wrote.
+            if (r.lock_word.cmpxchgWeak(0, 1, .acquire, .monotonic) == null) return;
+            if (attempts % 64 == 63) {
+                _ = std.os.linux.sched_yield();
+            } else {
+                std.atomic.spinLoopHint();
+            }
+        }
+        return error.Busy;
+    }
+
+    /// For `commit` and `cancel`, which must not fail: the id they finish is taken, and giving up
+    /// would leak it. Held by others only for bounded work, so this ends.
+    fn lockAlways(r: *Requests) void {
+        while (true) {
+            r.lock() catch continue;
+            return;
+        }
+    }
+
+    fn unlock(r: *Requests) void {
+        // .release: publishes the critical section's writes to the next holder.
+        r.lock_word.store(0, .release);
+    }
+};
+
+/// Nanoseconds of CLOCK_MONOTONIC (Python's `time.perf_counter_ns()` on Linux).
+pub fn monotonicNs() u64 {
+    var now: std.os.linux.timespec = undefined;
+    if (std.os.linux.errno(std.os.linux.clock_gettime(.MONOTONIC, &now)) != .SUCCESS) return 0;
+    return @as(u64, @intCast(now.sec)) * std.time.ns_per_s + @as(u64, @intCast(now.nsec));
+}
+
+const testing = std.testing;
+
+test "records are kept, found, removed once, and refused twice" {
+    var r: Requests = .init(testing.allocator);
+    defer r.deinit();
+    try r.begin(7, 100);
+    try testing.expectError(error.DuplicateRequest, r.begin(7, 101));
+    // Being routed: neither found nor removable yet.
+    try testing.expectEqual(@as(?Record, null), try r.find(7));
+    try testing.expectError(error.UnknownRequest, r.remove(7));
+    r.commit(7, 1 << 32 | 3, 5);
+    const record = (try r.find(7)).?;
+    try testing.expectEqual(@as(u64, 1 << 32 | 3), record.ticket);
+    try testing.expectEqual(@as(u32, 5), record.cost);
+    try testing.expectEqual(@as(u64, 100), record.started_ns);
+    try testing.expectEqual(record, try r.remove(7));
+    try testing.expectError(error.UnknownRequest, r.remove(7));
+    try testing.expectEqual(@as(u64, 0), try r.recordsCount());
+    try r.begin(8, 0);
+    r.cancel(8);
+    try testing.expectEqual(@as(u64, 0), try r.recordsCount());
+    try r.begin(8, 0); // A cancelled id is free again.
+    r.commit(8, 1 << 32, 1);
+    try testing.expectEqual(@as(u64, 1), try r.recordsCount());
+}
+
+test "the map grows, keeps every record, and deletes without losing neighbours" {
+    var r: Requests = .init(testing.allocator);
+    defer r.deinit();
+    const total: u64 = 5000;
+    for (0..total) |i| {
+        try r.begin(i * 7919, i);
+        r.commit(i * 7919, (1 << 32) | i, @intCast(i % 13 + 1));
+    }
+    try testing.expectEqual(total, try r.recordsCount());
+    try testing.expect(r.entries.len >= total * 2);
+    // Remove every other record, then check the rest are all still reachable.
+    var i: u64 = 0;
+    while (i < total) : (i += 2) _ = try r.remove(i * 7919);
+    for (0..total) |j| {
+        const found = try r.find(j * 7919);
+        if (j % 2 == 0) {
+            try testing.expectEqual(@as(?Record, null), found);
+        } else {
+            try testing.expectEqual(@as(u32, @intCast(j % 13 + 1)), found.?.cost);
+        }
+    }
+    try testing.expectEqual(total / 2, try r.recordsCount());
+}
+
+test "threads routing distinct ids leave the map empty" {
+    var r: Requests = .init(testing.allocator);
+    defer r.deinit();
+    var threads: [4]std.Thread = undefined;
+    for (&threads, 0..) |*thread, index| {
+        thread.* = try std.Thread.spawn(.{}, beginCommitRemove, .{ &r, @as(u64, index) });
+    }
+    for (threads) |thread| thread.join();
+    try testing.expectEqual(@as(u64, 0), try r.recordsCount());
+}
+
+fn beginCommitRemove(r: *Requests, thread_index: u64) void {
+    for (0..2000) |i| {
+        const id = thread_index << 32 | i;
+        r.begin(id, 0) catch unreachable;
+        r.commit(id, 1 << 32, 1);
+        if (i % 3 == 0) _ = r.remove(id) catch unreachable;
+    }
+    for (0..2000) |i| {
+        if (i % 3 != 0) _ = r.remove(thread_index << 32 | i) catch unreachable;
+    }
+}
+
+test "the clock moves forward" {
+    const before = monotonicNs();
+    const after = monotonicNs();
+    try testing.expect(before > 0);
+    try testing.expect(after >= before);
+}
