@@ -16,16 +16,20 @@ The package stands alone: importing it loads nothing of the proxy.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from irmiddleware.http11 import LeanTransport, ResetAfterWrite
 from irmiddleware.testing import create_vllm_app, serve_in_thread
 from tests.http11.http11_support import OK, RawServer, eof, keep_alive, lean_client, read_request, run_bounded
 
@@ -244,21 +248,114 @@ def test_server_closing_before_answering_is_a_retriable_protocol_error() -> None
     run_bounded(scenario())
 
 
-def test_idle_connection_closed_by_the_server_is_replaced_transparently() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        await read_request(reader)
+def test_reused_connection_closed_after_the_write_is_not_resent() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        seen.append((await read_request(reader))[1])
         writer.write(OK)
         await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")  # the next request arrives, and the server drops it:
-        # what a keep-alive timeout racing a new request looks like from the client
+        if index == 1:
+            seen.append((await read_request(reader))[1])
+            # The second request was read, and the connection closes without an answer: what a
+            # backend dying (or timing the connection out) just as a request arrived looks like.
 
     async def scenario() -> None:
         async with RawServer(handler) as server, lean_client() as client:
             assert (await client.post(server.url, content=b"1")).content == b"ok"
-            assert (await client.post(server.url, content=b"2")).content == b"ok"
-            assert server.connections == 2
+            with pytest.raises(ResetAfterWrite):
+                await client.post(server.url, content=b"2")
+            assert seen == [b"1", b"2"]  # written once: no second copy on a fresh connection
+            assert server.connections == 1
+            assert _transport(client).stats() == (0, 0, 0)
 
     run_bounded(scenario())
+
+
+def test_idle_connection_the_backend_closed_is_replaced_before_the_write() -> None:
+    # A thread-run backend, so the client's event loop can be kept from running (a blocking wait)
+    # while the backend closes the idle connection: the FIN then waits in the kernel, unseen by
+    # the loop's callbacks, as when a busy loop has not got to it yet.
+    close_first, first_closed = threading.Event(), threading.Event()
+    after_close: list[bytes] = []
+
+    def backend(listener: socket.socket) -> None:
+        first, _ = listener.accept()
+        with first:
+            first.settimeout(5)
+            _read_blocking(first)
+            first.sendall(OK)
+            close_first.wait(5)
+            first.shutdown(socket.SHUT_WR)  # the backend's side is closed; its FIN is on the way
+            first_closed.set()
+            second, _ = listener.accept()
+            with second:
+                second.settimeout(5)
+                after_close.append(_read_blocking(second))
+                second.sendall(OK)
+            after_close.append(first.recv(65536))  # what reached the closed connection: nothing
+
+    async def scenario(url: str) -> None:
+        async with lean_client() as client:
+            assert (await client.post(url, content=b"1")).content == b"ok"
+            close_first.set()
+            assert first_closed.wait(5)
+            time.sleep(0.1)  # blocking on purpose: the loop does not run and cannot see the FIN
+            assert (await client.post(url, content=b"2")).content == b"ok"
+            assert _transport(client).stats().stale == 1
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        thread = threading.Thread(target=backend, args=(listener,))
+        thread.start()
+        try:
+            run_bounded(scenario(f"http://127.0.0.1:{listener.getsockname()[1]}"))
+        finally:
+            close_first.set()
+            thread.join(10)
+    assert after_close[0].endswith(b"\r\n\r\n2")  # the request, once, on the new connection
+    assert after_close[1] == b""  # the client closed the dead connection without writing to it
+
+
+def _read_blocking(sock: socket.socket) -> bytes:
+    """One small request with a one-byte body, from a blocking socket."""
+    data = b""
+    while not (b"\r\n\r\n" in data and not data.endswith(b"\r\n\r\n")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _transport(client: httpx.AsyncClient) -> LeanTransport:
+    transport = client._transport  # the transport `lean_client` built the client with
+    assert isinstance(transport, LeanTransport)
+    return transport
+
+
+def test_keepalive_expiry_closes_idle_connections_and_keeps_exact_books() -> None:
+    async def scenario() -> None:
+        async with RawServer(keep_alive(OK)) as server, lean_client(keepalive_expiry=0.4) as client:
+            transport = _transport(client)
+            await asyncio.gather(client.get(server.url), client.get(server.url))
+            assert (server.connections, transport.stats()) == (2, (2, 2, 0))
+            await asyncio.sleep(0.22)
+            await client.get(server.url)  # reuses the newer connection: its idle time starts again
+            await asyncio.sleep(0.22)  # the older one is now idle past the expiry, the newer not
+            await client.get(server.url)  # reuses the newer, closes the expired older one
+            assert transport.stats() == (1, 1, 0)  # the books hold what is really open and idle
+            await asyncio.sleep(0.45)
+            await client.get(server.url)  # the last one expired too: a new connection
+            assert (server.connections, transport.stats()) == (3, (1, 1, 0))
+
+    run_bounded(scenario())
+
+
+@pytest.mark.parametrize("expiry", [-1.0, math.inf, math.nan])
+def test_keepalive_expiry_must_be_finite_and_not_negative(expiry: float) -> None:
+    with pytest.raises(ValueError, match="keepalive_expiry"):
+        LeanTransport(keepalive_expiry=expiry)
 
 
 def test_connect_refused_is_a_connect_error() -> None:
