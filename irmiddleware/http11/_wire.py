@@ -90,8 +90,10 @@ class Response:
         "head_done",
         "head_only",
         "headers",
+        "heads",
         "keep_alive",
         "parser",
+        "raw",
         "reason",
         "status",
         "stopped",
@@ -106,6 +108,8 @@ class Response:
         self.reason = b""
         self.status = 0
         self.head_bytes = 0
+        self.heads = 0  # heads parsed, interim ones included
+        self.raw = b""  # the bytes of an answer to HEAD, to find where its head ends
         self.trailers = 0
         self.unframed_bytes = 0
         self.head_done = self.complete = self.keep_alive = self.dirty = self.stopped = False
@@ -136,7 +140,10 @@ class Response:
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        self.heads += 1
         if status < 200:
+            if status < 100:  # llhttp takes any three digits
+                self._fail(f"invalid status code {status:03d}")
             if status == 101:
                 self._fail("unexpected 101 Switching Protocols")
             # 1xx interim answer (100 Continue, 103 Early Hints): the real one follows.
@@ -171,6 +178,8 @@ class Response:
     # used by the exchange
     def feed(self, data: bytes) -> bytes:
         """Parses `data` (not empty); returns the payload bytes it completes, as they are."""
+        if self.head_only:
+            self.raw += data
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
@@ -191,13 +200,22 @@ class Response:
         if self.error is not None:
             raise self.error from None
         if self.stopped:
-            # A HEAD answer's head must be the last bytes received: anything after it is dirt.
-            if self.head_only and not data.endswith(b"\r\n\r\n"):
-                self.dirty = True
+            if self.head_only and not self._ends_with_head():
+                self.dirty = True  # a HEAD answer's head must be the last bytes received
             return
         if not self.complete:
             raise httpx.RemoteProtocolError(f"invalid response from the backend: {error}") from None
         self.dirty = True  # garbage after a complete answer: the answer stands, the connection goes
+
+    def _ends_with_head(self) -> bool:
+        # A blank line (CRLF CRLF) ends each head, and no head holds one before its end: the last
+        # head ends after the `heads`-th one.
+        raw, end = self.raw, 0
+        for _head in range(self.heads):
+            end = raw.find(b"\r\n\r\n", end) + 4
+            if end < 4:
+                return False
+        return end == len(raw)
 
     def at_eof(self) -> bool:
         """The connection ended: True if that ends the body (a body framed by neither

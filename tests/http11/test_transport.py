@@ -469,6 +469,12 @@ def test_connection_close_answer_is_not_reused() -> None:
         b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 099 Early\r\n\r\n" + OK,
+        b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",  # bare LF
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: v\r\n" * 300 + b"Content-Length: 2\r\n\r\nok",
     ],
 )
 def test_malformed_answers_are_protocol_errors(answer: bytes) -> None:
