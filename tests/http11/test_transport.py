@@ -8,9 +8,15 @@ the server sends the next, HEAD/204/304 and 1xx answers without a body, large bo
 connection cut mid-body raises `RemoteProtocolError` or `ReadError` and is never reused, a body
 abandoned halfway (or a cancelled request) closes its connection, refused connections raise
 `ConnectError`, a silent server `ReadTimeout`, a full pool waits for a free connection and then
-raises `PoolTimeout`, and a keep-alive connection the server closed while idle is replaced
-transparently. Every wait is bounded by `run_bounded`'s timeout; nothing asserts on wall-clock time.
-The package stands alone: importing it loads nothing of the proxy.
+raises `PoolTimeout`, malformed answers raise `RemoteProtocolError`.
+
+A request is written at most once: a reused connection that closes after the write raises
+`ResetAfterWrite` and the request reaches the server once; a pooled connection the server closed
+while idle (its FIN not yet seen by the event loop) is found dead before the write and replaced,
+so nothing is written to it. Idle connections past the keep-alive expiry are closed, and the pool's
+books (open, idle) match what is really open. Every wait is bounded by `run_bounded`'s timeout;
+nothing asserts on wall-clock time. The package stands alone: importing it loads nothing of the
+proxy.
 """
 
 from __future__ import annotations
