@@ -9,7 +9,7 @@ from typing import Final
 import httpx
 
 from irmiddleware.http11._pool import Connection, Pool, PoolStats
-from irmiddleware.http11._wire import Body, Response, parser_available, read_head, request_head
+from irmiddleware.http11._wire import Body, ParsedResponse, parser_available, read_head, request_head
 
 __all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport"]
 
@@ -68,7 +68,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         # nothing awaits, so the check still holds when the request is written.
         connection = await pool.acquire(("http", url.host, url.port or 80), timeouts)
         read_timeout = timeouts.get("read")
-        response = Response(head_only=request.method == "HEAD")
+        response = ParsedResponse(head_only=request.method == "HEAD")
         try:
             await _send(connection, request, head, body, timeouts.get("write"))
             payload = await read_head(connection, response, read_timeout)

@@ -27,8 +27,8 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "Body",
+    "ParsedResponse",
     "ResetAfterWrite",
-    "Response",
     "parser_available",
     "read_head",
     "request_head",
@@ -74,7 +74,7 @@ class _Stop(Exception):
     (a HEAD answer's head), or a second response began after this one."""
 
 
-class Response:
+class ParsedResponse:
     """One response as llhttp parses it; httptools calls the `on_*` methods during `feed`.
 
     `headers`, `status` and `reason` are the final answer's (1xx interim answers are skipped);
@@ -183,7 +183,7 @@ class Response:
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
-            self._parse_error(error, data)
+            self._parse_error(error)
         body = self.body
         if not body:
             # Payload-free bytes in a row (a head, chunk framing, trailers) are bounded: llhttp
@@ -196,7 +196,7 @@ class Response:
         self.body = []
         return body[0] if len(body) == 1 else b"".join(body)
 
-    def _parse_error(self, error: Exception, data: bytes) -> None:
+    def _parse_error(self, error: Exception) -> None:
         if self.error is not None:
             raise self.error from None
         if self.stopped:
@@ -236,7 +236,7 @@ class Response:
         return self.complete and self.keep_alive and not self.dirty
 
 
-async def read_head(connection: Connection, response: Response, timeout: float | None) -> bytes:
+async def read_head(connection: Connection, response: ParsedResponse, timeout: float | None) -> bytes:
     """Reads until `response`'s head is parsed; returns the payload bytes that came with it."""
     received = False
     while True:
@@ -262,7 +262,12 @@ class Body(httpx.AsyncByteStream):
     __slots__ = ("connection", "pending", "pool", "response", "timeout")
 
     def __init__(
-        self, pool: Pool, connection: Connection, response: Response, payload: bytes, timeout: float | None
+        self,
+        pool: Pool,
+        connection: Connection,
+        response: ParsedResponse,
+        payload: bytes,
+        timeout: float | None,
     ) -> None:
         self.pool, self.response, self.timeout = pool, response, timeout
         self.connection: Connection | None = connection
@@ -279,7 +284,7 @@ class Body(httpx.AsyncByteStream):
             if self.pending:
                 data, self.pending = self.pending, b""
                 return data
-            connection = self.connection
+            connection, response = self.connection, self.response
             if connection is None:
                 raise StopAsyncIteration
             try:
@@ -287,7 +292,6 @@ class Body(httpx.AsyncByteStream):
                 if not data:
                     self._eof(connection)
                     continue
-                response = self.response
                 self.pending = response.feed(data)
             except BaseException:
                 self._finish(False)
