@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-from irmiddleware.http11 import LeanTransport, ResetAfterWrite
+from irmiddleware.http11 import LeanTransport, ResetAfterWrite, _wire
 from irmiddleware.testing import create_vllm_app, serve_in_thread
 from tests.http11.http11_support import OK, RawServer, eof, keep_alive, lean_client, read_request, run_bounded
 
@@ -356,6 +356,12 @@ def test_keepalive_expiry_closes_idle_connections_and_keeps_exact_books() -> Non
             assert (server.connections, transport.stats()) == (3, (1, 1, 0))
 
     run_bounded(scenario())
+
+
+def test_without_httptools_the_transport_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_wire, "httptools", None)  # as without the `serve` extra
+    with pytest.raises(ImportError, match=r"irmiddleware\[serve\]"):
+        LeanTransport()
 
 
 @pytest.mark.parametrize("expiry", [-1.0, math.inf, math.nan])
