@@ -39,6 +39,7 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 framing, trailers): more is a broken or hostile backend."""
 MAX_HEADERS: Final = 256
 """Header (or trailer) lines in one response."""
+_OWS: Final = (b" ", b"\t")
 _HTTP11: Final = b" HTTP/1.1\r\n"
 _SEP: Final = b": "
 _CRLF: Final = b"\r\n"
@@ -133,6 +134,8 @@ class ParsedResponse:
             if self.trailers > MAX_HEADERS:
                 self._fail(f"more than {MAX_HEADERS} trailer lines")
             return
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace; a field value has none
         self.headers.append((name, value))
         self._count_head(len(name) + len(value))
         if len(self.headers) > MAX_HEADERS:

@@ -87,7 +87,7 @@ def test_keep_alive_connection_is_reused() -> None:
 
 def test_content_length_chunked_and_until_close_bodies() -> None:
     chunked = (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Padded:  value \t\r\n\r\n"
         b"5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n"
     )
 
@@ -106,7 +106,9 @@ def test_content_length_chunked_and_until_close_bodies() -> None:
 
     async def scenario() -> None:
         async with RawServer(handler) as server, lean_client() as client:
-            assert (await client.get(server.url)).content == b"hello 0123456789"
+            first = await client.get(server.url)
+            assert first.content == b"hello 0123456789"
+            assert first.headers["x-padded"] == "value"  # surrounding whitespace is not the value
             assert (await client.get(server.url)).content == b"abcde"
             assert (await client.get(server.url)).content == b"until close"
             assert server.connections == 1  # the same connection carried all three
