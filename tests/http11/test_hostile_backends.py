@@ -61,6 +61,8 @@ class Answer:
     body: bytes | None  # the body read; None: the exchange must fail
     pooled: bool  # on success, the connection goes back to the pool
     kind: str
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]  # the first headers a correct client reads
     tail: int = 0  # bytes at the end that go out in one write with the answer's end (garbage)
 
 
@@ -70,6 +72,7 @@ class _Valid:
     payload: bytes
     framing: str
     status: int
+    headers: tuple[tuple[bytes, bytes], ...]
     no_body: bool
     crlfs: tuple[int, ...]  # offsets in `payload` of the chunk framing's CRLFs
     first_size: tuple[int, int]  # where the first chunk-size token is in `payload`
@@ -105,10 +108,10 @@ def _valid(draw: st.DrawFn, method: str, framings: tuple[str, ...], needs_body: 
     status = draw(st.sampled_from(statuses))
     framing = draw(st.sampled_from(framings))
     body = draw(st.binary(min_size=int(needs_body), max_size=3000))
-    headers = b"".join(
-        b"%s: %s\r\n" % (n.encode(), v.encode())
-        for n, v in draw(st.lists(st.tuples(_token, _value), max_size=6))
-    )
+    fields = tuple((n.encode(), v.encode()) for n, v in draw(st.lists(st.tuples(_token, _value), max_size=6)))
+    # Whitespace around a value is not part of it.
+    pads = st.sampled_from([b"", b" ", b"\t", b" \t "])
+    headers = b"".join(b"%s:%s%s%s\r\n" % (n, draw(pads), v, draw(pads)) for n, v in fields)
     no_body = method == "HEAD" or status in _NO_BODY_STATUSES
     crlfs: tuple[int, ...] = ()
     first = (0, 0)
@@ -123,7 +126,7 @@ def _valid(draw: st.DrawFn, method: str, framings: tuple[str, ...], needs_body: 
     head = b"HTTP/1.1 %d Whatever\r\n%s\r\n" % (status, headers)
     if no_body:
         payload, crlfs = b"", ()
-    return _Valid(head, payload, framing, status, no_body, crlfs, first)
+    return _Valid(head, payload, framing, status, fields, no_body, crlfs, first)
 
 
 @st.composite
@@ -138,7 +141,10 @@ def answers(draw: st.DrawFn) -> Answer:
     # A self-delimiting answer leaves the connection reusable; one read until it closes does not
     # (nor a HEAD answer without framing: which length it describes cannot be known).
     self_delimiting = valid.framing != "close" or valid.status in _NO_BODY_STATUSES
-    answer = Answer(method, valid.head + valid.payload, (), not self_delimiting, body, self_delimiting, kind)
+    wire = valid.head + valid.payload
+    answer = Answer(
+        method, wire, (), not self_delimiting, body, self_delimiting, kind, valid.status, valid.headers
+    )
     answer = _damage(draw, answer, valid)
     last = len(answer.wire) - answer.tail - 1
     cuts = draw(st.lists(st.integers(1, last), max_size=4, unique=True)) if last >= 1 else []
@@ -217,7 +223,8 @@ async def _exchange(answer: Answer) -> None:
             assert transport.stats()[:2] == (0, 0)  # closed, not pooled
             return
         assert answer.body is not None, f"a damaged answer ({answer.kind}) was accepted"
-        assert body == answer.body
+        assert (response.status_code, body) == (answer.status, answer.body)
+        assert tuple(response.headers.raw[: len(answer.headers)]) == answer.headers
         assert transport.stats()[:2] == ((1, 1) if answer.pooled else (0, 0))
 
 
