@@ -126,7 +126,7 @@ class ParsedResponse:
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
-        self._count_head(len(reason))
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:  # a trailer, which a proxy relays nowhere: only counted
@@ -136,14 +136,17 @@ class ParsedResponse:
             return
         if value[-1:] in _OWS:
             value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace; a field value has none
-        self.headers.append((name, value))
-        self._count_head(len(name) + len(value))
-        if len(self.headers) > MAX_HEADERS:
-            self._fail(f"more than {MAX_HEADERS} header lines in the response head")
+        headers = self.headers
+        headers.append((name, value))
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
+            self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} header lines")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.heads += 1
+        if self.head_bytes > MAX_HEAD_BYTES:  # a long reason phrase; headers were counted as they came
+            self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
         if status < 200:
             if status < 100:  # llhttp takes any three digits
                 self._fail(f"invalid status code {status:03d}")
@@ -164,11 +167,6 @@ class ParsedResponse:
 
     def on_message_complete(self) -> None:
         self.complete = self.head_done  # an interim answer's end is not the response's
-
-    def _count_head(self, size: int) -> None:
-        self.head_bytes += size
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
 
     def _fail(self, message: str) -> None:
         self.error = httpx.RemoteProtocolError(message)

@@ -489,6 +489,7 @@ def test_connection_close_answer_is_not_reused() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\n" + b"X-Many: v\r\n" * 300 + b"Content-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
     ],
 )
 def test_malformed_answers_are_protocol_errors(answer: bytes) -> None:
@@ -498,6 +499,22 @@ def test_malformed_answers_are_protocol_errors(answer: bytes) -> None:
                 await client.get(server.url)
 
     run_bounded(scenario())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\n\r\nread until close",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\n" + b"X: v\r\n" * 300 + b"Content-Length: 2\r\n\r\nok",
+    ],
+)
+def test_head_bounds_hold_when_head_and_body_arrive_in_one_read(answer: bytes) -> None:
+    # A unit test of the parser: over a socket, a head this large usually arrives in several reads
+    # and is stopped by the bound on payload-free bytes before the per-head bound is reached.
+    response = _wire.ParsedResponse(head_only=False)
+    with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+        response.feed(answer)
 
 
 def test_header_injection_is_refused_before_sending() -> None:
