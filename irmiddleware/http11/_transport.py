@@ -73,6 +73,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             await _send(connection, request, head, body, timeouts.get("write"))
             payload = await read_head(connection, response, read_timeout)
         except BaseException:
+            response.close()
             pool.discard(connection)
             raise
         return httpx.Response(

@@ -11,6 +11,7 @@ at EOF (httptools has no `finish`), and whether the connection is clean to reuse
 
 from __future__ import annotations
 
+import typing
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -103,7 +104,7 @@ class ParsedResponse:
     )
 
     def __init__(self, head_only: bool) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.head_only = head_only  # the answer to HEAD: no body whatever its headers say
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
@@ -143,7 +144,8 @@ class ParsedResponse:
             self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} header lines")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = typing.cast(httptools.HttpResponseParser, self.parser)  # it is calling us
+        status = parser.get_status_code()
         self.heads += 1
         if self.head_bytes > MAX_HEAD_BYTES:  # a long reason phrase; headers were counted as they came
             self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
@@ -157,7 +159,7 @@ class ParsedResponse:
             return
         self.status, self.head_done = status, True
         # Asked now: llhttp resets its flags once the message is complete.
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = parser.should_keep_alive()
         if self.head_only:
             self.complete = True
             self._stop()
@@ -182,7 +184,7 @@ class ParsedResponse:
         if self.head_only:
             self.raw += data
         try:
-            self.parser.feed_data(data)
+            typing.cast(httptools.HttpResponseParser, self.parser).feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
             self._parse_error(error)
         body = self.body
@@ -199,7 +201,8 @@ class ParsedResponse:
 
     def _parse_error(self, error: Exception) -> None:
         if self.error is not None:
-            raise self.error from None
+            failure, self.error = self.error, None  # its traceback holds us: no cycle through it
+            raise failure from None
         if self.stopped:
             if self.head_only and not self._ends_with_head():
                 self.dirty = True  # a HEAD answer's head must be the last bytes received
@@ -235,6 +238,12 @@ class ParsedResponse:
     @property
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.dirty
+
+    def close(self) -> None:
+        """Drops the parser once the exchange is over. The parser holds this object's callbacks:
+        a reference cycle that would otherwise wait for the garbage collector (measured: ~3 us of
+        collections per request, and garbage promoted to the older generations)."""
+        self.parser = None
 
 
 async def read_head(connection: Connection, response: ParsedResponse, timeout: float | None) -> bytes:
@@ -310,6 +319,7 @@ class Body(httpx.AsyncByteStream):
     def _finish(self, reuse: bool) -> None:
         connection, self.connection = self.connection, None
         if connection is not None:
+            self.response.close()
             if reuse:
                 self.pool.release(connection)
             else:
