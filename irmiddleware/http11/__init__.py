@@ -18,7 +18,8 @@ Each request is written at most once. A pooled connection is checked alive just 
 (the socket asked for EOF or stray bytes); one found dead is replaced then, before anything was
 written to it. A connection that ends after the write and before any response byte raises
 `ResetAfterWrite`: the backend may be working on the request, so the transport does not send it
-again; the caller decides. The retry rules are written out in doc/proxy.md ("Upstream retries").
+again; the caller decides. The retry rules are in doc/proxy.md ("Upstream transport: what may be
+retried").
 Other errors are the httpx exceptions httpcore would raise in the same situation: `ConnectError`
 or `ConnectTimeout` before the write, `RemoteProtocolError` for a malformed or truncated answer,
 `ReadError` for a reset mid-body, `ReadTimeout`, `WriteTimeout`, `PoolTimeout`.

@@ -4,7 +4,7 @@
 back pressure and write flow control; `Pool` holds them by origin with httpx's `Limits` semantics.
 A pooled connection is handed out only after a check that it is still alive (`Connection.alive`):
 a request is written at most once, so a connection must be known dead *before* the write to be
-replaced (doc/proxy.md, "Upstream retries").
+replaced (doc/proxy.md, "Upstream transport: what may be retried").
 """
 
 from __future__ import annotations
@@ -138,11 +138,6 @@ class Connection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return data
-
-    def unread(self, data: bytes) -> None:
-        if data:
-            self.chunks.appendleft(data)
-            self.buffered += len(data)
 
     async def receive(self, timeout: float | None) -> bytes:
         """The next buffered bytes; b"" at EOF. Waits at most `timeout` for them (ReadTimeout)."""
