@@ -37,7 +37,12 @@ def test_adapter_and_transport_packages_are_pinned() -> None:
 
     adapters = ["OpenAIAdapter", "TGIAdapter", "TritonAdapter", "VLLMAdapter", "prompt_text"]
     assert irmiddleware.adapters.__all__ == adapters
-    assert irmiddleware.http11.__all__ == ["LeanTransport"]
+    assert irmiddleware.http11.__all__ == [
+        "KEEPALIVE_EXPIRY_S",
+        "LeanTransport",
+        "PoolStats",
+        "ResetAfterWrite",
+    ]
     for module in (irmiddleware.adapters, irmiddleware.http11):
         for name in module.__all__:
             assert hasattr(module, name), name

@@ -7,14 +7,22 @@ transport spends a few tens. It keeps `httpx.AsyncClient` as the API: the client
 requests and responses; only the bytes on the wire are handled here.
 
 What it does: a keep-alive pool per origin (`scheme, host, port`) with a global connection limit,
-a keep-alive limit and expiry; request head and body sent in one write; a response parser for
+a keep-alive limit and an expiry below the backends' idle timeout (`KEEPALIVE_EXPIRY_S`); request
+head and body sent in one write; responses parsed by llhttp (`httptools`, the `serve` extra) with
 Content-Length, chunked and read-until-close bodies; a streaming body that yields bytes as they
 arrive and gives the connection back to the pool only once the body was read to its end (a body
-abandoned halfway closes the connection: a dirty connection is never reused). The four httpx
-timeouts (connect, read, write, pool) come from the request's `timeout` extension. Errors are the
-httpx exceptions httpcore would raise in the same situation, because the middleware's retry logic
-keys on them: a connection that fails before any response byte raises `ConnectError`,
-`ConnectTimeout` or `RemoteProtocolError`.
+abandoned halfway, or any error, closes the connection: a dirty connection is never reused). The
+four httpx timeouts (connect, read, write, pool) come from the request's `timeout` extension.
+
+Each request is written at most once. A pooled connection is checked alive just before the write
+(the socket asked for EOF or stray bytes); one found dead is replaced then, before anything was
+written to it. A connection that ends after the write and before any response byte raises
+`ResetAfterWrite`: the backend may be working on the request, so the transport does not send it
+again; the caller decides. The retry rules are in doc/proxy.md ("Upstream transport: what may be
+retried").
+Other errors are the httpx exceptions httpcore would raise in the same situation: `ConnectError`
+or `ConnectTimeout` before the write, `RemoteProtocolError` for a malformed or truncated answer,
+`ReadError` for a reset mid-body, `ReadTimeout`, `WriteTimeout`, `PoolTimeout`.
 
 Plain `http://` only; the client mounts it for `http://` so `https://` backends keep httpx's own
 transport (and its TLS configuration).
@@ -24,6 +32,8 @@ framing, the streamed body), `_transport` (`LeanTransport`). The package knows n
 router: the proxy mounts it under its `httpx.AsyncClient` (`irmiddleware.proxy._upstream`).
 """
 
-from irmiddleware.http11._transport import LeanTransport
+from irmiddleware.http11._pool import PoolStats
+from irmiddleware.http11._transport import KEEPALIVE_EXPIRY_S, LeanTransport
+from irmiddleware.http11._wire import ResetAfterWrite
 
-__all__ = ["LeanTransport"]
+__all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport", "PoolStats", "ResetAfterWrite"]

@@ -2,24 +2,52 @@
 
 `Connection` is an `asyncio.Protocol` with a receive buffer the response reader pulls from, read
 back pressure and write flow control; `Pool` holds them by origin with httpx's `Limits` semantics.
+A pooled connection is handed out only after a check that it is still alive (`Connection.alive`):
+a request is written at most once, so a connection must be known dead *before* the write to be
+replaced (doc/proxy.md, "Upstream transport: what may be retried").
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import time
 import typing
-from typing import Final
+from collections.abc import Callable
+from typing import Final, NamedTuple
 
 import httpx
 
-__all__ = ["Connection", "Origin", "Pool"]
+__all__ = ["Connection", "Origin", "Pool", "PoolStats"]
 
 _HIGH_WATER: Final = 256 * 1024  # buffered, unread response bytes before reading is paused
 
 Origin = tuple[str, str, int]
 """(scheme, host, port): what a keep-alive connection may be reused for."""
+
+
+class PoolStats(NamedTuple):
+    """A snapshot of the pool's books (`LeanTransport.stats`)."""
+
+    open: int
+    """Connections open or opening, idle or busy."""
+    idle: int
+    """Of those, idle in the pool."""
+    stale: int
+    """Idle connections found dead when about to be reused (the backend had closed them): replaced
+    by another connection before anything was written, so no request was lost or sent twice."""
+
+
+def _readable_check(fd: int) -> Callable[[], bool]:
+    """A zero-timeout "is there anything to read on `fd`?". An idle keep-alive connection has nothing
+    to read: readable means the backend closed it (EOF), reset it, or sent bytes nobody asked for.
+    poll (not select) because select cannot watch descriptors above FD_SETSIZE (1024)."""
+    if not hasattr(select, "poll"):  # Windows
+        return lambda: bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 # ---- one connection ------------------------------------------------------------------------------
@@ -38,16 +66,19 @@ class Connection(asyncio.Protocol):
         self.error: BaseException | None = None  # why the connection was lost, if not a clean EOF
         self.closed = False
         self.idle_since = 0.0
-        self.requests = 0  # exchanges started on this connection: > 1 means reused
         self.holds_slot = True  # counted in the pool's `total` until closed
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._readable: Callable[[], bool] = lambda: False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance.
         self.transport = typing.cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._readable = _readable_check(sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -108,11 +139,6 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    def unread(self, data: bytes) -> None:
-        if data:
-            self.chunks.appendleft(data)
-            self.buffered += len(data)
-
     async def receive(self, timeout: float | None) -> bytes:
         """The next buffered bytes; b"" at EOF. Waits at most `timeout` for them (ReadTimeout)."""
         if not self.chunks and not self.eof:
@@ -133,7 +159,17 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
+        """Nothing the event loop has seen makes it unusable (the cheap check, at release)."""
         return not self.eof and not self.chunks and self.transport is not None
+
+    def alive(self) -> bool:
+        """Usable for the next request, as far as can be known before writing it: besides what the
+        loop has seen (`reusable`), the socket itself is asked. A backend's FIN or RST can sit in
+        the kernel's receive queue while the loop has not yet run its read callback (it is busy,
+        or this is the same turn): writing then would hand the request to a connection the
+        backend has already closed."""
+        transport = self.transport
+        return self.reusable and transport is not None and not transport.is_closing() and not self._readable()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -147,25 +183,25 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Keep-alive connections by origin, with httpx's `Limits` semantics: `max_connections` open
     (or opening) in total, at most `max_keepalive_connections` idle, each idle for at most
-    `keepalive_expiry` seconds. Idle connections are reused newest first (warmest)."""
+    `expiry` seconds (`LeanTransport`'s `keepalive_expiry`, which replaces `limits.keepalive_expiry`).
+    Idle connections are reused newest first (warmest), each after a check that it is `alive`."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, expiry: float | None) -> None:
         self.loop = asyncio.get_running_loop()
         self.max_connections = limits.max_connections
         self.max_idle = limits.max_keepalive_connections
-        self.expiry = limits.keepalive_expiry
+        self.expiry = expiry
         self.idle: dict[Origin, list[Connection]] = {}
         self.idle_count = 0
         self.total = 0
+        self.stale = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closed = False
 
-    async def acquire(
-        self, origin: Origin, timeouts: dict[str, float | None], fresh: bool = False
-    ) -> Connection:
-        """An idle connection to `origin` (unless `fresh`), else a new one once the limit allows."""
+    async def acquire(self, origin: Origin, timeouts: dict[str, float | None]) -> Connection:
+        """An idle, live connection to `origin`, else a new one once the limit allows."""
         while True:
-            connection = None if fresh else self._idle_connection(origin)
+            connection = self._idle_connection(origin)
             if connection is not None:
                 return connection
             if self.max_connections is None or self.total < self.max_connections:
@@ -179,10 +215,13 @@ class Pool:
         while idle:
             connection = idle.pop()
             self.idle_count -= 1
-            if connection.reusable and (self.expiry is None or now - connection.idle_since < self.expiry):
-                if idle and self.expiry is not None and now - idle[0].idle_since >= self.expiry:
-                    self.discard(idle.pop(0))  # one expired connection closed per reuse: amortized
-                return connection
+            if self.expiry is None or now - connection.idle_since < self.expiry:
+                if connection.alive():
+                    if idle and self.expiry is not None and now - idle[0].idle_since >= self.expiry:
+                        self.idle_count -= 1
+                        self.discard(idle.pop(0))  # one expired connection closed per reuse: amortized
+                    return connection
+                self.stale += 1
             self.discard(connection)
         return None
 
@@ -267,6 +306,9 @@ class Pool:
             connection.holds_slot = False
             self.total -= 1
             self._wake_one()
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.total, self.idle_count, self.stale)
 
     def close(self) -> None:
         self.closed = True

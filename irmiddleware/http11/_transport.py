@@ -1,18 +1,21 @@
 """`LeanTransport`: the `httpx.AsyncBaseTransport` over the pool (`_pool`) and the wire format
-(`_wire`): one request sent, its response head read, its body handed to httpx as a stream."""
+(`_wire`): one request written once, its response head read, its body handed to httpx as a stream."""
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import httpx
 
-from irmiddleware.http11._pool import Connection, Pool
-from irmiddleware.http11._wire import NONE, Body, Head, NoResponse, read_head, request_head
+from irmiddleware.http11._pool import Connection, Pool, PoolStats
+from irmiddleware.http11._wire import Body, ParsedResponse, parser_available, read_head, request_head
 
-__all__ = ["LeanTransport"]
+__all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport"]
 
-_NO_BODY_STATUS: Final = frozenset({204, 304})
+KEEPALIVE_EXPIRY_S: Final = 4.0
+"""Idle seconds after which a pooled connection is closed rather than reused: below uvicorn's
+default keep-alive timeout (5 s), which most Python inference servers run with."""
 
 
 def _timeouts(request: httpx.Request) -> dict[str, float | None]:
@@ -22,74 +25,62 @@ def _timeouts(request: httpx.Request) -> dict[str, float | None]:
 
 class LeanTransport(httpx.AsyncBaseTransport):
     """A plain-HTTP/1.1 transport with a keep-alive pool bounded by `limits`. Timeouts come
-    from each request (`httpx.AsyncClient(timeout=...)` puts them there)."""
+    from each request (`httpx.AsyncClient(timeout=...)` puts them there).
 
-    def __init__(self, limits: httpx.Limits | None = None) -> None:
+    `keepalive_expiry` (seconds; None keeps idle connections forever) replaces
+    `limits.keepalive_expiry`: an idle connection older than that is closed instead of reused. It
+    must stay below the backends' own idle timeout (uvicorn's default is 5 s, httpx's expiry
+    default is the same 5 s), so that the backend never closes a connection just as a request is
+    written to it. Each request is written at most once (see `ResetAfterWrite`)."""
+
+    def __init__(
+        self, limits: httpx.Limits | None = None, keepalive_expiry: float | None = KEEPALIVE_EXPIRY_S
+    ) -> None:
+        if not parser_available():
+            raise ImportError(
+                "LeanTransport parses responses with httptools, which is not installed:"
+                ' pip install "irmiddleware[serve]" (or use httpx\'s own transport)'
+            )
+        if keepalive_expiry is not None and not 0 <= keepalive_expiry < math.inf:
+            raise ValueError(f"keepalive_expiry must be a finite number >= 0 or None, not {keepalive_expiry}")
         self._limits = limits or httpx.Limits()
+        self._expiry = keepalive_expiry
         self._pool: Pool | None = None
+
+    def stats(self) -> PoolStats:
+        """The pool's connections now (all zero before the first request)."""
+        return PoolStats(0, 0, 0) if self._pool is None else self._pool.stats()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"LeanTransport speaks plain http only, not {url.scheme!r}")
         if self._pool is None:
-            self._pool = Pool(self._limits)  # created in the running loop, on first use
+            self._pool = Pool(self._limits, self._expiry)  # created in the running loop, on first use
         pool = self._pool
-        origin = ("http", url.host, url.port or 80)
         timeouts = _timeouts(request)
         head = request_head(request)
         stream = request.stream
         # A ByteStream yields its one bytes object: joining it returns that object, uncopied, and
         # works whether or not the request was `read()` (which costs a slow typing isinstance).
         body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else None
-        connection = await pool.acquire(origin, timeouts)
-        try:
-            return await self._round_trip(pool, connection, request, head, body, timeouts)
-        except NoResponse:
-            if connection.requests == 1 or body is None:
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from None
-        # A reused keep-alive connection the server had closed (its idle timeout racing our
-        # request): nothing was processed, so send once more on a fresh connection.
-        connection = await pool.acquire(origin, timeouts, fresh=True)
-        try:
-            return await self._round_trip(pool, connection, request, head, body, timeouts)
-        except NoResponse:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from None
-
-    async def _round_trip(
-        self,
-        pool: Pool,
-        connection: Connection,
-        request: httpx.Request,
-        head: bytes,
-        body: bytes | None,
-        timeouts: dict[str, float | None],
-    ) -> httpx.Response:
-        connection.requests += 1
+        # A pooled connection comes out of `acquire` checked alive; from there to the write below
+        # nothing awaits, so the check still holds when the request is written.
+        connection = await pool.acquire(("http", url.host, url.port or 80), timeouts)
         read_timeout = timeouts.get("read")
+        response = ParsedResponse(head_only=request.method == "HEAD")
         try:
             await _send(connection, request, head, body, timeouts.get("write"))
-            first = True
-            while True:
-                raw, rest = await read_head(connection, read_timeout, first)
-                first = False
-                parsed = Head(raw)
-                if parsed.status >= 200:
-                    break
-                if parsed.status == 101:
-                    raise httpx.RemoteProtocolError("unexpected 101 Switching Protocols")
-                connection.unread(rest)  # 1xx interim answer (100 Continue, 103): the real one follows
+            payload = await read_head(connection, response, read_timeout)
         except BaseException:
+            response.close()
             pool.discard(connection)
             raise
-        if request.method == "HEAD" or parsed.status in _NO_BODY_STATUS:
-            parsed.framing = NONE
-        stream = Body(pool, connection, parsed, rest, read_timeout)
         return httpx.Response(
-            parsed.status,
-            headers=parsed.headers,
-            stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": parsed.reason},
+            response.status,
+            headers=response.headers,
+            stream=Body(pool, connection, response, payload, read_timeout),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
         )
 
     async def aclose(self) -> None:
@@ -101,7 +92,8 @@ async def _send(
     connection: Connection, request: httpx.Request, head: bytes, body: bytes | None, timeout: float | None
 ) -> None:
     if connection.closed:
-        return  # lost while idle after all: reading finds the EOF and reports NoResponse
+        # A new connection the backend closed as soon as it was accepted: nothing was written.
+        raise httpx.ConnectError("The backend closed the connection before the request was written.")
     if body is not None:
         # One write, so one syscall and one TCP segment for the usual small JSON request.
         connection.write(head + body if len(body) < 65536 else head)

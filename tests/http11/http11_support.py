@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from irmiddleware.http11 import LeanTransport
+from irmiddleware.http11 import KEEPALIVE_EXPIRY_S, LeanTransport
 
 __all__ = ["OK", "Handler", "RawServer", "eof", "keep_alive", "lean_client", "read_request", "run_bounded"]
 
@@ -23,10 +23,14 @@ def run_bounded(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def lean_client(
-    max_connections: int = 10, read: float = 5.0, pool: float = 5.0, **limits: Any
+    max_connections: int = 10,
+    read: float = 5.0,
+    pool: float = 5.0,
+    keepalive_expiry: float | None = KEEPALIVE_EXPIRY_S,
+    **limits: Any,
 ) -> httpx.AsyncClient:
     timeout = httpx.Timeout(5.0, read=read, pool=pool)
-    transport = LeanTransport(httpx.Limits(max_connections=max_connections, **limits))
+    transport = LeanTransport(httpx.Limits(max_connections=max_connections, **limits), keepalive_expiry)
     return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
 
 
