@@ -8,7 +8,7 @@ requests and responses; only the bytes on the wire are handled here.
 
 What it does: a keep-alive pool per origin (`scheme, host, port`) with a global connection limit,
 a keep-alive limit and an expiry below the backends' idle timeout (`KEEPALIVE_EXPIRY_S`); request
-head and body sent in one write; responses parsed by llhttp (`httptools`, the `serve` extra) with
+head and body sent in one write; responses parsed by llhttp (`httptools`, a core dependency) with
 Content-Length, chunked and read-until-close bodies; a streaming body that yields bytes as they
 arrive and gives the connection back to the pool only once the body was read to its end (a body
 abandoned halfway, or any error, closes the connection: a dirty connection is never reused). The

@@ -9,7 +9,7 @@ from typing import Final
 import httpx
 
 from irmiddleware.http11._pool import Connection, Pool, PoolStats
-from irmiddleware.http11._wire import Body, ParsedResponse, parser_available, read_head, request_head
+from irmiddleware.http11._wire import Body, ParsedResponse, read_head, request_head
 
 __all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport"]
 
@@ -36,11 +36,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def __init__(
         self, limits: httpx.Limits | None = None, keepalive_expiry: float | None = KEEPALIVE_EXPIRY_S
     ) -> None:
-        if not parser_available():
-            raise ImportError(
-                "LeanTransport parses responses with httptools, which is not installed:"
-                ' pip install "irmiddleware[serve]" (or use httpx\'s own transport)'
-            )
         if keepalive_expiry is not None and not 0 <= keepalive_expiry < math.inf:
             raise ValueError(f"keepalive_expiry must be a finite number >= 0 or None, not {keepalive_expiry}")
         self._limits = limits or httpx.Limits()

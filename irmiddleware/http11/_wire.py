@@ -15,14 +15,10 @@ import typing
 from collections.abc import AsyncIterator
 from typing import Final
 
+import httptools
 import httpx
 
 from irmiddleware.http11._pool import Connection, Pool
-
-try:
-    import httptools
-except ImportError:  # the `serve` extra is not installed: `LeanTransport` says so when created
-    httptools = None  # type: ignore[assignment]
 
 __all__ = [
     "MAX_HEADERS",
@@ -30,7 +26,6 @@ __all__ = [
     "Body",
     "ParsedResponse",
     "ResetAfterWrite",
-    "parser_available",
     "read_head",
     "request_head",
 ]
@@ -58,10 +53,6 @@ def request_head(request: httpx.Request) -> bytes:
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise httpx.LocalProtocolError("CR or LF inside the request target or a header")
     return head
-
-
-def parser_available() -> bool:
-    return httptools is not None
 
 
 class ResetAfterWrite(httpx.RemoteProtocolError):

@@ -397,12 +397,6 @@ def test_keepalive_expiry_closes_idle_connections_and_keeps_exact_books() -> Non
     run_bounded(scenario())
 
 
-def test_without_httptools_the_transport_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_wire, "httptools", None)  # as without the `serve` extra
-    with pytest.raises(ImportError, match=r"irmiddleware\[serve\]"):
-        LeanTransport()
-
-
 @pytest.mark.parametrize("expiry", [-1.0, math.inf, math.nan])
 def test_keepalive_expiry_must_be_finite_and_not_negative(expiry: float) -> None:
     with pytest.raises(ValueError, match="keepalive_expiry"):
