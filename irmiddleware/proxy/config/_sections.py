@@ -27,6 +27,11 @@ class TimeoutsConfig:
     read_s: float = bounded(600.0, 0.001)
     write_s: float = bounded(60.0, 0.001)
     pool_s: float = bounded(10.0, 0.001)
+    abort_grace_s: float = bounded(0.5, 0.0, 60.0)
+    """After the router gives up on an answer the backend is still producing (client gone, timeout,
+    overload answer, broken stream), the backend's slot stays reserved this long after the upstream
+    connection is closed, so the backend can notice and stop before the router sends it another
+    request (0 = free the slot at once)."""
 
 
 @dataclass(frozen=True, slots=True)
