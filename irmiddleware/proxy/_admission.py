@@ -450,11 +450,10 @@ class Admission:
             if not exclude:
                 self._admitted[route.priority][0].inc()
             return lease
-        if not self._any_up(route.model, exclude):
-            if exclude and self._any_up(route.model):
-                return None  # the backends that are up were all tried
-            self._count_shed(route.priority, "no_healthy_backend")
-            raise self._outage(route.model)
+        if exclude and not self._any_up(route.model, exclude) and self._any_up(route.model):
+            return None  # the backends that are up were all tried
+        # Nothing fits: the request waits if its class may, even through an outage (a backend
+        # back within `max_wait_s` serves it); the answer at the end says which it was.
         timeout_s = self.config.max_wait_of(route.priority)
         since_s = None
         if exclude:
@@ -473,8 +472,7 @@ class Admission:
                 retry_since_s=since_s,
             )
         except Shed as shed:
-            self._count_shed(route.priority, shed.reason)
-            raise
+            raise self._refused(route, shed.reason) from None
         return await self._wait(waiter, timeout_s, counted=not exclude)
 
     def can_retry(self, route: RouteInfo, exclude: frozenset[int]) -> bool:
@@ -489,6 +487,15 @@ class Admission:
         active, whatever its load (health checks, ejections and drains decide that)."""
         members = self._fleet.pool_of(model) - exclude
         return any(stats.state == "active" for stats in self._fleet.snapshot(members))
+
+    def _refused(self, route: RouteInfo, reason: str) -> Shed:
+        """The 503 for a request nothing could take, counted: `no_healthy_backend` when no backend
+        serving its model is up (an outage, whatever the queue did), else `reason` (saturation)."""
+        if not self._any_up(route.model):
+            self._count_shed(route.priority, "no_healthy_backend")
+            return self._outage(route.model)
+        self._count_shed(route.priority, reason)
+        return _saturated(route.model, reason)
 
     def _outage(self, model: str) -> Shed:
         return Shed(
@@ -522,11 +529,8 @@ class Admission:
         lease = future.result() if future.done() and not future.cancelled() else None
         if lease is None:
             reason = "timeout" if not future.done() or future.cancelled() else "evicted"
-            if reason == "timeout" and not self._any_up(waiter.model):
-                self._count_shed(priority, "no_healthy_backend")
-                raise self._outage(waiter.model)  # the pool went down while this request waited
-            self._count_shed(priority, reason)
-            raise _saturated(waiter.model, reason)
+            assert isinstance(waiter.route, _Want)
+            raise self._refused(waiter.route.route, reason)
         if counted:
             self._admitted[priority][1].inc()
         return lease
