@@ -455,7 +455,7 @@ class Engine(abc.ABC, Generic[C, J]):
             self._prefilled(job)
             for step in range(job.steps):
                 if step:
-                    await asyncio.sleep(self.config.decode_s())
+                    await _engine_step(self.config.decode_s())
                 self._cut(job, step)
                 self._token(job, step)
                 yield step
@@ -508,3 +508,16 @@ class Engine(abc.ABC, Generic[C, J]):
 
     def _finished(self, job: J, outcome: Outcome) -> None:
         """The run ended (`job.started` is None if it never took a slot)."""
+
+
+async def _engine_step(seconds: float) -> None:
+    """One decode step. A cancellation (the client went away) takes effect at the end of the step,
+    not in the middle: an engine runs a step for the whole batch and drops an aborted request
+    between steps, so a server goes on counting it in progress until then. (In the queue or in its
+    prefill, a request stops at once.)"""
+    step = asyncio.ensure_future(asyncio.sleep(seconds))
+    try:
+        await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await step  # the rest of the step; a second cancellation ends it at once
+        raise

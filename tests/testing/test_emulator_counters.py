@@ -28,7 +28,9 @@ BODY = {"model": "m", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
 def test_peak_counts_queued_and_running_requests(vllm_server: VLLMFactory) -> None:
     server, emulator = vllm_server(max_num_seqs=2, time_per_output_token_s=0.02)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = [pool.submit(httpx.post, f"{server.url}/v1/completions", json=BODY, timeout=10) for _ in range(3)]
+        answers = [
+            pool.submit(httpx.post, f"{server.url}/v1/completions", json=BODY, timeout=10) for _ in range(3)
+        ]
         wait_until(lambda: emulator.stats.in_progress == 3, "two running, one waiting")
         assert [a.result(timeout=10).status_code for a in answers] == [200] * 3
     stats = httpx.get(f"{server.url}/_emulator/stats").json()
