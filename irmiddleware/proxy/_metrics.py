@@ -101,8 +101,8 @@ class RouterMetrics:
         )
         self.retries = Counter(
             "irm_retries",
-            "Attempts retried on another backend, by the backend that failed and how its attempt "
-            "ended (connect_error, upstream_error, overloaded).",
+            "Retries (another backend took the request after an attempt failed), by the backend that "
+            "failed and how its attempt ended (connect_error, upstream_error, overloaded).",
             ["backend", "reason"],
             registry=self.registry,
         )

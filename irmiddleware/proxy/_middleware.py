@@ -252,6 +252,9 @@ class RoutingMiddleware:
         tried: list[int] = []
         attempt: Attempt | None = None
         for number in range(1, 2 + self.config.retries.connect_attempts):
+            lease = await self.admission.acquire(route, exclude=frozenset(tried), deadline=deadline)
+            if lease is None:
+                break  # every backend that is up was tried
             if attempt is not None:
                 self.metrics.retried(attempt.backend.url, attempt.outcome)
                 log.info(
@@ -261,9 +264,6 @@ class RoutingMiddleware:
                     attempt.outcome,
                     attempt.backend.url,
                 )
-            lease = await self.admission.acquire(route, exclude=frozenset(tried), deadline=deadline)
-            if lease is None:
-                break  # every backend that is up was tried
             async with Attempt(attempts, exchange, lease, number, tried) as attempt:
                 if not await attempt.run():
                     return
