@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow  # starts five processes and sends 10,000 requests
 
 REQUESTS = 10_000
 CONCURRENCY = 64
-CAPACITY = 16
+CAPACITY = 8
 KILLED, HUNG, FAILING, STEADY = range(4)
 # Request count at which each fault starts or ends (progress, not time: the machine may be slow).
 FAULTS = (
@@ -91,7 +91,7 @@ class Processes:
         self.backends[index] = self._spawn(
             f"backend{index}",
             *("emulate", "vllm", "--port", str(self.ports[index]), "--model", "m", "--seed", str(index)),
-            *("--concurrency", str(CAPACITY), "--time-per-output-token", "0.002"),
+            *("--concurrency", str(CAPACITY), "--time-per-output-token", "0.04"),
         )
         wait_until(lambda: answers(f"{self.urls[index]}/health"), f"backend {index} up", timeout_s=30)
 
