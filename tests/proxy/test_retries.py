@@ -9,7 +9,8 @@ saturation, with real uvicorn servers on 127.0.0.1 and vLLM emulators:
   own message and a `Retry-After` from the health-check interval; every backend full answers 503
   `no_capacity` with the configured `Retry-After`;
 - a client that hangs up mid-stream leaves its backend's slot reserved until the backend itself
-  has stopped: the backend's own count of requests in progress never exceeds its capacity.
+  has stopped: the backend's own count of requests in progress never exceeds its capacity;
+  `abort_grace_s` is checked when the configuration is loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_support import Emulators, Routers, RouterServer, backend_status, held_stream, wait_idle
 
-from irmiddleware.proxy import RoutingMiddleware, parse_config
+from irmiddleware.proxy import ConfigError, RoutingMiddleware, parse_config
 from irmiddleware.testing import assert_idle, wait_until
 
 BODY = {"model": "m", "prompt": "Hi", "max_tokens": 2}
@@ -147,6 +148,13 @@ def test_an_outage_is_not_saturation(emulators: Emulators, router: Routers) -> N
         (("class", "0"), ("reason", "no_capacity")): 1.0,
         (("class", "0"), ("reason", "no_healthy_backend")): 2.0,
     }
+
+
+@pytest.mark.parametrize("value", [-0.1, 61.0, "1", True])
+def test_abort_grace_is_checked_at_load(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"router\.timeouts\.abort_grace_s"):
+        config([closed_port_url()], 1, {"timeouts": {"abort_grace_s": value}})
+    assert config([closed_port_url()], 1, {}).timeouts.abort_grace_s == 0.5
 
 
 @pytest.mark.slow
