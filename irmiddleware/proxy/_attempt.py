@@ -130,11 +130,6 @@ class Releases:
         self._released = released
         self._held: dict[Lease, tuple[asyncio.TimerHandle, bool, float]] = {}
 
-    @property
-    def held(self) -> int:
-        """Leases kept for the grace now."""
-        return len(self._held)
-
     def now(self, lease: Lease, ok: bool, latency_s: float | None = None) -> None:
         lease.release(ok=ok, latency_s=latency_s)
         self._released(lease.accelerator_id)  # admission hands the slot to a waiter
@@ -280,7 +275,7 @@ class Attempt:
         # to another backend (True); any other is answered 502/504 here (False).
         self.unsent = isinstance(error, _NOT_SENT)
         if isinstance(error, httpx.TransportError) and not isinstance(error, _NOT_RETRIED):
-            if isinstance(error, CONNECT_ERRORS):
+            if isinstance(error, CONNECT_ERRORS) and not when:
                 self.outcome, what = "connect_error", "could not be reached"
             else:
                 self.outcome, what = "upstream_error", "failed after the request was written"
