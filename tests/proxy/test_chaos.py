@@ -91,7 +91,7 @@ class Processes:
         self.backends[index] = self._spawn(
             f"backend{index}",
             *("emulate", "vllm", "--port", str(self.ports[index]), "--model", "m", "--seed", str(index)),
-            *("--concurrency", str(CAPACITY), "--time-per-output-token", "0.04"),
+            *("--concurrency", str(CAPACITY), "--time-per-output-token", "0.02"),
         )
         wait_until(lambda: answers(f"{self.urls[index]}/health"), f"backend {index} up", timeout_s=30)
 
