@@ -76,6 +76,7 @@ def served_while_the_other_backend_is_full(server: RouterServer, full_url: str) 
     return answer.result(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_connect_failure_waits_for_a_full_backend(emulators: Emulators, router: Routers) -> None:
     (healthy,) = emulators(1, time_per_output_token_s=0.02)
     dead = closed_port_url()
@@ -88,6 +89,7 @@ def test_a_connect_failure_waits_for_a_full_backend(emulators: Emulators, router
     assert_idle(server.app.router)
 
 
+@pytest.mark.slow
 def test_an_overload_answer_waits_for_another_backend(emulators: Emulators, router: Routers) -> None:
     overloaded, healthy = emulators(2, time_per_output_token_s=0.02)
     overloaded.emulator.reconfigure(fail_status=429)
@@ -100,6 +102,7 @@ def test_an_overload_answer_waits_for_another_backend(emulators: Emulators, rout
     wait_idle(server.app)
 
 
+@pytest.mark.slow
 def test_a_retry_gives_up_at_the_admission_deadline_as_saturation(
     emulators: Emulators, router: Routers
 ) -> None:
