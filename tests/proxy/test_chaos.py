@@ -249,13 +249,25 @@ class Load:
 # ---- the checks --------------------------------------------------------------------------------
 
 
-def router_outcomes(router_url: str) -> dict[tuple[str, str], float]:
+def router_counts(router_url: str, name: str, label: str) -> dict[tuple[str, str], float]:
+    """The non-zero samples of the router's counter `name`, by (backend, `label`)."""
     counted: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{router_url}/metrics").text):
         for sample in family.samples:
-            if sample.name == "irm_requests_total" and sample.value:
-                counted[(sample.labels["backend"], sample.labels["outcome"])] = sample.value
+            if sample.name == name and sample.value:
+                counted[(sample.labels["backend"], sample.labels[label])] = sample.value
     return counted
+
+
+def assert_the_faults_bit(processes: Processes, outcomes: dict[tuple[str, str], float]) -> None:
+    """Each fault reached requests, so passing says something: the hung backend timed some out,
+    the failing one answered 500s, overload answers and the killed backend caused retries."""
+    urls = processes.urls
+    assert outcomes.get((urls[HUNG], "timeout"), 0) > 0, outcomes
+    assert outcomes.get((urls[FAILING], "backend_error"), 0) > 0, outcomes
+    retries = router_counts(processes.router_url, "irm_retries_total", "reason")
+    assert retries.get((urls[FAILING], "overloaded"), 0) > 0, retries
+    assert any(backend == urls[KILLED] for backend, _ in retries), retries
 
 
 def assert_nothing_lost(
@@ -314,5 +326,7 @@ def test_chaos_loses_nothing_a_healthy_backend_could_serve(processes: Processes)
     assert load.killed_stats["received"] > 0  # the kill happened with traffic on it
     with contextlib.suppress(AssertionError):
         wait_until(lambda: answers(f"{processes.urls[KILLED]}/health"), "restarted", timeout_s=5)
-    assert_nothing_lost(load.results, router_outcomes(processes.router_url), processes.urls)
+    outcomes = router_counts(processes.router_url, "irm_requests_total", "outcome")
+    assert_the_faults_bit(processes, outcomes)
+    assert_nothing_lost(load.results, outcomes, processes.urls)
     assert_idle_and_within_capacity(processes, load.killed_stats)
