@@ -7,7 +7,10 @@ The flow for one request (`RoutingMiddleware` calls these in order):
    the route's or the global default), checks the tenant's rate and concurrency limits (429), and
    returns a ticket that gives the tenant's concurrency slot back when the request ends.
 2. `Admission.acquire` takes a lease from the fleet at the class's share of capacity; when nothing
-   fits, the request waits in `WaitQueue` (bounded in length and time) or is shed with 503.
+   fits, the request waits in `WaitQueue` (bounded in length and time) or is shed with 503:
+   `no_capacity` when the backends that are up are full, `no_healthy_backend` when none is up.
+   A retry after a failed attempt comes back here too, excluding the backends already tried, and
+   may wait until the request's own admission deadline (doc/proxy.md, "Retries").
 3. Every release of a lease calls `Admission.released`, which hands the freed capacity to the best
    waiter at once: no polling, and exactly one waiter is woken per freed slot.
 4. Capacity that appears without a release (a backend back to active after failed health checks,
@@ -26,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -51,6 +54,7 @@ SHED_REASONS: Final = (
     "timeout",  # waited the class's max_wait_s: 503
     "over_rate",  # the tenant exceeded its request rate: 429
     "over_concurrency",  # the tenant has max_concurrency requests waiting or in flight: 429
+    "no_healthy_backend",  # no backend serving the model is up (an outage, not saturation): 503
 )
 """Why a request was refused, the `reason` label of `irm_admission_shed_total`."""
 
@@ -132,13 +136,25 @@ class WaitQueue(Generic[T]):
         return max(0, waiter.priority - int((now - waiter.arrival_s) / aging_s))
 
     def enter(
-        self, model: str, priority: int, future: asyncio.Future[T | None], route: Any = None
+        self,
+        model: str,
+        priority: int,
+        future: asyncio.Future[T | None],
+        route: Any = None,
+        *,
+        retry_since_s: float | None = None,
     ) -> Waiter[T]:
         """Queues a request, evicting a less urgent waiter when the queue is full; `Shed` when the
-        request may not wait (`no_capacity`) or the queue is full of requests as urgent."""
+        request may not wait (`no_capacity`) or the queue is full of requests as urgent.
+
+        A retry (`retry_since_s`: when its request was first admitted) goes to the head of its
+        class and may exceed the queue's bounds: it held capacity a moment ago and waited its turn
+        then, so there are never more of them than the fleet's capacity."""
         limit = self._config.max_queue_of(priority)
         if limit == 0:
             raise _saturated(model, "no_capacity")
+        if retry_since_s is not None:
+            return self._append(Waiter(model, priority, retry_since_s, next(self._seq), future, route), True)
         if self.waiting[priority] >= limit:
             raise _saturated(model, "queue_full")  # FIFO within a class: the newest goes
         if self.total >= self._config.max_queue:
@@ -147,12 +163,17 @@ class WaitQueue(Generic[T]):
                 raise _saturated(model, "queue_full")
             self._remove(victim)
             victim.future.set_result(None)
-        waiter = Waiter(model, priority, self._clock(), next(self._seq), future, route)
-        queues = self._queues.get(model)
+        return self._append(Waiter(model, priority, self._clock(), next(self._seq), future, route), False)
+
+    def _append(self, waiter: Waiter[T], front: bool) -> Waiter[T]:
+        queues = self._queues.get(waiter.model)
         if queues is None:
-            queues = self._queues[model] = [collections.deque() for _ in range(CLASSES_COUNT)]
-        queues[priority].append(waiter)
-        self.waiting[priority] += 1
+            queues = self._queues[waiter.model] = [collections.deque() for _ in range(CLASSES_COUNT)]
+        if front:
+            queues[waiter.priority].appendleft(waiter)
+        else:
+            queues[waiter.priority].append(waiter)
+        self.waiting[waiter.priority] += 1
         self.total += 1
         return waiter
 
@@ -221,6 +242,13 @@ def _saturated(model: str, reason: str) -> Shed:
     return Shed(503, f"No backend serving `{model}` has capacity; retry later.", "no_capacity", reason)
 
 
+class _Want(NamedTuple):
+    """What a waiter asks the fleet for: its route, minus the backends it already tried."""
+
+    route: RouteInfo
+    exclude: frozenset[int]
+
+
 # ---- tenants -------------------------------------------------------------------------------------
 
 
@@ -269,11 +297,14 @@ class Admission:
         registry: CollectorRegistry,
         retry_after_s: int,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        outage_retry_after_s: int | None = None,
     ) -> None:
         self.config = config
         self._fleet = fleet
         self._clock = clock
         self._retry_after_s = retry_after_s
+        self._outage_retry_after_s = retry_after_s if outage_retry_after_s is None else outage_retry_after_s
         self._header = config.header.encode("latin-1")
         self._tenant_header = config.tenant_header.encode("latin-1")
         self._tenants: dict[str, _Tenant] = {}
@@ -395,31 +426,99 @@ class Admission:
 
     # ---- 2. capacity, waiting if need be ------------------------------------------------------
 
-    async def acquire(self, route: RouteInfo) -> Lease:
+    def deadline(self, route: RouteInfo) -> float:
+        """When the admission of a request arriving now ends: its class's `max_wait_s` from now.
+        Its retries wait for capacity until then, never longer (`acquire(..., deadline=)`)."""
+        return self._clock() + self.config.max_wait_of(route.priority)
+
+    async def acquire(
+        self, route: RouteInfo, *, exclude: frozenset[int] = frozenset(), deadline: float | None = None
+    ) -> Lease | None:
         """A lease for `route` at its class's share, waiting in the queue when nothing fits;
-        `Shed` (503) when it may not wait, the queue is full, it was evicted, or it timed out."""
+        `Shed` (503) when it may not wait, the queue is full, it was evicted, it timed out
+        (`no_capacity`), or no backend serving the model is up (`no_healthy_backend`).
+
+        A retry names the backends already tried (`exclude`, never chosen again) and the
+        request's admission `deadline`; it returns None when no backend it may use is up."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()  # for `capacity_appeared` from other threads
-        if self.queue.total:
+        if self.queue.total and not exclude:
             # Capacity can also appear without a release (a backend coming back, a larger
             # capacity): waiters take it before this newcomer may.
             self.queue.dispatch((route.model,))
-        lease = self._fleet.acquire(route)
+        lease = self._fleet.acquire(route, exclude)
         if lease is not None:
-            self._admitted[route.priority][0].inc()
+            if not exclude:
+                self._admitted[route.priority][0].inc()
             return lease
+        if exclude and not self._any_up(route.model, exclude) and self._any_up(route.model):
+            return None  # the backends that are up were all tried
+        # Nothing fits: the request waits if its class may, even through an outage (a backend
+        # back within `max_wait_s` serves it); the answer at the end says which it was.
+        timeout_s = self.config.max_wait_of(route.priority)
+        since_s = None
+        if exclude:
+            now = self._clock()
+            since_s = now - timeout_s if deadline is None else deadline - timeout_s
+            timeout_s = 0.0 if deadline is None else deadline - now
         loop = asyncio.get_running_loop()
         try:
-            waiter = self.queue.enter(route.model, route.priority, loop.create_future(), route)
+            if timeout_s <= 0:
+                raise _saturated(route.model, "timeout")
+            waiter = self.queue.enter(
+                route.model,
+                route.priority,
+                loop.create_future(),
+                _Want(route, exclude),
+                retry_since_s=since_s,
+            )
         except Shed as shed:
-            self._count_shed(route.priority, shed.reason)
-            raise
-        return await self._wait(waiter)
+            raise self._refused(route, shed.reason) from None
+        return await self._wait(waiter, timeout_s, counted=not exclude)
 
-    async def _wait(self, waiter: Waiter[Lease]) -> Lease:
+    def can_retry(self, route: RouteInfo, exclude: frozenset[int]) -> bool:
+        """Whether a retry of `route` on a backend not in `exclude` could be served: one has room
+        now, or one is up and the request's class may wait for it."""
+        if self.config.max_queue_of(route.priority) > 0:
+            return self._any_up(route.model, exclude)
+        return self._fleet.has_other(route, exclude)
+
+    def _any_up(self, model: str, exclude: frozenset[int] = frozenset()) -> bool:
+        """Whether some backend serving `model` (not in `exclude`) takes requests at all now:
+        active, whatever its load (health checks, ejections and drains decide that)."""
+        # One native read per member (~5 us each): this runs for every refusal, and an overload
+        # refuses many requests at once.
+        accelerator_stats = self._fleet.router.accelerator_stats
+        return any(
+            accelerator_stats(member).state == "active"
+            for member in self._fleet.pool_of(model)
+            if member not in exclude
+        )
+
+    def _refused(self, route: RouteInfo, reason: str) -> Shed:
+        """The 503 for a request nothing could take, counted: `no_healthy_backend` when no backend
+        serving its model is up (an outage, whatever the queue did), else `reason` (saturation)."""
+        if not self._any_up(route.model):
+            self._count_shed(route.priority, "no_healthy_backend")
+            return self._outage(route.model)
+        self._count_shed(route.priority, reason)
+        return _saturated(route.model, reason)
+
+    def _outage(self, model: str) -> Shed:
+        return Shed(
+            503,
+            f"No backend serving `{model}` is up (all are failing health checks, ejected or drained); "
+            "retry later.",
+            "no_healthy_backend",
+            "no_healthy_backend",
+            self._outage_retry_after_s,
+        )
+
+    async def _wait(self, waiter: Waiter[Lease], timeout_s: float, counted: bool) -> Lease:
         future, priority = waiter.future, waiter.priority
+        entered_s = self._clock()  # a retry's `arrival_s` is its request's, earlier
         try:
-            async with asyncio.timeout(self.config.max_wait_of(priority)):
+            async with asyncio.timeout(timeout_s):
                 await future
         except TimeoutError:
             pass  # The future may still have been served at the deadline: checked below.
@@ -433,20 +532,21 @@ class Admission:
             raise
         finally:
             self.queue.leave(waiter)
-            self._wait_s.labels(str(priority)).observe(self._clock() - waiter.arrival_s)
+            self._wait_s.labels(str(priority)).observe(self._clock() - entered_s)
         lease = future.result() if future.done() and not future.cancelled() else None
         if lease is None:
             reason = "timeout" if not future.done() or future.cancelled() else "evicted"
-            self._count_shed(priority, reason)
-            raise _saturated(waiter.model, reason)
-        self._admitted[priority][1].inc()
+            assert isinstance(waiter.route, _Want)
+            raise self._refused(waiter.route.route, reason)
+        if counted:
+            self._admitted[priority][1].inc()
         return lease
 
-    def _try_acquire(self, model: str, priority: int, route: RouteInfo | None) -> Lease | None:
+    def _try_acquire(self, model: str, priority: int, want: _Want | None) -> Lease | None:
         # The waiter's own route (its cost, session key, prompt) at the class it has aged to.
-        if route is None:
+        if want is None:
             return self._fleet.acquire(RouteInfo("", model, 1, priority))
-        return self._fleet.acquire(dataclasses.replace(route, priority=priority))
+        return self._fleet.acquire(dataclasses.replace(want.route, priority=priority), want.exclude)
 
     # ---- 3. releases ----------------------------------------------------------------------------
 

@@ -5,6 +5,22 @@ the health observer, admission's release callback, the metrics, the observers, t
 configuration), so it can be built and tested without a middleware. Entering an attempt owns its
 lease; leaving it releases the lease exactly once, whatever happened inside (normal end, upstream
 error, timeout, client disconnect, cancellation, a bug): `Attempt.__aexit__` is the one place.
+
+When the router gives up on an answer the backend may still be producing, the release waits
+`abort_grace_s` after the upstream connection is closed (`Releases`): the backend's own count of
+requests in progress must not exceed its capacity because the router's books freed a slot first.
+
+Retry rules (doc/proxy.md, "Retries"), decided here and carried out by the middleware:
+- a connection that could not be made (refused, connect timeout) never reached the backend: the
+  request may go to another backend;
+- a failure after the request was written and before any response byte (a reset, a close, any
+  transport error but a timeout) may have started work on the backend: the request is never sent
+  to that backend again; it may go to another one, because an inference request changes nothing on
+  a backend (no state, only compute), so running it elsewhere is safe: the abandoned backend sees
+  its connection closed and stops;
+- an overload answer (the adapter's `overload_statuses`) goes to another backend when one is up;
+- a timeout is never retried (a slow backend would then be loaded twice), and nothing is retried
+  once a byte of the answer reached the client.
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ import pluggy
 
 from irmiddleware import _plugins
 from irmiddleware._router import Lease
-from irmiddleware.hooks import RequestEvent
+from irmiddleware.hooks import RequestEvent, RouteInfo
 from irmiddleware.proxy._exchange import ClientExchange, send_error
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
@@ -36,7 +52,7 @@ from irmiddleware.proxy._upstream import (
 )
 from irmiddleware.proxy.config import RetriesConfig
 
-__all__ = ["Attempt", "AttemptContext", "Notify", "RequestObservers", "Step", "outcome_of"]
+__all__ = ["Attempt", "AttemptContext", "Notify", "Releases", "RequestObservers", "Step", "outcome_of"]
 
 log = logging.getLogger("irmiddleware.proxy")
 
@@ -45,11 +61,17 @@ Step = Literal["routed", "first_byte", "completed", "failed"]
 
 _OK_OUTCOMES: Final[frozenset[AttemptOutcome]] = frozenset({"ok", "client_disconnected"})
 _PEEK_MAX: Final = 64 * 1024  # bytes held at most while looking for a stream's first event
-# Failures before any response byte: the request never started on the backend's side as far as the
-# client can tell, so it may go to another backend. A read error here is a backend that died (or
-# reset the connection) after taking the request; a read *timeout* is not retried (a slow backend
-# would then be loaded twice).
-_RETRIABLE: Final = (*CONNECT_ERRORS, httpx.ReadError, httpx.WriteError)
+# Transport failures before any response byte that are *not* retried (the module docstring has the
+# rules): a timeout (a slow backend would be loaded twice) and the router's own mistakes (another
+# backend would refuse the same request the same way). Every other `httpx.TransportError` is.
+_NOT_RETRIED: Final = (
+    httpx.TimeoutException,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.ProxyError,
+)
+# Failures where the request certainly never reached the backend.
+_NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class Notify(Protocol):
@@ -95,6 +117,40 @@ class RequestObservers:
             observers.notify(event=event)
 
 
+class Releases:
+    """Releases leases, now or after the abort grace.
+
+    `later` keeps a lease `grace_s` longer: the attempt closed its upstream connection while the
+    backend was still working on the request, and the backend needs a moment to notice. Until
+    then the slot stays taken in the router's books, so no new request can push the backend over
+    its capacity. `flush` releases every lease still held (shutdown). Runs on the event loop."""
+
+    def __init__(self, grace_s: float, released: Callable[[int], None]) -> None:
+        self.grace_s = grace_s
+        self._released = released
+        self._held: dict[Lease, tuple[asyncio.TimerHandle, bool, float]] = {}
+
+    def now(self, lease: Lease, ok: bool, latency_s: float | None = None) -> None:
+        lease.release(ok=ok, latency_s=latency_s)
+        self._released(lease.accelerator_id)  # admission hands the slot to a waiter
+
+    def later(self, lease: Lease, ok: bool, latency_s: float) -> None:
+        if self.grace_s <= 0:
+            self.now(lease, ok, latency_s)
+            return
+        handle = asyncio.get_running_loop().call_later(self.grace_s, self._end, lease)
+        self._held[lease] = (handle, ok, latency_s)
+
+    def _end(self, lease: Lease) -> None:
+        handle, ok, latency_s = self._held.pop(lease)
+        handle.cancel()  # a no-op when it is the timer that called
+        self.now(lease, ok, latency_s)
+
+    def flush(self) -> None:
+        for lease in list(self._held):
+            self._end(lease)
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptContext:
     """What an attempt uses besides its request and lease; built once per router."""
@@ -109,13 +165,30 @@ class AttemptContext:
     metrics: RouterMetrics
     notify: Notify
     retries: RetriesConfig
+    releases: Releases | None = None
+    """Where leases go back; None: at once, through `released` (no abort grace)."""
+    can_retry: Callable[[RouteInfo, frozenset[int]], bool] | None = None
+    """Whether a retry excluding these backends could be served (admission's `can_retry`, which
+    knows whether it may wait); None: only when another backend has room now (`has_other`)."""
 
 
 class Attempt:
     """One try on one backend. Entering it owns `lease`; leaving it releases the lease, exactly
     once, whatever happened inside. `run` returns True when the request may be retried elsewhere."""
 
-    __slots__ = ("backend", "context", "exchange", "lease", "number", "outcome", "sent_s", "status", "tried")
+    __slots__ = (
+        "answered",
+        "backend",
+        "context",
+        "exchange",
+        "lease",
+        "number",
+        "outcome",
+        "sent_s",
+        "status",
+        "tried",
+        "unsent",
+    )
 
     def __init__(
         self, context: AttemptContext, exchange: ClientExchange, lease: Lease, number: int, tried: list[int]
@@ -126,6 +199,8 @@ class Attempt:
         self.outcome: AttemptOutcome = "internal"
         self.status: int | None = None
         self.sent_s = 0.0
+        self.unsent = False  # the request certainly never reached the backend (connect failure)
+        self.answered = False  # the backend's whole answer was read: it is done with the request
 
     async def __aenter__(self) -> Attempt:
         self.exchange.backend_url = self.backend.url
@@ -139,10 +214,18 @@ class Attempt:
         if exc_type is not None and self.outcome in ("internal", "ok", "backend_error"):
             self.outcome = "client_disconnected" if self.exchange.disconnected else outcome_of(exc)
         ok = self.outcome in _OK_OUTCOMES or (self.outcome == "backend_error" and (self.status or 500) < 500)
-        self.lease.release(ok=ok)
         context.observe(self.backend, self.outcome, self.status)
         # After `observe`, so a backend it just ejected is not handed to a waiter.
-        context.released(self.backend.id)
+        releases = context.releases
+        if releases is None:
+            self.lease.release(ok=ok)
+            context.released(self.backend.id)
+        elif self.answered or self.unsent or not self.sent_s:
+            releases.now(self.lease, ok)
+        else:
+            # The backend may still be working on it: the connection is closed by now (`run`
+            # closes the response, the transport a half-sent request), the grace starts here.
+            releases.later(self.lease, ok, time.perf_counter() - self.sent_s)
         # An overload answer retried elsewhere is not how the request ends: the next attempt, or
         # the 503 when none could take it, overwrites this.
         self.exchange.outcome = "no_capacity" if self.outcome == "overloaded" else self.outcome
@@ -166,7 +249,7 @@ class Attempt:
                 scope["method"], parsed_url(url), headers, exchange.body
             )
         except httpx.HTTPError as error:
-            return await self._failed_before_answer(error, "connect_error", "unreachable")
+            return await self._failed_before_answer(error)
         try:
             if response.status_code in adapter.overload_statuses and self._retry_overloaded(
                 response.status_code
@@ -178,9 +261,7 @@ class Attempt:
                 try:
                     held = await _first_event(chunks)
                 except httpx.HTTPError as error:
-                    return await self._failed_before_answer(
-                        error, "upstream_error", "broke off before its first event"
-                    )
+                    return await self._failed_before_answer(error, "before its first event")
                 # The status TGI gives the same overload outside a stream (doc/protocols.md §3.4).
                 if adapter.stream_overloaded(held) and self._retry_overloaded(429):
                     return True
@@ -189,14 +270,24 @@ class Attempt:
             await response.aclose()
         return False
 
-    async def _failed_before_answer(
-        self, error: httpx.HTTPError, retriable_outcome: Outcome, what: str
-    ) -> bool:
-        # Nothing reached the client yet. A failure the backend may not have acted on is retried
-        # elsewhere (True); any other is answered 502/504 here (False).
-        if isinstance(error, _RETRIABLE):
-            self.outcome = retriable_outcome
-            log.warning("backend %s %s (attempt %d): %r", self.backend.url, what, self.number, error)
+    async def _failed_before_answer(self, error: httpx.HTTPError, when: str = "") -> bool:
+        # Nothing reached the client yet. A retriable failure (the module docstring's rules) goes
+        # to another backend (True); any other is answered 502/504 here (False).
+        self.unsent = isinstance(error, _NOT_SENT)
+        if isinstance(error, httpx.TransportError) and not isinstance(error, _NOT_RETRIED):
+            if isinstance(error, CONNECT_ERRORS) and not when:
+                self.outcome, what = "connect_error", "could not be reached"
+            else:
+                self.outcome, what = "upstream_error", "failed after the request was written"
+            log.warning(
+                "backend %s %s%s (request %d, attempt %d): %r",
+                self.backend.url,
+                what,
+                when and f", {when}",
+                self.exchange.id,
+                self.number,
+                error,
+            )
             return True
         self.outcome = outcome_of(error)
         await send_error(self.exchange, *_upstream_failure(self.outcome))
@@ -204,10 +295,16 @@ class Attempt:
 
     def _retry_overloaded(self, status: int) -> bool:
         # An overload answer is retried on another backend while retries remain and one could take
-        # it; otherwise the backend's own answer is relayed, as the honest reply.
+        # it (now, or by waiting in admission until the request's deadline); otherwise the
+        # backend's own answer is relayed, as the honest reply.
         if self.number > self.context.retries.connect_attempts:
             return False
-        if not self.context.fleet.has_other(self.exchange.route, [*self.tried, self.backend.id]):
+        excluded = frozenset((*self.tried, self.backend.id))
+        can_retry = self.context.can_retry
+        if can_retry is not None:
+            if not can_retry(self.exchange.route, excluded):
+                return False
+        elif not self.context.fleet.has_other(self.exchange.route, excluded):
             return False
         self.outcome, self.status = "overloaded", status
         log.info("backend %s overloaded (%d); trying another", self.backend.url, status)
@@ -233,6 +330,7 @@ class Attempt:
             self.outcome = outcome_of(error)
             log.warning("backend %s broke off a response: %r", self.backend.url, error)
             return
+        self.answered = True
         exchange.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"

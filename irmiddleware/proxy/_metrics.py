@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from irmiddleware._router import AcceleratorStats
-from irmiddleware.proxy._outcomes import Outcome
+from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 
 __all__ = ["BackendMetrics", "RouterMetrics"]
 
@@ -99,6 +99,13 @@ class RouterMetrics:
             ["strategy", "outcome"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "irm_retries",
+            "Retries (another backend took the request after an attempt failed), by the backend that "
+            "failed and how its attempt ended (connect_error, upstream_error, overloaded).",
+            ["backend", "reason"],
+            registry=self.registry,
+        )
         self.registry.register(_BackendCollector(stats))
         self._of: dict[str, BackendMetrics] = {}
         self._counted: dict[tuple[str, Outcome], Any] = {}
@@ -110,6 +117,10 @@ class RouterMetrics:
             found = BackendMetrics(self.latency.labels(backend_url), self.ttfb.labels(backend_url))
             self._of[backend_url] = found
         return found
+
+    def retried(self, backend_url: str, reason: AttemptOutcome) -> None:
+        """Counts one retry in `irm_retries_total` (rare: no cache)."""
+        self.retries.labels(backend_url, reason).inc()
 
     def count(self, backend_url: str, outcome: Outcome) -> None:
         """Counts one finished request in `irm_requests_total`."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from typing import Any
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
 from irmiddleware.proxy._admission import Admission, Shed
-from irmiddleware.proxy._attempt import Attempt, AttemptContext, RequestObservers
+from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases, RequestObservers
 from irmiddleware.proxy._exchange import (
     ASGIApp,
     ClientExchange,
@@ -64,7 +65,13 @@ class RoutingMiddleware:
         self.registry = _plugins.collect(self.plugin_manager, broken)
         self.metrics = RouterMetrics(lambda: self.fleet.backend_stats())
         self.fleet = Fleet(config, self.registry, self.metrics)
-        self.admission = Admission(config.admission, self.fleet, self.metrics.registry, config.retry_after_s)
+        self.admission = Admission(
+            config.admission,
+            self.fleet,
+            self.metrics.registry,
+            config.retry_after_s,
+            outage_retry_after_s=_outage_retry_after_s(config),
+        )
         self.fleet.on_capacity(self.admission.capacity_appeared)
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
@@ -144,6 +151,8 @@ class RoutingMiddleware:
                     metrics=self.metrics,
                     notify=self._observers,
                     retries=self.config.retries,
+                    releases=Releases(self.config.timeouts.abort_grace_s, self.admission.released),
+                    can_retry=self.admission.can_retry,
                 )
 
     async def aclose(self) -> None:
@@ -151,6 +160,8 @@ class RoutingMiddleware:
         await self.monitor.stop()
         attempts, self._attempts = self._attempts, None
         if attempts is not None:
+            if attempts.releases is not None:
+                attempts.releases.flush()  # nothing is sent any more: no grace to keep
             await attempts.upstream.aclose()
 
     def close(self) -> None:
@@ -230,29 +241,44 @@ class RoutingMiddleware:
             watcher.cancel()
 
     async def _route(self, exchange: ClientExchange) -> None:
+        # Every attempt goes through admission: the first may wait for capacity (or raise Shed);
+        # a retry excludes the backends already tried and may wait too, but only until the
+        # request's own admission deadline (doc/proxy.md, "Retries").
         attempts = self._attempts
         assert attempts is not None  # `_handle` started the router
+        route = exchange.route
+        deadline = self.admission.deadline(route)
         tried: list[int] = []
-        overloaded = False
-        for _ in range(1 + self.config.retries.connect_attempts):
-            # The first attempt goes through admission (it may wait, or raise Shed); retries
-            # never wait: the request already waited its turn.
-            if tried:
-                lease = self.fleet.acquire(exchange.route, tried)
-            else:
-                lease = await self.admission.acquire(exchange.route)
+        attempt: Attempt | None = None
+        for number in range(1, 2 + self.config.retries.connect_attempts):
+            lease = await self.admission.acquire(route, exclude=frozenset(tried), deadline=deadline)
             if lease is None:
-                break
-            async with Attempt(attempts, exchange, lease, len(tried) + 1, tried) as attempt:
+                break  # every backend that is up was tried
+            if attempt is not None:
+                self.metrics.retried(attempt.backend.url, attempt.outcome)
+                log.info(
+                    "request %d: retry %d after %s on %s",
+                    exchange.id,
+                    number - 1,
+                    attempt.outcome,
+                    attempt.backend.url,
+                )
+            async with Attempt(attempts, exchange, lease, number, tried) as attempt:
                 if not await attempt.run():
                     return
             tried.append(lease.accelerator_id)
-            overloaded = attempt.outcome == "overloaded"
-        if not tried or overloaded:
-            raise Reject(
-                503, f"No backend serving `{exchange.route.model}` has capacity; retry later.", "no_capacity"
-            )
-        raise Reject(502, f"No backend serving `{exchange.route.model}` could be reached.", "connect_error")
+        if attempt is not None and attempt.outcome == "overloaded":
+            raise Reject(503, f"No backend serving `{route.model}` has capacity; retry later.", "no_capacity")
+        raise Reject(502, f"No backend serving `{route.model}` could be reached.", "connect_error")
+
+
+def _outage_retry_after_s(config: RouterConfig) -> int:
+    """`Retry-After` of a `no_healthy_backend` answer: how long a backend takes to come back at the
+    soonest, `healthy_threshold` passing checks `interval_s` apart (without active checks, the
+    first ejection's cool-down); at least 1 s."""
+    if config.health.enabled:
+        return max(1, math.ceil(config.health.interval_s * config.health.healthy_threshold))
+    return max(1, math.ceil(config.outliers.base_ejection_s))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

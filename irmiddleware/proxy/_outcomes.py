@@ -17,7 +17,8 @@ Outcome = Literal[
     "upstream_error",  # the backend broke the connection or answered garbage: 502 or a cut body
     "timeout",  # the backend was too slow: 504 or a cut body
     "client_disconnected",  # the client went away before the end
-    "no_capacity",  # nothing fits: 503
+    "no_capacity",  # saturation: every backend up for the model is full (after waiting, if allowed): 503
+    "no_healthy_backend",  # an outage: no backend serving the model is up (unhealthy, ejected, drained): 503
     "rejected",  # the router refused the request itself: 400, 404, 413
     "over_limit",  # a tenant over its rate or concurrency limit: 429 (doc/admission.md)
     "cancelled",  # the server cancelled the request (shutdown)

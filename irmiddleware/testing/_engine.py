@@ -218,6 +218,15 @@ class EmulatorStats:
     """Requests refused because the queue was full; also counted in `failed`."""
     aborted: int = 0
     """Requests cut short: the client went away or a fault knob cut the response."""
+    in_progress: int = 0
+    """Requests the engine holds now, waiting or running: from the moment one enters the queue
+    until its run ends, in full, with an error, or because the engine noticed that its client went
+    away and stopped. What a router's capacity for this server must bound."""
+    peak_in_progress: int = 0
+    """The most requests ever in progress at once (since start, or the last `reset_peak`)."""
+    repeated_ids: int = 0
+    """Receipts of a request id (the `x-request-id` header) already received before: a request
+    sent to this server more than once."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +346,9 @@ class Job:
         return 0.0 if self.started is None else self.started - self.arrival
 
 
+_IDS_KEPT = 1_000_000
+"""Request ids remembered for `EmulatorStats.repeated_ids` (the oldest are forgotten first)."""
+
 C = TypeVar("C", bound=ServiceModel)
 J = TypeVar("J", bound=Job)
 R = TypeVar("R")
@@ -358,6 +370,7 @@ class Engine(abc.ABC, Generic[C, J]):
         self.config = config
         self._tally = EmulatorStats()
         self._queues: dict[Hashable, Scheduler] = {}
+        self._ids: dict[str, None] = {}  # the latest `_IDS_KEPT` request ids, oldest first
 
     @property
     def stats(self) -> EmulatorStats:
@@ -365,6 +378,10 @@ class Engine(abc.ABC, Generic[C, J]):
         running = sum(queue.running for queue in self._queues.values())
         waiting = sum(queue.waiting for queue in self._queues.values())
         return dataclasses.replace(self._tally, running=running, waiting=waiting)
+
+    def reset_peak(self) -> None:
+        """Starts `peak_in_progress` over from the requests in progress now."""
+        self._tally.peak_in_progress = self._tally.in_progress
 
     def reconfigure(self, **changes: Any) -> C:
         """Replace config fields (validated); more slots start waiting requests at once."""
@@ -376,9 +393,17 @@ class Engine(abc.ABC, Generic[C, J]):
 
     # -- front door --------------------------------------------------------------------------------
 
-    async def _serve(self, handle: Callable[[], Awaitable[R]], render: Callable[[EmulatedError], R]) -> R:
-        """Count the request, apply `fail_status`, and answer an `EmulatedError` with `render`."""
+    async def _serve(
+        self,
+        handle: Callable[[], Awaitable[R]],
+        render: Callable[[EmulatedError], R],
+        request_id: str | None = None,
+    ) -> R:
+        """Count the request (and its `request_id`, the client's `x-request-id`), apply
+        `fail_status`, and answer an `EmulatedError` with `render`."""
         self._tally.received += 1
+        if request_id:
+            self._count_id(request_id)
         try:
             if self.config.fail_status is not None:
                 raise self.error(self.config.fail_status, "Emulated failure (fail_status).")
@@ -386,6 +411,15 @@ class Engine(abc.ABC, Generic[C, J]):
         except EmulatedError as error:
             self._failed(error)
             return render(error)
+
+    def _count_id(self, request_id: str) -> None:
+        ids = self._ids
+        if request_id in ids:
+            self._tally.repeated_ids += 1
+            return
+        ids[request_id] = None
+        if len(ids) > _IDS_KEPT:  # bounded memory on a long-running server
+            del ids[next(iter(ids))]
 
     def _failed(self, error: EmulatedError) -> None:
         """Count a request answered with `error` (also where a stream reports it in-band)."""
@@ -410,6 +444,9 @@ class Engine(abc.ABC, Generic[C, J]):
         prefill); the slot, the counters and `_finished` are settled however the run ends."""
         queue = self._queues[job.queue]
         outcome: Outcome = "aborted"
+        tally = self._tally
+        tally.in_progress += 1
+        tally.peak_in_progress = max(tally.peak_in_progress, tally.in_progress)
         try:
             await queue.acquire(job.priority)
             job.started = time.monotonic()
@@ -418,7 +455,7 @@ class Engine(abc.ABC, Generic[C, J]):
             self._prefilled(job)
             for step in range(job.steps):
                 if step:
-                    await asyncio.sleep(self.config.decode_s())
+                    await _engine_step(self.config.decode_s())
                 self._cut(job, step)
                 self._token(job, step)
                 yield step
@@ -428,6 +465,7 @@ class Engine(abc.ABC, Generic[C, J]):
             outcome = "failed"
             raise
         finally:
+            tally.in_progress -= 1
             if job.started is not None:
                 queue.release()
             if outcome == "completed":
@@ -470,3 +508,16 @@ class Engine(abc.ABC, Generic[C, J]):
 
     def _finished(self, job: J, outcome: Outcome) -> None:
         """The run ended (`job.started` is None if it never took a slot)."""
+
+
+async def _engine_step(seconds: float) -> None:
+    """One decode step. A cancellation (the client went away) takes effect at the end of the step,
+    not in the middle: an engine runs a step for the whole batch and drops an aborted request
+    between steps, so a server goes on counting it in progress until then. (In the queue or in its
+    prefill, a request stops at once.)"""
+    step = asyncio.ensure_future(asyncio.sleep(seconds))
+    try:
+        await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await step  # the rest of the step; a second cancellation ends it at once
+        raise

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from irmiddleware.testing._control import AbortOnDisconnect, control_routes
 from irmiddleware.testing._engine import (
     EmulatedError,
     Engine,
@@ -288,7 +290,7 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         async def handle() -> Response:
             return await handler(await self._body(request))
 
-        return await self._serve(handle, self._error_response)
+        return await self._serve(handle, self._error_response, request.headers.get("x-request-id"))
 
     def _error_response(self, error: EmulatedError) -> Response:
         if isinstance(error, _TGIError):
@@ -583,7 +585,8 @@ def create_tgi_app(config: TGIConfig | None = None, **overrides: Any) -> Starlet
         Route("/generate_stream", emulator.generate_stream, methods=["POST"]),
         Route("/v1/chat/completions", emulator.chat_completions, methods=["POST"]),
         Route("/v1/completions", emulator.completions, methods=["POST"]),
+        *control_routes(emulator),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(AbortOnDisconnect)])
     app.state.emulator = emulator
     return app

@@ -31,10 +31,12 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from irmiddleware.testing._control import AbortOnDisconnect, control_routes
 from irmiddleware.testing._engine import (
     EmulatedError,
     Engine,
@@ -504,7 +506,8 @@ class TritonEmulator(Engine[TritonConfig, _Run]):
             self._count_failure((model.name, version), error)
             return _error_response(error)
 
-        return await self._serve(lambda: handler(request, model, version), render)
+        request_id = request.headers.get("x-request-id")
+        return await self._serve(lambda: handler(request, model, version), render, request_id)
 
     def _count_failure(self, key: tuple[str, str], error: EmulatedError) -> None:
         reason = error.reason if isinstance(error, _TritonError) else "OTHER"
@@ -872,9 +875,10 @@ def create_triton_app(config: TritonConfig | None = None, **overrides: Any) -> S
         *_model_routes(emulator),
         Route("/v2/repository/index", emulator.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/{action:str}", emulator.repository_load, methods=["POST"]),
+        *control_routes(emulator),
     ]
     handlers = {_TritonError: _triton_error, HTTPException: _http_error}
-    app = Starlette(routes=routes, exception_handlers=handlers)
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(AbortOnDisconnect)])
     app.state.emulator = emulator
     app.state.metrics_app = create_triton_metrics_app(emulator)
     return app

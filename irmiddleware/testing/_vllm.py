@@ -48,6 +48,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from irmiddleware._prefix_cache import PrefixCache, block_hashes
+from irmiddleware.testing._control import AbortOnDisconnect, control_routes
 from irmiddleware.testing._engine import (
     EmulatedError,
     Engine,
@@ -384,7 +385,7 @@ class VLLMEmulator(Engine[VLLMConfig, _Job]):
             self._add_headers(request, response)
             return response
 
-        return await self._serve(handle, _error_response)
+        return await self._serve(handle, _error_response, request.headers.get("x-request-id"))
 
     def _queue_full(self, job: _Job) -> EmulatedError:
         # vLLM >= 0.29 rejects with 503 (doc/protocols.md §1.4); the exact message is unconfirmed.
@@ -800,7 +801,9 @@ def create_vllm_app(config: VLLMConfig | None = None, **overrides: Any) -> Starl
         Route("/v1/completions", emulator.completions, methods=["POST"]),
         Route("/v1/chat/completions", emulator.chat_completions, methods=["POST"]),
         Route("/v1/embeddings", emulator.embeddings, methods=["POST"]),
+        *control_routes(emulator),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(_AuthMiddleware, emulator=emulator)])
+    middleware = [Middleware(AbortOnDisconnect), Middleware(_AuthMiddleware, emulator=emulator)]
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.emulator = emulator
     return app

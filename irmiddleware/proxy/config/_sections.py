@@ -38,6 +38,11 @@ class TimeoutsConfig:
     """An idle client connection (no request under way) is closed after this long. Longer than
     the usual client-pool and load-balancer idle timeouts, so they close it first and never
     reuse a connection the router is closing."""
+    abort_grace_s: float = bounded(0.5, 0.0, 60.0)
+    """After the router gives up on an answer the backend is still producing (client gone, timeout,
+    overload answer, broken stream), the backend's slot stays reserved this long after the upstream
+    connection is closed, so the backend can notice and stop before the router sends it another
+    request (0 = free the slot at once)."""
 
 
 @dataclass(frozen=True, slots=True)
