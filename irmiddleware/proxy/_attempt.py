@@ -44,7 +44,6 @@ from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 from irmiddleware.proxy._upstream import (
-    CONNECT_ERRORS,
     Upstream,
     parsed_url,
     request_headers,
@@ -72,6 +71,7 @@ _NOT_RETRIED: Final = (
 )
 # Failures where the request certainly never reached the backend.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_NEVER_CONNECTED: Final = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class Notify(Protocol):
@@ -275,7 +275,10 @@ class Attempt:
         # to another backend (True); any other is answered 502/504 here (False).
         self.unsent = isinstance(error, _NOT_SENT)
         if isinstance(error, httpx.TransportError) and not isinstance(error, _NOT_RETRIED):
-            if isinstance(error, CONNECT_ERRORS) and not when:
+            # Only a connection that was never made is a connect error. A RemoteProtocolError is a
+            # close or reset after the write (`http11.ResetAfterWrite`, or httpx's own "Server
+            # disconnected without sending a response"): the backend may be working on it.
+            if isinstance(error, _NEVER_CONNECTED) and not when:
                 self.outcome, what = "connect_error", "could not be reached"
             else:
                 self.outcome, what = "upstream_error", "failed after the request was written"

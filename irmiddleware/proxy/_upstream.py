@@ -28,7 +28,6 @@ from irmiddleware.http11 import LeanTransport
 from irmiddleware.proxy.config import RouterConfig
 
 __all__ = [
-    "CONNECT_ERRORS",
     "HOP_BY_HOP",
     "Upstream",
     "create_client",
@@ -59,11 +58,6 @@ _NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
 
 # Methods that get `Content-Length: 0` even without a body (httpx does the same).
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-
-CONNECT_ERRORS: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
-"""Failures where the backend produced no response at all: safe to retry on another backend
-as long as nothing has been sent to the client."""
-
 
 class _NoCookieJar(http.cookiejar.CookieJar):
     """Stores nothing. The client is shared by every user of the proxy: httpx's default jar would

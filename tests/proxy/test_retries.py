@@ -193,3 +193,55 @@ def test_a_slot_is_kept_until_the_backend_stopped_the_abandoned_request(
     stats = backend.emulator.stats
     assert stats.peak_in_progress <= 2, stats
     assert stats.repeated_ids == 0
+
+
+class HangUpBackend:
+    """A backend that reads each request whole and closes the connection without a byte of answer:
+    the request was written, and the backend may have started on it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if data.startswith(b"POST /v1/completions "):  # not the signal scraper's GET
+                    self.received += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_a_reset_after_the_write_is_retried_elsewhere_never_resent(
+    emulators: Emulators, router: Routers
+) -> None:
+    # Before the transport's at-most-once rule, the lean transport sent the request again on a
+    # fresh connection to the same backend, silently; it is now the router's retry, counted.
+    (healthy,) = emulators(1)
+    hang_up = HangUpBackend()
+    try:
+        routing = {**NO_EJECTIONS, "signals": {"enabled": False}, "strategy": "round_robin"}
+        server = router(config([hang_up.url, healthy.url], 4, routing))
+        answers = [httpx.post(f"{server.url}/v1/completions", json=BODY, timeout=30) for _ in range(6)]
+        assert [answer.status_code for answer in answers] == [200] * 6
+        retried = samples(server, "irm_retries_total")
+        assert hang_up.received >= 1  # round robin sent it some requests first
+        assert retried == {(("backend", hang_up.url), ("reason", "upstream_error")): float(hang_up.received)}
+        assert healthy.emulator.stats.received == 6
+        wait_idle(server.app)
+    finally:
+        hang_up.close()
