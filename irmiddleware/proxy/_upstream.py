@@ -59,6 +59,7 @@ _NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
 # Methods that get `Content-Length: 0` even without a body (httpx does the same).
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
+
 class _NoCookieJar(http.cookiejar.CookieJar):
     """Stores nothing. The client is shared by every user of the proxy: httpx's default jar would
     keep one user's `Set-Cookie` from a backend and send it upstream with everyone's next request.
@@ -91,6 +92,7 @@ def _limits(config: RouterConfig) -> httpx.Limits:
     return httpx.Limits(
         max_connections=config.limits.max_connections,
         max_keepalive_connections=config.limits.max_keepalive_connections,
+        keepalive_expiry=config.limits.keepalive_expiry_s,
     )
 
 
@@ -101,7 +103,11 @@ class Upstream:
     def __init__(self, config: RouterConfig) -> None:
         # `lean` serves http:// backends (most of the per-request CPU was httpcore's); https://
         # ones keep httpx's transport and its TLS setup.
-        self._lean = LeanTransport(_limits(config)) if config.transport == "lean" else None
+        self._lean = (
+            LeanTransport(_limits(config), config.limits.keepalive_expiry_s)
+            if config.transport == "lean"
+            else None
+        )
         self.client = create_client(config, self._lean)
         # The client's timeouts, as the extension `AsyncClient.build_request` writes.
         self._extensions: Final = {"timeout": self.client.timeout.as_dict()}

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_minimal_config_gets_defaults() -> None:
     config = parse_config({"backends": [{"url": "http://127.0.0.1:9001/"}]})
     assert config.strategy == "p2c"
+    assert config.limits.keepalive_expiry_s < 5  # below uvicorn's idle timeout, the backends' usual one
     assert config.listen_host_port == ("127.0.0.1", 8000)
     backend = config.backends[0]
     assert (backend.url, backend.type, backend.capacity, backend.models) == (
@@ -132,6 +133,12 @@ def test_backend_urls_are_canonical(url: str, canonical: str) -> None:
         ({"backends": [{"url": "http://a", "capacity": 2**40}]}, "backends[0].capacity", "<= 2147483647"),
         (_with_router({"timeouts": {"read_s": float("nan")}}), "router.timeouts.read_s", "finite"),
         (_with_router({"timeouts": {"connect_s": float("inf")}}), "router.timeouts.connect_s", "finite"),
+        (
+            _with_router({"limits": {"keepalive_expiry_s": float("inf")}}),
+            "router.limits.keepalive_expiry_s",
+            "finite",
+        ),
+        (_with_router({"limits": {"keepalive_expiry_s": -1.0}}), "router.limits.keepalive_expiry_s", ">= 0"),
         (_with_router({"health": {"interval_s": float("inf")}}), "router.health.interval_s", "finite"),
         (
             _with_router({"outliers": {"min_eligible_share": float("nan")}}),

@@ -60,6 +60,10 @@ class LimitsConfig:
     """Header fields in one request; more get 431."""
     max_client_connections: int = bounded(4096, 1)
     """Client connections open at once; a connection beyond them gets 503 and is closed."""
+    keepalive_expiry_s: float = bounded(4.0, 0.0)
+    """Idle upstream connections (proxy, health checks, signal scrapes) are closed after this
+    long: below the backends' own idle timeout (uvicorn's 5 s), so the router never sends a
+    request on a connection the backend is closing at that moment."""
 
 
 @dataclass(frozen=True, slots=True)

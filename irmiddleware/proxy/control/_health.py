@@ -333,7 +333,11 @@ class FleetMonitor:
             return
         count = len(self._fleet.backends)
         self._client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=2 * count + 2, max_keepalive_connections=2 * count + 2),
+            limits=httpx.Limits(
+                max_connections=2 * count + 2,
+                max_keepalive_connections=2 * count + 2,
+                keepalive_expiry=self._config.limits.keepalive_expiry_s,
+            ),
             follow_redirects=False,
             trust_env=False,  # like the proxy's client: only configured backends are contacted
         )
