@@ -307,7 +307,9 @@ class TGIEmulator(Engine[TGIConfig, _Job]):
         # axum's Json extractor answers plain text: 400 for a syntax error, 422 for wrong data.
         try:
             body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # serde_json stops at 128 levels of nesting ("recursion limit exceeded"), Python's parser
+        # raises RecursionError somewhat deeper: either way the body is refused as unparsable.
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise _RawError(400, f"Failed to parse the request body as JSON: {error}") from None
         if not isinstance(body, dict):
             raise _RawError(422, "Failed to deserialize the JSON body into the target type")

@@ -682,7 +682,7 @@ def _config_json(model: TritonModel) -> dict[str, Any]:
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # too deep: unparsable
         raise _bad(f"failed to parse the request JSON buffer: {error}") from None
     if not isinstance(body, dict):
         raise _bad("expected a JSON object in the request body")

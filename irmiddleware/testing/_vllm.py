@@ -268,7 +268,7 @@ class _Job(Job):
 def _as_dict(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # too deep: unparsable
         raise _RequestError(400, f"JSON decode error: {error}") from None
     if not isinstance(body, dict):
         raise _RequestError(400, "Input should be a valid dictionary or object to extract fields from")

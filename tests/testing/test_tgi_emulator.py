@@ -200,6 +200,13 @@ def test_validation_errors_are_422(tgi_server: TGIFactory) -> None:
         assert failed.status_code == 500 and set(failed.json()) == {"error", "error_type"}
 
 
+def test_a_body_nested_too_deep_is_a_parse_error_not_a_crash(tgi_server: TGIFactory) -> None:
+    server, _ = tgi_server()
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = httpx.post(f"{server.url}/v1/chat/completions", content=deep)
+    assert answer.status_code == 400 and "Failed to parse" in answer.text
+
+
 def _hold(url: str) -> tuple[httpx.Client, Iterator[str]]:
     """Start a long stream and wait for its first event: it then holds a permit."""
     client = httpx.Client(timeout=_DEADLINE_S)
