@@ -29,7 +29,13 @@ ACCESS_LOGGER: Final = "irmiddleware.access"
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The attributes every `LogRecord` has: whatever else a record carries came as `extra`.
-_STANDARD: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds `color_message`, its message with terminal colour codes: not for a JSON line.
+_STANDARD: Final = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
