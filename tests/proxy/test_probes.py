@@ -103,7 +103,9 @@ def test_probes_are_answered_by_the_router_never_proxied(emulators: Emulators, r
     assert httpx.get(f"{off.url}/ready").status_code == 404
 
 
-def test_a_path_the_fleet_routes_stays_the_adapters(router: Routers, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_path_the_fleet_routes_stays_the_adapters(
+    router: Routers, caplog: pytest.LogCaptureFixture
+) -> None:
     # TGI's clients ask `/health` whether the server can generate: the router answers that from the
     # fleet (TGI's own body), and the liveness probe needs another path.
     app = create_tgi_app(model_id="t")
@@ -208,9 +210,10 @@ def test_sigterm_turns_readiness_off_while_a_stream_finishes(emulators: Emulator
         f'[router.probes]\nshutdown_delay_s = 30\n\n[[backends]]\nurl = "{backend.url}"\nmodels = ["m"]\n'
     )
     body = {"model": "m", "prompt": "Hi", "max_tokens": 150, "ignore_eos": True, "stream": True}
-    with _serve(config) as (process, url), httpx.stream(
-        "POST", f"{url}/v1/completions", json=body, timeout=30
-    ) as response:
+    with (
+        _serve(config) as (process, url),
+        httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response,
+    ):
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the stream is under way
         process.send_signal(signal.SIGTERM)
