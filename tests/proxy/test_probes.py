@@ -9,7 +9,7 @@ answered, a path an adapter routes stays the adapter's, and the probes can be sw
 moved. Readiness turns 503 at `begin_shutdown` and at lifespan shutdown while routing goes on; for
 `irmiddleware serve` at the first SIGTERM, while a stream in flight is allowed to finish and new
 requests are still served during `shutdown_delay_s`. Bad `[router.probes]` values are one
-`ConfigError` line each."""
+`ConfigError` line each. The probe example of doc/proxy.md runs as written."""
 
 from __future__ import annotations
 
@@ -229,3 +229,16 @@ def test_sigterm_turns_readiness_off_while_a_stream_finishes(emulators: Emulator
         assert rest[-1] == "data: [DONE]" and len(rest) == 150  # 149 more tokens, then [DONE]
         assert process.wait(20) in (0, -signal.SIGTERM)
     assert backend.emulator.stats.completed == 2 and backend.emulator.stats.aborted == 0
+
+
+@pytest.mark.slow  # the example waits for health checks
+def test_the_docs_probe_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "doc" / "proxy.md").read_text(encoding="utf-8")
+    block = doc.split("A runnable example: readiness follows", 1)[1].split("```python\n", 1)[1]
+    exec(compile(block.split("```", 1)[0], "doc/proxy.md", "exec"), {"__name__": "doc_example"})
+    assert capsys.readouterr().out.splitlines() == [
+        "{'status': 'ok'} {'ready': True}",
+        "{'ready': False, 'reason': 'no active backend for m'}",
+        "{'ready': False, 'reason': 'shutting down'}",
+        "200",
+    ]
