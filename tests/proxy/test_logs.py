@@ -17,19 +17,16 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from proxy_support import Emulators, Routers, config_for, wait_idle
+from proxy_support import Emulators, Routers, config_for, serve_process, wait_idle
 
 from irmiddleware.proxy import ConfigError, parse_config
 from irmiddleware.proxy._logs import JsonFormatter
-from irmiddleware.testing import wait_until
 
 BODY = {"model": "m", "prompt": "Hi", "max_tokens": 2}
 
@@ -130,28 +127,11 @@ def test_bad_log_keys_are_one_clear_error(router: dict[str, Any], message: str) 
 # ---- `irmiddleware serve`, as a process ----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _serve(backend_url: str, *flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "irmiddleware", "serve", "--backend", backend_url, "--model", "m"]
-    command += ["--capacity", "8", "--listen", f"127.0.0.1:{port}", *flags]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def answers() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-            return False
-
-        wait_until(answers, "the router answers", timeout_s=30)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
+def _serve(
+    backend_url: str, *flags: str
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], str]]:
+    args = ("--backend", backend_url, "--model", "m", "--capacity", "8", *flags)
+    return serve_process(*args, stderr=subprocess.PIPE)
 
 
 def _stop(process: subprocess.Popen[str]) -> list[str]:

@@ -14,17 +14,13 @@ requests are still served during `shutdown_delay_s`. Bad `[router.probes]` value
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from proxy_support import FAST_FLEET, Emulators, Routers, config_for, wait_idle
+from proxy_support import FAST_FLEET, Emulators, Routers, config_for, serve_process, wait_idle
 
 from irmiddleware.proxy import ConfigError, create_app, parse_config
 from irmiddleware.testing import assert_idle, create_tgi_app, serve_in_thread, wait_until
@@ -179,29 +175,6 @@ def _state(server: Any, url: str) -> str:
 # ---- `irmiddleware serve`: readiness off at SIGTERM, requests in flight finish -------------------
 
 
-@contextlib.contextmanager
-def _serve(config: Path) -> Any:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "irmiddleware", "serve", "--config", str(config)]
-    process = subprocess.Popen([*command, "--listen", f"127.0.0.1:{port}", "--log-level", "warning"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(f"{url}/ready"), "the router is ready", timeout_s=30)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
-def _answers(url: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url, timeout=1).status_code == 200
-    return False
-
-
 @pytest.mark.slow  # a real `irmiddleware serve` process, signalled
 def test_sigterm_turns_readiness_off_while_a_stream_finishes(emulators: Emulators, tmp_path: Path) -> None:
     (backend,) = emulators(1, time_per_output_token_s=0.02)
@@ -211,7 +184,7 @@ def test_sigterm_turns_readiness_off_while_a_stream_finishes(emulators: Emulator
     )
     body = {"model": "m", "prompt": "Hi", "max_tokens": 150, "ignore_eos": True, "stream": True}
     with (
-        _serve(config) as (process, url),
+        serve_process("--config", str(config), "--log-level", "warning") as (process, url),
         httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response,
     ):
         lines = response.iter_lines()
