@@ -47,7 +47,7 @@ REQUEST_ID_HEADER: Final = b"x-request-id"
 _SANE_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 # Generated ids: a random prefix per process (so two routers never hand out the same id) and a
 # counter (cheap, and ordered in the logs).
-_ID_PREFIX: Final = os.urandom(6).hex().encode()
+_ID_PREFIX: Final = os.urandom(6).hex().encode() + b"-"
 _ID_NUMBERS: Final = itertools.count(1)
 
 
@@ -65,11 +65,17 @@ def request_id_of(scope: Scope) -> bytes:
     generated one. The scope's headers are rewritten to carry it (exactly once), so that the
     request forwarded to a backend carries the same id the client gets back."""
     headers = scope["headers"]
-    given = [value for name, value in headers if name == REQUEST_ID_HEADER]
-    if len(given) == 1 and _SANE_ID.fullmatch(given[0]):
-        return bytes(given[0])
-    fresh = b"%s-%x" % (_ID_PREFIX, next(_ID_NUMBERS))
-    scope["headers"] = [*(h for h in headers if h[0] != REQUEST_ID_HEADER), (REQUEST_ID_HEADER, fresh)]
+    given = b""
+    count = 0
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            given, count = value, count + 1
+    if count == 1 and _SANE_ID.fullmatch(given):
+        return bytes(given)  # a bytearray from some servers: bytes for the log line
+    fresh = _ID_PREFIX + b"%x" % next(_ID_NUMBERS)
+    kept = [header for header in headers if header[0] != REQUEST_ID_HEADER] if count else list(headers)
+    kept.append((REQUEST_ID_HEADER, fresh))
+    scope["headers"] = kept
     return fresh
 
 
