@@ -71,7 +71,7 @@ def request_id_of(scope: Scope) -> bytes:
         if name == REQUEST_ID_HEADER:
             given, count = value, count + 1
     if count == 1 and _SANE_ID.fullmatch(given):
-        return bytes(given)  # a bytearray from some servers: bytes for the log line
+        return bytes(given)
     fresh = _ID_PREFIX + b"%x" % next(_ID_NUMBERS)
     kept = [header for header in headers if header[0] != REQUEST_ID_HEADER] if count else list(headers)
     kept.append((REQUEST_ID_HEADER, fresh))
