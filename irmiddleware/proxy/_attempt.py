@@ -283,11 +283,11 @@ class Attempt:
             else:
                 self.outcome, what = "upstream_error", "failed after the request was written"
             log.warning(
-                "backend %s %s%s (request %d, attempt %d): %r",
+                "backend %s %s%s (request %s, attempt %d): %r",
                 self.backend.url,
                 what,
                 when and f", {when}",
-                self.exchange.id,
+                self.exchange.request_id.decode(),
                 self.number,
                 error,
             )
@@ -316,12 +316,13 @@ class Attempt:
     async def _relay(self, response: httpx.Response, chunks: AsyncIterator[bytes], held: bytes) -> None:
         exchange = self.exchange
         self.status = response.status_code
-        self.context.metrics.of(self.backend.url).ttfb.observe(time.perf_counter() - self.sent_s)
+        now = time.perf_counter()
+        metrics = self.context.metrics.of(self.backend.url)
+        metrics.ttfb.observe(now - self.sent_s)
+        metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
         send = exchange.send
-        exchange.started = True
-        headers = response_headers(response.headers.raw)
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await exchange.start(self.status, response_headers(response.headers.raw))
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})

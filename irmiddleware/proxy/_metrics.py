@@ -3,6 +3,15 @@ router inside an app with its own metrics, can share a process).
 
 Per-backend load is read from the native core at scrape time instead of being counted again here:
 the core's counters are the truth, and a scrape-time read costs nothing per request.
+
+Every label value comes from the configuration or from the router itself (backend URLs, models
+the fleet serves, the fixed outcomes and status classes), never from what a client sends: a
+request naming an unknown model counts under `model="none"`, so clients cannot grow the page.
+
+The export (`exposition`) leaves out prometheus-client's `_created` series (one extra series per
+counter and histogram child, holding a creation timestamp nobody graphs). The library's switch for
+that is process-wide (`disable_created_metrics`) and would change the metrics of an app the router
+is dropped into; filtering the router's own registry at export time changes nothing else.
 """
 
 from __future__ import annotations
@@ -10,14 +19,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from irmiddleware._router import AcceleratorStats
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 
-__all__ = ["BackendMetrics", "RouterMetrics"]
+__all__ = ["BackendMetrics", "RouterMetrics", "status_class"]
 
 # Latency buckets from 5 ms to 10 min: LLM answers span four orders of magnitude.
 _BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -48,11 +65,36 @@ class _BackendCollector(Collector):
         yield from (in_flight, load, capacity, up)
 
 
+class _WithoutCreated(Collector):
+    """A registry's metrics without their `_created` samples (module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        # `collect` builds fresh `Metric` objects on every call: trimming them changes nothing kept.
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
+
+
+_STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def status_class(status: int | None) -> str:
+    """The `status_class` label of an answer's status: "2xx" ... "5xx", or "none" when the client
+    got no status (it went away first)."""
+    return "none" if status is None else _STATUS_CLASSES.get(status // 100, "none")
+
+
 class BackendMetrics(NamedTuple):
     """One backend's histogram children (`RouterMetrics.of`)."""
 
     latency: Any
     ttfb: Any
+    first_byte: Any
+    """`irm_request_ttfb_seconds`: from the request's arrival to its response headers."""
 
 
 class RouterMetrics:
@@ -60,16 +102,18 @@ class RouterMetrics:
 
     The per-request updates go through `of` and `count`, which keep the labelled children in
     plain dicts: prometheus-client's `labels()` takes a lock and checks the labels on every call,
-    a few microseconds each, three times per request. Both caches are bounded: the label values
-    are configured backend URLs (plus "none") and the fixed `Outcome` values.
+    a few microseconds each, four times per request. Both caches are bounded: the label values
+    are configured backend URLs (plus "none"), served models (plus "none"), the fixed `Outcome`
+    values and the status classes.
     """
 
     def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "irm_requests",
-            "Requests handled by the router, by final outcome and the backend that served them.",
-            ["backend", "outcome"],
+            "Requests handled by the router, by the backend that served them, the model they asked "
+            "for, their final outcome and the class of the status the client got.",
+            ["backend", "model", "outcome", "status_class"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -82,6 +126,15 @@ class RouterMetrics:
         self.ttfb = Histogram(
             "irm_upstream_ttfb_seconds",
             "From sending to a backend to its response headers.",
+            ["backend"],
+            buckets=_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "irm_request_ttfb_seconds",
+            "From a request's arrival at the router to its response headers going to the client "
+            "(admission wait, retries and the backend's own time to first byte), by the backend "
+            "that answered.",
             ["backend"],
             buckets=_BUCKETS_S,
             registry=self.registry,
@@ -107,14 +160,28 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.registry.register(_BackendCollector(stats))
+        # The process's CPU, memory, file descriptors, Python version and garbage collections, in
+        # the router's own registry (the default registry is the host app's business).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self._export = _WithoutCreated(self.registry)
         self._of: dict[str, BackendMetrics] = {}
-        self._counted: dict[tuple[str, Outcome], Any] = {}
+        self._counted: dict[tuple[str, str, Outcome, str], Any] = {}
+
+    def exposition(self) -> bytes:
+        """The Prometheus text page of the router's registry, without `_created` series."""
+        return generate_latest(self._export)
 
     def of(self, backend_url: str) -> BackendMetrics:
         """The latency and time-to-first-byte histograms of one backend."""
         found = self._of.get(backend_url)
         if found is None:
-            found = BackendMetrics(self.latency.labels(backend_url), self.ttfb.labels(backend_url))
+            found = BackendMetrics(
+                self.latency.labels(backend_url),
+                self.ttfb.labels(backend_url),
+                self.first_byte.labels(backend_url),
+            )
             self._of[backend_url] = found
         return found
 
@@ -122,10 +189,11 @@ class RouterMetrics:
         """Counts one retry in `irm_retries_total` (rare: no cache)."""
         self.retries.labels(backend_url, reason).inc()
 
-    def count(self, backend_url: str, outcome: Outcome) -> None:
-        """Counts one finished request in `irm_requests_total`."""
-        key = (backend_url, outcome)
+    def count(self, backend_url: str, model: str, outcome: Outcome, status: int | None) -> None:
+        """Counts one finished request in `irm_requests_total`. `model` must be a model the fleet
+        serves, or "none" (the caller checks: label values never come from a client)."""
+        key = (backend_url, model, outcome, status_class(status))
         child = self._counted.get(key)
         if child is None:
-            child = self._counted[key] = self.requests.labels(backend_url, outcome)
+            child = self._counted[key] = self.requests.labels(*key)
         child.inc()

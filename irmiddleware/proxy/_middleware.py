@@ -4,7 +4,8 @@ Requests on the adapters' paths are routed to a backend serving the requested mo
 back unbuffered; everything else goes to the wrapped app. This module is the shell: dispatch by
 path, the lifespan, reading a request, admission and the retry loop. One try on one backend is an
 `Attempt` (`_attempt`), which owns the request's load from acquire to its one release; the router's
-own answers (status, metrics, models, health) come from `_status`.
+own answers (status, metrics, models, health) come from `_status`, the liveness and readiness
+probes from `_probes`, and the access log and startup line from `_logs`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from irmiddleware.proxy._exchange import (
     send_error,
 )
 from irmiddleware.proxy._fleet import Fleet
+from irmiddleware.proxy._logs import ACCESS_LOGGER, access_line, startup_summary
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._probes import Probes
 from irmiddleware.proxy._routes import Routes, not_found
 from irmiddleware.proxy._status import StatusResponder
 from irmiddleware.proxy._upstream import Upstream
@@ -40,6 +43,7 @@ from irmiddleware.proxy.control import FleetMonitor
 __all__ = ["RoutingMiddleware", "create_app"]
 
 log = logging.getLogger("irmiddleware.proxy")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class RoutingMiddleware:
@@ -48,7 +52,8 @@ class RoutingMiddleware:
     `RoutingMiddleware(app, config)` builds the router and loads the plugins once. The upstream
     client is created at lifespan startup (or on the first request when the server runs without
     lifespan) and closed at shutdown. `plugins` are registered in addition to the `irmiddleware`
-    entry points (handy in tests); `entry_points=False` loads only those.
+    entry points (handy in tests); `entry_points=False` loads only those. `listen` is where the
+    server in front listens, for the startup line (`irmiddleware serve` gives it).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class RoutingMiddleware:
         *,
         plugins: tuple[object, ...] = (),
         entry_points: bool = True,
+        listen: str | None = None,
     ) -> None:
         self.app = app
         self.config = config
@@ -81,6 +87,11 @@ class RoutingMiddleware:
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._session_header = config.affinity.session_header.lower().encode("latin-1")
+        self.probes = Probes(
+            config.probes, self.fleet, lambda path: self._routes.find("GET", path) is not None
+        )
+        self._access_log = access_log if config.access_log else None
+        self._listen = listen
 
     @property
     def router(self) -> Any:
@@ -110,6 +121,13 @@ class RoutingMiddleware:
         admission take a larger capacity at once."""
         self.fleet.update_backend(backend_id, capacity=capacity, weight=weight)
 
+    def begin_shutdown(self) -> None:
+        """Readiness answers 503 from now on, while routing goes on: a load balancer stops
+        sending before the server stops. `irmiddleware serve` calls it on SIGTERM, the lifespan
+        at shutdown; a server of one's own can call it at the start of its graceful shutdown.
+        Safe from a signal handler or any thread."""
+        self.probes.begin_shutdown()
+
     # ---- ASGI ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,6 +136,10 @@ class RoutingMiddleware:
                 await self.app(scope, self._lifespan_receive(receive), send)
                 return
             await self.app(scope, receive, send)
+            return
+        probe = self.probes.find(scope["path"], scope["method"])
+        if probe is not None:
+            await probe(send)
             return
         found = self._routes.find(scope["method"], scope["path"])
         if found is not None:
@@ -131,6 +153,7 @@ class RoutingMiddleware:
             if message["type"] == "lifespan.startup":
                 await self.startup()
             elif message["type"] == "lifespan.shutdown":
+                self.begin_shutdown()
                 await self.aclose()
             return message
 
@@ -154,6 +177,7 @@ class RoutingMiddleware:
                     releases=Releases(self.config.timeouts.abort_grace_s, self.admission.released),
                     can_retry=self.admission.can_retry,
                 )
+                startup_summary(log, self.fleet, self._listen)
 
     async def aclose(self) -> None:
         """Stops health checks and scrapers and closes the upstream client (lifespan shutdown)."""
@@ -181,7 +205,7 @@ class RoutingMiddleware:
         exchange = ClientExchange(scope, receive, send, adapter, next(self._ids))
         try:
             if endpoint.kind != "inference":
-                await self.responder.answer_endpoint(endpoint, adapter, send)
+                await self.responder.answer_endpoint(endpoint, exchange)
                 exchange.outcome = "ok"
                 return
             await self._read_request(exchange, endpoint)
@@ -203,7 +227,11 @@ class RoutingMiddleware:
             exchange.outcome = "internal"
             await send_error(exchange, 500, "Internal router error.")
         finally:
-            self.metrics.count(exchange.backend_url, exchange.outcome)
+            # A model label only for a model the fleet serves: never a name a client made up.
+            model = exchange.route.model if self.fleet.serves(exchange.route.model) else "none"
+            self.metrics.count(exchange.backend_url, model, exchange.outcome, exchange.status)
+            if self._access_log is not None:
+                access_line(self._access_log, exchange, model)
 
     async def _read_request(self, exchange: ClientExchange, endpoint: Endpoint) -> None:
         exchange.body = await _read_body(exchange, self.config.limits.max_body_bytes)
@@ -257,8 +285,8 @@ class RoutingMiddleware:
             if attempt is not None:
                 self.metrics.retried(attempt.backend.url, attempt.outcome)
                 log.info(
-                    "request %d: retry %d after %s on %s",
-                    exchange.id,
+                    "request %s: retry %d after %s on %s",
+                    exchange.request_id.decode(),
                     number - 1,
                     attempt.outcome,
                     attempt.backend.url,

@@ -15,7 +15,15 @@ import sys
 from typing import Any
 
 from irmiddleware._router import STRATEGIES
-from irmiddleware.proxy.config import ConfigError, RouterConfig, check_listen, load_config, parse_config
+from irmiddleware.proxy._logs import configure_logging
+from irmiddleware.proxy.config import (
+    LOG_FORMATS,
+    ConfigError,
+    RouterConfig,
+    check_listen,
+    load_config,
+    parse_config,
+)
 
 __all__ = ["build_config", "serve_main"]
 
@@ -52,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM, let requests in flight finish for at most this long (default: wait for all)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as text or one JSON object per line (default: the file's, else text)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="one log line per request, when it ends (default: the file's, else off)",
+    )
     return parser
 
 
@@ -77,6 +96,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         overrides["listen"] = check_listen(args.listen)
     if args.transport is not None:
         overrides["transport"] = args.transport
+    if args.log_format is not None:
+        overrides["log_format"] = args.log_format
+    if args.access_log is not None:
+        overrides["access_log"] = args.access_log
     if args.shutdown_grace is not None:
         if args.shutdown_grace < 0:
             raise ConfigError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
@@ -87,20 +110,16 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 def serve_main(argv: list[str] | None = None) -> int:
     """Runs the proxy until interrupted; returns the exit code (2 for a bad configuration)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every upstream request at INFO: a line per proxied request (and ~2 % of the
-    # proxy's CPU, measured with py-spy). The router's own metrics count requests instead.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         import uvicorn
 
         from irmiddleware.proxy._middleware import create_app
         from irmiddleware.proxy._server import edge_protocol
+        from irmiddleware.proxy._shutdown import ReadinessFirstServer
 
         config = build_config(args)
-        app = create_app(config)
+        configure_logging(args.log_level, config.log_format)
+        app = create_app(config, listen=config.listen)
     except ImportError as error:
         needs = "irmiddleware serve needs uvicorn and httptools: pip install 'irmiddleware[serve]'"
         print(f"{needs} ({error})", file=sys.stderr)
@@ -110,7 +129,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     _raise_open_files_limit(config)
     host, port = config.listen_host_port
-    uvicorn.run(
+    server_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -120,9 +139,11 @@ def serve_main(argv: list[str] | None = None) -> int:
         ws="none",
         lifespan="on",
         log_level=args.log_level,
-        access_log=False,
+        log_config=None,  # `configure_logging` did it: uvicorn's lines in the router's format
+        access_log=False,  # the router's own (`--access-log`) knows the backend and the outcome
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
+    ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s).run()
     return 0
 
 

@@ -7,11 +7,11 @@ import json
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from irmiddleware.hooks import BackendAdapter, Endpoint
 from irmiddleware.proxy._admission import Admission
-from irmiddleware.proxy._exchange import JSON_HEADERS, Send, respond
+from irmiddleware.proxy._exchange import JSON_HEADERS, ClientExchange, Send, respond
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy.config import RouterConfig
@@ -45,20 +45,22 @@ class StatusResponder:
         await responder(send)
         return True
 
-    async def answer_endpoint(self, endpoint: Endpoint, adapter: BackendAdapter, send: Send) -> None:
+    async def answer_endpoint(self, endpoint: Endpoint, exchange: ClientExchange) -> None:
         """The router's own answer to an adapter's "models" or "health" endpoint."""
+        adapter: BackendAdapter = exchange.adapter
         if endpoint.kind == "models":
-            await respond(send, 200, adapter.models_body(self.fleet.models_at(endpoint.path), self._created))
+            body = adapter.models_body(self.fleet.models_at(endpoint.path), self._created)
+            await exchange.answer(200, body, JSON_HEADERS)
             return
         # Ready when a backend this path's clients can reach takes requests (a TGI client is not
         # served by an active Triton server).
         reachable = {b.id for b in self.fleet.backends.values() if endpoint in b.adapter.endpoints}
         ready = any(s.state == "active" for s in self.fleet.router.stats() if s.id in reachable)
         status, body = adapter.health_answer(ready)
-        await respond(send, status, body, JSON_HEADERS if body else ())
+        await exchange.answer(status, body, JSON_HEADERS if body else ())
 
     async def _metrics(self, send: Send) -> None:
-        await respond(send, 200, generate_latest(self.metrics.registry), _METRICS_HEADERS)
+        await respond(send, 200, self.metrics.exposition(), _METRICS_HEADERS)
 
     async def _status(self, send: Send) -> None:
         await respond(send, 200, json.dumps(self.status()).encode())

@@ -51,8 +51,9 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 # Not passed back: the ASGI server in front of the client writes its own Date and Server headers,
-# and two of each would confuse clients.
-_NOT_PASSED_BACK: Final = HOP_BY_HOP | {b"date", b"server"}
+# and two of each would confuse clients; the router adds the request's X-Request-ID itself (a
+# backend that echoes it would send it a second time).
+_NOT_PASSED_BACK: Final = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 # Not forwarded upstream: httpx sets Host for the backend and Content-Length for the body it sends.
 _NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
 

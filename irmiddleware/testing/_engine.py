@@ -227,6 +227,8 @@ class EmulatorStats:
     repeated_ids: int = 0
     """Receipts of a request id (the `x-request-id` header) already received before: a request
     sent to this server more than once."""
+    last_request_id: str | None = None
+    """The request id (`x-request-id` header) of the latest inference request; None if it had none."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +404,7 @@ class Engine(abc.ABC, Generic[C, J]):
         """Count the request (and its `request_id`, the client's `x-request-id`), apply
         `fail_status`, and answer an `EmulatedError` with `render`."""
         self._tally.received += 1
+        self._tally.last_request_id = request_id or None
         if request_id:
             self._count_id(request_id)
         try:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ import httpx
 import pytest
 
 from irmiddleware.proxy import RouterConfig, RoutingMiddleware, create_app, parse_config
-from irmiddleware.testing import RunningServer, VLLMEmulator, create_vllm_app, serve_in_thread
+from irmiddleware.testing import RunningServer, VLLMEmulator, create_vllm_app, serve_in_thread, wait_until
 
 # Fast timings so the suite runs in seconds; tests slow down what they need.
 FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}
@@ -128,3 +131,29 @@ FAST_FLEET = {
     "outliers": {"base_ejection_s": 0.3, "max_ejection_s": 2.0, "overload_penalty_s": 0.3},
     "signals": {"interval_s": 0.05, "timeout_s": 0.5, "max_age_s": 1.0},
 }
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, stderr: int | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Runs `irmiddleware serve ARGS --listen 127.0.0.1:<a free port>` as a process; yields it and
+    its URL once the router answers, and kills it at the end of the block if it still runs.
+    `stderr=subprocess.PIPE` keeps its log lines for `communicate()`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "irmiddleware", "serve", *args, "--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen(command, stderr=stderr, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/irm/status", timeout=1).status_code == 200
+            return False
+
+        wait_until(answers, "the router answers", timeout_s=30)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)

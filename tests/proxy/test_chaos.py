@@ -250,12 +250,14 @@ class Load:
 
 
 def router_counts(router_url: str, name: str, label: str) -> dict[tuple[str, str], float]:
-    """The non-zero samples of the router's counter `name`, by (backend, `label`)."""
+    """The non-zero samples of the router's counter `name`, summed by (backend, `label`) over its
+    other labels (`irm_requests_total` also has `model` and `status_class`)."""
     counted: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{router_url}/metrics").text):
         for sample in family.samples:
             if sample.name == name and sample.value:
-                counted[(sample.labels["backend"], sample.labels[label])] = sample.value
+                key = (sample.labels["backend"], sample.labels[label])
+                counted[key] = counted.get(key, 0.0) + sample.value
     return counted
 
 

@@ -103,10 +103,13 @@ def test_failing_health_takes_a_backend_out_and_back(emulators: Emulators) -> No
 
 
 def test_router_answers_fleet_health_itself(emulators: Emulators, router: Routers) -> None:
-    """TGI and Triton clients ask the router whether it is ready; vLLM's path is not routed."""
+    """TGI and Triton clients ask the router whether it is ready; vLLM's path is not routed: the
+    router's own liveness probe answers it, or, with the probes off, the app behind (404)."""
     (backend,) = emulators(1)
     server = router(config_for([backend.url], **_fleet()))
-    assert httpx.get(f"{server.url}/health").status_code == 404  # vLLM adapter: not a routed path
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # the liveness probe
+    unprobed = router(config_for([backend.url], **_fleet(), probes={"enabled": False}))
+    assert httpx.get(f"{unprobed.url}/health").status_code == 404  # vLLM adapter: not a routed path
     assert backend_status(server, backend.url)["healthy"] is True
     wait_idle(server.app)
     assert_idle(server.app.router)

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
-from proxy_support import Emulators
+from proxy_support import Emulators, serve_process
 
 from irmiddleware.testing import wait_until
 
@@ -26,28 +23,10 @@ pytestmark = pytest.mark.slow  # signals real `irmiddleware serve` processes
 _EXITED = (0, -signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _serve(backend_url: str, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "irmiddleware", "serve", "--backend", backend_url, "--model", "m"]
-    command += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning", *flags]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def answers() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/irm/status", timeout=1).status_code == 200
-            return False
-
-        wait_until(answers, "the router answers", timeout_s=30)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+def _serve(
+    backend_url: str, *flags: str
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], str]]:
+    return serve_process("--backend", backend_url, "--model", "m", "--log-level", "warning", *flags)
 
 
 def _stream(url: str, tokens: int) -> contextlib.AbstractContextManager[httpx.Response]:

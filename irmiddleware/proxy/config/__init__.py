@@ -10,6 +10,8 @@ file). A new `[router.x]` section is a dataclass in `_sections` and one `section
 
 from irmiddleware.proxy.config._admission import AdmissionConfig, ClassConfig, TenantConfig, parse_admission
 from irmiddleware.proxy.config._document import (
+    LOG_FORMATS,
+    READY_RULES,
     BackendConfig,
     RouterConfig,
     check_listen,
@@ -21,6 +23,7 @@ from irmiddleware.proxy.config._sections import (
     HealthConfig,
     LimitsConfig,
     OutliersConfig,
+    ProbesConfig,
     RetriesConfig,
     SignalsConfig,
     TimeoutsConfig,
@@ -28,6 +31,8 @@ from irmiddleware.proxy.config._sections import (
 from irmiddleware.proxy.config._toml import ConfigError
 
 __all__ = [
+    "LOG_FORMATS",
+    "READY_RULES",
     "AdmissionConfig",
     "AffinityConfig",
     "BackendConfig",
@@ -36,6 +41,7 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "OutliersConfig",
+    "ProbesConfig",
     "RetriesConfig",
     "RouterConfig",
     "SignalsConfig",

@@ -8,7 +8,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
 from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
@@ -17,6 +17,7 @@ from irmiddleware.proxy.config._sections import (
     HealthConfig,
     LimitsConfig,
     OutliersConfig,
+    ProbesConfig,
     RetriesConfig,
     SignalsConfig,
     TimeoutsConfig,
@@ -32,7 +33,18 @@ from irmiddleware.proxy.config._toml import (
     table,
 )
 
-__all__ = ["BackendConfig", "RouterConfig", "check_listen", "load_config", "parse_config"]
+__all__ = [
+    "LOG_FORMATS",
+    "READY_RULES",
+    "BackendConfig",
+    "RouterConfig",
+    "check_listen",
+    "load_config",
+    "parse_config",
+]
+
+LOG_FORMATS: Final = ("text", "json")
+READY_RULES: Final = ("every_model", "any_backend")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,10 @@ class RouterConfig:
     """`irmiddleware serve` on SIGTERM/SIGINT: stop accepting, then let requests in flight finish
     for at most this many seconds before cutting them (their load is released, outcome `cancelled`).
     None (the default) waits for every one, so nothing in flight is lost."""
+    access_log: bool = False
+    """One log line per request (logger `irmiddleware.access`), written when it ends."""
+    log_format: str = "text"
+    """`irmiddleware serve`'s log lines: `text`, or `json` (one JSON object per line)."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
@@ -74,6 +90,7 @@ class RouterConfig:
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
 
@@ -117,6 +134,8 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         status_path=_path(value("status_path"), "status_path"),
         transport=_one_of(value("transport"), "transport", ("lean", "httpx")),
         shutdown_grace_s=_optional_seconds(router, "shutdown_grace_s"),
+        access_log=value("access_log"),
+        log_format=_one_of(value("log_format"), "log_format", LOG_FORMATS),
         timeouts=section(router, "timeouts", TimeoutsConfig, "router."),
         limits=section(router, "limits", LimitsConfig, "router."),
         retries=section(router, "retries", RetriesConfig, "router."),
@@ -124,6 +143,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         outliers=section(router, "outliers", OutliersConfig, "router."),
         signals=section(router, "signals", SignalsConfig, "router."),
         affinity=section(router, "affinity", AffinityConfig, "router."),
+        probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
     )
     _no_duplicate_urls(config.backends)
@@ -216,6 +236,15 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"`router.{key}` must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _probes(probes: ProbesConfig) -> ProbesConfig:
+    _path(probes.health_path, "probes.health_path")
+    _path(probes.ready_path, "probes.ready_path")
+    _one_of(probes.ready, "probes.ready", READY_RULES)
+    if probes.enabled and probes.health_path == probes.ready_path:
+        raise ConfigError(f"`router.probes.health_path` and `ready_path` are both {probes.ready_path!r}")
+    return probes
 
 
 def _path(value: str, key: str) -> str:

@@ -12,6 +12,7 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "OutliersConfig",
+    "ProbesConfig",
     "RetriesConfig",
     "SignalsConfig",
     "TimeoutsConfig",
@@ -130,3 +131,24 @@ class AffinityConfig:
     balance_epsilon: float = bounded(0.25, 0.0, 10.0)
     """Bounded load: a backend may exceed its share of the fleet's load by this fraction before
     affinity yields to load."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbesConfig:
+    """`[router.probes]`: the liveness and readiness probes the router answers itself on the
+    traffic port (never proxied)."""
+
+    enabled: bool = True
+    """False: both paths go to the wrapped app (drop-in use, when the app has its own)."""
+    health_path: str = "/health"
+    """Liveness: 200 while the process serves."""
+    ready_path: str = "/ready"
+    """Readiness: 200 while the router can serve (`ready`), 503 otherwise and from the start of a
+    graceful shutdown."""
+    ready: str = "every_model"
+    """`every_model`: every model the fleet serves has an active backend; `any_backend`: some
+    backend is active."""
+    shutdown_delay_s: float = bounded(0.0, 0.0, 3600.0)
+    """`irmiddleware serve` on SIGTERM/SIGINT: readiness answers 503 at once, and the router keeps
+    accepting and serving this long before its graceful shutdown starts, so a load balancer that
+    polls readiness stops sending first (0: the shutdown starts at once)."""
