@@ -14,9 +14,11 @@ from irmiddleware.proxy.config._document import (
     RouterConfig,
     check_listen,
     load_config,
+    parse_backend,
     parse_config,
 )
 from irmiddleware.proxy.config._sections import (
+    AdminConfig,
     AffinityConfig,
     HealthConfig,
     LimitsConfig,
@@ -28,6 +30,7 @@ from irmiddleware.proxy.config._sections import (
 from irmiddleware.proxy.config._toml import ConfigError
 
 __all__ = [
+    "AdminConfig",
     "AdmissionConfig",
     "AffinityConfig",
     "BackendConfig",
@@ -44,5 +47,6 @@ __all__ = [
     "check_listen",
     "load_config",
     "parse_admission",
+    "parse_backend",
     "parse_config",
 ]

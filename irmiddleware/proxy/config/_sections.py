@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from irmiddleware.proxy.config._toml import bounded
 
 __all__ = [
+    "AdminConfig",
     "AffinityConfig",
     "HealthConfig",
     "LimitsConfig",
@@ -130,3 +131,20 @@ class AffinityConfig:
     balance_epsilon: float = bounded(0.25, 0.0, 10.0)
     """Bounded load: a backend may exceed its share of the fleet's load by this fraction before
     affinity yields to load."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """`[admin]`: the admin listener of `irmiddleware serve` (metrics, status and the admin API on a
+    port of their own) and the bearer token its mutating calls require."""
+
+    listen: str = ""
+    """HOST:PORT of the admin listener; "" (the default) = none: metrics and status stay on the
+    traffic port and the admin API is not served."""
+    token_file: str = ""
+    """A file holding the bearer token (surrounding whitespace ignored), read at each call, so a
+    rotated file takes effect at once."""
+    token_env: str = ""
+    """The environment variable holding the bearer token (instead of `token_file`)."""
+    protect_reads: bool = False
+    """True: reads (backend list, status, metrics) need the token too."""
