@@ -51,12 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--capacity", type=int, help="cost units it may hold (default 64)")
     add.add_argument("--weight", type=float, help="weight (default 1.0)")
     add.add_argument(
-        "--model", action="append", default=[], help="a model it serves (repeatable; default: ask it)"
+        "--model",
+        action="append",
+        default=[],
+        help="a model it serves (repeatable; default: ask it)",
     )
     drain = commands.add_parser("drain", help="no new requests; those in flight finish")
     drain.add_argument("id", type=int, metavar="ID")
     drain.add_argument(
-        "--wait", type=float, metavar="SECONDS", help="wait until it is drained, at most this long"
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="then wait until it is drained, at most this long",
     )
     undrain = commands.add_parser("undrain", help="end a drain")
     undrain.add_argument("id", type=int, metavar="ID")
@@ -119,8 +125,7 @@ def _run(client: httpx.Client, args: argparse.Namespace) -> None:
         _call(client, "DELETE", path)
         print(f"backend {args.id} removed")
     elif args.command == "set":
-        change = {k: v for k, v in (("capacity", args.capacity), ("weight", args.weight)) if v is not None}
-        print(_table([_call(client, "PATCH", path, change)]))
+        print(_table([_call(client, "PATCH", path, _given(capacity=args.capacity, weight=args.weight))]))
     else:
         backend = _call(client, "POST", f"{path}/{args.command}")
         if args.command == "drain" and args.wait is not None:
@@ -128,10 +133,14 @@ def _run(client: httpx.Client, args: argparse.Namespace) -> None:
         print(_table([backend]))
 
 
+def _given(**values: object) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def _wait_drained(client: httpx.Client, path: str, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
-        backend = _call(client, "GET", path)
+        backend: dict[str, Any] = _call(client, "GET", path)
         if backend["state"] == "drained":
             return backend
         if time.monotonic() >= deadline:
@@ -172,5 +181,5 @@ def _table(backends: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
