@@ -131,10 +131,13 @@ class AdminApp:
         try:
             body = await _read_json(receive) if scope["method"] in ("POST", "PATCH") else {}
             status, answer = await self._call(scope["method"], scope["path"], body)
-        except ConfigError as error:
-            status, answer = 400, {"error": str(error)}
         except FleetChangeRefused as refused:
             status, answer = refused.status, {"error": refused.message}
+        except ValueError as error:  # ConfigError, an unknown backend type (PluginError)
+            status, answer = 400, {"error": str(error)}
+        except Exception:
+            log.exception("admin %s %s failed", scope["method"], scope["path"])
+            status, answer = 500, {"error": "internal error; see the router's log"}
         if status >= 400:
             log.warning("admin %s %s: %d %s", scope["method"], scope["path"], status, answer["error"])
         await respond(send, status, json.dumps(answer).encode(), JSON_HEADERS)
