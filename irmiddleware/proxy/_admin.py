@@ -50,21 +50,33 @@ class AdminAuth:
     def check_source(self) -> None:
         """ConfigError unless the configured token can be read now and is not empty (at startup:
         a typo in a path fails the start, not the first admin call)."""
-        if (self._file or self._env) and not self.token():
-            where = f"file {self._file!r}" if self._file else f"environment variable {self._env}"
-            raise ConfigError(f"`admin`: the token {where} is missing or empty")
+        if not (self._file or self._env):
+            return
+        token, problem = self._read()
+        if token is None:
+            raise ConfigError(f"`admin.{'token_env' if self._env else 'token_file'}`: {problem}")
 
     def token(self) -> str | None:
-        """The configured token, read now; None when none is configured or it cannot be read."""
+        """The configured token, read now; None (logged) when none is configured or it cannot be
+        read."""
+        token, problem = self._read()
+        if problem is not None:
+            log.error("no admin token: %s", problem)
+        return token
+
+    def _read(self) -> tuple[str | None, str | None]:
+        """(token, None), or (None, why there is none)."""
         if self._env:
-            return os.environ.get(self._env, "").strip() or None
-        if self._file:
-            try:
-                with open(self._file, encoding="utf-8") as file:
-                    return file.read().strip() or None
-            except OSError as error:
-                log.error("cannot read the admin token file %s: %s", self._file, error.strerror)
-        return None
+            token = os.environ.get(self._env, "").strip()
+            return (token, None) if token else (None, f"the environment variable {self._env} is not set or empty")
+        if not self._file:
+            return None, None
+        try:
+            with open(self._file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except OSError as error:
+            return None, f"cannot read the token file {self._file}: {error.strerror}"
+        return (token, None) if token else (None, f"the token file {self._file} is empty")
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """(status, message) when the request may not go on; None when it may."""
