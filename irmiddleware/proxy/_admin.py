@@ -68,7 +68,8 @@ class AdminAuth:
         """(token, None), or (None, why there is none)."""
         if self._env:
             token = os.environ.get(self._env, "").strip()
-            return (token, None) if token else (None, f"the environment variable {self._env} is not set or empty")
+            unset = f"the environment variable {self._env} is not set or empty"
+            return (token, None) if token else (None, unset)
         if not self._file:
             return None, None
         try:

@@ -43,7 +43,8 @@ def serve_with_admin(middleware: RoutingMiddleware) -> Iterator[Served]:
     ]
 
     async def run() -> None:
-        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in zip(servers, sockets, strict=True)))
+        pairs = zip(servers, sockets, strict=True)
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in pairs))
 
     thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
     thread.start()
