@@ -75,7 +75,8 @@ class LoadLoop:
     def _client(self) -> None:
         body: dict[str, Any] = {"model": "m", "prompt": "Hi", "max_tokens": 5, "ignore_eos": True}
         with httpx.Client(timeout=30) as client:
-            for _ in range(self.requests):
+            for number in range(self.requests):
+                body["user"] = f"session-{number % 16}"  # the session key consistent_hash hashes
                 try:
                     self.statuses.append(client.post(f"{self.url}/v1/completions", json=body).status_code)
                 except httpx.HTTPError as error:

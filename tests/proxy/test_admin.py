@@ -145,9 +145,12 @@ def test_a_drop_in_router_can_leave_the_apps_metrics_alone(emulators: Emulators)
 
 
 @pytest.mark.slow  # a few seconds of load
-def test_fleet_changes_under_load_lose_no_request_and_leak_no_load(emulators: Emulators) -> None:
+@pytest.mark.parametrize("strategy", ["p2c", "consistent_hash"])  # pools, and the ring
+def test_fleet_changes_under_load_lose_no_request_and_leak_no_load(
+    emulators: Emulators, strategy: str
+) -> None:
     first, second, third = emulators(3, time_per_output_token_s=0.005)
-    middleware = RoutingMiddleware(not_found, _config([first.url, second.url]))
+    middleware = RoutingMiddleware(not_found, _config([first.url, second.url], strategy=strategy))
     with serve_with_admin(middleware) as served:
         api = f"{served.admin}/admin/backends"
         with LoadLoop(served.traffic).running() as load:
