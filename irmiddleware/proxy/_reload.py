@@ -3,7 +3,8 @@
 The difference in `[[backends]]` is applied as the admin API would apply it: a new URL is added
 (probed and asked its models; one that does not answer yet joins down, and its health checks bring
 it in), a URL no longer listed is drained and removed once nothing is in flight on it, and a new
-capacity or weight is set in place. Anything else that changed (a backend's type or models, the
+capacity or weight is set in place; a URL listed again before its drain is over stays (undrained).
+Anything else that changed (a backend's type or models, the
 `[router]` keys) needs a restart: it is logged, not applied. A file that does not load is refused
 with one log line, and nothing changes.
 """
@@ -36,6 +37,8 @@ class Reloader:
         self._load = load
         self._lock = asyncio.Lock()  # one reload at a time: a second SIGHUP waits for the first
         self._tasks: set[asyncio.Task[None]] = set()
+        self._removing: dict[int, asyncio.Task[None]] = {}
+        """Backends drained by a reload, waiting to be removed, by id."""
 
     def reload_soon(self) -> None:
         """The SIGHUP handler (on the event loop): starts a reload."""
@@ -58,10 +61,15 @@ class Reloader:
         wanted = {entry.url: entry for entry in config.backends}
         for url, backend_id in current.items():
             if url not in wanted:
-                middleware.drain(backend_id)
-                self._spawn(self._remove_when_drained(backend_id, url))
-            else:
-                self._update(backend_id, wanted[url])
+                if backend_id not in self._removing:
+                    middleware.drain(backend_id)
+                    self._removing[backend_id] = self._spawn(self._remove_when_drained(backend_id, url))
+                continue
+            removal = self._removing.pop(backend_id, None)
+            if removal is not None:  # listed again before its drain was over: it stays
+                removal.cancel()
+                middleware.undrain(backend_id)
+            self._update(backend_id, wanted[url])
         for url, entry in wanted.items():
             if url not in current:
                 try:
@@ -88,24 +96,30 @@ class Reloader:
 
     async def _remove_when_drained(self, backend_id: int, url: str) -> None:
         fleet = self._middleware.fleet
-        while backend_id in fleet.backends:
-            stats = fleet.router.accelerator_stats(backend_id)
-            if stats.state != "draining":
-                log.warning("backend %s was undrained before its removal: it stays", url)
-                return
-            if not stats.load and not stats.requests_in_flight:
-                self._middleware.remove_backend(backend_id)
-                return
-            await asyncio.sleep(_DRAIN_POLL_S)
+        try:
+            while backend_id in fleet.backends:
+                stats = fleet.router.accelerator_stats(backend_id)
+                if stats.state != "draining":
+                    log.warning("backend %s was undrained before its removal: it stays", url)
+                    return
+                if not stats.load and not stats.requests_in_flight:
+                    self._middleware.remove_backend(backend_id)
+                    return
+                await asyncio.sleep(_DRAIN_POLL_S)
+        finally:
+            if self._removing.get(backend_id) is asyncio.current_task():
+                del self._removing[backend_id]
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def aclose(self) -> None:
         """Cancels reloads and removals under way (at shutdown)."""
         tasks, self._tasks = set(self._tasks), set()
+        self._removing.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:

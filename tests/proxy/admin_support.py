@@ -8,10 +8,10 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -19,11 +19,18 @@ import uvicorn
 from irmiddleware.proxy import RoutingMiddleware
 from irmiddleware.testing import wait_until
 
+T = TypeVar("T")
+
 
 @dataclass
 class Served:
     traffic: str
     admin: str
+    loop: asyncio.AbstractEventLoop
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Runs `work` on the router's event loop (as a SIGHUP handler would) and returns its result."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=30)
 
 
 def _socket() -> socket.socket:
@@ -42,7 +49,10 @@ def serve_with_admin(middleware: RoutingMiddleware) -> Iterator[Served]:
         uvicorn.Server(uvicorn.Config(middleware.admin_app, lifespan="off", log_level="warning")),
     ]
 
+    loops: list[asyncio.AbstractEventLoop] = []
+
     async def run() -> None:
+        loops.append(asyncio.get_running_loop())
         pairs = zip(servers, sockets, strict=True)
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in pairs))
 
@@ -51,7 +61,7 @@ def serve_with_admin(middleware: RoutingMiddleware) -> Iterator[Served]:
     try:
         wait_until(lambda: all(server.started for server in servers), "both servers listen", timeout_s=10)
         traffic, admin = (f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in sockets)
-        yield Served(traffic, admin)
+        yield Served(traffic, admin, loops[0])
     finally:
         for server in servers:
             server.should_exit = True

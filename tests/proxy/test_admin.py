@@ -7,7 +7,9 @@ refusals are logged without the token; `protect_reads` guards reads too. Bad inp
 line, a duplicate URL or a removal before the drain 409, a dead backend 502, an unknown id 404. A
 drop-in router with `status_routes=False` leaves its app's own `/metrics` alone. Under a bounded
 load loop, adding, re-weighting, draining, removing and undraining backends costs no request
-(every answer 200) and leaks no load; the core's pools follow. The `[admin]` keys are checked at load.
+(every answer 200) and leaks no load; the core's pools follow. A reload (what SIGHUP runs) adds,
+re-sizes and drains-then-removes, and keeps a backend listed again before its drain is over. The
+`[admin]` keys are checked at load.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 import httpx
 import pytest
 from admin_support import LoadLoop, serve_with_admin
-from proxy_support import FAST_FLEET, Emulators, wait_idle
+from proxy_support import FAST_FLEET, Emulators, held_stream, wait_idle
 
 from irmiddleware.proxy import ConfigError, RoutingMiddleware, parse_config
+from irmiddleware.proxy._reload import Reloader
 from irmiddleware.proxy._routes import not_found
 from irmiddleware.testing import assert_idle, serve_in_thread, wait_until
 
@@ -29,8 +32,8 @@ TOKEN_ENV = "IRM_TEST_ADMIN_TOKEN"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
-def _config(urls: list[str], admin: dict[str, Any] | None = None, **router: Any) -> Any:
-    backends = [{"url": url, "type": "vllm", "capacity": 8, "models": ["m"]} for url in urls]
+def _config(urls: list[str], admin: dict[str, Any] | None = None, capacity: int = 8, **router: Any) -> Any:
+    backends = [{"url": url, "type": "vllm", "capacity": capacity, "models": ["m"]} for url in urls]
     document = {
         "router": {**FAST_FLEET, **router},
         "backends": backends,
@@ -199,3 +202,31 @@ def test_fleet_changes_under_load_lose_no_request_and_leak_no_load(
 def test_admin_keys_are_checked_at_load(admin: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         parse_config({"backends": [{"url": "http://127.0.0.1:9"}], "admin": admin})
+
+
+def test_a_reload_applies_the_backends_and_keeps_one_listed_again(emulators: Emulators) -> None:
+    first, second = emulators(2, time_per_output_token_s=0.01)
+    middleware = RoutingMiddleware(not_found, _config([first.url]))
+    with serve_with_admin(middleware) as served:
+        reloader = Reloader(middleware, lambda: _config([first.url]))
+
+        def fleet() -> dict[str, tuple[int, str]]:
+            return {b["url"]: (b["capacity"], b["state"]) for b in middleware.status()["backends"]}
+
+        served.run(reloader.apply(_config([first.url, second.url])))
+        assert fleet() == {first.url: (8, "active"), second.url: (8, "active")}
+        served.run(reloader.apply(_config([first.url, second.url], capacity=3)))
+        assert fleet() == {first.url: (3, "active"), second.url: (3, "active")}
+        body = {"model": "m", "prompt": "Hi", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with held_stream(served.traffic, "/v1/completions", body):
+            busy = next(b["url"] for b in middleware.status()["backends"] if b["requests_in_flight"])
+            idle = second.url if busy == first.url else first.url
+            served.run(reloader.apply(_config([idle], capacity=3)))
+            assert fleet()[busy] == (3, "draining")  # a request in flight: drained, not yet removed
+            served.run(reloader.apply(_config([first.url, second.url], capacity=3)))
+            assert fleet()[busy] == (3, "active")  # listed again before the end of its drain: it stays
+        wait_idle(middleware)
+        assert list(fleet()) == [first.url, second.url]
+        served.run(reloader.apply(_config([idle], capacity=3)))
+        wait_until(lambda: list(fleet()) == [idle], "the unlisted backend removed once drained")
+        served.run(reloader.aclose())
