@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from irmiddleware.proxy._exchange import JSON_HEADERS, Message, Receive, Scope, Send, respond
 from irmiddleware.proxy._fleet import FleetChangeRefused
+from irmiddleware.proxy._routes import not_found
 from irmiddleware.proxy.config import AdminConfig, ConfigError, parse_backend
 
 if TYPE_CHECKING:
@@ -114,10 +115,10 @@ class AdminApp:
         self.auth = AdminAuth(middleware.config.admin)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
         if scope["type"] != "http":
+            # The router's own lifespan runs on the traffic side: the admin app has nothing to
+            # start, and answers a lifespan as the standalone router's 404 app does.
+            await not_found(scope, receive, send)
             return
         refused = self.auth.refusal(scope)
         if refused is not None:
@@ -248,14 +249,3 @@ async def _error(
 ) -> None:
     body = json.dumps({"error": message}).encode()
     await respond(send, status, body, (*JSON_HEADERS, *headers))
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # The router's own lifespan runs on the traffic side; the admin app has nothing to start.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
