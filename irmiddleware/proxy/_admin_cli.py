@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Change a running router's fleet through its admin listener ([admin] listen).",
     )
     parser.add_argument(
-        "--url", default="http://127.0.0.1:9090", help="the admin listener (default http://127.0.0.1:9090)"
+        "--url",
+        dest="admin_url",
+        default="http://127.0.0.1:9090",
+        help="the admin listener (default http://127.0.0.1:9090)",
     )
     parser.add_argument(
         "--token-file", help=f"file holding the admin token (default: the {_TOKEN_ENV} environment variable)"
@@ -46,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="every backend with its state and load")
     listing.add_argument("--json", action="store_true", help="print the API's JSON")
     add = commands.add_parser("add", help="add a backend (probed and asked its models first)")
-    add.add_argument("url", metavar="URL")
+    add.add_argument("url", metavar="URL", help="the backend's base URL")
     add.add_argument("--type", default="vllm", help="adapter (default vllm)")
     add.add_argument("--capacity", type=int, help="cost units it may hold (default 64)")
     add.add_argument("--weight", type=float, help="weight (default 1.0)")
@@ -88,13 +91,18 @@ def admin_main(argv: list[str] | None = None) -> int:
         return 2
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        with httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout) as client:
+        with httpx.Client(
+            base_url=args.admin_url.rstrip("/"), headers=headers, timeout=args.timeout
+        ) as client:
             _run(client, args)
     except _Refused as refused:
         print(f"irmiddleware admin: {refused}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:
-        print(f"irmiddleware admin: cannot reach the admin listener at {args.url}: {error}", file=sys.stderr)
+        print(
+            f"irmiddleware admin: cannot reach the admin listener at {args.admin_url}: {error}",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

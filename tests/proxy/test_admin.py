@@ -8,8 +8,9 @@ line, a duplicate URL or a removal before the drain 409, a dead backend 502, an 
 drop-in router with `status_routes=False` leaves its app's own `/metrics` alone. Under a bounded
 load loop, adding, re-weighting, draining, removing and undraining backends costs no request
 (every answer 200) and leaks no load; the core's pools follow. A reload (what SIGHUP runs) adds,
-re-sizes and drains-then-removes, and keeps a backend listed again before its drain is over. The
-`[admin]` keys are checked at load.
+re-sizes and drains-then-removes, and keeps a backend listed again before its drain is over.
+`irmiddleware admin` adds, drains (waiting for the end), undrains and removes, with exit 1 and the
+router's message when refused and 2 for bad usage. The `[admin]` keys are checked at load.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from admin_support import LoadLoop, serve_with_admin
 from proxy_support import FAST_FLEET, Emulators, held_stream, wait_idle
 
 from irmiddleware.proxy import ConfigError, RoutingMiddleware, parse_config
+from irmiddleware.proxy._admin_cli import admin_main
 from irmiddleware.proxy._reload import Reloader
 from irmiddleware.proxy._routes import not_found
 from irmiddleware.testing import assert_idle, serve_in_thread, wait_until
@@ -230,3 +232,30 @@ def test_a_reload_applies_the_backends_and_keeps_one_listed_again(emulators: Emu
         served.run(reloader.apply(_config([idle], capacity=3)))
         wait_until(lambda: list(fleet()) == [idle], "the unlisted backend removed once drained")
         served.run(reloader.aclose())
+
+
+def test_the_admin_command_adds_drains_and_removes(
+    emulators: Emulators, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = emulators(2)
+    monkeypatch.setenv("IRM_ADMIN_TOKEN", TOKEN)
+    with serve_with_admin(RoutingMiddleware(not_found, _config([first.url]))) as served:
+        admin = ["--url", served.admin]
+        assert admin_main([*admin, "add", second.url, "--capacity", "4"]) == 0
+        added = capsys.readouterr().out
+        assert second.url in added and "active" in added and " m" in added  # its model discovered
+        assert admin_main([*admin, "drain", "1", "--wait", "10"]) == 0
+        assert "drained" in capsys.readouterr().out
+        assert admin_main([*admin, "undrain", "1"]) == 0
+        assert admin_main([*admin, "remove", "1"]) == 1
+        assert "409 backend 1 is not drained" in capsys.readouterr().err
+        assert admin_main([*admin, "drain", "1"]) == 0 and admin_main([*admin, "remove", "1"]) == 0
+        assert admin_main([*admin, "list", "--json"]) == 0
+        listed = capsys.readouterr().out
+        assert second.url not in listed.split("removed")[-1] and first.url in listed
+        monkeypatch.setenv("IRM_ADMIN_TOKEN", "wrong")
+        assert admin_main([*admin, "set", "0", "--capacity", "2"]) == 1
+        assert "403" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as usage:
+            admin_main([*admin, "set", "0"])
+        assert usage.value.code == 2
