@@ -150,7 +150,8 @@ def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         reloader = Reloader(app, lambda: build_config(args))
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
+        if hasattr(signal, "SIGHUP"):  # POSIX
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
         admin_task = asyncio.create_task(admin.serve()) if admin is not None else None
         try:
             # On SIGTERM/SIGINT the traffic server shuts down gracefully, then re-raises the signal
@@ -172,6 +173,8 @@ def _admin_server(app: Any, log_level: str) -> Any:
     server (whose shutdown ends both) and has no lifespan: the router's runs on the traffic side."""
     import uvicorn
 
+    from irmiddleware.proxy._server import edge_protocol
+
     config = app.config
     if not config.admin.listen:
         return None
@@ -187,6 +190,7 @@ def _admin_server(app: Any, log_level: str) -> Any:
             app.admin_app,
             host=host.strip("[]"),
             port=int(port),
+            http=edge_protocol(config),  # the same bounds on heads, bodies and connections
             ws="none",
             lifespan="off",
             log_level=log_level,
