@@ -18,6 +18,7 @@ from typing import Any
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
+from irmiddleware.proxy._admin import AdminApp
 from irmiddleware.proxy._admission import Admission, Shed
 from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases, RequestObservers
 from irmiddleware.proxy._exchange import (
@@ -121,8 +122,6 @@ class RoutingMiddleware:
         """The admin ASGI app of this router: metrics, status and the admin API (`_admin`), for
         `irmiddleware serve`'s admin listener or to mount on a private port of your own."""
         if self._admin_app is None:
-            from irmiddleware.proxy._admin import AdminApp
-
             self._admin_app = AdminApp(self)
         return self._admin_app
 
