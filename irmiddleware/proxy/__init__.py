@@ -11,6 +11,7 @@ your app::
 or run it alone: `irmiddleware serve --config router.toml`. See doc/proxy.md.
 """
 
+from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
 from irmiddleware.proxy._outcomes import OUTCOMES
 from irmiddleware.proxy.config import (
@@ -21,6 +22,7 @@ from irmiddleware.proxy.config import (
     RouterConfig,
     TimeoutsConfig,
     load_config,
+    parse_backend,
     parse_config,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "OUTCOMES",
     "BackendConfig",
     "ConfigError",
+    "FleetChangeRefused",
     "LimitsConfig",
     "RetriesConfig",
     "RouterConfig",
@@ -35,5 +38,6 @@ __all__ = [
     "TimeoutsConfig",
     "create_app",
     "load_config",
+    "parse_backend",
     "parse_config",
 ]
