@@ -38,13 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--url",
         dest="admin_url",
+        metavar="URL",
         default="http://127.0.0.1:9090",
         help="the admin listener (default http://127.0.0.1:9090)",
     )
     parser.add_argument(
-        "--token-file", help=f"file holding the admin token (default: the {_TOKEN_ENV} environment variable)"
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding the admin token (default: the {_TOKEN_ENV} environment variable)",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="seconds per call (default 30)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="every backend with its state and load")
     listing.add_argument("--json", action="store_true", help="print the API's JSON")
