@@ -11,7 +11,6 @@ your app::
 or run it alone: `irmiddleware serve --config router.toml`. See doc/proxy.md.
 """
 
-from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._middleware import RoutingMiddleware, create_app
 from irmiddleware.proxy._outcomes import OUTCOMES
 from irmiddleware.proxy.config import (
@@ -22,7 +21,6 @@ from irmiddleware.proxy.config import (
     RouterConfig,
     TimeoutsConfig,
     load_config,
-    parse_backend,
     parse_config,
 )
 
@@ -30,7 +28,6 @@ __all__ = [
     "OUTCOMES",
     "BackendConfig",
     "ConfigError",
-    "FleetChangeRefused",
     "LimitsConfig",
     "RetriesConfig",
     "RouterConfig",
@@ -38,6 +35,5 @@ __all__ = [
     "TimeoutsConfig",
     "create_app",
     "load_config",
-    "parse_backend",
     "parse_config",
 ]
