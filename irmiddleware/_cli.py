@@ -21,6 +21,11 @@ COMMANDS: Final = {
         "serve one emulated vLLM, Triton or TGI server (for trying a router config)",
     ),
     "serve": ("irmiddleware.proxy._serve", "serve_main", "run the routing proxy (--config router.toml)"),
+    "admin": (
+        "irmiddleware.proxy._admin_cli",
+        "admin_main",
+        "list, add, drain, remove backends of a running router (its admin listener)",
+    ),
     "simulate": (
         "irmiddleware.sim._cli",
         "simulate_main",

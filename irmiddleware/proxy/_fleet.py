@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import httpx
 
@@ -27,11 +28,23 @@ from irmiddleware.hooks import (
     RouteInfo,
 )
 from irmiddleware.proxy._metrics import RouterMetrics
-from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.config import BackendConfig, RouterConfig
 
-__all__ = ["Backend", "Fleet"]
+__all__ = ["Backend", "Fleet", "FleetChangeRefused"]
 
 log = logging.getLogger("irmiddleware.proxy")
+
+_SLOTS_MIN: Final = 256
+
+
+class FleetChangeRefused(Exception):
+    """A change of the fleet that cannot be made; `status` is the HTTP status the admin API
+    answers (404 unknown backend, 409 conflict, 502 the backend does not answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass(slots=True)
@@ -43,6 +56,8 @@ class Backend:
     type: str
     adapter: BackendAdapter
     models: tuple[str, ...]
+    metrics_url: str | None = None
+    """Where its load signals are scraped, when configured (else the adapter's default)."""
 
     @property
     def info(self) -> BackendInfo:
@@ -59,7 +74,9 @@ class Fleet:
         native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
         self.router = Router(
             native,
-            max_accelerators=max(16, len(config.backends)),
+            # Room for backends added while it runs (the admin API, SIGHUP): a slot is reused
+            # once its backend is removed and its last request released.
+            max_accelerators=max(_SLOTS_MIN, 2 * len(config.backends)),
             signal_age_max_s=config.signals.max_age_s,
             class_shares=config.admission.class_shares,
             balance_epsilon=config.affinity.balance_epsilon,
@@ -93,10 +110,55 @@ class Fleet:
         self._rebuild_pools()
 
     def _add_backends(self, config: RouterConfig, registry: Registry) -> None:
+        self._registry = registry
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
-            self.backends[backend_id] = Backend(backend_id, entry.url, entry.type, adapter, entry.models)
+            self.backends[backend_id] = Backend(
+                backend_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url
+            )
             self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+        self._next_id = len(config.backends)
+
+    # ---- backends added and removed while routing goes on (on the event loop) ------------------
+
+    def new_backend(self, entry: BackendConfig) -> Backend:
+        """A `Backend` for `entry` with the next unused id, not yet in the fleet (probe it, ask it
+        its models, then `add`); ValueError for an unknown adapter type."""
+        adapter = self._registry.adapter(entry.type)
+        backend = Backend(self._next_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url)
+        self._next_id += 1
+        return backend
+
+    def add(self, backend: Backend, entry: BackendConfig, state: str) -> None:
+        """Puts `backend` in the core (capacity, weight, `state`) and in its models' pools, in one
+        step of the event loop: no request sees it half added."""
+        self.router.add_accelerator(Accelerator(backend.id, entry.capacity, entry.weight))
+        self.router.set_state(backend.id, state)
+        self.backends[backend.id] = backend
+        self._rebuild_pools()
+        if state == "active":
+            self._capacity_appeared()
+
+    def check_new(self, entry: BackendConfig) -> None:
+        """FleetChangeRefused unless `entry` may join: its URL is not in the fleet, and each model
+        it lists is served by backends of its type (or by none)."""
+        for backend in self.backends.values():
+            if backend.url == entry.url:
+                raise FleetChangeRefused(409, f"{entry.url} is already backend {backend.id}")
+        for model in entry.models:
+            kind = self.type_of(model)
+            if kind not in (None, entry.type):
+                raise FleetChangeRefused(
+                    400, f"model {model!r} is served by backends of type {kind!r}, not {entry.type!r}"
+                )
+
+    def remove(self, backend_id: int) -> Backend:
+        """Takes a backend out of the core and of every pool, in one step of the event loop. Call
+        it once nothing is in flight on it (a drained backend)."""
+        backend = self.backends.pop(backend_id)
+        self.router.remove_accelerator(backend_id)
+        self._rebuild_pools()
+        return backend
 
     # ---- states and capacity -------------------------------------------------------------------
 
@@ -150,19 +212,28 @@ class Fleet:
     async def discover(self, client: httpx.AsyncClient) -> None:
         """Asks each backend configured without `models` which models it serves. A backend that
         cannot be asked serves nothing until the next discovery (it is logged, not fatal)."""
-        for backend in self.backends.values():
-            if backend.models or backend.adapter.models_path is None:
-                continue
-            try:
-                response = await client.request(
-                    backend.adapter.models_method, backend.url + backend.adapter.models_path
-                )
-                response.raise_for_status()
-                backend.models = tuple(backend.adapter.parse_models(response.content))
-            except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
-                log.warning("model discovery failed for %s: %r", backend.url, error)
+        for backend in list(self.backends.values()):
+            if not backend.models:
+                await self.discover_models(client, backend)
         self._rebuild_pools()
         self._capacity_appeared()  # a backend that joined a pool brings its capacity with it
+
+    @staticmethod
+    async def discover_models(client: httpx.AsyncClient, backend: Backend) -> bool:
+        """Asks one backend which models it serves (sets `backend.models`); False, logged, when it
+        cannot be asked or has no models path."""
+        if backend.adapter.models_path is None:
+            return False
+        try:
+            response = await client.request(
+                backend.adapter.models_method, backend.url + backend.adapter.models_path
+            )
+            response.raise_for_status()
+            backend.models = tuple(backend.adapter.parse_models(response.content))
+        except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
+            log.warning("model discovery failed for %s: %r", backend.url, error)
+            return False
+        return True
 
     def default_model(self, adapter: BackendAdapter) -> str | None:
         """For a `single_model` adapter (TGI): the one model its type's backends serve, which a
@@ -191,6 +262,8 @@ class Fleet:
     def acquire(self, route: RouteInfo, exclude: Iterable[int] = ()) -> Lease | None:
         """Reserves `route.cost` on a backend serving `route.model`, skipping `exclude` (backends
         that already failed this request); None when nothing fits."""
+        if route.model not in self._pools:
+            return None  # its last backend was removed while the request waited
         excluded = frozenset(exclude)
         if excluded:
             lease = self._acquire_retry(route, excluded)

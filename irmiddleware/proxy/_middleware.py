@@ -11,6 +11,7 @@ probes from `_probes`, and the access log and startup line from `_logs`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -18,6 +19,7 @@ from typing import Any
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
+from irmiddleware.proxy._admin import AdminApp
 from irmiddleware.proxy._admission import Admission, Shed
 from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases, RequestObservers
 from irmiddleware.proxy._exchange import (
@@ -30,14 +32,14 @@ from irmiddleware.proxy._exchange import (
     Send,
     send_error,
 )
-from irmiddleware.proxy._fleet import Fleet
+from irmiddleware.proxy._fleet import Fleet, FleetChangeRefused
 from irmiddleware.proxy._logs import ACCESS_LOGGER, access_line, startup_summary
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._probes import Probes
 from irmiddleware.proxy._routes import Routes, not_found
 from irmiddleware.proxy._status import StatusResponder
 from irmiddleware.proxy._upstream import Upstream
-from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.proxy.config import BackendConfig, RouterConfig
 from irmiddleware.proxy.control import FleetMonitor
 
 __all__ = ["RoutingMiddleware", "create_app"]
@@ -54,6 +56,9 @@ class RoutingMiddleware:
     lifespan) and closed at shutdown. `plugins` are registered in addition to the `irmiddleware`
     entry points (handy in tests); `entry_points=False` loads only those. `listen` is where the
     server in front listens, for the startup line (`irmiddleware serve` gives it).
+    `status_routes=False` leaves the metrics and status paths to `app` (default: answered here
+    unless `[admin] listen` is set); `admin_app` serves them, and the admin API, wherever it is
+    mounted.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class RoutingMiddleware:
         plugins: tuple[object, ...] = (),
         entry_points: bool = True,
         listen: str | None = None,
+        status_routes: bool | None = None,
     ) -> None:
         self.app = app
         self.config = config
@@ -82,8 +88,10 @@ class RoutingMiddleware:
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
         self._routes = Routes(self.fleet)
+        self._admin_only = _admin_only_paths(config, status_routes)
         self._observers = RequestObservers(self.plugin_manager, self.fleet.strategy_name)
         self._attempts: AttemptContext | None = None  # built with the upstream client, at startup
+        self._admin_app: ASGIApp | None = None
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._session_header = config.affinity.session_header.lower().encode("latin-1")
@@ -128,6 +136,49 @@ class RoutingMiddleware:
         Safe from a signal handler or any thread."""
         self.probes.begin_shutdown()
 
+    @property
+    def admin_app(self) -> ASGIApp:
+        """The admin ASGI app of this router: metrics, status and the admin API (`_admin`), for
+        `irmiddleware serve`'s admin listener or to mount on a private port of your own."""
+        if self._admin_app is None:
+            self._admin_app = AdminApp(self)
+        return self._admin_app
+
+    async def add_backend(self, entry: BackendConfig, *, require_healthy: bool = True) -> int:
+        """Adds a backend while routing goes on (on the event loop): it is probed and asked its
+        models first, then joins the core, its pools, health checks and scraping in one step.
+        Returns its id. FleetChangeRefused: its URL is in the fleet (409), a model of another
+        type (400), or, with `require_healthy`, it failed its probe or listed no model (502)."""
+        self.fleet.check_new(entry)
+        await self.startup()
+        backend = self.fleet.new_backend(entry)
+        healthy = await self.monitor.admit(backend, require_healthy=require_healthy)
+        if not healthy and require_healthy:
+            raise FleetChangeRefused(502, f"{entry.url} did not pass its health check or lists no model")
+        self.fleet.check_new(dataclasses.replace(entry, models=backend.models))  # again: we awaited
+        state = self.monitor.add(backend, healthy)
+        self.fleet.add(backend, entry, state)
+        self._routes = Routes(self.fleet)  # a new type brings its paths
+        log.info("backend %s added as %d (%s, models %s)", backend.url, backend.id, state, backend.models)
+        return backend.id
+
+    def remove_backend(self, backend_id: int) -> None:
+        """Removes a drained backend (draining, nothing in flight) from the core, its pools, health
+        checks and scraping in one step. FleetChangeRefused: unknown (404) or not drained (409)."""
+        if backend_id not in self.fleet.backends:
+            raise FleetChangeRefused(404, f"no backend {backend_id}")
+        stats = self.fleet.router.accelerator_stats(backend_id)
+        if stats.state != "draining" or stats.load or stats.requests_in_flight:
+            raise FleetChangeRefused(
+                409,
+                f"backend {backend_id} is not drained (state {stats.state}, "
+                f"{stats.requests_in_flight} in flight): drain it first",
+            )
+        backend = self.fleet.remove(backend_id)
+        self.monitor.remove(backend)
+        self._routes = Routes(self.fleet)
+        log.info("backend %s (%d) removed", backend.url, backend_id)
+
     # ---- ASGI ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,7 +195,9 @@ class RoutingMiddleware:
         found = self._routes.find(scope["method"], scope["path"])
         if found is not None:
             await self._handle(scope, receive, send, *found)
-        elif not await self.responder.answer(scope["path"], scope["method"], send):
+        elif scope["path"] in self._admin_only or not await self.responder.answer(
+            scope["path"], scope["method"], send
+        ):
             await self.app(scope, receive, send)
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
@@ -307,6 +360,14 @@ def _outage_retry_after_s(config: RouterConfig) -> int:
     if config.health.enabled:
         return max(1, math.ceil(config.health.interval_s * config.health.healthy_threshold))
     return max(1, math.ceil(config.outliers.base_ejection_s))
+
+
+def _admin_only_paths(config: RouterConfig, status_routes: bool | None) -> frozenset[str]:
+    """The paths this router leaves to the app: metrics and status when they are served only by
+    the admin app (`status_routes=False`, or by default with an admin listener)."""
+    if status_routes if status_routes is not None else not config.admin.listen:
+        return frozenset()
+    return frozenset((config.metrics_path, config.status_path))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

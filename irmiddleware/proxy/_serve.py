@@ -3,15 +3,20 @@
     irmiddleware serve --config router.toml
     irmiddleware serve --backend http://127.0.0.1:9001 --backend http://127.0.0.1:9002 --type vllm
 
-Flags override the file's `[router]` keys; `--backend` entries replace its `[[backends]]`.
+Flags override the file's `[router]` keys; `--backend` entries replace its `[[backends]]`. With
+`[admin] listen`, metrics, status and the admin API (`_admin`) are served on that port instead of
+the traffic port. SIGHUP re-reads the file and applies its `[[backends]]` live (`_reload`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from irmiddleware._router import STRATEGIES
@@ -94,6 +99,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         overrides["strategy"] = args.strategy
     if args.listen is not None:
         overrides["listen"] = check_listen(args.listen)
+        if args.listen == config.admin.listen:
+            raise ConfigError(f"--listen must differ from `admin.listen`, got {args.listen!r}")
     if args.transport is not None:
         overrides["transport"] = args.transport
     if args.log_format is not None:
@@ -113,6 +120,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
+        from irmiddleware.proxy._admin import AdminAuth
         from irmiddleware.proxy._middleware import create_app
         from irmiddleware.proxy._server import edge_protocol
         from irmiddleware.proxy._shutdown import ReadinessFirstServer
@@ -120,6 +128,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         configure_logging(args.log_level, config.log_format)
         app = create_app(config, listen=config.listen)
+        if config.admin.listen:
+            AdminAuth(config.admin).check_source()
     except ImportError as error:
         needs = "irmiddleware serve needs uvicorn and httptools: pip install 'irmiddleware[serve]'"
         print(f"{needs} ({error})", file=sys.stderr)
@@ -143,8 +153,70 @@ def serve_main(argv: list[str] | None = None) -> int:
         access_log=False,  # the router's own (`--access-log`) knows the backend and the outcome
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
-    ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s).run()
-    return 0
+    server = ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
+    return _run_servers(server, app, args)
+
+
+def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
+    """Runs the traffic server and, with `[admin] listen`, the admin listener in one event loop,
+    with SIGHUP re-reading the configuration (`_reload`). Returns 3 when the traffic server could
+    not start (as `uvicorn.run` exits)."""
+    import asyncio
+
+    from irmiddleware.proxy._reload import Reloader
+
+    admin = _admin_server(app, args.log_level)
+
+    async def serve() -> None:
+        reloader = Reloader(app, lambda: build_config(args))
+        if hasattr(signal, "SIGHUP"):  # POSIX
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
+        admin_task = asyncio.create_task(admin.serve()) if admin is not None else None
+        try:
+            # On SIGTERM/SIGINT the traffic server shuts down gracefully, then re-raises the signal
+            # (the process ends "killed by SIGTERM", as uvicorn does): the admin listener ends with it.
+            await server.serve()
+        finally:
+            await reloader.aclose()
+            if admin_task is not None:
+                admin.should_exit = True
+                await admin_task
+
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(serve())
+    return 0 if server.started else 3
+
+
+def _admin_server(app: Any, log_level: str) -> Any:
+    """The uvicorn server of `[admin] listen`, or None. It leaves the signals to the traffic
+    server (whose shutdown ends both) and has no lifespan: the router's runs on the traffic side."""
+    import uvicorn
+
+    from irmiddleware.proxy._server import edge_protocol
+
+    config = app.config
+    if not config.admin.listen:
+        return None
+    host, _, port = config.admin.listen.rpartition(":")
+
+    class AdminServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return AdminServer(
+        uvicorn.Config(
+            app.admin_app,
+            host=host.strip("[]"),
+            port=int(port),
+            http=edge_protocol(config),  # the same bounds on heads, bodies and connections
+            ws="none",
+            lifespan="off",
+            log_level=log_level,
+            log_config=None,
+            access_log=False,
+        )
+    )
 
 
 def _raise_open_files_limit(config: RouterConfig) -> None:

@@ -16,9 +16,11 @@ from irmiddleware.proxy.config._document import (
     RouterConfig,
     check_listen,
     load_config,
+    parse_backend,
     parse_config,
 )
 from irmiddleware.proxy.config._sections import (
+    AdminConfig,
     AffinityConfig,
     HealthConfig,
     LimitsConfig,
@@ -33,6 +35,7 @@ from irmiddleware.proxy.config._toml import ConfigError
 __all__ = [
     "LOG_FORMATS",
     "READY_RULES",
+    "AdminConfig",
     "AdmissionConfig",
     "AffinityConfig",
     "BackendConfig",
@@ -50,5 +53,6 @@ __all__ = [
     "check_listen",
     "load_config",
     "parse_admission",
+    "parse_backend",
     "parse_config",
 ]

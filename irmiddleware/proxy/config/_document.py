@@ -13,6 +13,7 @@ from typing import Any, Final
 from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
 from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
 from irmiddleware.proxy.config._sections import (
+    AdminConfig,
     AffinityConfig,
     HealthConfig,
     LimitsConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "RouterConfig",
     "check_listen",
     "load_config",
+    "parse_backend",
     "parse_config",
 ]
 
@@ -93,6 +95,8 @@ class RouterConfig:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    """`[admin]`: the admin listener and its token (doc/proxy.md, "Admin listener")."""
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -115,7 +119,7 @@ def load_config(path: str | Path) -> RouterConfig:
 
 def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     """Validates an already-parsed document (a dict shaped like the TOML file)."""
-    no_unknown_keys(data, {"router", "backends", "admission"}, "")
+    no_unknown_keys(data, {"router", "backends", "admission", "admin"}, "")
     router = table(data, "router", "")
     no_unknown_keys(router, field_names(RouterConfig) - {"backends"}, "router.")
     backends = data.get("backends")
@@ -145,10 +149,28 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         affinity=section(router, "affinity", AffinityConfig, "router."),
         probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
+        admin=_admin(data, value("listen")),
     )
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)
     return config
+
+
+def _admin(data: Mapping[str, Any], listen: str) -> AdminConfig:
+    admin = section(data, "admin", AdminConfig, "")
+    if admin.listen:
+        check_listen(admin.listen, "admin.listen")
+        if admin.listen == listen:
+            raise ConfigError(f"`admin.listen` must differ from `router.listen`, got {admin.listen!r}")
+    if admin.token_file and admin.token_env:
+        raise ConfigError("give one of `admin.token_file` and `admin.token_env`, not both")
+    return admin
+
+
+def parse_backend(entry: object, where: str = "backend") -> BackendConfig:
+    """One backend entry (a dict shaped like a `[[backends]]` table) checked as the configuration
+    checks it: a canonical URL, bounded capacity and weight, known keys; ConfigError names `where`."""
+    return _backend(entry, where)
 
 
 def _backend(entry: object, where: str) -> BackendConfig:
@@ -224,11 +246,11 @@ def _redacted(value: object) -> object:
     return f"{scheme}{sep}***@{host}"
 
 
-def check_listen(value: str) -> str:
-    """`value` if it is HOST:PORT; ConfigError otherwise."""
+def check_listen(value: str, key: str = "router.listen") -> str:
+    """`value` if it is HOST:PORT; ConfigError naming `key` otherwise."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"`router.listen` must be HOST:PORT, got {value!r}")
+        raise ConfigError(f"`{key}` must be HOST:PORT, got {value!r}")
     return value
 
 

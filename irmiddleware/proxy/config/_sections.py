@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from irmiddleware.proxy.config._toml import bounded
 
 __all__ = [
+    "AdminConfig",
     "AffinityConfig",
     "HealthConfig",
     "LimitsConfig",
@@ -152,3 +153,20 @@ class ProbesConfig:
     """`irmiddleware serve` on SIGTERM/SIGINT: readiness answers 503 at once, and the router keeps
     accepting and serving this long before its graceful shutdown starts, so a load balancer that
     polls readiness stops sending first (0: the shutdown starts at once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """`[admin]`: the admin listener of `irmiddleware serve` (metrics, status and the admin API on a
+    port of their own) and the bearer token its mutating calls require."""
+
+    listen: str = ""
+    """HOST:PORT of the admin listener; "" (the default) = none: metrics and status stay on the
+    traffic port and the admin API is not served."""
+    token_file: str = ""
+    """A file holding the bearer token (surrounding whitespace ignored), read at each call, so a
+    rotated file takes effect at once."""
+    token_env: str = ""
+    """The environment variable holding the bearer token (instead of `token_file`)."""
+    protect_reads: bool = False
+    """True: reads (backend list, status, metrics) need the token too."""

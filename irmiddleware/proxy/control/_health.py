@@ -108,6 +108,7 @@ class FleetHealth:
         self.config = config.health
         self.outliers = OutlierDetector(config.outliers, list(fleet.backends))
         self._metrics = _HealthMetrics(registry)
+        self._manager = manager
         self._state_observers = _plugins.HookCalls.of(manager, "irm_backend_state_changed")
         start_healthy = not (self.config.enabled and self.config.require_ready)
         probes = _plugins.HookCalls.of(manager, "irm_health_probe")
@@ -122,6 +123,39 @@ class FleetHealth:
             fleet.set_state(backend.id, initial)
             self._metrics.healthy.labels(backend.url).set(1 if start_healthy else 0)
             self._metrics.ejected.labels(backend.url).set(0)
+
+    # ---- backends added and removed while routing goes on (on the event loop) ------------------
+
+    def add(self, backend: Backend, healthy: bool) -> str:
+        """Keeps records for a backend about to join the fleet, whose first check gave `healthy`;
+        returns the state it starts in."""
+        probes = _plugins.HookCalls.of(self._manager, "irm_health_probe")
+        checks = _Checks(self._probe_of(probes, backend), healthy=healthy, ever_passed=healthy)
+        checks.next_at = time.monotonic() + self.config.interval_s
+        self._checks[backend.id] = checks
+        self.outliers.add(backend.id)
+        state = "active" if healthy else "down"
+        self._states[backend.id] = state
+        self._metrics.healthy.labels(backend.url).set(1 if healthy else 0)
+        self._metrics.ejected.labels(backend.url).set(0)
+        return state
+
+    def remove(self, backend: Backend) -> None:
+        """Forgets a backend that left the fleet, and its gauges."""
+        self._checks.pop(backend.id, None)
+        self._states.pop(backend.id, None)
+        self.outliers.remove(backend.id)
+        for gauge in (self._metrics.healthy, self._metrics.ejected):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend.url)
+
+    async def probe(self, client: httpx.AsyncClient, backend: Backend) -> bool:
+        """One health check of a backend not yet in the fleet (its plugin probe, if any); True
+        when it passes, or when active checks are off."""
+        if not self.config.enabled:
+            return True
+        probes = _plugins.HookCalls.of(self._manager, "irm_health_probe")
+        return await _probe(client, backend.url, self._probe_of(probes, backend))
 
     def _probe_of(self, probes: _plugins.HookCalls | None, backend: Backend) -> HealthProbe:
         default = HealthProbe(backend.adapter.health_path, timeout_s=self.config.timeout_s)
@@ -167,8 +201,12 @@ class FleetHealth:
 
     async def check(self, client: httpx.AsyncClient, backend_id: int) -> bool:
         """Probes one backend and records the result; True when a state may have changed."""
-        backend, checks = self.fleet.backends[backend_id], self._checks[backend_id]
+        backend, checks = self.fleet.backends.get(backend_id), self._checks.get(backend_id)
+        if backend is None or checks is None:
+            return False  # removed since the round began
         passed = await _probe(client, backend.url, checks.probe)
+        if self._checks.get(backend_id) is not checks:
+            return False
         now = time.monotonic()
         checks.last_at, checks.next_at = now, now + self.config.interval_s
         self._metrics.checks.labels(backend.url, "pass" if passed else "fail").inc()
@@ -363,6 +401,30 @@ class FleetMonitor:
 
     def observe(self, backend: Backend, outcome: AttemptOutcome, status: int | None) -> None:
         self.health.observe(backend, outcome, status)
+
+    async def admit(self, backend: Backend, *, require_healthy: bool) -> bool:
+        """Probes a backend not yet in the fleet and, when it passes, asks it its models (unless
+        configured). With `require_healthy`, False when either fails; else the backend may join
+        down, and the health checks bring it in (with its models) when it answers."""
+        if self._client is None:
+            raise RuntimeError("the monitor is not started")
+        healthy = await self.health.probe(self._client, backend)
+        if healthy and not backend.models:
+            healthy = await self._fleet.discover_models(self._client, backend) and bool(backend.models)
+        return healthy or not require_healthy
+
+    def add(self, backend: Backend, healthy: bool) -> str:
+        """Watches a backend about to join the fleet; returns the state it starts in."""
+        state = self.health.add(backend, healthy)
+        self.signals.add(backend)
+        client = self._client
+        if client and self.signals.active and not any(t.get_name() == "irm-signals" for t in self._tasks):
+            self._tasks.append(asyncio.create_task(self.signals.run(client), name="irm-signals"))
+        return state
+
+    def remove(self, backend: Backend) -> None:
+        self.health.remove(backend)
+        self.signals.remove(backend)
 
     def status_of(self, backend_id: int) -> dict[str, Any]:
         return {**self.health.status_of(backend_id), "signals": self.signals.status_of(backend_id)}

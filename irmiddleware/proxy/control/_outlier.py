@@ -49,6 +49,13 @@ class OutlierDetector:
         self.config = config
         self._records = {backend_id: _Record() for backend_id in backend_ids}
 
+    def add(self, backend_id: int) -> None:
+        """Keeps a record of a backend added while routing goes on."""
+        self._records.setdefault(backend_id, _Record())
+
+    def remove(self, backend_id: int) -> None:
+        self._records.pop(backend_id, None)
+
     def observe(
         self, backend_id: int, outcome: AttemptOutcome, status: int | None, overload: bool, now: float
     ) -> str | None:

@@ -18,6 +18,7 @@ count (Triton's pending count) the queue goes in as reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,12 +54,8 @@ class SignalScraper:
         self._fleet = fleet
         self._config = config.signals
         self._targets: dict[int, str] = {}
-        if self._config.enabled:
-            for backend_id, entry in enumerate(config.backends):
-                backend = fleet.backends[backend_id]
-                url = entry.metrics_url or backend.adapter.metrics_url(backend.url)
-                if url is not None:
-                    self._targets[backend_id] = url
+        for backend in fleet.backends.values():
+            self.add(backend)
         self._readings: dict[int, _Reading] = {}
         self._failing: set[int] = set()
         self._queue = Gauge(
@@ -80,6 +77,21 @@ class SignalScraper:
             registry=registry,
         )
 
+    def add(self, backend: Backend) -> None:
+        """Scrapes `backend` too, from the next round on (when it has a metrics URL)."""
+        url = backend.metrics_url or backend.adapter.metrics_url(backend.url)
+        if self._config.enabled and url is not None:
+            self._targets[backend.id] = url
+
+    def remove(self, backend: Backend) -> None:
+        """Stops scraping `backend` and drops its gauges (a scrape under way is discarded)."""
+        self._targets.pop(backend.id, None)
+        self._readings.pop(backend.id, None)
+        self._failing.discard(backend.id)
+        for gauge in (self._queue, self._kv):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend.url)
+
     @property
     def active(self) -> bool:
         return bool(self._targets)
@@ -91,7 +103,9 @@ class SignalScraper:
             await asyncio.sleep(self._config.interval_s)
 
     async def _scrape(self, client: httpx.AsyncClient, backend_id: int, url: str) -> None:
-        backend = self._fleet.backends[backend_id]
+        backend = self._fleet.backends.get(backend_id)
+        if backend is None:
+            return  # removed since the round began
         try:
             async with asyncio.timeout(self._config.timeout_s):
                 response = await client.get(url, timeout=self._config.timeout_s)
@@ -105,6 +119,8 @@ class SignalScraper:
         self._record(backend, signals, time.monotonic())
 
     def _record(self, backend: Backend, signals: LoadSignals, read_at: float) -> None:
+        if self._targets.get(backend.id) is None:
+            return  # removed while it was scraped
         queue_depth = max(0, min(int(signals.queue_depth), _QUEUE_DEPTH_MAX))
         kv_usage = max(0.0, min(float(signals.kv_usage), 1.0))
         others = queue_depth
@@ -121,6 +137,8 @@ class SignalScraper:
             log.info("load signals from %s are back", backend.url)
 
     def _failed(self, backend: Backend, url: str, error: BaseException) -> None:
+        if self._targets.get(backend.id) is None:
+            return
         self._scrapes.labels(backend.url, "failed").inc()
         if backend.id not in self._failing:  # log a failing streak once, not every interval
             self._failing.add(backend.id)

@@ -1,0 +1,133 @@
+"""Applying a re-read configuration to a running router (`irmiddleware serve` on SIGHUP).
+
+The difference in `[[backends]]` is applied as the admin API would apply it: a new URL is added
+(probed and asked its models; one that does not answer yet joins down, and its health checks bring
+it in), a URL no longer listed is drained and removed once nothing is in flight on it, and a new
+capacity or weight is set in place; a URL listed again before its drain is over stays (undrained).
+Anything else that changed (a backend's type or models, the
+`[router]` keys) needs a restart: it is logged, not applied. A file that does not load is refused
+with one log line, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+from irmiddleware.proxy._fleet import FleetChangeRefused
+from irmiddleware.proxy._middleware import RoutingMiddleware
+from irmiddleware.proxy.config import BackendConfig, ConfigError, RouterConfig
+
+__all__ = ["Reloader"]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+_DRAIN_POLL_S: Final = 0.05
+
+
+class Reloader:
+    """Re-reads the configuration with `load` and applies the difference to `middleware`."""
+
+    def __init__(self, middleware: RoutingMiddleware, load: Callable[[], RouterConfig]) -> None:
+        self._middleware = middleware
+        self._load = load
+        self._lock = asyncio.Lock()  # one reload at a time: a second SIGHUP waits for the first
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._removing: dict[int, asyncio.Task[None]] = {}
+        """Backends drained by a reload, waiting to be removed, by id."""
+
+    def reload_soon(self) -> None:
+        """The SIGHUP handler (on the event loop): starts a reload."""
+        self._spawn(self.reload())
+
+    async def reload(self) -> None:
+        async with self._lock:
+            try:
+                config = self._load()
+            except (ConfigError, ValueError) as error:
+                log.error("configuration reload refused, nothing changed: %s", error)
+                return
+            await self.apply(config)
+
+    async def apply(self, config: RouterConfig) -> None:
+        """Applies `config`'s backends: added, drained then removed, capacity and weight changed."""
+        middleware = self._middleware
+        _log_ignored(middleware.config, config)
+        current = {backend.url: backend.id for backend in middleware.fleet.backends.values()}
+        wanted = {entry.url: entry for entry in config.backends}
+        for url, backend_id in current.items():
+            if url not in wanted:
+                if backend_id not in self._removing:
+                    middleware.drain(backend_id)
+                    self._removing[backend_id] = self._spawn(self._remove_when_drained(backend_id, url))
+                continue
+            removal = self._removing.pop(backend_id, None)
+            if removal is not None:  # listed again before its drain was over: it stays
+                removal.cancel()
+                middleware.undrain(backend_id)
+            self._update(backend_id, wanted[url])
+        for url, entry in wanted.items():
+            if url not in current:
+                try:
+                    await middleware.add_backend(entry, require_healthy=False)
+                except (FleetChangeRefused, ValueError) as error:
+                    log.error("configuration reload: backend %s not added: %s", url, error)
+        log.info("configuration reloaded: %d backends", len(middleware.fleet.backends))
+
+    def _update(self, backend_id: int, entry: BackendConfig) -> None:
+        middleware = self._middleware
+        backend = middleware.fleet.backends[backend_id]
+        if (backend.type, backend.metrics_url) != (entry.type, entry.metrics_url) or (
+            entry.models and entry.models != backend.models
+        ):
+            log.warning(
+                "configuration reload: the type, models or metrics_url of %s changed; remove it and add "
+                "it again (or restart) to apply that",
+                entry.url,
+            )
+        stats = middleware.fleet.router.accelerator_stats(backend_id)
+        if (stats.capacity, stats.weight) != (entry.capacity, entry.weight):
+            middleware.update_backend(backend_id, capacity=entry.capacity, weight=entry.weight)
+            log.info("backend %s: capacity %d, weight %g", entry.url, entry.capacity, entry.weight)
+
+    async def _remove_when_drained(self, backend_id: int, url: str) -> None:
+        fleet = self._middleware.fleet
+        try:
+            while backend_id in fleet.backends:
+                stats = fleet.router.accelerator_stats(backend_id)
+                if stats.state != "draining":
+                    log.warning("backend %s was undrained before its removal: it stays", url)
+                    return
+                if not stats.load and not stats.requests_in_flight:
+                    self._middleware.remove_backend(backend_id)
+                    return
+                await asyncio.sleep(_DRAIN_POLL_S)
+        finally:
+            if self._removing.get(backend_id) is asyncio.current_task():
+                del self._removing[backend_id]
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        """Cancels reloads and removals under way (at shutdown)."""
+        tasks, self._tasks = set(self._tasks), set()
+        self._removing.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _log_ignored(old: RouterConfig, new: RouterConfig) -> None:
+    """Logs that the keys beyond `[[backends]]` changed: they are read once, at startup."""
+    if dataclasses.replace(old, backends=()) != dataclasses.replace(new, backends=()):
+        log.warning("configuration reload: only [[backends]] changes apply live; restart for the rest")
