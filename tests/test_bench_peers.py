@@ -30,4 +30,7 @@ def test_peers_are_measured_or_named_as_missing() -> None:
             assert len(measured) == 2, result.stdout
     for figures in rows.values():
         numbers = [float(n.replace(",", "")) for n in figures.split()]
-        assert len(numbers) == 4 and all(n > 0 for n in numbers), figures
+        # req/s, CPU µs/req, stream req/s, stream CPU µs/req. CPU comes from /proc in clock ticks
+        # (10 ms): a Rust router serving 10 requests may use less than one, so 0 is a valid CPU.
+        assert len(numbers) == 4 and numbers[0] > 0 and numbers[2] > 0, figures
+        assert all(n >= 0 for n in numbers), figures
