@@ -97,4 +97,9 @@ class Probes:
         if reason is None:
             await respond(send, 200, _READY, _HEADERS)
         else:
-            await respond(send, 503, json.dumps({"ready": False, "reason": reason}).encode(), _HEADERS)
+            await respond(
+                send,
+                503,
+                json.dumps({"ready": False, "reason": reason}, separators=(",", ":")).encode(),
+                _HEADERS,
+            )
