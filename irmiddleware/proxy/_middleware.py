@@ -40,7 +40,7 @@ from irmiddleware.proxy._routes import Routes, not_found
 from irmiddleware.proxy._status import StatusResponder
 from irmiddleware.proxy._upstream import Upstream
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
-from irmiddleware.proxy.control import FleetMonitor
+from irmiddleware.proxy.control import Discovery, FleetMonitor, check_resolvers
 
 __all__ = ["RoutingMiddleware", "create_app"]
 
@@ -74,6 +74,8 @@ class RoutingMiddleware:
         self.app = app
         self.config = config
         self.plugin_manager, broken = _plugins.load_plugins(*plugins, entry_points=entry_points)
+        # Before the native table exists: a discovery that cannot run is a configuration error.
+        check_resolvers(config.discovery)
         self.registry = _plugins.collect(self.plugin_manager, broken)
         self.metrics = RouterMetrics(lambda: self.fleet.backend_stats())
         self.fleet = Fleet(config, self.registry, self.metrics)
@@ -86,6 +88,7 @@ class RoutingMiddleware:
         )
         self.fleet.on_capacity(self.admission.capacity_appeared)
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
+        self.discovery = Discovery(config.discovery, self)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
         self._routes = Routes(self.fleet)
         self._admin_only = _admin_only_paths(config, status_routes)
@@ -213,7 +216,9 @@ class RoutingMiddleware:
         return receive_and_manage
 
     async def startup(self) -> None:
-        """Creates the upstream client and discovers models; idempotent."""
+        """Creates the upstream client, discovers models and resolves the `[[discovery]]` names;
+        idempotent."""
+        started = False
         async with self._start_lock:
             if self._attempts is None:
                 upstream = Upstream(self.config)
@@ -230,10 +235,16 @@ class RoutingMiddleware:
                     releases=Releases(self.config.timeouts.abort_grace_s, self.admission.released),
                     can_retry=self.admission.can_retry,
                 )
-                startup_summary(log, self.fleet, self._listen)
+                started = True
+        if started:
+            # Outside the lock: discovery adds its backends with `add_backend`, which calls this.
+            await self.discovery.start()
+            startup_summary(log, self.fleet, self._listen)
 
     async def aclose(self) -> None:
-        """Stops health checks and scrapers and closes the upstream client (lifespan shutdown)."""
+        """Stops discovery, health checks and scrapers and closes the upstream client (lifespan
+        shutdown)."""
+        await self.discovery.aclose()
         await self.monitor.stop()
         attempts, self._attempts = self._attempts, None
         if attempts is not None:

@@ -5,8 +5,9 @@ The difference in `[[backends]]` is applied as the admin API would apply it: a n
 it in), a URL no longer listed is drained and removed once nothing is in flight on it, and a new
 capacity or weight is set in place; a URL listed again before its drain is over stays (undrained).
 Anything else that changed (a backend's type or models, the
-`[router]` keys) needs a restart: it is logged, not applied. A file that does not load is refused
-with one log line, and nothing changes.
+`[router]` keys, `[[discovery]]`) needs a restart: it is logged, not applied. Backends that
+`[[discovery]]` added are its own, not the file's: a reload leaves them alone. A file that does not
+load is refused with one log line, and nothing changes.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
 from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._middleware import RoutingMiddleware
 from irmiddleware.proxy.config import BackendConfig, ConfigError, RouterConfig
+from irmiddleware.proxy.control import Removals
 
 __all__ = ["Reloader"]
 
 log = logging.getLogger("irmiddleware.proxy")
-
-_DRAIN_POLL_S: Final = 0.05
 
 
 class Reloader:
@@ -37,8 +37,8 @@ class Reloader:
         self._load = load
         self._lock = asyncio.Lock()  # one reload at a time: a second SIGHUP waits for the first
         self._tasks: set[asyncio.Task[None]] = set()
-        self._removing: dict[int, asyncio.Task[None]] = {}
-        """Backends drained by a reload, waiting to be removed, by id."""
+        self._removals = Removals(middleware)
+        """Backends drained by a reload, waiting to be removed."""
 
     def reload_soon(self) -> None:
         """The SIGHUP handler (on the event loop): starts a reload."""
@@ -57,18 +57,14 @@ class Reloader:
         """Applies `config`'s backends: added, drained then removed, capacity and weight changed."""
         middleware = self._middleware
         _log_ignored(middleware.config, config)
-        current = {backend.url: backend.id for backend in middleware.fleet.backends.values()}
+        discovered = middleware.discovery.backend_ids
+        current = {b.url: b.id for b in middleware.fleet.backends.values() if b.id not in discovered}
         wanted = {entry.url: entry for entry in config.backends}
         for url, backend_id in current.items():
             if url not in wanted:
-                if backend_id not in self._removing:
-                    middleware.drain(backend_id)
-                    self._removing[backend_id] = self._spawn(self._remove_when_drained(backend_id, url))
+                self._removals.start(backend_id)
                 continue
-            removal = self._removing.pop(backend_id, None)
-            if removal is not None:  # listed again before its drain was over: it stays
-                removal.cancel()
-                middleware.undrain(backend_id)
+            self._removals.cancel(backend_id)  # listed again before its drain was over: it stays
             self._update(backend_id, wanted[url])
         for url, entry in wanted.items():
             if url not in current:
@@ -94,22 +90,6 @@ class Reloader:
             middleware.update_backend(backend_id, capacity=entry.capacity, weight=entry.weight)
             log.info("backend %s: capacity %d, weight %g", entry.url, entry.capacity, entry.weight)
 
-    async def _remove_when_drained(self, backend_id: int, url: str) -> None:
-        fleet = self._middleware.fleet
-        try:
-            while backend_id in fleet.backends:
-                stats = fleet.router.accelerator_stats(backend_id)
-                if stats.state != "draining":
-                    log.warning("backend %s was undrained before its removal: it stays", url)
-                    return
-                if not stats.load and not stats.requests_in_flight:
-                    self._middleware.remove_backend(backend_id)
-                    return
-                await asyncio.sleep(_DRAIN_POLL_S)
-        finally:
-            if self._removing.get(backend_id) is asyncio.current_task():
-                del self._removing[backend_id]
-
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -119,12 +99,12 @@ class Reloader:
     async def aclose(self) -> None:
         """Cancels reloads and removals under way (at shutdown)."""
         tasks, self._tasks = set(self._tasks), set()
-        self._removing.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._removals.aclose()
 
 
 def _log_ignored(old: RouterConfig, new: RouterConfig) -> None:

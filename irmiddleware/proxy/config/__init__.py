@@ -3,12 +3,14 @@ frozen dataclasses.
 
 Layers, bottom up: `_toml` (the error type and the validating readers; a bounded field declares its
 limits with `bounded`, and `section` reads any table of such fields), one module per area
-(`_sections`: the `[router.*]` tables; `_admission`: `[admission]`), and `_document` (the whole
-file). A new `[router.x]` section is a dataclass in `_sections` and one `section(...)` line in
-`_document.parse_config`. Every value is checked once, at startup, and an error names its key.
+(`_sections`: the `[router.*]` tables; `_admission`: `[admission]`; `_discovery`: `[[discovery]]`),
+and `_document` (the whole file). A new `[router.x]` section is a dataclass in `_sections` and one
+`section(...)` line in `_document.parse_config`. Every value is checked once, at startup, and an
+error names its key.
 """
 
 from irmiddleware.proxy.config._admission import AdmissionConfig, ClassConfig, TenantConfig, parse_admission
+from irmiddleware.proxy.config._discovery import DiscoveryConfig
 from irmiddleware.proxy.config._document import (
     LOG_FORMATS,
     READY_RULES,
@@ -41,6 +43,7 @@ __all__ = [
     "BackendConfig",
     "ClassConfig",
     "ConfigError",
+    "DiscoveryConfig",
     "HealthConfig",
     "LimitsConfig",
     "OutliersConfig",

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
 from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
+from irmiddleware.proxy.config._discovery import DiscoveryConfig, parse_discovery
 from irmiddleware.proxy.config._sections import (
     AdminConfig,
     AffinityConfig,
@@ -97,6 +98,9 @@ class RouterConfig:
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
     admin: AdminConfig = field(default_factory=AdminConfig)
     """`[admin]`: the admin listener and its token (doc/proxy.md, "Admin listener")."""
+    discovery: tuple[DiscoveryConfig, ...] = ()
+    """`[[discovery]]`: DNS names whose addresses join as backends (doc/proxy.md, "Discovery
+    through DNS")."""
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -119,12 +123,16 @@ def load_config(path: str | Path) -> RouterConfig:
 
 def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     """Validates an already-parsed document (a dict shaped like the TOML file)."""
-    no_unknown_keys(data, {"router", "backends", "admission", "admin"}, "")
+    no_unknown_keys(data, {"router", "backends", "admission", "admin", "discovery"}, "")
     router = table(data, "router", "")
-    no_unknown_keys(router, field_names(RouterConfig) - {"backends"}, "router.")
-    backends = data.get("backends")
-    if not isinstance(backends, list) or not backends:
-        raise ConfigError("`backends` must be a non-empty array of tables ([[backends]])")
+    no_unknown_keys(router, field_names(RouterConfig) - {"backends", "discovery"}, "router.")
+    discovery = parse_discovery(data.get("discovery"))
+    # With discovery, the fleet may start empty: the names' addresses fill it.
+    backends = data.get("backends", [] if discovery else None)
+    if not isinstance(backends, list) or not (backends or discovery):
+        raise ConfigError(
+            "`backends` must be a non-empty array of tables ([[backends]]), unless [[discovery]] is given"
+        )
 
     def value(key: str) -> Any:
         return read(router, RouterConfig, key, "router.")
@@ -150,6 +158,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
         admin=_admin(data, value("listen")),
+        discovery=discovery,
     )
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)
