@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
-from irmiddleware.proxy.config._toml import ConfigError, bounded, field_names, no_unknown_keys, read
+from irmiddleware.proxy.config._toml import ConfigError, bounded, field_names, get, no_unknown_keys, read
 
 __all__ = ["DiscoveryConfig", "parse_discovery"]
 
@@ -71,7 +71,7 @@ def _entry(entry: object, where: str) -> DiscoveryConfig:
         return read(entry, DiscoveryConfig, key, prefix)
 
     return DiscoveryConfig(
-        dns=_host_port(value("dns"), f"{where}.dns", port_required=True),
+        dns=_host_port(get(entry, "dns", str, prefix, None), f"{where}.dns", port_required=True),
         type=value("type"),
         capacity=value("capacity"),
         models=tuple(dict.fromkeys(models)),
