@@ -179,7 +179,7 @@ _BODY = {"model": "m", "prompt": "Hi", "max_tokens": 3}
 @pytest.mark.slow
 def test_a_reload_leaves_the_discovered_backends_alone(pods: tuple[int, dict[str, Any]]) -> None:
     port, emulators = pods
-    first, second, third = emulators
+    first, second, _ = emulators
     zone = Zone(ADDRESSES[0])
     with dns(zone) as resolver:
         document = discovery_config(resolver, port, models=["m"])
@@ -197,7 +197,6 @@ def test_a_reload_leaves_the_discovered_backends_alone(pods: tuple[int, dict[str
             wait_until(lambda: zone.queries >= seen + 4, "two more resolutions", timeout_s=10)
             assert urls(middleware) == {first, second}
             served.run(reloader.aclose())
-        assert third in emulators
 
 
 @pytest.mark.parametrize(
