@@ -3,14 +3,18 @@ join the fleet as backends and serve requests, an address removed from the recor
 removed with no failed request, a failed or empty resolution keeps the fleet as it is, and SIGHUP's
 reload of `[[backends]]` leaves discovered backends alone. The DNS server is dnslib's, on
 127.0.0.1; the backends are vLLM emulators on 127.0.0.2, .3 and .4 (one port, as pods behind a
-headless Service). Also: every bad `[[discovery]]` value is one ConfigError line."""
+headless Service). Also: every bad `[[discovery]]` value is one ConfigError line, and
+doc/kubernetes.md's manifests parse, with a router.toml the router accepts."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -232,3 +236,20 @@ def test_discovery_alone_is_a_whole_configuration_with_its_defaults() -> None:
     (entry,) = config.discovery
     assert (entry.type, entry.capacity, entry.interval_s, entry.resolver) == ("vllm", 64, 5.0, "")
     assert entry.host_port == ("vllm.default.svc.cluster.local", 8000)
+
+
+def test_the_kubernetes_example_is_valid_yaml_with_a_valid_router_toml() -> None:
+    yaml = pytest.importorskip("yaml")
+    text = (Path(__file__).resolve().parents[2] / "doc" / "kubernetes.md").read_text(encoding="utf-8")
+    (manifest,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    documents = list(yaml.safe_load_all(manifest))
+    kinds = sorted(document["kind"] for document in documents)
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Secret", "Service", "Service"]
+    (config_map,) = (document for document in documents if document["kind"] == "ConfigMap")
+    config = parse_config(tomllib.loads(config_map["data"]["router.toml"]))
+    assert config.discovery[0].host_port == ("vllm-pods.default.svc.cluster.local", 8000)
+    router = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "irm-router")
+    (container,) = router["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == config.probes.health_path
+    assert container["readinessProbe"]["httpGet"]["path"] == config.probes.ready_path
+    assert config.admin.listen.endswith(":9090") and config.listen.endswith(":8000")
