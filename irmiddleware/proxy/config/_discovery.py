@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
-from irmiddleware.proxy.config._toml import ConfigError, bounded, field_names, get, no_unknown_keys, read
+from irmiddleware.proxy.config._toml import ConfigError, array_entry, bounded, get, read, strings
 
 __all__ = ["DiscoveryConfig", "parse_discovery"]
 
@@ -57,15 +57,8 @@ def parse_discovery(entries: object) -> tuple[DiscoveryConfig, ...]:
 
 
 def _entry(entry: object, where: str) -> DiscoveryConfig:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"`{where}` must be a table")
+    entry = array_entry(entry, DiscoveryConfig, where, "dns")
     prefix = f"{where}."
-    no_unknown_keys(entry, field_names(DiscoveryConfig), prefix)
-    if "dns" not in entry:
-        raise ConfigError(f"`{where}.dns` is required (HOST:PORT, e.g. vllm.default.svc.cluster.local:8000)")
-    models = entry.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ConfigError(f"`{where}.models` must be an array of non-empty strings")
 
     def value(key: str) -> Any:
         return read(entry, DiscoveryConfig, key, prefix)
@@ -74,7 +67,7 @@ def _entry(entry: object, where: str) -> DiscoveryConfig:
         dns=_host_port(get(entry, "dns", str, prefix, None), f"{where}.dns", port_required=True),
         type=value("type"),
         capacity=value("capacity"),
-        models=tuple(dict.fromkeys(models)),
+        models=strings(entry, "models", prefix),
         weight=value("weight"),
         interval_s=value("interval_s"),
         timeout_s=value("timeout_s"),

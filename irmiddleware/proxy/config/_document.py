@@ -26,12 +26,14 @@ from irmiddleware.proxy.config._sections import (
 )
 from irmiddleware.proxy.config._toml import (
     ConfigError,
+    array_entry,
     bounded,
     field_names,
     get,
     no_unknown_keys,
     read,
     section,
+    strings,
     table,
 )
 
@@ -183,20 +185,13 @@ def parse_backend(entry: object, where: str = "backend") -> BackendConfig:
 
 
 def _backend(entry: object, where: str) -> BackendConfig:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"`{where}` must be a table")
+    entry = array_entry(entry, BackendConfig, where, "url")
     prefix = f"{where}."
-    no_unknown_keys(entry, field_names(BackendConfig), prefix)
-    if "url" not in entry:
-        raise ConfigError(f"`{where}.url` is required")
-    models = entry.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ConfigError(f"`{where}.models` must be an array of non-empty strings")
     return BackendConfig(
         url=_url(entry["url"], f"{where}.url"),
         type=read(entry, BackendConfig, "type", prefix),
         capacity=read(entry, BackendConfig, "capacity", prefix),
-        models=tuple(dict.fromkeys(models)),
+        models=strings(entry, "models", prefix),
         weight=read(entry, BackendConfig, "weight", prefix),
         metrics_url=_url(entry["metrics_url"], f"{where}.metrics_url") if "metrics_url" in entry else None,
     )

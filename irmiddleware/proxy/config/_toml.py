@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "ConfigError",
+    "array_entry",
     "bounded",
     "default_of",
     "field_names",
@@ -23,6 +24,7 @@ __all__ = [
     "no_unknown_keys",
     "read",
     "section",
+    "strings",
     "table",
 ]
 
@@ -91,6 +93,25 @@ def table(data: Mapping[str, Any], key: str, prefix: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"`{prefix}{key}` must be a table")
     return value
+
+
+def array_entry(entry: object, cls: type[Any], where: str, required: str) -> Mapping[str, Any]:
+    """One table of an array of tables (`backends[0]`, `discovery[1]`): ConfigError naming `where`
+    unless it is a table of `cls`'s keys that has the key `required`."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"`{where}` must be a table")
+    no_unknown_keys(entry, field_names(cls), f"{where}.")
+    if required not in entry:
+        raise ConfigError(f"`{where}.{required}` is required")
+    return entry
+
+
+def strings(values: Mapping[str, Any], key: str, prefix: str) -> tuple[str, ...]:
+    """`values[key]` (absent = empty) as non-empty strings, each once, in order."""
+    items = values.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise ConfigError(f"`{prefix}{key}` must be an array of non-empty strings")
+    return tuple(dict.fromkeys(items))
 
 
 def no_unknown_keys(values: Mapping[str, Any], known: set[str], prefix: str) -> None:
