@@ -88,7 +88,7 @@ class RoutingMiddleware:
         )
         self.fleet.on_capacity(self.admission.capacity_appeared)
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
-        self.discovery = Discovery(config.discovery, self)
+        self.discovery = Discovery(config.discovery, self, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
         self._routes = Routes(self.fleet)
         self._admin_only = _admin_only_paths(config, status_routes)

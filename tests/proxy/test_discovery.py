@@ -8,6 +8,7 @@ doc/kubernetes.md's manifests parse, with a router.toml the router accepts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
@@ -25,6 +26,7 @@ from proxy_support import FAST, FAST_FLEET
 from irmiddleware.proxy import RoutingMiddleware, create_app, parse_config
 from irmiddleware.proxy._reload import Reloader
 from irmiddleware.proxy.config import ConfigError
+from irmiddleware.proxy.control import resolve
 from irmiddleware.testing import assert_idle, create_vllm_app, serve_in_thread, wait_until
 
 dnslib = pytest.importorskip("dnslib")
@@ -171,6 +173,10 @@ def test_discovery_follows_the_records_of_a_real_dns_server(pods: tuple[int, dic
                     httpx.post(f"{served.traffic}/v1/completions", json=_BODY, timeout=30).status_code == 200
                 )
             assert emulators[second].stats.received == served_by_second
+            metrics = httpx.get(f"{served.traffic}/metrics").text
+            for result in ("ok", "failed", "empty"):
+                assert f'irm_discovery_resolutions_total{{name="{NAME}:{port}",result="{result}"}}' in metrics
+            assert f'irm_discovery_backends{{name="{NAME}:{port}"}} 2.0' in metrics
 
             # The second pod comes back.
             zone.set(*ADDRESSES)
@@ -201,6 +207,13 @@ def test_a_reload_leaves_the_discovered_backends_alone(pods: tuple[int, dict[str
             wait_until(lambda: zone.queries >= seen + 4, "two more resolutions", timeout_s=10)
             assert urls(middleware) == {first, second}
             served.run(reloader.aclose())
+
+
+def test_the_system_resolver_resolves_a_literal_and_localhost() -> None:
+    # The default path (getaddrinfo), with no query leaving the host: an address is its own
+    # answer, and localhost is in every host's /etc/hosts.
+    assert asyncio.run(resolve("127.0.0.2", 8000)) == {"127.0.0.2"}
+    assert asyncio.run(resolve("localhost", 8000)) & {"127.0.0.1", "::1"}
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ The data plane only calls `FleetMonitor.observe` once per attempt and reads `sta
 status document.
 """
 
-from irmiddleware.proxy.control._discovery import Discovery, FleetChanges, Removals, check_resolvers
+from irmiddleware.proxy.control._discovery import Discovery, FleetChanges, Removals, check_resolvers, resolve
 from irmiddleware.proxy.control._health import FleetHealth, FleetMonitor
 from irmiddleware.proxy.control._outlier import OutlierDetector
 from irmiddleware.proxy.control._signals import SignalScraper
@@ -22,4 +22,5 @@ __all__ = [
     "Removals",
     "SignalScraper",
     "check_resolvers",
+    "resolve",
 ]

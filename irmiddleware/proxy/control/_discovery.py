@@ -29,6 +29,8 @@ import random
 import socket
 from typing import Any, Final, Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from irmiddleware.proxy._fleet import Fleet, FleetChangeRefused
 from irmiddleware.proxy.config import BackendConfig, ConfigError, DiscoveryConfig, parse_backend
 
@@ -194,9 +196,23 @@ class Discovery:
     """Resolves every `[[discovery]]` name on its interval and applies the difference to the
     fleet, from `start` (which applies the first answers before it returns) to `aclose`."""
 
-    def __init__(self, entries: tuple[DiscoveryConfig, ...], changes: FleetChanges) -> None:
+    def __init__(
+        self, entries: tuple[DiscoveryConfig, ...], changes: FleetChanges, registry: CollectorRegistry
+    ) -> None:
         self._names = [_Name(entry) for entry in entries]
         self._changes = changes
+        self._resolutions = Counter(
+            "irm_discovery_resolutions",
+            "Resolutions of a [[discovery]] name, by result (ok, failed, empty).",
+            ["name", "result"],
+            registry=registry,
+        )
+        self._backends = Gauge(
+            "irm_discovery_backends",
+            "Backends a [[discovery]] name added that are in the fleet (draining ones included).",
+            ["name"],
+            registry=registry,
+        )
         self.removals = Removals(changes)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -212,6 +228,10 @@ class Discovery:
         if self._started or not self._names:
             return
         self._started = True
+        for name in self._names:
+            config = name.config
+            how = f"nameserver {config.resolver}" if config.resolver else "the system resolver"
+            log.info("discovery: resolving %s every %g s with %s", config.dns, config.interval_s, how)
         await asyncio.gather(*(self.refresh(name) for name in self._names))
         self._tasks = [
             asyncio.create_task(self._watch(name), name=f"irm-discovery-{name.config.dns}")
@@ -241,16 +261,21 @@ class Discovery:
         try:
             addresses = await resolve(host, port, resolver=config.resolver, timeout_s=config.timeout_s)
             if not addresses:
-                raise OSError("no address")
-        except (OSError, TimeoutError) as error:
+                raise LookupError("the answer has no address")
+        except (OSError, TimeoutError, LookupError) as error:
+            self._resolutions.labels(
+                config.dns, "empty" if isinstance(error, LookupError) else "failed"
+            ).inc()
             if not name.failing:  # log a failing streak once, not every interval
                 name.failing = True
                 log.warning("cannot resolve %s (the fleet is kept): %r", config.dns, error)
             return
+        self._resolutions.labels(config.dns, "ok").inc()
         if name.failing:
             name.failing = False
             log.info("%s resolves again", config.dns)
         await self._apply(name, {name.url_of(address) for address in addresses})
+        self._backends.labels(config.dns).set(len(name.backends))
 
     async def _apply(self, name: _Name, urls: set[str]) -> None:
         for url, backend_id in list(name.backends.items()):
