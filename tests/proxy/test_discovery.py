@@ -112,6 +112,19 @@ def urls(middleware: RoutingMiddleware) -> set[str]:
     return {backend.url for backend in middleware.fleet.backends.values()}
 
 
+def gone(middleware: RoutingMiddleware, url: str, in_flight_while_draining: list[int]) -> bool:
+    """True once the backend at `url` has left the fleet; until then, notes its requests in flight
+    while it is draining (read from the test's thread: a removal in between ends the look)."""
+    backend = next((b for b in list(middleware.fleet.backends.values()) if b.url == url), None)
+    if backend is None:
+        return True
+    with contextlib.suppress(Exception):
+        stats = middleware.router.accelerator_stats(backend.id)
+        if stats.state == "draining":
+            in_flight_while_draining.append(stats.requests_in_flight)
+    return False
+
+
 @pytest.fixture
 def pods() -> Iterator[tuple[int, dict[str, Any]]]:
     """Three vLLM emulators serving "m" on 127.0.0.2-4 and one port; yields the port and the
@@ -146,12 +159,20 @@ def test_discovery_follows_the_records_of_a_real_dns_server(pods: tuple[int, dic
             load = LoadLoop(served.traffic, threads=6, requests=30)
             with load.running():
                 wait_until(lambda: load.done >= 20, "traffic flows", timeout_s=30)
-                zone.set(ADDRESSES[0], ADDRESSES[2])  # the second pod goes away under load
+                # The second pod, slowed so that its answers outlast a poll, goes away under load.
+                emulators[second].reconfigure(time_per_output_token_s=0.1)
                 wait_until(
-                    lambda: second not in urls(middleware),
+                    lambda: emulators[second].stats.in_progress > 0, "work on the second pod", timeout_s=30
+                )
+                zone.set(ADDRESSES[0], ADDRESSES[2])
+                in_flight_while_draining: list[int] = []
+                wait_until(
+                    lambda: gone(middleware, second, in_flight_while_draining),
                     "the removed record's backend leaves",
                     timeout_s=20,
                 )
+            # It was drained, not cut: requests were in flight on it while it drained.
+            assert max(in_flight_while_draining, default=0) > 0
             assert load.errors == []
             assert load.statuses == [200] * 180
             for url in (first, second, third):
