@@ -451,7 +451,11 @@ class Admission:
             if not exclude:
                 self._admitted[route.priority][0].inc()
             return lease
-        if exclude and not self._any_up(route.model, exclude) and self._any_up(route.model):
+        if (
+            exclude
+            and not self._fleet.any_active(route.model, exclude)
+            and self._fleet.any_active(route.model)
+        ):
             return None  # the backends that are up were all tried
         # Nothing fits: the request waits if its class may, even through an outage (a backend
         # back within `max_wait_s` serves it); the answer at the end says which it was.
@@ -480,25 +484,13 @@ class Admission:
         """Whether a retry of `route` on a backend not in `exclude` could be served: one has room
         now, or one is up and the request's class may wait for it."""
         if self.config.max_queue_of(route.priority) > 0:
-            return self._any_up(route.model, exclude)
+            return self._fleet.any_active(route.model, exclude)
         return self._fleet.has_other(route, exclude)
-
-    def _any_up(self, model: str, exclude: frozenset[int] = frozenset()) -> bool:
-        """Whether some backend serving `model` (not in `exclude`) takes requests at all now:
-        active, whatever its load (health checks, ejections and drains decide that)."""
-        # One native read per member (~5 us each): this runs for every refusal, and an overload
-        # refuses many requests at once.
-        accelerator_stats = self._fleet.router.accelerator_stats
-        return any(
-            accelerator_stats(member).state == "active"
-            for member in self._fleet.pool_of(model)
-            if member not in exclude
-        )
 
     def _refused(self, route: RouteInfo, reason: str) -> Shed:
         """The 503 for a request nothing could take, counted: `no_healthy_backend` when no backend
         serving its model is up (an outage, whatever the queue did), else `reason` (saturation)."""
-        if not self._any_up(route.model):
+        if not self._fleet.any_active(route.model):
             self._count_shed(route.priority, "no_healthy_backend")
             return self._outage(route.model)
         self._count_shed(route.priority, reason)

@@ -199,6 +199,22 @@ class Fleet:
     def pool_of(self, model: str) -> frozenset[int]:
         return self._pools.get(model, frozenset())
 
+    def active_ids(self) -> set[int]:
+        """The backends taking requests now (state "active", whatever their load), from one read
+        of the core's stats."""
+        return {stats.id for stats in self.router.stats() if stats.state == "active"}
+
+    def any_active(self, model: str, exclude: frozenset[int] = frozenset()) -> bool:
+        """Whether some backend serving `model`, not in `exclude`, is active (whatever its load)."""
+        # One native read per member (~5 us each), not the whole fleet's stats: admission asks this
+        # for every refusal, and an overload refuses many requests at once.
+        accelerator_stats = self.router.accelerator_stats
+        return any(
+            accelerator_stats(member).state == "active"
+            for member in self.pool_of(model)
+            if member not in exclude
+        )
+
     def type_of(self, model: str) -> str | None:
         """The backend type (adapter) of the pool serving `model`; None when no backend serves it."""
         return self._pool_types.get(model)

@@ -78,7 +78,7 @@ class Probes:
         """Why the router is not ready; None when it is."""
         if self.shutting_down:
             return "shutting down"
-        active = {s.id for s in self._fleet.router.stats() if s.state == "active"}
+        active = self._fleet.active_ids()
         if not self._every_model:
             return None if active else "no backend is active"
         models = self._fleet.models

@@ -55,7 +55,7 @@ class StatusResponder:
         # Ready when a backend this path's clients can reach takes requests (a TGI client is not
         # served by an active Triton server).
         reachable = {b.id for b in self.fleet.backends.values() if endpoint in b.adapter.endpoints}
-        ready = any(s.state == "active" for s in self.fleet.router.stats() if s.id in reachable)
+        ready = not reachable.isdisjoint(self.fleet.active_ids())
         status, body = adapter.health_answer(ready)
         await exchange.answer(status, body, JSON_HEADERS if body else ())
 
