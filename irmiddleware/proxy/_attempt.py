@@ -160,13 +160,12 @@ class AttemptContext:
     """Backends by id, and whether another could take a request (`has_other`)."""
     observe: Callable[[Backend, AttemptOutcome, int | None], None]
     """The health monitor's passive observation of every attempt (outlier detection)."""
-    released: Callable[[int], None]
-    """Admission's release callback: the freed capacity of a backend goes to a waiter."""
     metrics: RouterMetrics
     notify: Notify
     retries: RetriesConfig
-    releases: Releases | None = None
-    """Where leases go back; None: at once, through `released` (no abort grace)."""
+    releases: Releases
+    """Where leases go back (through admission's release callback, so the freed capacity of a
+    backend goes to a waiter), at once or after the abort grace."""
     can_retry: Callable[[RouteInfo, frozenset[int]], bool] | None = None
     """Whether a retry excluding these backends could be served (admission's `can_retry`, which
     knows whether it may wait); None: only when another backend has room now (`has_other`)."""
@@ -217,10 +216,7 @@ class Attempt:
         context.observe(self.backend, self.outcome, self.status)
         # After `observe`, so a backend it just ejected is not handed to a waiter.
         releases = context.releases
-        if releases is None:
-            self.lease.release(ok=ok)
-            context.released(self.backend.id)
-        elif self.answered or self.unsent or not self.sent_s:
+        if self.answered or self.unsent or not self.sent_s:
             releases.now(self.lease, ok)
         else:
             # The backend may still be working on it: the connection is closed by now (`run`

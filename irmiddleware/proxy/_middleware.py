@@ -228,7 +228,6 @@ class RoutingMiddleware:
                     upstream=upstream,
                     fleet=self.fleet,
                     observe=self.monitor.observe,
-                    released=self.admission.released,
                     metrics=self.metrics,
                     notify=self._observers,
                     retries=self.config.retries,
@@ -248,8 +247,7 @@ class RoutingMiddleware:
         await self.monitor.stop()
         attempts, self._attempts = self._attempts, None
         if attempts is not None:
-            if attempts.releases is not None:
-                attempts.releases.flush()  # nothing is sent any more: no grace to keep
+            attempts.releases.flush()  # nothing is sent any more: no grace to keep
             await attempts.upstream.aclose()
 
     def close(self) -> None:

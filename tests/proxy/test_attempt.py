@@ -15,7 +15,7 @@ from proxy_support import Emulators, config_for
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import RouteInfo
-from irmiddleware.proxy._attempt import Attempt, AttemptContext
+from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases
 from irmiddleware.proxy._exchange import ClientExchange, Message
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
@@ -42,10 +42,10 @@ class Recorded:
             upstream=self.upstream,
             fleet=self.fleet,
             observe=lambda backend, outcome, status: self.observed.append((backend.id, outcome, status)),
-            released=self.released.append,
             metrics=self.metrics,
             notify=lambda step, attempt, status=None, error=None: self.steps.append(step),
             retries=config.retries,
+            releases=Releases(0.0, self.released.append),
         )
 
     def __enter__(self) -> Recorded:
