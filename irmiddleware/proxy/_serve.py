@@ -127,9 +127,9 @@ def serve_main(argv: list[str] | None = None) -> int:
 
         config = build_config(args)
         configure_logging(args.log_level, config.log_format)
-        app = create_app(config, listen=config.listen)
-        if config.admin.listen:
+        if config.admin.listen:  # before the app exists: a refused start leaves nothing open
             AdminAuth(config.admin).check_source()
+        app = create_app(config, listen=config.listen)
     except ImportError as error:
         needs = "irmiddleware serve needs uvicorn and httptools: pip install 'irmiddleware[serve]'"
         print(f"{needs} ({error})", file=sys.stderr)
@@ -182,8 +182,11 @@ def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
                 admin.should_exit = True
                 await admin_task
 
-    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-        runner.run(serve())
+    try:
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(serve())
+    finally:
+        app.close()  # the native table; after a signal the process ends before this
     return 0 if server.started else 3
 
 

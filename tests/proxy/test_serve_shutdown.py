@@ -2,13 +2,16 @@
 runs to its end before the process exits. With `--shutdown-grace 1`, a stream that would take
 ~20 s more is cut once the grace is over: the client sees a broken (not a falsely complete)
 response, the router closes the upstream connection so the backend stops generating, and the
-process exits. Every wait is bounded; nothing asserts on wall-clock time."""
+process exits. A start that fails (the port is taken) exits with 3 and leaves no native table
+unclosed. Every wait is bounded; nothing asserts on wall-clock time."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -59,3 +62,17 @@ def test_sigterm_with_a_grace_cuts_a_longer_stream_and_frees_the_backend(emulato
         assert process.wait(20) in _EXITED
     wait_until(lambda: backend.emulator.stats.aborted == 1, "the backend saw the upstream close")
     assert backend.emulator.stats.completed == 0 and backend.emulator.stats.running == 0
+
+
+def test_a_taken_port_fails_the_start_and_closes_the_router() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # `-X dev` shows ResourceWarnings, such as a native table left to the garbage collector.
+        command = [sys.executable, "-X", "dev", "-m", "irmiddleware", "serve"]
+        command += ["--backend", "http://127.0.0.1:9", "--model", "m", "--listen", f"127.0.0.1:{port}"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 3, result.stderr
+    assert "address already in use" in result.stderr
+    assert "ResourceWarning" not in result.stderr, result.stderr
