@@ -61,10 +61,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, *, access_log: bool = False) -> None:
     """Sends every logger's lines (the router's, uvicorn's, httpx's warnings) to stderr in
     `log_format` ("text" or "json") from `level` up. uvicorn must then be run with
-    `log_config=None`, so that it installs no handlers of its own."""
+    `log_config=None`, so that it installs no handlers of its own. With `access_log`, the access
+    lines (INFO) are written whatever `level` is: turning the access log on asks for them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
     root = logging.getLogger()
@@ -75,6 +76,7 @@ def configure_logging(level: str, log_format: str) -> None:
     # httpx logs every upstream request at INFO: a line per proxied request (and ~2 % of the
     # proxy's CPU, measured with py-spy). The router's own metrics and access log count requests.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO if access_log else logging.NOTSET)
 
 
 def access_line(log: logging.Logger, exchange: ClientExchange, model: str) -> None:

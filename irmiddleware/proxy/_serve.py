@@ -126,7 +126,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         from irmiddleware.proxy._shutdown import ReadinessFirstServer
 
         config = build_config(args)
-        configure_logging(args.log_level, config.log_format)
+        configure_logging(args.log_level, config.log_format, access_log=config.access_log)
         if config.admin.listen:  # before the app exists: a refused start leaves nothing open
             AdminAuth(config.admin).check_source()
         app = create_app(config, listen=config.listen)

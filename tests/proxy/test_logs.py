@@ -184,3 +184,15 @@ def test_serve_text_logs_have_the_startup_line_and_access_lines(emulators: Emula
     assert (
         f"text-1 127.0.0.1 POST /v1/completions model=m backend={backend.url} status=200 outcome=ok" in access
     )
+
+
+@pytest.mark.slow  # a real `irmiddleware serve` process
+def test_the_access_log_is_written_whatever_the_log_level(emulators: Emulators) -> None:
+    (backend,) = emulators(1)
+    flags = ("--log-format", "json", "--access-log", "--log-level", "warning")
+    with _serve(backend.url, *flags) as (process, url):
+        httpx.post(f"{url}/v1/completions", json=BODY, headers={"x-request-id": "quiet-1"})
+        lines = [json.loads(line) for line in _stop(process)]
+    access = [line for line in lines if line["logger"] == "irmiddleware.access"]
+    assert [line["request_id"] for line in access] == ["quiet-1"]
+    assert not [line for line in lines if line["level"] == "INFO" and line["logger"] != "irmiddleware.access"]
