@@ -7,7 +7,8 @@ It ends with:
   router never answers a 502/503 of its own (connect_error, no_capacity, no_healthy_backend) or
   relays an overload answer; every failure a client sees is one a faulty backend made while faulty
   (a stream cut by the killed backend, a timeout on the hung one, the 500s), and the router counted
-  each, on that backend;
+  each, on that backend: its access log (one JSON line per request id) says of every request what
+  its client saw, and its metrics count what its access log says;
 - 0 requests in flight and 0 load in the router's /irm/status, and an empty admission queue;
 - no backend ever had more requests in progress than its capacity, as the backend itself counted
   them (`/_emulator/stats`: a request is in progress from its arrival until the engine noticed its
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -105,7 +107,11 @@ class Processes:
         port = free_port()
         config = self.directory / "router.toml"
         config.write_text(router_toml(port, self.urls))
-        self.router = self._spawn("router", "serve", "--config", str(config), "--log-level", "warning")
+        self.router = self._spawn(
+            "router",
+            *("serve", "--config", str(config), "--log-level", "warning"),
+            *("--log-format", "json", "--access-log"),
+        )
         self.router_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: answers(f"{self.router_url}/irm/status"), "router up", timeout_s=30)
 
@@ -261,6 +267,29 @@ def router_counts(router_url: str, name: str, label: str) -> dict[tuple[str, str
     return counted
 
 
+def access_outcomes(processes: Processes) -> dict[int, str]:
+    """Request number → the outcome in the router's access-log line for it (one line each)."""
+    outcomes: dict[int, str] = {}
+    for line in (processes.directory / "router.log").read_text().splitlines():
+        record = json.loads(line)
+        if record["logger"] == "irmiddleware.access":
+            number = int(record["request_id"].removeprefix("chaos-"))
+            assert number not in outcomes, record  # written once per request
+            outcomes[number] = record["outcome"]
+    return outcomes
+
+
+# What the router may have logged for what the client saw. A client that hangs up mid-stream
+# races its backend's fault: whichever the router noticed first is its outcome.
+ROUTER_OUTCOMES = {
+    "ok": {"ok"},
+    "cut": {"upstream_error", "timeout"},
+    "status 500": {"backend_error"},
+    "status 504": {"timeout"},
+    "hung_up": {"client_disconnected", "ok", "upstream_error", "timeout"},
+}
+
+
 def assert_the_faults_bit(processes: Processes, outcomes: dict[tuple[str, str], float]) -> None:
     """Each fault reached requests, so passing says something: the hung backend timed some out,
     the failing one answered 500s, overload answers and the killed backend caused retries."""
@@ -273,7 +302,7 @@ def assert_the_faults_bit(processes: Processes, outcomes: dict[tuple[str, str], 
 
 
 def assert_nothing_lost(
-    results: dict[int, str], outcomes: dict[tuple[str, str], float], urls: list[str]
+    results: dict[int, str], outcomes: dict[tuple[str, str], float], urls: list[str], logged: dict[int, str]
 ) -> None:
     kinds = collections.Counter(result.split(":")[0] for result in results.values())
     assert len(results) == REQUESTS
@@ -294,9 +323,14 @@ def assert_nothing_lost(
             urls[FAILING]: {"backend_error"},
         }.get(backend, set())
         assert outcome in allowed, (backend, outcome, count)
-    failures = kinds["cut"] + kinds["status 500"] + kinds["status 504"]
-    counted = by_outcome["upstream_error"] + by_outcome["timeout"] + by_outcome["backend_error"]
-    assert counted == failures, (kinds, by_outcome, [r for r in results.values() if r.startswith("cut")])
+    assert sorted(logged) == list(range(REQUESTS))
+    mismatched = [
+        (number, result, logged[number])
+        for number, result in results.items()
+        if logged[number] not in ROUTER_OUTCOMES[result.split(":")[0]]
+    ]
+    assert mismatched == [], mismatched[:10]
+    assert by_outcome == collections.Counter(logged.values())  # metrics and access log agree
     # A client that hangs up after the end was relayed leaves an "ok" behind; most leave mid-stream.
     assert kinds["hung_up"] / 2 <= by_outcome["client_disconnected"] <= kinds["hung_up"]
     assert sum(by_outcome.values()) == REQUESTS
@@ -330,5 +364,5 @@ def test_chaos_loses_nothing_a_healthy_backend_could_serve(processes: Processes)
         wait_until(lambda: answers(f"{processes.urls[KILLED]}/health"), "restarted", timeout_s=5)
     outcomes = router_counts(processes.router_url, "irm_requests_total", "outcome")
     assert_the_faults_bit(processes, outcomes)
-    assert_nothing_lost(load.results, outcomes, processes.urls)
+    assert_nothing_lost(load.results, outcomes, processes.urls, access_outcomes(processes))
     assert_idle_and_within_capacity(processes, load.killed_stats)
