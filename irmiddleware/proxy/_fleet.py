@@ -165,6 +165,8 @@ class Fleet:
         backend = self.backends.pop(backend_id)
         self.router.remove_accelerator(backend_id)
         self._rebuild_pools()
+        if all(other.url != backend.url for other in self.backends.values()):
+            self._metrics.forget(backend.url)
         return backend
 
     # ---- states and capacity -------------------------------------------------------------------

@@ -36,9 +36,9 @@ def _token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, "grown-fleet-token")
 
 
-def _middleware(urls: list[str], **health: Any) -> RoutingMiddleware:
+def _middleware(urls: list[str], strategy: str = "p2c", **health: Any) -> RoutingMiddleware:
     document = {
-        "router": {**FAST_FLEET, "health": {**FAST_FLEET["health"], **health}},
+        "router": {**FAST_FLEET, "strategy": strategy, "health": {**FAST_FLEET["health"], **health}},
         "backends": [{"url": url, "type": "vllm", "capacity": 8, "models": ["m"]} for url in urls],
         "admin": {"listen": "127.0.0.1:1", "token_env": TOKEN_ENV},
     }
@@ -106,3 +106,30 @@ def test_new_backends_are_probed_on_their_interval_beside_hung_ones(emulators: E
         assert all(_checks(page, url) <= _checks(before, url) + 1 for url in hung)
         answer = httpx.post(f"{served.traffic}/v1/completions", json=BODY, timeout=10)
         assert answer.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_removed_backend_leaves_no_series_in_metrics(emulators: Emulators) -> None:
+    staying, leaving = emulators(2)
+    middleware = _middleware([staying.url, leaving.url], strategy="round_robin")
+    with serve_with_admin(middleware) as served:
+        for _ in range(4):
+            assert httpx.post(f"{served.traffic}/v1/completions", json=BODY, timeout=10).status_code == 200
+        metrics_url = f"{served.admin}/metrics"
+
+        def labelled(url: str) -> list[str]:
+            page = httpx.get(metrics_url).text
+            return [line for line in page.splitlines() if f'backend="{url}"' in line]
+
+        wait_until(lambda: any("irm_signal_scrapes" in line for line in labelled(leaving.url)), "scraped")
+        before = labelled(leaving.url)
+        for name in ("irm_requests_total", "irm_upstream_latency_seconds", "irm_health_checks_total"):
+            assert any(line.startswith(name) for line in before), name
+        backend_id = next(b.id for b in middleware.fleet.backends.values() if b.url == leaving.url)
+        admin = f"{served.admin}/admin/backends/{backend_id}"
+        assert httpx.post(f"{admin}/drain", headers=AUTH).status_code == 200
+        assert httpx.delete(admin, headers=AUTH).status_code == 200
+        assert labelled(leaving.url) == []
+        kept = labelled(staying.url)
+        assert any(line.startswith("irm_requests_total") for line in kept)
+        assert any(line.startswith("irm_backend_capacity") for line in kept)

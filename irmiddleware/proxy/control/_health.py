@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from irmiddleware import _plugins
 from irmiddleware.hooks import HealthProbe
 from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._metrics import remove_backend_series
 from irmiddleware.proxy._outcomes import AttemptOutcome
 from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy.control._outlier import OutlierDetector
@@ -146,13 +147,19 @@ class FleetHealth:
         return state
 
     def remove(self, backend: Backend) -> None:
-        """Forgets a backend that left the fleet, and its gauges."""
+        """Forgets a backend that left the fleet, and its series."""
         self._checks.pop(backend.id, None)
         self._states.pop(backend.id, None)
         self.outliers.remove(backend.id)
-        for gauge in (self._metrics.healthy, self._metrics.ejected):
-            with contextlib.suppress(KeyError):
-                gauge.remove(backend.url)
+        metrics = self._metrics
+        for metric, labels in (
+            (metrics.healthy, ("backend",)),
+            (metrics.ejected, ("backend",)),
+            (metrics.transitions, ("backend", "state")),
+            (metrics.checks, ("backend", "result")),
+            (metrics.ejections, ("backend", "reason")),
+        ):
+            remove_backend_series(metric, labels, backend.url)
 
     async def probe(self, client: httpx.AsyncClient, backend: Backend) -> bool:
         """One health check of a backend not yet in the fleet (its plugin probe, if any); True
