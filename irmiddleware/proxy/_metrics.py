@@ -177,6 +177,13 @@ class RouterMetrics:
             ["backend", "reason"],
             registry=self.registry,
         )
+        self.edge_refusals = Counter(
+            "irm_edge_refusals",
+            "Client connections `irmiddleware serve` ended itself before routing, by reason "
+            "(head_too_large, too_many_headers, head_timeout, body_timeout, too_many_connections).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_BackendCollector(stats))
         # The process's CPU, memory, file descriptors, Python version and garbage collections, in
         # the router's own registry (the default registry is the host app's business).

@@ -145,7 +145,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         port=port,
         # The client edge: bounded heads, head/body/idle timeouts, a connection bound
         # (`[router.limits]`, `[router.timeouts]`). The router serves no WebSocket.
-        http=edge_protocol(config),
+        http=edge_protocol(config, app.metrics.edge_refusals),
         ws="none",
         lifespan="on",
         log_level=args.log_level,
@@ -209,7 +209,7 @@ def _admin_server(app: Any, log_level: str) -> Any:
             app.admin_app,
             host=host.strip("[]"),
             port=int(port),
-            http=edge_protocol(config),  # the same bounds on heads, bodies and connections
+            http=edge_protocol(config, app.metrics.edge_refusals),  # the same bounds, counted
             ws="none",
             lifespan="off",
             log_level=log_level,
