@@ -6,10 +6,11 @@ those deadlines is never cut; a connection beyond `max_client_connections` gets 
 while the ones inside the bound are served, and `serve` raises its open-files limit so the bound
 is reachable; an idle connection is closed after `client_idle_s` (one that never sent a byte
 too), and by default an idle keep-alive connection is still open, and reused, after uvicorn's old
-5 s. Heads cut into single bytes and pipelined requests read as before. Bad values are one clear
-`ConfigError`. Each runs a real `irmiddleware serve` process in front of an emulated vLLM and
-talks to it over raw sockets (httpx for the stream), so the bytes on the wire are the test's;
-every wait is bounded and nothing asserts on wall-clock time."""
+5 s. Heads cut into single bytes and pipelined requests read as before. Every refusal is counted
+once in `irm_edge_refusals_total{reason}`. Bad values are one clear `ConfigError`. Each runs a
+real `irmiddleware serve` process in front of an emulated vLLM and talks to it over raw sockets
+(httpx for the stream), so the bytes on the wire are the test's; every wait is bounded and nothing
+asserts on wall-clock time."""
 
 from __future__ import annotations
 

@@ -261,10 +261,12 @@ class FleetHealth:
         return readmitted
 
     def needs_models(self, backend_id: int) -> bool:
-        """The backend passes its checks but its models are still unknown (it was down when they
-        were asked)."""
+        """The backend's last check passed but its models are still unknown (it was down when
+        they were asked)."""
         backend, checks = self.fleet.backends.get(backend_id), self._checks.get(backend_id)
-        return backend is not None and checks is not None and checks.healthy and not backend.models_known
+        if backend is None or checks is None or backend.models_known:
+            return False
+        return checks.healthy and checks.passes > 0
 
     # ---- the native state ----------------------------------------------------------------------
 
