@@ -43,13 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware serve", description="Run the routing proxy.")
     parser.add_argument("--config", help="TOML file ([router] and [[backends]]; see doc/proxy.md)")
     parser.add_argument(
-        "--backend", action="append", default=[], metavar="URL", help="a backend (repeatable)"
+        "--backend",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a backend (repeatable; default: the file's [[backends]])",
     )
     parser.add_argument("--type", default="vllm", help="adapter of --backend entries (default: vllm)")
     parser.add_argument(
         "--capacity", type=int, default=64, help="capacity of --backend entries (default: 64)"
     )
-    parser.add_argument("--model", action="append", default=[], help="model served by --backend entries")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="model served by --backend entries (repeatable; default: asked of each backend)",
+    )
     parser.add_argument(
         "--strategy",
         help=f"routing strategy ({', '.join(sorted(STRATEGIES))}, or a plugin's; default p2c)",
@@ -64,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, let requests in flight finish for at most this long (default: wait for all)",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
     parser.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
