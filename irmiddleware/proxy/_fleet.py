@@ -283,15 +283,19 @@ class Fleet:
         `--model`, or the wrong server): requests for them sent there would fail. A backend that
         does not answer now is not checked (its health checks say it is down)."""
         configured = [b for b in self.backends.values() if b.models and b.adapter.models_path]
-        listed = await asyncio.gather(*(self.ask_models(client, b, quiet=True) for b in configured))
+        # A plugin adapter's parser may raise anything: a check that fails says nothing.
+        asked = [self.ask_models(client, b, quiet=True) for b in configured]
+        listed = await asyncio.gather(*asked, return_exceptions=True)
         for backend, models in zip(configured, listed, strict=True):
-            missing = [model for model in backend.models if models is not None and model not in models]
+            if not isinstance(models, tuple):
+                continue
+            missing = [model for model in backend.models if model not in models]
             if missing:
                 log.warning(
                     "backend %s does not list %s it is configured with; it lists: %s",
                     backend.url,
                     ", ".join(f"`{model}`" for model in missing),
-                    ", ".join(models or ()) or "no model",
+                    ", ".join(models) or "no model",
                 )
 
     def default_model(self, adapter: BackendAdapter) -> str | None:

@@ -109,7 +109,10 @@ def test_overloaded_backend_is_skipped_and_gets_less_traffic(
 ) -> None:
     with _overloaders(kind) as (urls, overloaded_received):
         entries = [{"url": url, "type": kind, "models": ["m"]} for url in urls]
-        server = router(_config(entries, strategy="round_robin"))
+        # A penalty that outlasts several requests however slow the machine is: with one shorter
+        # than three answers, round robin would come back to the backend just as it is re-admitted.
+        outliers = {**FAST_FLEET["outliers"], "overload_penalty_s": 2.0}
+        server = router(_config(entries, strategy="round_robin", outliers=outliers))
         statuses = [httpx.post(f"{server.url}{path}", json=body).status_code for _ in range(30)]
         assert statuses == [200] * 30  # each overload answer was retried on a peer
         peers = [backend_status(server, url)["completed"] for url in urls[1:]]
