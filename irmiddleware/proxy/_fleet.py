@@ -10,7 +10,9 @@ whoever listens (`on_capacity`: admission, whose waiters take the room at once).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -58,6 +60,9 @@ class Backend:
     models: tuple[str, ...]
     metrics_url: str | None = None
     """Where its load signals are scraped, when configured (else the adapter's default)."""
+    models_known: bool = True
+    """False until a backend configured without `models` has answered which models it serves (it
+    may be down at startup): while one is unknown, a model nobody serves may yet be served."""
 
     @property
     def info(self) -> BackendInfo:
@@ -107,15 +112,17 @@ class Fleet:
             for result in ("routed", "no_capacity", "fallback", "retry")
         }
         self._capacity_listeners: list[Callable[[], None]] = []
+        # The models of a backend that did not answer are asked again at its next passing health
+        # check (or, without active checks, every `interval_s`): a client told to come back then
+        # finds them.
+        self.models_retry_after_s = max(1, math.ceil(config.health.interval_s))
         self._rebuild_pools()
 
     def _add_backends(self, config: RouterConfig, registry: Registry) -> None:
         self._registry = registry
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
-            self.backends[backend_id] = Backend(
-                backend_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url
-            )
+            self.backends[backend_id] = _backend(backend_id, entry, adapter)
             self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
         self._next_id = len(config.backends)
 
@@ -125,7 +132,7 @@ class Fleet:
         """A `Backend` for `entry` with the next unused id, not yet in the fleet (probe it, ask it
         its models, then `add`); ValueError for an unknown adapter type."""
         adapter = self._registry.adapter(entry.type)
-        backend = Backend(self._next_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url)
+        backend = _backend(self._next_id, entry, adapter)
         self._next_id += 1
         return backend
 
@@ -158,6 +165,8 @@ class Fleet:
         backend = self.backends.pop(backend_id)
         self.router.remove_accelerator(backend_id)
         self._rebuild_pools()
+        if all(other.url != backend.url for other in self.backends.values()):
+            self._metrics.forget(backend.url)
         return backend
 
     # ---- states and capacity -------------------------------------------------------------------
@@ -225,12 +234,18 @@ class Fleet:
         types = {b.type for b in self.backends.values() if any(e.path == path for e in b.adapter.endpoints)}
         return sorted(model for model, kind in self._pool_types.items() if kind in types)
 
-    async def discover(self, client: httpx.AsyncClient) -> None:
-        """Asks each backend configured without `models` which models it serves. A backend that
-        cannot be asked serves nothing until the next discovery (it is logged, not fatal)."""
-        for backend in list(self.backends.values()):
-            if not backend.models:
-                await self.discover_models(client, backend)
+    def models_unknown(self) -> list[Backend]:
+        """The backends whose models are not known yet (configured without `models`, and not
+        answered since): until every one has answered, an unknown model is not known to be
+        served nowhere."""
+        return [backend for backend in self.backends.values() if not backend.models_known]
+
+    async def discover(self, client: httpx.AsyncClient, backends: Iterable[Backend] | None = None) -> None:
+        """Asks `backends` (default: each one whose models are unknown) which models they serve,
+        all at once. A backend that cannot be asked serves nothing until it is asked again (it is
+        logged, not fatal)."""
+        asking = self.models_unknown() if backends is None else list(backends)
+        await asyncio.gather(*(self.discover_models(client, backend) for backend in asking))
         self._rebuild_pools()
         self._capacity_appeared()  # a backend that joined a pool brings its capacity with it
 
@@ -238,18 +253,50 @@ class Fleet:
     async def discover_models(client: httpx.AsyncClient, backend: Backend) -> bool:
         """Asks one backend which models it serves (sets `backend.models`); False, logged, when it
         cannot be asked or has no models path."""
-        if backend.adapter.models_path is None:
+        listed = await Fleet.ask_models(client, backend)
+        if listed is None:
             return False
+        backend.models, backend.models_known = listed, True
+        return True
+
+    @staticmethod
+    async def ask_models(
+        client: httpx.AsyncClient, backend: Backend, *, quiet: bool = False
+    ) -> tuple[str, ...] | None:
+        """The models `backend` lists; None when it has no models path or cannot be asked (logged
+        at warning, unless `quiet`)."""
+        if backend.adapter.models_path is None:
+            return None
         try:
             response = await client.request(
                 backend.adapter.models_method, backend.url + backend.adapter.models_path
             )
             response.raise_for_status()
-            backend.models = tuple(backend.adapter.parse_models(response.content))
+            return tuple(backend.adapter.parse_models(response.content))
         except (httpx.HTTPError, ValueError, KeyError, AttributeError) as error:
-            log.warning("model discovery failed for %s: %r", backend.url, error)
-            return False
-        return True
+            if not quiet:
+                log.warning("model discovery failed for %s: %r", backend.url, error)
+            return None
+
+    async def check_listed(self, client: httpx.AsyncClient) -> None:
+        """Warns, one line per backend, about configured models a backend does not list (a typo in
+        `--model`, or the wrong server): requests for them sent there would fail. A backend that
+        does not answer now is not checked (its health checks say it is down)."""
+        configured = [b for b in self.backends.values() if b.models and b.adapter.models_path]
+        # A plugin adapter's parser may raise anything: a check that fails says nothing.
+        asked = [self.ask_models(client, b, quiet=True) for b in configured]
+        listed = await asyncio.gather(*asked, return_exceptions=True)
+        for backend, models in zip(configured, listed, strict=True):
+            if not isinstance(models, tuple):
+                continue
+            missing = [model for model in backend.models if model not in models]
+            if missing:
+                log.warning(
+                    "backend %s does not list %s it is configured with; it lists: %s",
+                    backend.url,
+                    ", ".join(f"`{model}`" for model in missing),
+                    ", ".join(models) or "no model",
+                )
 
     def default_model(self, adapter: BackendAdapter) -> str | None:
         """For a `single_model` adapter (TGI): the one model its type's backends serve, which a
@@ -376,6 +423,12 @@ class Fleet:
             for s in self.router.stats()
             if s.id in members
         )
+
+
+def _backend(backend_id: int, entry: BackendConfig, adapter: BackendAdapter) -> Backend:
+    # Without a models path, nothing can be asked: the configured models (none) are all there is.
+    known = bool(entry.models) or adapter.models_path is None
+    return Backend(backend_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url, known)
 
 
 def _pool_type(model: str, by_type: dict[str, list[int]]) -> str:

@@ -16,6 +16,7 @@ is dropped into; filtering the router's own registry at export time changes noth
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -29,12 +30,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from irmiddleware._router import AcceleratorStats
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 
-__all__ = ["BackendMetrics", "RouterMetrics", "status_class"]
+__all__ = ["BackendMetrics", "RouterMetrics", "remove_backend_series", "status_class"]
 
 # Latency buckets from 5 ms to 10 min: LLM answers span four orders of magnitude.
 _BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -77,6 +79,22 @@ class _WithoutCreated(Collector):
             created = metric.name + "_created"
             metric.samples = [sample for sample in metric.samples if sample.name != created]
             yield metric
+
+
+def remove_backend_series(metric: MetricWrapperBase, labels: Sequence[str], backend_url: str) -> None:
+    """Removes every child of `metric` (labelled `labels`, in order) whose `backend` label is
+    `backend_url`: a backend that left the fleet leaves no series behind (its URL may have been a
+    pod's address, never to come back). The children are found in what the metric exports, so
+    this works whatever other labels they have."""
+    found = {
+        tuple(sample.labels[name] for name in labels)
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels.get("backend") == backend_url
+    }
+    for values in found:
+        with contextlib.suppress(KeyError):  # removed meanwhile
+            metric.remove(*values)
 
 
 _STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -159,6 +177,13 @@ class RouterMetrics:
             ["backend", "reason"],
             registry=self.registry,
         )
+        self.edge_refusals = Counter(
+            "irm_edge_refusals",
+            "Client connections `irmiddleware serve` ended itself before routing, by reason "
+            "(head_too_large, too_many_headers, head_timeout, body_timeout, too_many_connections).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_BackendCollector(stats))
         # The process's CPU, memory, file descriptors, Python version and garbage collections, in
         # the router's own registry (the default registry is the host app's business).
@@ -188,6 +213,20 @@ class RouterMetrics:
     def retried(self, backend_url: str, reason: AttemptOutcome) -> None:
         """Counts one retry in `irm_retries_total` (rare: no cache)."""
         self.retries.labels(backend_url, reason).inc()
+
+    def forget(self, backend_url: str) -> None:
+        """Drops the series of a backend that left the fleet (and the cached children that would
+        bring them back)."""
+        self._of.pop(backend_url, None)
+        self._counted = {key: child for key, child in self._counted.items() if key[0] != backend_url}
+        for metric, labels in (
+            (self.requests, ("backend", "model", "outcome", "status_class")),
+            (self.latency, ("backend",)),
+            (self.ttfb, ("backend",)),
+            (self.first_byte, ("backend",)),
+            (self.retries, ("backend", "reason")),
+        ):
+            remove_backend_series(metric, labels, backend_url)
 
     def count(self, backend_url: str, model: str, outcome: Outcome, status: int | None) -> None:
         """Counts one finished request in `irm_requests_total`. `model` must be a model the fleet

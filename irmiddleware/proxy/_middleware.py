@@ -155,7 +155,7 @@ class RoutingMiddleware:
         self.fleet.check_new(entry)
         await self.startup()
         backend = self.fleet.new_backend(entry)
-        healthy = await self.monitor.admit(backend, require_healthy=require_healthy)
+        healthy = await self.monitor.admit(backend)
         if not healthy and require_healthy:
             raise FleetChangeRefused(502, f"{entry.url} did not pass its health check or lists no model")
         self.fleet.check_new(dataclasses.replace(entry, models=backend.models))  # again: we awaited

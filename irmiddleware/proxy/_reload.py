@@ -4,10 +4,12 @@ The difference in `[[backends]]` is applied as the admin API would apply it: a n
 (probed and asked its models; one that does not answer yet joins down, and its health checks bring
 it in), a URL no longer listed is drained and removed once nothing is in flight on it, and a new
 capacity or weight is set in place; a URL listed again before its drain is over stays (undrained).
-Anything else that changed (a backend's type or models, the
-`[router]` keys, `[[discovery]]`) needs a restart: it is logged, not applied. Backends that
-`[[discovery]]` added are its own, not the file's: a reload leaves them alone. A file that does not
-load is refused with one log line, and nothing changes.
+`[[discovery]]` entries are applied by name (`Discovery.reconfigure`): a new name is resolved at
+once, a name no longer listed has its backends drained and removed, a changed one applies its new
+settings. Anything else that changed (a backend's type or models, the `[router]` keys) needs a
+restart: it is logged, not applied. Backends that `[[discovery]]` added are its own, not the
+file's: the `[[backends]]` difference leaves them alone. A file that does not load is refused with
+one log line, and nothing changes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._middleware import RoutingMiddleware
 from irmiddleware.proxy.config import BackendConfig, ConfigError, RouterConfig
-from irmiddleware.proxy.control import Removals
+from irmiddleware.proxy.control import Removals, check_resolvers
 
 __all__ = ["Reloader"]
 
@@ -48,15 +50,18 @@ class Reloader:
         async with self._lock:
             try:
                 config = self._load()
+                check_resolvers(config.discovery)
             except (ConfigError, ValueError) as error:
                 log.error("configuration reload refused, nothing changed: %s", error)
                 return
             await self.apply(config)
 
     async def apply(self, config: RouterConfig) -> None:
-        """Applies `config`'s backends: added, drained then removed, capacity and weight changed."""
+        """Applies `config`'s discovery names, then its backends: added, drained then removed,
+        capacity and weight changed."""
         middleware = self._middleware
         _log_ignored(middleware.config, config)
+        await middleware.discovery.reconfigure(config.discovery)
         discovered = middleware.discovery.backend_ids
         current = {b.url: b.id for b in middleware.fleet.backends.values() if b.id not in discovered}
         wanted = {entry.url: entry for entry in config.backends}
@@ -108,6 +113,12 @@ class Reloader:
 
 
 def _log_ignored(old: RouterConfig, new: RouterConfig) -> None:
-    """Logs that the keys beyond `[[backends]]` changed: they are read once, at startup."""
-    if dataclasses.replace(old, backends=()) != dataclasses.replace(new, backends=()):
-        log.warning("configuration reload: only [[backends]] changes apply live; restart for the rest")
+    """Logs that the keys beyond `[[backends]]` and `[[discovery]]` changed: they are read once,
+    at startup."""
+    if dataclasses.replace(old, backends=(), discovery=()) != dataclasses.replace(
+        new, backends=(), discovery=()
+    ):
+        log.warning(
+            "configuration reload: only [[backends]] and [[discovery]] changes apply live; restart "
+            "for the rest"
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint
-from irmiddleware.proxy._exchange import Receive, Scope, Send, respond
+from irmiddleware.proxy._exchange import Receive, Reject, Scope, Send, respond
 from irmiddleware.proxy._fleet import Fleet
 
 __all__ = ["Routes", "not_found"]
@@ -64,8 +64,9 @@ class Routes:
         reads a model served by backends of its own type wins; else a `single_model` claim whose
         request names no model (`model_of` returns "") takes the one model its type serves.
         `AdapterError(404)` when no claim can route it (an unknown model, or a model of another
-        protocol), or the first claim's `AdapterError` when none could read the request. `found`
-        is what `find` returned for the request."""
+        protocol), or the first claim's `AdapterError` when none could read the request; `Reject`
+        (503) instead of the 404 while some backend's models are still unknown. `found` is what
+        `find` returned for the request."""
         # With one template adapter (the usual Triton fleet), `found` is its only claim on a path
         # the index does not know: no second regex match per request.
         single = path not in self._exact and len(self._matchers) == 1
@@ -87,9 +88,28 @@ class Routes:
         named = next((model for _endpoint, _adapter, model in read if model), None)
         if named is None and error is not None:
             raise error
+        self._check_models_known(named)
         if named is None:
             raise AdapterError(404, "The request names no model, and no single model is served here.")
         raise AdapterError(404, f"The model `{named}` does not exist.", param="model")
+
+    def _check_models_known(self, named: str | None) -> None:
+        """A 503 `no_healthy_backend` (with `Retry-After`) instead of a 404 while some backend has
+        not told its models: it may serve `named` once it answers (a client's 404 is final, the
+        OpenAI client's `NotFoundError` is never retried)."""
+        unknown = len(self._fleet.models_unknown())
+        if not unknown:
+            return
+        what = f"`{named}`" if named else "the request's model"
+        reject = Reject(
+            503,
+            f"No backend serves {what} yet, and {unknown} backend(s) have not said which models "
+            "they serve (they do not answer yet); retry later.",
+            "no_healthy_backend",
+            "model",
+        )
+        reject.retry_after = self._fleet.models_retry_after_s
+        raise reject
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:

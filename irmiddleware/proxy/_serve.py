@@ -43,13 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware serve", description="Run the routing proxy.")
     parser.add_argument("--config", help="TOML file ([router] and [[backends]]; see doc/proxy.md)")
     parser.add_argument(
-        "--backend", action="append", default=[], metavar="URL", help="a backend (repeatable)"
+        "--backend",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a backend (repeatable; default: the file's [[backends]])",
     )
     parser.add_argument("--type", default="vllm", help="adapter of --backend entries (default: vllm)")
     parser.add_argument(
         "--capacity", type=int, default=64, help="capacity of --backend entries (default: 64)"
     )
-    parser.add_argument("--model", action="append", default=[], help="model served by --backend entries")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="model served by --backend entries (repeatable; default: asked of each backend)",
+    )
     parser.add_argument(
         "--strategy",
         help=f"routing strategy ({', '.join(sorted(STRATEGIES))}, or a plugin's; default p2c)",
@@ -64,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, let requests in flight finish for at most this long (default: wait for all)",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
     parser.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
@@ -145,7 +156,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         port=port,
         # The client edge: bounded heads, head/body/idle timeouts, a connection bound
         # (`[router.limits]`, `[router.timeouts]`). The router serves no WebSocket.
-        http=edge_protocol(config),
+        http=edge_protocol(config, app.metrics.edge_refusals),
         ws="none",
         lifespan="on",
         log_level=args.log_level,
@@ -212,7 +223,7 @@ def _admin_server(app: Any, log_level: str) -> Any:
             app.admin_app,
             host=host.strip("[]"),
             port=int(port),
-            http=edge_protocol(config),  # the same bounds on heads, bodies and connections
+            http=edge_protocol(config, app.metrics.edge_refusals),  # the same bounds, counted
             ws="none",
             lifespan="off",
             log_level=log_level,

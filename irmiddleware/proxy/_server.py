@@ -27,13 +27,15 @@ import asyncio
 import http
 import json
 import logging
-from typing import Any, ClassVar, Final
+import typing
+from typing import Any, ClassVar, Final, Literal
 
+from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from irmiddleware.proxy.config import LimitsConfig, RouterConfig, TimeoutsConfig
 
-__all__ = ["EdgeProtocol", "edge_protocol"]
+__all__ = ["EDGE_REFUSALS", "EdgeProtocol", "EdgeRefusal", "edge_protocol"]
 
 log = logging.getLogger("irmiddleware.proxy")
 
@@ -45,11 +47,26 @@ _ERROR_TYPES: Final = {
 }
 
 
-def edge_protocol(config: RouterConfig) -> type[EdgeProtocol]:
+EdgeRefusal = Literal[
+    "head_too_large",  # 431: a head over `max_head_bytes`
+    "too_many_headers",  # 431: more than `max_headers` fields
+    "head_timeout",  # 408: the head did not arrive within `client_head_s`
+    "body_timeout",  # 408 (or a plain close once an answer has begun): `client_body_s`
+    "too_many_connections",  # 503 at accept: `max_client_connections`
+]
+"""Why the edge ended a connection itself: the `reason` label of `irm_edge_refusals_total`."""
+
+EDGE_REFUSALS: Final[tuple[EdgeRefusal, ...]] = typing.get_args(EdgeRefusal)
+
+
+def edge_protocol(config: RouterConfig, refusals: Counter | None = None) -> type[EdgeProtocol]:
     """An `EdgeProtocol` class bound to the configuration's `[router.limits]` and
     `[router.timeouts]`, for `uvicorn.run(app, http=...)` (uvicorn builds one protocol object per
-    connection from the class it is given)."""
-    return type("EdgeProtocol", (EdgeProtocol,), {"limits": config.limits, "timeouts": config.timeouts})
+    connection from the class it is given). `refusals` counts the connections it ends, by
+    `EdgeRefusal` (the router's `RouterMetrics.edge_refusals`)."""
+    counted = {reason: refusals.labels(reason) for reason in EDGE_REFUSALS} if refusals is not None else {}
+    attributes = {"limits": config.limits, "timeouts": config.timeouts, "refused": counted}
+    return type("EdgeProtocol", (EdgeProtocol,), attributes)
 
 
 def _answer(status: int, message: str) -> bytes:
@@ -76,6 +93,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     limits: ClassVar[LimitsConfig]
     timeouts: ClassVar[TimeoutsConfig]
+    refused: ClassVar[dict[EdgeRefusal, Any]] = {}
+    """The `irm_edge_refusals_total` child of each reason (none: not counted)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,7 +110,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_client_connections:
             self.transport = transport  # never counted in `connections`, never parsed
-            self._end(503, "Too many client connections; retry later.")
+            self._end(503, "Too many client connections; retry later.", "too_many_connections")
             return
         super().connection_made(transport)
         # uvicorn arms its keep-alive timer only after a response: a connection that never sends
@@ -117,7 +136,11 @@ class EdgeProtocol(HttpToolsProtocol):
             if self._ended or self.transport.is_closing():
                 return
             if self._reading_head and self._head_bytes >= self.limits.max_head_bytes:
-                self._end(431, f"The request head is larger than {self.limits.max_head_bytes} bytes.")
+                self._end(
+                    431,
+                    f"The request head is larger than {self.limits.max_head_bytes} bytes.",
+                    "head_too_large",
+                )
                 return
         if data:
             super().data_received(data)
@@ -140,7 +163,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         self._reading_head = False
         if self._headers_count > self.limits.max_headers:
-            self._end(431, f"The request has more than {self.limits.max_headers} header fields.")
+            self._end(
+                431, f"The request has more than {self.limits.max_headers} header fields.", "too_many_headers"
+            )
             return
         super().on_headers_complete()
 
@@ -179,22 +204,27 @@ class EdgeProtocol(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._deadline = None
         if self._reading_head and not self.transport.is_closing():
-            self._end(408, f"The request head did not arrive within {self.timeouts.client_head_s:g} s.")
+            message = f"The request head did not arrive within {self.timeouts.client_head_s:g} s."
+            self._end(408, message, "head_timeout")
 
     def _body_late(self) -> None:
         self._deadline = None
         if not self._reading_head and not self.transport.is_closing():
-            self._end(408, f"The request body did not arrive within {self.timeouts.client_body_s:g} s.")
+            message = f"The request body did not arrive within {self.timeouts.client_body_s:g} s."
+            self._end(408, message, "body_timeout")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _end(self, status: int, message: str) -> None:
+    def _end(self, status: int, message: str, reason: EdgeRefusal) -> None:
         """Answers `status` (or, with an answer already begun, only closes) and ends the
-        connection; the request's app, if one runs, sees the client gone."""
+        connection, counted under `reason`; the request's app, if one runs, sees the client gone."""
         log.debug("client connection ended with %d: %s", status, message)
+        counter = self.refused.get(reason)
+        if counter is not None:
+            counter.inc()
         self._ended = True
         self._cancel_deadline()
         self._unset_keepalive_if_required()

@@ -6,10 +6,11 @@ those deadlines is never cut; a connection beyond `max_client_connections` gets 
 while the ones inside the bound are served, and `serve` raises its open-files limit so the bound
 is reachable; an idle connection is closed after `client_idle_s` (one that never sent a byte
 too), and by default an idle keep-alive connection is still open, and reused, after uvicorn's old
-5 s. Heads cut into single bytes and pipelined requests read as before. Bad values are one clear
-`ConfigError`. Each runs a real `irmiddleware serve` process in front of an emulated vLLM and
-talks to it over raw sockets (httpx for the stream), so the bytes on the wire are the test's;
-every wait is bounded and nothing asserts on wall-clock time."""
+5 s. Heads cut into single bytes and pipelined requests read as before. Every refusal is counted
+once in `irm_edge_refusals_total{reason}`. Bad values are one clear `ConfigError`. Each runs a
+real `irmiddleware serve` process in front of an emulated vLLM and talks to it over raw sockets
+(httpx for the stream), so the bytes on the wire are the test's; every wait is bounded and nothing
+asserts on wall-clock time."""
 
 from __future__ import annotations
 
@@ -363,3 +364,44 @@ def test_heads_split_into_single_bytes_or_pipelined_are_served(edge: Serve) -> N
             chunk = sock.recv(65536)
             assert chunk, answers
             answers += chunk
+
+
+@pytest.mark.slow
+def test_every_refusal_at_the_edge_is_counted_by_reason(tmp_path: Path, backend: RunningServer) -> None:
+    limits = "max_head_bytes = 4096\nmax_headers = 5\nmax_client_connections = 3"
+    timeouts = "client_head_s = 0.3\nclient_body_s = 0.3"
+    with _serve(tmp_path, backend, limits, timeouts) as server:
+
+        def refused(payload: bytes) -> bytes:
+            with server.connect() as sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(payload)
+                return _read_to_end(sock)
+            return b""
+
+        assert refused(b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"a" * 8192).startswith(b"HTTP/1.1 431 ")
+        fields = b"".join(b"X-F%d: v\r\n" % index for index in range(8))
+        assert refused(b"GET /v1/models HTTP/1.1\r\n" + fields + b"\r\n").startswith(b"HTTP/1.1 431 ")
+        assert refused(b"GET /v1/models HTTP/1.1\r\nHost: r").startswith(b"HTTP/1.1 408 ")
+        body_head = b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Length: 50\r\n\r\n{"
+        assert refused(body_head).startswith(b"HTTP/1.1 408 ")
+        held = [server.connect() for _ in range(3)]
+        for sock in held:
+            sock.sendall(_GET)
+            assert _read_answer(sock).startswith(b"HTTP/1.1 200 ")
+        assert refused(_GET).startswith(b"HTTP/1.1 503 ")
+        for sock in held:
+            sock.close()
+        wait_until(lambda: _answers(server), "a connection is served again", timeout_s=10)
+        page = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+    counts = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("irm_edge_refusals_total{")
+    }
+    assert counts == {
+        "head_too_large": 1,
+        "too_many_headers": 1,
+        "head_timeout": 1,
+        "body_timeout": 1,
+        "too_many_connections": 1,
+    }

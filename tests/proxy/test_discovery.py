@@ -1,9 +1,11 @@
 """Discovery through DNS (`[[discovery]]`) follows a real DNS server's records: a name's addresses
 join the fleet as backends and serve requests, an address removed from the records is drained and
-removed with no failed request, a failed or empty resolution keeps the fleet as it is, and SIGHUP's
-reload of `[[backends]]` leaves discovered backends alone. The DNS server is dnslib's, on
-127.0.0.1; the backends are vLLM emulators on 127.0.0.2, .3 and .4 (one port, as pods behind a
-headless Service). Also: every bad `[[discovery]]` value is one ConfigError line, and
+removed with no failed request, a failed or empty resolution keeps the fleet as it is, SIGHUP's
+reload of `[[backends]]` leaves discovered backends alone, and a reload applies `[[discovery]]`
+itself (a new name resolved at once, a changed capacity in place, a changed `models` by draining and
+adding again, a name no longer listed drained and removed and no longer resolved). The DNS server
+is dnslib's, on 127.0.0.1; the backends are vLLM emulators on 127.0.0.2, .3 and .4 (one port, as
+pods behind a headless Service). Also: every bad `[[discovery]]` value is one ConfigError line, and
 doc/kubernetes.md's manifests parse, with a router.toml the router accepts."""
 
 from __future__ import annotations
@@ -228,6 +230,47 @@ def test_a_reload_leaves_the_discovered_backends_alone(pods: tuple[int, dict[str
             wait_until(lambda: zone.queries >= seen + 4, "two more resolutions", timeout_s=10)
             assert urls(middleware) == {first, second}
             served.run(reloader.aclose())
+
+
+@pytest.mark.slow
+def test_a_reload_adds_changes_and_removes_discovery_names(pods: tuple[int, dict[str, Any]]) -> None:
+    port, emulators = pods
+    first, second, static = emulators
+    zone = Zone(ADDRESSES[0], ADDRESSES[1])
+    with dns(zone) as resolver:
+        document: dict[str, Any] = {"router": {**FAST_FLEET}, "backends": [{"url": static, "models": ["m"]}]}
+        middleware = create_app(parse_config(document))
+        current = {"config": parse_config(document)}
+        reloader = Reloader(middleware, lambda: current["config"])
+
+        def reload(**changes: Any) -> None:
+            current["config"] = parse_config({**document, **changes})
+            served.run(reloader.reload())
+
+        def capacities() -> dict[str, int]:
+            return {u: middleware.router.accelerator_stats(b).capacity for u, b in ids(middleware).items()}
+
+        with serve_with_admin(middleware) as served:
+            assert urls(middleware) == {static}
+            entry = discovery_config(resolver, port, models=["m"])["discovery"][0]
+            reload(discovery=[entry])  # a new name: resolved at once
+            assert urls(middleware) == {first, second, static}
+            assert httpx.post(f"{served.traffic}/v1/completions", json=_BODY, timeout=10).status_code == 200
+            reload(discovery=[{**entry, "capacity": 9}])  # changed in place
+            assert capacities() == {first: 9, second: 9, static: 64}
+            reload(discovery=[{**entry, "capacity": 9, "models": ["m", "other"]}])  # replaced
+            wait_until(lambda: {first, second} <= urls(middleware), "the addresses joined again")
+            assert {b.url: b.models for b in middleware.fleet.backends.values()}[first] == ("m", "other")
+            reload()  # the name is gone: its backends are drained and removed
+            wait_until(lambda: urls(middleware) == {static}, "the discovered backends removed")
+            seen = zone.queries
+            assert httpx.post(f"{served.traffic}/v1/completions", json=_BODY, timeout=10).status_code == 200
+            assert zone.queries == seen  # and no longer resolved
+            served.run(reloader.aclose())
+
+
+def ids(middleware: RoutingMiddleware) -> dict[str, int]:
+    return {backend.url: backend.id for backend in middleware.fleet.backends.values()}
 
 
 def test_the_system_resolver_resolves_a_literal_and_localhost() -> None:

@@ -56,6 +56,10 @@ class FleetChanges(Protocol):
 
     def remove_backend(self, backend_id: int) -> None: ...
 
+    def update_backend(
+        self, backend_id: int, *, capacity: int | None = None, weight: float | None = None
+    ) -> None: ...
+
 
 class Removals:
     """Backends being drained to be removed: each is removed once nothing is in flight on it, or
@@ -67,6 +71,11 @@ class Removals:
 
     def __contains__(self, backend_id: int) -> bool:
         return backend_id in self._tasks
+
+    @property
+    def ids(self) -> frozenset[int]:
+        """The backends being drained to be removed."""
+        return frozenset(self._tasks)
 
     def start(self, backend_id: int) -> None:
         """Drains `backend_id` and removes it once drained (no-op when already under way)."""
@@ -214,33 +223,90 @@ class Discovery:
             registry=registry,
         )
         self.removals = Removals(changes)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        """The watcher of each name, by its `dns`."""
         self._started = False
 
     @property
     def backend_ids(self) -> frozenset[int]:
-        """The backends discovery added (and owns: a reload of `[[backends]]` leaves them alone)."""
-        return frozenset(i for name in self._names for i in name.backends.values())
+        """The backends discovery added (and owns: a reload of `[[backends]]` leaves them alone),
+        those it is draining to remove included."""
+        return frozenset(i for name in self._names for i in name.backends.values()) | self.removals.ids
 
     async def start(self) -> None:
         """Resolves every name once and applies the answers, then re-resolves on each interval
         in the background. Idempotent."""
-        if self._started or not self._names:
+        if self._started:
             return
         self._started = True
-        for name in self._names:
+        await self._watch_all(self._names)
+
+    async def _watch_all(self, names: list[_Name]) -> None:
+        for name in names:
             config = name.config
             how = f"nameserver {config.resolver}" if config.resolver else "the system resolver"
             log.info("discovery: resolving %s every %g s with %s", config.dns, config.interval_s, how)
-        await asyncio.gather(*(self.refresh(name) for name in self._names))
-        self._tasks = [
-            asyncio.create_task(self._watch(name), name=f"irm-discovery-{name.config.dns}")
-            for name in self._names
-        ]
+        await asyncio.gather(*(self.refresh(name) for name in names))
+        for name in names:
+            self._tasks[name.config.dns] = asyncio.create_task(
+                self._watch(name), name=f"irm-discovery-{name.config.dns}"
+            )
+
+    async def reconfigure(self, entries: tuple[DiscoveryConfig, ...]) -> None:
+        """Applies re-read `[[discovery]]` entries (SIGHUP), by name: a name no longer listed
+        stops being resolved and its backends are drained and removed; a new name is resolved at
+        once; a name whose `type` or `models` changed is both (its addresses join again, with the
+        new settings, once their drain is over); any other change (capacity, weight, interval,
+        timeout, resolver) applies in place."""
+        old = {name.config.dns: name for name in self._names}
+        new = {entry.dns: entry for entry in entries}
+        kept: list[_Name] = []
+        added: list[_Name] = []
+        for dns, name in old.items():
+            entry = new.get(dns)
+            if entry is None or (entry.type, entry.models) != (name.config.type, name.config.models):
+                await self._stop(name)
+                if entry is not None:
+                    added.append(_Name(entry))
+                continue
+            if entry != name.config:
+                await self._stop(name, drain=False)
+                self._update(name, entry)
+                added.append(name)
+            kept.append(name)
+        added += [_Name(entry) for dns, entry in new.items() if dns not in old]
+        self._names = [*kept, *(name for name in added if name not in kept)]
+        if self._started and added:
+            await self._watch_all(added)
+
+    async def _stop(self, name: _Name, *, drain: bool = True) -> None:
+        """Stops resolving `name`; with `drain`, its backends are drained and removed."""
+        task = self._tasks.pop(name.config.dns, None)
+        if task is not None:
+            await _cancel([task])
+        if not drain:
+            return
+        log.info("discovery of %s ends: draining its %d backends", name.config.dns, len(name.backends))
+        for backend_id in name.backends.values():
+            if backend_id in self._changes.fleet.backends:
+                self.removals.start(backend_id)
+        self._backends.labels(name.config.dns).set(0)
+        name.backends.clear()
+
+    def _update(self, name: _Name, entry: DiscoveryConfig) -> None:
+        """Gives `name` a changed entry of the same type and models; its backends take the new
+        capacity and weight."""
+        old, name.config = name.config, entry
+        if (old.capacity, old.weight) == (entry.capacity, entry.weight):
+            return
+        for backend_id in name.backends.values():
+            if backend_id in self._changes.fleet.backends:
+                self._changes.update_backend(backend_id, capacity=entry.capacity, weight=entry.weight)
+        log.info("discovery of %s: capacity %d, weight %g", entry.dns, entry.capacity, entry.weight)
 
     async def aclose(self) -> None:
         """Stops resolving (lifespan shutdown); removals under way are cancelled."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = list(self._tasks.values()), {}
         self._started = False
         await _cancel(tasks)
         await self.removals.aclose()
@@ -291,6 +357,9 @@ class Discovery:
         await asyncio.gather(*(self._add(name, url) for url in new))
 
     async def _add(self, name: _Name, url: str) -> None:
+        leaving = self.removals.ids
+        if any(b.url == url and b.id in leaving for b in self._changes.fleet.backends.values()):
+            return  # an entry replaced on reload: the address joins again once its drain is over
         try:
             backend_id = await self._changes.add_backend(name.entry_for(url), require_healthy=False)
         except (FleetChangeRefused, ValueError) as error:

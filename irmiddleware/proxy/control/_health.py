@@ -14,7 +14,11 @@
   them is down whatever the share.
 
 `FleetMonitor` runs the checks and the load-signal scraper as asyncio tasks in the middleware's
-lifespan, with a small httpx client of their own so probes never queue behind user traffic.
+lifespan, with an httpx client of their own so probes never queue behind user traffic. Each
+backend's check is a task of its own: a backend that hangs until `timeout_s` delays nobody else's
+check, and the client's pool has no connection bound, so a fleet grown by the admin API, SIGHUP or
+discovery never makes one probe wait for another's connection (what is in flight is bounded by the
+fleet itself: one check, one scrape and one model discovery per backend at most).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -34,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from irmiddleware import _plugins
 from irmiddleware.hooks import HealthProbe
 from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._metrics import remove_backend_series
 from irmiddleware.proxy._outcomes import AttemptOutcome
 from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy.control._outlier import OutlierDetector
@@ -141,13 +147,19 @@ class FleetHealth:
         return state
 
     def remove(self, backend: Backend) -> None:
-        """Forgets a backend that left the fleet, and its gauges."""
+        """Forgets a backend that left the fleet, and its series."""
         self._checks.pop(backend.id, None)
         self._states.pop(backend.id, None)
         self.outliers.remove(backend.id)
-        for gauge in (self._metrics.healthy, self._metrics.ejected):
-            with contextlib.suppress(KeyError):
-                gauge.remove(backend.url)
+        metrics = self._metrics
+        for metric, labels in (
+            (metrics.healthy, ("backend",)),
+            (metrics.ejected, ("backend",)),
+            (metrics.transitions, ("backend", "state")),
+            (metrics.checks, ("backend", "result")),
+            (metrics.ejections, ("backend", "reason")),
+        ):
+            remove_backend_series(metric, labels, backend.url)
 
     async def probe(self, client: httpx.AsyncClient, backend: Backend) -> bool:
         """One health check of a backend not yet in the fleet (its plugin probe, if any); True
@@ -177,10 +189,13 @@ class FleetHealth:
 
     # ---- active checks --------------------------------------------------------------------------
 
-    def due(self, now: float) -> list[int]:
-        """Backends to probe now: their interval is up, or their cool-down just ended."""
+    def due(self, now: float, busy: Collection[int] = ()) -> list[int]:
+        """Backends to probe now: their interval is up, or their cool-down just ended (those in
+        `busy`, whose check is under way, wait for it)."""
         return [
-            backend_id for backend_id, checks in self._checks.items() if self._is_due(backend_id, checks, now)
+            backend_id
+            for backend_id, checks in self._checks.items()
+            if backend_id not in busy and self._is_due(backend_id, checks, now)
         ]
 
     def _is_due(self, backend_id: int, checks: _Checks, now: float) -> bool:
@@ -189,10 +204,12 @@ class FleetHealth:
         end = self.outliers.ejection_end(backend_id)
         return end is not None and checks.last_at < end <= now
 
-    def next_wake(self, now: float) -> float:
-        """Seconds until something is due (bounded by the interval)."""
+    def next_wake(self, now: float, busy: Collection[int] = ()) -> float:
+        """Seconds until something not in `busy` is due (bounded by the interval)."""
         wake = now + self.config.interval_s
         for backend_id, checks in self._checks.items():
+            if backend_id in busy:
+                continue
             wake = min(wake, checks.next_at)
             end = self.outliers.ejection_end(backend_id)
             if end is not None and checks.last_at < end:
@@ -243,14 +260,13 @@ class FleetHealth:
                 readmitted = True
         return readmitted
 
-    def needs_discovery(self) -> bool:
-        """Some healthy backend still has no models (it was down when they were discovered)."""
-        return any(
-            checks.healthy
-            and not self.fleet.backends[b].models
-            and self.fleet.backends[b].adapter.models_path
-            for b, checks in self._checks.items()
-        )
+    def needs_models(self, backend_id: int) -> bool:
+        """The backend's last check passed but its models are still unknown (it was down when
+        they were asked)."""
+        backend, checks = self.fleet.backends.get(backend_id), self._checks.get(backend_id)
+        if backend is None or checks is None or backend.models_known:
+            return False
+        return checks.healthy and checks.passes > 0
 
     # ---- the native state ----------------------------------------------------------------------
 
@@ -363,33 +379,41 @@ class FleetMonitor:
         self._config = config
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._checking: dict[int, asyncio.Task[None]] = {}
+        """The checks under way, by backend: one at a time per backend."""
+        self._wake = asyncio.Event()
+        self._next_discovery_at = 0.0
 
     async def start(self) -> None:
         """Starts the tasks; with `require_ready`, first waits for one round of checks (bounded
         by the probe timeout) so ready backends take traffic from the first request."""
         if self._client is not None:
             return
-        count = len(self._fleet.backends)
         self._client = httpx.AsyncClient(
+            # No bound on connections (module docstring): a bound sized at startup would make the
+            # probes of backends added later queue behind each other.
             limits=httpx.Limits(
-                max_connections=2 * count + 2,
-                max_keepalive_connections=2 * count + 2,
+                max_connections=None,
+                max_keepalive_connections=None,
                 keepalive_expiry=self._config.limits.keepalive_expiry_s,
             ),
             follow_redirects=False,
             trust_env=False,  # like the proxy's client: only configured backends are contacted
         )
+        self._wake = asyncio.Event()  # of this event loop (a test client may run several)
         health = self._config.health
         if health.enabled and health.require_ready:
             await self._check_round(list(self._fleet.backends))
-        if health.enabled or self._config.outliers.enabled:
-            self._tasks.append(asyncio.create_task(self._health_loop(), name="irm-health"))
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="irm-health"))
+        # In the background: a backend that hangs must not hold the startup up.
+        self._tasks.append(asyncio.create_task(self._fleet.check_listed(self._client), name="irm-listed"))
         if self.signals.active:
             self._tasks.append(asyncio.create_task(self.signals.run(self._client), name="irm-signals"))
 
     async def stop(self) -> None:
         """Cancels the tasks, waits for them and closes the client (lifespan shutdown)."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._checking.values()], []
+        self._checking = {}
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -402,16 +426,16 @@ class FleetMonitor:
     def observe(self, backend: Backend, outcome: AttemptOutcome, status: int | None) -> None:
         self.health.observe(backend, outcome, status)
 
-    async def admit(self, backend: Backend, *, require_healthy: bool) -> bool:
+    async def admit(self, backend: Backend) -> bool:
         """Probes a backend not yet in the fleet and, when it passes, asks it its models (unless
-        configured). With `require_healthy`, False when either fails; else the backend may join
-        down, and the health checks bring it in (with its models) when it answers."""
+        configured); False when either fails. The caller refuses it, or lets it join down: its
+        health checks bring it in (with its models) when it answers."""
         if self._client is None:
             raise RuntimeError("the monitor is not started")
         healthy = await self.health.probe(self._client, backend)
         if healthy and not backend.models:
             healthy = await self._fleet.discover_models(self._client, backend) and bool(backend.models)
-        return healthy or not require_healthy
+        return healthy
 
     def add(self, backend: Backend, healthy: bool) -> str:
         """Watches a backend about to join the fleet; returns the state it starts in."""
@@ -420,6 +444,7 @@ class FleetMonitor:
         client = self._client
         if client and self.signals.active and not any(t.get_name() == "irm-signals" for t in self._tasks):
             self._tasks.append(asyncio.create_task(self.signals.run(client), name="irm-signals"))
+        self._wake.set()  # its first check may be due before the loop's next wake
         return state
 
     def remove(self, backend: Backend) -> None:
@@ -435,23 +460,57 @@ class FleetMonitor:
                 await self._health_tick()
             except Exception:  # keep watching the fleet whatever one round hit
                 log.exception("health check round failed")
-            await asyncio.sleep(self.health.next_wake(time.monotonic()))
+            delay = self.health.next_wake(time.monotonic(), self._checking.keys())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()  # a check ended, or a backend joined
+            self._wake.clear()
 
     async def _health_tick(self) -> None:
         now = time.monotonic()
         if not self._config.health.enabled:
             if self.health.readmit_unchecked(now):
                 self.health.apply()
+            await self._rediscover_unchecked(now)
             return
-        due = self.health.due(now)
-        if due:
-            await self._check_round(due)
+        for backend_id in self.health.due(now, self._checking.keys()):
+            self._checking[backend_id] = asyncio.create_task(
+                self._check(backend_id), name=f"irm-health-{backend_id}"
+            )
 
-    async def _check_round(self, backend_ids: list[int]) -> None:
+    async def _check(self, backend_id: int) -> None:
+        """One backend's check, as a task of its own; the native state follows at once."""
         client = self._client
         assert client is not None
-        results = await asyncio.gather(*(self.health.check(client, b) for b in backend_ids))
-        if any(results):
-            if self.health.needs_discovery():
-                await self._fleet.discover(client)  # a backend that was down at startup has models now
-            self.health.apply()
+        try:
+            changed = await self.health.check(client, backend_id)
+            if self.health.needs_models(backend_id):
+                # A backend that was down when its models were asked has them now.
+                await self._fleet.discover(client, [self._fleet.backends[backend_id]])
+                changed = True
+            if changed:
+                self.health.apply()
+        except Exception:  # one backend's check must not end the others'
+            log.exception("health check of backend %d failed", backend_id)
+        finally:
+            if self._checking.get(backend_id) is asyncio.current_task():
+                del self._checking[backend_id]
+            self._wake.set()
+
+    async def _rediscover_unchecked(self, now: float) -> None:
+        """Without active checks, backends whose models are unknown are asked every `interval_s`."""
+        if now < self._next_discovery_at or not self._fleet.models_unknown():
+            return
+        self._next_discovery_at = now + self._config.health.interval_s
+        assert self._client is not None
+        await self._fleet.discover(self._client)
+
+    async def _check_round(self, backend_ids: list[int]) -> None:
+        """Checks `backend_ids` at once and waits for all (startup with `require_ready`)."""
+        client = self._client
+        assert client is not None
+        await asyncio.gather(*(self.health.check(client, b) for b in backend_ids))
+        ready = [b for b in backend_ids if self.health.needs_models(b)]
+        if ready:
+            await self._fleet.discover(client, [self._fleet.backends[b] for b in ready])
+        self.health.apply()

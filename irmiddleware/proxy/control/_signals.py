@@ -18,7 +18,6 @@ count (Triton's pending count) the queue goes in as reported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from irmiddleware.hooks import LoadSignals
 from irmiddleware.proxy._fleet import Backend, Fleet
+from irmiddleware.proxy._metrics import remove_backend_series
 from irmiddleware.proxy.config import RouterConfig
 
 __all__ = ["SignalScraper"]
@@ -84,13 +84,16 @@ class SignalScraper:
             self._targets[backend.id] = url
 
     def remove(self, backend: Backend) -> None:
-        """Stops scraping `backend` and drops its gauges (a scrape under way is discarded)."""
+        """Stops scraping `backend` and drops its series (a scrape under way is discarded)."""
         self._targets.pop(backend.id, None)
         self._readings.pop(backend.id, None)
         self._failing.discard(backend.id)
-        for gauge in (self._queue, self._kv):
-            with contextlib.suppress(KeyError):
-                gauge.remove(backend.url)
+        for metric, labels in (
+            (self._queue, ("backend",)),
+            (self._kv, ("backend",)),
+            (self._scrapes, ("backend", "result")),
+        ):
+            remove_backend_series(metric, labels, backend.url)
 
     @property
     def active(self) -> bool:
