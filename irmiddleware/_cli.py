@@ -4,6 +4,7 @@ imported only when chosen (so `irmiddleware bench` never imports the proxy's dep
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -62,7 +63,19 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _run(list(sys.argv[1:] if argv is None else argv))
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader that left is noticed inside the try
+    except BrokenPipeError:
+        # The reader left early (`irmiddleware --help | head -1`): nothing more to say, and
+        # nobody to say it to. Python's own flush at exit must not find the broken pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2

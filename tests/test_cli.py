@@ -1,10 +1,13 @@
 """The `irmiddleware` command itself: every subcommand is listed, `--version` names the package's
-version, an unknown command is refused with the list, and `serve --help` names every strategy."""
+version, an unknown command is refused with the list, `serve --help` names every strategy, and help
+piped to a reader that leaves early (`| head -1`) ends quietly."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +47,14 @@ def test_subcommand_help_is_complete(command: str) -> None:
         assert all(name in flat for name in STRATEGIES), flat
     else:
         assert all(kind in out for kind in ("vllm", "triton", "tgi"))
+
+
+@pytest.mark.slow  # starts the command as a process
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_help_to_a_reader_that_left_ends_quietly(argv: list[str]) -> None:
+    command = [sys.executable, "-m", "irmiddleware", *argv]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader leaves before a line is written, as `head` does after one
+    _out, err = process.communicate(timeout=60)
+    assert (process.returncode, err) == (0, b"")

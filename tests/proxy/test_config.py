@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from irmiddleware import STRATEGIES
 from irmiddleware.proxy import ConfigError, RouterConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,13 @@ def test_design_md_shape_and_example_file_load(tmp_path: Path) -> None:
     assert config.retries.connect_attempts == 0 and config.backends[0].models == ("llama-3-8b",)
     example = load_config(ROOT / "examples" / "router.toml")
     assert len(example.backends) == 2
+
+
+def test_the_example_config_names_every_strategy() -> None:
+    lines = (ROOT / "examples" / "router.toml").read_text().splitlines()
+    (first,) = [number for number, line in enumerate(lines) if line.startswith("strategy")]
+    listed = " ".join(line.partition("#")[2] for line in lines[first : first + 2])  # a comment that goes on
+    assert [name for name in STRATEGIES if name not in listed] == []
 
 
 @pytest.mark.parametrize(
