@@ -244,7 +244,9 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 @pytest.mark.slow
 def test_router_stays_responsive_under_overload(emulators: Emulators, router: Routers) -> None:
     backends = emulators(2, max_num_seqs=4, time_per_output_token_s=0.01)
-    server = router(config_of(backends, 4, max_queue=500, max_wait_s=0.5, class_shares=ALL_SHARES))
+    # Waiters wait up to 5 s: the overload lasts long enough for a loaded test machine (this
+    # process serves the router, the backends and the questions) to ask twice while it is on.
+    server = router(config_of(backends, 4, max_queue=500, max_wait_s=5.0, class_shares=ALL_SHARES))
     admission = server.app.admission
     load = subprocess.Popen(
         [sys.executable, "-c", _LOAD, server.url, "2000"], stdout=subprocess.PIPE, text=True
