@@ -150,10 +150,12 @@ pub const Header = extern struct {
     owners_max: u32,
     /// One more than the largest owner index ever attached: sums over owners stop there.
     owners_high_water: Atomic(u32),
+    /// Puts `release_generation` on a cache line of its own (asserted below).
+    generation_line_before: [8]u8,
     /// Moves on every release and every change of capacity or state (owners.zig
     /// `bumpGeneration`), on its own cache line: a worker with queued requests polls it, or
     /// waits on it (a futex), to learn that capacity was freed anywhere.
-    release_generation: Atomic(u64) align(64),
+    release_generation: Atomic(u64),
     /// Threads in `owners.waitGeneration`: a release wakes them only when there are some.
     generation_waiters: Atomic(u32),
     generation_line_rest: [52]u8,
