@@ -604,10 +604,12 @@ pub const Table = struct {
         return new;
     }
 
-    /// The statistics of `count` released requests, and the generation that tells waiting
-    /// workers capacity was freed.
+    /// The statistics of `count` released requests, and (in a shared table) the generation that
+    /// tells waiting workers capacity was freed.
     pub fn afterRelease(t: *const Table, slot: u32, freed: bool, count: u32, latency_us: u32, ok: bool) void {
-        owners.bumpGeneration(t);
+        // Only shared tables have other processes to tell; a private table's release path stays
+        // as it was (its generation moves on capacity and state changes).
+        if (t.owner_records.len != 0) owners.bumpGeneration(t);
         if (freed) return; // The slot may already be reused by `add`: touch nothing more.
         const s = &t.slots[slot];
         if (ok) {
