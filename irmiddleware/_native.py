@@ -722,7 +722,9 @@ class NativeTable:
                 "invalid_argument", f"owner must be an int in 1..{OWNERS_MAX - 1}, got {owner!r}"
             )
         leases, cost = ctypes.c_uint64(), ctypes.c_uint64()
-        _check(function(self._handle, owner, ctypes.byref(leases), ctypes.byref(cost)), f"{verb} owner {owner}")
+        _check(
+            function(self._handle, owner, ctypes.byref(leases), ctypes.byref(cost)), f"{verb} owner {owner}"
+        )
         return leases.value, cost.value
 
     def owner_info(self) -> tuple[int, int]:

@@ -515,7 +515,7 @@ pub const Table = struct {
 
     /// `old` with `cost` and one request more, or null if the backend is not active or that
     /// would exceed the share of capacity `class` may fill.
-    pub fn reservedWord(t: *const Table, slot: u32, old: Word, cost: u32, class: u32) ?Word {
+    pub inline fn reservedWord(t: *const Table, slot: u32, old: Word, cost: u32, class: u32) ?Word {
         if (old.state != .active) return null;
         const limit = t.limitFor(t.slots[slot].capacity.load(.monotonic), class);
         if (@as(u64, old.cost) + cost > limit) return null;
@@ -530,7 +530,7 @@ pub const Table = struct {
         return new;
     }
 
-    pub fn afterReserve(t: *const Table, slot: u32) void {
+    pub inline fn afterReserve(t: *const Table, slot: u32) void {
         _ = t.slots[slot].routed_total.fetchAdd(1, .monotonic);
         tree.onLeafChanged(t, slot);
     }
@@ -588,7 +588,7 @@ pub const Table = struct {
 
     /// `old` without `cost` and `count` requests (a retired slot left empty becomes free), or
     /// `ReleaseMismatch` if it does not hold them.
-    pub fn releasedWord(old: Word, cost: u32, count: u32) Error!Word {
+    pub inline fn releasedWord(old: Word, cost: u32, count: u32) Error!Word {
         assert(count > 0);
         if (old.state == .free) return error.UnknownBackend;
         if (old.count < count or old.cost < cost) return error.ReleaseMismatch;
@@ -606,7 +606,7 @@ pub const Table = struct {
 
     /// The statistics of `count` released requests, and (in a shared table) the generation that
     /// tells waiting workers capacity was freed.
-    pub fn afterRelease(t: *const Table, slot: u32, freed: bool, count: u32, latency_us: u32, ok: bool) void {
+    pub inline fn afterRelease(t: *const Table, slot: u32, freed: bool, count: u32, latency_us: u32, ok: bool) void {
         // Only shared tables have other processes to tell; a private table's release path stays
         // as it was (its generation moves on capacity and state changes).
         if (t.owner_records.len != 0) owners.bumpGeneration(t);
