@@ -14,18 +14,32 @@ const Table = table_mod.Table;
 const backends_max: u32 = 4;
 const capacity: u32 = 40;
 
+/// A surviving process's handle and what it holds on the world's slot, as it holds it.
+const Holder = struct {
+    view: Table,
+    cost: u32 = 0,
+    count: u32 = 0,
+
+    fn reserve(h: *Holder, slot: u32, cost: u32) !void {
+        try testing.expect(h.view.reserve(slot, cost, 0));
+        h.cost += cost;
+        h.count += 1;
+    }
+
+    fn release(h: *Holder, slot: u32, cost: u32) !void {
+        try h.view.release(slot, h.view.incarnationOf(slot), cost, 10, true);
+        h.cost -= cost;
+        h.count -= 1;
+    }
+};
+
 /// A table with owner records in ordinary memory, and the views of it that play the processes.
 const World = struct {
     base: Table,
     dying: Table, // owner 1
-    other: Table, // owner 2
-    unowned: Table, // owner 0
+    other: Holder, // owner 2
+    unowned: Holder, // owner 0
     slot: u32,
-    /// What the surviving handles hold, as they hold it: (cost, count) on `slot`.
-    other_cost: u32 = 0,
-    other_count: u32 = 0,
-    unowned_cost: u32 = 0,
-    unowned_count: u32 = 0,
 
     fn init() !World {
         const layout = table_mod.Layout.init(backends_max, 0, 8);
@@ -34,38 +48,14 @@ const World = struct {
         const base = Table.format(region, backends_max, 0, 0, 8);
         const slot = try base.add(1, capacity, 1000);
         _ = try base.add(2, capacity, 1000);
-        var world: World = .{ .base = base, .dying = base, .other = base, .unowned = base, .slot = slot };
+        var world: World = .{ .base = base, .dying = base, .other = .{ .view = base }, .unowned = .{ .view = base }, .slot = slot };
         try owners.attach(&world.dying, 1);
-        try owners.attach(&world.other, 2);
+        try owners.attach(&world.other.view, 2);
         return world;
     }
 
     fn deinit(w: *World) void {
         testing.allocator.free(w.base.region);
-    }
-
-    fn otherReserve(w: *World, cost: u32) !void {
-        try testing.expect(w.other.reserve(w.slot, cost, 0));
-        w.other_cost += cost;
-        w.other_count += 1;
-    }
-
-    fn otherRelease(w: *World, cost: u32) !void {
-        try w.other.release(w.slot, w.other.incarnationOf(w.slot), cost, 10, true);
-        w.other_cost -= cost;
-        w.other_count -= 1;
-    }
-
-    fn unownedReserve(w: *World, cost: u32) !void {
-        try testing.expect(w.unowned.reserve(w.slot, cost, 0));
-        w.unowned_cost += cost;
-        w.unowned_count += 1;
-    }
-
-    fn unownedRelease(w: *World, cost: u32) !void {
-        try w.unowned.release(w.slot, w.unowned.incarnationOf(w.slot), cost, 10, true);
-        w.unowned_cost -= cost;
-        w.unowned_count -= 1;
     }
 
     /// The process of owner 1 is gone: what `reclaim` checks for (a dead pid) is simulated by
@@ -78,15 +68,15 @@ const World = struct {
     /// The table holds exactly what the survivors hold, on every slot and in the totals.
     fn expectExact(w: *World) !void {
         const word = w.base.wordOf(w.slot);
-        try testing.expectEqual(w.other_cost + w.unowned_cost, word.cost);
-        try testing.expectEqual(w.other_count + w.unowned_count, @as(u32, word.count));
+        try testing.expectEqual(w.other.cost + w.unowned.cost, word.cost);
+        try testing.expectEqual(w.other.count + w.unowned.count, @as(u32, word.count));
         try testing.expect(word.cost <= capacity);
         try testing.expectEqual(@as(u64, word.cost), w.base.costInFlightTotal());
         const dying = owners.heldTotal(&w.base, 1);
         try testing.expectEqual(@as(u64, 0), dying.leases);
         const other = owners.heldTotal(&w.base, 2);
-        try testing.expectEqual(@as(u64, w.other_count), other.leases);
-        try testing.expectEqual(@as(u64, w.other_cost), other.cost);
+        try testing.expectEqual(@as(u64, w.other.count), other.leases);
+        try testing.expectEqual(@as(u64, w.other.cost), other.cost);
         const op: owners.Op = @bitCast(w.base.owner_records[1].op.load(.monotonic));
         try testing.expectEqual(owners.Phase.idle, op.phase);
     }
@@ -125,14 +115,14 @@ fn interleave(w: *World) !void {
         .none => {},
         .other_owner, .other_owner_survives => {
             // Each of these replaces the slot's tag, so the dying operation must be helped.
-            try w.otherReserve(3);
-            try w.otherRelease(3);
-            try w.otherReserve(1);
+            try w.other.reserve(w.slot, 3);
+            try w.other.release(w.slot, 3);
+            try w.other.reserve(w.slot, 1);
         },
         .unowned => {
-            try w.unownedReserve(2);
-            try w.unownedRelease(2);
-            try w.unownedReserve(1);
+            try w.unowned.reserve(w.slot, 2);
+            try w.unowned.release(w.slot, 2);
+            try w.unowned.reserve(w.slot, 1);
         },
     }
     try testing.expect(w.base.wordOf(w.slot).cost <= capacity);
@@ -163,7 +153,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
     defer w.deinit();
     try testing.expect(w.dying.reserve(w.slot, 5, 0));
     try testing.expect(w.dying.reserve(w.slot, 4, 0));
-    try w.otherReserve(6);
+    try w.other.reserve(w.slot, 6);
     armHook(&w, point, interleaving);
     // The operation's word change happens between points 3 and 4 (its compare-and-swap).
     const changed = point >= 4 or interleaving == .other_owner_survives;
@@ -191,9 +181,9 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
     // The survivors keep working after the death, before the reclaim (except in `.none`, where
     // the dying operation's tag, if it made one, is still on the word at the reclaim).
     if (interleaving != .none) {
-        try w.otherReserve(2);
-        try w.unownedReserve(1);
-        try w.unownedRelease(1);
+        try w.other.reserve(w.slot, 2);
+        try w.unowned.reserve(w.slot, 1);
+        try w.unowned.release(w.slot, 1);
     }
     if (interleaving == .other_owner_survives) {
         // Not killed: the operation finished, and owner 1 closes with what it holds.
@@ -202,7 +192,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
         try testing.expectEqual(dying_cost, held.cost);
     }
     w.buryDying();
-    const reclaimed = try owners.reclaim(&w.unowned, 1);
+    const reclaimed = try owners.reclaim(&w.unowned.view, 1);
     try testing.expectEqual(dying_count, reclaimed.leases);
     try testing.expectEqual(dying_cost, reclaimed.cost);
     try w.expectExact();
@@ -233,18 +223,18 @@ test "a reclaim killed at any point is finished exactly by the next one" {
             const second = w.slot + 1;
             try testing.expect(w.dying.reserve(w.slot, 5, 0));
             try testing.expect(w.dying.reserve(second, 8, 0));
-            try w.otherReserve(6);
+            try w.other.reserve(w.slot, 6);
             armHook(&w, point, .other_owner);
             _ = w.dying.reserve(w.slot, 7, 0);
             try disarmHook();
             w.buryDying();
             // The first reclaim dies at `reclaim_point` of its first give-back.
             armHook(&w, reclaim_point, .other_owner);
-            try testing.expectError(error.Busy, owners.reclaim(&w.unowned, 1));
+            try testing.expectError(error.Busy, owners.reclaim(&w.unowned.view, 1));
             try disarmHook();
             // The next reclaim (here the same process, as after a supervisor's restart of its
             // loop) finishes: everything owner 1 held is back, counted once.
-            const reclaimed = try owners.reclaim(&w.unowned, 1);
+            const reclaimed = try owners.reclaim(&w.unowned.view, 1);
             try testing.expect(reclaimed.leases <= 3);
             try w.expectExact();
             try w.expectDyingFree();
@@ -257,21 +247,21 @@ test "a reclaim killed at any point is finished exactly by the next one" {
 test "reclaim refuses a live owner and its own, and attach refuses an index in use" {
     var w = try World.init();
     defer w.deinit();
-    try testing.expect(w.other.reserve(w.slot, 1, 0));
+    try testing.expect(w.other.view.reserve(w.slot, 1, 0));
     // Owner 2 is live (this process): refused, nothing changed.
-    try testing.expectError(error.OwnerAlive, owners.reclaim(&w.unowned, 2));
-    try testing.expectError(error.OwnerAlive, owners.reclaim(&w.other, 2));
+    try testing.expectError(error.OwnerAlive, owners.reclaim(&w.unowned.view, 2));
+    try testing.expectError(error.OwnerAlive, owners.reclaim(&w.other.view, 2));
     var again = w.base;
     try testing.expectError(error.OwnerInUse, owners.attach(&again, 2));
     try testing.expectError(error.OwnerInUse, owners.attach(&again, 0));
     try testing.expectError(error.OwnerInUse, owners.attach(&again, 8));
     try testing.expectEqual(@as(u32, 1), w.base.wordOf(w.slot).count);
     // A free index: nothing to give back.
-    const nothing = try owners.reclaim(&w.unowned, 3);
+    const nothing = try owners.reclaim(&w.unowned.view, 3);
     try testing.expectEqual(@as(u64, 0), nothing.leases);
     // A closed owner holding something is detached; its reclaim is allowed in this process.
-    owners.detach(&w.other);
-    const back = try owners.reclaim(&w.unowned, 2);
+    owners.detach(&w.other.view);
+    const back = try owners.reclaim(&w.unowned.view, 2);
     try testing.expectEqual(@as(u64, 1), back.leases);
     try testing.expectEqual(@as(u32, 0), w.base.wordOf(w.slot).count);
 }
@@ -279,7 +269,7 @@ test "reclaim refuses a live owner and its own, and attach refuses an index in u
 test "an owned release of what the owner does not hold changes nothing, a stale one is refused" {
     var w = try World.init();
     defer w.deinit();
-    try w.unownedReserve(3);
+    try w.unowned.reserve(w.slot, 3);
     try testing.expectError(error.ReleaseMismatch, w.dying.release(w.slot, w.dying.incarnationOf(w.slot), 3, 0, true));
     try testing.expect(w.dying.reserve(w.slot, 2, 0));
     try testing.expectError(error.StaleRelease, w.dying.release(w.slot, w.dying.incarnationOf(w.slot) + 1, 2, 0, true));
@@ -287,7 +277,7 @@ test "an owned release of what the owner does not hold changes nothing, a stale 
     // Removed while held: retired, and the owned release frees it.
     try w.base.remove(w.slot);
     try w.dying.release(w.slot, w.dying.incarnationOf(w.slot), 2, 0, true);
-    try w.unownedRelease(3);
+    try w.unowned.release(w.slot, 3);
     try testing.expectEqual(table_mod.State.free, w.base.wordOf(w.slot).state);
 }
 
@@ -296,10 +286,10 @@ test "the release generation moves on releases and wakes a waiter" {
     defer w.deinit();
     const before = owners.generation(&w.base);
     try testing.expectEqual(before, owners.waitGeneration(&w.base, before, 1)); // times out
-    try w.otherReserve(1);
+    try w.other.reserve(w.slot, 1);
     try testing.expectEqual(before, owners.generation(&w.base)); // a reserve frees nothing
     const waiter = try std.Thread.spawn(.{}, waitInto, .{ &w.base, before });
-    try w.otherRelease(1);
+    try w.other.release(w.slot, 1);
     waiter.join();
     try testing.expect(waited_generation != before);
 }
@@ -319,7 +309,7 @@ test "owned threads on one slot never exceed capacity and leave it empty" {
     var w = try World.init();
     defer w.deinit();
     var threads: [3]std.Thread = undefined;
-    var views: [3]Table = .{ w.dying, w.other, w.unowned };
+    var views: [3]Table = .{ w.dying, w.other.view, w.unowned.view };
     for (&threads, &views) |*thread, *view| thread.* = try std.Thread.spawn(.{}, churn, .{ view, w.slot });
     for (threads) |thread| thread.join();
     try testing.expectEqual(@as(u32, 0), w.base.wordOf(w.slot).cost);
