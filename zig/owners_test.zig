@@ -1,7 +1,8 @@
 //! The reclaim protocol (owners.zig) at every point an owned operation passes: for each
 //! operation (reserve, release, and a reclaim itself), each point, and each interleaving (none;
 //! another owner's operations on the same slot, which replace the dying operation's tag; unowned
-//! operations, which leave it; and the same with the operation surviving instead of dying), the
+//! operations, which leave it; the same with the operation surviving instead of dying; and with
+//! it dying after the race those operations made it lose), the
 //! owner stops there as a SIGKILL would stop it, others go on, a reclaim gives its holdings
 //! back, and the table must be exactly what the other owners hold — never above capacity.
 
@@ -87,7 +88,15 @@ const World = struct {
     }
 };
 
-const Interleaving = enum { none, other_owner, unowned, other_owner_survives };
+const Interleaving = enum {
+    none,
+    other_owner,
+    unowned,
+    other_owner_survives,
+    /// Another owner's operations at the point, the operation goes on (its CAS then fails and
+    /// it retries), and it dies the second time it reaches the point.
+    other_owner_then_dies_on_retry,
+};
 
 /// The hook's instructions for the operation under test.
 var hook_world: ?*World = null;
@@ -96,9 +105,16 @@ var hook_interleaving: Interleaving = .none;
 var hook_fired = false;
 var hook_failure: ?anyerror = null;
 
+var hook_second_seen = false;
+
 fn hook(point: u32) bool {
     const w = hook_world orelse return false;
-    if (point != hook_point or hook_fired) return false;
+    if (point != hook_point) return false;
+    if (hook_fired) {
+        if (hook_interleaving != .other_owner_then_dies_on_retry or hook_second_seen) return false;
+        hook_second_seen = true;
+        return true;
+    }
     hook_fired = true;
     // The survivors' operations run while the dying one is stopped at `point`; the hook is off
     // for them (they are other processes, not killed).
@@ -107,13 +123,16 @@ fn hook(point: u32) bool {
     interleave(w) catch |err| {
         hook_failure = err;
     };
-    return hook_interleaving != .other_owner_survives;
+    return switch (hook_interleaving) {
+        .other_owner_survives, .other_owner_then_dies_on_retry => false,
+        else => true,
+    };
 }
 
 fn interleave(w: *World) !void {
     switch (hook_interleaving) {
         .none => {},
-        .other_owner, .other_owner_survives => {
+        .other_owner, .other_owner_survives, .other_owner_then_dies_on_retry => {
             // Each of these replaces the slot's tag, so the dying operation must be helped.
             try w.other.reserve(w.slot, 3);
             try w.other.release(w.slot, 3);
@@ -133,6 +152,7 @@ fn armHook(w: *World, point: u32, interleaving: Interleaving) void {
     hook_point = point;
     hook_interleaving = interleaving;
     hook_fired = false;
+    hook_second_seen = false;
     hook_failure = null;
     owners.test_point_hook = hook;
 }
@@ -155,14 +175,18 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
     try testing.expect(w.dying.reserve(w.slot, 4, 0));
     try w.other.reserve(w.slot, 6);
     armHook(&w, point, interleaving);
-    // The operation's word change happens between points 3 and 4 (its compare-and-swap).
-    const changed = point >= 4 or interleaving == .other_owner_survives;
+    // The operation's word change happens between points 3 and 4 (its compare-and-swap). Only
+    // point 3 is reached twice (the survivors' operations make the first CAS fail): "dies on
+    // retry" at another point survives.
+    const dies_on_retry = interleaving == .other_owner_then_dies_on_retry;
+    const survives = interleaving == .other_owner_survives or (dies_on_retry and point != 3);
+    const changed = survives or (point >= 4 and !dies_on_retry);
     var dying_count: u64 = 2;
     var dying_cost: u64 = 9;
     switch (operation) {
         .reserve => {
             const reserved = w.dying.reserve(w.slot, 7, 0);
-            if (interleaving == .other_owner_survives) try testing.expect(reserved);
+            if (survives) try testing.expect(reserved);
             if (changed) {
                 dying_count += 1;
                 dying_cost += 7;
@@ -170,7 +194,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
         },
         .release => {
             const result = w.dying.release(w.slot, w.dying.incarnationOf(w.slot), 4, 10, true);
-            if (interleaving == .other_owner_survives) try result else result catch {};
+            if (survives) try result else result catch {};
             if (changed) {
                 dying_count -= 1;
                 dying_cost -= 4;
@@ -178,6 +202,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
         },
     }
     try disarmHook();
+    try testing.expect(hook_second_seen == (dies_on_retry and point == 3));
     // The survivors keep working after the death, before the reclaim (except in `.none`, where
     // the dying operation's tag, if it made one, is still on the word at the reclaim).
     if (interleaving != .none) {
@@ -185,7 +210,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
         try w.unowned.reserve(w.slot, 1);
         try w.unowned.release(w.slot, 1);
     }
-    if (interleaving == .other_owner_survives) {
+    if (survives) {
         // Not killed: the operation finished, and owner 1 closes with what it holds.
         const held = owners.heldTotal(&w.base, 1);
         try testing.expectEqual(dying_count, held.leases);
@@ -207,7 +232,7 @@ fn runCase(operation: Operation, point: u32, interleaving: Interleaving) !void {
 
 test "a reserve or release killed at any point is reclaimed exactly, whoever runs meanwhile" {
     defer owners.test_point_hook = null;
-    const interleavings = [_]Interleaving{ .none, .other_owner, .unowned, .other_owner_survives };
+    const interleavings = [_]Interleaving{ .none, .other_owner, .unowned, .other_owner_survives, .other_owner_then_dies_on_retry };
     for (interleavings) |interleaving| {
         for (owners.reserve_points) |point| try runCase(.reserve, point, interleaving);
         for (owners.release_points) |point| try runCase(.release, point, interleaving);
