@@ -4,7 +4,7 @@ moments, many times; the survivor reclaims each dead owner, and in the end every
 requests in flight are exactly zero, having never exceeded capacity. Also: the owner API's
 refusals (an owner without a shared table, out of range, in use; a reclaim of a live owner or of
 one's own), the exact give-back of a router closed while holding reservations, and the release
-generation that tells waiting workers capacity was freed."""
+generation that tells waiting workers (threads, or another process) capacity was freed."""
 
 from __future__ import annotations
 
@@ -184,3 +184,22 @@ def test_workers_killed_at_random_moments_give_back_exactly_what_they_held(share
             assert (stats.load, stats.requests_in_flight) == (0, 0), stats
         for owner in WORKER_OWNERS:
             assert supervisor.owner_held(owner) == (0, 0)
+
+
+@pytest.mark.slow  # forks a process
+def test_a_release_in_another_process_wakes_a_waiting_worker(shared_name: str) -> None:
+    with make_fleet(shared_name) as supervisor, Router(shared_memory=shared_name, owner=1) as worker:
+        lease = worker.acquire(1)
+        assert lease is not None
+        seen = supervisor.release_generation()
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            os.write(ready_write, b"x")
+            woken = wait_for_change(supervisor, seen) != seen
+            os._exit(0 if woken else 3)
+        os.read(ready_read, 1)
+        time.sleep(0.05)  # most likely asleep in the futex by now; either way it must see the release
+        lease.release()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
