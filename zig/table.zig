@@ -180,6 +180,7 @@ const LayoutFields = extern struct {
     ring_points_per_backend: u32,
     prefix_sets_count: u32,
     owners_max: u32,
+    /// Always 0: keeps the struct free of padding (see below).
     reserved: u32 = 0,
 
     fn of(header: *const Header) LayoutFields {
@@ -210,7 +211,6 @@ const LayoutFields = extern struct {
         if (fields.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Corrupt;
         if (fields.flags & ~flags_known != 0) return error.Corrupt;
         if (fields.owners_max > owners.owners_max) return error.Corrupt;
-        if (fields.reserved != 0) return error.Corrupt;
         const result = Layout.init(fields.backends_max, fields.prefix_sets_count * prefix_ways, fields.owners_max);
         if (fields.tree_leaves_count != result.tree_leaves_count) return error.Corrupt;
         if (fields.idmap_count != result.idmap_count) return error.Corrupt;
