@@ -984,7 +984,13 @@ test "view refuses a header whose layout fields or counts are damaged, and accep
     const bytes = std.mem.asBytes(t.header);
     const layout_end = @offsetOf(Header, "flags") + 4;
     // Every bit of the layout fields is covered by the checksum.
+    const owners_start = @offsetOf(Header, "owners_max");
     for (0..layout_end) |byte| {
+        bytes[byte] ^= 0x10;
+        defer bytes[byte] ^= 0x10;
+        try testing.expect(std.meta.isError(Table.view(t.region)));
+    }
+    for (owners_start..owners_start + 4) |byte| {
         bytes[byte] ^= 0x10;
         defer bytes[byte] ^= 0x10;
         try testing.expect(std.meta.isError(Table.view(t.region)));
