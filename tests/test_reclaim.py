@@ -147,6 +147,18 @@ def check_capacity(router: Router) -> None:
         assert stats.requests_in_flight <= stats.load, stats
 
 
+def sample_capacity(router: Router, stop: threading.Event, result: list[int]) -> None:
+    """Samples every backend's load while the workers run and die (bounded by `stop` and a
+    count): `result` gets the number of samples above capacity, then the number taken."""
+    above = taken = 0
+    while not stop.is_set() and taken < 100_000:
+        for stats in router.stats():
+            above += not 0 <= stats.load <= stats.capacity
+        taken += 1
+        time.sleep(0.001)
+    result += [above, taken]
+
+
 @pytest.mark.slow  # forks and kills worker processes
 def test_workers_killed_at_random_moments_give_back_exactly_what_they_held(shared_name: str) -> None:
     rng = random.Random(12)
@@ -154,6 +166,10 @@ def test_workers_killed_at_random_moments_give_back_exactly_what_they_held(share
         pids = {owner: spawn(shared_name, owner, rng.randrange(2**32)) for owner in WORKER_OWNERS}
         kills = reclaimed_leases = 0
         started = time.monotonic()
+        stop = threading.Event()
+        samples: list[int] = []
+        sampler = threading.Thread(target=sample_capacity, args=(supervisor, stop, samples))
+        sampler.start()
         try:
             while kills < KILLS and time.monotonic() - started < DEADLINE_S:
                 owner = rng.choice(WORKER_OWNERS)
@@ -172,10 +188,13 @@ def test_workers_killed_at_random_moments_give_back_exactly_what_they_held(share
             with pytest.raises(InvalidArgumentError, match="owner alive"):
                 supervisor.reclaim_owner(WORKER_OWNERS[0])
         finally:
+            stop.set()
+            sampler.join()
             for owner, pid in pids.items():
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 supervisor.reclaim_owner(owner)
+        assert samples and samples[0] == 0, "a sample found a backend above its capacity"
         assert kills >= 50, f"only {kills} kills before the deadline"
         assert reclaimed_leases > 0  # the kills did land while workers held reservations
         # Exactly zero everywhere. (Not `assert_idle`: its statistics check, routed = completed +
