@@ -53,6 +53,10 @@ ROUTE_NONE: Final = -(1 << 31)
 ROUTE_SLOT_BASE: Final = -(1 << 30)
 """`irm_route`'s results from this one down name the slot of a backend whose id is 2**31 or
 above: `ROUTE_SLOT_BASE - result` (`route_slot_base`, zig/abi.zig)."""
+OWNERS_MAX: Final = 64
+"""Owner records of a shared table (`owners_max`, zig/owners.zig): owners are 1..OWNERS_MAX-1."""
+RELEASE_WAIT_MS_MAX: Final = 1000
+"""The longest one `wait_release` call sleeps (`irm_release_wait`): callers loop."""
 REQUEST_ID_MAX: Final = 2**64 - 1
 """Request ids `irm_route` records in the core (u64); the router keeps any other id itself."""
 CallArgumentError: Final = ctypes.ArgumentError
@@ -116,6 +120,8 @@ _STATUS_NAMES: Final = (
     "stale_release",
     "duplicate_request",
     "unknown_request",
+    "owner_in_use",
+    "owner_alive",
 )
 
 _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
@@ -145,6 +151,9 @@ _STATUS_ERRORS: Final[dict[str, type[_errors.NativeError]]] = {
     # The router turns these two into the seed API's ValueError and KeyError with their messages.
     "duplicate_request": _errors.InvalidArgumentError,
     "unknown_request": _errors.NativeError,
+    # Owners (zig/owners.zig): an index taken or out of range, a reclaim of a live owner.
+    "owner_in_use": _errors.InvalidArgumentError,
+    "owner_alive": _errors.InvalidArgumentError,
 }
 
 
@@ -227,6 +236,12 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_complete": [_u32, _u32, _u32, _u32, _i32],
     "irm_request_read": [_u32, _u32, _u32, _pu64],
     "irm_requests_count": [_u32, _pu64],
+    "irm_owner_attach": [_u32, _u32],
+    "irm_owner_reclaim": [_u32, _u32, _pu64, _pu64],
+    "irm_owner_held": [_u32, _u32, _pu64, _pu64],
+    "irm_owner_info": [_u32, _pu32, _pu32],
+    "irm_release_generation": [_u32, _pu64],
+    "irm_release_wait": [_u32, _u64, _u32, _pu64],
 }
 _RESULT_TYPES: Final[dict[str, Any]] = {}
 """Exports that return something other than an i32 status (`irm_route` returns an i32 that is
@@ -680,6 +695,57 @@ class NativeTable:
                 int(ok), out_ref,
             )  # fmt: skip
             _check(status, f"release batch (released {start + out.value} of {count})")
+
+    # ---- owners (a dead worker's reservations given back: zig/owners.zig) -----------------------
+
+    def attach_owner(self, owner: int) -> None:
+        """Makes this handle owner `owner` (1..OWNERS_MAX-1) of its shared table, right after
+        opening it: its reservations are recorded so that `reclaim_owner` can give them back."""
+        if type(owner) is not int or not 1 <= owner < OWNERS_MAX:
+            raise _errors.InvalidArgumentError(
+                "owner_in_use", f"owner must be an int in 1..{OWNERS_MAX - 1}, got {owner!r}"
+            )
+        _check(_lib.irm_owner_attach(self._handle, owner), f"attach as owner {owner}")
+
+    def reclaim_owner(self, owner: int) -> tuple[int, int]:
+        """Gives back what owner `owner` holds (its process dead, or its handle closed):
+        (reservations, cost) given back."""
+        return self._owner_call(_lib.irm_owner_reclaim, owner, "reclaim")
+
+    def owner_held(self, owner: int) -> tuple[int, int]:
+        """What owner `owner` holds now: (reservations, cost)."""
+        return self._owner_call(_lib.irm_owner_held, owner, "read holdings of")
+
+    def _owner_call(self, function: Any, owner: int, verb: str) -> tuple[int, int]:
+        if type(owner) is not int or not 1 <= owner < OWNERS_MAX:
+            raise _errors.InvalidArgumentError(
+                "invalid_argument", f"owner must be an int in 1..{OWNERS_MAX - 1}, got {owner!r}"
+            )
+        leases, cost = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(
+            function(self._handle, owner, ctypes.byref(leases), ctypes.byref(cost)), f"{verb} owner {owner}"
+        )
+        return leases.value, cost.value
+
+    def owner_info(self) -> tuple[int, int]:
+        """(owner records of the table: 0 if private, this handle's owner: 0 if unowned)."""
+        maximum, owner = ctypes.c_uint32(), ctypes.c_uint32()
+        _check(_lib.irm_owner_info(self._handle, ctypes.byref(maximum), ctypes.byref(owner)), "owner info")
+        return maximum.value, owner.value
+
+    def release_generation(self) -> int:
+        """A number that moves on every release, capacity or state change, and reclaim."""
+        generation = ctypes.c_uint64()
+        _check(_lib.irm_release_generation(self._handle, ctypes.byref(generation)), "release generation")
+        return generation.value
+
+    def wait_release(self, seen: int, timeout_ms: int) -> int:
+        """Sleeps until the release generation differs from `seen` or `timeout_ms` (at most
+        RELEASE_WAIT_MS_MAX) pass, without the GIL; returns the generation then."""
+        generation = ctypes.c_uint64()
+        status = _lib.irm_release_wait(self._handle, seen, timeout_ms, ctypes.byref(generation))
+        _check(status, "wait for a release")
+        return generation.value
 
     # ---- observation ---------------------------------------------------------------------------
 

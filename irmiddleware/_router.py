@@ -207,6 +207,8 @@ class Router:
     `route_request` holds its cost until `complete(request)`; `lease(request)` does both around a
     `with` block. `shared_memory="name"` puts the table in a named shared-memory segment so worker
     processes on one host share one set of counters (the first creates it, the others attach).
+    `owner=k` (1..63, with `shared_memory`) records this process's reservations as owner k's, so
+    that if it dies another process gives them back with `reclaim_owner(k)` (doc/reclaim.md).
     """
 
     def __init__(
@@ -220,7 +222,9 @@ class Router:
         prefix_index_entries: int = 65_536,
         balance_epsilon: float | None = None,
         signal_age_max_s: float | None = None,
+        owner: int | None = None,
     ) -> None:
+        _check_owner(owner, shared_memory)
         self._strategy = strategy_id(strategy)
         self.strategy = strategy
         self._table = self._open_table(max_accelerators, prefix_index_entries, shared_memory)
@@ -236,6 +240,8 @@ class Router:
         self._in_flight: dict[object, tuple[int, int, int]] = {}
         self._pools: dict[str, tuple[tuple[int, ...], int, _native.Pool]] = {}
         try:
+            if owner is not None:
+                self._table.attach_owner(owner)
             self._configure(class_shares, seed, balance_epsilon, signal_age_max_s)
             if shared_memory is not None:
                 self._refresh_ids()
@@ -290,6 +296,38 @@ class Router:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- owners (doc/reclaim.md) -----------------------------------------------------------------
+
+    @property
+    def owner(self) -> int:
+        """This router's owner index in its shared table (0: unowned)."""
+        return self._table.owner_info()[1]
+
+    def reclaim_owner(self, owner: int) -> tuple[int, int]:
+        """Gives back everything owner `owner` still holds, after its process died (or its router
+        closed while holding reservations): returns (reservations, cost) given back; (0, 0) if it
+        held nothing. Exact whatever instruction the owner died at. Refused (InvalidArgumentError
+        with status "owner_alive") for this router's own owner or an owner whose process is alive
+        and attached; a supervisor reaps a dead child (waitpid) before reclaiming it."""
+        return self._table.reclaim_owner(owner)
+
+    def owner_held(self, owner: int) -> tuple[int, int]:
+        """What owner `owner` holds now: (reservations, cost), a snapshot for tests and metrics."""
+        return self._table.owner_held(owner)
+
+    def release_generation(self) -> int:
+        """A number that moves whenever capacity may have been freed anywhere in the table: every
+        release, capacity or state change, and reclaim, by any process. A worker with queued
+        requests compares it with the value it last saw instead of retrying blindly."""
+        return self._table.release_generation()
+
+    def wait_release(self, seen: int, timeout_s: float) -> int:
+        """Blocks (without the GIL, at most `timeout_s`, up to 1 s) until the release generation
+        differs from `seen`; returns it (still `seen` on a timeout). For a thread that serves a
+        worker's queue: a futex on the shared table, woken by releases in any process."""
+        timeout_ms = max(0, min(_native.RELEASE_WAIT_MS_MAX, round(timeout_s * 1000)))
+        return self._table.wait_release(seen, timeout_ms)
 
     # ---- accelerators --------------------------------------------------------------------------
 
@@ -734,6 +772,19 @@ def _refuse_request(cost: int, priority: int) -> NoReturn:
 
 _TICKET_END: Final = 2**64
 """Tickets are u64 (`incarnation << 32 | slot`)."""
+
+
+def _check_owner(owner: int | None, shared_memory: str | None) -> None:
+    if owner is None:
+        return
+    if shared_memory is None:
+        raise _errors.InvalidArgumentError(
+            "invalid_argument", "owner is only valid with shared_memory (a private table has no owners)"
+        )
+    if type(owner) is not int or not 1 <= owner < _native.OWNERS_MAX:
+        raise _errors.InvalidArgumentError(
+            "invalid_argument", f"owner must be an int in 1..{_native.OWNERS_MAX - 1}, got {owner!r}"
+        )
 
 
 def _refuse_release(ticket: int, cost: int, latency_us: int) -> NoReturn:

@@ -53,6 +53,12 @@ class HEADER(ctypes.Structure):
         ("signal_age_max_ms", ctypes.c_uint32),
         ("weighted_max", ctypes.c_uint64),
         ("layout_checksum", ctypes.c_uint64),
+        ("owners_max", ctypes.c_uint32),
+        ("owners_high_water", ctypes.c_uint32),
+        ("generation_line_before", ctypes.c_uint8 * 8),
+        ("release_generation", ctypes.c_uint64),
+        ("generation_waiters", ctypes.c_uint32),
+        ("generation_line_rest", ctypes.c_uint8 * 52),
     )
 
 
@@ -60,11 +66,13 @@ class HEADER(ctypes.Structure):
 LAYOUT_FIELDS = {
     "magic", "layout_version", "backends_max", "tree_leaves_count", "idmap_count", "region_bytes",
     "flags", "ring_points_max", "ring_points_per_backend", "prefix_sets_count", "layout_checksum",
+    "owners_max",
 }  # fmt: skip
 # Fields whose every value is safe (counters, cursors, hints): a change must leave the table usable.
 FREE_FIELDS = {
     "rr_cursor", "rng_state", "cost_in_flight_total", "weighted_capacity_total", "prefix_clock",
-    "signal_age_max_ms", "weighted_max",
+    "signal_age_max_ms", "weighted_max", "generation_line_before", "release_generation",
+    "generation_waiters", "generation_line_rest",
 }  # fmt: skip
 # The rest have bounds (flags 0/1, counts within the layout, shares 1 to 1000): all ones is refused.
 

@@ -14,6 +14,7 @@ const table_mod = @import("table.zig");
 const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
 const requests_mod = @import("requests.zig");
+const owners = @import("owners.zig");
 const Table = table_mod.Table;
 const Requests = requests_mod.Requests;
 
@@ -57,6 +58,12 @@ pub const Status = enum(i32) {
     duplicate_request = 24,
     /// `irm_complete` (or `irm_request_read`) with a request id that is not in flight.
     unknown_request = 25,
+    /// `irm_owner_attach`: the owner index is attached by a live process, or still holds what a
+    /// dead or closed owner left (reclaim it first), or is out of range, or the table is private.
+    owner_in_use = 26,
+    /// `irm_owner_reclaim` of an owner whose process is alive and attached (or of this handle's
+    /// own owner): refused, nothing changed.
+    owner_alive = 27,
 };
 
 const Error = table_mod.Error || memory.Error || requests_mod.Error;
@@ -82,6 +89,8 @@ fn statusFrom(err: Error) Status {
         error.SystemError => .system_error,
         error.DuplicateRequest => .duplicate_request,
         error.UnknownRequest => .unknown_request,
+        error.OwnerInUse => .owner_in_use,
+        error.OwnerAlive => .owner_alive,
     };
 }
 
@@ -310,9 +319,9 @@ export fn irm_runtime_safety(out_enabled: ?*u32) i32 {
 export fn irm_table_create(backends_max: u32, prefix_entries: u32, flags: u32, out_handle: ?*u32) i32 {
     const out = out_handle orelse return status(.invalid_argument);
     if (!sizesValid(backends_max, prefix_entries, flags)) return status(.invalid_argument);
-    const layout = table_mod.Layout.init(backends_max, prefix_entries);
+    const layout = table_mod.Layout.init(backends_max, prefix_entries, 0);
     const region = memory.mapPrivate(layout.region_bytes) catch |err| return status(statusFrom(err));
-    return finishCreate(region, backends_max, prefix_entries, flags, out);
+    return finishCreate(region, backends_max, prefix_entries, flags, 0, out);
 }
 
 /// Creates a named shared-memory table; fails with `shared_exists` if the name is taken.
@@ -320,9 +329,11 @@ export fn irm_table_create_shared(name: ?[*]const u8, name_len: u32, backends_ma
     const out = out_handle orelse return status(.invalid_argument);
     const name_slice = nameFrom(name, name_len) orelse return status(.invalid_name);
     if (!sizesValid(backends_max, prefix_entries, flags)) return status(.invalid_argument);
-    const layout = table_mod.Layout.init(backends_max, prefix_entries);
+    // A shared table always has owner records: workers attach with an owner index so that a
+    // dead one's reservations can be reclaimed (owners.zig). They cost nothing until used.
+    const layout = table_mod.Layout.init(backends_max, prefix_entries, owners.owners_max);
     const region = memory.createShared(name_slice, layout.region_bytes) catch |err| return status(statusFrom(err));
-    return finishCreate(region, backends_max, prefix_entries, flags, out);
+    return finishCreate(region, backends_max, prefix_entries, flags, owners.owners_max, out);
 }
 
 fn sizesValid(backends_max: u32, prefix_entries: u32, flags: u32) bool {
@@ -331,8 +342,8 @@ fn sizesValid(backends_max: u32, prefix_entries: u32, flags: u32) bool {
     return flags & ~table_mod.flags_known == 0;
 }
 
-fn finishCreate(region: memory.Region, backends_max: u32, prefix_entries: u32, flags: u32, out: *u32) i32 {
-    const table = Table.format(region, backends_max, prefix_entries, flags);
+fn finishCreate(region: memory.Region, backends_max: u32, prefix_entries: u32, flags: u32, owners_max: u32, out: *u32) i32 {
+    const table = Table.format(region, backends_max, prefix_entries, flags, owners_max);
     out.* = register(table) orelse {
         memory.unmap(region);
         return status(.too_many_tables);
@@ -369,6 +380,8 @@ export fn irm_shared_unlink(name: ?[*]const u8, name_len: u32) i32 {
 export fn irm_table_destroy(handle: u32) i32 {
     switch (unregister(handle)) {
         .closed => |closed| {
+            // No call is in progress: an owner that holds nothing frees its index now.
+            owners.detach(&closed.table);
             var requests = closed.requests;
             requests.deinit();
             memory.unmap(closed.table.region);
@@ -758,6 +771,80 @@ export fn irm_release_batch(handle: u32, count: u32, tickets: ?[*]const u64, cos
     return status(.ok);
 }
 
+// ---- exports: owners (a dead worker's reservations given back; owners.zig) -------------------
+
+/// Makes this handle act as owner `owner` (1 … `irm_owners_max`-1) of its shared table: every
+/// reservation and release it makes is recorded so that `irm_owner_reclaim` can give back what
+/// it still holds if this process dies. Call it once, right after create or attach, before any
+/// other call on the handle. `owner_in_use` if the index is out of range, the table is private,
+/// or another live process (or what a dead one left) has it.
+export fn irm_owner_attach(handle: u32, owner: u32) i32 {
+    const entry = enterEntry(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    owners.attach(&entry.table, owner) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Gives back everything owner `owner` still holds (its process is dead, or its handle closed):
+/// `*out_leases` reservations of `*out_cost` in all. `owner_alive` if its process is alive and
+/// attached, or `owner` is this handle's own; ok with zeros if it holds nothing.
+export fn irm_owner_reclaim(handle: u32, owner: u32, out_leases: ?*u64, out_cost: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const leases_out = out_leases orelse return status(.invalid_argument);
+    const cost_out = out_cost orelse return status(.invalid_argument);
+    const result = owners.reclaim(t, owner) catch |err| return status(statusFrom(err));
+    leases_out.* = result.leases;
+    cost_out.* = result.cost;
+    return status(.ok);
+}
+
+/// What owner `owner` holds now: reservations and their cost (a snapshot, for tests and
+/// metrics). Zeros for a private table or an index out of range.
+export fn irm_owner_held(handle: u32, owner: u32, out_leases: ?*u64, out_cost: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const leases_out = out_leases orelse return status(.invalid_argument);
+    const cost_out = out_cost orelse return status(.invalid_argument);
+    const result = owners.heldTotal(t, owner);
+    leases_out.* = result.leases;
+    cost_out.* = result.cost;
+    return status(.ok);
+}
+
+/// `*out_owners_max`: owner records of the table (0 for a private table), and
+/// `*out_owner`: this handle's owner index (0: unowned).
+export fn irm_owner_info(handle: u32, out_owners_max: ?*u32, out_owner: ?*u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const max_out = out_owners_max orelse return status(.invalid_argument);
+    const owner_out = out_owner orelse return status(.invalid_argument);
+    max_out.* = @intCast(t.owner_records.len);
+    owner_out.* = t.owner;
+    return status(.ok);
+}
+
+/// `*out_generation`: the table's release generation, which moves on every release, change of
+/// capacity or state, and reclaim (by any process): a worker with queued requests polls it.
+export fn irm_release_generation(handle: u32, out_generation: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_generation orelse return status(.invalid_argument);
+    out.* = owners.generation(t);
+    return status(.ok);
+}
+
+/// Waits at most `timeout_ms` (≤ 1000: a destroy waits for calls in progress) for the release generation to differ from `seen`;
+/// `*out_generation` is the generation then (still `seen` on a timeout: callers loop).
+export fn irm_release_wait(handle: u32, seen: u64, timeout_ms: u32, out_generation: ?*u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_generation orelse return status(.invalid_argument);
+    if (timeout_ms > 1000) return status(.invalid_argument);
+    out.* = owners.waitGeneration(t, seen, timeout_ms);
+    return status(.ok);
+}
+
 // ---- exports: observation --------------------------------------------------------------------------
 
 /// Copies every backend that is present or still has requests in flight into `out` (up to
@@ -824,6 +911,8 @@ test {
     _ = @import("tree.zig");
     _ = @import("affinity.zig");
     _ = requests_mod;
+    _ = owners;
+    _ = @import("owners_test.zig");
 }
 
 test "a destroy waits for calls in progress and turns new ones away" {

@@ -81,7 +81,7 @@ pub const Candidates = struct {
     /// capacity × weight among them (whole table: all three kept in the header).
     fn totals(candidates: Candidates, t: *const Table) affinity.Totals {
         if (candidates.whole_table) return .{
-            .cost = t.header.cost_in_flight_total.load(.monotonic),
+            .cost = t.costInFlightTotal(),
             .weighted_capacity = t.header.weighted_capacity_total.load(.monotonic),
             .weighted_max = t.header.weighted_max.load(.monotonic),
         };

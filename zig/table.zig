@@ -13,6 +13,7 @@ const assert = std.debug.assert;
 const Atomic = std.atomic.Value;
 const tree = @import("tree.zig");
 const affinity = @import("affinity.zig");
+const owners = @import("owners.zig");
 
 pub const backends_max_limit: u32 = 1 << 20;
 pub const classes_count: u32 = 8;
@@ -25,7 +26,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 4;
+pub const layout_version: u32 = 5; // 5: owner records, the slot tag, the release generation.
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -52,6 +53,11 @@ pub const Error = error{
     StaleRelease,
     /// A shared table's header contradicts itself or the region it describes.
     Corrupt,
+    /// An owner index is taken by a live process, or still holds what a dead one left
+    /// (reclaim it first), or is out of range, or the table has no owner records.
+    OwnerInUse,
+    /// A reclaim of an owner whose process is still alive and attached: refused.
+    OwnerAlive,
 };
 
 pub const State = enum(u4) {
@@ -73,6 +79,10 @@ pub const Word = packed struct(u64) {
 
 pub const Slot = extern struct {
     word: Atomic(u64),
+    /// On a table with owner records: the owned operation that last changed `word`
+    /// (owners.zig `Tag`), written together with it by one 16-byte compare-and-swap. Unowned
+    /// changes leave it as it is. Beside `word` and 16-byte aligned for that.
+    tag: Atomic(u64),
     id: Atomic(u64),
     capacity: Atomic(u32),
     weight_milli: Atomic(u32),
@@ -86,7 +96,7 @@ pub const Slot = extern struct {
     /// Moves on every add: an index entry naming (slot, incarnation) is stale once it differs.
     incarnation: Atomic(u32),
     reserved_u32: u32,
-    reserved: [6]u64,
+    reserved: [5]u64,
 
     /// This slot's capacity × weight as configured, whatever its state.
     pub fn configuredWeightOf(s: *const Slot) u64 {
@@ -96,6 +106,7 @@ pub const Slot = extern struct {
     comptime {
         // Two cache lines: a slot never shares a line with its neighbour's hot word.
         assert(@sizeOf(Slot) == 128);
+        assert(@offsetOf(Slot, "tag") == 8);
     }
 };
 
@@ -135,9 +146,23 @@ pub const Header = extern struct {
     /// A hash of the fields that fix the layout (`LayoutFields`), written once by `format`: a
     /// process attaching to a stale or damaged segment finds out before it trusts any size.
     layout_checksum: u64,
+    /// Owner records (owners.zig): 0 in a private table. Fixed by `format`.
+    owners_max: u32,
+    /// One more than the largest owner index ever attached: sums over owners stop there.
+    owners_high_water: Atomic(u32),
+    /// Puts `release_generation` on a cache line of its own (asserted below).
+    generation_line_before: [8]u8,
+    /// Moves on every release and every change of capacity or state (owners.zig
+    /// `bumpGeneration`), on its own cache line: a worker with queued requests polls it, or
+    /// waits on it (a futex), to learn that capacity was freed anywhere.
+    release_generation: Atomic(u64),
+    /// Threads in `owners.waitGeneration`: a release wakes them only when there are some.
+    generation_waiters: Atomic(u32),
+    generation_line_rest: [52]u8,
 
     comptime {
         assert(@sizeOf(Header) <= header_bytes);
+        assert(@offsetOf(Header, "release_generation") % 64 == 0);
     }
 };
 
@@ -154,6 +179,9 @@ const LayoutFields = extern struct {
     ring_points_max: u32,
     ring_points_per_backend: u32,
     prefix_sets_count: u32,
+    owners_max: u32,
+    /// Always 0: keeps the struct free of padding (see below).
+    reserved: u32 = 0,
 
     fn of(header: *const Header) LayoutFields {
         return .{
@@ -167,6 +195,7 @@ const LayoutFields = extern struct {
             .ring_points_max = header.ring_points_max,
             .ring_points_per_backend = header.ring_points_per_backend,
             .prefix_sets_count = header.prefix_sets_count,
+            .owners_max = header.owners_max,
         };
     }
 
@@ -181,7 +210,8 @@ const LayoutFields = extern struct {
         if (fields.backends_max > backends_max_limit) return error.Corrupt;
         if (fields.prefix_sets_count > prefix_entries_limit / prefix_ways) return error.Corrupt;
         if (fields.flags & ~flags_known != 0) return error.Corrupt;
-        const result = Layout.init(fields.backends_max, fields.prefix_sets_count * prefix_ways);
+        if (fields.owners_max > owners.owners_max) return error.Corrupt;
+        const result = Layout.init(fields.backends_max, fields.prefix_sets_count * prefix_ways, fields.owners_max);
         if (fields.tree_leaves_count != result.tree_leaves_count) return error.Corrupt;
         if (fields.idmap_count != result.idmap_count) return error.Corrupt;
         if (fields.ring_points_max != result.ring_points_max) return error.Corrupt;
@@ -193,7 +223,7 @@ const LayoutFields = extern struct {
 
     comptime {
         // No padding: the checksum hashes every byte, so none may be undefined.
-        assert(@sizeOf(LayoutFields) == 2 * 8 + 8 * 4);
+        assert(@sizeOf(LayoutFields) == 2 * 8 + 10 * 4);
     }
 };
 
@@ -241,6 +271,9 @@ pub const Layout = struct {
     ring_offset: u64,
     prefix_locks_offset: u64,
     prefix_offset: u64,
+    owners_max: u32,
+    owners_offset: u64,
+    held_offset: u64,
     region_bytes: u64,
 
     pub fn ringPointsPerBackend(backends_max: u32) u32 {
@@ -248,7 +281,9 @@ pub const Layout = struct {
     }
 
     /// `prefix_entries` is rounded up to whole sets of `prefix_ways`; 0 disables the index.
-    pub fn init(backends_max: u32, prefix_entries: u32) Layout {
+    /// `owners_max` owner records (0: none, a private table) each count what their owner holds
+    /// on every slot (owners.zig).
+    pub fn init(backends_max: u32, prefix_entries: u32, owners_max: u32) Layout {
         assert(backends_max >= 1);
         assert(backends_max <= backends_max_limit);
         const leaves = std.math.ceilPowerOfTwoAssert(u32, @max(backends_max, 2));
@@ -264,7 +299,11 @@ pub const Layout = struct {
         const prefix_sets_count = std.math.divCeil(u32, prefix_entries, prefix_ways) catch unreachable;
         const prefix_locks_offset = ring_offset + @as(u64, ring_points_max) * @sizeOf(RingPoint);
         const prefix_offset = std.mem.alignForward(u64, prefix_locks_offset + @as(u64, prefix_sets_count) * 4, 64);
-        const end = prefix_offset + @as(u64, prefix_sets_count) * prefix_ways * @sizeOf(PrefixEntry);
+        assert(owners_max <= owners.owners_max);
+        const prefix_end = prefix_offset + @as(u64, prefix_sets_count) * prefix_ways * @sizeOf(PrefixEntry);
+        const owners_offset = std.mem.alignForward(u64, prefix_end, 128);
+        const held_offset = owners_offset + @as(u64, owners_max) * @sizeOf(owners.OwnerRecord);
+        const end = held_offset + @as(u64, owners_max) * backends_max * 8;
         return .{
             .backends_max = backends_max,
             .tree_leaves_count = leaves,
@@ -279,6 +318,9 @@ pub const Layout = struct {
             .ring_offset = ring_offset,
             .prefix_locks_offset = prefix_locks_offset,
             .prefix_offset = prefix_offset,
+            .owners_max = owners_max,
+            .owners_offset = owners_offset,
+            .held_offset = held_offset,
             .region_bytes = std.mem.alignForward(u64, end, header_bytes),
         };
     }
@@ -301,12 +343,19 @@ pub const Table = struct {
     ring: []RingPoint,
     prefix_locks: []Atomic(u32),
     prefix_entries: []PrefixEntry,
+    /// Empty in a private table.
+    owner_records: []owners.OwnerRecord,
+    /// What each owner holds on each slot: `held[owner * backends_max + slot]` (owners.zig).
+    held: []Atomic(u64),
     region: []align(header_bytes) u8,
+    /// This handle's owner index (process-local, set once by `owners.attach` before use): 0 is
+    /// unowned, today's path.
+    owner: u32 = 0,
 
     /// Formats a zeroed region as an empty table. The region must be `Layout.init(n).region_bytes`
     /// long and zero-filled (fresh anonymous or shared mappings are).
-    pub fn format(region: []align(header_bytes) u8, backends_max: u32, prefix_entries: u32, flags: u32) Table {
-        const layout = Layout.init(backends_max, prefix_entries);
+    pub fn format(region: []align(header_bytes) u8, backends_max: u32, prefix_entries: u32, flags: u32, owners_max: u32) Table {
+        const layout = Layout.init(backends_max, prefix_entries, owners_max);
         assert(region.len == layout.region_bytes);
         assert(flags & ~flags_known == 0);
         const header: *Header = @ptrCast(region.ptr);
@@ -320,6 +369,7 @@ pub const Table = struct {
         header.ring_points_max = layout.ring_points_max;
         header.ring_points_per_backend = Layout.ringPointsPerBackend(backends_max);
         header.prefix_sets_count = layout.prefix_sets_count;
+        header.owners_max = owners_max;
         header.layout_checksum = LayoutFields.of(header).checksum();
         header.balance_epsilon_permille.store(default_balance_epsilon_permille, .monotonic);
         header.signal_age_max_ms.store(default_signal_age_max_ms, .monotonic);
@@ -364,6 +414,8 @@ pub const Table = struct {
             .ring = sliceAt(RingPoint, region, layout.ring_offset, layout.ring_points_max),
             .prefix_locks = sliceAt(Atomic(u32), region, layout.prefix_locks_offset, layout.prefix_sets_count),
             .prefix_entries = sliceAt(PrefixEntry, region, layout.prefix_offset, layout.prefix_sets_count * prefix_ways),
+            .owner_records = sliceAt(owners.OwnerRecord, region, layout.owners_offset, layout.owners_max),
+            .held = sliceAt(Atomic(u64), region, layout.held_offset, layout.owners_max * n),
             .region = region,
         };
     }
@@ -379,6 +431,7 @@ pub const Table = struct {
         if (header.index_enabled.load(.monotonic) > 1) return error.Corrupt;
         if (header.ring_enabled.load(.monotonic) > 1) return error.Corrupt;
         if (header.ring_count.load(.acquire) > t.ring.len) return error.Corrupt;
+        if (header.owners_high_water.load(.monotonic) > t.owner_records.len) return error.Corrupt;
         if (header.balance_epsilon_permille.load(.monotonic) > balance_epsilon_permille_max) return error.Corrupt;
         for (&header.class_share_permille) |*share| {
             const value = share.load(.monotonic);
@@ -435,25 +488,16 @@ pub const Table = struct {
 
     /// Reserves `cost` on `slot` for a request of `class`. Returns false when the backend is not
     /// active or the reservation would exceed its share of capacity; that is a normal result.
+    /// An owned handle's reservation is also recorded for its owner (owners.zig).
     pub fn reserve(t: *const Table, slot: u32, cost: u32, class: u32) bool {
         assert(slot < t.backendsMax());
         assert(cost > 0);
+        if (t.owner != 0) return owners.reserve(t, slot, cost, class);
         const s = &t.slots[slot];
         var attempts: u32 = 0;
         while (attempts < reserve_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.acquire);
-            const old: Word = @bitCast(old_raw);
-            if (old.state != .active) return false;
-            const limit = t.limitFor(s.capacity.load(.monotonic), class);
-            if (@as(u64, old.cost) + cost > limit) return false;
-            if (old.count >= count_max) return false;
-            var new = old;
-            new.cost += cost;
-            new.count += 1;
-            // Post-conditions: the reservation moves exactly `cost` and one request, and fits.
-            assert(new.cost - old.cost == cost);
-            assert(new.count - old.count == 1);
-            assert(new.cost <= limit);
+            const new = t.reservedWord(slot, @bitCast(old_raw), cost, class) orelse return false;
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -462,12 +506,43 @@ pub const Table = struct {
             }
             // Totals are statistics and hints (the fleet average), not decisions: .monotonic is
             // enough.
-            _ = s.routed_total.fetchAdd(1, .monotonic);
             _ = t.header.cost_in_flight_total.fetchAdd(cost, .monotonic);
-            tree.onLeafChanged(t, slot);
+            t.afterReserve(slot);
             return true;
         }
         return false;
+    }
+
+    /// `old` with `cost` and one request more, or null if the backend is not active or that
+    /// would exceed the share of capacity `class` may fill.
+    pub inline fn reservedWord(t: *const Table, slot: u32, old: Word, cost: u32, class: u32) ?Word {
+        if (old.state != .active) return null;
+        const limit = t.limitFor(t.slots[slot].capacity.load(.monotonic), class);
+        if (@as(u64, old.cost) + cost > limit) return null;
+        if (old.count >= count_max) return null;
+        var new = old;
+        new.cost += cost;
+        new.count += 1;
+        // Post-conditions: the reservation moves exactly `cost` and one request, and fits.
+        assert(new.cost - old.cost == cost);
+        assert(new.count - old.count == 1);
+        assert(new.cost <= limit);
+        return new;
+    }
+
+    pub inline fn afterReserve(t: *const Table, slot: u32) void {
+        _ = t.slots[slot].routed_total.fetchAdd(1, .monotonic);
+        tree.onLeafChanged(t, slot);
+    }
+
+    /// Cost in flight over all slots: unowned reservations in the header, each owner's in its
+    /// record (so that a reclaim can zero a dead owner's share exactly).
+    pub fn costInFlightTotal(t: *const Table) u64 {
+        var total = t.header.cost_in_flight_total.load(.monotonic);
+        if (t.owner_records.len == 0) return total;
+        const high_water = @min(t.header.owners_high_water.load(.monotonic), t.owner_records.len);
+        for (t.owner_records[0..high_water]) |*record| total +%= record.cost_in_flight.load(.monotonic);
+        return total;
     }
 
     /// The ticket of a reservation just made on `slot`. Read after the reservation: a slot with a
@@ -494,21 +569,11 @@ pub const Table = struct {
         // matching until the CAS below (a second release of one reservation is the caller's bug).
         if (t.wordOf(slot).state == .free) return error.UnknownBackend;
         if (t.incarnationOf(slot) != incarnation) return error.StaleRelease;
+        if (t.owner != 0) return owners.release(t, slot, cost, latency_us, ok);
         var attempts: u32 = 0;
         const freed = while (attempts < release_attempts_max) : (attempts += 1) {
             const old_raw = s.word.load(.monotonic);
-            const old: Word = @bitCast(old_raw);
-            if (old.state == .free) return error.UnknownBackend;
-            if (old.count == 0 or old.cost < cost) return error.ReleaseMismatch;
-            var new = old;
-            new.cost -= cost;
-            new.count -= 1;
-            // Every reservation costs at least one unit, so cost in flight >= requests in flight.
-            if (new.cost < new.count) return error.ReleaseMismatch;
-            if (new.count == 0 and new.cost != 0) return error.ReleaseMismatch;
-            if (new.state == .retired and new.count == 0) new.state = .free;
-            assert(old.cost - new.cost == cost);
-            assert(old.count - new.count == 1);
+            const new = try releasedWord(@bitCast(old_raw), cost, 1);
             if (t.racy()) {
                 racyDelay();
                 s.word.store(@bitCast(new), .monotonic);
@@ -518,11 +583,39 @@ pub const Table = struct {
             break new.state == .free;
         } else return error.Busy;
         _ = t.header.cost_in_flight_total.fetchSub(cost, .monotonic);
+        t.afterRelease(slot, freed, 1, latency_us, ok);
+    }
+
+    /// `old` without `cost` and `count` requests (a retired slot left empty becomes free), or
+    /// `ReleaseMismatch` if it does not hold them.
+    pub inline fn releasedWord(old: Word, cost: u32, count: u32) Error!Word {
+        assert(count > 0);
+        if (old.state == .free) return error.UnknownBackend;
+        if (old.count < count or old.cost < cost) return error.ReleaseMismatch;
+        var new = old;
+        new.cost -= cost;
+        new.count -= @intCast(count);
+        // Every reservation costs at least one unit, so cost in flight >= requests in flight.
+        if (new.cost < new.count) return error.ReleaseMismatch;
+        if (new.count == 0 and new.cost != 0) return error.ReleaseMismatch;
+        if (new.state == .retired and new.count == 0) new.state = .free;
+        assert(old.cost - new.cost == cost);
+        assert(old.count - new.count == count);
+        return new;
+    }
+
+    /// The statistics of `count` released requests, and (in a shared table) the generation that
+    /// tells waiting workers capacity was freed.
+    pub inline fn afterRelease(t: *const Table, slot: u32, freed: bool, count: u32, latency_us: u32, ok: bool) void {
+        // Only shared tables have other processes to tell; a private table's release path stays
+        // as it was (its generation moves on capacity and state changes).
+        if (t.owner_records.len != 0) owners.bumpGeneration(t);
         if (freed) return; // The slot may already be reused by `add`: touch nothing more.
+        const s = &t.slots[slot];
         if (ok) {
-            _ = s.completed_total.fetchAdd(1, .monotonic);
+            _ = s.completed_total.fetchAdd(count, .monotonic);
         } else {
-            _ = s.failed_total.fetchAdd(1, .monotonic);
+            _ = s.failed_total.fetchAdd(count, .monotonic);
         }
         ewmaUpdate(&s.latency_us_ewma, latency_us);
         tree.onLeafChanged(t, slot);
@@ -566,6 +659,7 @@ pub const Table = struct {
         _ = t.header.weighted_max.fetchMax(configuredWeight(capacity, weight_milli), .monotonic);
         affinity.onAdded(t, slot);
         tree.onLeafChanged(t, slot);
+        owners.bumpGeneration(t);
         return slot;
     }
 
@@ -602,6 +696,7 @@ pub const Table = struct {
         t.header.present_count.store(last, .release);
         if (s.configuredWeightOf() >= t.header.weighted_max.load(.monotonic)) t.rescanWeightedMax();
         tree.onLeafChanged(t, slot);
+        owners.bumpGeneration(t);
     }
 
     pub fn update(t: *const Table, slot: u32, capacity: u32, weight_milli: u32, state: State) Error!void {
@@ -643,6 +738,7 @@ pub const Table = struct {
             t.rescanWeightedMax();
         }
         tree.onLeafChanged(t, slot);
+        owners.bumpGeneration(t);
     }
 
     /// Recomputes `weighted_max` from the present backends; called under the lock.
@@ -818,10 +914,10 @@ pub fn testTable(backends_max: u32) !Table {
 }
 
 pub fn testTableWithPrefix(backends_max: u32, prefix_entries: u32) !Table {
-    const layout = Layout.init(backends_max, prefix_entries);
+    const layout = Layout.init(backends_max, prefix_entries, 0);
     const region = try testing.allocator.alignedAlloc(u8, .fromByteUnits(header_bytes), layout.region_bytes);
     @memset(region, 0);
-    return Table.format(region, backends_max, prefix_entries, 0);
+    return Table.format(region, backends_max, prefix_entries, 0, 0);
 }
 
 pub fn testTableFree(t: Table) void {
@@ -888,7 +984,13 @@ test "view refuses a header whose layout fields or counts are damaged, and accep
     const bytes = std.mem.asBytes(t.header);
     const layout_end = @offsetOf(Header, "flags") + 4;
     // Every bit of the layout fields is covered by the checksum.
+    const owners_start = @offsetOf(Header, "owners_max");
     for (0..layout_end) |byte| {
+        bytes[byte] ^= 0x10;
+        defer bytes[byte] ^= 0x10;
+        try testing.expect(std.meta.isError(Table.view(t.region)));
+    }
+    for (owners_start..owners_start + 4) |byte| {
         bytes[byte] ^= 0x10;
         defer bytes[byte] ^= 0x10;
         try testing.expect(std.meta.isError(Table.view(t.region)));
