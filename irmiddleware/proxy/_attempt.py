@@ -50,6 +50,7 @@ from irmiddleware.proxy._upstream import (
     response_headers,
 )
 from irmiddleware.proxy.config import RetriesConfig
+from irmiddleware.proxy.control import SpeedFeed
 
 __all__ = ["Attempt", "AttemptContext", "Notify", "Releases", "RequestObservers", "Step", "outcome_of"]
 
@@ -169,6 +170,9 @@ class AttemptContext:
     can_retry: Callable[[RouteInfo, frozenset[int]], bool] | None = None
     """Whether a retry excluding these backends could be served (admission's `can_retry`, which
     knows whether it may wait); None: only when another backend has room now (`has_other`)."""
+    speed: SpeedFeed | None = None
+    """Learned speed (`[router.speed]`, least_ttft): told each answer's time to first byte and its
+    streamed events' pace; None: nothing is measured."""
 
 
 class Attempt:
@@ -317,12 +321,21 @@ class Attempt:
         metrics.ttfb.observe(now - self.sent_s)
         metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
+        speed = self.context.speed
+        if speed is not None and self.status < 400:
+            prompt = exchange.route.prompt
+            prompt_chars = len(prompt) if prompt else len(exchange.body)
+            speed.first_byte(self.backend.id, prompt_chars, self.lease.matched_blocks, now - self.sent_s, now)
         send = exchange.send
         await exchange.start(self.status, response_headers(response.headers.raw))
+        # Events ("\n\n"-terminated) are counted per chunk, with no clock read: the pace is taken
+        # once, at the end (one event ≈ one token of an OpenAI-style stream).
+        events = held.count(b"\n\n")
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
+                events += chunk.count(b"\n\n")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
             # Headers are out: the only honest signal left is a broken connection, so end without
@@ -330,6 +343,9 @@ class Attempt:
             self.outcome = outcome_of(error)
             log.warning("backend %s broke off a response: %r", self.backend.url, error)
             return
+        if speed is not None and events > 1 and self.status < 400:
+            end = time.perf_counter()
+            speed.streamed(self.backend.id, events - 1, end - now, end)
         self.answered = True
         exchange.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})

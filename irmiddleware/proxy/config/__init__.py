@@ -30,6 +30,7 @@ from irmiddleware.proxy.config._sections import (
     ProbesConfig,
     RetriesConfig,
     SignalsConfig,
+    SpeedConfig,
     TimeoutsConfig,
 )
 from irmiddleware.proxy.config._toml import ConfigError
@@ -51,6 +52,7 @@ __all__ = [
     "RetriesConfig",
     "RouterConfig",
     "SignalsConfig",
+    "SpeedConfig",
     "TenantConfig",
     "TimeoutsConfig",
     "check_listen",

@@ -22,6 +22,7 @@ from irmiddleware.proxy.config._sections import (
     ProbesConfig,
     RetriesConfig,
     SignalsConfig,
+    SpeedConfig,
     TimeoutsConfig,
 )
 from irmiddleware.proxy.config._toml import (
@@ -95,6 +96,8 @@ class RouterConfig:
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """`[router.speed]`: learned backend speed (doc/strategies.md, "Learned speed")."""
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
@@ -157,6 +160,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         outliers=section(router, "outliers", OutliersConfig, "router."),
         signals=section(router, "signals", SignalsConfig, "router."),
         affinity=section(router, "affinity", AffinityConfig, "router."),
+        speed=_speed(section(router, "speed", SpeedConfig, "router.")),
         probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
         admin=_admin(data, value("listen")),
@@ -165,6 +169,14 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)
     return config
+
+
+def _speed(speed: SpeedConfig) -> SpeedConfig:
+    if speed.alpha_min > speed.alpha_max:
+        raise ConfigError(
+            f"`router.speed.alpha_min` ({speed.alpha_min}) must not exceed `alpha_max` ({speed.alpha_max})"
+        )
+    return speed
 
 
 def _admin(data: Mapping[str, Any], listen: str) -> AdminConfig:
