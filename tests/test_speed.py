@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from irmiddleware.proxy.config import ConfigError, SpeedConfig, parse_config
-from irmiddleware.proxy.control._speed import RATE_MAX, RATE_MIN, RobustRate, SpeedBook
+from irmiddleware._speed import RATE_MAX, RATE_MIN, RobustRate, Smoothing, SpeedBook
+from irmiddleware.proxy.config import ConfigError, parse_config
 
 anything = st.floats(allow_nan=True, allow_infinity=True)
 observation = st.tuples(anything, anything, anything)
@@ -22,7 +22,7 @@ observation = st.tuples(anything, anything, anything)
 @settings(max_examples=300, deadline=None)
 @given(st.lists(observation, max_size=60))
 def test_an_estimate_stays_finite_and_positive(observations: list[tuple[float, float, float]]) -> None:
-    rate = RobustRate(SpeedConfig())
+    rate = RobustRate(Smoothing())
     for amount, duration_s, now_s in observations:
         rate.observe(amount, duration_s, now_s)
         if rate.log_rate is not None:
@@ -39,7 +39,7 @@ def test_an_estimate_stays_finite_and_positive(observations: list[tuple[float, f
 def test_weights_stay_finite_and_positive(
     observations: list[tuple[int, bool, float, float, float]], now_s: float
 ) -> None:
-    book = SpeedBook(SpeedConfig())
+    book = SpeedBook(Smoothing())
     for backend, prefill, amount, duration_s, at_s in observations:
         if prefill:
             book.first_byte(backend, amount, duration_s, at_s)
@@ -54,14 +54,14 @@ def test_weights_stay_finite_and_positive(
 
 
 def test_observations_that_say_nothing_change_nothing() -> None:
-    rate = RobustRate(SpeedConfig())
+    rate = RobustRate(Smoothing())
     for amount, duration_s in ((0, 1), (10, 0), (10, -1), (-5, 1), (math.nan, 1), (10, math.inf)):
         assert not rate.observe(amount, duration_s, 1.0)
     assert rate.log_rate is None and rate.count == 0
 
 
 def test_one_outlier_moves_a_warm_estimate_by_a_bounded_step() -> None:
-    rate = RobustRate(SpeedConfig())
+    rate = RobustRate(Smoothing())
     for step in range(50):
         rate.observe(100, 1.0, step * 0.1)  # 100 tokens/s, often
     before = rate.value
@@ -72,7 +72,7 @@ def test_one_outlier_moves_a_warm_estimate_by_a_bounded_step() -> None:
 
 
 def test_a_lasting_change_is_followed() -> None:
-    rate = RobustRate(SpeedConfig())
+    rate = RobustRate(Smoothing())
     now = 0.0
     for _ in range(50):
         now += 0.1
@@ -84,7 +84,7 @@ def test_a_lasting_change_is_followed() -> None:
 
 
 def test_a_clock_jumping_back_or_far_ahead_keeps_the_estimate_sane() -> None:
-    rate = RobustRate(SpeedConfig())
+    rate = RobustRate(Smoothing())
     rate.observe(100, 1.0, 1e9)
     rate.observe(100, 1.0, -1e9)  # back: counts as "at once", the later stamp is kept
     assert rate.observed_s == 1e9
@@ -93,7 +93,7 @@ def test_a_clock_jumping_back_or_far_ahead_keeps_the_estimate_sane() -> None:
 
 
 def test_relative_speed_ranks_backends_and_forgets_stale_ones() -> None:
-    book = SpeedBook(SpeedConfig(stale_s=10.0))
+    book = SpeedBook(Smoothing(stale_s=10.0))
     for step in range(30):
         now = step * 0.1
         book.first_byte(0, 1000, 0.1, now)  # 10 000 tokens/s

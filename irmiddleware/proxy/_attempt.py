@@ -321,20 +321,20 @@ class Attempt:
         metrics.ttfb.observe(now - self.sent_s)
         metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
-        speed = self.context.speed
-        if speed is not None and self.status < 400:
-            prompt = exchange.route.prompt
-            prompt_chars = len(prompt) if prompt else len(exchange.body)
-            speed.first_byte(self.backend.id, prompt_chars, self.lease.matched_blocks, now - self.sent_s, now)
         send = exchange.send
         await exchange.start(self.status, response_headers(response.headers.raw))
-        # Events ("\n\n"-terminated) are counted per chunk, with no clock read: the pace is taken
-        # once, at the end (one event ≈ one token of an OpenAI-style stream).
+        # Learned speed (when on) needs the first *body* byte (a streaming server sends its headers
+        # before the prefill) and the stream's events, counted per chunk with no clock read: the
+        # pace is taken once, at the end (one event ~ one token of an OpenAI-style stream).
+        speed = self.context.speed if self.status < 400 else None
+        first_s = now if held else 0.0
         events = held.count(b"\n\n")
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
+                if not first_s:
+                    first_s = time.perf_counter()
                 events += chunk.count(b"\n\n")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
@@ -343,13 +343,22 @@ class Attempt:
             self.outcome = outcome_of(error)
             log.warning("backend %s broke off a response: %r", self.backend.url, error)
             return
-        if speed is not None and events > 1 and self.status < 400:
-            end = time.perf_counter()
-            speed.streamed(self.backend.id, events - 1, end - now, end)
+        if speed is not None and first_s:
+            self._observe_speed(speed, first_s, events)
         self.answered = True
         exchange.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"
+
+    def _observe_speed(self, speed: SpeedFeed, first_s: float, events: int) -> None:
+        prompt = self.exchange.route.prompt
+        prompt_chars = len(prompt) if prompt else len(self.exchange.body)
+        speed.first_byte(
+            self.backend.id, prompt_chars, self.lease.matched_blocks, first_s - self.sent_s, first_s
+        )
+        if events > 1:
+            end_s = time.perf_counter()
+            speed.streamed(self.backend.id, events - 1, end_s - first_s, end_s)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

@@ -23,8 +23,8 @@ PROMPT = "Tell me about the weather in a long and winding way, please. " * 20
 def test_the_slower_backend_is_learned_slower_and_weighs_less(
     emulators: Callable[..., list[Emulator]], router: Callable[..., RouterServer]
 ) -> None:
-    fast = emulators(1, time_per_prompt_token_s=0.00002, time_per_output_token_s=0.002)[0]
-    slow = emulators(1, time_per_prompt_token_s=0.00008, time_per_output_token_s=0.008)[0]
+    fast = emulators(1, time_per_prompt_token_s=0.00005, time_per_output_token_s=0.002)[0]
+    slow = emulators(1, time_per_prompt_token_s=0.0002, time_per_output_token_s=0.008)[0]
     config = config_for(
         [fast.url, slow.url], strategy="round_robin", speed={"enabled": True, "interval_s": 0.01}
     )
