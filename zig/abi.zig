@@ -657,6 +657,38 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
     return status(.ok);
 }
 
+/// Like `irm_acquire_affine` without a session key, with a price per prompt block
+/// (`block_cost_milli`, thousandths of a cost unit) and `discount` (0 or 1): least_ttft values a
+/// backend's uncached blocks at that price; with `discount` 1, prefix_affinity and least_ttft
+/// reserve the cost less the value of the chosen backend's cached blocks (at least 1).
+/// `*out_cost` is the cost reserved: release exactly that.
+export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u32, hashes: ?[*]const u64, hashes_count: u32, block_cost_milli: u32, discount: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32, out_cost: ?*i32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
+    const outcome_out = out_outcome orelse return status(.invalid_argument);
+    const matched_out = out_matched_blocks orelse return status(.invalid_argument);
+    const cost_out = out_cost orelse return status(.invalid_argument);
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (discount > 1 or hashes_count > hashes_max) return status(.invalid_argument);
+    if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
+    const candidates: strategies.Candidates = if (slots) |list| blk: {
+        if (slots_count > t.backendsMax()) return status(.invalid_argument);
+        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
+        break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
+    } else .ofTable(t);
+    const input: strategies.Affinity = .{ .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count] };
+    const pricing: strategies.Pricing = .{ .block_cost_milli = block_cost_milli, .discount = discount == 1 };
+    const decision = strategies.acquirePriced(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority, pricing);
+    out.* = ticketFor(t, decision.slot);
+    outcome_out.* = @backingInt(decision.outcome);
+    matched_out.* = decision.matched_blocks;
+    cost_out.* = @intCast(decision.cost);
+    return status(.ok);
+}
+
 /// Prompts longer than this many blocks are routed on their first `hashes_max` blocks.
 const hashes_max: u32 = 1 << 16;
 
