@@ -312,7 +312,10 @@ class RoutingMiddleware:
             session_key, prompt = exchange.adapter.affinity_of(endpoint, exchange.body)
             header = _header(exchange.scope, self._session_header)
             session_key = header or session_key
-        exchange.route = RouteInfo(exchange.scope["path"], model, session_key=session_key, prompt=prompt)
+        cost = self.fleet.cost.of(prompt, exchange.body) if self.fleet.cost.tokens else 1
+        exchange.route = RouteInfo(
+            exchange.scope["path"], model, cost=cost, session_key=session_key, prompt=prompt
+        )
 
     async def _route_watching_disconnect(self, exchange: ClientExchange) -> None:
         # The request body is read, so the next `receive()` returns only when the client goes
@@ -378,7 +381,7 @@ def _speed_feed(config: RouterConfig, fleet: Fleet, metrics: RouterMetrics) -> S
     """Learned speed, when `[router.speed] enabled` or the strategy needs it (least_ttft)."""
     if not (config.speed.enabled or fleet.router.strategy == "least_ttft"):
         return None
-    feed = SpeedFeed(fleet, config.speed, config.affinity.prefix_block_chars)
+    feed = SpeedFeed(fleet, config.speed, config.affinity.prefix_block_chars, config.tokens.chars_per_token)
     metrics.registry.register(SpeedCollector(feed))
     return feed
 

@@ -12,6 +12,7 @@ error names its key.
 from irmiddleware.proxy.config._admission import AdmissionConfig, ClassConfig, TenantConfig, parse_admission
 from irmiddleware.proxy.config._discovery import DiscoveryConfig
 from irmiddleware.proxy.config._document import (
+    COSTS,
     LOG_FORMATS,
     READY_RULES,
     BackendConfig,
@@ -32,10 +33,12 @@ from irmiddleware.proxy.config._sections import (
     SignalsConfig,
     SpeedConfig,
     TimeoutsConfig,
+    TokensConfig,
 )
 from irmiddleware.proxy.config._toml import ConfigError
 
 __all__ = [
+    "COSTS",
     "LOG_FORMATS",
     "READY_RULES",
     "AdminConfig",
@@ -55,6 +58,7 @@ __all__ = [
     "SpeedConfig",
     "TenantConfig",
     "TimeoutsConfig",
+    "TokensConfig",
     "check_listen",
     "load_config",
     "parse_admission",

@@ -24,6 +24,7 @@ from irmiddleware.proxy.config._sections import (
     SignalsConfig,
     SpeedConfig,
     TimeoutsConfig,
+    TokensConfig,
 )
 from irmiddleware.proxy.config._toml import (
     ConfigError,
@@ -39,6 +40,7 @@ from irmiddleware.proxy.config._toml import (
 )
 
 __all__ = [
+    "COSTS",
     "LOG_FORMATS",
     "READY_RULES",
     "BackendConfig",
@@ -51,6 +53,7 @@ __all__ = [
 
 LOG_FORMATS: Final = ("text", "json")
 READY_RULES: Final = ("every_model", "any_backend")
+COSTS: Final = ("requests", "tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,10 @@ class RouterConfig:
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    cost: str = "requests"
+    """What a request costs: `requests` (1 each; capacities count requests) or `tokens` (its
+    uncached prompt tokens plus expected output tokens; capacities count tokens, `[router.tokens]`)."""
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     """`[router.speed]`: learned backend speed (doc/strategies.md, "Learned speed")."""
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
@@ -161,6 +168,8 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         signals=section(router, "signals", SignalsConfig, "router."),
         affinity=section(router, "affinity", AffinityConfig, "router."),
         speed=_speed(section(router, "speed", SpeedConfig, "router.")),
+        cost=_one_of(value("cost"), "cost", COSTS),
+        tokens=section(router, "tokens", TokensConfig, "router."),
         probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
         admin=_admin(data, value("listen")),

@@ -18,6 +18,7 @@ __all__ = [
     "SignalsConfig",
     "SpeedConfig",
     "TimeoutsConfig",
+    "TokensConfig",
 ]
 
 
@@ -154,8 +155,22 @@ class SpeedConfig:
     """A single observation moves an estimate by at most this many mean absolute deviations."""
     stale_s: float = bounded(60.0, 0.01)
     """An estimate not refreshed for this long counts as unknown (relative speed 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """`[router.tokens]`: how a request's cost is counted with `[router] cost = "tokens"` (and how
+    learned speed sizes a prompt): its uncached prompt tokens plus its expected output tokens, and
+    a backend's capacity in the same unit."""
+
+    per_slot: int = bounded(2048, 1, 1 << 20)
+    """Tokens one unit of a backend's `capacity` holds: its capacity in tokens is `capacity` *
+    `per_slot`. A request never costs more than this (a longer one is counted as this much)."""
+    output_default: int = bounded(256, 1, 1 << 20)
+    """Expected output tokens of a request without `max_tokens`, until learned speed (when on) has
+    seen streamed answers (then: their average length)."""
     chars_per_token: float = bounded(4.0, 0.1, 100.0)
-    """Prompt characters per token, for the uncached prompt size of a request."""
+    """Prompt characters per token, for a prompt's size in tokens."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,13 @@ class SpeedFeed:
     weight * its relative speed. The configured weight is whatever the core held before the feed
     first changed it, or whatever someone else (the admin API) set since."""
 
-    def __init__(self, fleet: Fleet, config: SpeedConfig, block_chars: int) -> None:
+    def __init__(self, fleet: Fleet, config: SpeedConfig, block_chars: int, chars_per_token: float) -> None:
         self.book = SpeedBook(
             Smoothing(config.half_life_s, config.alpha_min, config.alpha_max, config.clip, config.stale_s)
         )
         self.fleet = fleet
         self._interval_s = config.interval_s
-        self._chars_per_token = config.chars_per_token
+        self._chars_per_token = chars_per_token
         self._block_chars = block_chars
         self._applied_s = -math.inf
         self._configured: dict[int, float] = {}
@@ -54,6 +54,8 @@ class SpeedFeed:
 
     def streamed(self, backend_id: int, events: int, duration_s: float, now_s: float) -> None:
         self.book.streamed(backend_id, events, duration_s, now_s)
+        # The answer's length teaches the cost model what an unlimited request brings.
+        self.fleet.cost.observe_output(events + 1)
 
     def apply(self, now_s: float) -> dict[int, float]:
         """Sets the core's weights from the learned speeds now; returns them (id → weight)."""
