@@ -135,9 +135,9 @@ class SpeedBook:
         """A first byte `ttfb_s` after the request (of `uncached_tokens` to fill) was sent."""
         return self._of(backend_id).prefill.observe(uncached_tokens, ttfb_s, now_s)
 
-    def streamed(self, backend_id: int, events: int, duration_s: float, now_s: float) -> bool:
-        """An answer streamed `events` events in `duration_s` after its first byte."""
-        return self._of(backend_id).decode.observe(events, duration_s, now_s)
+    def streamed(self, backend_id: int, amount: float, duration_s: float, now_s: float) -> bool:
+        """An answer streamed `amount` tokens (events, work) in `duration_s` after its first byte."""
+        return self._of(backend_id).decode.observe(amount, duration_s, now_s)
 
     def forget(self, backend_id: int) -> None:
         self._backends.pop(backend_id, None)
