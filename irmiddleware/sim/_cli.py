@@ -137,7 +137,8 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
         "--shares",
         type=float,
         metavar="SECONDS",
-        help="print the share over time of the first --slow accelerator (else 0), in windows of SECONDS",
+        help="print the share over time of the first --slow accelerator (else 0), in windows of SECONDS"
+        " (with --plot, also drawn in OUT-shares.png)",
     )
 
 
@@ -172,8 +173,16 @@ def simulate_main(argv: list[str]) -> int:
     if args.plot is not None:
         from irmiddleware.sim._plot import plot_comparison
 
-        plot_comparison(results, args.plot, title=_describe(scenario, results[0].requests if results else 0))
+        title = _describe(scenario, results[0].requests if results else 0)
+        plot_comparison(results, args.plot, title=title)
         print(f"plot written to {args.plot}")
+        if args.shares:
+            from irmiddleware.sim._shares import plot_shares
+
+            shares_path = args.plot.with_name(f"{args.plot.stem}-shares{args.plot.suffix}")
+            accelerator = scenario.speed_changes[0].accelerator if scenario.speed_changes else 0
+            plot_shares(results, accelerator, args.shares, shares_path, title=title)
+            print(f"share plot written to {shares_path}")
     return 0
 
 

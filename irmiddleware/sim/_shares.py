@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from irmiddleware.sim._stats import StrategyResult
 
-__all__ = ["format_phases", "format_shares", "phase_shares", "shares_over_time"]
+__all__ = ["format_phases", "format_shares", "phase_shares", "plot_shares", "shares_over_time"]
 
 
 def shares_over_time(result: StrategyResult, accelerator: int, window_s: float) -> list[tuple[float, float]]:
@@ -93,3 +94,26 @@ def format_phases(results: Sequence[StrategyResult], accelerator: int, from_s: f
         cells = "".join(f"{f'{100 * c[row][1]:.1f} % ({c[row][2]})':>{width}}" for c in columns)
         lines.append(f"{name:>28}{cells}")
     return "\n".join(lines)
+
+
+def plot_shares(
+    results: Sequence[StrategyResult], accelerator: int, window_s: float, path: Path, title: str = ""
+) -> None:
+    """`shares_over_time` of each strategy as lines (matplotlib, an optional extra, imported here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Files only: no display needed, none wanted.
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.6), constrained_layout=True)
+    for result in results:
+        points = shares_over_time(result, accelerator, window_s)
+        axis.plot([start for start, _ in points], [100 * share for _, share in points], label=result.strategy)
+    axis.set_xlabel("simulated time (s)")
+    axis.set_ylabel(f"accelerator {accelerator}'s share (%)")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
