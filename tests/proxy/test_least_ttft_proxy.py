@@ -3,13 +3,16 @@ request's output limit (or the learned or default expected output), bounded by `
 `[router] cost` is one clear ConfigError. End to end, behind vLLM emulators driven concurrently
 by the official openai client, a router with `cost = "tokens"` and `least_ttft` scales each
 backend's capacity to tokens, routes every request, and every in-flight counter (requests and
-tokens) returns to zero afterwards: what was reserved, discounted or not, was given back."""
+tokens) returns to zero afterwards: what was reserved, discounted or not, was given back. The
+example configuration in doc/proxy.md loads."""
 
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -83,3 +86,18 @@ def test_least_ttft_with_costs_in_tokens_gives_back_every_token(
     status = backend_status(server, fleet[0].url)
     assert status["capacity"] == 8 * 512 and status["load"] == 0
     assert sum(s.routed for s in server.app.router.stats()) == 48
+
+
+def test_the_documented_example_configuration_loads() -> None:
+    text = (Path(__file__).resolve().parents[2] / "doc" / "proxy.md").read_text()
+    section = text[text.index("## Predictive routing") :]
+    example = section[
+        section.index("```toml") + len("```toml") : section.index("```", section.index("```toml") + 7)
+    ]
+    config = parse_config(tomllib.loads(example))
+    assert (config.strategy, config.cost, config.tokens.per_slot, config.speed.half_life_s) == (
+        "least_ttft",
+        "tokens",
+        2048,
+        2.0,
+    )
