@@ -640,15 +640,11 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     if (has_key > 1 or hashes_count > hashes_max) return status(.invalid_argument);
-    if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
-    const candidates: strategies.Candidates = if (slots) |list| blk: {
-        if (slots_count > t.backendsMax()) return status(.invalid_argument);
-        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
-        break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
-    } else .ofTable(t);
+    const prompt = promptHashes(hashes, hashes_count) orelse return status(.invalid_argument);
+    const candidates = candidatesFrom(t, slots, slots_count, cursor) orelse return status(.invalid_argument);
     const input: strategies.Affinity = .{
         .key = if (has_key == 1) key else null,
-        .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count],
+        .hashes = prompt,
     };
     const decision = strategies.acquireAffine(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority);
     out.* = ticketFor(t, decision.slot);
@@ -673,13 +669,9 @@ export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u3
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     if (discount > 1 or hashes_count > hashes_max) return status(.invalid_argument);
-    if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
-    const candidates: strategies.Candidates = if (slots) |list| blk: {
-        if (slots_count > t.backendsMax()) return status(.invalid_argument);
-        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
-        break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
-    } else .ofTable(t);
-    const input: strategies.Affinity = .{ .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count] };
+    const prompt = promptHashes(hashes, hashes_count) orelse return status(.invalid_argument);
+    const candidates = candidatesFrom(t, slots, slots_count, cursor) orelse return status(.invalid_argument);
+    const input: strategies.Affinity = .{ .hashes = prompt };
     const pricing: strategies.Pricing = .{ .block_cost_milli = block_cost_milli, .discount = discount == 1 };
     const decision = strategies.acquirePriced(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority, pricing);
     out.* = ticketFor(t, decision.slot);
@@ -687,6 +679,22 @@ export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u3
     matched_out.* = decision.matched_blocks;
     cost_out.* = @intCast(decision.cost);
     return status(.ok);
+}
+
+/// The candidates of an affine or priced decision: a caller's pool (`slots`, with its cursor),
+/// or the whole table when `slots` is null; null for a pool that cannot be.
+fn candidatesFrom(t: *const Table, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64) ?strategies.Candidates {
+    const list = slots orelse return .ofTable(t);
+    if (slots_count > t.backendsMax()) return null;
+    const pool_cursor = cursorFrom(cursor) orelse return null;
+    return .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
+}
+
+/// A prompt's block hashes as a slice (empty for none); null when a count comes without hashes.
+fn promptHashes(hashes: ?[*]const u64, count: u32) ?[]const u64 {
+    if (count == 0) return &.{};
+    const list = hashes orelse return null;
+    return list[0..count];
 }
 
 /// Prompts longer than this many blocks are routed on their first `hashes_max` blocks.

@@ -43,15 +43,7 @@ def test_the_slower_backend_is_learned_slower_and_weighs_less(
         [fast.url, slow.url], strategy="round_robin", speed={"enabled": True, "interval_s": 0.01}
     )
     server = router(config)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    for number in range(24):
-        stream = client.chat.completions.create(
-            model="m",
-            messages=[{"role": "user", "content": f"{number}. {PROMPT}"}],
-            max_tokens=12,
-            stream=True,
-        )
-        assert sum(1 for _ in stream) > 1
+    stream_chats(server.url, 24)
     wait_idle(server.app)
     assert_idle(server.app.router)
     fast_status, slow_status = backend_status(server, fast.url), backend_status(server, slow.url)
