@@ -233,7 +233,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
         _pu64,
         _pu32,
         _pu32,
-        _pi32,
+        _pu32,
     ],
     "irm_prefix_hashes": [ctypes.c_void_p, _u32, _u32, ctypes.POINTER(ctypes.c_uint64), _u32, _pu32],
     "irm_acquire_batch": [_u32, _u32, _u32, _u32, _pi32, _pu64, _pu32],
@@ -599,7 +599,7 @@ class NativeTable:
         SLOT_NONE, outcome, matched prefix blocks, the cost reserved, which the release must
         give back)."""
         local = self._local
-        outcome, matched, reserved = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_int32()
+        outcome, matched, reserved = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
         hashes_count = 0 if hashes is None else len(hashes)
         slots, slots_count, cursor = (
             (None, 0, None) if pool is None else (pool.slots, pool.count, pool.cursor_ref)

@@ -658,7 +658,7 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
 /// backend's uncached blocks at that price; with `discount` 1, prefix_affinity and least_ttft
 /// reserve the cost less the value of the chosen backend's cached blocks (at least 1).
 /// `*out_cost` is the cost reserved: release exactly that.
-export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u32, hashes: ?[*]const u64, hashes_count: u32, block_cost_milli: u32, discount: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32, out_cost: ?*i32) i32 {
+export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u32, hashes: ?[*]const u64, hashes_count: u32, block_cost_milli: u32, discount: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32, out_cost: ?*u32) i32 {
     const t = enter(handle) orelse return status(.invalid_handle);
     defer leave(handle);
     const out = out_ticket orelse return status(.invalid_argument);
@@ -677,7 +677,7 @@ export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u3
     out.* = ticketFor(t, decision.slot);
     outcome_out.* = @backingInt(decision.outcome);
     matched_out.* = decision.matched_blocks;
-    cost_out.* = @intCast(decision.cost);
+    cost_out.* = decision.cost;
     return status(.ok);
 }
 
