@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from irmiddleware.sim import Scenario, compare
+from irmiddleware.sim import Scenario, SpeedChange, compare
 from irmiddleware.sim._chat import ChatWorkload, session_rate
 from irmiddleware.sim._cli import simulate_main
-from irmiddleware.sim._model import Fleet, PoissonArrivals, SpeedChange
+from irmiddleware.sim._model import Fleet, PoissonArrivals
 from irmiddleware.sim._shares import phase_shares, shares_over_time
 
 SPEEDS = (1.0, 1.0, 0.7, 0.5)
