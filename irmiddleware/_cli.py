@@ -39,6 +39,11 @@ COMMANDS: Final = {
         "bench_affinity_main",
         "cost of a cache-aware decision",
     ),
+    "bench-predict": (
+        "irmiddleware.bench._predict",
+        "bench_predict_main",
+        "least_ttft against prefix_affinity behind emulators of unequal speed",
+    ),
     "bench-signals": (
         "irmiddleware.bench._signals",
         "bench_signals_main",

@@ -73,6 +73,7 @@ class StrategyCode(enum.IntEnum):
     CONSISTENT_HASH = 3
     PREFIX_AFFINITY = 4
     QUEUE_AWARE = 5
+    LEAST_TTFT = 6
 
 
 class Outcome(enum.IntEnum):
@@ -223,6 +224,23 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
         _u32,
         _pu64,
         _pu64,
+        _pu32,
+        _pu32,
+    ],
+    "irm_acquire_priced": [
+        _u32,
+        _u32,
+        _i32,
+        _u32,
+        ctypes.POINTER(ctypes.c_uint64),
+        _u32,
+        _u32,
+        _u32,
+        _pu32,
+        _u32,
+        _pu64,
+        _pu64,
+        _pu32,
         _pu32,
         _pu32,
     ],
@@ -580,6 +598,34 @@ class NativeTable:
         )  # fmt: skip
         _check(status, "acquire with affinity")
         return local.ticket.value, Outcome(outcome.value), matched.value
+
+    def acquire_priced(
+        self,
+        strategy: int,
+        cost: int,
+        priority: int,
+        hashes: Any | None,
+        pool: Pool | None,
+        block_cost_milli: int,
+        discount: bool,
+    ) -> tuple[int, Outcome, int, int]:
+        """Like `acquire_affine` without a key, with a price per prompt block (thousandths of a
+        cost unit) and whether cached blocks discount the reservation: returns (ticket or
+        SLOT_NONE, outcome, matched prefix blocks, the cost reserved, which the release must
+        give back)."""
+        local = self._local
+        outcome, matched, reserved = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+        hashes_count = 0 if hashes is None else len(hashes)
+        slots, slots_count, cursor = (
+            (None, 0, None) if pool is None else (pool.slots, pool.count, pool.cursor_ref)
+        )
+        status = _lib.irm_acquire_priced(
+            self._handle, strategy, cost, priority, hashes, hashes_count, block_cost_milli,
+            int(discount), slots, slots_count, cursor, local.ticket_ref, ctypes.byref(outcome),
+            ctypes.byref(matched), ctypes.byref(reserved),
+        )  # fmt: skip
+        _check(status, "acquire priced")
+        return local.ticket.value, Outcome(outcome.value), matched.value, reserved.value
 
     def acquire_on(self, slot: int, cost: int, priority: int) -> int:
         """Reserves `cost` on `slot` (chosen outside the core): the ticket, or SLOT_NONE if it

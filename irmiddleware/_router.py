@@ -35,6 +35,7 @@ STRATEGIES: Final = {
     "consistent_hash": _native.StrategyCode.CONSISTENT_HASH,
     "prefix_affinity": _native.StrategyCode.PREFIX_AFFINITY,
     "queue_aware": _native.StrategyCode.QUEUE_AWARE,
+    "least_ttft": _native.StrategyCode.LEAST_TTFT,
 }
 _OUTCOMES: Final = {
     _native.Outcome.NONE: None,
@@ -209,6 +210,11 @@ class Router:
     processes on one host share one set of counters (the first creates it, the others attach).
     `owner=k` (1..63, with `shared_memory`) records this process's reservations as owner k's, so
     that if it dies another process gives them back with `reclaim_owner(k)` (doc/reclaim.md).
+
+    `block_cost` is what `least_ttft` charges a backend for each prompt block it has not cached, in
+    cost units (default 0.05; with costs in tokens, the block's tokens). With `discount_cached`,
+    `acquire` with `prefix_hashes` (and `acquire_slot_priced`) reserves the cost less the value
+    of the blocks the chosen accelerator has cached (at least 1); the lease releases exactly that.
     """
 
     def __init__(
@@ -222,10 +228,16 @@ class Router:
         prefix_index_entries: int = 65_536,
         balance_epsilon: float | None = None,
         signal_age_max_s: float | None = None,
+        block_cost: float | None = None,
+        discount_cached: bool = False,
         owner: int | None = None,
     ) -> None:
         _check_owner(owner, shared_memory)
         self._strategy = strategy_id(strategy)
+        # least_ttft's price of an uncached prompt block, in cost units (thousandths in the core),
+        # and whether a request's reservation is discounted by the blocks its backend has cached.
+        self._block_cost_milli = _block_cost_milli(block_cost)
+        self._discount_cached = bool(discount_cached)
         self.strategy = strategy
         self._table = self._open_table(max_accelerators, prefix_index_entries, shared_memory)
         self._ids_by_slot: list[int | None] = [None] * self._table.backends_max
@@ -522,6 +534,13 @@ class Router:
             if ticket is None:
                 return None
             return Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), cost)
+        if affinity_key is None and self._discount_cached:
+            ticket, affinity, matched, reserved = self.acquire_slot_priced(
+                cost, priority, pool=pool, prefix_hashes=prefix_hashes
+            )
+            if ticket is None:
+                return None
+            return Lease(self, ticket, self._id_of(ticket & TICKET_SLOT_MASK), reserved, affinity, matched)
         ticket, affinity, matched = self.acquire_slot_affine(
             cost, priority, pool=pool, affinity_key=affinity_key, prefix_hashes=prefix_hashes
         )
@@ -646,10 +665,40 @@ class Router:
             strategy, native_pool = self._pool(pool)
         key = None if affinity_key is None else affinity_key_hash(affinity_key)
         hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
-        ticket, outcome, matched = self._table.acquire_affine(
-            strategy, cost, priority, key, hashes, native_pool
-        )
+        if strategy == _native.StrategyCode.LEAST_TTFT:
+            # Priced with this router's block cost, never discounted: the cost reserved is `cost`.
+            ticket, outcome, matched, _reserved = self._table.acquire_priced(
+                strategy, cost, priority, hashes, native_pool, self._block_cost_milli, False
+            )
+        else:
+            ticket, outcome, matched = self._table.acquire_affine(
+                strategy, cost, priority, key, hashes, native_pool
+            )
         return (None if ticket == SLOT_NONE else ticket), _OUTCOMES[outcome], matched
+
+    def acquire_slot_priced(
+        self,
+        cost: int = 1,
+        priority: int = 0,
+        *,
+        pool: str | None = None,
+        prefix_hashes: Sequence[int] | None = None,
+    ) -> tuple[int | None, str | None, int, int]:
+        """Like `acquire_slot_affine` without a session key, priced: least_ttft values each
+        uncached prompt block at the router's `block_cost`, and with `discount_cached` the
+        reservation is `cost` less the value of the blocks the chosen accelerator has cached (at
+        least 1). Returns (ticket or None, affinity, matched blocks, the cost reserved): release
+        the ticket with exactly that cost."""
+        _native.check_cost(cost)
+        _native.check_priority(priority)
+        strategy, native_pool = self._strategy, None
+        if pool is not None:
+            strategy, native_pool = self._pool(pool)
+        hashes = None if prefix_hashes is None else _native.uint64_array(prefix_hashes)
+        ticket, outcome, matched, reserved = self._table.acquire_priced(
+            strategy, cost, priority, hashes, native_pool, self._block_cost_milli, self._discount_cached
+        )
+        return (None if ticket == SLOT_NONE else ticket), _OUTCOMES[outcome], matched, reserved
 
     def release_slot(self, ticket: int, cost: int, latency_us: int = 0, ok: bool = True) -> None:
         """Gives back a reservation of `acquire_slot`/`acquire_slot_affine`: the same ticket and
@@ -802,6 +851,21 @@ def _latency_us(started_ns: int, latency_s: float | None) -> int:
     if latency_s is None:
         return (time.perf_counter_ns() - started_ns) // 1000
     return max(0, int(latency_s * 1e6))
+
+
+_BLOCK_COST_DEFAULT_MILLI: Final = 50
+"""The core's default price of a prompt block: 0.05 cost units (zig/strategies.zig)."""
+
+
+def _block_cost_milli(block_cost: float | None) -> int:
+    """A block cost in cost units as the core's thousandths; a clear error out of 0 … 10^6."""
+    if block_cost is None:
+        return _BLOCK_COST_DEFAULT_MILLI
+    if isinstance(block_cost, bool) or not isinstance(block_cost, int | float) or not 0 <= block_cost <= 1e6:
+        raise ValueError(
+            f"block_cost must be a number in 0..1000000 (cost units per block), got {block_cost!r}"
+        )
+    return round(block_cost * 1000)
 
 
 def _group_by_priority(requests: Sequence[Request]) -> dict[int, list[int]]:

@@ -85,6 +85,8 @@ def test_bench_affinity_reports_each_part() -> None:
         "prefix_affinity: hashing",
         "prefix_affinity: decision + release",
         "prefix_affinity: hash + decide + release",
+        "least_ttft: decision + release",
+        "least_ttft: hash + decide + release",
         "consistent_hash: decision + release",
         "p2c (baseline): decision + release",
     ], result.stdout

@@ -60,7 +60,9 @@ def fleet() -> Iterator[Fleet]:
 
 def test_unknown_strategy_names_the_valid_ones() -> None:
     with pytest.raises(
-        ValueError, match="consistent_hash, least_connections, p2c, prefix_affinity, queue_aware, round_robin"
+        ValueError,
+        match="consistent_hash, least_connections, least_ttft, p2c, prefix_affinity, queue_aware, "
+        "round_robin",
     ):
         Router("fastest")
 

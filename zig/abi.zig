@@ -25,7 +25,7 @@ const Requests = requests_mod.Requests;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27. 4: irm_route/irm_complete.
+pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced. 4: irm_route/irm_complete.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -653,21 +653,61 @@ export fn irm_acquire_affine(handle: u32, strategy: u32, cost: i32, priority: u3
     const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
     if (priority >= table_mod.classes_count) return status(.invalid_priority);
     if (has_key > 1 or hashes_count > hashes_max) return status(.invalid_argument);
-    if (hashes_count > 0 and hashes == null) return status(.invalid_argument);
-    const candidates: strategies.Candidates = if (slots) |list| blk: {
-        if (slots_count > t.backendsMax()) return status(.invalid_argument);
-        const pool_cursor = cursorFrom(cursor) orelse return status(.invalid_argument);
-        break :blk .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
-    } else .ofTable(t);
+    const prompt = promptHashes(hashes, hashes_count) orelse return status(.invalid_argument);
+    const candidates = candidatesFrom(t, slots, slots_count, cursor) orelse return status(.invalid_argument);
     const input: strategies.Affinity = .{
         .key = if (has_key == 1) key else null,
-        .hashes = if (hashes_count == 0) &.{} else hashes.?[0..hashes_count],
+        .hashes = prompt,
     };
     const decision = strategies.acquireAffine(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority);
     out.* = ticketFor(t, decision.slot);
     outcome_out.* = @backingInt(decision.outcome);
     matched_out.* = decision.matched_blocks;
     return status(.ok);
+}
+
+/// Like `irm_acquire_affine` without a session key, with a price per prompt block
+/// (`block_cost_milli`, thousandths of a cost unit) and `discount` (0 or 1): least_ttft values a
+/// backend's uncached blocks at that price; with `discount` 1, prefix_affinity and least_ttft
+/// reserve the cost less the value of the chosen backend's cached blocks (at least 1).
+/// `*out_cost` is the cost reserved: release exactly that.
+export fn irm_acquire_priced(handle: u32, strategy: u32, cost: i32, priority: u32, hashes: ?[*]const u64, hashes_count: u32, block_cost_milli: u32, discount: u32, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64, out_ticket: ?*u64, out_outcome: ?*u32, out_matched_blocks: ?*u32, out_cost: ?*u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    const out = out_ticket orelse return status(.invalid_argument);
+    const outcome_out = out_outcome orelse return status(.invalid_argument);
+    const matched_out = out_matched_blocks orelse return status(.invalid_argument);
+    const cost_out = out_cost orelse return status(.invalid_argument);
+    if (!strategies.isKnown(strategy)) return status(.invalid_strategy);
+    const cost_checked = checkCost(cost) orelse return status(.invalid_cost);
+    if (priority >= table_mod.classes_count) return status(.invalid_priority);
+    if (discount > 1 or hashes_count > hashes_max) return status(.invalid_argument);
+    const prompt = promptHashes(hashes, hashes_count) orelse return status(.invalid_argument);
+    const candidates = candidatesFrom(t, slots, slots_count, cursor) orelse return status(.invalid_argument);
+    const input: strategies.Affinity = .{ .hashes = prompt };
+    const pricing: strategies.Pricing = .{ .block_cost_milli = block_cost_milli, .discount = discount == 1 };
+    const decision = strategies.acquirePriced(t, candidates, @fromBackingInt(@intCast(strategy)), input, cost_checked, priority, pricing);
+    out.* = ticketFor(t, decision.slot);
+    outcome_out.* = @backingInt(decision.outcome);
+    matched_out.* = decision.matched_blocks;
+    cost_out.* = decision.cost;
+    return status(.ok);
+}
+
+/// The candidates of an affine or priced decision: a caller's pool (`slots`, with its cursor),
+/// or the whole table when `slots` is null; null for a pool that cannot be.
+fn candidatesFrom(t: *const Table, slots: ?[*]const u32, slots_count: u32, cursor: ?*u64) ?strategies.Candidates {
+    const list = slots orelse return .ofTable(t);
+    if (slots_count > t.backendsMax()) return null;
+    const pool_cursor = cursorFrom(cursor) orelse return null;
+    return .{ .slots = list[0..slots_count], .cursor = pool_cursor, .whole_table = false };
+}
+
+/// A prompt's block hashes as a slice (empty for none); null when a count comes without hashes.
+fn promptHashes(hashes: ?[*]const u64, count: u32) ?[]const u64 {
+    if (count == 0) return &.{};
+    const list = hashes orelse return null;
+    return list[0..count];
 }
 
 /// Prompts longer than this many blocks are routed on their first `hashes_max` blocks.

@@ -22,6 +22,10 @@ pub const Strategy = enum(u32) {
     prefix_affinity = 4,
     /// p2c on our load plus what backends report (queue depth, KV-cache use) while fresh.
     queue_aware = 5,
+    /// The lowest expected time to first token: (queue ahead + the uncached part of the prompt on
+    /// that backend) / its capacity × weight (weight = learned speed); near-ties go to the backend
+    /// holding the longest prefix; bounded loads as prefix_affinity.
+    least_ttft = 6,
     _,
 };
 
@@ -46,7 +50,23 @@ pub const Decision = struct {
     slot: u32,
     outcome: Outcome = .none,
     matched_blocks: u32 = 0,
+    /// The cost reserved on `slot` when it differs from the request's (a priced decision
+    /// discounts the blocks the backend has cached); 0 = the request's cost.
+    cost: u32 = 0,
 };
+
+/// How a priced decision (`acquirePriced`) values a prompt block, in thousandths of a cost unit:
+/// least_ttft adds the uncached blocks' value to a backend's queue; with `discount`, the
+/// reservation itself is the request's cost less the value of the blocks the chosen backend has
+/// cached (never below 1), so the caller must release `Decision.cost`.
+pub const Pricing = struct {
+    block_cost_milli: u32 = default_block_cost_milli,
+    discount: bool = false,
+};
+
+/// A prompt block's value when the caller gives none: 0.05 cost units (a request of cost 1 is
+/// worth about 20 blocks of prompt, ~1,300 characters).
+pub const default_block_cost_milli: u32 = 50;
 
 /// How far the bounded-load walk goes round the ring before giving up to p2c.
 const ring_walk_points_max: u32 = 1024;
@@ -117,6 +137,7 @@ pub fn acquire(t: *const Table, candidates: Candidates, strategy: Strategy, cost
         .p2c, .consistent_hash => powerOfTwoChoices(t, candidates, cost, class),
         .prefix_affinity => leastConnections(t, candidates, cost, class),
         .queue_aware => twoChoices(t, candidates, cost, class, .reported),
+        .least_ttft => leastTtft(t, candidates, &.{}, cost, class, .{}).slot,
         _ => unreachable, // The ABI edge validates the strategy.
     };
     // Post-condition: none, or a slot of this table on which `reserve` took `cost` (its own
@@ -131,11 +152,37 @@ pub fn acquireAffine(t: *const Table, candidates: Candidates, strategy: Strategy
     switch (strategy) {
         .consistent_hash => if (input.key) |key| return decided(t, consistentHash(t, candidates, key, cost, class)),
         .prefix_affinity => if (input.hashes.len > 0 and affinity.prefixEnabled(t)) {
-            return decided(t, prefixAffinity(t, candidates, input.hashes, cost, class));
+            return decided(t, prefixAffinity(t, candidates, input.hashes, cost, class, .{}));
         },
+        .least_ttft => return decided(t, leastTtft(t, candidates, input.hashes, cost, class, .{})),
         else => {},
     }
     return .{ .slot = acquire(t, candidates, strategy, cost, class) };
+}
+
+/// Like `acquireAffine`, with `pricing` (see `Pricing`): least_ttft values the uncached blocks
+/// with it, and with `pricing.discount` prefix_affinity and least_ttft reserve the discounted
+/// cost. `Decision.cost` is always set: the cost to release.
+pub fn acquirePriced(t: *const Table, candidates: Candidates, strategy: Strategy, input: Affinity, cost: u32, class: u32, pricing: Pricing) Decision {
+    var decision = switch (strategy) {
+        .least_ttft => leastTtft(t, candidates, input.hashes, cost, class, pricing),
+        .prefix_affinity => if (input.hashes.len > 0 and affinity.prefixEnabled(t))
+            prefixAffinity(t, candidates, input.hashes, cost, class, pricing)
+        else
+            acquireAffine(t, candidates, strategy, input, cost, class),
+        else => acquireAffine(t, candidates, strategy, input, cost, class),
+    };
+    if (decision.cost == 0) decision.cost = cost;
+    assert(decision.cost >= 1 and decision.cost <= cost);
+    return decided(t, decision);
+}
+
+/// The request's cost less the value of `matched` cached blocks, never below 1 (at least the last
+/// token is computed); the request's cost without `discount`.
+pub fn discounted(cost: u32, matched: u32, pricing: Pricing) u32 {
+    if (!pricing.discount) return cost;
+    const value = @as(u64, matched) * pricing.block_cost_milli / 1000;
+    return @intCast(@max(1, @as(u64, cost) -| value));
 }
 
 /// Post-condition of an affine decision: as `acquire`'s, and a hit always names a slot.
@@ -147,7 +194,7 @@ fn decided(t: *const Table, decision: Decision) Decision {
 
 pub fn isKnown(strategy: u32) bool {
     return switch (@as(Strategy, @fromBackingInt(@intCast(strategy)))) {
-        .round_robin, .least_connections, .p2c, .consistent_hash, .prefix_affinity, .queue_aware => true,
+        .round_robin, .least_connections, .p2c, .consistent_hash, .prefix_affinity, .queue_aware, .least_ttft => true,
         _ => false,
     };
 }
@@ -181,17 +228,18 @@ fn consistentHash(t: *const Table, candidates: Candidates, key: u64, cost: u32, 
 /// The backend holding the longest remembered prefix wins unless it is over its bounded load (or
 /// full); then the least-loaded backend takes the request. Either way the index learns where the
 /// prompt went, block by block.
-fn prefixAffinity(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32) Decision {
+fn prefixAffinity(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32, pricing: Pricing) Decision {
     var decision: Decision = .{ .slot = slot_none, .outcome = .miss };
     const match = longestPrefix(t, candidates, hashes);
     if (match.blocks > 0) {
         decision.outcome = .overload;
         const totals = candidates.totals(t);
+        const charged = discounted(cost, match.blocks, pricing);
         for (match.locations.slots, match.locations.incarnations) |slot, incarnation| {
             if (slot == slot_none) break;
             if (!affinity.locationValid(t, slot, incarnation) or !candidates.contains(slot)) continue;
-            if (!affinity.withinBound(t, slot, cost, totals) or !t.reserve(slot, cost, class)) continue;
-            decision = .{ .slot = slot, .outcome = .hit, .matched_blocks = match.blocks };
+            if (!affinity.withinBound(t, slot, charged, totals) or !t.reserve(slot, charged, class)) continue;
+            decision = .{ .slot = slot, .outcome = .hit, .matched_blocks = match.blocks, .cost = charged };
             break;
         }
     }
@@ -200,6 +248,147 @@ fn prefixAffinity(t: *const Table, candidates: Candidates, hashes: []const u64, 
         for (hashes) |hash| affinity.prefixRecord(t, hash, decision.slot);
     }
     return decision;
+}
+
+/// How many backends least_ttft learns the cached prefix of per decision, and in how many rounds
+/// of lookups (each round finds the next-longest prefix among backends not yet seen).
+const ttft_tracked_max: u32 = 16;
+const ttft_rounds_max: u32 = 4;
+/// The backend holding the longest prefix wins when its expected time is within this much
+/// (thousandths) of the best: a near-tie keeps the cache warm where it is.
+const ttft_near_tie_permille: u32 = 250;
+
+/// Backends' cached prefix lengths for one prompt, as far as the prefix index knows.
+const SlotMatches = struct {
+    slots: [ttft_tracked_max]u32 = @splat(slot_none),
+    blocks: [ttft_tracked_max]u32 = @splat(0),
+    count: u32 = 0,
+
+    fn of(matches: *const SlotMatches, slot: u32) u32 {
+        for (matches.slots[0..matches.count], matches.blocks[0..matches.count]) |known, blocks| {
+            if (known == slot) return blocks;
+        }
+        return 0;
+    }
+
+    fn seen(matches: *const SlotMatches, slot: u32) bool {
+        return std.mem.indexOfScalar(u32, matches.slots[0..matches.count], slot) != null;
+    }
+};
+
+/// The lowest expected time to first token: each candidate that fits and is within its bounded
+/// load is scored (queue ahead, from our books and the backend's fresh report, + the uncached
+/// blocks' value) / capacity × weight; the backend holding the longest prefix wins a near-tie.
+/// O(candidates) per decision, plus O(rounds × log blocks) prefix lookups. The index learns
+/// where the prompt went, as prefix_affinity's does.
+fn leastTtft(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32, pricing: Pricing) Decision {
+    const matches = if (hashes.len > 0 and affinity.prefixEnabled(t)) slotMatches(t, candidates, hashes) else SlotMatches{};
+    const affine: u32 = if (matches.count > 0) matches.slots[0] else slot_none;
+    var decision: Decision = .{ .slot = slot_none, .outcome = if (affine == slot_none) .miss else .overload };
+    var attempts: u32 = 0;
+    while (attempts < least_root_attempts_max) : (attempts += 1) {
+        const chosen = bestExpected(t, candidates, hashes.len, &matches, affine, cost, class, pricing);
+        if (chosen == slot_none) break;
+        const matched = matches.of(chosen);
+        const charged = discounted(cost, matched, pricing);
+        if (!t.reserve(chosen, charged, class)) continue;
+        decision = .{ .slot = chosen, .outcome = decision.outcome, .matched_blocks = matched, .cost = charged };
+        if (chosen == affine) decision.outcome = .hit;
+        break;
+    }
+    if (decision.slot == slot_none) {
+        decision.slot = leastConnections(t, candidates, cost, class);
+        decision.cost = cost;
+    }
+    if (decision.slot != slot_none) {
+        for (hashes) |hash| affinity.prefixRecord(t, hash, decision.slot);
+    }
+    return decision;
+}
+
+/// The candidate with the lowest expected time to first token (see `leastTtft`), or the affine
+/// one on a near-tie; none when no candidate fits within its bound. Starts at a random candidate
+/// so exact ties (an idle fleet) spread.
+fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches: *const SlotMatches, affine: u32, cost: u32, class: u32, pricing: Pricing) u32 {
+    const count = candidates.slots.len;
+    if (count == 0) return slot_none;
+    const totals = candidates.totals(t);
+    const now_ms = monotonicMs();
+    const start = t.random() % count;
+    var best: u32 = slot_none;
+    var best_score = std.math.inf(f64);
+    var affine_score = std.math.inf(f64);
+    for (0..count) |offset| {
+        const slot = candidates.at((start + offset) % count);
+        if (slot >= t.backendsMax()) continue;
+        const matched = matches.of(slot);
+        const charged = discounted(cost, matched, pricing);
+        if (!t.fits(slot, charged, class) or !affinity.withinBound(t, slot, charged, totals)) continue;
+        const weight = t.slots[slot].configuredWeightOf();
+        if (weight == 0) continue;
+        const queue: f64 = @floatFromInt(reportedCost(t, slot, t.wordOf(slot), now_ms));
+        const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
+        const score = (queue + uncached / 1000) / @as(f64, @floatFromInt(weight));
+        if (slot == affine) affine_score = score;
+        if (score < best_score) {
+            best_score = score;
+            best = slot;
+        }
+    }
+    const margin = 1 + @as(f64, @floatFromInt(ttft_near_tie_permille)) / 1000;
+    if (affine != slot_none and affine_score <= best_score * margin) return affine;
+    return best;
+}
+
+/// Which candidates hold how much of the prompt: round by round, the longest prefix that some
+/// candidate not yet seen holds (binary search, as `longestPrefix`), until every recorded
+/// location is seen, the rounds run out or nothing more matches. The first entry holds the
+/// longest prefix (its most recent location).
+fn slotMatches(t: *const Table, candidates: Candidates, hashes: []const u64) SlotMatches {
+    var matches: SlotMatches = .{};
+    var high: u32 = @intCast(hashes.len); // blocks that may match for an unseen backend
+    var round: u32 = 0;
+    while (round < ttft_rounds_max and high > 0 and matches.count < ttft_tracked_max) : (round += 1) {
+        var found: u32 = 0;
+        var found_locations: affinity.Locations = .{};
+        if (unseenUsable(t, candidates, hashes[high - 1], &matches)) |locations| {
+            found, found_locations = .{ high, locations };
+        } else {
+            var low: u32 = 0;
+            var top: u32 = high - 1;
+            while (low < top) {
+                const middle = low + (top - low + 1) / 2;
+                if (unseenUsable(t, candidates, hashes[middle - 1], &matches)) |locations| {
+                    found, found_locations = .{ middle, locations };
+                    low = middle;
+                } else {
+                    top = middle - 1;
+                }
+            }
+        }
+        if (found == 0) break;
+        for (found_locations.slots, found_locations.incarnations) |slot, incarnation| {
+            if (slot == slot_none or matches.count >= ttft_tracked_max) break;
+            if (!affinity.locationValid(t, slot, incarnation) or !candidates.contains(slot)) continue;
+            if (matches.seen(slot)) continue;
+            matches.slots[matches.count] = slot;
+            matches.blocks[matches.count] = found;
+            matches.count += 1;
+        }
+        high = found;
+    }
+    return matches;
+}
+
+fn unseenUsable(t: *const Table, candidates: Candidates, hash: u64, matches: *const SlotMatches) ?affinity.Locations {
+    const locations = affinity.prefixLookup(t, hash);
+    if (!locations.found) return null;
+    for (locations.slots, locations.incarnations) |slot, incarnation| {
+        if (slot == slot_none) break;
+        if (matches.seen(slot)) continue;
+        if (affinity.locationValid(t, slot, incarnation) and candidates.contains(slot)) return locations;
+    }
+    return null;
 }
 
 const PrefixMatch = struct {
@@ -546,4 +735,104 @@ test "p2c breaks ties between equally loaded backends at random" {
         try t.release(slot, t.incarnationOf(slot), 1, 0, true); // always idle again: every decision is a tie
     }
     for (chosen) |count| try testing.expect(count >= 60 and count <= 140);
+}
+
+test "least_ttft prefers the cached backend, leaves it when its queue outweighs the cache, and weighs speed" {
+    const t = try table_mod.testTableWithPrefix(8, 1024);
+    defer table_mod.testTableFree(t);
+    const a = try t.add(1, 1000, 1000);
+    const b = try t.add(2, 1000, 1000);
+    const whole = Candidates.ofTable(&t);
+    var prompt: [40]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 1000 + i;
+    const pricing: Pricing = .{ .block_cost_milli = 1000 }; // one cost unit per block
+    for (prompt) |hash| affinity.prefixRecord(&t, hash, a); // a holds the whole prompt
+    const cached = acquirePriced(&t, whole, .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+    try testing.expectEqual(a, cached.slot);
+    try testing.expectEqual(Outcome.hit, cached.outcome);
+    try testing.expectEqual(@as(u32, 40), cached.matched_blocks);
+    try t.release(a, t.incarnationOf(a), 1, 0, true);
+    // a's queue (60 units) outweighs b's uncached prompt (40 units): b, though a holds the prefix.
+    try testing.expect(t.reserve(a, 60, 0));
+    const queued = acquirePriced(&t, whole, .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+    try testing.expectEqual(b, queued.slot);
+    try testing.expectEqual(Outcome.overload, queued.outcome);
+    try t.release(b, t.incarnationOf(b), 1, 0, true);
+    try t.release(a, t.incarnationOf(a), 60, 0, true);
+    // With no cache anywhere and equal queues, the faster (heavier) backend wins.
+    try t.update(b, 1000, 3000, .active);
+    try testing.expect(t.reserve(a, 10, 0));
+    try testing.expect(t.reserve(b, 10, 0));
+    const fresh = [_]u64{ 7, 8, 9 };
+    const fast = acquirePriced(&t, whole, .least_ttft, .{ .hashes = &fresh }, 1, 0, pricing);
+    try testing.expectEqual(b, fast.slot);
+    try testing.expectEqual(Outcome.miss, fast.outcome);
+}
+
+/// Four backends: b holds the first 8 blocks of `prompt`, d and a the first 20 (a most recently);
+/// b and c carry 10 units of background load (so a stays within its bound), a `a_queued`.
+fn ttftFixture(t: *const Table, prompt: []const u64, a_queued: u32) ![4]u32 {
+    const a = try t.add(1, 1000, 1000);
+    const b = try t.add(2, 1000, 1000);
+    const c = try t.add(3, 1000, 1000);
+    const d = try t.add(4, 1000, 1000);
+    for (prompt[0..8]) |hash| affinity.prefixRecord(t, hash, b);
+    for (prompt[0..20]) |hash| affinity.prefixRecord(t, hash, d);
+    for (prompt[0..20]) |hash| affinity.prefixRecord(t, hash, a);
+    try testing.expect(t.reserve(b, 10, 0));
+    try testing.expect(t.reserve(c, 10, 0));
+    try testing.expect(t.reserve(a, a_queued, 0));
+    return .{ a, b, c, d };
+}
+
+test "least_ttft sees each backend's own cached prefix and keeps near-ties on the longest" {
+    var prompt: [32]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 5000 + i;
+    const pricing: Pricing = .{ .block_cost_milli = 1000 };
+    {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        const a, const b, const c, const d = try ttftFixture(&t, &prompt, 1);
+        const matches = slotMatches(&t, .ofTable(&t), &prompt);
+        try testing.expectEqual(@as(u32, 3), matches.count);
+        try testing.expectEqual(a, matches.slots[0]);
+        try testing.expectEqual(@as(u32, 20), matches.of(a));
+        try testing.expectEqual(@as(u32, 20), matches.of(d));
+        try testing.expectEqual(@as(u32, 8), matches.of(b));
+        try testing.expectEqual(@as(u32, 0), matches.of(c));
+        // a: 1 queued + 12 uncached = 13, d: 0 + 12 = 12, within 25 %: the near-tie stays on a.
+        const near = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+        try testing.expectEqual(a, near.slot);
+        try testing.expectEqual(Outcome.hit, near.outcome);
+    }
+    {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        _, _, _, const d = try ttftFixture(&t, &prompt, 4);
+        // a: 4 + 12 = 16 against d's 12: no longer a near-tie.
+        const far = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+        try testing.expectEqual(d, far.slot);
+        try testing.expectEqual(Outcome.overload, far.outcome);
+        try testing.expectEqual(@as(u32, 20), far.matched_blocks);
+    }
+}
+
+test "a priced reservation is released exactly; a discount never goes below one" {
+    try testing.expectEqual(@as(u32, 1), discounted(5, 100, .{ .block_cost_milli = 1000, .discount = true }));
+    try testing.expectEqual(@as(u32, 5), discounted(5, 100, .{ .block_cost_milli = 1000 }));
+    try testing.expectEqual(@as(u32, 3), discounted(5, 2, .{ .block_cost_milli = 1000, .discount = true }));
+    const t = try table_mod.testTableWithPrefix(8, 1024);
+    defer table_mod.testTableFree(t);
+    for (0..4) |i| _ = try t.add(i, 10_000, 1000);
+    const prompt = [_]u64{ 1, 2, 3, 4, 5, 6, 7, 8 };
+    const pricing: Pricing = .{ .block_cost_milli = 2000, .discount = true };
+    for ([_]Strategy{ .least_ttft, .prefix_affinity, .p2c, .consistent_hash }) |strategy| {
+        var held: [64]Decision = undefined;
+        for (&held) |*decision| {
+            decision.* = acquirePriced(&t, .ofTable(&t), strategy, .{ .hashes = &prompt }, 20, 0, pricing);
+            try testing.expect(decision.slot != slot_none);
+        }
+        for (held) |decision| try t.release(decision.slot, t.incarnationOf(decision.slot), decision.cost, 0, true);
+        for (0..4) |slot| try testing.expectEqual(@as(u32, 0), t.wordOf(@intCast(slot)).cost);
+    }
 }

@@ -74,16 +74,18 @@ def serving(args: Sequence[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def emulated_vllm(
-    url: str, *, max_num_seqs: int, time_per_output_token_s: float
+    url: str, *, max_num_seqs: int, time_per_output_token_s: float, **more: object
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """An emulated vLLM server on `url` serving model "m": `max_num_seqs` sequences at a time, each
-    output token `time_per_output_token_s` (no other delay), see `irmiddleware.testing`."""
+    output token `time_per_output_token_s` (no other delay unless `more` config fields, e.g.
+    `speed`, `time_per_prompt_token_s`, `prefix_cache_blocks`, say so), see `irmiddleware.testing`."""
     options = {
         "served_model_names": ["m"],
         "max_num_seqs": max_num_seqs,
         "time_per_request_s": 0.0,
         "time_per_prompt_token_s": 0.0,
         "time_per_output_token_s": time_per_output_token_s,
+        **more,
     }
     return serving(["-c", _VLLM, port_of(url), json.dumps(options)], url)
 

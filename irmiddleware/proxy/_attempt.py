@@ -50,6 +50,7 @@ from irmiddleware.proxy._upstream import (
     response_headers,
 )
 from irmiddleware.proxy.config import RetriesConfig
+from irmiddleware.proxy.control import SpeedFeed
 
 __all__ = ["Attempt", "AttemptContext", "Notify", "Releases", "RequestObservers", "Step", "outcome_of"]
 
@@ -169,6 +170,9 @@ class AttemptContext:
     can_retry: Callable[[RouteInfo, frozenset[int]], bool] | None = None
     """Whether a retry excluding these backends could be served (admission's `can_retry`, which
     knows whether it may wait); None: only when another backend has room now (`has_other`)."""
+    speed: SpeedFeed | None = None
+    """Learned speed (`[router.speed]`, least_ttft): told each answer's time to first byte and its
+    streamed events' pace; None: nothing is measured."""
 
 
 class Attempt:
@@ -319,10 +323,19 @@ class Attempt:
         self.context.notify("first_byte", self, self.status)
         send = exchange.send
         await exchange.start(self.status, response_headers(response.headers.raw))
+        # Learned speed (when on) needs the first *body* byte (a streaming server sends its headers
+        # before the prefill) and the stream's events, counted per chunk with no clock read: the
+        # pace is taken once, at the end (one event ~ one token of an OpenAI-style stream).
+        speed = self.context.speed if self.status < 400 else None
+        first_s = now if held else 0.0
+        events = held.count(b"\n\n")
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
+                if not first_s:
+                    first_s = time.perf_counter()
+                events += chunk.count(b"\n\n")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
             # Headers are out: the only honest signal left is a broken connection, so end without
@@ -330,10 +343,22 @@ class Attempt:
             self.outcome = outcome_of(error)
             log.warning("backend %s broke off a response: %r", self.backend.url, error)
             return
+        if speed is not None and first_s:
+            self._observe_speed(speed, first_s, events)
         self.answered = True
         exchange.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"
+
+    def _observe_speed(self, speed: SpeedFeed, first_s: float, events: int) -> None:
+        prompt = self.exchange.route.prompt
+        prompt_chars = len(prompt) if prompt else len(self.exchange.body)
+        speed.first_byte(
+            self.backend.id, prompt_chars, self.lease.matched_blocks, first_s - self.sent_s, first_s
+        )
+        if events > 1:
+            end_s = time.perf_counter()
+            speed.streamed(self.backend.id, events - 1, end_s - first_s, end_s)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

@@ -19,6 +19,7 @@ from typing import Final
 
 import httpx
 
+from irmiddleware._native import CAPACITY_MAX
 from irmiddleware._plugins import Registry
 from irmiddleware._router import Accelerator, AcceleratorStats, Lease, Router, prefix_hashes
 from irmiddleware.hooks import (
@@ -29,6 +30,7 @@ from irmiddleware.hooks import (
     PythonStrategy,
     RouteInfo,
 )
+from irmiddleware.proxy._cost import RequestCost
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
 
@@ -77,6 +79,8 @@ class Fleet:
         self.strategy_name = config.strategy
         self._python: PythonStrategy | None = strategy if isinstance(strategy, PythonStrategy) else None
         native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
+        self.cost = RequestCost(config)
+        """What a request costs (`[router] cost`); capacities are scaled to the same unit."""
         self.router = Router(
             native,
             # Room for backends added while it runs (the admin API, SIGHUP): a slot is reused
@@ -85,11 +89,17 @@ class Fleet:
             signal_age_max_s=config.signals.max_age_s,
             class_shares=config.admission.class_shares,
             balance_epsilon=config.affinity.balance_epsilon,
+            # Costs in tokens: a prompt block is worth its tokens, and the blocks the chosen
+            # backend has cached are taken off the reservation.
+            block_cost=self.cost.block_tokens(config.affinity.prefix_block_chars)
+            if self.cost.tokens
+            else None,
+            discount_cached=self.cost.tokens,
         )
-        # Only the cache-aware strategies read a request's session key or prompt: the others
-        # skip extracting them (and hashing the prompt).
+        # Only the cache-aware strategies (and costs in tokens) read a request's session key or
+        # prompt: the others skip extracting them (and hashing the prompt).
         self.wants_session_key = native == "consistent_hash"
-        self.wants_prompt = native == "prefix_affinity"
+        self.wants_prompt = native in ("prefix_affinity", "least_ttft") or self.cost.tokens
         self._block_chars = config.affinity.prefix_block_chars
         self._affinity_outcomes = {
             outcome: metrics.affinity.labels(config.strategy, outcome)
@@ -123,8 +133,12 @@ class Fleet:
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
             self.backends[backend_id] = _backend(backend_id, entry, adapter)
-            self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+            self.router.add_accelerator(Accelerator(backend_id, self._capacity(entry.capacity), entry.weight))
         self._next_id = len(config.backends)
+
+    def _capacity(self, configured: int) -> int:
+        """A configured capacity in the core's cost unit (tokens, with costs in tokens)."""
+        return min(configured * self.cost.capacity_scale, CAPACITY_MAX)
 
     # ---- backends added and removed while routing goes on (on the event loop) ------------------
 
@@ -139,7 +153,7 @@ class Fleet:
     def add(self, backend: Backend, entry: BackendConfig, state: str) -> None:
         """Puts `backend` in the core (capacity, weight, `state`) and in its models' pools, in one
         step of the event loop: no request sees it half added."""
-        self.router.add_accelerator(Accelerator(backend.id, entry.capacity, entry.weight))
+        self.router.add_accelerator(Accelerator(backend.id, self._capacity(entry.capacity), entry.weight))
         self.router.set_state(backend.id, state)
         self.backends[backend.id] = backend
         self._rebuild_pools()
@@ -189,7 +203,8 @@ class Fleet:
     ) -> None:
         """Changes a backend's capacity and/or weight while routing goes on, and tells the
         capacity listeners (a larger capacity has room for waiters)."""
-        self.router.update_accelerator(backend_id, capacity=capacity, weight=weight)
+        scaled = None if capacity is None else self._capacity(capacity)
+        self.router.update_accelerator(backend_id, capacity=scaled, weight=weight)
         self._capacity_appeared()
 
     def _capacity_appeared(self) -> None:

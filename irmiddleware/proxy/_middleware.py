@@ -40,7 +40,7 @@ from irmiddleware.proxy._routes import Routes, not_found
 from irmiddleware.proxy._status import StatusResponder
 from irmiddleware.proxy._upstream import Upstream
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
-from irmiddleware.proxy.control import Discovery, FleetMonitor, check_resolvers
+from irmiddleware.proxy.control import Discovery, FleetMonitor, SpeedCollector, SpeedFeed, check_resolvers
 
 __all__ = ["RoutingMiddleware", "create_app"]
 
@@ -90,6 +90,8 @@ class RoutingMiddleware:
         self.monitor = FleetMonitor(self.fleet, config, self.plugin_manager, self.metrics.registry)
         self.discovery = Discovery(config.discovery, self, self.metrics.registry)
         self.responder = StatusResponder(config, self.fleet, self.monitor, self.admission, self.metrics)
+        self.speed = _speed_feed(config, self.fleet, self.metrics)
+        self.responder.speed = self.speed
         self._routes = Routes(self.fleet)
         self._admin_only = _admin_only_paths(config, status_routes)
         self._observers = RequestObservers(self.plugin_manager, self.fleet.strategy_name)
@@ -233,6 +235,7 @@ class RoutingMiddleware:
                     retries=self.config.retries,
                     releases=Releases(self.config.timeouts.abort_grace_s, self.admission.released),
                     can_retry=self.admission.can_retry,
+                    speed=self.speed,
                 )
                 started = True
         if started:
@@ -309,7 +312,10 @@ class RoutingMiddleware:
             session_key, prompt = exchange.adapter.affinity_of(endpoint, exchange.body)
             header = _header(exchange.scope, self._session_header)
             session_key = header or session_key
-        exchange.route = RouteInfo(exchange.scope["path"], model, session_key=session_key, prompt=prompt)
+        cost = self.fleet.cost.of(prompt, exchange.body) if self.fleet.cost.tokens else 1
+        exchange.route = RouteInfo(
+            exchange.scope["path"], model, cost=cost, session_key=session_key, prompt=prompt
+        )
 
     async def _route_watching_disconnect(self, exchange: ClientExchange) -> None:
         # The request body is read, so the next `receive()` returns only when the client goes
@@ -369,6 +375,15 @@ def _outage_retry_after_s(config: RouterConfig) -> int:
     if config.health.enabled:
         return max(1, math.ceil(config.health.interval_s * config.health.healthy_threshold))
     return max(1, math.ceil(config.outliers.base_ejection_s))
+
+
+def _speed_feed(config: RouterConfig, fleet: Fleet, metrics: RouterMetrics) -> SpeedFeed | None:
+    """Learned speed, when `[router.speed] enabled` or the strategy needs it (least_ttft)."""
+    if not (config.speed.enabled or fleet.router.strategy == "least_ttft"):
+        return None
+    feed = SpeedFeed(fleet, config.speed, config.affinity.prefix_block_chars, config.tokens.chars_per_token)
+    metrics.registry.register(SpeedCollector(feed))
+    return feed
 
 
 def _admin_only_paths(config: RouterConfig, status_routes: bool | None) -> frozenset[str]:

@@ -15,7 +15,7 @@ from irmiddleware.proxy._exchange import JSON_HEADERS, ClientExchange, Send, res
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy.config import RouterConfig
-from irmiddleware.proxy.control import FleetMonitor
+from irmiddleware.proxy.control import FleetMonitor, SpeedFeed
 
 __all__ = ["StatusResponder"]
 
@@ -36,6 +36,8 @@ class StatusResponder:
         self._paths = {config.metrics_path: self._metrics, config.status_path: self._status}
         self.fleet, self.monitor, self.admission, self.metrics = fleet, monitor, admission, metrics
         self._created = int(time.time())
+        self.speed: SpeedFeed | None = None
+        """Learned speed, shown beside each backend when the router learns it."""
 
     async def answer(self, path: str, method: str, send: Send) -> bool:
         """Answers a status or metrics request; False when `path` is neither (or not a GET)."""
@@ -86,6 +88,7 @@ class StatusResponder:
                     "failed": stats.failed,
                     "latency_ewma_s": stats.latency_ewma_s,
                     **self.monitor.status_of(stats.id),
+                    **(self.speed.status_of(stats.id) if self.speed is not None else {}),
                 }
             )
         return {

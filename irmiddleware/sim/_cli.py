@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,12 +26,14 @@ from irmiddleware.sim._model import (
     Fleet,
     LlmWorkload,
     PoissonArrivals,
+    SpeedChange,
     TraceArrivals,
     UniformWorkload,
     Workload,
     make_fleet,
     offered_rate,
 )
+from irmiddleware.sim._shares import format_phases, format_shares
 from irmiddleware.sim._stats import StrategyResult, format_histograms, format_table
 from irmiddleware.sim._theory import DEFAULT_SIZES, balls_into_bins, format_balls_into_bins
 
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-failure", choices=("fail", "finish"), default="fail", help="fate of in-flight work"
     )
+    _add_speed_options(parser)
     parser.add_argument("--retries", type=int, default=0, help="retries of a rejected request")
     parser.add_argument("--backoff", type=float, default=0.05, help="first retry delay, seconds (doubles)")
     parser.add_argument("--seed", type=int, default=1)
@@ -108,6 +112,36 @@ def _add_chat_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    speed = parser.add_argument_group("speeds and learned speed (least_ttft)")
+    speed.add_argument(
+        "--speeds",
+        metavar="S1,S2,...",
+        help="the accelerators' speeds (sets the fleet size; capacities follow unless --uniform-capacity)",
+    )
+    speed.add_argument(
+        "--slow",
+        action="append",
+        default=[],
+        metavar="INDEX:FROM[:UNTIL[:FACTOR]]",
+        help="slow an accelerator FACTOR (2) times from FROM to UNTIL seconds, e.g. 2:60:120 (repeatable)",
+    )
+    speed.add_argument("--block-cost", type=float, help="least_ttft's cost units per uncached prompt block")
+    speed.add_argument(
+        "--learn-speed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="learned speed sets the core's weights: auto = for least_ttft only",
+    )
+    speed.add_argument(
+        "--shares",
+        type=float,
+        metavar="SECONDS",
+        help="print the share over time of the first --slow accelerator (else 0), in windows of SECONDS"
+        " (with --plot, also drawn in OUT-shares.png)",
+    )
+
+
 def simulate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.balls_into_bins:
@@ -134,22 +168,43 @@ def simulate_main(argv: list[str]) -> int:
         if bar:
             bar.close()
     _print_report(scenario, results, time.perf_counter() - started, args.histogram)
+    if args.shares:
+        _print_shares(scenario, results, args.shares)
     if args.plot is not None:
         from irmiddleware.sim._plot import plot_comparison
 
-        plot_comparison(results, args.plot, title=_describe(scenario, results[0].requests if results else 0))
+        title = _describe(scenario, results[0].requests if results else 0)
+        plot_comparison(results, args.plot, title=title)
         print(f"plot written to {args.plot}")
+        if args.shares:
+            from irmiddleware.sim._shares import plot_shares
+
+            shares_path = args.plot.with_name(f"{args.plot.stem}-shares{args.plot.suffix}")
+            accelerator = scenario.speed_changes[0].accelerator if scenario.speed_changes else 0
+            plot_shares(results, accelerator, args.shares, shares_path, title=title)
+            print(f"share plot written to {shares_path}")
     return 0
 
 
+def _fleet(args: argparse.Namespace) -> Fleet:
+    if args.speeds is None:
+        return make_fleet(
+            args.accelerators,
+            heterogeneity=args.heterogeneity,
+            capacity=args.capacity,
+            capacity_follows_speed=not args.uniform_capacity,
+            seed=args.seed,
+        )
+    speeds = tuple(float(speed) for speed in args.speeds.split(","))
+    if args.uniform_capacity:
+        capacities = (args.capacity,) * len(speeds)
+    else:
+        capacities = tuple(max(1, round(args.capacity * speed)) for speed in speeds)
+    return Fleet(speeds, capacities)
+
+
 def _scenario(args: argparse.Namespace) -> Scenario:
-    fleet = make_fleet(
-        args.accelerators,
-        heterogeneity=args.heterogeneity,
-        capacity=args.capacity,
-        capacity_follows_speed=not args.uniform_capacity,
-        seed=args.seed,
-    )
+    fleet = _fleet(args)
     workload = _workload(args)
     return Scenario(
         fleet=fleet,
@@ -162,6 +217,9 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         backoff_s=args.backoff,
         seed=args.seed,
         balance_epsilon=args.epsilon,
+        speed_changes=tuple(SpeedChange.parse(text) for text in args.slow),
+        learn_speed={"auto": None, "on": True, "off": False}[args.learn_speed],
+        block_cost=args.block_cost,
     )
 
 
@@ -227,6 +285,23 @@ def _print_report(
                 f"routed to it meanwhile: {outage.routed_while_down}"
             )
     print(f"\n(simulated in {elapsed_s:.1f} s wall time)")
+
+
+def _print_shares(scenario: Scenario, results: Sequence[StrategyResult], window_s: float) -> None:
+    """The share over time of the first slowed accelerator (else accelerator 0); with a slowdown,
+    from 4 windows before it to 8 windows after it ends."""
+    accelerator, between = 0, (0.0, math.inf)
+    if scenario.speed_changes:
+        change = scenario.speed_changes[0]
+        until_s = math.inf if change.until_s is None else change.until_s + 8 * window_s
+        accelerator, between = change.accelerator, (change.from_s - 4 * window_s, until_s)
+    table = format_shares(results, accelerator, window_s, between)
+    print(f"\nshare of admissions over time, windows of {window_s:g} s\n{table}")
+    if scenario.speed_changes and scenario.speed_changes[0].until_s is not None:
+        change = scenario.speed_changes[0]
+        assert change.until_s is not None
+        phases = format_phases(results, change.accelerator, change.from_s, change.until_s)
+        print(f"\nshare of admissions around the slowdown\n{phases}")
 
 
 def _plot_problem(path: Path | None) -> str | None:

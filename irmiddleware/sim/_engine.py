@@ -17,6 +17,10 @@ Policies, chosen to match what a client of the real router sees:
   `on_failure="fail"` (the default: a crashed server loses its work) the requests it held fail at
   that instant and are released as failed; with `"finish"` they run to completion (a graceful
   shutdown). Failed requests are not retried.
+- A `SpeedChange` slows an accelerator by its factor for a while (its work in progress too); with
+  learned speed (`learn_speed`, on for least_ttft by default) the router learns each
+  accelerator's pace from its requests' first tokens and ends (`irmiddleware._speed`) and sets the
+  core's weights from it once per simulated second, as the proxy does.
 - With a `ChatWorkload`, each arrival starts a session; its next turn arrives a think time after
   the previous answer ended. A session whose turn is rejected or fails ends there (the user gives
   up). Every request carries its session id (`affinity_key`) and its prompt's block hashes
@@ -37,8 +41,9 @@ from typing import Final, Literal
 
 from irmiddleware import Accelerator, Router
 from irmiddleware._prefix_cache import PrefixCache
+from irmiddleware._speed import SpeedBook
 from irmiddleware.sim._chat import ChatWorkload, Conversation, chat_requests_max
-from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, Workload
+from irmiddleware.sim._model import Arrival, ArrivalProcess, Failure, Fleet, Job, SpeedChange, Workload
 from irmiddleware.sim._stats import Affinity, Outage, Percentiles, StrategyResult
 
 DEFAULT_STRATEGIES: Final = ("round_robin", "least_connections", "p2c")
@@ -46,7 +51,9 @@ DEFAULT_STRATEGIES: Final = ("round_robin", "least_connections", "p2c")
 AFFINITY_STRATEGIES: Final = (*DEFAULT_STRATEGIES, "consistent_hash", "prefix_affinity")
 
 # Event kinds, in the order they are handled when times tie (the sequence number decides first).
-_ARRIVAL, _MILESTONE, _RETRY, _DOWN, _UP, _TURN = range(6)
+_ARRIVAL, _MILESTONE, _RETRY, _DOWN, _UP, _TURN, _SPEED = range(7)
+# Learned speed sets the core's weights this often (simulated seconds), as the proxy's default.
+_SPEED_APPLY_S = 1.0
 # Milestones closer than this (in work-seconds) are due together: float rounding, not real gaps.
 _TIE_S = 1e-9
 # Rebuild the event heap without stale entries when it outgrows live work by this factor.
@@ -76,6 +83,11 @@ class Scenario:
     seed: int = 0
     balance_epsilon: float = 0.25
     prefix_index_entries: int = 1 << 18
+    speed_changes: tuple[SpeedChange, ...] = ()
+    learn_speed: bool | None = None
+    """Learned speed sets the core's weights; None: for least_ttft only."""
+    block_cost: float | None = None
+    """least_ttft's price of an uncached prompt block, in cost units (None: the core's default)."""
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -87,6 +99,12 @@ class Scenario:
         if not 0 <= self.balance_epsilon <= 10:
             raise ValueError("balance_epsilon must be in 0..10")
         _check_failures(self.failures, len(self.fleet))
+        for change in self.speed_changes:
+            if not 0 <= change.accelerator < len(self.fleet):
+                last = len(self.fleet) - 1
+                raise ValueError(
+                    f"speed change names accelerator {change.accelerator}; the fleet has 0..{last}"
+                )
 
     @property
     def requests_max(self) -> int:
@@ -147,9 +165,14 @@ class _NativeFleet:
             seed=scenario.seed,
             balance_epsilon=scenario.balance_epsilon,
             prefix_index_entries=scenario.prefix_index_entries,
+            block_cost=scenario.block_cost,
         )
         for index, capacity in enumerate(fleet.capacities):
             self.router.add_accelerator(Accelerator(index, capacity))
+        learn = scenario.learn_speed if scenario.learn_speed is not None else strategy == "least_ttft"
+        self.speed = SpeedBook() if learn else None
+        self.weights = [1.0] * len(fleet)
+        self._applied_s = 0.0
         # Accelerator ids are fleet indices. A reservation's ticket names its accelerator's slot and
         # incarnation; nothing is removed during a run, so each accelerator keeps one ticket value:
         # learnt on its first decision, then a dict hit one way and a list index the other.
@@ -184,6 +207,26 @@ class _NativeFleet:
     def release(self, index: int, job: Job, latency_s: float, ok: bool) -> None:
         self._release(self.ticket_by_index[index], job.cost, int(latency_s * 1e6), ok)
 
+    def observe(self, index: int, prefill: bool, work_s: float, duration_s: float, now: float) -> bool:
+        """Tells learned speed (when on) that `work_s` of prefill (or decode) took `duration_s`;
+        True when the core's weights were just set from it (once per simulated second)."""
+        speed = self.speed
+        if speed is None:
+            return False
+        if prefill:
+            speed.first_byte(index, work_s, duration_s, now)
+        else:
+            speed.streamed(index, work_s, duration_s, now)
+        if now - self._applied_s < _SPEED_APPLY_S:
+            return False
+        self._applied_s = now
+        weights = speed.weights(dict.fromkeys(range(len(self.weights)), 1.0), now)
+        for index_, weight in weights.items():
+            if abs(weight - self.weights[index_]) > 0.001:
+                self.router.update_accelerator(index_, weight=weight)
+                self.weights[index_] = self.router.accelerator_stats(index_).weight
+        return True
+
     def set_down(self, index: int, down: bool) -> None:
         self.router.set_state(index, "down" if down else "active")
 
@@ -201,10 +244,20 @@ class _NativeFleet:
 
 
 class _Request:
-    __slots__ = ("accelerator", "arrival_s", "attempts", "conversation", "first_token_s", "hashes", "job")
+    __slots__ = (
+        "accelerator",
+        "arrival_s",
+        "attempts",
+        "conversation",
+        "first_token_s",
+        "hashes",
+        "job",
+        "started_s",
+    )
 
     def __init__(self, arrival_s: float, job: Job, conversation: Conversation | None = None) -> None:
         self.arrival_s = arrival_s
+        self.started_s = arrival_s
         self.job = job
         self.accelerator = -1
         self.attempts = 0
@@ -286,6 +339,8 @@ class _Simulation:
         self.cost_total = 0  # cost in flight over the fleet, for the bounded-load check
         self.bound_excess_max = -math.inf  # most cost units any admission put above the bound
         self.speeds = list(fleet.speeds)
+        self.down = [False] * count
+        self._weighted_capacity = float(sum(fleet.capacities))
         self.slowdown = fleet.batch_slowdown
         self.clock = [0.0] * count  # progress clock: work-seconds each running request has received
         self.updated_s = [0.0] * count  # when the clock was last brought up to date
@@ -309,6 +364,8 @@ class _Simulation:
         self.ttfts = array("d")
         self.routed_at_down: dict[int, int] = {}
         self.outages: list[Outage] = []
+        self.routed_s = array("d")
+        self.routed_to = array("i")
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -346,6 +403,8 @@ class _Simulation:
                 self._route(time_s, request)
             elif kind == _DOWN:
                 self._on_down(time_s, index)
+            elif kind == _SPEED:
+                self._on_speed(time_s, index, event_version == 1)
             else:
                 self._on_up(time_s, index)
         raise RuntimeError("simulation exceeded its event bound; this is a bug")
@@ -354,7 +413,8 @@ class _Simulation:
         # Per attempt: its arrival or retry event, and at most one reschedule for its start and one
         # per milestone (two per request); per failure: two events and one reschedule.
         attempts = self.scenario.requests_max * (1 + self.scenario.retries)
-        return 4 * attempts + 3 * len(self.scenario.failures) + 16
+        changes = 3 * len(self.scenario.failures) + 4 * len(self.scenario.speed_changes)
+        return 4 * attempts + changes + 16
 
     # ---- arrivals and routing ------------------------------------------------------------------
 
@@ -406,6 +466,9 @@ class _Simulation:
             self.chat.start(index, request)
         job = request.job
         request.accelerator = index
+        request.started_s = now
+        self.routed_s.append(now)
+        self.routed_to.append(index)
         self.running[index] += 1
         self.cost_running[index] += job.cost
         self._check_bound(index, job.cost)
@@ -418,14 +481,28 @@ class _Simulation:
 
     def _check_bound(self, index: int, cost: int) -> None:
         """Records how far this admission put the accelerator above the core's bounded load,
-        ⌈(1+ε) * fleet cost in flight * its capacity share⌉ (≤ 0: within it). Every strategy is
-        measured; only consistent_hash and prefix_affinity promise it."""
+        ⌈(1+ε) * fleet cost in flight * its capacity x weight share⌉ (≤ 0: within it). Every
+        strategy is measured; consistent_hash, prefix_affinity and least_ttft promise it."""
         self.cost_total += cost
-        share = self.capacities[index] / self.active_capacity
+        weights = self.native.weights
+        share = self.capacities[index] * weights[index] / self._active_weighted()
         limit = math.ceil((1 + self.scenario.balance_epsilon) * self.cost_total * share)
         excess = self.cost_running[index] - limit
         if excess > self.bound_excess_max:
             self.bound_excess_max = excess
+
+    def _active_weighted(self) -> float:
+        """The active accelerators' capacity x weight (as the core's bounded load counts it)."""
+        if self.native.speed is None:
+            return float(self.active_capacity)
+        return self._weighted_capacity
+
+    def _weights_changed(self) -> None:
+        self._weighted_capacity = sum(
+            capacity * weight
+            for capacity, weight, down in zip(self.capacities, self.native.weights, self.down, strict=True)
+            if not down
+        )
 
     # ---- accelerators --------------------------------------------------------------------------
 
@@ -460,10 +537,19 @@ class _Simulation:
         self._reschedule(index, now)
 
     def _reach(self, now: float, index: int, is_end: bool, request: _Request) -> None:
+        job = request.job
+        native = self.native
         if not is_end:
             request.first_token_s = now
+            if native.observe(index, True, job.prefill_s, now - request.started_s, now):
+                self._weights_changed()
             return
-        job = request.job
+        if self.streams_tokens:
+            learned = native.observe(index, False, job.decode_s, now - request.first_token_s, now)
+        else:
+            learned = native.observe(index, True, job.prefill_s + job.decode_s, now - request.started_s, now)
+        if learned:
+            self._weights_changed()
         self.running[index] -= 1
         self.cost_running[index] -= job.cost
         self.cost_total -= job.cost
@@ -484,16 +570,32 @@ class _Simulation:
     # ---- failures ------------------------------------------------------------------------------
 
     def _schedule_failures(self) -> None:
+        for number, change in enumerate(self.scenario.speed_changes):
+            heapq.heappush(self.events, (change.from_s, next(self.sequence), _SPEED, number, 0, None))
+            if change.until_s is not None:
+                heapq.heappush(self.events, (change.until_s, next(self.sequence), _SPEED, number, 1, None))
         for number, failure in enumerate(self.scenario.failures):
             heapq.heappush(self.events, (failure.down_s, next(self.sequence), _DOWN, number, 0, None))
             if failure.up_s is not None:
                 heapq.heappush(self.events, (failure.up_s, next(self.sequence), _UP, number, 0, None))
+
+    def _on_speed(self, now: float, number: int, ended: bool) -> None:
+        """A speed change starts (the accelerator slows by its factor) or ends (it recovers):
+        the progress clock is brought up to date at the old speed first."""
+        change = self.scenario.speed_changes[number]
+        index = change.accelerator
+        self._advance(index, now)
+        factor = change.factor
+        self.speeds[index] = self.speeds[index] * factor if ended else self.speeds[index] / factor
+        self._reschedule(index, now)
 
     def _on_down(self, now: float, number: int) -> None:
         index = self.scenario.failures[number].accelerator
         self.routed_at_down[number] = self.native.routed(index)
         self.native.set_down(index, True)
         self.active_capacity -= self.capacities[index]
+        self.down[index] = True
+        self._weights_changed()
         if self.scenario.on_failure == "fail":
             self._fail_in_flight(now, index)
             if self.chat is not None:
@@ -515,6 +617,8 @@ class _Simulation:
         accelerator = self.scenario.failures[number].accelerator
         self.native.set_down(accelerator, False)
         self.active_capacity += self.capacities[accelerator]
+        self.down[accelerator] = False
+        self._weights_changed()
 
     def _record_outage(self, number: int) -> None:
         failure = self.scenario.failures[number]
@@ -571,4 +675,6 @@ class _Simulation:
             prompt_blocks=0 if self.chat is None else self.chat.prompt_blocks,
             cached_blocks=0 if self.chat is None else self.chat.cached_blocks,
             affinity=Affinity.of(self.native.outcomes),
+            routed_s=self.routed_s,
+            routed_to=self.routed_to,
         )

@@ -365,3 +365,31 @@ class Failure:
             raise ValueError(f"expected INDEX:DOWN[:UP], got {text!r}")
         up_s = float(parts[2]) if len(parts) == 3 else None
         return cls(int(parts[0]), float(parts[1]), up_s)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedChange:
+    """Accelerator `accelerator` runs `factor` times slower from `from_s` until `until_s` (to the
+    end, if None): a noisy neighbour, thermal throttling. Its work in progress slows with it."""
+
+    accelerator: int
+    from_s: float
+    until_s: float | None = None
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.from_s < 0 or (self.until_s is not None and self.until_s <= self.from_s):
+            raise ValueError(f"a speed change needs 0 <= from_s < until_s, got {self.from_s}..{self.until_s}")
+        if not self.factor > 0:
+            raise ValueError(f"a speed change's factor must be > 0, got {self.factor}")
+
+    @classmethod
+    def parse(cls, text: str) -> SpeedChange:
+        """`INDEX:FROM[:UNTIL[:FACTOR]]`, e.g. `2:60:120:2` (accelerator 2 twice as slow from
+        t=60 s to t=120 s); an empty UNTIL means to the end."""
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 4:
+            raise ValueError(f"expected INDEX:FROM[:UNTIL[:FACTOR]], got {text!r}")
+        until_s = float(parts[2]) if len(parts) > 2 and parts[2] else None
+        factor = float(parts[3]) if len(parts) > 3 else 2.0
+        return cls(int(parts[0]), float(parts[1]), until_s, factor)

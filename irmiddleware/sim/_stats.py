@@ -95,6 +95,10 @@ class StrategyResult:
     prompt_blocks: int = 0
     cached_blocks: int = 0
     affinity: Affinity = Affinity()
+    routed_s: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    """When each routed request was admitted (with `routed_to`: the share over time)."""
+    routed_to: array[int] = field(default_factory=lambda: array("i"), repr=False)
+    """The accelerator each routed request went to, in the order of `routed_s`."""
 
     @property
     def cache_hit_rate(self) -> float | None:

@@ -144,6 +144,10 @@ class ServiceModel(abc.ABC):
     startup_delay_s: float = 0.0
     """`serve_in_thread` keeps the port bound but not listening this long (connection refused),
     like a server loading its model."""
+    speed: float = 1.0
+    """Every prefill and decode step takes its time over `speed` (0.5: twice as slow); changed
+    with `reconfigure(speed=...)` it takes effect at the next step (a noisy neighbour, thermal
+    throttling, and back)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +160,7 @@ class ServiceModel(abc.ABC):
                 check(value >= 0, f"{item.name} must be >= 0")
             elif item.name.endswith("_status"):
                 check(value is None or 400 <= value <= 599, f"{item.name} must be an HTTP error status")
+        check(math.isfinite(self.speed) and self.speed > 0, "speed must be a finite number > 0")
         low, high = self.output_tokens_range
         check(1 <= low <= high, "output_tokens_range must be (low, high) with 1 <= low <= high")
 
@@ -454,11 +459,11 @@ class Engine(abc.ABC, Generic[C, J]):
             await queue.acquire(job.priority)
             job.started = time.monotonic()
             self._admitted(job)
-            await asyncio.sleep(self._prefill_s(job))
+            await asyncio.sleep(self._prefill_s(job) / self.config.speed)
             self._prefilled(job)
             for step in range(job.steps):
                 if step:
-                    await _engine_step(self.config.decode_s())
+                    await _engine_step(self.config.decode_s() / self.config.speed)
                 self._cut(job, step)
                 self._token(job, step)
                 yield step

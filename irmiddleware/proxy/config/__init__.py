@@ -12,6 +12,7 @@ error names its key.
 from irmiddleware.proxy.config._admission import AdmissionConfig, ClassConfig, TenantConfig, parse_admission
 from irmiddleware.proxy.config._discovery import DiscoveryConfig
 from irmiddleware.proxy.config._document import (
+    COSTS,
     LOG_FORMATS,
     READY_RULES,
     BackendConfig,
@@ -30,11 +31,14 @@ from irmiddleware.proxy.config._sections import (
     ProbesConfig,
     RetriesConfig,
     SignalsConfig,
+    SpeedConfig,
     TimeoutsConfig,
+    TokensConfig,
 )
 from irmiddleware.proxy.config._toml import ConfigError
 
 __all__ = [
+    "COSTS",
     "LOG_FORMATS",
     "READY_RULES",
     "AdminConfig",
@@ -51,8 +55,10 @@ __all__ = [
     "RetriesConfig",
     "RouterConfig",
     "SignalsConfig",
+    "SpeedConfig",
     "TenantConfig",
     "TimeoutsConfig",
+    "TokensConfig",
     "check_listen",
     "load_config",
     "parse_admission",

@@ -22,7 +22,9 @@ from irmiddleware.proxy.config._sections import (
     ProbesConfig,
     RetriesConfig,
     SignalsConfig,
+    SpeedConfig,
     TimeoutsConfig,
+    TokensConfig,
 )
 from irmiddleware.proxy.config._toml import (
     ConfigError,
@@ -38,6 +40,7 @@ from irmiddleware.proxy.config._toml import (
 )
 
 __all__ = [
+    "COSTS",
     "LOG_FORMATS",
     "READY_RULES",
     "BackendConfig",
@@ -50,6 +53,7 @@ __all__ = [
 
 LOG_FORMATS: Final = ("text", "json")
 READY_RULES: Final = ("every_model", "any_backend")
+COSTS: Final = ("requests", "tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,12 @@ class RouterConfig:
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    cost: str = "requests"
+    """What a request costs: `requests` (1 each; capacities count requests) or `tokens` (its
+    uncached prompt tokens plus expected output tokens; capacities count tokens, `[router.tokens]`)."""
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    """`[router.speed]`: learned backend speed (doc/strategies.md, "Learned speed")."""
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """`[admission]`: priority classes, bounded waiting, tenant limits (doc/admission.md)."""
@@ -157,6 +167,9 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         outliers=section(router, "outliers", OutliersConfig, "router."),
         signals=section(router, "signals", SignalsConfig, "router."),
         affinity=section(router, "affinity", AffinityConfig, "router."),
+        speed=_speed(section(router, "speed", SpeedConfig, "router.")),
+        cost=_one_of(value("cost"), "cost", COSTS),
+        tokens=section(router, "tokens", TokensConfig, "router."),
         probes=_probes(section(router, "probes", ProbesConfig, "router.")),
         admission=parse_admission(table(data, "admission", "")),
         admin=_admin(data, value("listen")),
@@ -165,6 +178,14 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)
     return config
+
+
+def _speed(speed: SpeedConfig) -> SpeedConfig:
+    if speed.alpha_min > speed.alpha_max:
+        raise ConfigError(
+            f"`router.speed.alpha_min` ({speed.alpha_min}) must not exceed `alpha_max` ({speed.alpha_max})"
+        )
+    return speed
 
 
 def _admin(data: Mapping[str, Any], listen: str) -> AdminConfig:

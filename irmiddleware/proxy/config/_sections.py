@@ -16,7 +16,9 @@ __all__ = [
     "ProbesConfig",
     "RetriesConfig",
     "SignalsConfig",
+    "SpeedConfig",
     "TimeoutsConfig",
+    "TokensConfig",
 ]
 
 
@@ -132,6 +134,43 @@ class AffinityConfig:
     balance_epsilon: float = bounded(0.25, 0.0, 10.0)
     """Bounded load: a backend may exceed its share of the fleet's load by this fraction before
     affinity yields to load."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedConfig:
+    """`[router.speed]`: learning each backend's prefill and decode speed from its answers and
+    feeding it to the core as weight (doc/strategies.md, "Learned speed"). `least_ttft` turns it
+    on whatever `enabled` says."""
+
+    enabled: bool = False
+    """True: the core's weight of a backend is its configured weight * its learned speed over the
+    fleet's median, refreshed every `interval_s`."""
+    interval_s: float = bounded(1.0, 0.01, 3600.0)
+    half_life_s: float = bounded(2.0, 0.001, 3600.0)
+    """An observation this long after the previous one of the same backend has weight ½ (within
+    `alpha_min` … `alpha_max`)."""
+    alpha_min: float = bounded(0.1, 0.001, 1.0)
+    alpha_max: float = bounded(0.5, 0.001, 1.0)
+    clip: float = bounded(2.5, 0.1, 100.0)
+    """A single observation moves an estimate by at most this many mean absolute deviations."""
+    stale_s: float = bounded(60.0, 0.01)
+    """An estimate not refreshed for this long counts as unknown (relative speed 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """`[router.tokens]`: how a request's cost is counted with `[router] cost = "tokens"` (and how
+    learned speed sizes a prompt): its uncached prompt tokens plus its expected output tokens, and
+    a backend's capacity in the same unit."""
+
+    per_slot: int = bounded(2048, 1, 1 << 20)
+    """Tokens one unit of a backend's `capacity` holds: its capacity in tokens is `capacity` *
+    `per_slot`. A request never costs more than this (a longer one is counted as this much)."""
+    output_default: int = bounded(256, 1, 1 << 20)
+    """Expected output tokens of a request without `max_tokens`, until learned speed (when on) has
+    seen streamed answers (then: their average length)."""
+    chars_per_token: float = bounded(4.0, 0.1, 100.0)
+    """Prompt characters per token, for a prompt's size in tokens."""
 
 
 @dataclass(frozen=True, slots=True)

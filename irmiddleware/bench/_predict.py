@@ -1,0 +1,275 @@
+"""`irmiddleware bench-predict`: least_ttft against prefix_affinity end to end, in one run.
+
+Four emulated vLLM servers (child processes on 127.0.0.1) with speeds 1, 1, 0.7 and 0.5 (their
+prefill and decode steps take 1/speed as long), a few batch slots each and a prefix cache, behind
+`irmiddleware serve` (a child process too), driven by the official `openai` client: seeded
+multi-turn chats sharing a system prompt, streamed, from concurrent users with think times.
+Each strategy gets fresh servers (cold caches) and the same conversations.
+
+Phase 1 (steady speeds) prints, per strategy, the time to first token the client saw (median, p90,
+p99), the servers' prefix-cache hit rate and how many requests each backend took. Phase 2 (the
+same traffic; backend 0 slows 2x after a while, then recovers) prints its share of the router's
+decisions per time window, read from the router's status document. Everything is bounded: a fixed
+number of conversations, a deadline per phase. Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from irmiddleware.bench._harness import emulated_vllm, format_table, local_url, quantile, serving
+
+__all__ = ["bench_predict_main"]
+
+_SYSTEM = "You are a meticulous assistant for a travel agency. Answer with care and in detail. " * 24
+_QUESTION = "Tell me more about the next leg of the journey, the trains, the hotels and the food. " * 3
+_PHASE_DEADLINE_S = 300.0
+_STRATEGIES = ("prefix_affinity", "least_ttft")
+
+
+@dataclass
+class _Run:
+    ttfts_s: list[float] = field(default_factory=list)
+    failed: int = 0
+    routed: dict[str, int] = field(default_factory=dict)
+    hit_rate: float = 0.0
+    shares: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since the start, share of backend 0's decisions in the window ending then)."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    sessions: int
+    turns: int
+    users: int
+    think_s: float
+    seed: int
+    max_tokens: int
+
+
+async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, run: _Run) -> None:
+    rng = random.Random(f"{plan.seed}/{number}")
+    history: list[ChatCompletionMessageParam] = [{"role": "system", "content": _SYSTEM}]
+    for turn in range(plan.turns):
+        history.append({"role": "user", "content": f"Session {number}, turn {turn}. {_QUESTION}"})
+        started = time.perf_counter()
+        first = None
+        text = []
+        try:
+            stream = await client.chat.completions.create(
+                model="m",
+                messages=history,
+                max_tokens=plan.max_tokens,
+                stream=True,
+            )
+            async for chunk in stream:
+                if first is None:
+                    first = time.perf_counter() - started
+                if chunk.choices:
+                    text.append(chunk.choices[0].delta.content or "")
+        except openai.APIError:
+            run.failed += 1
+            return
+        if first is not None:
+            run.ttfts_s.append(first)
+        history.append({"role": "assistant", "content": "".join(text)})
+        await asyncio.sleep(rng.expovariate(1 / plan.think_s))
+
+
+async def _drive(router: str, plan: _Plan, run: _Run) -> None:
+    client = openai.AsyncOpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=60)
+    pending = iter(range(plan.sessions))
+
+    async def user() -> None:
+        for number in pending:  # Users take the next conversation until none is left.
+            await _conversation(client, number, plan, run)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(user() for _ in range(plan.users))), _PHASE_DEADLINE_S)
+    finally:
+        await client.close()
+
+
+async def _watch_shares(router: str, backend: str, window_s: float, run: _Run, stop: asyncio.Event) -> None:
+    """Every `window_s`, backend's share of the decisions made since the previous look."""
+    started = time.perf_counter()
+    previous: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=5) as client:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), window_s)
+            routed = {
+                b["url"]: b["routed"] for b in (await client.get(router + "/irm/status")).json()["backends"]
+            }
+            delta = {url: count - previous.get(url, 0) for url, count in routed.items()}
+            previous = routed
+            total = sum(delta.values())
+            run.shares.append(
+                (time.perf_counter() - started, delta.get(backend, 0) / total if total else 0.0)
+            )
+
+
+async def _slow_for_a_while(backend: str, speed: float, slow_at_s: float, slow_for_s: float) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        await asyncio.sleep(slow_at_s)
+        await client.post(backend + "/_emulator/config", json={"speed": speed / 2})
+        await asyncio.sleep(slow_for_s)
+        await client.post(backend + "/_emulator/config", json={"speed": speed})
+
+
+def _hit_rate(backends: list[str]) -> float:
+    queries = hits = 0.0
+    for url in backends:
+        for line in httpx.get(url + "/metrics").text.splitlines():
+            if line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.split()[-1])
+            elif line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.split()[-1])
+    return hits / queries if queries else 0.0
+
+
+@contextlib.contextmanager
+def _fleet(args: argparse.Namespace, strategy: str) -> Iterator[tuple[str, list[str]]]:
+    """Fresh emulators and a router in front of them: (router URL, backend URLs)."""
+    speeds = [float(speed) for speed in args.speeds.split(",")]
+    backends = [local_url() for _ in speeds]
+    router = local_url()
+    with contextlib.ExitStack() as stack:
+        for url, speed in zip(backends, speeds, strict=True):
+            stack.enter_context(
+                emulated_vllm(
+                    url,
+                    max_num_seqs=args.slots,
+                    time_per_output_token_s=args.decode_s,
+                    time_per_prompt_token_s=args.prefill_s,
+                    prefix_cache_blocks=args.cache_blocks,
+                    speed=speed,
+                    seed=args.seed,
+                )
+            )
+        config = stack.enter_context(tempfile.TemporaryDirectory())
+        path = Path(config) / "router.toml"
+        path.write_text(_config_toml(strategy, router, backends, args))
+        stack.enter_context(
+            serving(["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", "warning"], router)
+        )
+        yield router, backends
+
+
+def _config_toml(strategy: str, router: str, backends: list[str], args: argparse.Namespace) -> str:
+    lines = [
+        "[router]",
+        f'strategy = "{strategy}"',
+        f'listen = "{router.removeprefix("http://")}"',
+        f'cost = "{args.cost}"',
+    ]
+    for url in backends:
+        lines += ["[[backends]]", f'url = "{url}"', 'models = ["m"]', f"capacity = {args.capacity}"]
+    return "\n".join(lines) + "\n"
+
+
+def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool) -> _Run:
+    run = _Run()
+    with _fleet(args, strategy) as (router, backends):
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(_watch_shares(router, backends[0], args.window, run, stop))
+            slow = None
+            if slowdown:
+                speed = float(args.speeds.split(",")[0])
+                slow = asyncio.create_task(_slow_for_a_while(backends[0], speed, args.slow_at, args.slow_for))
+            try:
+                await _drive(router, plan, run)
+            finally:
+                stop.set()
+                await watcher
+                if slow is not None:
+                    slow.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await slow
+
+        asyncio.run(main())
+        status = httpx.get(router + "/irm/status").json()
+        run.routed = {b["url"]: b["routed"] for b in status["backends"]}
+        run.hit_rate = _hit_rate(backends)
+        run.routed = {f"backend {backends.index(url)}": count for url, count in run.routed.items()}
+    return run
+
+
+def _ttft_row(strategy: str, run: _Run) -> list[str]:
+    ms = [f"{quantile(run.ttfts_s, q) * 1000:.0f}" for q in (0.5, 0.9, 0.99)]
+    routed = " ".join(str(count) for _name, count in sorted(run.routed.items()))
+    return [strategy, str(len(run.ttfts_s)), str(run.failed), *ms, f"{100 * run.hit_rate:.1f}", routed]
+
+
+def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
+    rows = []
+    count = max(len(run.shares) for run in runs.values())
+    for index in range(count):
+        at = next(run.shares[index][0] for run in runs.values() if index < len(run.shares))
+        phase = "slow" if args.slow_at < at <= args.slow_at + args.slow_for + args.window else ""
+        cells = [
+            f"{100 * run.shares[index][1]:.0f} %" if index < len(run.shares) else "-" for run in runs.values()
+        ]
+        rows.append([f"{at:.0f}", phase, *cells])
+    return format_table(["t, s", "", *runs], rows)
+
+
+def bench_predict_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="irmiddleware bench-predict", description=__doc__)
+    parser.add_argument("--speeds", default="1,1,0.7,0.5", help="emulators' speeds (default 1,1,0.7,0.5)")
+    parser.add_argument("--sessions", type=int, default=96, help="conversations per phase (default 96)")
+    parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    parser.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    parser.add_argument("--think", type=float, default=0.5, help="mean think time, s (default 0.5)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=4, help="emulator batch slots (default 4)")
+    parser.add_argument("--capacity", type=int, default=8, help="router capacity per backend (default 8)")
+    parser.add_argument(
+        "--prefill-s", type=float, default=0.0002, help="s per uncached prompt token at speed 1"
+    )
+    parser.add_argument("--decode-s", type=float, default=0.01, help="s per output token at speed 1")
+    parser.add_argument("--cache-blocks", type=int, default=512, help="emulator prefix cache, blocks")
+    parser.add_argument("--cost", choices=("requests", "tokens"), default="requests")
+    parser.add_argument("--slow-at", type=float, default=8.0, help="phase 2: backend 0 slows 2x at (s)")
+    parser.add_argument("--slow-for", type=float, default=10.0, help="phase 2: for this long (s)")
+    parser.add_argument("--window", type=float, default=2.0, help="share windows, s (default 2)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip-slowdown", action="store_true")
+    args = parser.parse_args(argv)
+    if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
+        parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
+    plan = _Plan(args.sessions, args.turns, args.users, args.think, args.seed, args.max_tokens)
+    print(
+        f"{args.sessions} conversations x {args.turns} turns, {args.users} users, speeds {args.speeds}, "
+        f"{args.slots} slots per emulator, router capacity {args.capacity}, cost = {args.cost}, "
+        f"seed {args.seed}"
+    )
+    steady = {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
+    header = ["strategy", "answers", "failed", "ttft p50 ms", "p90", "p99", "hit %", "routed per backend"]
+    print("\nphase 1: steady speeds\n" + format_table(header, [_ttft_row(s, r) for s, r in steady.items()]))
+    baseline, ours = (steady[strategy].ttfts_s for strategy in _STRATEGIES)
+    lower = 1 - quantile(ours, 0.99) / quantile(baseline, 0.99)
+    print(f"least_ttft p99 time to first token {100 * lower:.0f} % lower than prefix_affinity's")
+    if args.skip_slowdown:
+        return 0
+    slowed = {strategy: _phase(args, plan, strategy, slowdown=True) for strategy in _STRATEGIES}
+    print(
+        f"\nphase 2: backend 0 twice as slow from {args.slow_at:g} s to {args.slow_at + args.slow_for:g} s; "
+        f"its share of decisions per {args.window:g} s window\n" + _share_table(slowed, args)
+    )
+    print("\n" + format_table(header, [_ttft_row(s, r) for s, r in slowed.items()]))
+    return 0
