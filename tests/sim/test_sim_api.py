@@ -17,7 +17,7 @@ def test_public_names_are_pinned_and_sorted() -> None:
         "AFFINITY_STRATEGIES", "DEFAULT_STRATEGIES", "Affinity", "Arrival", "ArrivalProcess", "BallsIntoBins",
         "BurstyArrivals", "ChatWorkload", "Failure",
         "Fleet", "Job", "LlmWorkload", "Outage", "Percentiles", "PoissonArrivals", "Progress",
-        "ReplayArrivals", "Scenario", "StrategyResult", "TraceArrivals", "UniformWorkload", "Workload",
+        "ReplayArrivals", "Scenario", "SpeedChange", "StrategyResult", "TraceArrivals", "UniformWorkload", "Workload",
         "balls_into_bins", "compare", "format_balls_into_bins", "format_histograms", "format_table",
         "make_fleet", "max_load_one_choice", "max_load_two_choices", "mean_work_s", "offered_rate",
         "session_rate", "simulate",
