@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +34,7 @@ import httpx
 from irmiddleware.bench._harness import emulated_vllm, format_table, local_url, serving
 
 __all__ = [
+    "Replica",
     "ReplicaRun",
     "bench_replicas_main",
     "emulated_fleet",
@@ -72,26 +75,35 @@ def emulated_fleet(count: int, *, max_num_seqs: int, time_per_output_token_s: fl
         yield urls
 
 
+@dataclass
+class Replica:
+    """A running `irmiddleware serve` replica: its URL and router file (rewritten by `reload`)."""
+
+    url: str
+    config_path: str
+    process: subprocess.Popen[bytes]
+
+    def reload(self, text: str) -> None:
+        """Rewrites the router file and sends SIGHUP: the replica applies its `[[backends]]`."""
+        with open(self.config_path, "w") as file:
+            file.write(text)
+        self.process.send_signal(signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def replica_routers(configs: Sequence[str]) -> Iterator[list[str]]:
-    """One `irmiddleware serve` process per router file in `configs` (each names its own listen
-    address, `http://HOST:PORT` on the first line's `listen`); yields the replicas' URLs."""
+def replica_routers(configs: Sequence[str]) -> Iterator[list[Replica]]:
+    """One `irmiddleware serve` process per router file in `configs` (each with its own `listen`),
+    until the block ends."""
     with contextlib.ExitStack() as stack:
-        urls = []
+        replicas = []
         for text in configs:
-            listen = text.split('listen = "', 1)[1].split('"', 1)[0]
-            path = _written(text)
-            stack.callback(os.unlink, path)
-            url = f"http://{listen}"
-            stack.enter_context(serving(["-m", "irmiddleware", "serve", "--config", path, "--log-level", "warning"], url))
-            urls.append(url)
-        yield urls
-
-
-def _written(text: str) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
-        file.write(text)
-    return file.name
+            url = "http://" + text.split('listen = "', 1)[1].split('"', 1)[0]
+            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
+                file.write(text)
+            stack.callback(os.unlink, file.name)
+            command = ["-m", "irmiddleware", "serve", "--config", file.name, "--log-level", "warning"]
+            replicas.append(Replica(url, file.name, stack.enter_context(serving(command, url))))
+        yield replicas
 
 
 @dataclass
@@ -189,10 +201,10 @@ def _one_run(backends: list[str], strategy: str, args: argparse.Namespace, seed:
         replica_config(backends, local_url(), strategy, capacity=args.capacity, signals_interval_s=args.interval)
         for _ in args.clients
     ]
-    with replica_routers(configs) as routers:
+    with replica_routers(configs) as replicas:
         return asyncio.run(
             run_uneven_load(
-                routers,
+                [replica.url for replica in replicas],
                 backends,
                 clients=args.clients,
                 requests=args.requests,
