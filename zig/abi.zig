@@ -475,6 +475,17 @@ export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
     return status(.ok);
 }
 
+/// Places the backend on the consistent-hashing ring by `key` (e.g. a hash of its URL) rather
+/// than by its id, so routers that number the same backends differently agree on owners; 0
+/// places it by id again.
+export fn irm_backend_set_ring_key(handle: u32, slot: u32, key: u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    t.setRingKey(slot, key) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
 /// Records load the server itself reports (queue depth, KV-cache use in per mille) and when it
 /// was read (`time_ms` of CLOCK_MONOTONIC, i.e. Python's `time.monotonic() * 1000`).
 export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) i32 {

@@ -117,6 +117,7 @@ class Fleet:
                 backend_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url
             )
             self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+            self.router.set_ring_name(backend_id, entry.url)
         self._next_id = len(config.backends)
 
     # ---- backends added and removed while routing goes on (on the event loop) ------------------
@@ -133,6 +134,8 @@ class Fleet:
         """Puts `backend` in the core (capacity, weight, `state`) and in its models' pools, in one
         step of the event loop: no request sees it half added."""
         self.router.add_accelerator(Accelerator(backend.id, entry.capacity, entry.weight))
+        # By URL, not id: replicas that list or add backends in another order build the same ring.
+        self.router.set_ring_name(backend.id, entry.url)
         self.router.set_state(backend.id, state)
         self.backends[backend.id] = backend
         self._rebuild_pools()
