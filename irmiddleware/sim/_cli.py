@@ -18,7 +18,6 @@ from irmiddleware.sim._engine import (
     compare,
     default_strategies,
 )
-from irmiddleware.sim._replica_cli import add_replica_options, run_replica_study
 from irmiddleware.sim._model import (
     ArrivalProcess,
     BurstyArrivals,
@@ -32,6 +31,7 @@ from irmiddleware.sim._model import (
     make_fleet,
     offered_rate,
 )
+from irmiddleware.sim._replica_cli import add_replica_options, run_replica_study
 from irmiddleware.sim._stats import StrategyResult, format_histograms, format_table
 from irmiddleware.sim._theory import DEFAULT_SIZES, balls_into_bins, format_balls_into_bins
 

@@ -16,7 +16,9 @@ __all__ = ["add_replica_options", "run_replica_study"]
 def add_replica_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--replicas (router replicas with their own books; chat workload)")
     group.add_argument(
-        "--replicas", metavar="R,R,...", help="replica counts to compare, e.g. 1,2,4,8 (implies --workload chat)"
+        "--replicas",
+        metavar="R,R,...",
+        help="replica counts to compare, e.g. 1,2,4,8 (implies --workload chat)",
     )
     group.add_argument(
         "--client-skew", type=float, default=3.0, help="replica 0's traffic over each other's (default 3)"

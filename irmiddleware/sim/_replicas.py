@@ -51,7 +51,7 @@ REPLICA_STRATEGIES: Final = ("p2c", "queue_aware", "consistent_hash", "prefix_af
 # Event kinds; equal times are ordered by sequence number.
 _SESSION, _TURN, _END, _SCRAPE, _DELIVER = range(5)
 # Signals never age out inside the core: the simulation delays them itself, in simulated time.
-_SIGNAL_AGE_MAX_S: Final = 1e9
+_SIGNAL_AGE_MAX_S: Final = 1e6  # 11 days: within the core's u32 of milliseconds
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,9 @@ class _ReplicaSimulation:
         self.sequence = itertools.count()
         self.rng = random.Random(f"{scenario.seed}/replicas")
         self.jobs_rng = random.Random(f"{scenario.seed}/jobs")
-        self.arrivals: Iterator[Arrival] = scenario.arrivals.arrivals(random.Random(f"{scenario.seed}/arrivals"))
+        self.arrivals: Iterator[Arrival] = scenario.arrivals.arrivals(
+            random.Random(f"{scenario.seed}/arrivals")
+        )
         self.sessions = self.requests = self.completed = self.rejected = 0
         self.pending = 0  # session starts, turns and requests not yet finished: the run's end
         self.prompt_blocks = self.cached_blocks = 0
@@ -344,7 +346,16 @@ def replica_study(
 
 def format_replica_table(results: Sequence[ReplicaResult]) -> str:
     """One row per (replicas, strategy): imbalance, TTFT p50/p99, cache and affinity hit rates."""
-    header = ("replicas", "strategy", "imbalance", "TTFT p50 s", "TTFT p99 s", "cache hits", "affinity hits", "rejected")
+    header = (
+        "replicas",
+        "strategy",
+        "imbalance",
+        "TTFT p50 s",
+        "TTFT p99 s",
+        "cache hits",
+        "affinity hits",
+        "rejected",
+    )
     rows = [
         (
             str(r.replicas),
@@ -361,6 +372,9 @@ def format_replica_table(results: Sequence[ReplicaResult]) -> str:
     widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
     lines = []
     for row in (header, *rows):
-        cells = [cell.ljust(w) if column < 2 else cell.rjust(w) for column, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            cell.ljust(w) if column < 2 else cell.rjust(w)
+            for column, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
