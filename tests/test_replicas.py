@@ -3,11 +3,15 @@ front of the same emulated vLLM servers give every session key the same owner, a
 backend side (the emulator whose completed count moved): with the same router file, with the
 backends listed in another order, and after a fleet change applied to both (SIGHUP), including a
 replica restarted on the new file beside one that reached it by reloading. Each request is sent
-alone, so the bounded load never moves a key; every wait is bounded."""
+alone, so the bounded load never moves a key; every wait is bounded. And `bench-replicas`, which
+measures balance across replicas, serves every request it sends."""
 
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -112,3 +116,21 @@ def test_owners_agree_after_a_fleet_change_on_both(emulators: list[Backend]) -> 
     assert 1 not in after.values() and 4 in after.values(), after
     moved = {key for key in KEYS if after[key] != before[key]}
     assert moved <= {key for key in KEYS if before[key] == 1 or after[key] == 4}, (before, after)
+
+
+def test_bench_replicas_prints_each_strategy_with_every_request_served() -> None:
+    """The benchmark end to end, small: both strategies' rows, every request served by a backend
+    and none failed, no backend above the two replicas' capacity together (2 x 8). The balance
+    figures themselves are the benchmark's business (doc/benchmarks.md)."""
+    command = [sys.executable, "-m", "irmiddleware", "bench-replicas", "--requests", "40", "--repeats", "1"]
+    options = ["--clients", "5,1", "--strategies", "queue_aware,least_connections"]
+    result = subprocess.run([*command, *options], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    assert sorted(rows) == ["least_connections", "queue_aware"], result.stdout
+    for line in rows.values():
+        numbers = re.findall(r"\d+(?:\.\d+)?", line)
+        # imbalance, range low, range high, 4 means, 4 peaks, 4 served, max/mean, req/s, failed
+        peaks, served, failed = numbers[7:11], numbers[11:15], numbers[-1]
+        assert sum(map(int, served)) == 40 and failed == "0", result.stdout
+        assert all(int(peak) <= 16 for peak in peaks), result.stdout
