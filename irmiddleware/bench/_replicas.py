@@ -274,9 +274,9 @@ def bench_replicas_main(argv: list[str] | None = None) -> int:
     with emulated_fleet(args.backends, max_num_seqs=4, time_per_output_token_s=_TOKEN_S) as backends:
         split = ":".join(map(str, args.clients))
         print(
-            f"{len(args.clients)} replicas, clients {split}, {args.backends} emulated vLLM (4 running each,"
-            f" {_TOKEN_S * 1000:g} ms a token, 2-30 tokens), capacity {args.capacity} per replica and backend,"
-            f" signals every {args.interval:g} s; {args.requests} requests per run, median of {args.repeats}"
+            f"{len(args.clients)} replicas, clients {split}, {args.backends} emulated vLLM (4 running"
+            f" each, {_TOKEN_S * 1000:g} ms a token, 2-30 tokens), capacity {args.capacity} per replica"
+            f" and backend, signals every {args.interval:g} s; {args.requests} requests per run, median of {args.repeats}"
         )
         rows = []
         for strategy in args.strategies:

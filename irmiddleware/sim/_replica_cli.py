@@ -31,6 +31,13 @@ def run_replica_study(args: argparse.Namespace, scenario_of: Callable[[argparse.
     """Prints one row per (replica count, strategy); 2 on a bad option."""
     try:
         counts = [int(count) for count in args.replicas.split(",")]
+    except ValueError:
+        print(
+            f"irmiddleware simulate: --replicas expects counts like 1,2,4,8, got {args.replicas!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         scenario = scenario_of(args)
         strategies = args.strategies.split(",") if args.strategies else REPLICA_STRATEGIES
         started = time.perf_counter()
