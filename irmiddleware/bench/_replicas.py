@@ -276,7 +276,8 @@ def bench_replicas_main(argv: list[str] | None = None) -> int:
         print(
             f"{len(args.clients)} replicas, clients {split}, {args.backends} emulated vLLM (4 running"
             f" each, {_TOKEN_S * 1000:g} ms a token, 2-30 tokens), capacity {args.capacity} per replica"
-            f" and backend, signals every {args.interval:g} s; {args.requests} requests per run, median of {args.repeats}"
+            f" and backend, signals every {args.interval:g} s; {args.requests} requests per run,"
+            f" median of {args.repeats}"
         )
         rows = []
         for strategy in args.strategies:
