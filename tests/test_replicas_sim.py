@@ -11,8 +11,17 @@ import sys
 
 import pytest
 
-from irmiddleware.sim import ChatWorkload, PoissonArrivals, Scenario, make_fleet, session_rate
-from irmiddleware.sim._replicas import ReplicaScenario, replica_study, simulate_replicas
+from irmiddleware.sim import (
+    ChatWorkload,
+    LlmWorkload,
+    PoissonArrivals,
+    ReplicaScenario,
+    Scenario,
+    make_fleet,
+    replica_study,
+    session_rate,
+    simulate_replicas,
+)
 
 
 def _scenario(sessions: int = 300, seed: int = 3) -> Scenario:
@@ -44,8 +53,6 @@ def test_replicas_cost_prefix_affinity_its_cache_and_p2c_its_balance() -> None:
 
 def test_the_study_refuses_what_it_cannot_model() -> None:
     with pytest.raises(ValueError, match="chat workload"):
-        from irmiddleware.sim import LlmWorkload
-
         plain = _scenario()
         ReplicaScenario(Scenario(plain.fleet, LlmWorkload(), plain.arrivals, requests=10), replicas=2)
     for bad in ({"replicas": 0}, {"replicas": 2, "skew": 0.5}, {"replicas": 2, "signal_interval_s": 0}):
