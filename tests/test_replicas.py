@@ -1,8 +1,9 @@
 """Router replicas that share nothing agree where it matters. Two `irmiddleware serve` processes in
 front of the same emulated vLLM servers give every session key the same owner, as read on the
-backend side (the emulator whose completed count moved): with the same router file, with the
-backends listed in another order, and after a fleet change applied to both (SIGHUP), including a
-replica restarted on the new file beside one that reached it by reloading. Each request is sent
+backend side (the emulator whose completed count moved): with the same router file (and other
+string-hash seeds), with the backends listed in another order, and after a fleet change applied
+to both (SIGHUP), including a replica restarted on the new file beside one that reached it by
+reloading. Each request is sent
 alone, so the bounded load never moves a key; every wait is bounded. And `bench-replicas`, which
 measures balance across replicas, serves every request it sends."""
 
@@ -85,9 +86,17 @@ def _wait_for_fleet(replica: Replica, backends: Sequence[Backend]) -> None:
     wait_until(applied, f"{replica.url} applying the new fleet", timeout_s=15)
 
 
-def test_replicas_with_one_file_give_every_key_the_same_owner(emulators: list[Backend]) -> None:
+def test_replicas_with_one_file_give_every_key_the_same_owner(
+    emulators: list[Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replicas run with different string-hash seeds: nothing of Python's `hash()` goes in."""
     fleet = emulators[:4]
-    with replica_routers([_config(fleet, local_url()) for _ in range(2)]) as (first, second):
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for seed in ("1", "2"):
+            monkeypatch.setenv("PYTHONHASHSEED", seed)
+            replicas += stack.enter_context(replica_routers([_config(fleet, local_url())]))
+        first, second = replicas
         owners = _owners(first, emulators)
         assert _owners(second, emulators) == owners
     assert len(set(owners.values())) >= 3, owners  # the keys spread: the check can tell owners apart
