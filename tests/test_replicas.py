@@ -3,9 +3,9 @@ front of the same emulated vLLM servers give every session key the same owner, a
 backend side (the emulator whose completed count moved): with the same router file (and other
 string-hash seeds), with the backends listed in another order, and after a fleet change applied
 to both (SIGHUP), including a replica restarted on the new file beside one that reached it by
-reloading. Each request is sent
-alone, so the bounded load never moves a key; every wait is bounded. And `bench-replicas`, which
-measures balance across replicas, serves every request it sends."""
+reloading. Each request is sent alone, so the bounded load never moves a key; every wait is
+bounded. And `bench-replicas`, which measures balance across replicas, serves every request it
+sends."""
 
 from __future__ import annotations
 
