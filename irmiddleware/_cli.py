@@ -54,6 +54,11 @@ COMMANDS: Final = {
         "bench_admission_main",
         "top-class p99 under overload, with and without priority classes",
     ),
+    "bench-replicas": (
+        "irmiddleware.bench._replicas",
+        "bench_replicas_main",
+        "balance across router replicas hit unevenly, per strategy",
+    ),
 }
 
 

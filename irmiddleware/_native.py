@@ -208,6 +208,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_backend_update": [_u32, _u32, _i64, _i64, _u32],
     "irm_backend_find": [_u32, _u64, _pu32],
     "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
+    "irm_backend_set_ring_key": [_u32, _u32, _u64],
     "irm_acquire": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, _pu64, _pu64],
@@ -550,6 +551,10 @@ class NativeTable:
             self._handle, slot, queue_depth, round(kv_usage * 1000), time_ms
         )
         _check(status, f"signals of slot {slot}")
+
+    def set_ring_key(self, slot: int, key: int) -> None:
+        """Places the slot's backend on the consistent-hashing ring by `key` (0: by its id)."""
+        _check(_lib.irm_backend_set_ring_key(self._handle, slot, key), f"ring key of slot {slot}")
 
     # ---- routing -------------------------------------------------------------------------------
 

@@ -428,6 +428,14 @@ class Router:
         stamp = time.monotonic() if read_at is None else read_at
         self._table.set_signals(self._slot(accelerator_id), queue_depth, kv_usage, max(1, int(stamp * 1000)))
 
+    def set_ring_name(self, accelerator_id: int, name: str | bytes | None) -> None:
+        """Places the accelerator on consistent_hash's ring by `name` (e.g. its URL) instead of
+        by its id; None places it by id again. Routers (replicas, restarts) that give the same
+        accelerators the same names agree on every key's owner, whatever ids and order they used;
+        only this accelerator's keys move."""
+        key = 0 if name is None else affinity_key_hash(name) or 1  # 0 means "by id" in the core
+        self._table.set_ring_key(self._slot(accelerator_id), key)
+
     @property
     def accelerators(self) -> list[int]:
         """Ids of the accelerators in the table (in shared mode: added by any process)."""

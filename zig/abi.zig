@@ -25,7 +25,7 @@ const Requests = requests_mod.Requests;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced. 4: irm_route/irm_complete.
+pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key. 4: irm_route/irm_complete.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -485,6 +485,17 @@ export fn irm_backend_find(handle: u32, id: u64, out_slot: ?*u32) i32 {
     defer leave(handle);
     const out = out_slot orelse return status(.invalid_argument);
     out.* = t.find(id) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Places the backend on the consistent-hashing ring by `key` (e.g. a hash of its URL) rather
+/// than by its id, so routers that number the same backends differently agree on owners; 0
+/// places it by id again.
+export fn irm_backend_set_ring_key(handle: u32, slot: u32, key: u64) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    t.setRingKey(slot, key) catch |err| return status(statusFrom(err));
     return status(.ok);
 }
 

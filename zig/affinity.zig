@@ -17,10 +17,15 @@ const set_lock_attempts_max: u32 = 1 << 12;
 
 // ---- the ring --------------------------------------------------------------------------------
 
-/// A backend's points depend on its id, not its slot, so every process (and every restart) puts
-/// the same backend at the same places.
-fn pointHash(id: u64, point: u32) u64 {
-    return table_mod.splitmix64(id ^ (@as(u64, point) *% 0xD6E8_FEB8_6659_FD93));
+/// A backend's points depend on its ring key (else its id), never on its slot, so every process
+/// (and every restart) puts the same backend at the same places. With a key derived from the
+/// backend's address, routers that number their backends differently (listed in another order,
+/// added at run time) agree as well.
+fn pointHash(t: *const Table, slot: u32, point: u32) u64 {
+    const s = &t.slots[slot];
+    const key = s.ring_key.load(.monotonic);
+    const name = if (key != 0) key else s.id.load(.monotonic);
+    return table_mod.splitmix64(name ^ (@as(u64, point) *% 0xD6E8_FEB8_6659_FD93));
 }
 
 /// Builds the ring the first time a consistent-hash decision needs it; tables that never use it
@@ -34,9 +39,8 @@ pub fn ensureRing(t: *const Table) bool {
     var count: u32 = 0;
     for (t.present[0..t.presentCount()]) |*entry| {
         const slot = entry.load(.monotonic);
-        const id = t.slots[slot].id.load(.monotonic);
         for (0..pointsPerBackend(t)) |point| {
-            t.ring[count] = .{ .hash = pointHash(id, @intCast(point)), .slot = slot, .reserved = 0 };
+            t.ring[count] = .{ .hash = pointHash(t, slot, @intCast(point)), .slot = slot, .reserved = 0 };
             count += 1;
         }
     }
@@ -59,11 +63,10 @@ fn pointLessThan(_: void, a: RingPoint, b: RingPoint) bool {
 /// Called under the table lock after a backend was added.
 pub fn onAdded(t: *const Table, slot: u32) void {
     if (t.header.ring_enabled.load(.acquire) == 0) return;
-    const id = t.slots[slot].id.load(.monotonic);
     var count = ringCount(t);
     for (0..pointsPerBackend(t)) |point| {
         assert(count < t.ring.len);
-        const hash = pointHash(id, @intCast(point));
+        const hash = pointHash(t, slot, @intCast(point));
         const position = upperBound(t, count, hash);
         var index = count;
         while (index > position) : (index -= 1) storePoint(t, index, loadPoint(t, index - 1));
@@ -295,6 +298,29 @@ test "ring points follow ids and removal keeps the others in place" {
     _ = try t.add(104, 10, 1000);
     try testing.expectEqual(4 * per, ringCount(&t));
     for (1..ringCount(&t)) |i| try testing.expect(t.ring[i - 1].hash <= t.ring[i].hash);
+}
+
+test "ring keys place backends whatever their ids and order of adding" {
+    const first = try table_mod.testTable(8);
+    defer table_mod.testTableFree(first);
+    const second = try table_mod.testTable(8);
+    defer table_mod.testTableFree(second);
+    const names = [_]u64{ 0xA1, 0xB2, 0xC3, 0xD4 };
+    for (names, 0..) |name, i| try first.setRingKey(try first.add(i, 10, 1000), name);
+    for (0..4) |i| try second.setRingKey(try second.add(40 + i, 10, 1000), names[3 - i]);
+    try testing.expect(ensureRing(&first));
+    try testing.expect(ensureRing(&second));
+    try testing.expectEqual(ringCount(&first), ringCount(&second));
+    for (first.ring[0..ringCount(&first)], second.ring[0..ringCount(&second)]) |a, b| {
+        try testing.expectEqual(a.hash, b.hash);
+        try testing.expectEqual(first.slots[a.slot].ring_key.load(.monotonic), second.slots[b.slot].ring_key.load(.monotonic));
+    }
+    // A key set after the ring was built moves that backend's points only.
+    const before = ringCount(&first);
+    try first.setRingKey(try first.find(0), 0xE5);
+    try testing.expectEqual(before, ringCount(&first));
+    for (1..ringCount(&first)) |i| try testing.expect(first.ring[i - 1].hash <= first.ring[i].hash);
+    try testing.expectError(error.UnknownBackend, first.setRingKey(7, 1));
 }
 
 test "prefix index keeps the most recent locations and evicts the least recently used" {

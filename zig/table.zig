@@ -26,7 +26,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 5; // 5: owner records, the slot tag, the release generation.
+pub const layout_version: u32 = 5; // 5: owner records, the slot tag, the release generation, the ring key.
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -96,7 +96,11 @@ pub const Slot = extern struct {
     /// Moves on every add: an index entry naming (slot, incarnation) is stale once it differs.
     incarnation: Atomic(u32),
     reserved_u32: u32,
-    reserved: [5]u64,
+    /// Where the backend's points sit on the consistent-hashing ring: a name the caller chose
+    /// (a hash of the backend's URL), so routers that number the same backends differently build
+    /// the same ring; 0 (the default) places them by `id`. Changed under the lock.
+    ring_key: Atomic(u64),
+    reserved: [4]u64,
 
     /// This slot's capacity × weight as configured, whatever its state.
     pub fn configuredWeightOf(s: *const Slot) u64 {
@@ -642,6 +646,7 @@ pub const Table = struct {
         s.signal_queue_depth.store(0, .monotonic);
         s.signal_kv_permille.store(0, .monotonic);
         s.signal_time_ms.store(0, .monotonic);
+        s.ring_key.store(0, .monotonic);
         _ = s.incarnation.fetchAdd(1, .monotonic);
         const old: Word = t.wordOf(slot);
         assert(old.state == .free);
@@ -754,6 +759,19 @@ pub const Table = struct {
         try t.lock();
         defer t.unlock();
         return t.idmapFind(id) orelse error.UnknownBackend;
+    }
+
+    /// Moves the backend's ring points to where `key` puts them (0: where its id does); only its
+    /// own keys move, as when it is removed and added back.
+    pub fn setRingKey(t: *const Table, slot: u32, key: u64) Error!void {
+        try t.lock();
+        defer t.unlock();
+        const s = &t.slots[slot];
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        if (s.ring_key.load(.monotonic) == key) return;
+        affinity.onRemoved(t, slot);
+        s.ring_key.store(key, .monotonic);
+        affinity.onAdded(t, slot);
     }
 
     pub fn setSignals(t: *const Table, slot: u32, queue_depth: u32, kv_permille: u32, time_ms: u64) Error!void {

@@ -134,6 +134,7 @@ class Fleet:
             adapter = registry.adapter(entry.type)
             self.backends[backend_id] = _backend(backend_id, entry, adapter)
             self.router.add_accelerator(Accelerator(backend_id, self._capacity(entry.capacity), entry.weight))
+            self.router.set_ring_name(backend_id, entry.url)
         self._next_id = len(config.backends)
 
     def _capacity(self, configured: int) -> int:
@@ -154,6 +155,8 @@ class Fleet:
         """Puts `backend` in the core (capacity, weight, `state`) and in its models' pools, in one
         step of the event loop: no request sees it half added."""
         self.router.add_accelerator(Accelerator(backend.id, self._capacity(entry.capacity), entry.weight))
+        # By URL, not id: replicas that list or add backends in another order build the same ring.
+        self.router.set_ring_name(backend.id, entry.url)
         self.router.set_state(backend.id, state)
         self.backends[backend.id] = backend
         self._rebuild_pools()

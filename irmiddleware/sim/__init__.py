@@ -12,6 +12,9 @@ models time, arrivals and how accelerators serve requests (see `_model` for the 
     scenario = Scenario(fleet, workload, arrivals, requests=20_000, seed=7)
     for result in compare(scenario):
         print(result.strategy, result.latency, result.rejection_rate)
+
+Router replicas with their own books (`ReplicaScenario`, `replica_study`, `format_replica_table`)
+take a chat scenario; see doc/replicas.md.
 """
 
 from irmiddleware.sim._chat import ChatWorkload, session_rate
@@ -41,6 +44,14 @@ from irmiddleware.sim._model import (
     mean_work_s,
     offered_rate,
 )
+from irmiddleware.sim._replicas import (
+    REPLICA_STRATEGIES,
+    ReplicaResult,
+    ReplicaScenario,
+    format_replica_table,
+    replica_study,
+    simulate_replicas,
+)
 from irmiddleware.sim._stats import (
     Affinity,
     Outage,
@@ -60,6 +71,7 @@ from irmiddleware.sim._theory import (
 __all__ = [
     "AFFINITY_STRATEGIES",
     "DEFAULT_STRATEGIES",
+    "REPLICA_STRATEGIES",
     "Affinity",
     "Arrival",
     "ArrivalProcess",
@@ -75,6 +87,8 @@ __all__ = [
     "PoissonArrivals",
     "Progress",
     "ReplayArrivals",
+    "ReplicaResult",
+    "ReplicaScenario",
     "Scenario",
     "SpeedChange",
     "StrategyResult",
@@ -85,12 +99,15 @@ __all__ = [
     "compare",
     "format_balls_into_bins",
     "format_histograms",
+    "format_replica_table",
     "format_table",
     "make_fleet",
     "max_load_one_choice",
     "max_load_two_choices",
     "mean_work_s",
     "offered_rate",
+    "replica_study",
     "session_rate",
     "simulate",
+    "simulate_replicas",
 ]

@@ -33,6 +33,7 @@ from irmiddleware.sim._model import (
     make_fleet,
     offered_rate,
 )
+from irmiddleware.sim._replica_cli import add_replica_options, run_replica_study
 from irmiddleware.sim._shares import format_phases, format_shares
 from irmiddleware.sim._stats import StrategyResult, format_histograms, format_table
 from irmiddleware.sim._theory import DEFAULT_SIZES, balls_into_bins, format_balls_into_bins
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workload", choices=("uniform", "llm", "chat"), default="llm", help="chat: multi-turn sessions"
     )
     _add_chat_options(parser)
+    add_replica_options(parser)
     parser.add_argument("--arrival", choices=("poisson", "bursty", "trace"), default="poisson")
     parser.add_argument("--trace", type=Path, help="CSV or JSONL with time[, prompt_tokens, output_tokens]")
     parser.add_argument("--load", type=float, default=0.8, help="offered load, 1.0 = all batches full")
@@ -147,6 +149,9 @@ def simulate_main(argv: list[str]) -> int:
     if args.balls_into_bins:
         print(format_balls_into_bins(balls_into_bins(args.bins, args.seed)))
         return 0
+    if args.replicas:
+        args.workload = "chat"  # the study is about sessions and caches across replicas
+        return run_replica_study(args, _scenario)
     try:
         scenario = _scenario(args)
     except (OSError, ValueError) as error:

@@ -21,6 +21,9 @@ def test_public_names_are_pinned_and_sorted() -> None:
         "balls_into_bins", "compare", "format_balls_into_bins", "format_histograms", "format_table",
         "make_fleet", "max_load_one_choice", "max_load_two_choices", "mean_work_s", "offered_rate",
         "session_rate", "simulate",
+        # the replica study
+        "REPLICA_STRATEGIES", "ReplicaResult", "ReplicaScenario", "format_replica_table", "replica_study",
+        "simulate_replicas",
     }  # fmt: skip
     for name in names:
         assert hasattr(irmiddleware.sim, name), name
