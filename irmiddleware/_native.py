@@ -227,6 +227,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_complete": [_u32, _u32, _u32, _u32, _i32],
     "irm_request_read": [_u32, _u32, _u32, _pu64],
     "irm_requests_count": [_u32, _pu64],
+    "irm_python_bind": [_pu64, _u32, _pu64, _u32],
 }
 _RESULT_TYPES: Final[dict[str, Any]] = {}
 """Exports that return something other than an i32 status (`irm_route` returns an i32 that is
@@ -780,3 +781,142 @@ def int32_array(values: Sequence[int]) -> Any:
 
 def empty_uint32_array(length: int) -> Any:
     return (ctypes.c_uint32 * length)()
+
+
+# ---- the seed API's builtins (zig/python.zig) ------------------------------------------------------
+
+_PYTHON_API: Final = (
+    "PyTuple_GetItem",
+    "PyDict_Size",
+    "PyObject_GetAttr",
+    "PyObject_Vectorcall",
+    "PyLong_AsUnsignedLongLong",
+    "PyLong_AsLongLong",
+    "PyLong_FromLongLong",
+    "PyLong_FromUnsignedLongLong",
+    "PyErr_Occurred",
+    "PyErr_Clear",
+    "Py_IncRef",
+    "Py_DecRef",
+)
+"""The CPython functions zig/python.zig calls, in the order of its `Api` (whose last two fields,
+`int` and `None`, follow them)."""
+SEED_STATE: Final = (
+    "handle",
+    "strategy",
+    "in_flight",
+    "request_type",
+    "route_fallback",
+    "complete_fallback",
+    "route_refused",
+    "complete_refused",
+    "router_gone",
+    "id_name",
+    "cost_name",
+    "priority_name",
+)
+"""The entries of the tuple the builtins are bound to, in order (`Item` in zig/python.zig)."""
+_METH_FASTCALL_KEYWORDS: Final = 0x0080 | 0x0002
+
+
+class _MethodDef(ctypes.Structure):
+    """CPython's `PyMethodDef` (its layout is part of the stable ABI)."""
+
+    _fields_ = (
+        ("ml_name", ctypes.c_char_p),
+        ("ml_meth", ctypes.c_void_p),
+        ("ml_flags", ctypes.c_int),
+        ("ml_doc", ctypes.c_char_p),
+    )
+
+
+def _has_stable_object_header() -> bool:
+    """Whether objects start with the stable ABI's header (reference count, then type), the one
+    layout zig/python.zig reads: not so in a free-threaded or trace-refs build."""
+    type_offset = ctypes.sizeof(ctypes.c_ssize_t)
+    samples: tuple[object, ...] = (7, None, "id", ())
+    return all(ctypes.c_void_p.from_address(id(x) + type_offset).value == id(type(x)) for x in samples)
+
+
+def _bind_python() -> tuple[Callable[..., Any], tuple[_MethodDef, _MethodDef]] | None:
+    """`PyCFunction_NewEx` and the definitions of the two builtins, or None where they cannot be
+    made (not CPython, or another object layout): the router then keeps its Python methods."""
+    pythonapi = getattr(ctypes, "pythonapi", None)
+    if pythonapi is None or not _has_stable_object_header():
+        return None
+    addresses = [ctypes.cast(getattr(pythonapi, name), ctypes.c_void_p).value for name in _PYTHON_API]
+    addresses += [id(int), id(None)]
+    methods = (ctypes.c_uint64 * 2)()
+    functions = (ctypes.c_uint64 * len(addresses))(*addresses)
+    _check(_lib.irm_python_bind(functions, len(addresses), methods, 2), "bind the seed API's builtins")
+    new_function = pythonapi.PyCFunction_NewEx
+    new_function.argtypes = (ctypes.POINTER(_MethodDef), ctypes.py_object, ctypes.py_object)
+    new_function.restype = ctypes.py_object
+    route = _MethodDef(
+        b"route_request", methods[0], _METH_FASTCALL_KEYWORDS,
+        b"route_request($self, request, *, pool=None, affinity_key=None, prefix_hashes=None)\n--\n\n"
+        b"Router.route_request, its plain call made in the core (irmiddleware._router).",
+    )  # fmt: skip
+    complete = _MethodDef(
+        b"complete", methods[1], _METH_FASTCALL_KEYWORDS,
+        b"complete($self, request, *, ok=True, latency_s=None)\n--\n\n"
+        b"Router.complete, its plain call made in the core (irmiddleware._router).",
+    )  # fmt: skip
+    return new_function, (route, complete)
+
+
+_SEED_BUILTINS = _bind_python()
+"""Kept for the life of the process: each builtin points at its definition."""
+
+
+def seed_builtins(
+    handle: int,
+    strategy: int,
+    in_flight: dict[object, Any],
+    request_type: type,
+    route_fallback: Callable[[], Callable[..., Any] | None],
+    complete_fallback: Callable[[], Callable[..., Any] | None],
+) -> tuple[Callable[..., int | None], Callable[..., None]] | None:
+    """The seed API's per-call pair as two builtin functions made in the core (zig/python.zig):
+    `route(request)` routes a request whose id (0..REQUEST_ID_MAX), cost and priority are ints in
+    range with one `irm_route`, and `complete(request_or_id)` completes one the core recorded with
+    one `irm_complete`; every other call goes to `route_fallback()`/`complete_fallback()`
+    (`weakref.WeakMethod`s of the router's Python methods), and so does `route` while `in_flight`
+    (the router's own records) is not empty. Refusals raise as `raise_route_refusal` and
+    `raise_complete_refusal` do. None where builtins cannot be made (not CPython).
+
+    They hold the GIL throughout, like the `ctypes.PyDLL` calls of `route_call`. They keep `handle`:
+    after `close` they are refused (`invalid_handle`), as `route_call`'s function is."""
+    if _SEED_BUILTINS is None:
+        return None
+    new_function, (route_definition, complete_definition) = _SEED_BUILTINS
+    entries = {
+        "handle": handle,
+        "strategy": strategy,
+        "in_flight": in_flight,
+        "request_type": request_type,
+        "route_fallback": route_fallback,
+        "complete_fallback": complete_fallback,
+        "route_refused": raise_route_refusal,
+        "complete_refused": raise_complete_refusal,
+        "router_gone": _raise_router_gone,
+        "id_name": "id",
+        "cost_name": "cost",
+        "priority_name": "priority",
+    }
+    state = tuple(entries[name] for name in SEED_STATE)
+    route = new_function(ctypes.byref(route_definition), state, __name__)
+    complete = new_function(ctypes.byref(complete_definition), state, __name__)
+    return route, complete
+
+
+def raise_complete_refusal(status: int, request_id: object) -> NoReturn:
+    """Raises the error for an `irm_complete` status other than ok and unknown_request."""
+    _raise(status, f"complete request {request_id}")
+    raise AssertionError("unreachable: _raise raises")
+
+
+def _raise_router_gone() -> NoReturn:
+    raise _errors.InvalidHandleError(
+        "invalid_handle", "the router of this route_request/complete was garbage-collected"
+    )

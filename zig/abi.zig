@@ -14,6 +14,7 @@ const table_mod = @import("table.zig");
 const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
 const requests_mod = @import("requests.zig");
+const python = @import("python.zig");
 const Table = table_mod.Table;
 const Requests = requests_mod.Requests;
 
@@ -929,4 +930,41 @@ test "a completion whose slot was reused since is refused, and wide ids come bac
     // A record left in flight is freed with its handle (the testing allocator is not used here,
     // so `requests.zig`'s own tests check the freeing).
     try std.testing.expectEqual(route_slot_base - @as(i32, @intCast(slot)), irm_route(handle, 0, 6, 0, 1, 0));
+}
+
+// ---- exports: the seed API's builtins (python.zig) ---------------------------------------------
+
+/// For the binding only: takes the addresses of the CPython functions and objects python.zig
+/// calls (`functions[0..functions_count]`, in `python.Api`'s order, from `ctypes.pythonapi`) and
+/// writes the addresses of the seed API's builtin methods (route_request, complete) to
+/// `out_methods[0..2]`, for the binding to make function objects of. `invalid_argument` for a
+/// count other than `python.api_count` or 2, or a null address; what an address points to cannot
+/// be checked here, which is why only the binding calls this, with the interpreter's own.
+export fn irm_python_bind(functions: ?[*]const u64, functions_count: u32, out_methods: ?[*]u64, methods_count: u32) i32 {
+    const addresses = functions orelse return status(.invalid_argument);
+    const out = out_methods orelse return status(.invalid_argument);
+    if (functions_count != python.api_count) return status(.invalid_argument);
+    if (methods_count != 2) return status(.invalid_argument);
+    if (!python.bind(addresses[0..functions_count])) return status(.invalid_argument);
+    out[0..2].* = PythonMethods.addresses();
+    return status(.ok);
+}
+
+const PythonMethods = python.Methods(struct {
+    pub const route = irm_route;
+    pub const complete = irm_complete;
+    pub const route_none_result = route_none;
+    pub const route_slot_base_result = route_slot_base;
+    pub const unknown_request: i32 = status(.unknown_request);
+
+    pub fn backendRead(handle: u32, slot: u32, out_id: *u64) i32 {
+        var info: BackendInfo = undefined;
+        const read = irm_backend_read(handle, slot, &info);
+        if (read == status(.ok)) out_id.* = info.id;
+        return read;
+    }
+});
+
+test {
+    _ = python;
 }

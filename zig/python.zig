@@ -1,0 +1,240 @@
+//! The seed API's per-call pair as two CPython builtin functions: `Router.route_request` and
+//! `Router.complete` on a router's instance, so a call is one vector call into the core instead of
+//! a Python method around a ctypes foreign call (whose per-argument work exceeded the decision's).
+//!
+//! No Python headers and no undefined symbols: the binding passes the addresses of the CPython
+//! functions used here, taken from `ctypes.pythonapi`, once (`irm_python_bind`), and makes the
+//! function objects itself (`PyCFunction_NewEx`, METH_FASTCALL | METH_KEYWORDS). The one layout
+//! read here is the stable ABI's object header (reference count, then type), which the binding
+//! checks on the running interpreter before it binds.
+//!
+//! Each builtin is bound to a tuple (`Item` names its entries) that holds the table's handle and
+//! what the slow paths need; anything but the plain call (one request whose id, cost and
+//! priority are ints in range, no keyword) goes to the router's Python method, so both behave
+//! alike by construction. The interpreter calls these with the GIL held, as every CPython
+//! function they call requires, and they keep it: the core's work is shorter than the GIL's round
+//! trip, and the core's calls are thread-safe without it.
+
+const std = @import("std");
+const table_mod = @import("table.zig");
+
+/// A CPython object; only its header is read (`Header`).
+pub const Object = opaque {};
+
+/// The stable ABI's object header (not a free-threaded or trace-refs build: the binding checks).
+const Header = extern struct {
+    refcount: isize,
+    type: *Object,
+};
+
+/// The CPython functions and objects used here, in the order of their addresses in
+/// `irm_python_bind` (`_native._PYTHON_API` names them; a test checks that the orders agree).
+pub const Api = extern struct {
+    PyTuple_GetItem: *const fn (*Object, isize) callconv(.c) ?*Object,
+    PyDict_Size: *const fn (*Object) callconv(.c) isize,
+    PyObject_GetAttr: *const fn (*Object, *Object) callconv(.c) ?*Object,
+    PyObject_Vectorcall: *const fn (*Object, ?[*]const *Object, usize, ?*Object) callconv(.c) ?*Object,
+    PyLong_AsUnsignedLongLong: *const fn (*Object) callconv(.c) u64,
+    PyLong_AsLongLong: *const fn (*Object) callconv(.c) i64,
+    PyLong_FromLongLong: *const fn (i64) callconv(.c) ?*Object,
+    PyLong_FromUnsignedLongLong: *const fn (u64) callconv(.c) ?*Object,
+    PyErr_Occurred: *const fn () callconv(.c) ?*Object,
+    PyErr_Clear: *const fn () callconv(.c) void,
+    Py_IncRef: *const fn (*Object) callconv(.c) void,
+    Py_DecRef: *const fn (*Object) callconv(.c) void,
+    /// `int` (`PyLong_Type`): an id, cost or priority must be exactly one for the fast path.
+    int_type: *Object,
+    /// `None`, which `route_request` returns when nothing fits and `complete` on success.
+    none: *Object,
+};
+
+pub const api_count: u32 = @sizeOf(Api) / @sizeOf(u64);
+
+comptime {
+    // The binding passes one u64 per field: every field is a pointer of that size.
+    std.debug.assert(@sizeOf(Api) % @sizeOf(u64) == 0);
+    std.debug.assert(@sizeOf(usize) == @sizeOf(u64));
+}
+
+/// Set once by `bind` before the binding makes any builtin (so before any method runs).
+var api: Api = undefined;
+
+/// The builtins' tuple: its entries, in order (`_native._SEED_STATE` names them alike).
+pub const Item = enum(isize) {
+    /// The table's handle, an int (a closed one is refused by the core, as for `irm_route`).
+    handle = 0,
+    /// The router's strategy number, an int.
+    strategy = 1,
+    /// The router's own records (a dict): the fast path runs only while it is empty, since an
+    /// id there is in flight already.
+    in_flight = 2,
+    /// `Request`: `complete` reads the id of exactly this type itself.
+    request_type = 3,
+    /// `weakref.WeakMethod`s of the router's Python methods, called for everything else (weak:
+    /// the router holds the builtins, which must not keep it alive).
+    route_fallback = 4,
+    complete_fallback = 5,
+    /// `raise(result, request_id)` for a refused `irm_route`, `raise(status, request_id)` for a
+    /// refused `irm_complete`; `raise()` for a router gone (a fallback's method died).
+    route_refused = 6,
+    complete_refused = 7,
+    router_gone = 8,
+    /// "id", "cost", "priority": the request's attribute names.
+    id_name = 9,
+    cost_name = 10,
+    priority_name = 11,
+};
+
+pub const items_count: u32 = @typeInfo(Item).@"enum".field_names.len;
+
+/// CPython's `METH_FASTCALL | METH_KEYWORDS`: the methods' calling convention.
+pub const method_flags: u32 = 0x0080 | 0x0002;
+
+/// Takes the interpreter's function addresses (`addresses[0..api_count]`, `Api`'s order); false
+/// if one is null. The addresses cannot be checked beyond that: only the binding calls this,
+/// with the interpreter's own.
+pub fn bind(addresses: []const u64) bool {
+    std.debug.assert(addresses.len == api_count);
+    for (addresses) |address| {
+        if (address == 0) return false;
+    }
+    var fresh: Api = undefined;
+    @memcpy(std.mem.asBytes(&fresh), std.mem.sliceAsBytes(addresses));
+    api = fresh;
+    return true;
+}
+
+fn typeOf(object: *Object) *Object {
+    const header: *const Header = @ptrCast(@alignCast(object));
+    return header.type;
+}
+
+fn item(state: *Object, which: Item) ?*Object {
+    return api.PyTuple_GetItem(state, @backingInt(which));
+}
+
+/// An exact int in `minimum..maximum`, or null (no exception left set): the caller takes the slow
+/// path, where the Python method raises its own error for a value out of range.
+fn smallInt(object: *Object, minimum: u64, maximum: u64) ?u64 {
+    if (typeOf(object) != api.int_type) return null;
+    const value = api.PyLong_AsUnsignedLongLong(object);
+    if (value == std.math.maxInt(u64) and api.PyErr_Occurred() != null) {
+        api.PyErr_Clear(); // Negative or above 2^64: not for the core.
+        return null;
+    }
+    if (value < minimum or value > maximum) return null;
+    return value;
+}
+
+fn none() *Object {
+    api.Py_IncRef(api.none);
+    return api.none;
+}
+
+/// Calls the router's Python method (a WeakMethod in `state`) with the call's own arguments.
+fn fallback(state: *Object, which: Item, args: ?[*]const *Object, nargs: isize, kwnames: ?*Object) ?*Object {
+    const weak = item(state, which) orelse return null;
+    const method = api.PyObject_Vectorcall(weak, null, 0, null) orelse return null;
+    defer api.Py_DecRef(method);
+    if (method == api.none) {
+        const gone = item(state, .router_gone) orelse return null;
+        return api.PyObject_Vectorcall(gone, null, 0, null);
+    }
+    return api.PyObject_Vectorcall(method, args, @intCast(nargs), kwnames);
+}
+
+/// Calls `state[which](code, request_id)`, which raises the refusal's exception.
+fn refuse(state: *Object, which: Item, code: i64, request_id: *Object) ?*Object {
+    const raise = item(state, which) orelse return null;
+    const code_object = api.PyLong_FromLongLong(code) orelse return null;
+    defer api.Py_DecRef(code_object);
+    const arguments = [2]*Object{ code_object, request_id };
+    return api.PyObject_Vectorcall(raise, &arguments, arguments.len, null);
+}
+
+fn handleOf(state: *Object) ?u32 {
+    const handle = item(state, .handle) orelse return null;
+    // Made by the binding from a real handle; a bad value reaches the core as 0, which it refuses.
+    return @truncate(smallInt(handle, 0, std.math.maxInt(u32)) orelse 0);
+}
+
+fn attribute(state: *Object, object: *Object, name: Item) ?*Object {
+    const name_object = item(state, name) orelse return null;
+    return api.PyObject_GetAttr(object, name_object);
+}
+
+/// The two methods over `Core`, the core's calls (abi.zig passes its own, so this file needs no
+/// export of its own): `route` and `complete` as `irm_route` and `irm_complete`, `backendRead`
+/// (a backend's id by slot, a status), and their result constants.
+pub fn Methods(comptime Core: type) type {
+    return struct {
+        /// The addresses of the two methods, for the binding's method definitions.
+        pub fn addresses() [2]u64 {
+            return .{ @intFromPtr(&routeRequest), @intFromPtr(&complete) };
+        }
+
+        /// `route_request(request)`: the request's id, cost and priority read as the Python method reads
+        /// them, then one `irm_route`.
+        pub fn routeRequest(self: ?*Object, args: ?[*]const *Object, nargs: isize, kwnames: ?*Object) callconv(.c) ?*Object {
+            const state = self.?;
+            if (nargs != 1 or kwnames != null) return fallback(state, .route_fallback, args, nargs, kwnames);
+            const in_flight = item(state, .in_flight) orelse return null;
+            if (api.PyDict_Size(in_flight) != 0) return fallback(state, .route_fallback, args, nargs, kwnames);
+            const request = args.?[0];
+            const id_object = attribute(state, request, .id_name) orelse return null;
+            defer api.Py_DecRef(id_object);
+            const cost_object = attribute(state, request, .cost_name) orelse return null;
+            defer api.Py_DecRef(cost_object);
+            const priority_object = attribute(state, request, .priority_name) orelse return null;
+            defer api.Py_DecRef(priority_object);
+            const request_id = smallInt(id_object, 0, std.math.maxInt(u64));
+            const cost = smallInt(cost_object, 1, std.math.maxInt(i32));
+            const priority = smallInt(priority_object, 0, table_mod.classes_count - 1);
+            if (request_id == null or cost == null or priority == null) {
+                return fallback(state, .route_fallback, args, nargs, kwnames);
+            }
+            const handle = handleOf(state) orelse return null;
+            const strategy_object = item(state, .strategy) orelse return null;
+            const strategy: u32 = @truncate(smallInt(strategy_object, 0, std.math.maxInt(u32)) orelse std.math.maxInt(u32));
+            const result = Core.route(handle, strategy, @truncate(request_id.?), @truncate(request_id.? >> 32), @intCast(cost.?), @truncate(priority.?));
+            if (result >= 0) return api.PyLong_FromLongLong(result);
+            if (result == Core.route_none_result) return none();
+            if (result <= Core.route_slot_base_result) return backendIdOf(state, handle, @intCast(Core.route_slot_base_result - result), id_object);
+            return refuse(state, .route_refused, result, id_object);
+        }
+
+        /// The id of the backend in `slot`, for an id that does not fit `irm_route`'s result.
+        fn backendIdOf(state: *Object, handle: u32, slot: u32, request_id: *Object) ?*Object {
+            var id: u64 = 0;
+            const read = Core.backendRead(handle, slot, &id);
+            if (read != 0) return refuse(state, .route_refused, -@as(i64, read), request_id);
+            return api.PyLong_FromUnsignedLongLong(id);
+        }
+
+        /// `complete(request)` for a request (or id) the core recorded: one `irm_complete`, the latency
+        /// measured in the core. An id it does not know goes to the Python method (the router's records).
+        pub fn complete(self: ?*Object, args: ?[*]const *Object, nargs: isize, kwnames: ?*Object) callconv(.c) ?*Object {
+            const state = self.?;
+            if (nargs != 1 or kwnames != null) return fallback(state, .complete_fallback, args, nargs, kwnames);
+            const request_type = item(state, .request_type) orelse return null;
+            const argument = args.?[0];
+            const id_object = if (typeOf(argument) == request_type)
+                attribute(state, argument, .id_name) orelse return null
+            else borrowed: {
+                api.Py_IncRef(argument);
+                break :borrowed argument;
+            };
+            defer api.Py_DecRef(id_object);
+            const request_id = smallInt(id_object, 0, std.math.maxInt(u64)) orelse {
+                return fallback(state, .complete_fallback, args, nargs, kwnames);
+            };
+            const handle = handleOf(state) orelse return null;
+            const status = Core.complete(handle, @truncate(request_id), @truncate(request_id >> 32), 1, -1);
+            if (status == 0) return none();
+            if (status == Core.unknown_request) {
+                return fallback(state, .complete_fallback, args, nargs, kwnames);
+            }
+            return refuse(state, .complete_refused, status, id_object);
+        }
+    };
+}
