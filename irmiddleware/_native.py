@@ -24,7 +24,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from irmiddleware import _errors
 
@@ -798,9 +798,14 @@ _PYTHON_API: Final = (
     "PyErr_Clear",
     "Py_IncRef",
     "Py_DecRef",
+    "PyTuple_Size",
+    "PyObject_Call",
+    "PyType_GenericAlloc",
+    "PyObject_GC_UnTrack",
+    "PyObject_GC_Del",
 )
-"""The CPython functions zig/python.zig calls, in the order of its `Api` (whose last two fields,
-`int` and `None`, follow them)."""
+"""The CPython functions zig/python.zig calls, in the order of its `Api` (whose last fields, the
+objects `int`, `None` and `_request_fields`, follow them)."""
 SEED_STATE: Final = (
     "handle",
     "strategy",
@@ -838,35 +843,127 @@ def _has_stable_object_header() -> bool:
     return all(ctypes.c_void_p.from_address(id(x) + type_offset).value == id(type(x)) for x in samples)
 
 
-def _bind_python() -> tuple[Callable[..., Any], tuple[_MethodDef, _MethodDef]] | None:
-    """`PyCFunction_NewEx` and the definitions of the two builtins, or None where they cannot be
-    made (not CPython, or another object layout): the router then keeps its Python methods."""
+class _TypeSlot(ctypes.Structure):
+    """CPython's `PyType_Slot`."""
+
+    _fields_ = (("slot", ctypes.c_int), ("pfunc", ctypes.c_void_p))
+
+
+class _TypeSpec(ctypes.Structure):
+    """CPython's `PyType_Spec`."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("basicsize", ctypes.c_int),
+        ("itemsize", ctypes.c_int),
+        ("flags", ctypes.c_uint),
+        ("slots", ctypes.POINTER(_TypeSlot)),
+    )
+
+
+class _MemberDef(ctypes.Structure):
+    """CPython's `PyMemberDef`."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("type", ctypes.c_int),
+        ("offset", ctypes.c_ssize_t),
+        ("flags", ctypes.c_int),
+        ("doc", ctypes.c_char_p),
+    )
+
+
+# CPython's stable-ABI numbers (typeslots.h, object.h, descrobject.h).
+_PY_TP_CLEAR, _PY_TP_DEALLOC, _PY_TP_DOC, _PY_TP_NEW, _PY_TP_TRAVERSE, _PY_TP_MEMBERS = 51, 52, 56, 65, 71, 72
+_TPFLAGS_BASETYPE_GC: Final = 1 << 18 | 1 << 10 | 1 << 14  # DEFAULT | BASETYPE | HAVE_GC
+_T_OBJECT_EX: Final = 16
+_BOUND_COUNT: Final = 10
+"""What `irm_python_bind` writes (`bound_count` in zig/python.zig)."""
+
+
+def _request_fields(id: object, cost: int = 1, priority: int = 0) -> tuple[object, int, int]:
+    """A request's fields, checked: the core's request type calls this for every construction
+    but positional ints in range, so its errors are these."""
+    return id, check_cost(cost), check_priority(priority)
+
+
+_request_fields.__qualname__ = "Request"  # Its argument errors read "Request() missing ...".
+
+
+def _bind_python() -> tuple[Any, ...] | None:
+    """Binds zig/python.zig to this interpreter: the definitions of the two builtins, the core's
+    request type and `PyCFunction_NewEx`; None where that cannot be done (not CPython, or another
+    object layout): the router then keeps its Python methods and class."""
     pythonapi = getattr(ctypes, "pythonapi", None)
     if pythonapi is None or not _has_stable_object_header():
         return None
     addresses = [ctypes.cast(getattr(pythonapi, name), ctypes.c_void_p).value for name in _PYTHON_API]
-    addresses += [id(int), id(None)]
-    methods = (ctypes.c_uint64 * 2)()
+    addresses += [id(int), id(None), id(_request_fields)]
+    bound = (ctypes.c_uint64 * _BOUND_COUNT)()
     functions = (ctypes.c_uint64 * len(addresses))(*addresses)
-    _check(_lib.irm_python_bind(functions, len(addresses), methods, 2), "bind the seed API's builtins")
+    _check(_lib.irm_python_bind(functions, len(addresses), bound, _BOUND_COUNT), "bind to Python")
+    route_address, complete_address, *slot_functions, size, id_offset, cost_offset, priority_offset = bound
     new_function = pythonapi.PyCFunction_NewEx
     new_function.argtypes = (ctypes.POINTER(_MethodDef), ctypes.py_object, ctypes.py_object)
     new_function.restype = ctypes.py_object
     route = _MethodDef(
-        b"route_request", methods[0], _METH_FASTCALL_KEYWORDS,
+        b"route_request", route_address, _METH_FASTCALL_KEYWORDS,
         b"route_request($self, request, *, pool=None, affinity_key=None, prefix_hashes=None)\n--\n\n"
         b"Router.route_request, its plain call made in the core (irmiddleware._router).",
     )  # fmt: skip
     complete = _MethodDef(
-        b"complete", methods[1], _METH_FASTCALL_KEYWORDS,
+        b"complete", complete_address, _METH_FASTCALL_KEYWORDS,
         b"complete($self, request, *, ok=True, latency_s=None)\n--\n\n"
         b"Router.complete, its plain call made in the core (irmiddleware._router).",
     )  # fmt: skip
-    return new_function, (route, complete)
+    members = (_MemberDef * 4)(
+        _MemberDef(b"id", _T_OBJECT_EX, id_offset, 0, None),
+        _MemberDef(b"cost", _T_OBJECT_EX, cost_offset, 0, None),
+        _MemberDef(b"priority", _T_OBJECT_EX, priority_offset, 0, None),
+    )
+    slots = (_TypeSlot * 7)(
+        *(_TypeSlot(slot, address) for slot, address in zip((_PY_TP_NEW, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR), slot_functions, strict=True)),
+        _TypeSlot(_PY_TP_MEMBERS, ctypes.addressof(members)),
+        _TypeSlot(_PY_TP_DOC, ctypes.cast(ctypes.c_char_p(b"RequestBase(id, cost=1, priority=0)\n--\n\nThe core's request fields."), ctypes.c_void_p).value),
+    )  # fmt: skip
+    spec = _TypeSpec(b"irmiddleware._native.RequestBase", size, 0, _TPFLAGS_BASETYPE_GC, slots)
+    from_spec = pythonapi.PyType_FromSpec
+    from_spec.argtypes = (ctypes.POINTER(_TypeSpec),)
+    from_spec.restype = ctypes.py_object
+    request_base = from_spec(ctypes.byref(spec))
+    # Each builtin and the type point at these definitions: kept for the life of the process.
+    return new_function, route, complete, request_base, (members, slots, spec)
 
 
 _SEED_BUILTINS = _bind_python()
-"""Kept for the life of the process: each builtin points at its definition."""
+"""Kept for the life of the process: the builtins and the request type point at its definitions."""
+
+
+class _PythonRequestBase:
+    """The request fields where the core cannot make its type (not CPython)."""
+
+    __slots__ = ("cost", "id", "priority")
+
+    def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
+        self.id = id
+        # The checks inline, with the checkers called only to raise: a seed-API caller builds one
+        # Request per decision, so these lines are on its per-call path.
+        if type(cost) is not int or not 0 < cost <= COST_MAX:
+            check_cost(cost)
+        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
+            check_priority(priority)
+        self.cost = cost
+        self.priority = priority
+
+
+if TYPE_CHECKING:
+    RequestBase = _PythonRequestBase
+else:
+    RequestBase = _PythonRequestBase if _SEED_BUILTINS is None else _SEED_BUILTINS[3]
+"""`Request`'s base: the core's request type (its construction and field reads on the seed API's
+per-call path cost no Python line), a Python class with the same behaviour where it cannot be
+made. Its fields: `id` (any hashable), `cost` (an int in 1..COST_MAX) and `priority` (0..7),
+checked at construction."""
 
 
 def seed_builtins(
@@ -889,7 +986,10 @@ def seed_builtins(
     after `close` they are refused (`invalid_handle`), as `route_call`'s function is."""
     if _SEED_BUILTINS is None:
         return None
-    new_function, (route_definition, complete_definition) = _SEED_BUILTINS
+    new_function, route_definition, complete_definition, request_base, _definitions = _SEED_BUILTINS
+    # The builtins read the fields of exactly `request_type` at the core's offsets.
+    if not issubclass(request_type, request_base) or request_type.__basicsize__ != request_base.__basicsize__:
+        return None
     entries = {
         "handle": handle,
         "strategy": strategy,

@@ -102,24 +102,19 @@ class Accelerator:
         return f"Accelerator(id={self.id}, capacity={self.capacity}, weight={self.weight})"
 
 
-class Request:
-    """A unit of work: `cost` capacity units at `priority` (0 = most important, up to 7)."""
+class Request(_native.RequestBase):
+    """A unit of work: `cost` capacity units at `priority` (0 = most important, up to 7).
 
-    __slots__ = ("cost", "id", "priority")
+    `Request(id, cost=1, priority=0)`; `id` is any hashable. Its fields live in the core's request
+    type (`_native.RequestBase`), so building one and routing it run no Python line."""
 
-    def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
-        self.id = id
-        # The checks inline, with the checkers called only to raise: a seed-API caller builds one
-        # Request per decision, so these lines are on its per-call path.
-        if type(cost) is not int or not 0 < cost <= COST_MAX:
-            _native.check_cost(cost)
-        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
-            _native.check_priority(priority)
-        self.cost = cost
-        self.priority = priority
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, cost={self.cost}, priority={self.priority})"
+
+    def __reduce__(self) -> tuple[type[Request], tuple[object, int, int]]:
+        return type(self), (self.id, self.cost, self.priority)
 
 
 class Lease:

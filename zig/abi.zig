@@ -935,18 +935,20 @@ test "a completion whose slot was reused since is refused, and wide ids come bac
 // ---- exports: the seed API's builtins (python.zig) ---------------------------------------------
 
 /// For the binding only: takes the addresses of the CPython functions and objects python.zig
-/// calls (`functions[0..functions_count]`, in `python.Api`'s order, from `ctypes.pythonapi`) and
-/// writes the addresses of the seed API's builtin methods (route_request, complete) to
-/// `out_methods[0..2]`, for the binding to make function objects of. `invalid_argument` for a
-/// count other than `python.api_count` or 2, or a null address; what an address points to cannot
-/// be checked here, which is why only the binding calls this, with the interpreter's own.
-export fn irm_python_bind(functions: ?[*]const u64, functions_count: u32, out_methods: ?[*]u64, methods_count: u32) i32 {
+/// uses (`functions[0..functions_count]`, in `python.Api`'s order, from `ctypes.pythonapi`) and
+/// writes `python.bound_count` values to `out_values`: the addresses of the seed API's builtin
+/// methods (route_request, complete) and of the request type's slot functions (new, dealloc,
+/// traverse, clear), then that type's size and its fields' offsets, for the binding to make the
+/// function objects and the type. `invalid_argument` for other counts or a null address; what an
+/// address points to cannot be checked here, which is why only the binding calls this, with the
+/// interpreter's own.
+export fn irm_python_bind(functions: ?[*]const u64, functions_count: u32, out_values: ?[*]u64, values_count: u32) i32 {
     const addresses = functions orelse return status(.invalid_argument);
-    const out = out_methods orelse return status(.invalid_argument);
+    const out = out_values orelse return status(.invalid_argument);
     if (functions_count != python.api_count) return status(.invalid_argument);
-    if (methods_count != 2) return status(.invalid_argument);
+    if (values_count != python.bound_count) return status(.invalid_argument);
     if (!python.bind(addresses[0..functions_count])) return status(.invalid_argument);
-    out[0..2].* = PythonMethods.addresses();
+    out[0..python.bound_count].* = python.boundValues(PythonMethods.addresses());
     return status(.ok);
 }
 

@@ -42,10 +42,18 @@ pub const Api = extern struct {
     PyErr_Clear: *const fn () callconv(.c) void,
     Py_IncRef: *const fn (*Object) callconv(.c) void,
     Py_DecRef: *const fn (*Object) callconv(.c) void,
+    PyTuple_Size: *const fn (*Object) callconv(.c) isize,
+    PyObject_Call: *const fn (*Object, *Object, ?*Object) callconv(.c) ?*Object,
+    PyType_GenericAlloc: *const fn (*Object, isize) callconv(.c) ?*Object,
+    PyObject_GC_UnTrack: *const fn (*Object) callconv(.c) void,
+    PyObject_GC_Del: *const fn (*Object) callconv(.c) void,
     /// `int` (`PyLong_Type`): an id, cost or priority must be exactly one for the fast path.
     int_type: *Object,
     /// `None`, which `route_request` returns when nothing fits and `complete` on success.
     none: *Object,
+    /// `_native._request_fields(id, cost=1, priority=0)`: a request's checked fields as a tuple,
+    /// for every construction but positional ints in range (it raises the errors).
+    request_fields: *Object,
 };
 
 pub const api_count: u32 = @sizeOf(Api) / @sizeOf(u64);
@@ -59,6 +67,124 @@ comptime {
 /// Set once by `bind` before the binding makes any builtin (so before any method runs).
 var api: Api = undefined;
 
+// ---- Request ---------------------------------------------------------------------------------
+
+/// An instance of the core's request type (`_native.RequestBase`, which `Request` subclasses
+/// without adding fields): its three fields follow the header, so the route builtin reads them
+/// without an attribute lookup. A field is null only after `del request.field`.
+const Request = extern struct {
+    header: Header,
+    id: ?*Object,
+    cost: ?*Object,
+    priority: ?*Object,
+};
+
+fn requestOf(object: *Object) *Request {
+    return @ptrCast(@alignCast(object));
+}
+
+/// `tp_new`: `Request(id, cost=1, priority=0)`. Positional ints in range are checked here; any
+/// other call is `request_fields`', which raises the same errors as the Python class did.
+fn requestNew(request_type: *Object, args: *Object, keywords: ?*Object) callconv(.c) ?*Object {
+    var fields: [3]*Object = undefined;
+    if (!positionalFields(args, keywords, &fields)) {
+        const checked = api.PyObject_Call(api.request_fields, args, keywords) orelse return null;
+        defer api.Py_DecRef(checked);
+        for (&fields, 0..) |*field, index| {
+            field.* = api.PyTuple_GetItem(checked, @intCast(index)) orelse return null;
+            api.Py_IncRef(field.*);
+        }
+    }
+    const object = api.PyType_GenericAlloc(request_type, 0) orelse {
+        for (fields) |field| api.Py_DecRef(field);
+        return null;
+    };
+    const request = requestOf(object);
+    request.id, request.cost, request.priority = .{ fields[0], fields[1], fields[2] };
+    return object;
+}
+
+/// `fields` (new references) from a call with 1 to 3 positional arguments and no keyword whose
+/// cost and priority are ints in range; false (nothing taken) for any other call.
+fn positionalFields(args: *Object, keywords: ?*Object, fields: *[3]*Object) bool {
+    if (keywords) |dict| {
+        if (api.PyDict_Size(dict) != 0) return false;
+    }
+    const count = api.PyTuple_Size(args);
+    if (count < 1 or count > 3) return false;
+    const id = api.PyTuple_GetItem(args, 0) orelse return false;
+    const cost = if (count > 1) api.PyTuple_GetItem(args, 1) orelse return false else null;
+    const priority = if (count > 2) api.PyTuple_GetItem(args, 2) orelse return false else null;
+    if (cost) |given| {
+        _ = smallInt(given, 1, std.math.maxInt(i32)) orelse return false;
+    }
+    if (priority) |given| {
+        _ = smallInt(given, 0, table_mod.classes_count - 1) orelse return false;
+    }
+    // The defaults are CPython's cached small ints: new references that cannot fail.
+    fields.* = .{ id, cost orelse api.PyLong_FromLongLong(1).?, priority orelse api.PyLong_FromLongLong(0).? };
+    api.Py_IncRef(id);
+    if (cost) |given| api.Py_IncRef(given);
+    if (priority) |given| api.Py_IncRef(given);
+    return true;
+}
+
+/// `tp_dealloc`. The type is a heap type: its instances hold a reference to it, dropped here.
+fn requestDealloc(object: *Object) callconv(.c) void {
+    const request_type = typeOf(object);
+    api.PyObject_GC_UnTrack(object);
+    _ = requestClear(object);
+    api.PyObject_GC_Del(object);
+    api.Py_DecRef(request_type);
+}
+
+const Visit = *const fn (*Object, ?*anyopaque) callconv(.c) c_int;
+
+/// `tp_traverse`: an id may be any object, so a request can be part of a cycle.
+fn requestTraverse(object: *Object, visit: Visit, argument: ?*anyopaque) callconv(.c) c_int {
+    const request = requestOf(object);
+    for ([_]?*Object{ request.id, request.cost, request.priority }) |field| {
+        if (field) |present| {
+            const result = visit(present, argument);
+            if (result != 0) return result;
+        }
+    }
+    // A heap type's instances visit their type too (the garbage collector's contract since 3.9).
+    return visit(typeOf(object), argument);
+}
+
+/// `tp_clear`.
+fn requestClear(object: *Object) callconv(.c) c_int {
+    const request = requestOf(object);
+    inline for (.{ "id", "cost", "priority" }) |name| {
+        if (@field(request, name)) |present| {
+            @field(request, name) = null;
+            api.Py_DecRef(present);
+        }
+    }
+    return 0;
+}
+
+pub const bound_count: u32 = 10;
+
+/// What `irm_python_bind` gives the binding: the builtin methods' addresses (`methods`), the
+/// request type's slot functions (tp_new, tp_dealloc, tp_traverse, tp_clear), its size and its
+/// fields' offsets.
+pub fn boundValues(methods: [2]u64) [bound_count]u64 {
+    return methods ++ [_]u64{
+        @intFromPtr(&requestNew),
+        @intFromPtr(&requestDealloc),
+        @intFromPtr(&requestTraverse),
+        @intFromPtr(&requestClear),
+        @sizeOf(Request),
+        @offsetOf(Request, "id"),
+        @offsetOf(Request, "cost"),
+        @offsetOf(Request, "priority"),
+    };
+}
+
+// ---- the seed API's builtins -------------------------------------------------------------------
+
 /// The builtins' tuple: its entries, in order (`_native._SEED_STATE` names them alike).
 pub const Item = enum(isize) {
     /// The table's handle, an int (a closed one is refused by the core, as for `irm_route`).
@@ -68,7 +194,8 @@ pub const Item = enum(isize) {
     /// The router's own records (a dict): the fast path runs only while it is empty, since an
     /// id there is in flight already.
     in_flight = 2,
-    /// `Request`: `complete` reads the id of exactly this type itself.
+    /// `Request` (a `RequestBase` with no fields of its own): the builtins read the fields of
+    /// exactly this type themselves.
     request_type = 3,
     /// `weakref.WeakMethod`s of the router's Python methods, called for everything else (weak:
     /// the router holds the builtins, which must not keep it alive).
@@ -163,6 +290,57 @@ fn attribute(state: *Object, object: *Object, name: Item) ?*Object {
     return api.PyObject_GetAttr(object, name_object);
 }
 
+/// A request the route builtin takes itself: its id (and the id object, a new reference), cost
+/// and priority, each an int in range.
+const Plain = struct { id_object: *Object, id: u64, cost: u32, priority: u32 };
+
+const Read = union(enum) {
+    plain: Plain,
+    /// Not a plain request: the Python method takes the call.
+    slow,
+    /// An attribute could not be read: its exception is set.
+    failed,
+};
+
+/// Reads a request as the Python method does (`request.id`, `.cost`, `.priority`), the fields
+/// of exactly `Request` straight from the object.
+fn readPlain(state: *Object, request: *Object) Read {
+    const request_type = item(state, .request_type) orelse return .failed;
+    if (typeOf(request) == request_type) {
+        const fields = requestOf(request);
+        if (fields.id != null and fields.cost != null and fields.priority != null) {
+            // Borrowed: nothing below runs Python code before the values are taken, except
+            // with the id, which is kept alive for the refusal's message.
+            api.Py_IncRef(fields.id.?);
+            return plainOf(fields.id.?, fields.cost.?, fields.priority.?);
+        }
+    }
+    const id_object = attribute(state, request, .id_name) orelse return .failed;
+    const cost_object = attribute(state, request, .cost_name) orelse {
+        api.Py_DecRef(id_object);
+        return .failed;
+    };
+    defer api.Py_DecRef(cost_object);
+    const priority_object = attribute(state, request, .priority_name) orelse {
+        api.Py_DecRef(id_object);
+        return .failed;
+    };
+    defer api.Py_DecRef(priority_object);
+    return plainOf(id_object, cost_object, priority_object);
+}
+
+/// The plain request of these fields (taking `id_object`'s reference), or `.slow` (dropping it).
+fn plainOf(id_object: *Object, cost_object: *Object, priority_object: *Object) Read {
+    const request_id = smallInt(id_object, 0, std.math.maxInt(u64));
+    const cost = smallInt(cost_object, 1, std.math.maxInt(i32));
+    const priority = smallInt(priority_object, 0, table_mod.classes_count - 1);
+    if (request_id == null or cost == null or priority == null) {
+        api.Py_DecRef(id_object);
+        return .slow;
+    }
+    return .{ .plain = .{ .id_object = id_object, .id = request_id.?, .cost = @intCast(cost.?), .priority = @intCast(priority.?) } };
+}
+
 /// The two methods over `Core`, the core's calls (abi.zig passes its own, so this file needs no
 /// export of its own): `route` and `complete` as `irm_route` and `irm_complete`, `backendRead`
 /// (a backend's id by slot, a status), and their result constants.
@@ -180,23 +358,17 @@ pub fn Methods(comptime Core: type) type {
             if (nargs != 1 or kwnames != null) return fallback(state, .route_fallback, args, nargs, kwnames);
             const in_flight = item(state, .in_flight) orelse return null;
             if (api.PyDict_Size(in_flight) != 0) return fallback(state, .route_fallback, args, nargs, kwnames);
-            const request = args.?[0];
-            const id_object = attribute(state, request, .id_name) orelse return null;
-            defer api.Py_DecRef(id_object);
-            const cost_object = attribute(state, request, .cost_name) orelse return null;
-            defer api.Py_DecRef(cost_object);
-            const priority_object = attribute(state, request, .priority_name) orelse return null;
-            defer api.Py_DecRef(priority_object);
-            const request_id = smallInt(id_object, 0, std.math.maxInt(u64));
-            const cost = smallInt(cost_object, 1, std.math.maxInt(i32));
-            const priority = smallInt(priority_object, 0, table_mod.classes_count - 1);
-            if (request_id == null or cost == null or priority == null) {
-                return fallback(state, .route_fallback, args, nargs, kwnames);
-            }
+            const plain = switch (readPlain(state, args.?[0])) {
+                .plain => |plain| plain,
+                .slow => return fallback(state, .route_fallback, args, nargs, kwnames),
+                .failed => return null,
+            };
+            defer api.Py_DecRef(plain.id_object);
+            const request_id, const id_object = .{ plain.id, plain.id_object };
             const handle = handleOf(state) orelse return null;
             const strategy_object = item(state, .strategy) orelse return null;
             const strategy: u32 = @truncate(smallInt(strategy_object, 0, std.math.maxInt(u32)) orelse std.math.maxInt(u32));
-            const result = Core.route(handle, strategy, @truncate(request_id.?), @truncate(request_id.? >> 32), @intCast(cost.?), @truncate(priority.?));
+            const result = Core.route(handle, strategy, @truncate(request_id), @truncate(request_id >> 32), @intCast(plain.cost), plain.priority);
             if (result >= 0) return api.PyLong_FromLongLong(result);
             if (result == Core.route_none_result) return none();
             if (result <= Core.route_slot_base_result) return backendIdOf(state, handle, @intCast(Core.route_slot_base_result - result), id_object);
@@ -218,8 +390,12 @@ pub fn Methods(comptime Core: type) type {
             if (nargs != 1 or kwnames != null) return fallback(state, .complete_fallback, args, nargs, kwnames);
             const request_type = item(state, .request_type) orelse return null;
             const argument = args.?[0];
-            const id_object = if (typeOf(argument) == request_type)
-                attribute(state, argument, .id_name) orelse return null
+            const direct = if (typeOf(argument) == request_type) requestOf(argument).id else null;
+            const id_object = if (direct) |id| borrowed: {
+                api.Py_IncRef(id);
+                break :borrowed id;
+            } else if (typeOf(argument) == request_type)
+                attribute(state, argument, .id_name) orelse return null // deleted: AttributeError
             else borrowed: {
                 api.Py_IncRef(argument);
                 break :borrowed argument;
