@@ -891,48 +891,62 @@ _request_fields.__qualname__ = "Request"  # Its argument errors read "Request() 
 
 
 def _bind_python() -> tuple[Any, ...] | None:
-    """Binds zig/python.zig to this interpreter: the definitions of the two builtins, the core's
-    request type and `PyCFunction_NewEx`; None where that cannot be done (not CPython, or another
+    """Binds zig/python.zig to this interpreter: `PyCFunction_NewEx`, the definitions of the two
+    builtins and the core's request type; None where that cannot be done (not CPython, or another
     object layout): the router then keeps its Python methods and class."""
     pythonapi = getattr(ctypes, "pythonapi", None)
     if pythonapi is None or not _has_stable_object_header():
         return None
-    addresses = [ctypes.cast(getattr(pythonapi, name), ctypes.c_void_p).value for name in _PYTHON_API]
+    addresses = [ctypes.cast(getattr(pythonapi, name), ctypes.c_void_p).value or 0 for name in _PYTHON_API]
     addresses += [id(int), id(None), id(_request_fields)]
     bound = (ctypes.c_uint64 * _BOUND_COUNT)()
     functions = (ctypes.c_uint64 * len(addresses))(*addresses)
     _check(_lib.irm_python_bind(functions, len(addresses), bound, _BOUND_COUNT), "bind to Python")
-    route_address, complete_address, *slot_functions, size, id_offset, cost_offset, priority_offset = bound
+    route_address, complete_address, *request_values = bound
     new_function = pythonapi.PyCFunction_NewEx
     new_function.argtypes = (ctypes.POINTER(_MethodDef), ctypes.py_object, ctypes.py_object)
     new_function.restype = ctypes.py_object
-    route = _MethodDef(
-        b"route_request", route_address, _METH_FASTCALL_KEYWORDS,
-        b"route_request($self, request, *, pool=None, affinity_key=None, prefix_hashes=None)\n--\n\n"
-        b"Router.route_request, its plain call made in the core (irmiddleware._router).",
-    )  # fmt: skip
-    complete = _MethodDef(
-        b"complete", complete_address, _METH_FASTCALL_KEYWORDS,
-        b"complete($self, request, *, ok=True, latency_s=None)\n--\n\n"
-        b"Router.complete, its plain call made in the core (irmiddleware._router).",
-    )  # fmt: skip
+    route = _MethodDef(b"route_request", route_address, _METH_FASTCALL_KEYWORDS, _ROUTE_DOC)
+    complete = _MethodDef(b"complete", complete_address, _METH_FASTCALL_KEYWORDS, _COMPLETE_DOC)
+    request_base, definitions = _request_base(pythonapi, request_values)
+    # Each builtin and the type point at these definitions: kept for the life of the process.
+    return new_function, route, complete, request_base, definitions
+
+
+_ROUTE_DOC: Final = (
+    b"route_request($self, request, *, pool=None, affinity_key=None, prefix_hashes=None)\n--\n\n"
+    b"Router.route_request, its plain call made in the core (irmiddleware._router)."
+)
+_COMPLETE_DOC: Final = (
+    b"complete($self, request, *, ok=True, latency_s=None)\n--\n\n"
+    b"Router.complete, its plain call made in the core (irmiddleware._router)."
+)
+_REQUEST_DOC: Final = ctypes.c_char_p(
+    b"RequestBase(id, cost=1, priority=0)\n--\n\nA request's fields, checked at construction."
+)
+
+
+def _request_base(pythonapi: Any, values: Sequence[int]) -> tuple[type, tuple[object, ...]]:
+    """The core's request type (`PyType_FromSpec`) from what `irm_python_bind` gave: its slot
+    functions, size and field offsets; and the definitions it points at."""
+    *slot_functions, size, id_offset, cost_offset, priority_offset = values
     members = (_MemberDef * 4)(
         _MemberDef(b"id", _T_OBJECT_EX, id_offset, 0, None),
         _MemberDef(b"cost", _T_OBJECT_EX, cost_offset, 0, None),
         _MemberDef(b"priority", _T_OBJECT_EX, priority_offset, 0, None),
-    )
+    )  # and a zeroed end marker
+    slot_numbers = (_PY_TP_NEW, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR)
     slots = (_TypeSlot * 7)(
-        *(_TypeSlot(slot, address) for slot, address in zip((_PY_TP_NEW, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR), slot_functions, strict=True)),
+        *(_TypeSlot(number, address) for number, address in zip(slot_numbers, slot_functions, strict=True)),
         _TypeSlot(_PY_TP_MEMBERS, ctypes.addressof(members)),
-        _TypeSlot(_PY_TP_DOC, ctypes.cast(ctypes.c_char_p(b"RequestBase(id, cost=1, priority=0)\n--\n\nThe core's request fields."), ctypes.c_void_p).value),
-    )  # fmt: skip
+        _TypeSlot(_PY_TP_DOC, ctypes.cast(_REQUEST_DOC, ctypes.c_void_p).value),
+    )  # and a zeroed end marker
     spec = _TypeSpec(b"irmiddleware._native.RequestBase", size, 0, _TPFLAGS_BASETYPE_GC, slots)
     from_spec = pythonapi.PyType_FromSpec
     from_spec.argtypes = (ctypes.POINTER(_TypeSpec),)
     from_spec.restype = ctypes.py_object
-    request_base = from_spec(ctypes.byref(spec))
-    # Each builtin and the type point at these definitions: kept for the life of the process.
-    return new_function, route, complete, request_base, (members, slots, spec)
+    request_base: type = from_spec(ctypes.byref(spec))
+    return request_base, (members, slots, spec)
 
 
 _SEED_BUILTINS = _bind_python()

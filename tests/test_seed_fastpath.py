@@ -16,6 +16,7 @@ import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_the_plain_calls_are_builtins_and_request_is_the_cores_type(router: Rout
 def outcome(call: Callable[[], object]) -> tuple[str, object]:
     try:
         return "returned", call()
-    except Exception as error:  # noqa: BLE001  (the type and message are what is compared)
+    except Exception as error:  # The type and message are what is compared.
         return type(error).__name__, str(error)
 
 
@@ -91,7 +92,9 @@ SCENARIOS: list[list[tuple[str, tuple[object, ...], dict[str, object]]]] = [
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_the_builtins_answer_as_the_python_methods(scenario: list[tuple[str, tuple[object, ...], dict[str, object]]]) -> None:
+def test_the_builtins_answer_as_the_python_methods(
+    scenario: list[tuple[str, tuple[object, ...], dict[str, object]]],
+) -> None:
     answers = []
     for make_calls in (
         lambda r: {"route": r.route_request, "complete": r.complete},
@@ -101,7 +104,9 @@ def test_the_builtins_answer_as_the_python_methods(scenario: list[tuple[str, tup
             router.add_accelerator(Accelerator(1000, 50))
             router.add_accelerator(Accelerator(2**40, 50))
             calls = make_calls(router)
-            answers.append([outcome(lambda: calls[name](*args, **kwargs)) for name, args, kwargs in scenario])
+            answers.append(
+                [outcome(partial(calls[name], *args, **kwargs)) for name, args, kwargs in scenario]
+            )
             answers[-1].append(("in flight", router.in_flight))
             answers[-1].append(("loads", (router.load(1000), router.load(2**40))))
     assert answers[0] == answers[1]
@@ -219,7 +224,9 @@ def test_requests_copy_pickle_and_print_as_before() -> None:
      ((1, True), "got True"), ((1, 2**31), "got 2147483648"), ((1, 1, 8), "priority must be an int in 0..7"),
      ((1, 1, -1), "got -1"), ((1, 1, 1.0), "got 1.0")],
 )  # fmt: skip
-def test_both_request_bases_refuse_the_same_fields(base: type, arguments: tuple[object, ...], message: str) -> None:
+def test_both_request_bases_refuse_the_same_fields(
+    base: type, arguments: tuple[object, ...], message: str
+) -> None:
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         base(*arguments)
 
