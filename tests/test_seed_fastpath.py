@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from irmiddleware import Accelerator, Request, Router, _native
-from irmiddleware._errors import InvalidArgumentError, InvalidHandleError, StaleReleaseError
+from irmiddleware._errors import InvalidArgumentError, InvalidHandleError
 from irmiddleware.testing import assert_idle
 
 ZIG = Path(__file__).resolve().parent.parent / "zig"
@@ -132,21 +132,6 @@ def test_wide_accelerator_ids_come_back_whole(router: Router) -> None:
     for index in range(4):
         router.complete(index)
     assert_idle(router)
-
-
-def test_a_stale_completion_raises_from_the_builtin_as_from_the_method() -> None:
-    with Router("round_robin", max_accelerators=1) as router:
-        router.add_accelerator(Accelerator(1, capacity=10))
-        assert router.route_request(Request(7, 2)) == 1
-        extra = router.acquire_slot(2)
-        assert extra is not None
-        router.remove_accelerator(1)
-        router.release_slot(extra, 2)
-        router.release_slot(extra, 2)  # frees the slot behind the record's back
-        router.add_accelerator(Accelerator(2, capacity=10))
-        with pytest.raises(StaleReleaseError, match="complete request 7: stale release"):
-            router.complete(7)
-        assert_idle(router)
 
 
 def test_kept_builtins_are_refused_after_close_and_after_the_router_is_gone() -> None:
