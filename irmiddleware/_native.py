@@ -874,10 +874,12 @@ class _MemberDef(ctypes.Structure):
 
 
 # CPython's stable-ABI numbers (typeslots.h, object.h, descrobject.h).
-_PY_TP_CLEAR, _PY_TP_DEALLOC, _PY_TP_DOC, _PY_TP_NEW, _PY_TP_TRAVERSE, _PY_TP_MEMBERS = 51, 52, 56, 65, 71, 72
+_PY_TP_CLEAR, _PY_TP_DEALLOC, _PY_TP_DOC, _PY_TP_INIT, _PY_TP_NEW, _PY_TP_TRAVERSE, _PY_TP_MEMBERS = (
+    51, 52, 56, 60, 65, 71, 72,
+)  # fmt: skip
 _TPFLAGS_BASETYPE_GC: Final = 1 << 18 | 1 << 10 | 1 << 14  # DEFAULT | BASETYPE | HAVE_GC
 _T_OBJECT_EX: Final = 16
-_BOUND_COUNT: Final = 10
+_BOUND_COUNT: Final = 11
 """What `irm_python_bind` writes (`bound_count` in zig/python.zig)."""
 
 
@@ -935,8 +937,8 @@ def _request_base(pythonapi: Any, values: Sequence[int]) -> tuple[type, tuple[ob
         _MemberDef(b"cost", _T_OBJECT_EX, cost_offset, 0, None),
         _MemberDef(b"priority", _T_OBJECT_EX, priority_offset, 0, None),
     )  # and a zeroed end marker
-    slot_numbers = (_PY_TP_NEW, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR)
-    slots = (_TypeSlot * 7)(
+    slot_numbers = (_PY_TP_NEW, _PY_TP_INIT, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR)
+    slots = (_TypeSlot * 8)(
         *(_TypeSlot(number, address) for number, address in zip(slot_numbers, slot_functions, strict=True)),
         _TypeSlot(_PY_TP_MEMBERS, ctypes.addressof(members)),
         _TypeSlot(_PY_TP_DOC, ctypes.cast(_REQUEST_DOC, ctypes.c_void_p).value),

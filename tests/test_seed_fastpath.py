@@ -187,6 +187,24 @@ def test_a_subclass_that_overrides_a_method_keeps_it() -> None:
         assert_idle(router)
 
 
+def test_a_request_subclass_with_its_own_init_builds_and_routes_as_before(router: Router) -> None:
+    class Tagged(Request):
+        __slots__ = ("tag",)
+
+        def __init__(self, id: int, tag: str, cost: int = 1) -> None:
+            super().__init__(id, cost)
+            self.tag = tag
+
+    request = Tagged(5, "gpu", 3)
+    assert (request.id, request.cost, request.priority, request.tag) == (5, 3, 0, "gpu")
+    assert router.route_request(request) == 1000  # not exactly Request: read by attribute
+    assert router.load(1000) == 3
+    router.complete(request)
+    request.__init__(6, "cpu")  # type: ignore[misc]
+    assert (request.id, request.cost) == (6, 1)
+    assert_idle(router)
+
+
 def test_requests_copy_pickle_and_print_as_before() -> None:
     request = Request("job-7", 3, 2)
     for clone in (copy.copy(request), copy.deepcopy(request), pickle.loads(pickle.dumps(request))):

@@ -937,8 +937,8 @@ test "a completion whose slot was reused since is refused, and wide ids come bac
 /// For the binding only: takes the addresses of the CPython functions and objects python.zig
 /// uses (`functions[0..functions_count]`, in `python.Api`'s order, from `ctypes.pythonapi`) and
 /// writes `python.bound_count` values to `out_values`: the addresses of the seed API's builtin
-/// methods (route_request, complete) and of the request type's slot functions (new, dealloc,
-/// traverse, clear), then that type's size and its fields' offsets, for the binding to make the
+/// methods (route_request, complete) and of the request type's slot functions (new, init,
+/// dealloc, traverse, clear), then that type's size and its fields' offsets, for the binding to make the
 /// function objects and the type. `invalid_argument` for other counts or a null address; what an
 /// address points to cannot be checked here, which is why only the binding calls this, with the
 /// interpreter's own.

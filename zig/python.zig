@@ -83,25 +83,36 @@ fn requestOf(object: *Object) *Request {
     return @ptrCast(@alignCast(object));
 }
 
-/// `tp_new`: `Request(id, cost=1, priority=0)`. Positional ints in range are checked here; any
-/// other call is `request_fields`', which raises the same errors as the Python class did.
+/// `tp_new`: an instance with no fields yet, as `object.__new__` makes one; `tp_init` sets them,
+/// so a subclass's own `__init__` may call `super().__init__(id, cost, priority)` as before.
 fn requestNew(request_type: *Object, args: *Object, keywords: ?*Object) callconv(.c) ?*Object {
+    _ = args;
+    _ = keywords;
+    return api.PyType_GenericAlloc(request_type, 0);
+}
+
+/// `tp_init`: `Request(id, cost=1, priority=0)`. Positional ints in range are checked here; any
+/// other call is `request_fields`', which raises the same errors as the Python class did.
+fn requestInit(object: *Object, args: *Object, keywords: ?*Object) callconv(.c) c_int {
     var fields: [3]*Object = undefined;
     if (!positionalFields(args, keywords, &fields)) {
-        const checked = api.PyObject_Call(api.request_fields, args, keywords) orelse return null;
+        const checked = api.PyObject_Call(api.request_fields, args, keywords) orelse return -1;
         defer api.Py_DecRef(checked);
         for (&fields, 0..) |*field, index| {
-            field.* = api.PyTuple_GetItem(checked, @intCast(index)) orelse return null;
+            field.* = api.PyTuple_GetItem(checked, @intCast(index)) orelse {
+                for (fields[0..index]) |taken| api.Py_DecRef(taken);
+                return -1;
+            };
             api.Py_IncRef(field.*);
         }
     }
-    const object = api.PyType_GenericAlloc(request_type, 0) orelse {
-        for (fields) |field| api.Py_DecRef(field);
-        return null;
-    };
     const request = requestOf(object);
+    const replaced = [3]?*Object{ request.id, request.cost, request.priority };
     request.id, request.cost, request.priority = .{ fields[0], fields[1], fields[2] };
-    return object;
+    for (replaced) |field| {
+        if (field) |present| api.Py_DecRef(present);
+    }
+    return 0;
 }
 
 /// `fields` (new references) from a call with 1 to 3 positional arguments and no keyword whose
@@ -165,14 +176,15 @@ fn requestClear(object: *Object) callconv(.c) c_int {
     return 0;
 }
 
-pub const bound_count: u32 = 10;
+pub const bound_count: u32 = 11;
 
 /// What `irm_python_bind` gives the binding: the builtin methods' addresses (`methods`), the
-/// request type's slot functions (tp_new, tp_dealloc, tp_traverse, tp_clear), its size and its
-/// fields' offsets.
+/// request type's slot functions (tp_new, tp_init, tp_dealloc, tp_traverse, tp_clear), its size
+/// and its fields' offsets.
 pub fn boundValues(methods: [2]u64) [bound_count]u64 {
     return methods ++ [_]u64{
         @intFromPtr(&requestNew),
+        @intFromPtr(&requestInit),
         @intFromPtr(&requestDealloc),
         @intFromPtr(&requestTraverse),
         @intFromPtr(&requestClear),
