@@ -1,12 +1,14 @@
 //! The seed API's per-call pair as two CPython builtin functions: `Router.route_request` and
 //! `Router.complete` on a router's instance, so a call is one vector call into the core instead of
-//! a Python method around a ctypes foreign call (whose per-argument work exceeded the decision's).
+//! a Python method around a ctypes foreign call (whose per-argument work exceeded the decision's);
+//! and the type `Request` subclasses, whose construction runs no Python line either and whose
+//! fields the route builtin reads in place.
 //!
 //! No Python headers and no undefined symbols: the binding passes the addresses of the CPython
 //! functions used here, taken from `ctypes.pythonapi`, once (`irm_python_bind`), and makes the
-//! function objects itself (`PyCFunction_NewEx`, METH_FASTCALL | METH_KEYWORDS). The one layout
-//! read here is the stable ABI's object header (reference count, then type), which the binding
-//! checks on the running interpreter before it binds.
+//! function objects (`PyCFunction_NewEx`, METH_FASTCALL | METH_KEYWORDS) and the type
+//! (`PyType_FromSpec`) itself. The one CPython layout read here is the stable ABI's object header
+//! (reference count, then type), which the binding checks on the running interpreter first.
 //!
 //! Each builtin is bound to a tuple (`Item` names its entries) that holds the table's handle and
 //! what the slow paths need; anything but the plain call (one request whose id, cost and
@@ -350,12 +352,17 @@ fn plainOf(id_object: *Object, cost_object: *Object, priority_object: *Object) R
         api.Py_DecRef(id_object);
         return .slow;
     }
-    return .{ .plain = .{ .id_object = id_object, .id = request_id.?, .cost = @intCast(cost.?), .priority = @intCast(priority.?) } };
+    return .{ .plain = .{
+        .id_object = id_object,
+        .id = request_id.?,
+        .cost = @intCast(cost.?),
+        .priority = @intCast(priority.?),
+    } };
 }
 
 /// The two methods over `Core`, the core's calls (abi.zig passes its own, so this file needs no
 /// export of its own): `route` and `complete` as `irm_route` and `irm_complete`, `backendRead`
-/// (a backend's id by slot, a status), and their result constants.
+/// (a backend's id by slot; a status), and their result constants.
 pub fn Methods(comptime Core: type) type {
     return struct {
         /// The addresses of the two methods, for the binding's method definitions.
@@ -363,8 +370,8 @@ pub fn Methods(comptime Core: type) type {
             return .{ @intFromPtr(&routeRequest), @intFromPtr(&complete) };
         }
 
-        /// `route_request(request)`: the request's id, cost and priority read as the Python method reads
-        /// them, then one `irm_route`.
+        /// `route_request(request)`: the request's id, cost and priority read as the Python
+        /// method reads them, then one `irm_route`.
         pub fn routeRequest(self: ?*Object, args: ?[*]const *Object, nargs: isize, kwnames: ?*Object) callconv(.c) ?*Object {
             const state = self.?;
             if (nargs != 1 or kwnames != null) return fallback(state, .route_fallback, args, nargs, kwnames);
@@ -376,15 +383,18 @@ pub fn Methods(comptime Core: type) type {
                 .failed => return null,
             };
             defer api.Py_DecRef(plain.id_object);
-            const request_id, const id_object = .{ plain.id, plain.id_object };
             const handle = handleOf(state) orelse return null;
             const strategy_object = item(state, .strategy) orelse return null;
-            const strategy: u32 = @truncate(smallInt(strategy_object, 0, std.math.maxInt(u32)) orelse std.math.maxInt(u32));
-            const result = Core.route(handle, strategy, @truncate(request_id), @truncate(request_id >> 32), @intCast(plain.cost), plain.priority);
+            const strategy = smallInt(strategy_object, 0, std.math.maxInt(u32)) orelse std.math.maxInt(u32);
+            const id_low: u32 = @truncate(plain.id);
+            const id_high: u32 = @truncate(plain.id >> 32);
+            const result = Core.route(handle, @intCast(strategy), id_low, id_high, @intCast(plain.cost), plain.priority);
             if (result >= 0) return api.PyLong_FromLongLong(result);
             if (result == Core.route_none_result) return none();
-            if (result <= Core.route_slot_base_result) return backendIdOf(state, handle, @intCast(Core.route_slot_base_result - result), id_object);
-            return refuse(state, .route_refused, result, id_object);
+            if (result <= Core.route_slot_base_result) {
+                return backendIdOf(state, handle, @intCast(Core.route_slot_base_result - result), plain.id_object);
+            }
+            return refuse(state, .route_refused, result, plain.id_object);
         }
 
         /// The id of the backend in `slot`, for an id that does not fit `irm_route`'s result.
@@ -395,23 +405,13 @@ pub fn Methods(comptime Core: type) type {
             return api.PyLong_FromUnsignedLongLong(id);
         }
 
-        /// `complete(request)` for a request (or id) the core recorded: one `irm_complete`, the latency
-        /// measured in the core. An id it does not know goes to the Python method (the router's records).
+        /// `complete(request)` for a request (or id) the core recorded: one `irm_complete`, the
+        /// latency measured in the core. An id it does not know goes to the Python method (the
+        /// router's own records).
         pub fn complete(self: ?*Object, args: ?[*]const *Object, nargs: isize, kwnames: ?*Object) callconv(.c) ?*Object {
             const state = self.?;
             if (nargs != 1 or kwnames != null) return fallback(state, .complete_fallback, args, nargs, kwnames);
-            const request_type = item(state, .request_type) orelse return null;
-            const argument = args.?[0];
-            const direct = if (typeOf(argument) == request_type) requestOf(argument).id else null;
-            const id_object = if (direct) |id| borrowed: {
-                api.Py_IncRef(id);
-                break :borrowed id;
-            } else if (typeOf(argument) == request_type)
-                attribute(state, argument, .id_name) orelse return null // deleted: AttributeError
-            else borrowed: {
-                api.Py_IncRef(argument);
-                break :borrowed argument;
-            };
+            const id_object = completedId(state, args.?[0]) orelse return null;
             defer api.Py_DecRef(id_object);
             const request_id = smallInt(id_object, 0, std.math.maxInt(u64)) orelse {
                 return fallback(state, .complete_fallback, args, nargs, kwnames);
@@ -425,4 +425,18 @@ pub fn Methods(comptime Core: type) type {
             return refuse(state, .complete_refused, status, id_object);
         }
     };
+}
+
+/// The id `complete` was given, as the Python method takes it (a new reference): the id of exactly
+/// a `Request`, else the argument itself (a subclass's instance is no int: the method takes it).
+/// Null with AttributeError set for a Request whose id was deleted.
+fn completedId(state: *Object, argument: *Object) ?*Object {
+    const request_type = item(state, .request_type) orelse return null;
+    if (typeOf(argument) != request_type) {
+        api.Py_IncRef(argument);
+        return argument;
+    }
+    const id = requestOf(argument).id orelse return attribute(state, argument, .id_name);
+    api.Py_IncRef(id);
+    return id;
 }
