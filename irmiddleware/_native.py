@@ -13,6 +13,10 @@ core validates them again at its edge.
 Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel; the seed API's
 per-call pair (`irm_route`, `irm_complete`) keeps it (`ctypes.PyDLL`): their work in the core is
 shorter than the GIL's round trip.
+
+On CPython the seed API's plain calls skip ctypes altogether: the last section has the core make
+two builtin functions per router and the type `Request` subclasses (zig/python.zig), from the
+addresses of CPython functions taken from `ctypes.pythonapi`.
 """
 
 from __future__ import annotations
