@@ -275,6 +275,9 @@ def test_no_reference_is_leaked_or_stolen_on_any_path(router: Router) -> None:
         complete(big)
         route(string)  # an id the core does not record
         complete("job")
+        Request(request_id, cost).__init__(request_id, cost, 0)  # built, built again, freed
+        with contextlib.suppress(InvalidArgumentError):
+            Request(request_id, cost, priority=request_id)  # a keyword, refused
     assert counts(request, request_id, cost, big, string, accelerator) == before
     assert_idle(router)
 
