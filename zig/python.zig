@@ -440,3 +440,13 @@ fn completedId(state: *Object, argument: *Object) ?*Object {
     api.Py_IncRef(id);
     return id;
 }
+
+test "bind refuses a null address; a request's fields follow the object header" {
+    var addresses: [api_count]u64 = @splat(1);
+    addresses[3] = 0;
+    try std.testing.expect(!bind(&addresses));
+    const values = boundValues(.{ 1, 2 });
+    try std.testing.expectEqualSlices(u64, &.{ 1, 2 }, values[0..2]);
+    try std.testing.expectEqual(@as(u64, 40), values[7]);
+    try std.testing.expectEqualSlices(u64, &.{ 16, 24, 32 }, values[8..11]);
+}
