@@ -13,6 +13,10 @@ core validates them again at its edge.
 Every foreign call releases the GIL (`ctypes.CDLL`), so threads route in parallel; the seed API's
 per-call pair (`irm_route`, `irm_complete`) keeps it (`ctypes.PyDLL`): their work in the core is
 shorter than the GIL's round trip.
+
+On CPython the seed API's plain calls skip ctypes altogether: the last section has the core make
+two builtin functions per router and the type `Request` subclasses (zig/python.zig), from the
+addresses of CPython functions taken from `ctypes.pythonapi`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from irmiddleware import _errors
 
@@ -261,6 +265,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_owner_info": [_u32, _pu32, _pu32],
     "irm_release_generation": [_u32, _pu64],
     "irm_release_wait": [_u32, _u64, _u32, _pu64],
+    "irm_python_bind": [_pu64, _u32, _pu64, _u32],
 }
 _RESULT_TYPES: Final[dict[str, Any]] = {}
 """Exports that return something other than an i32 status (`irm_route` returns an i32 that is
@@ -897,3 +902,258 @@ def int32_array(values: Sequence[int]) -> Any:
 
 def empty_uint32_array(length: int) -> Any:
     return (ctypes.c_uint32 * length)()
+
+
+# ---- the seed API's builtins (zig/python.zig) ------------------------------------------------------
+
+_PYTHON_API: Final = (
+    "PyTuple_GetItem",
+    "PyDict_Size",
+    "PyObject_GetAttr",
+    "PyObject_Vectorcall",
+    "PyLong_AsUnsignedLongLong",
+    "PyLong_AsLongLong",
+    "PyLong_FromLongLong",
+    "PyLong_FromUnsignedLongLong",
+    "PyErr_Occurred",
+    "PyErr_Clear",
+    "Py_IncRef",
+    "Py_DecRef",
+    "PyTuple_Size",
+    "PyObject_Call",
+    "PyType_GenericAlloc",
+    "PyObject_GC_UnTrack",
+    "PyObject_GC_Del",
+)
+"""The CPython functions zig/python.zig calls, in the order of its `Api` (whose last fields, the
+objects `int`, `None` and `_request_fields`, follow them)."""
+SEED_STATE: Final = (
+    "handle",
+    "strategy",
+    "in_flight",
+    "request_type",
+    "route_fallback",
+    "complete_fallback",
+    "route_refused",
+    "complete_refused",
+    "router_gone",
+    "id_name",
+    "cost_name",
+    "priority_name",
+)
+"""The entries of the tuple the builtins are bound to, in order (`Item` in zig/python.zig)."""
+_METH_FASTCALL_KEYWORDS: Final = 0x0080 | 0x0002
+
+
+class _MethodDef(ctypes.Structure):
+    """CPython's `PyMethodDef` (its layout is part of the stable ABI)."""
+
+    _fields_ = (
+        ("ml_name", ctypes.c_char_p),
+        ("ml_meth", ctypes.c_void_p),
+        ("ml_flags", ctypes.c_int),
+        ("ml_doc", ctypes.c_char_p),
+    )
+
+
+def _has_stable_object_header() -> bool:
+    """Whether objects start with the stable ABI's header (reference count, then type), the one
+    layout zig/python.zig reads: not so in a free-threaded or trace-refs build."""
+    type_offset = ctypes.sizeof(ctypes.c_ssize_t)
+    samples: tuple[object, ...] = (7, None, "id", ())
+    return all(ctypes.c_void_p.from_address(id(x) + type_offset).value == id(type(x)) for x in samples)
+
+
+class _TypeSlot(ctypes.Structure):
+    """CPython's `PyType_Slot`."""
+
+    _fields_ = (("slot", ctypes.c_int), ("pfunc", ctypes.c_void_p))
+
+
+class _TypeSpec(ctypes.Structure):
+    """CPython's `PyType_Spec`."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("basicsize", ctypes.c_int),
+        ("itemsize", ctypes.c_int),
+        ("flags", ctypes.c_uint),
+        ("slots", ctypes.POINTER(_TypeSlot)),
+    )
+
+
+class _MemberDef(ctypes.Structure):
+    """CPython's `PyMemberDef`."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("type", ctypes.c_int),
+        ("offset", ctypes.c_ssize_t),
+        ("flags", ctypes.c_int),
+        ("doc", ctypes.c_char_p),
+    )
+
+
+# CPython's stable-ABI numbers (typeslots.h, object.h, descrobject.h).
+_PY_TP_CLEAR, _PY_TP_DEALLOC, _PY_TP_DOC, _PY_TP_INIT, _PY_TP_NEW, _PY_TP_TRAVERSE, _PY_TP_MEMBERS = (
+    51, 52, 56, 60, 65, 71, 72,
+)  # fmt: skip
+_TPFLAGS_BASETYPE_GC: Final = 1 << 18 | 1 << 10 | 1 << 14  # DEFAULT | BASETYPE | HAVE_GC
+_T_OBJECT_EX: Final = 16
+_BOUND_COUNT: Final = 11
+"""What `irm_python_bind` writes (`bound_count` in zig/python.zig)."""
+
+
+def _request_fields(id: object, cost: int = 1, priority: int = 0) -> tuple[object, int, int]:
+    """A request's fields, checked: the core's request type calls this for every construction
+    but positional ints in range, so its errors are these."""
+    return id, check_cost(cost), check_priority(priority)
+
+
+_request_fields.__qualname__ = "Request"  # Its argument errors read "Request() missing ...".
+
+
+def _bind_python() -> tuple[Any, ...] | None:
+    """Binds zig/python.zig to this interpreter: `PyCFunction_NewEx`, the definitions of the two
+    builtins and the core's request type; None where that cannot be done (not CPython, or another
+    object layout): the router then keeps its Python methods and class."""
+    pythonapi = getattr(ctypes, "pythonapi", None)
+    if pythonapi is None or not _has_stable_object_header():
+        return None
+    addresses = [ctypes.cast(getattr(pythonapi, name), ctypes.c_void_p).value or 0 for name in _PYTHON_API]
+    addresses += [id(int), id(None), id(_request_fields)]
+    bound = (ctypes.c_uint64 * _BOUND_COUNT)()
+    functions = (ctypes.c_uint64 * len(addresses))(*addresses)
+    _check(_lib.irm_python_bind(functions, len(addresses), bound, _BOUND_COUNT), "bind to Python")
+    route_address, complete_address, *request_values = bound
+    new_function = pythonapi.PyCFunction_NewEx
+    new_function.argtypes = (ctypes.POINTER(_MethodDef), ctypes.py_object, ctypes.py_object)
+    new_function.restype = ctypes.py_object
+    route = _MethodDef(b"route_request", route_address, _METH_FASTCALL_KEYWORDS, _ROUTE_DOC)
+    complete = _MethodDef(b"complete", complete_address, _METH_FASTCALL_KEYWORDS, _COMPLETE_DOC)
+    request_base, definitions = _request_base(pythonapi, request_values)
+    # Each builtin and the type point at these definitions: kept for the life of the process.
+    return new_function, route, complete, request_base, definitions
+
+
+_ROUTE_DOC: Final = (
+    b"route_request($self, request, *, pool=None, affinity_key=None, prefix_hashes=None)\n--\n\n"
+    b"Router.route_request, its plain call made in the core (irmiddleware._router)."
+)
+_COMPLETE_DOC: Final = (
+    b"complete($self, request, *, ok=True, latency_s=None)\n--\n\n"
+    b"Router.complete, its plain call made in the core (irmiddleware._router)."
+)
+_REQUEST_DOC: Final = ctypes.c_char_p(
+    b"RequestBase(id, cost=1, priority=0)\n--\n\nA request's fields, checked at construction."
+)
+
+
+def _request_base(pythonapi: Any, values: Sequence[int]) -> tuple[type, tuple[object, ...]]:
+    """The core's request type (`PyType_FromSpec`) from what `irm_python_bind` gave: its slot
+    functions, size and field offsets; and the definitions it points at."""
+    *slot_functions, size, id_offset, cost_offset, priority_offset = values
+    members = (_MemberDef * 4)(
+        _MemberDef(b"id", _T_OBJECT_EX, id_offset, 0, None),
+        _MemberDef(b"cost", _T_OBJECT_EX, cost_offset, 0, None),
+        _MemberDef(b"priority", _T_OBJECT_EX, priority_offset, 0, None),
+    )  # and a zeroed end marker
+    slot_numbers = (_PY_TP_NEW, _PY_TP_INIT, _PY_TP_DEALLOC, _PY_TP_TRAVERSE, _PY_TP_CLEAR)
+    slots = (_TypeSlot * 8)(
+        *(_TypeSlot(number, address) for number, address in zip(slot_numbers, slot_functions, strict=True)),
+        _TypeSlot(_PY_TP_MEMBERS, ctypes.addressof(members)),
+        _TypeSlot(_PY_TP_DOC, ctypes.cast(_REQUEST_DOC, ctypes.c_void_p).value),
+    )  # and a zeroed end marker
+    spec = _TypeSpec(b"irmiddleware._native.RequestBase", size, 0, _TPFLAGS_BASETYPE_GC, slots)
+    from_spec = pythonapi.PyType_FromSpec
+    from_spec.argtypes = (ctypes.POINTER(_TypeSpec),)
+    from_spec.restype = ctypes.py_object
+    request_base: type = from_spec(ctypes.byref(spec))
+    return request_base, (members, slots, spec)
+
+
+_SEED_BUILTINS = _bind_python()
+"""Kept for the life of the process: the builtins and the request type point at its definitions."""
+
+
+class _PythonRequestBase:
+    """The request fields where the core cannot make its type (not CPython)."""
+
+    __slots__ = ("cost", "id", "priority")
+
+    def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
+        self.id = id
+        # The checks inline, with the checkers called only to raise: a seed-API caller builds one
+        # Request per decision, so these lines are on its per-call path.
+        if type(cost) is not int or not 0 < cost <= COST_MAX:
+            check_cost(cost)
+        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
+            check_priority(priority)
+        self.cost = cost
+        self.priority = priority
+
+
+if TYPE_CHECKING:
+    RequestBase = _PythonRequestBase
+else:
+    RequestBase = _PythonRequestBase if _SEED_BUILTINS is None else _SEED_BUILTINS[3]
+"""`Request`'s base: the core's request type (its construction and field reads on the seed API's
+per-call path cost no Python line), a Python class with the same behaviour where it cannot be
+made. Its fields: `id` (any hashable), `cost` (an int in 1..COST_MAX) and `priority` (0..7),
+checked at construction."""
+
+
+def seed_builtins(
+    handle: int,
+    strategy: int,
+    in_flight: dict[object, Any],
+    request_type: type,
+    route_fallback: Callable[[], Callable[..., Any] | None],
+    complete_fallback: Callable[[], Callable[..., Any] | None],
+) -> tuple[Callable[..., int | None], Callable[..., None]] | None:
+    """The seed API's per-call pair as two builtin functions made in the core (zig/python.zig):
+    `route(request)` routes a request whose id (0..REQUEST_ID_MAX), cost and priority are ints in
+    range with one `irm_route`, and `complete(request_or_id)` completes one the core recorded with
+    one `irm_complete`; every other call goes to `route_fallback()`/`complete_fallback()`
+    (`weakref.WeakMethod`s of the router's Python methods), and so does `route` while `in_flight`
+    (the router's own records) is not empty. Refusals raise as `raise_route_refusal` and
+    `raise_complete_refusal` do. None where builtins cannot be made (not CPython).
+
+    They hold the GIL throughout, like the `ctypes.PyDLL` calls of `route_call`. They keep `handle`:
+    after `close` they are refused (`invalid_handle`), as `route_call`'s function is."""
+    if _SEED_BUILTINS is None:
+        return None
+    new_function, route_definition, complete_definition, request_base, _definitions = _SEED_BUILTINS
+    # The builtins read the fields of exactly `request_type` at the core's offsets.
+    if not issubclass(request_type, request_base) or request_type.__basicsize__ != request_base.__basicsize__:
+        return None
+    entries = {
+        "handle": handle,
+        "strategy": strategy,
+        "in_flight": in_flight,
+        "request_type": request_type,
+        "route_fallback": route_fallback,
+        "complete_fallback": complete_fallback,
+        "route_refused": raise_route_refusal,
+        "complete_refused": raise_complete_refusal,
+        "router_gone": _raise_router_gone,
+        "id_name": "id",
+        "cost_name": "cost",
+        "priority_name": "priority",
+    }
+    state = tuple(entries[name] for name in SEED_STATE)
+    route = new_function(ctypes.byref(route_definition), state, __name__)
+    complete = new_function(ctypes.byref(complete_definition), state, __name__)
+    return route, complete
+
+
+def raise_complete_refusal(status: int, request_id: object) -> NoReturn:
+    """Raises the error for an `irm_complete` status other than ok and unknown_request."""
+    _raise(status, f"complete request {request_id}")
+    raise AssertionError("unreachable: _raise raises")
+
+
+def _raise_router_gone() -> NoReturn:
+    raise _errors.InvalidHandleError(
+        "invalid_handle", "the router of this route_request/complete was garbage-collected"
+    )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import types
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, NoReturn
@@ -101,24 +103,19 @@ class Accelerator:
         return f"Accelerator(id={self.id}, capacity={self.capacity}, weight={self.weight})"
 
 
-class Request:
-    """A unit of work: `cost` capacity units at `priority` (0 = most important, up to 7)."""
+class Request(_native.RequestBase):
+    """A unit of work: `cost` capacity units at `priority` (0 = most important, up to 7).
 
-    __slots__ = ("cost", "id", "priority")
+    `Request(id, cost=1, priority=0)`; `id` is any hashable. Its fields live in the core's request
+    type (`_native.RequestBase`), so building one and routing it run no Python line."""
 
-    def __init__(self, id: int, cost: int = 1, priority: int = 0) -> None:
-        self.id = id
-        # The checks inline, with the checkers called only to raise: a seed-API caller builds one
-        # Request per decision, so these lines are on its per-call path.
-        if type(cost) is not int or not 0 < cost <= COST_MAX:
-            _native.check_cost(cost)
-        if type(priority) is not int or not 0 <= priority < CLASSES_COUNT:
-            _native.check_priority(priority)
-        self.cost = cost
-        self.priority = priority
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, cost={self.cost}, priority={self.priority})"
+
+    def __reduce__(self) -> tuple[type[Request], tuple[object, int, int]]:
+        return type(self), (self.id, self.cost, self.priority)
 
 
 class Lease:
@@ -262,6 +259,28 @@ class Router:
             # registry of tables is bounded.
             self._table.close()
             raise
+        self._install_builtins()
+
+    def _install_builtins(self) -> None:
+        """Makes this instance's `route_request` and `complete` the core's builtins
+        (`_native.seed_builtins`): the seed API's plain call then runs no Python line at all, and
+        anything else (options, ids the core does not record) reaches the methods below through
+        them. Not for a subclass that overrides either method."""
+        cls = type(self)
+        if cls.route_request is not Router.route_request or cls.complete is not Router.complete:
+            return
+        builtins = _native.seed_builtins(
+            self._handle,
+            self._strategy,
+            self._in_flight,
+            Request,
+            weakref.WeakMethod(types.MethodType(Router.route_request, self)),
+            weakref.WeakMethod(types.MethodType(Router.complete, self)),
+        )
+        if builtins is not None:
+            # In the instance's dict, so `router.route_request` finds them before the class's
+            # methods; weak references back (above), so the router is freed as soon as unused.
+            self.__dict__["route_request"], self.__dict__["complete"] = builtins
 
     def _configure(
         self,
@@ -302,6 +321,10 @@ class Router:
         still in flight are forgotten; in a shared table their load stays counted."""
         self._table.close()
         self._handle = 0  # never a handle: the fast path's calls are refused from now on
+        # Back to the methods (which see the 0 above); a builtin kept elsewhere has the closed
+        # handle, which the core refuses.
+        self.__dict__.pop("route_request", None)
+        self.__dict__.pop("complete", None)
 
     def __enter__(self) -> Router:
         return self

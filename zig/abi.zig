@@ -15,6 +15,7 @@ const memory = @import("memory.zig");
 const strategies = @import("strategies.zig");
 const requests_mod = @import("requests.zig");
 const owners = @import("owners.zig");
+const python = @import("python.zig");
 const Table = table_mod.Table;
 const Requests = requests_mod.Requests;
 
@@ -25,7 +26,7 @@ const Requests = requests_mod.Requests;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key. 4: irm_route/irm_complete.
+pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key, irm_python_bind. 4: irm_route/irm_complete.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -1069,4 +1070,43 @@ test "a completion whose slot was reused since is refused, and wide ids come bac
     // A record left in flight is freed with its handle (the testing allocator is not used here,
     // so `requests.zig`'s own tests check the freeing).
     try std.testing.expectEqual(route_slot_base - @as(i32, @intCast(slot)), irm_route(handle, 0, 6, 0, 1, 0));
+}
+
+// ---- exports: the seed API's builtins (python.zig) ---------------------------------------------
+
+/// For the binding only: takes the addresses of the CPython functions and objects python.zig
+/// uses (`functions[0..functions_count]`, in `python.Api`'s order, from `ctypes.pythonapi`) and
+/// writes `python.bound_count` values to `out_values`: the addresses of the seed API's builtin
+/// methods (route_request, complete) and of the request type's slot functions (new, init,
+/// dealloc, traverse, clear), then that type's size and its fields' offsets, for the binding to make the
+/// function objects and the type. `invalid_argument` for other counts or a null address; what an
+/// address points to cannot be checked here, which is why only the binding calls this, with the
+/// interpreter's own.
+export fn irm_python_bind(functions: ?[*]const u64, functions_count: u32, out_values: ?[*]u64, values_count: u32) i32 {
+    const addresses = functions orelse return status(.invalid_argument);
+    const out = out_values orelse return status(.invalid_argument);
+    if (functions_count != python.api_count) return status(.invalid_argument);
+    if (values_count != python.bound_count) return status(.invalid_argument);
+    if (!python.bind(addresses[0..functions_count])) return status(.invalid_argument);
+    out[0..python.bound_count].* = python.boundValues(PythonMethods.addresses());
+    return status(.ok);
+}
+
+const PythonMethods = python.Methods(struct {
+    pub const route = irm_route;
+    pub const complete = irm_complete;
+    pub const route_none_result = route_none;
+    pub const route_slot_base_result = route_slot_base;
+    pub const unknown_request: i32 = status(.unknown_request);
+
+    pub fn backendRead(handle: u32, slot: u32, out_id: *u64) i32 {
+        var info: BackendInfo = undefined;
+        const read = irm_backend_read(handle, slot, &info);
+        if (read == status(.ok)) out_id.* = info.id;
+        return read;
+    }
+});
+
+test {
+    _ = python;
 }

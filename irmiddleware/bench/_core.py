@@ -35,10 +35,15 @@ class Result:
     rate: float  # decisions (or route+release pairs) per second
 
 
-def median_rate(run: Callable[[], float], operations: int, repeats: int) -> float:
-    """Each run returns its timed seconds (setup excluded); the median rate of `repeats` runs is
-    robust to a noisy neighbour on a shared machine."""
-    return statistics.median(operations / run() for _ in range(repeats))
+def median_rates(runs: dict[str, Callable[[], float]], operations: int, repeats: int) -> dict[str, float]:
+    """Each run returns its timed seconds (setup excluded). Each repeat runs every mode once, in
+    turn, so a noisy neighbour on a shared machine slows the modes (and the seed package's
+    baseline) of one repeat alike; the median rate of `repeats` runs is robust to it."""
+    rates: dict[str, list[float]] = {mode: [] for mode in runs}
+    for _ in range(repeats):
+        for mode, run in runs.items():
+            rates[mode].append(operations / run())
+    return {mode: statistics.median(values) for mode, values in rates.items()}
 
 
 def fresh_router(strategy: str, accelerators: int) -> Router:
@@ -174,10 +179,14 @@ def seed_module() -> ModuleType | None:
         return None
 
 
-def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> list[Result]:
-    def rate(run: Callable[[], float]) -> float:
-        return median_rate(run, requests, repeats)
+SEED_MODE = "seed intelligent_routing per call"
 
+
+def measure(
+    strategy: str, accelerators: int, requests: int, repeats: int, seed: ModuleType | None
+) -> tuple[list[Result], float | None]:
+    """Our modes and, when `seed` is given, the seed package's per-call rate measured in the same
+    repeats (beside our per-call rows, which it is the baseline of)."""
     number = int(STRATEGIES[strategy])
     table = fresh_table(accelerators)
     with fresh_router(strategy, accelerators) as router:
@@ -190,10 +199,14 @@ def measure(strategy: str, accelerators: int, requests: int, repeats: int) -> li
             "route+release per call (binding)": pairs_per_call_binding(table, number, requests),
             "route+release batched": batched(table, number, requests, timed_release=True),
         }
+        if seed is not None:
+            runs[SEED_MODE] = seed_route_per_call(seed, strategy, accelerators, requests)
         try:
-            return [Result(strategy, mode, rate(run)) for mode, run in runs.items()]
+            rates = median_rates(runs, requests, repeats)
         finally:
             table.close()
+    seed_rate = rates.pop(SEED_MODE, None)
+    return [Result(strategy, mode, rate) for mode, rate in rates.items()], seed_rate
 
 
 def print_table(results: list[Result], seed_rates: dict[str, float]) -> None:
@@ -203,7 +216,7 @@ def print_table(results: list[Result], seed_rates: dict[str, float]) -> None:
         ratio = f"{result.rate / baseline:.1f}x" if baseline else "-"
         rows.append([result.strategy, result.mode, f"{result.rate:,.0f}", ratio])
     for strategy, rate in seed_rates.items():
-        rows.append([strategy, "seed intelligent_routing per call", f"{rate:,.0f}", "1.0x"])
+        rows.append([strategy, SEED_MODE, f"{rate:,.0f}", "1.0x"])
     print(format_table(["strategy", "mode", "per second", "x seed per call"], rows, left=2))
 
 
@@ -220,19 +233,16 @@ def bench_main(argv: list[str]) -> int:
     seed = seed_module()
     print(f"{args.accelerators:,} accelerators (capacity {CAPACITY}), {args.requests:,} requests, cost 1, "
           f"median of {args.repeats}")  # fmt: skip
-    seed_rates: dict[str, float] = {}
     if seed is None:
         print(
             "seed package intelligent_routing not importable: no baseline (pip install intelligent-routing)"
         )
-    else:
-        for strategy in strategies:
-            run = seed_route_per_call(seed, strategy, args.accelerators, args.requests)
-            seed_rates[strategy] = median_rate(run, args.requests, args.repeats)
-    results = [
-        r
-        for strategy in strategies
-        for r in measure(strategy, args.accelerators, args.requests, args.repeats)
-    ]
+    seed_rates: dict[str, float] = {}
+    results: list[Result] = []
+    for strategy in strategies:
+        rows, seed_rate = measure(strategy, args.accelerators, args.requests, args.repeats, seed)
+        results += rows
+        if seed_rate is not None:
+            seed_rates[strategy] = seed_rate
     print_table(results, seed_rates)
     return 0
