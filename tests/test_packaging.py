@@ -29,10 +29,13 @@ def tool_output(*command: str) -> str:
 
 def test_no_instructions_beyond_the_baseline_cpu() -> None:
     disassembly = tool_output("objdump", "-d", "--no-show-raw-insn", str(LIBRARY))
-    beyond_baseline = re.findall(
-        r"\b(v\w+\s+%[xyz]mm|popcnt|lzcnt|tzcnt|andn|shlx|shrx|sarx|cmpxchg16b)\b", disassembly
-    )
+    beyond_baseline = re.findall(r"\b(v\w+\s+%[xyz]mm|popcnt|lzcnt|tzcnt|andn|shlx|shrx|sarx)\b", disassembly)
     assert beyond_baseline == []
+    # One exception, guarded at run time: owned handles of shared tables (zig/owners.zig) need the
+    # 16-byte compare-and-swap, which attaching as an owner checks with cpuid first (a CPU without
+    # it gets a clean refusal, and nothing else uses the instruction).
+    assert len(re.findall(r"\bcmpxchg16b\b", disassembly)) <= 2
+    assert re.search(r"\bcpuid\b", disassembly)
 
 
 def test_library_needs_no_other_library_and_exports_only_irm_symbols() -> None:
