@@ -17,8 +17,9 @@ from typing import Final
 
 import httpx
 
+from irmiddleware._errors import DuplicateBackendError
 from irmiddleware._plugins import Registry
-from irmiddleware._router import Accelerator, AcceleratorStats, Lease, Router, prefix_hashes
+from irmiddleware._router import Accelerator, AcceleratorStats, Lease, prefix_hashes
 from irmiddleware.hooks import (
     BackendAdapter,
     BackendInfo,
@@ -28,6 +29,7 @@ from irmiddleware.hooks import (
     RouteInfo,
 )
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._shared import open_router
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
 
 __all__ = ["Backend", "Fleet", "FleetChangeRefused"]
@@ -72,8 +74,11 @@ class Fleet:
         self.strategy_name = config.strategy
         self._python: PythonStrategy | None = strategy if isinstance(strategy, PythonStrategy) else None
         native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
-        self.router = Router(
+        # With `shared_table`, one table for every process of the router (`_shared`).
+        self.shared_table = config.shared_table or None
+        self.router = open_router(
             native,
+            self.shared_table,
             # Room for backends added while it runs (the admin API, SIGHUP): a slot is reused
             # once its backend is removed and its last request released.
             max_accelerators=max(_SLOTS_MIN, 2 * len(config.backends)),
@@ -116,7 +121,12 @@ class Fleet:
             self.backends[backend_id] = Backend(
                 backend_id, entry.url, entry.type, adapter, entry.models, entry.metrics_url
             )
-            self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+            try:
+                self.router.add_accelerator(Accelerator(backend_id, entry.capacity, entry.weight))
+            except DuplicateBackendError:
+                if self.shared_table is None:
+                    raise
+                # Another process of the router (on the shared table) added it first.
         self._next_id = len(config.backends)
 
     # ---- backends added and removed while routing goes on (on the event loop) ------------------

@@ -256,6 +256,7 @@ class RoutingMiddleware:
         a test client can run an app's lifespan more than once. Idempotent; nothing can be routed
         afterwards."""
         self.fleet.router.close()
+        self.admission.close()
 
     # ---- one request ---------------------------------------------------------------------------
 

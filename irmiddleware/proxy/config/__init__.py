@@ -22,6 +22,7 @@ from irmiddleware.proxy.config._document import (
     parse_config,
 )
 from irmiddleware.proxy.config._sections import (
+    WORKERS_MAX,
     AdminConfig,
     AffinityConfig,
     HealthConfig,
@@ -37,6 +38,7 @@ from irmiddleware.proxy.config._toml import ConfigError
 __all__ = [
     "LOG_FORMATS",
     "READY_RULES",
+    "WORKERS_MAX",
     "AdminConfig",
     "AdmissionConfig",
     "AffinityConfig",

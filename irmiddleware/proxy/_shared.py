@@ -1,0 +1,198 @@
+"""Routers of one host on one shared-memory table: its name, this process's owner index, and the
+core's reclaim protocol, in one place.
+
+Several router processes (`irmiddleware serve --workers N`, or the drop-in middleware in each
+worker of `uvicorn --workers N` given `[router] shared_table`) attach to one native table in
+`/dev/shm`, so capacity is counted once for all of them. Each process that takes leases owns an
+index in 1..63; the core records every reservation under its owner, so what a dead process held
+can be given back exactly (doc/reclaim.md).
+
+An index is held with a POSIX record lock on byte `k` of `/dev/shm/irm-<name>.owners`: the kernel
+drops it the moment its process ends, however it ends (`kill -9` included), so a free lock means
+nobody uses the index. A process reclaims an index only while it holds that index's lock:
+- a process that starts takes the index it is given (the supervisor's workers) or the lowest free
+  one, and first gives back, under each free lock, what a dead holder left (`sweep`);
+- the supervisor, when a worker dies, takes its lock, reclaims, lets it go, and starts a
+  replacement on the same index.
+
+This module is the one seam onto the core's owner API (`Router(owner=k)`, `reclaim_owner`,
+`release_generation`); where a core without it is loaded, routers open without an owner, a
+reclaim gives back nothing and `release_generation` is None (callers then poll).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from irmiddleware._router import Router
+
+__all__ = [
+    "OWNERS_MAX",
+    "TENANTS_MAX",
+    "Claim",
+    "assign_owner",
+    "claim",
+    "held_lock",
+    "open_router",
+    "reclaim",
+    "release_generation",
+    "remove_lock_file",
+    "sweep",
+    "tenants_table",
+]
+
+log = logging.getLogger("irmiddleware.proxy")
+
+OWNERS_MAX: Final = 63
+"""Owner indexes 1..63: one per process that takes leases on one table."""
+TENANTS_MAX: Final = 4096
+"""Tenants with a concurrency limit that the fleet-wide table tracks at once."""
+_LOCK_DIR: Final = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+
+# The core's owner API (being added beside this module): detected once, so a core without it
+# still serves a shared table, only without reclaim.
+_OWNER_API: Final = "owner" in inspect.signature(Router.__init__).parameters
+_RECLAIM_API: Final = hasattr(Router, "reclaim_owner")
+_GENERATION_API: Final = hasattr(Router, "release_generation")
+
+_assigned: int | None = None
+"""The owner index the supervisor gave this process (0: the supervisor itself, which takes no
+lease); None: claim the lowest free one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This process's hold on an owner index of a table (kept for the process's lifetime)."""
+
+    table: str
+    owner: int
+    fd: int
+
+
+_claims: dict[str, Claim] = {}
+
+
+def assign_owner(owner: int) -> None:
+    """Sets the owner index this process takes on every shared table (the supervisor calls it in
+    each worker before the router opens; 0 = take none)."""
+    global _assigned
+    if not 0 <= owner <= OWNERS_MAX:
+        raise ValueError(f"owner must be in 0..{OWNERS_MAX}, got {owner}")
+    _assigned = owner
+
+
+def tenants_table(name: str) -> str:
+    """The name of the small table that holds the tenants' fleet-wide concurrency slots."""
+    return f"{name}.tenants"
+
+
+def _lock_fd(table: str) -> int:
+    """The lock file of `table`'s owner indexes, opened once per process: closing any descriptor
+    of the file would drop every lock this process holds on it."""
+    found = _claims.get(table)
+    if found is not None:
+        return found.fd
+    return os.open(os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _try_lock(fd: int, owner: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
+    except OSError:
+        return False
+    return True
+
+
+def claim(table: str) -> Claim | None:
+    """This process's owner index on `table`: the assigned one, or the lowest free one. None for
+    the supervisor (assigned 0). RuntimeError when the index (or every index) is held."""
+    if _assigned == 0:
+        return None
+    found = _claims.get(table)
+    if found is not None:
+        return found
+    fd = _lock_fd(table)
+    wanted: Sequence[int] = range(1, OWNERS_MAX + 1) if _assigned is None else (_assigned,)
+    for owner in wanted:
+        if _try_lock(fd, owner):
+            _claims[table] = Claim(table, owner, fd)
+            return _claims[table]
+    os.close(fd)
+    held = "every owner index" if _assigned is None else f"owner index {_assigned}"
+    raise RuntimeError(f"{held} of shared table {table!r} is held by a live process")
+
+
+@contextlib.contextmanager
+def held_lock(table: str, owner: int) -> Iterator[bool]:
+    """Holds the lock of `owner` on `table` for the block when it is free (yields True), else
+    yields False. The supervisor reclaims a dead worker's index inside it."""
+    fd = os.open(os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        locked = _try_lock(fd, owner)
+        yield locked
+        if locked:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, owner)
+    finally:
+        os.close(fd)
+
+
+def remove_lock_file(table: str) -> None:
+    """Removes `table`'s lock file (the supervisor, once its table is unlinked)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(_LOCK_DIR, f"irm-{table}.owners"))
+
+
+def open_router(strategy: str, table: str | None, **options: Any) -> Router:
+    """A `Router` on `table` (created by the first process, attached by the others) as this
+    process's owner, after giving back what dead holders of free indexes left (`sweep`); a
+    private `Router` when `table` is None."""
+    if table is None:
+        return Router(strategy, **options)
+    held = claim(table)
+    if held is not None and _OWNER_API:
+        options["owner"] = held.owner
+    router = Router(strategy, shared_memory=table, **options)
+    if held is not None:
+        sweep(router, table, held.owner)
+    return router
+
+
+def sweep(router: Router, table: str, own: int) -> None:
+    """Reclaims, under each free owner lock but `own`, what a dead holder of the index left
+    (nothing when it ended cleanly, or the supervisor reclaimed already)."""
+    if not _RECLAIM_API:
+        return
+    fd = _lock_fd(table)
+    for owner in range(1, OWNERS_MAX + 1):
+        if owner == own or not _try_lock(fd, owner):
+            continue
+        try:
+            leases, cost = reclaim(router, owner)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, owner)
+        if leases:
+            log.warning("shared table %s: reclaimed %d leases (%d cost) of dead owner %d", table, leases, cost, owner)
+
+
+def reclaim(router: Router, owner: int) -> tuple[int, int]:
+    """Gives back every reservation `owner` holds on `router`'s table: (leases, cost). Only with
+    the owner's lock held (its process is gone). (0, 0) on a core without the owner API."""
+    if not _RECLAIM_API:
+        return 0, 0
+    leases, cost = router.reclaim_owner(owner)  # type: ignore[attr-defined]
+    return int(leases), int(cost)
+
+
+def release_generation(router: Router) -> int | None:
+    """A counter the core bumps on every release, capacity or state change in the table (any
+    process), or None on a core without it."""
+    if not _GENERATION_API:
+        return None
+    return int(router.release_generation())  # type: ignore[attr-defined]
