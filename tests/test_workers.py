@@ -48,7 +48,7 @@ def _shared_routers(url: str, count: int, capacity: int = 1) -> Iterator[list[st
         for table in (name, tenants_table(name)):
             with contextlib.suppress(OSError):
                 unlink_shared(table)
-        remove_lock_file(name)
+            remove_lock_file(table)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from irmiddleware._router import Router
 
 __all__ = [
     "OWNERS_MAX",
+    "RECLAIM_API",
     "TENANTS_MAX",
     "Claim",
     "assign_owner",
@@ -59,7 +60,8 @@ _LOCK_DIR: Final = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 # The core's owner API (being added beside this module): detected once, so a core without it
 # still serves a shared table, only without reclaim.
 _OWNER_API: Final = "owner" in inspect.signature(Router.__init__).parameters
-_RECLAIM_API: Final = hasattr(Router, "reclaim_owner")
+RECLAIM_API: Final = hasattr(Router, "reclaim_owner")
+"""True when the loaded core records reservations per owner and can give back a dead owner's."""
 _GENERATION_API: Final = hasattr(Router, "release_generation")
 
 _assigned: int | None = None
@@ -167,7 +169,7 @@ def open_router(strategy: str, table: str | None, **options: Any) -> Router:
 def sweep(router: Router, table: str, own: int) -> None:
     """Reclaims, under each free owner lock but `own`, what a dead holder of the index left
     (nothing when it ended cleanly, or the supervisor reclaimed already)."""
-    if not _RECLAIM_API:
+    if not RECLAIM_API:
         return
     fd = _lock_fd(table)
     for owner in range(1, OWNERS_MAX + 1):
@@ -184,7 +186,7 @@ def sweep(router: Router, table: str, own: int) -> None:
 def reclaim(router: Router, owner: int) -> tuple[int, int]:
     """Gives back every reservation `owner` holds on `router`'s table: (leases, cost). Only with
     the owner's lock held (its process is gone). (0, 0) on a core without the owner API."""
-    if not _RECLAIM_API:
+    if not RECLAIM_API:
         return 0, 0
     leases, cost = router.reclaim_owner(owner)  # type: ignore[attr-defined]
     return int(leases), int(cost)

@@ -229,7 +229,7 @@ class Supervisor:
                 unlink_shared(name)
             except OSError:
                 pass  # the tenants' table exists only with tenant limits
-        remove_lock_file(self.table)
+            remove_lock_file(name)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
