@@ -17,6 +17,7 @@ import pytest
 
 from irmiddleware import unlink_shared
 from irmiddleware.proxy import ConfigError, create_app, parse_config
+from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._serve import serve_main
 from irmiddleware.proxy._shared import remove_lock_file, tenants_table
 from irmiddleware.testing import create_vllm_app, serve_in_thread, wait_until
@@ -97,6 +98,20 @@ def test_a_tenant_limit_counts_the_requests_of_every_router() -> None:
         assert results[1] == 200
         _complete(second, results, app_headers)  # the stream ended: its unit came back
         assert results[2] == 200
+
+
+def test_backends_are_fixed_on_a_shared_table() -> None:
+    name = f"test-workers-{secrets.token_hex(4)}"
+    app = create_app(parse_config(_document("http://127.0.0.1:9", shared_table=name)))
+    try:
+        app.drain(0)  # a state change reaches every process through the table: allowed
+        with pytest.raises(FleetChangeRefused) as refused:
+            app.remove_backend(0)
+        assert refused.value.status == 409
+    finally:
+        app.close()
+        unlink_shared(name)
+        remove_lock_file(name)
 
 
 @pytest.mark.parametrize(

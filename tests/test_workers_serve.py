@@ -49,7 +49,8 @@ def _free_port() -> int:
 
 def _write_config(path: Path, urls: list[str], capacity: int, admission: str = "") -> Path:
     backends = "".join(
-        f'[[backends]]\nurl = "{url}"\ntype = "vllm"\ncapacity = {capacity}\nmodels = ["m"]\n\n' for url in urls
+        f'[[backends]]\nurl = "{url}"\ntype = "vllm"\ncapacity = {capacity}\nmodels = ["m"]\n\n'
+        for url in urls
     )
     path.write_text(f"{backends}[admission]\nmax_queue = 512\nmax_wait_s = 30.0\n{admission}")
     return path
@@ -101,7 +102,9 @@ async def _load(url: str, clients: int, each: int, headers: dict[str, str] | Non
         statuses = []
         async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
             for number in range(each):
-                async with http.stream("POST", "/v1/completions", json=_body((index + number) % 2 == 0)) as answer:
+                async with http.stream(
+                    "POST", "/v1/completions", json=_body((index + number) % 2 == 0)
+                ) as answer:
                     async for _chunk in answer.aiter_raw():
                         pass
                 statuses.append(answer.status_code)
@@ -123,7 +126,9 @@ def _table_load(url: str) -> int:
 def _requests_total(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     families = {family.name: family for family in text_string_to_metric_families(text)}
-    return sum(sample.value for sample in families["irm_requests"].samples if sample.name == "irm_requests_total")
+    return sum(
+        sample.value for sample in families["irm_requests"].samples if sample.name == "irm_requests_total"
+    )
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -144,9 +149,12 @@ def test_workers_under_load_never_exceed_capacity(workers: int, tmp_path: Path) 
 
 def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), **TOKENS)
-    with serve_in_thread(app) as backend, serving(_write_config(tmp_path / "r.toml", [backend.url], 1), 2) as (
-        supervisor,
-        url,
+    with (
+        serve_in_thread(app) as backend,
+        serving(_write_config(tmp_path / "r.toml", [backend.url], 1), 2) as (
+            supervisor,
+            url,
+        ),
     ):
         (table,) = [
             Path(path).name.removeprefix("irm-")
@@ -158,7 +166,9 @@ def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) 
             assert lease is not None
             results: list[int] = []
             waiter = threading.Thread(
-                target=lambda: results.append(httpx.post(f"{url}/v1/completions", json=_body(False), timeout=30).status_code)
+                target=lambda: results.append(
+                    httpx.post(f"{url}/v1/completions", json=_body(False), timeout=30).status_code
+                )
             )
             waiter.start()
             # Each new connection may reach another worker: poll until one reports the waiter.
@@ -166,7 +176,8 @@ def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) 
             released_at = time.perf_counter()
             lease.release()
             waiter.join(30)
-            print(f"served {1000 * (time.perf_counter() - released_at):.1f} ms after the release (answer included)")
+            served_ms = 1000 * (time.perf_counter() - released_at)
+            print(f"served {served_ms:.1f} ms after the release (answer included)")
         assert results == [200]
         assert app.state.emulator.stats.peak_in_progress == 1
 
@@ -174,21 +185,29 @@ def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) 
 def test_a_tenant_limit_holds_across_workers(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
     limits = "[admission.tenant_defaults]\nmax_concurrency = 2\n"
-    with serve_in_thread(app) as backend, serving(
-        _write_config(tmp_path / "r.toml", [backend.url], 16, limits), 2
-    ) as (_, url):
+    with (
+        serve_in_thread(app) as backend,
+        serving(_write_config(tmp_path / "r.toml", [backend.url], 16, limits), 2) as (_, url),
+    ):
         team = {"authorization": "Bearer team-a"}
         with contextlib.ExitStack() as streams:
             held = []  # the line iterators: dropping one closes its stream
             for _ in range(2):
                 answer = streams.enter_context(
-                    httpx.stream("POST", f"{url}/v1/completions", json=_body(True, 2000), headers=team, timeout=30)
+                    httpx.stream(
+                        "POST", f"{url}/v1/completions", json=_body(True, 2000), headers=team, timeout=30
+                    )
                 )
                 held.append(answer.iter_lines())
                 next(held[-1])
             # Fresh connections: they reach either worker.
-            over = [httpx.post(f"{url}/v1/completions", json=_body(False, 2), headers=team).status_code for _ in range(8)]
-            other = httpx.post(f"{url}/v1/completions", json=_body(False, 2), headers={"authorization": "Bearer b"})
+            over = [
+                httpx.post(f"{url}/v1/completions", json=_body(False, 2), headers=team).status_code
+                for _ in range(8)
+            ]
+            other = httpx.post(
+                f"{url}/v1/completions", json=_body(False, 2), headers={"authorization": "Bearer b"}
+            )
         assert over == [429] * 8
         assert other.status_code == 200
         wait_until(lambda: _table_load(url) == 0, "the streams ended")
@@ -217,10 +236,14 @@ def _connections(pid: int, port: int) -> int:
 @pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
 def test_kill_9_of_a_worker_gives_back_its_reservations(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
-    with serve_in_thread(app) as backend, serving(_write_config(tmp_path / "r.toml", [backend.url], 32), 2) as (
-        supervisor,
-        url,
-    ), contextlib.ExitStack() as stack:
+    with (
+        serve_in_thread(app) as backend,
+        serving(_write_config(tmp_path / "r.toml", [backend.url], 32), 2) as (
+            supervisor,
+            url,
+        ),
+        contextlib.ExitStack() as stack,
+    ):
         port = int(url.rpartition(":")[2])
         streams = []
         for _ in range(24):  # until both workers hold some (the kernel picks who accepts)
@@ -332,8 +355,8 @@ def test_the_drop_in_middleware_keeps_capacity_global_in_uvicorn_workers(tmp_pat
     with serve_in_thread(app) as backend:
         (tmp_path / "routed.py").write_text(f"TABLE = {table!r}\nURL = {backend.url!r}\n{_DROP_IN}")
         port = _free_port()
-        command = [sys.executable, "-m", "uvicorn", "routed:app", "--app-dir", str(tmp_path), "--workers", "2",
-                   "--port", str(port), "--log-level", "warning"]  # fmt: skip
+        command = [sys.executable, "-m", "uvicorn", "routed:app", "--app-dir", str(tmp_path),
+                   "--workers", "2", "--port", str(port), "--log-level", "warning"]  # fmt: skip
         process = subprocess.Popen(command)
         url = f"http://127.0.0.1:{port}"
         try:

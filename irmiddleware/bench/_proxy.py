@@ -7,8 +7,9 @@ with concurrency (requests/s). The proxy's CPU time per request is read from /pr
 process alone. As a floor for that CPU figure, the same client also calls a bare uvicorn app that
 answers a fixed body (what any Python ASGI server costs per request before proxying anything).
 With `--workers 1,2`, `irmiddleware serve --workers N` is measured instead for each N (requests per
-second, and CPU per request of the supervisor and its workers together). With `--peers`, the Rust routers `sglang-router` and `vllm-router` (when importable: `pip install
-sglang-router vllm-router`) are started in front of the same backend and measured with the same
+second, and CPU per request of the supervisor and its workers together). With `--peers`, the Rust
+routers `sglang-router` and `vllm-router` (when importable: `pip install sglang-router
+vllm-router`) are started in front of the same backend and measured with the same
 client, beside ours, plain and cache-aware. Prints numbers; asserts nothing.
 """
 
@@ -216,12 +217,26 @@ def _compare_workers(args: argparse.Namespace, backend: str, serve: list[str]) -
                 before = tree_cpu_seconds(process.pid)
                 rates.append(asyncio.run(_concurrent(proxy, args.requests, args.concurrency, False)))
                 cpu.append((tree_cpu_seconds(process.pid) - before) / args.requests)
-        rows.append((str(workers), f"{statistics.median(rates):,.0f}", f"{statistics.median(cpu) * 1e6:,.0f}"))
+        rows.append(
+            (str(workers), f"{statistics.median(rates):,.0f}", f"{statistics.median(cpu) * 1e6:,.0f}")
+        )
     print(
         f"\nWorkers on one table (non-streaming, concurrency {args.concurrency}; median of {args.repeats}"
         " rounds; CPU per request is the supervisor's and its workers' together):"
     )
     print(format_table(("workers", "req/s", "router CPU µs/req"), rows))
+
+
+def _bench_workers(args: argparse.Namespace, backend: str, serve: list[str]) -> None:
+    _sequential(backend, 200, False)
+    rates = [
+        asyncio.run(_concurrent(backend, args.requests, args.concurrency, False)) for _ in range(args.repeats)
+    ]
+    print(
+        f"{args.requests} requests per round, one emulated vLLM backend, the client and the backend"
+        f" on this host too; direct to the backend: {statistics.median(rates):,.0f} req/s"
+    )
+    _compare_workers(args, backend, serve)
 
 
 def bench_proxy_main(argv: list[str] | None = None) -> int:
@@ -254,15 +269,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     instant = emulated_vllm(backend, max_num_seqs=1024, time_per_output_token_s=0.0)
     if args.workers:
         with instant:
-            _sequential(backend, 200, False)
-            direct = statistics.median(
-                asyncio.run(_concurrent(backend, args.requests, args.concurrency, False)) for _ in range(args.repeats)
-            )
-            print(
-                f"{args.requests} requests per round, one emulated vLLM backend, the client and the backend on"
-                f" this host too; direct to the backend: {direct:,.0f} req/s"
-            )
-            _compare_workers(args, backend, serve)
+            _bench_workers(args, backend, serve)
         return 0
     serve += ["--listen", proxy.removeprefix("http://")]
     with instant, serving(serve, proxy) as proxy_process:

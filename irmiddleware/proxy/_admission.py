@@ -26,8 +26,8 @@ import collections
 import dataclasses
 import hashlib
 import itertools
-import logging
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,9 +37,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from irmiddleware._errors import DuplicateBackendError, TableFullError, UnknownBackendError
 from irmiddleware._json import loads_body
 from irmiddleware._native import CLASSES_COUNT
-from irmiddleware._errors import DuplicateBackendError, TableFullError, UnknownBackendError
 from irmiddleware._router import Accelerator, Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._fleet import Fleet
@@ -277,7 +277,10 @@ class Ticket:
     __slots__ = ("_key", "_lease", "_tenants")
 
     def __init__(
-        self, tenants: dict[str, _Tenant] | None = None, key: str = "", lease: Lease | None = None
+        self,
+        tenants: dict[str, _Tenant] | None = None,
+        key: str = "",
+        lease: Lease | _Untracked | None = None,
     ) -> None:
         self._tenants, self._key = tenants, key
         self._lease = lease
@@ -311,7 +314,7 @@ class FleetTenants:
         self.router = open_router("round_robin", tenants_table(table), max_accelerators=TENANTS_MAX)
         self._full_logged = False
 
-    def enter(self, key: str, limit: int) -> Lease | None:
+    def enter(self, key: str, limit: int) -> Lease | _Untracked | None:
         """One unit of `key`'s slot (added at `limit` by the first process that meets it), or None
         when the tenant holds `limit` already. When the table is full, the unit is granted
         (the process's own count still applies) and a warning is logged once."""
@@ -342,7 +345,7 @@ class _Untracked:
         pass
 
 
-_UNTRACKED: Final[Any] = _Untracked()
+_UNTRACKED: Final = _Untracked()
 
 
 # ---- admission -----------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class _BackendCollector(Collector):
 class _WithoutCreated(Collector):
     """A registry's metrics without their `_created` samples (module docstring)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Collector) -> None:
         self._registry = registry
 
     def collect(self) -> Iterator[Metric]:
@@ -102,7 +102,8 @@ class _WithWorkers(Collector):
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
+        everyone = MultiProcessCollector(None, self._directory)  # type: ignore[no-untyped-call]
+        merged = {metric.name: metric for metric in everyone.collect()}  # type: ignore[no-untyped-call]
         for metric in self._registry.collect():
             # This process's own values are in the directory too: counted there, once.
             if metric.name not in merged:
@@ -119,7 +120,7 @@ def enable_multiprocess(directory: str) -> None:
     from prometheus_client import values
 
     os.environ[MULTIPROCESS_ENV] = directory
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def mark_process_dead(pid: int, directory: str) -> None:
@@ -127,7 +128,7 @@ def mark_process_dead(pid: int, directory: str) -> None:
     they are part of the totals)."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, directory)
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 _STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}

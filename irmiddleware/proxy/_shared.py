@@ -180,7 +180,9 @@ def sweep(router: Router, table: str, own: int) -> None:
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, owner)
         if leases:
-            log.warning("shared table %s: reclaimed %d leases (%d cost) of dead owner %d", table, leases, cost, owner)
+            log.warning(
+                "shared table %s: reclaimed %d leases (%d cost) of dead owner %d", table, leases, cost, owner
+            )
 
 
 def reclaim(router: Router, owner: int) -> tuple[int, int]:

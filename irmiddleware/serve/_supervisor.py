@@ -22,6 +22,7 @@ of them, then stops its own tasks and removes the table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -122,6 +123,7 @@ class Supervisor:
         admin_task = asyncio.create_task(admin.serve()) if admin is not None else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, app, sig)
+        loop.add_signal_handler(signal.SIGHUP, _no_reload)
         for owner in range(1, self.config.workers + 1):
             self._start(owner, sock)
         log.info(
@@ -225,12 +227,16 @@ class Supervisor:
 
     def _remove_files(self) -> None:
         for name in (self.table, tenants_table(self.table)):
-            try:
+            with contextlib.suppress(OSError):  # the tenants' table exists only with tenant limits
                 unlink_shared(name)
-            except OSError:
-                pass  # the tenants' table exists only with tenant limits
             remove_lock_file(name)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _no_reload() -> None:
+    log.warning(
+        "SIGHUP ignored: with workers, the configuration is read at start (restart to apply a change)"
+    )
 
 
 def run_supervisor(argv: list[str], config: RouterConfig, log_level: str) -> int:

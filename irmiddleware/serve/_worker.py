@@ -96,6 +96,8 @@ async def _serve(server: Any, sock: socket.socket) -> None:
             await asyncio.sleep(_ORPHAN_CHECK_S)
         server.handle_exit(signal.SIGTERM, None)
 
+    # A reload is the supervisor's business (which ignores it): SIGHUP must not end a worker.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: None)
     watcher = asyncio.create_task(watch_parent())
     try:
         await server.serve(sockets=[sock])

@@ -39,9 +39,14 @@ def check_workers(workers: int, shared_table: str, discovery: bool) -> str:
             f"(not starting with '.'), got {shared_table!r}"
         )
     if workers > 1 and shared_table:
-        raise ConfigError("give `router.workers` or `router.shared_table`, not both: the workers' supervisor names its table")
+        raise ConfigError(
+            "give `router.workers` or `router.shared_table`, not both: the supervisor of the workers "
+            "names its table"
+        )
     if workers > 1 and discovery:
-        raise ConfigError("`router.workers` > 1 does not go with [[discovery]]: give the backends as [[backends]]")
+        raise ConfigError(
+            "`router.workers` > 1 does not go with [[discovery]]: give the backends as [[backends]]"
+        )
     return shared_table
 
 
