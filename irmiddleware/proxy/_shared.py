@@ -27,7 +27,7 @@ import fcntl
 import inspect
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -71,14 +71,18 @@ lease); None: claim the lowest free one."""
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """This process's hold on an owner index of a table (kept for the process's lifetime)."""
+    """An owner index of a table held by this process (for the process's lifetime)."""
 
     table: str
     owner: int
-    fd: int
 
 
-_claims: dict[str, Claim] = {}
+_fds: dict[str, int] = {}
+"""Per table, this process's one descriptor of its lock file: closing any descriptor of the file
+would drop every lock the process holds on it."""
+_held: dict[str, set[int]] = {}
+"""Per table, the indexes this process holds: one per router it opened there (the core allows one
+handle per index)."""
 
 
 def assign_owner(owner: int) -> None:
@@ -96,12 +100,12 @@ def tenants_table(name: str) -> str:
 
 
 def _lock_fd(table: str) -> int:
-    """The lock file of `table`'s owner indexes, opened once per process: closing any descriptor
-    of the file would drop every lock this process holds on it."""
-    found = _claims.get(table)
-    if found is not None:
-        return found.fd
-    return os.open(os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _fds.get(table)
+    if fd is None:
+        fd = _fds[table] = os.open(
+            os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600
+        )
+    return fd
 
 
 def _try_lock(fd: int, owner: int) -> bool:
@@ -113,22 +117,21 @@ def _try_lock(fd: int, owner: int) -> bool:
 
 
 def claim(table: str) -> Claim | None:
-    """This process's owner index on `table`: the assigned one, or the lowest free one. None for
-    the supervisor (assigned 0). RuntimeError when the index (or every index) is held."""
+    """An owner index on `table` for a router this process opens: the assigned one, or the lowest
+    index no process holds. None for the supervisor (assigned 0). RuntimeError when the index (or
+    every index) is held."""
     if _assigned == 0:
         return None
-    found = _claims.get(table)
-    if found is not None:
-        return found
+    held = _held.setdefault(table, set())
     fd = _lock_fd(table)
-    wanted: Sequence[int] = range(1, OWNERS_MAX + 1) if _assigned is None else (_assigned,)
+    wanted = range(1, OWNERS_MAX + 1) if _assigned is None else (_assigned,)
+    # A process's own locks never conflict with each other: the indexes it holds are skipped here.
     for owner in wanted:
-        if _try_lock(fd, owner):
-            _claims[table] = Claim(table, owner, fd)
-            return _claims[table]
-    os.close(fd)
-    held = "every owner index" if _assigned is None else f"owner index {_assigned}"
-    raise RuntimeError(f"{held} of shared table {table!r} is held by a live process")
+        if owner not in held and _try_lock(fd, owner):
+            held.add(owner)
+            return Claim(table, owner)
+    which = "every owner index" if _assigned is None else f"owner index {_assigned}"
+    raise RuntimeError(f"{which} of shared table {table!r} is held by a live process")
 
 
 @contextlib.contextmanager
@@ -153,32 +156,37 @@ def remove_lock_file(table: str) -> None:
 
 def open_router(strategy: str, table: str | None, **options: Any) -> Router:
     """A `Router` on `table` (created by the first process, attached by the others) as this
-    process's owner, after giving back what dead holders of free indexes left (`sweep`); a
-    private `Router` when `table` is None."""
+    process's owner, after giving back what dead holders of its index and of the free ones left
+    (`sweep`: the core refuses an index that still holds a dead holder's reservations); a private
+    `Router` when `table` is None."""
     if table is None:
         return Router(strategy, **options)
     held = claim(table)
-    if held is not None and _OWNER_API:
+    if held is None or not RECLAIM_API:
+        return Router(strategy, shared_memory=table, **options)
+    with Router(strategy, shared_memory=table, **options) as unowned:
+        sweep(unowned, table, held.owner)
+    if _OWNER_API:
         options["owner"] = held.owner
-    router = Router(strategy, shared_memory=table, **options)
-    if held is not None:
-        sweep(router, table, held.owner)
-    return router
+    return Router(strategy, shared_memory=table, **options)
 
 
 def sweep(router: Router, table: str, own: int) -> None:
-    """Reclaims, under each free owner lock but `own`, what a dead holder of the index left
-    (nothing when it ended cleanly, or the supervisor reclaimed already)."""
-    if not RECLAIM_API:
-        return
+    """Reclaims what a dead holder left on `own` (whose lock this process holds) and, under each
+    free lock, on every other index: nothing when they ended cleanly, or the supervisor reclaimed
+    already. An index the core still sees alive (a recycled pid) is left as it is."""
     fd = _lock_fd(table)
     for owner in range(1, OWNERS_MAX + 1):
-        if owner == own or not _try_lock(fd, owner):
-            continue
+        if owner != own and (owner in _held.get(table, ()) or not _try_lock(fd, owner)):
+            continue  # in use (by this process's other routers, or by another process)
         try:
             leases, cost = reclaim(router, owner)
+        except ValueError as error:  # "owner_alive": never reclaim what may be in use
+            log.warning("shared table %s: owner %d not reclaimed: %s", table, owner, error)
+            continue
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, owner)
+            if owner != own:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, owner)
         if leases:
             log.warning(
                 "shared table %s: reclaimed %d leases (%d cost) of dead owner %d", table, leases, cost, owner
