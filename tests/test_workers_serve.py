@@ -4,7 +4,8 @@ capacity (the emulators count their peak), every request is answered, one metric
 total of all workers, and the table is back to zero at the end; a request waiting in a worker is
 served when capacity is freed in another process; a tenant's limit holds across the workers; a
 worker killed with `kill -9` while streams are in flight has its reservations given back, the
-streams of the other workers finish without an error and a replacement starts; `--workers 1` runs
+streams of the other workers finish without an error and a replacement starts; workers killed six
+times under load leave the table exactly at zero, never above capacity; `--workers 1` runs
 no other process; owner indexes are held per process and freed when it dies; and the drop-in
 middleware keeps capacity global inside `uvicorn --workers 2` given `[router] shared_table`.
 Every wait is bounded; nothing asserts on wall-clock time."""
@@ -270,6 +271,67 @@ def test_kill_9_of_a_worker_gives_back_its_reservations(tmp_path: Path) -> None:
                 broken += 1
         assert (finished, broken) == (held[survivor], held[victim])
         wait_until(lambda: _table_load(url) == 0, "the table is back to zero")
+
+
+async def _load_through_kills(url: str, clients: int, each: int) -> tuple[int, int]:
+    """Like `_load`, counting answers and errors: a client of a killed worker sees its connection
+    drop, and goes on with a new one."""
+    ok = errors = 0
+
+    async def client() -> None:
+        nonlocal ok, errors
+        for number in range(each):
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                try:
+                    async with http.stream("POST", "/v1/completions", json=_body(number % 2 == 0)) as answer:
+                        async for _chunk in answer.aiter_raw():
+                            pass
+                    ok += answer.status_code == 200
+                except httpx.HTTPError:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return ok, errors
+
+
+@pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
+def test_workers_killed_again_and_again_under_load_leave_the_table_exact(tmp_path: Path) -> None:
+    app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS)
+    with (
+        serve_in_thread(app) as backend,
+        serving(_write_config(tmp_path / "r.toml", [backend.url], 4), 2) as (
+            supervisor,
+            url,
+        ),
+    ):
+        stop = threading.Event()
+
+        port = int(url.rpartition(":")[2])
+
+        def serving_workers() -> list[int]:
+            return [pid for pid in children(supervisor.pid) if _connections(pid, port)]
+
+        def killer() -> None:
+            for _ in range(6):  # a worker with requests under way, killed at whatever it was doing
+                if stop.wait(0.3):
+                    return
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: len(serving_workers()) == 2, "both workers serve", timeout_s=20)
+                victims = serving_workers()
+                if victims:
+                    os.kill(victims[0], signal.SIGKILL)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            ok, errors = asyncio.run(_load_through_kills(url, clients=16, each=25))
+        finally:
+            stop.set()
+            thread.join(60)
+        assert ok + errors == 400 and ok > errors
+        assert app.state.emulator.stats.peak_in_progress <= 4
+        wait_until(lambda: _table_load(url) == 0, "every reservation came back, none twice")
+        assert _status(url)["backends"][0]["requests_in_flight"] == 0
 
 
 def test_one_worker_serves_from_one_process(tmp_path: Path) -> None:

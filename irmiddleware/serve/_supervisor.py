@@ -52,8 +52,8 @@ _POLL_S: Final = 0.05
 _BACKLOG: Final = 2048  # uvicorn's default
 _QUICK_EXIT_S: Final = 2.0
 _QUICK_EXITS_MAX: Final = 5
-"""A worker that ends within `_QUICK_EXIT_S` of its start this many times in a row cannot start
-(a bad plugin, a port it cannot use): the supervisor stops instead of restarting it for ever."""
+"""A worker that exits with an error within `_QUICK_EXIT_S` of its start this many times in a row
+cannot start (a bad plugin, say): the supervisor stops instead of restarting it for ever."""
 
 
 def listen_socket(config: RouterConfig) -> socket.socket:
@@ -178,7 +178,10 @@ class Supervisor:
                 leases,
                 cost,
             )
-            quick = worker.quick_exits + 1 if time.monotonic() - worker.started_s < _QUICK_EXIT_S else 0
+            # Only a worker that ended by itself (an error at startup) counts: one killed by a
+            # signal was running, whenever that came.
+            early = code > 0 and time.monotonic() - worker.started_s < _QUICK_EXIT_S
+            quick = worker.quick_exits + 1 if early else 0
             if quick >= _QUICK_EXITS_MAX:
                 log.error("worker %d cannot start (ended %d times at once); stopping", owner, quick)
                 self._failed = True
