@@ -1,8 +1,9 @@
 """Routers on one shared-memory table behave as one router (in one test process, each router on its
 own uvicorn server and event loop, against a real vLLM emulator): a request waiting in one router is
 served when capacity is freed in another, and a tenant's concurrency limit counts the requests of
-every router; the `[router] workers` and `shared_table` keys and `--workers` refuse bad values with
-one clear line. The multi-process side (supervisor, workers, kill -9) is in test_workers_serve.py."""
+every router; adding or removing a backend on a shared table is refused (409) while a drain is
+not; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
+refuse bad values with one clear line, and the example file's key parses. The multi-process side (supervisor, workers, kill -9) is in test_workers_serve.py."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ import contextlib
 import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from irmiddleware import unlink_shared
-from irmiddleware.proxy import ConfigError, create_app, parse_config
+from irmiddleware.bench._proxy import bench_proxy_main
+from irmiddleware.proxy import ConfigError, create_app, load_config, parse_config
 from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._serve import serve_main
 from irmiddleware.proxy._shared import remove_lock_file, tenants_table
 from irmiddleware.testing import create_vllm_app, serve_in_thread, wait_until
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "router.toml"
 SLOW_TOKENS = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.01}
 
 
@@ -145,3 +149,14 @@ def test_workers_and_shared_table_keys_are_read() -> None:
 def test_serve_refuses_a_bad_workers_flag(workers: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert serve_main(["--backend", "http://127.0.0.1:9", "--workers", workers]) == 2
     assert capsys.readouterr().err.strip() == f"irmiddleware serve: --workers must be in 1..63, got {workers}"
+
+
+def test_bench_proxy_refuses_bad_worker_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_proxy_main(["--workers", "1,0"])
+    assert exited.value.code == 2
+    assert "--workers wants counts in 1..63 like 1,2,4, got '1,0'" in capsys.readouterr().err
+
+
+def test_the_example_file_parses_with_its_workers_key() -> None:
+    assert load_config(EXAMPLE).workers == 1
