@@ -1,14 +1,16 @@
 """`irmiddleware serve --workers N` as real processes, in front of real vLLM emulators, driven by
-real httpx clients: with 2 and 4 workers under load, no backend ever holds more requests than its
-capacity (the emulators count their peak), every request is answered, one metrics scrape shows the
-total of all workers, and the table is back to zero at the end; a request waiting in a worker is
-served when capacity is freed in another process; a tenant's limit holds across the workers; a
-worker killed with `kill -9` while streams are in flight has its reservations given back, the
-streams of the other workers finish without an error and a replacement starts; workers killed six
-times under load leave the table exactly at zero, never above capacity; `--workers 1` runs
-no other process; owner indexes are held per process and freed when it dies; and the drop-in
-middleware keeps capacity global inside `uvicorn --workers 2` given `[router] shared_table`.
-Every wait is bounded; nothing asserts on wall-clock time."""
+real httpx clients: a backend the supervisor's health checks take out is out for every worker, and
+back for every worker when it recovers; a backend one worker ejects is ejected for all; with 2 and
+4 workers under load, no backend ever holds more requests than its capacity (the emulators count
+their peak), every request is answered, one metrics scrape shows the total of all workers, and the
+table is back to zero at the end; a request waiting in a worker is served when capacity is freed
+in another process; a tenant's limit holds across the workers; a worker killed with `kill -9`
+while streams are in flight has its reservations given back, the streams of the other workers
+finish without an error and a replacement starts; workers killed six times under load leave the
+table exactly at zero, never above capacity; `--workers 1` runs no other process; owner indexes
+are held per process and freed when it dies; and the drop-in middleware keeps capacity global
+inside `uvicorn --workers 2` given `[router] shared_table`. Every wait is bounded; nothing asserts
+on wall-clock time."""
 
 from __future__ import annotations
 
@@ -146,6 +148,44 @@ def test_workers_under_load_never_exceed_capacity(workers: int, tmp_path: Path) 
             wait_until(lambda: _table_load(url) == 0, "the table is back to zero")
             # One scrape, whichever worker answers it: the total of every worker.
             wait_until(lambda: _requests_total(url) == 240, "the metrics count every worker's requests")
+
+
+def test_the_supervisors_health_checks_reach_every_worker(tmp_path: Path) -> None:
+    apps = [create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS) for _ in range(2)]
+    checks = "[router.health]\ninterval_s = 0.1\nunhealthy_threshold = 1\nhealthy_threshold = 1\n"
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
+        with serving(_write_config(tmp_path / "r.toml", urls, 4, checks), 2) as (_, url):
+            apps[0].state.emulator.reconfigure(unhealthy=True)
+
+            def every_worker_sees(state: str) -> bool:
+                # Fresh connections reach either worker: each must report it.
+                return all(_status(url)["backends"][0]["state"] == state for _ in range(8))
+
+            wait_until(lambda: every_worker_sees("down"), "the backend is down for every worker")
+            served_before = apps[0].state.emulator.stats.completed
+            statuses = asyncio.run(_load(url, clients=8, each=5))
+            assert statuses == [200] * 40
+            assert apps[0].state.emulator.stats.completed == served_before  # no worker sent it any
+            apps[0].state.emulator.reconfigure(unhealthy=False)
+            wait_until(lambda: every_worker_sees("active"), "the backend is back for every worker")
+
+
+def test_a_backend_one_worker_ejects_is_ejected_for_every_worker(tmp_path: Path) -> None:
+    apps = [create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS) for _ in range(2)]
+    # Health checks pass (its /health answers 200) while its answers fail: only traffic tells.
+    ejection = "[router.outliers]\nconsecutive_errors = 1\nbase_ejection_s = 60.0\n"
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
+        with serving(_write_config(tmp_path / "r.toml", urls, 4, ejection), 2) as (_, url):
+            apps[0].state.emulator.reconfigure(fail_status=500)
+            with httpx.Client(base_url=url, timeout=30) as one_connection:  # one worker sees it all
+                for _ in range(10):
+                    one_connection.post("/v1/completions", json=_body(False))
+            wait_until(
+                lambda: all(_status(url)["backends"][0]["state"] == "down" for _ in range(8)),
+                "the ejection is in the table, for every worker",
+            )
 
 
 def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) -> None:
