@@ -3,7 +3,8 @@ own uvicorn server and event loop, against a real vLLM emulator): a request wait
 served when capacity is freed in another, and a tenant's concurrency limit counts the requests of
 every router; adding or removing a backend on a shared table is refused (409) while a drain is
 not; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
-refuse bad values with one clear line, and the example file's key parses. The multi-process side (supervisor, workers, kill -9) is in test_workers_serve.py."""
+refuse bad values with one clear line, and the example file's key parses. The multi-process side
+(supervisor, workers, kill -9) is in test_workers_serve.py."""
 
 from __future__ import annotations
 
@@ -50,10 +51,15 @@ def _shared_routers(url: str, count: int, capacity: int = 1) -> Iterator[list[st
     finally:
         for app in apps:
             app.close()
-        for table in (name, tenants_table(name)):
-            with contextlib.suppress(OSError):
-                unlink_shared(table)
-            remove_lock_file(table)
+        _remove_tables(name)
+
+
+def _remove_tables(name: str) -> None:
+    """Removes a shared table, its tenants' table and their lock files."""
+    for table in (name, tenants_table(name)):
+        with contextlib.suppress(OSError):
+            unlink_shared(table)
+        remove_lock_file(table)
 
 
 @contextlib.contextmanager
@@ -114,8 +120,7 @@ def test_backends_are_fixed_on_a_shared_table() -> None:
         assert refused.value.status == 409
     finally:
         app.close()
-        unlink_shared(name)
-        remove_lock_file(name)
+        _remove_tables(name)
 
 
 @pytest.mark.parametrize(
