@@ -191,17 +191,22 @@ class Supervisor:
 
     def reclaim(self, app: Any, owner: int) -> tuple[int, int]:
         """Gives back what the dead worker `owner` held, in the backends' table and the tenants'
-        one: (leases, cost). Under the index's lock, so that no process takes the index meanwhile."""
-        routers: list[Router] = [app.router]
+        one: (leases, cost). Each under the index's lock of that table, so that no process takes
+        the index (or sweeps it) meanwhile."""
+        tables: list[tuple[str, Router]] = [(self.table, app.router)]
         if app.admission.fleet_tenants is not None:
-            routers.append(app.admission.fleet_tenants.router)
+            tables.append((tenants_table(self.table), app.admission.fleet_tenants.router))
         leases = cost = 0
-        with held_lock(self.table, owner) as locked:
-            if not locked:
-                log.error("owner %d of %s is still held: nothing reclaimed", owner, self.table)
-                return 0, 0
-            for router in routers:
-                more_leases, more_cost = reclaim(router, owner)
+        for table, router in tables:
+            with held_lock(table, owner) as locked:
+                if not locked:
+                    log.error("owner %d of %s is still held: nothing reclaimed there", owner, table)
+                    continue
+                try:
+                    more_leases, more_cost = reclaim(router, owner)
+                except ValueError as error:  # the core sees the owner alive: never reclaim it
+                    log.error("owner %d of %s not reclaimed: %s", owner, table, error)
+                    continue
                 leases, cost = leases + more_leases, cost + more_cost
         before = self.reclaimed.get(owner, (0, 0))
         self.reclaimed[owner] = (before[0] + leases, before[1] + cost)
