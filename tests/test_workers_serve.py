@@ -93,6 +93,18 @@ def serving(config: Path, workers: int) -> Iterator[tuple[subprocess.Popen[str],
             process.wait(10)
 
 
+@contextlib.contextmanager
+def _router_of_one(
+    app: Any, tmp_path: Path, capacity: int, extra: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """The emulator `app` served, and `serve --workers 2` in front of it at `capacity`."""
+    with contextlib.ExitStack() as stack:
+        backend = stack.enter_context(serve_in_thread(app))
+        yield stack.enter_context(
+            serving(_write_config(tmp_path / "r.toml", [backend.url], capacity, extra), 2)
+        )
+
+
 def _body(stream: bool, tokens: int = 20) -> dict[str, Any]:
     return {"model": "m", "prompt": "Hello", "max_tokens": tokens, "ignore_eos": True, "stream": stream}
 
@@ -190,13 +202,7 @@ def test_a_backend_one_worker_ejects_is_ejected_for_every_worker(tmp_path: Path)
 
 def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), **TOKENS)
-    with (
-        serve_in_thread(app) as backend,
-        serving(_write_config(tmp_path / "r.toml", [backend.url], 1), 2) as (
-            supervisor,
-            url,
-        ),
-    ):
+    with _router_of_one(app, tmp_path, 1) as (supervisor, url):
         (table,) = [
             Path(path).name.removeprefix("irm-")
             for path in glob.glob(f"/dev/shm/irm-serve-{supervisor.pid}-*")
@@ -226,10 +232,7 @@ def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) 
 def test_a_tenant_limit_holds_across_workers(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
     limits = "[admission.tenant_defaults]\nmax_concurrency = 2\n"
-    with (
-        serve_in_thread(app) as backend,
-        serving(_write_config(tmp_path / "r.toml", [backend.url], 16, limits), 2) as (_, url),
-    ):
+    with _router_of_one(app, tmp_path, 16, limits) as (_, url):
         team = {"authorization": "Bearer team-a"}
         with contextlib.ExitStack() as streams:
             held = []  # the line iterators: dropping one closes its stream
@@ -277,14 +280,7 @@ def _connections(pid: int, port: int) -> int:
 @pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
 def test_kill_9_of_a_worker_gives_back_its_reservations(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
-    with (
-        serve_in_thread(app) as backend,
-        serving(_write_config(tmp_path / "r.toml", [backend.url], 32), 2) as (
-            supervisor,
-            url,
-        ),
-        contextlib.ExitStack() as stack,
-    ):
+    with _router_of_one(app, tmp_path, 32) as (supervisor, url), contextlib.ExitStack() as stack:
         port = int(url.rpartition(":")[2])
         streams = []
         for _ in range(24):  # until both workers hold some (the kernel picks who accepts)
@@ -337,13 +333,7 @@ async def _load_through_kills(url: str, clients: int, each: int) -> tuple[int, i
 @pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
 def test_workers_killed_again_and_again_under_load_leave_the_table_exact(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS)
-    with (
-        serve_in_thread(app) as backend,
-        serving(_write_config(tmp_path / "r.toml", [backend.url], 4), 2) as (
-            supervisor,
-            url,
-        ),
-    ):
+    with _router_of_one(app, tmp_path, 4) as (supervisor, url):
         stop = threading.Event()
 
         port = int(url.rpartition(":")[2])
