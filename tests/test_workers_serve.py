@@ -94,15 +94,13 @@ def serving(config: Path, workers: int) -> Iterator[tuple[subprocess.Popen[str],
 
 
 @contextlib.contextmanager
-def _router_of_one(
-    app: Any, tmp_path: Path, capacity: int, extra: str = ""
+def _router_of(
+    apps: list[Any], tmp_path: Path, capacity: int, extra: str = "", workers: int = 2
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """The emulator `app` served, and `serve --workers 2` in front of it at `capacity`."""
+    """The emulators `apps` served, and `serve --workers N` in front of them at `capacity` each."""
     with contextlib.ExitStack() as stack:
-        backend = stack.enter_context(serve_in_thread(app))
-        yield stack.enter_context(
-            serving(_write_config(tmp_path / "r.toml", [backend.url], capacity, extra), 2)
-        )
+        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
+        yield stack.enter_context(serving(_write_config(tmp_path / "r.toml", urls, capacity, extra), workers))
 
 
 def _body(stream: bool, tokens: int = 20) -> dict[str, Any]:
@@ -149,60 +147,54 @@ def _requests_total(url: str) -> float:
 @pytest.mark.parametrize("workers", [2, 4])
 def test_workers_under_load_never_exceed_capacity(workers: int, tmp_path: Path) -> None:
     apps = [create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS) for _ in range(2)]
-    with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
-        with serving(_write_config(tmp_path / "router.toml", urls, capacity=3), workers) as (_, url):
-            statuses = asyncio.run(_load(url, clients=24, each=10))
-            assert statuses == [200] * 240
-            peaks = [app.state.emulator.stats.peak_in_progress for app in apps]
-            assert max(peaks) == 3  # saturated, and never above the capacity of 3
-            assert sum(app.state.emulator.stats.completed for app in apps) == 240
-            wait_until(lambda: _table_load(url) == 0, "the table is back to zero")
-            # One scrape, whichever worker answers it: the total of every worker.
-            wait_until(lambda: _requests_total(url) == 240, "the metrics count every worker's requests")
+    with _router_of(apps, tmp_path, 3, workers=workers) as (_, url):
+        statuses = asyncio.run(_load(url, clients=24, each=10))
+        assert statuses == [200] * 240
+        peaks = [app.state.emulator.stats.peak_in_progress for app in apps]
+        assert max(peaks) == 3  # saturated, and never above the capacity of 3
+        assert sum(app.state.emulator.stats.completed for app in apps) == 240
+        wait_until(lambda: _table_load(url) == 0, "the table is back to zero")
+        # One scrape, whichever worker answers it: the total of every worker.
+        wait_until(lambda: _requests_total(url) == 240, "the metrics count every worker's requests")
 
 
 def test_the_supervisors_health_checks_reach_every_worker(tmp_path: Path) -> None:
     apps = [create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS) for _ in range(2)]
     checks = "[router.health]\ninterval_s = 0.1\nunhealthy_threshold = 1\nhealthy_threshold = 1\n"
-    with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
-        with serving(_write_config(tmp_path / "r.toml", urls, 4, checks), 2) as (_, url):
-            apps[0].state.emulator.reconfigure(unhealthy=True)
+    with _router_of(apps, tmp_path, 4, checks) as (_, url):
+        apps[0].state.emulator.reconfigure(unhealthy=True)
 
-            def every_worker_sees(state: str) -> bool:
-                # Fresh connections reach either worker: each must report it.
-                return all(_status(url)["backends"][0]["state"] == state for _ in range(8))
+        def every_worker_sees(state: str) -> bool:
+            # Fresh connections reach either worker: each must report it.
+            return all(_status(url)["backends"][0]["state"] == state for _ in range(8))
 
-            wait_until(lambda: every_worker_sees("down"), "the backend is down for every worker")
-            served_before = apps[0].state.emulator.stats.completed
-            statuses = asyncio.run(_load(url, clients=8, each=5))
-            assert statuses == [200] * 40
-            assert apps[0].state.emulator.stats.completed == served_before  # no worker sent it any
-            apps[0].state.emulator.reconfigure(unhealthy=False)
-            wait_until(lambda: every_worker_sees("active"), "the backend is back for every worker")
+        wait_until(lambda: every_worker_sees("down"), "the backend is down for every worker")
+        served_before = apps[0].state.emulator.stats.completed
+        statuses = asyncio.run(_load(url, clients=8, each=5))
+        assert statuses == [200] * 40
+        assert apps[0].state.emulator.stats.completed == served_before  # no worker sent it any
+        apps[0].state.emulator.reconfigure(unhealthy=False)
+        wait_until(lambda: every_worker_sees("active"), "the backend is back for every worker")
 
 
 def test_a_backend_one_worker_ejects_is_ejected_for_every_worker(tmp_path: Path) -> None:
     apps = [create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS) for _ in range(2)]
     # Health checks pass (its /health answers 200) while its answers fail: only traffic tells.
     ejection = "[router.outliers]\nconsecutive_errors = 1\nbase_ejection_s = 60.0\n"
-    with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
-        with serving(_write_config(tmp_path / "r.toml", urls, 4, ejection), 2) as (_, url):
-            apps[0].state.emulator.reconfigure(fail_status=500)
-            with httpx.Client(base_url=url, timeout=30) as one_connection:  # one worker sees it all
-                for _ in range(10):
-                    one_connection.post("/v1/completions", json=_body(False))
-            wait_until(
-                lambda: all(_status(url)["backends"][0]["state"] == "down" for _ in range(8)),
-                "the ejection is in the table, for every worker",
-            )
+    with _router_of(apps, tmp_path, 4, ejection) as (_, url):
+        apps[0].state.emulator.reconfigure(fail_status=500)
+        with httpx.Client(base_url=url, timeout=30) as one_connection:  # one worker sees it all
+            for _ in range(10):
+                one_connection.post("/v1/completions", json=_body(False))
+        wait_until(
+            lambda: all(_status(url)["backends"][0]["state"] == "down" for _ in range(8)),
+            "the ejection is in the table, for every worker",
+        )
 
 
 def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), **TOKENS)
-    with _router_of_one(app, tmp_path, 1) as (supervisor, url):
+    with _router_of([app], tmp_path, 1) as (supervisor, url):
         (table,) = [
             Path(path).name.removeprefix("irm-")
             for path in glob.glob(f"/dev/shm/irm-serve-{supervisor.pid}-*")
@@ -232,7 +224,7 @@ def test_a_waiter_is_served_when_another_process_frees_capacity(tmp_path: Path) 
 def test_a_tenant_limit_holds_across_workers(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
     limits = "[admission.tenant_defaults]\nmax_concurrency = 2\n"
-    with _router_of_one(app, tmp_path, 16, limits) as (_, url):
+    with _router_of([app], tmp_path, 16, limits) as (_, url):
         team = {"authorization": "Bearer team-a"}
         with contextlib.ExitStack() as streams:
             held = []  # the line iterators: dropping one closes its stream
@@ -280,7 +272,7 @@ def _connections(pid: int, port: int) -> int:
 @pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
 def test_kill_9_of_a_worker_gives_back_its_reservations(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **SLOW)
-    with _router_of_one(app, tmp_path, 32) as (supervisor, url), contextlib.ExitStack() as stack:
+    with _router_of([app], tmp_path, 32) as (supervisor, url), contextlib.ExitStack() as stack:
         port = int(url.rpartition(":")[2])
         streams = []
         for _ in range(24):  # until both workers hold some (the kernel picks who accepts)
@@ -333,7 +325,7 @@ async def _load_through_kills(url: str, clients: int, each: int) -> tuple[int, i
 @pytest.mark.skipif(not RECLAIM_API, reason="needs the core's owner records (Router.reclaim_owner)")
 def test_workers_killed_again_and_again_under_load_leave_the_table_exact(tmp_path: Path) -> None:
     app = create_vllm_app(served_model_names=("m",), max_num_seqs=64, **TOKENS)
-    with _router_of_one(app, tmp_path, 4) as (supervisor, url):
+    with _router_of([app], tmp_path, 4) as (supervisor, url):
         stop = threading.Event()
 
         port = int(url.rpartition(":")[2])
