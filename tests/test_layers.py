@@ -20,7 +20,12 @@ FORBIDDEN = {
     "irmiddleware._native": ("irmiddleware._router", "irmiddleware.proxy", "irmiddleware.hooks"),
     "irmiddleware._router": ("irmiddleware.proxy", "irmiddleware.hooks", "irmiddleware.testing"),
     "irmiddleware.http11": ("irmiddleware.proxy", "irmiddleware.testing", "irmiddleware.bench"),
-    "irmiddleware.proxy": ("irmiddleware.testing", "irmiddleware.bench", "irmiddleware.sim"),
+    "irmiddleware.proxy": (
+        "irmiddleware.testing",
+        "irmiddleware.bench",
+        "irmiddleware.sim",
+        "irmiddleware.serve",
+    ),
     "irmiddleware.adapters": ("irmiddleware.proxy", "irmiddleware.testing"),
     "irmiddleware.hooks": ("irmiddleware.proxy", "irmiddleware.adapters", "irmiddleware.testing"),
     "irmiddleware.sim": ("irmiddleware.proxy", "irmiddleware.testing", "irmiddleware.bench"),

@@ -6,8 +6,10 @@ the same requests directly and through the proxy, first one at a time (latency p
 with concurrency (requests/s). The proxy's CPU time per request is read from /proc for the proxy
 process alone. As a floor for that CPU figure, the same client also calls a bare uvicorn app that
 answers a fixed body (what any Python ASGI server costs per request before proxying anything).
-With `--peers`, the Rust routers `sglang-router` and `vllm-router` (when importable: `pip install
-sglang-router vllm-router`) are started in front of the same backend and measured with the same
+With `--workers 1,2`, `irmiddleware serve --workers N` is measured instead for each N (requests per
+second, and CPU per request of the supervisor and its workers together). With `--peers`, the Rust
+routers `sglang-router` and `vllm-router` (when importable: `pip install sglang-router
+vllm-router`) are started in front of the same backend and measured with the same
 client, beside ours, plain and cache-aware. Prints numbers; asserts nothing.
 """
 
@@ -32,7 +34,7 @@ from irmiddleware.bench._harness import (
     serving,
 )
 
-__all__ = ["bench_proxy_main"]
+__all__ = ["bench_proxy_main", "tree_cpu_seconds"]
 
 # The floor: uvicorn (with the same loop and parser as `irmiddleware serve`) answering a fixed body.
 _BARE = """
@@ -181,6 +183,62 @@ def _compare_peers(args: argparse.Namespace, backend: str) -> None:
     print(format_table(header, _peer_rows(args, backend)))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of the processes it started that still run (a supervisor and
+    its workers; Linux)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            children = [int(child) for child in file.read().split()]
+    except OSError:
+        children = []
+    return cpu_seconds(pid) + sum(tree_cpu_seconds(child) for child in children)
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or not all(1 <= count <= 63 for count in counts):
+        raise argparse.ArgumentTypeError(f"--workers wants counts in 1..63 like 1,2,4, got {text!r}")
+    return counts
+
+
+def _compare_workers(args: argparse.Namespace, backend: str, serve: list[str]) -> None:
+    """req/s and CPU per request (all the router's processes) for each worker count."""
+    rows = []
+    for workers in args.workers:
+        proxy = local_url()
+        command = [*serve, "--listen", proxy.removeprefix("http://"), "--workers", str(workers)]
+        with serving(command, proxy) as process:
+            _sequential(proxy, 200, False)  # every worker warms up (each takes connections)
+            rates, cpu = [], []
+            for _round in range(args.repeats):
+                before = tree_cpu_seconds(process.pid)
+                rates.append(asyncio.run(_concurrent(proxy, args.requests, args.concurrency, False)))
+                cpu.append((tree_cpu_seconds(process.pid) - before) / args.requests)
+        rows.append(
+            (str(workers), f"{statistics.median(rates):,.0f}", f"{statistics.median(cpu) * 1e6:,.0f}")
+        )
+    print(
+        f"\nWorkers on one table (non-streaming, concurrency {args.concurrency}; median of {args.repeats}"
+        " rounds; CPU per request is the supervisor's and its workers' together):"
+    )
+    print(format_table(("workers", "req/s", "router CPU µs/req"), rows))
+
+
+def _bench_workers(args: argparse.Namespace, backend: str, serve: list[str]) -> None:
+    _sequential(backend, 200, False)
+    rates = [
+        asyncio.run(_concurrent(backend, args.requests, args.concurrency, False)) for _ in range(args.repeats)
+    ]
+    print(
+        f"{args.requests} requests per round, one emulated vLLM backend, the client and the backend"
+        f" on this host too; direct to the backend: {statistics.median(rates):,.0f} req/s"
+    )
+    _compare_workers(args, backend, serve)
+
+
 def bench_proxy_main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and prints the figures; returns 0."""
     parser = argparse.ArgumentParser(prog="irmiddleware bench-proxy", description=__doc__.splitlines()[0])
@@ -195,21 +253,25 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure sglang-router and vllm-router (when installed) and ours, plain and cache-aware",
     )
+    parser.add_argument(
+        "--workers",
+        type=_worker_counts,
+        metavar="N,N,...",
+        help="instead of the overhead phases: req/s and CPU per request of `serve --workers N` for each N",
+    )
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024 or not 1 <= args.repeats <= 20:
         parser.error("--requests must be in 10..100000, --concurrency in 1..1024 and --repeats in 1..20")
     backend, proxy, bare = local_url(), local_url(), local_url()
     serve = ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096"]
-    serve += [
-        "--listen",
-        proxy.removeprefix("http://"),
-        "--log-level",
-        "warning",
-        "--transport",
-        args.transport,
-    ]
+    serve += ["--log-level", "warning", "--transport", args.transport]
     # No generation delay: what is left of a request's time is HTTP and the proxy.
     instant = emulated_vllm(backend, max_num_seqs=1024, time_per_output_token_s=0.0)
+    if args.workers:
+        with instant:
+            _bench_workers(args, backend, serve)
+        return 0
+    serve += ["--listen", proxy.removeprefix("http://")]
     with instant, serving(serve, proxy) as proxy_process:
         rounds = f", {args.repeats} rounds per phase" if args.repeats > 1 else ""
         print(

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,17 +37,21 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from irmiddleware._errors import DuplicateBackendError, TableFullError, UnknownBackendError
 from irmiddleware._json import loads_body
 from irmiddleware._native import CLASSES_COUNT
-from irmiddleware._router import Lease
+from irmiddleware._router import Accelerator, Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._outcomes import Outcome
+from irmiddleware.proxy._shared import TENANTS_MAX, open_router, release_generation, tenants_table
 from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 
-__all__ = ["SHED_REASONS", "Admission", "Shed", "Ticket", "WaitQueue", "Waiter"]
+__all__ = ["SHED_REASONS", "Admission", "FleetTenants", "Shed", "Ticket", "WaitQueue", "Waiter"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("irmiddleware.proxy")
 
 SHED_REASONS: Final = (
     "no_capacity",  # nothing fits and the class may not wait (max_queue 0): 503
@@ -62,6 +68,9 @@ SHED_REASONS: Final = (
 _BODY_PRIORITY_TYPES: Final = frozenset({"vllm", "openai"})
 _FORWARD_PRIORITY_TYPES: Final = frozenset({"vllm"})
 _TENANTS_TRACKED_MAX: Final = 100_000
+_WATCH_S: Final = 0.001
+"""How often waiters on a shared table look for capacity freed by another process: a generation
+read is a few hundred nanoseconds, so a millisecond costs ~0.1% of a core while requests wait."""
 _WAIT_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -265,15 +274,25 @@ class Ticket:
     """Held while a request is admitted (waiting or in flight); leaving it frees the tenant's
     concurrency slot. Use it as a context manager."""
 
-    __slots__ = ("_key", "_tenants")
+    __slots__ = ("_key", "_lease", "_tenants")
 
-    def __init__(self, tenants: dict[str, _Tenant] | None = None, key: str = "") -> None:
+    def __init__(
+        self,
+        tenants: dict[str, _Tenant] | None = None,
+        key: str = "",
+        lease: Lease | _Untracked | None = None,
+    ) -> None:
         self._tenants, self._key = tenants, key
+        self._lease = lease
+        """The tenant's fleet-wide slot, on a shared table (`FleetTenants`)."""
 
     def __enter__(self) -> Ticket:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release(ok=True, latency_s=0.0)
         tenants, self._tenants = self._tenants, None
         if tenants is not None:
             state = tenants.get(self._key)
@@ -282,6 +301,51 @@ class Ticket:
 
 
 _NO_TICKET: Final = Ticket()
+
+
+class FleetTenants:
+    """Tenants' concurrency limits across every process on a shared table: each limited tenant is
+    a slot of a second small shared table (`_shared.tenants_table`) whose capacity is its
+    `max_concurrency`, and a request holds one unit of it while admitted. The core counts the
+    units of all processes at once, and records them per owner like any lease, so a dead
+    worker's units come back with its reservations (doc/workers.md)."""
+
+    def __init__(self, table: str) -> None:
+        self.router = open_router("round_robin", tenants_table(table), max_accelerators=TENANTS_MAX)
+        self._full_logged = False
+
+    def enter(self, key: str, limit: int) -> Lease | _Untracked | None:
+        """One unit of `key`'s slot (added at `limit` by the first process that meets it), or None
+        when the tenant holds `limit` already. When the table is full, the unit is granted
+        (the process's own count still applies) and a warning is logged once."""
+        tenant_id = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
+        try:
+            return self.router.acquire_on(tenant_id)
+        except UnknownBackendError:
+            pass
+        try:
+            self.router.add_accelerator(Accelerator(tenant_id, limit))
+        except DuplicateBackendError:
+            pass  # another process met the tenant first
+        except TableFullError:
+            if not self._full_logged:
+                self._full_logged = True
+                log.warning("the fleet-wide tenants table is full: new tenants are limited per process")
+            return _UNTRACKED
+        return self.router.acquire_on(tenant_id)
+
+    def close(self) -> None:
+        self.router.close()
+
+
+class _Untracked:
+    """A tenant unit granted without a slot (the tenants table is full)."""
+
+    def release(self, ok: bool = True, latency_s: float | None = None) -> None:
+        pass
+
+
+_UNTRACKED: Final = _Untracked()
 
 
 # ---- admission -----------------------------------------------------------------------------------
@@ -314,6 +378,10 @@ class Admission:
         self.queue: WaitQueue[Lease] = WaitQueue(config, self._try_acquire, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop the waiters' futures belong to (set when the first request waits)."""
+        # On a shared table other processes release too, and their tenants count against ours.
+        shared = fleet.shared_table
+        self.fleet_tenants = FleetTenants(shared) if shared is not None and limits_on else None
+        self._watcher: asyncio.Task[None] | None = None
         self._metrics(registry)
 
     def _metrics(self, registry: CollectorRegistry) -> None:
@@ -398,15 +466,33 @@ class Admission:
             if len(self._tenants) >= _TENANTS_TRACKED_MAX:
                 self._forget_idle_tenants()
             state = self._tenants[key] = _Tenant(limits.bucket_size, now)
+        lease = None
         if limits.max_concurrency and state.active >= limits.max_concurrency:
-            self._count_shed(priority, "over_concurrency")
-            raise Shed(
-                429,
-                f"Too many concurrent requests for this API key (limit {limits.max_concurrency}).",
-                "over_limit",
-                "over_concurrency",
-                self._retry_after_s,
-            )
+            raise self._over_concurrency(priority, limits.max_concurrency)
+        if limits.max_concurrency and self.fleet_tenants is not None:
+            lease = self.fleet_tenants.enter(key, limits.max_concurrency)
+            if lease is None:
+                raise self._over_concurrency(priority, limits.max_concurrency)
+        try:
+            self._take_token(state, limits, priority, now)
+        except Shed:
+            if lease is not None:
+                lease.release(ok=True, latency_s=0.0)
+            raise
+        state.active += 1
+        return Ticket(self._tenants, key, lease)
+
+    def _over_concurrency(self, priority: int, limit: int) -> Shed:
+        self._count_shed(priority, "over_concurrency")
+        return Shed(
+            429,
+            f"Too many concurrent requests for this API key (limit {limit}).",
+            "over_limit",
+            "over_concurrency",
+            self._retry_after_s,
+        )
+
+    def _take_token(self, state: _Tenant, limits: TenantConfig, priority: int, now: float) -> None:
         if limits.rate_per_s > 0:
             state.tokens = min(limits.bucket_size, state.tokens + (now - state.stamp_s) * limits.rate_per_s)
             state.stamp_s = now
@@ -416,8 +502,6 @@ class Admission:
                 message = f"Rate limit of {limits.rate_per_s:g} requests/s exceeded for this API key."
                 raise Shed(429, message, "over_limit", "over_rate", retry_after)
             state.tokens -= 1
-        state.active += 1
-        return Ticket(self._tenants, key)
 
     def _forget_idle_tenants(self) -> None:
         # Bounded memory under many distinct keys: idle tenants restart with a full bucket.
@@ -478,7 +562,26 @@ class Admission:
             )
         except Shed as shed:
             raise self._refused(route, shed.reason) from None
+        if self._fleet.shared_table is not None and self._watcher is None:
+            self._watcher = loop.create_task(self._watch_other_releases(), name="irm-admission-watch")
         return await self._wait(waiter, timeout_s, counted=not exclude)
+
+    async def _watch_other_releases(self) -> None:
+        """While requests wait on a shared table: every `_WATCH_S`, when the core's release
+        generation moved (a release, a capacity or a state change in any process), waiters that
+        now fit are served. This process's own releases are handed over at once, as ever
+        (`released`)."""
+        router = self._fleet.router
+        seen = release_generation(router)
+        try:
+            while self.queue.total:
+                await asyncio.sleep(_WATCH_S)
+                now = release_generation(router)
+                if now != seen:
+                    seen = now
+                    self.kick()
+        finally:
+            self._watcher = None
 
     def can_retry(self, route: RouteInfo, exclude: frozenset[int]) -> bool:
         """Whether a retry of `route` on a backend not in `exclude` could be served: one has room
@@ -572,6 +675,11 @@ class Admission:
             # Scheduled even if the queue looks empty from here: a request on the loop may be
             # between finding no capacity and entering the queue.
             loop.call_soon_threadsafe(self.kick)
+
+    def close(self) -> None:
+        """Frees the fleet-wide tenants table (a shared table's), if any; idempotent."""
+        if self.fleet_tenants is not None:
+            self.fleet_tenants.close()
 
     # ---- observation ---------------------------------------------------------------------------
 

@@ -19,9 +19,10 @@ from typing import Final
 
 import httpx
 
+from irmiddleware._errors import DuplicateBackendError
 from irmiddleware._native import CAPACITY_MAX
 from irmiddleware._plugins import Registry
-from irmiddleware._router import Accelerator, AcceleratorStats, Lease, Router, prefix_hashes
+from irmiddleware._router import Accelerator, AcceleratorStats, Lease, prefix_hashes
 from irmiddleware.hooks import (
     BackendAdapter,
     BackendInfo,
@@ -32,6 +33,7 @@ from irmiddleware.hooks import (
 )
 from irmiddleware.proxy._cost import RequestCost
 from irmiddleware.proxy._metrics import RouterMetrics
+from irmiddleware.proxy._shared import open_router
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
 
 __all__ = ["Backend", "Fleet", "FleetChangeRefused"]
@@ -81,8 +83,11 @@ class Fleet:
         native = strategy.native if isinstance(strategy, NativeStrategy) else strategy.fallback
         self.cost = RequestCost(config)
         """What a request costs (`[router] cost`); capacities are scaled to the same unit."""
-        self.router = Router(
+        # With `shared_table`, one table for every process of the router (`_shared`).
+        self.shared_table = config.shared_table or None
+        self.router = open_router(
             native,
+            self.shared_table,
             # Room for backends added while it runs (the admin API, SIGHUP): a slot is reused
             # once its backend is removed and its last request released.
             max_accelerators=max(_SLOTS_MIN, 2 * len(config.backends)),
@@ -133,7 +138,13 @@ class Fleet:
         for backend_id, entry in enumerate(config.backends):
             adapter = registry.adapter(entry.type)
             self.backends[backend_id] = _backend(backend_id, entry, adapter)
-            self.router.add_accelerator(Accelerator(backend_id, self._capacity(entry.capacity), entry.weight))
+            accelerator = Accelerator(backend_id, self._capacity(entry.capacity), entry.weight)
+            try:
+                self.router.add_accelerator(accelerator)
+            except DuplicateBackendError:
+                if self.shared_table is None:
+                    raise
+                # Another process of the router (on the shared table) added it first.
             self.router.set_ring_name(backend_id, entry.url)
         self._next_id = len(config.backends)
 

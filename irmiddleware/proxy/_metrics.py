@@ -17,6 +17,7 @@ is dropped into; filtering the router's own registry at export time changes noth
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -36,7 +37,18 @@ from prometheus_client.registry import Collector
 from irmiddleware._router import AcceleratorStats
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 
-__all__ = ["BackendMetrics", "RouterMetrics", "remove_backend_series", "status_class"]
+__all__ = [
+    "MULTIPROCESS_ENV",
+    "BackendMetrics",
+    "RouterMetrics",
+    "enable_multiprocess",
+    "mark_process_dead",
+    "remove_backend_series",
+    "status_class",
+]
+
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's variable: the directory where every process of a router writes its values."""
 
 # Latency buckets from 5 ms to 10 min: LLM answers span four orders of magnitude.
 _BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -70,7 +82,7 @@ class _BackendCollector(Collector):
 class _WithoutCreated(Collector):
     """A registry's metrics without their `_created` samples (module docstring)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Collector) -> None:
         self._registry = registry
 
     def collect(self) -> Iterator[Metric]:
@@ -95,6 +107,47 @@ def remove_backend_series(metric: MetricWrapperBase, labels: Sequence[str], back
     for values in found:
         with contextlib.suppress(KeyError):  # removed meanwhile
             metric.remove(*values)
+
+
+class _WithWorkers(Collector):
+    """The router's metrics summed over its processes (`enable_multiprocess`): the counters,
+    histograms and gauges every process writes to the directory, plus what only this process's
+    registry holds (the core's per-backend load, read from the shared table, and this process's
+    own CPU and memory)."""
+
+    def __init__(self, registry: CollectorRegistry, directory: str) -> None:
+        self._registry, self._directory = registry, directory
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        everyone = MultiProcessCollector(None, self._directory)  # type: ignore[no-untyped-call]
+        merged = {metric.name: metric for metric in everyone.collect()}  # type: ignore[no-untyped-call]
+        for metric in self._registry.collect():
+            # This process's own values are in the directory too: counted there, once.
+            if metric.name not in merged:
+                yield metric
+        yield from merged.values()
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Makes every metric this process creates from now on, and every process started from it
+    with its environment, write its values to `directory`, so that any of them exports the sum
+    (prometheus-client's multiprocess mode). `irmiddleware serve --workers N` calls it in its
+    supervisor, with a directory of its own run. Gauges keep one series per process (a `pid`
+    label): a dead worker's are removed with `mark_process_dead`."""
+    from prometheus_client import values
+
+    os.environ[MULTIPROCESS_ENV] = directory
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Drops a dead process's live gauges from the multiprocess `directory` (its counters stay:
+    they are part of the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 _STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -190,7 +243,9 @@ class RouterMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self._export = _WithoutCreated(self.registry)
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        own: Collector = self.registry if not directory else _WithWorkers(self.registry, directory)
+        self._export = _WithoutCreated(own)
         self._of: dict[str, BackendMetrics] = {}
         self._counted: dict[tuple[str, str, Outcome, str], Any] = {}
 

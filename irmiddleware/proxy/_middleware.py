@@ -154,6 +154,7 @@ class RoutingMiddleware:
         models first, then joins the core, its pools, health checks and scraping in one step.
         Returns its id. FleetChangeRefused: its URL is in the fleet (409), a model of another
         type (400), or, with `require_healthy`, it failed its probe or listed no model (502)."""
+        _fixed_on_a_shared_table(self.fleet)
         self.fleet.check_new(entry)
         await self.startup()
         backend = self.fleet.new_backend(entry)
@@ -170,6 +171,7 @@ class RoutingMiddleware:
     def remove_backend(self, backend_id: int) -> None:
         """Removes a drained backend (draining, nothing in flight) from the core, its pools, health
         checks and scraping in one step. FleetChangeRefused: unknown (404) or not drained (409)."""
+        _fixed_on_a_shared_table(self.fleet)
         if backend_id not in self.fleet.backends:
             raise FleetChangeRefused(404, f"no backend {backend_id}")
         stats = self.fleet.router.accelerator_stats(backend_id)
@@ -259,6 +261,7 @@ class RoutingMiddleware:
         a test client can run an app's lifespan more than once. Idempotent; nothing can be routed
         afterwards."""
         self.fleet.router.close()
+        self.admission.close()
 
     # ---- one request ---------------------------------------------------------------------------
 
@@ -435,3 +438,12 @@ def create_app(config: RouterConfig, **options: Any) -> RoutingMiddleware:
     """A standalone router: the middleware in front of an app that answers 404 to anything else.
     `options` go to `RoutingMiddleware` (`plugins`, `entry_points`)."""
     return RoutingMiddleware(not_found, config, **options)
+
+
+def _fixed_on_a_shared_table(fleet: Fleet) -> None:
+    """On a shared table (workers) each process keeps its own list of backends and pools: a backend
+    added or removed in one would be unknown to, or vanish under, the others (409)."""
+    if fleet.shared_table is not None:
+        raise FleetChangeRefused(
+            409, "backends are fixed on a shared table (workers): change the file and restart the router"
+        )

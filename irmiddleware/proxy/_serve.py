@@ -23,14 +23,23 @@ from irmiddleware._router import STRATEGIES
 from irmiddleware.proxy._logs import configure_logging
 from irmiddleware.proxy.config import (
     LOG_FORMATS,
+    WORKERS_MAX,
     ConfigError,
     RouterConfig,
     check_listen,
     load_config,
     parse_config,
 )
+from irmiddleware.proxy.config._sections import check_workers
 
-__all__ = ["build_config", "serve_main"]
+__all__ = [
+    "admin_server",
+    "build_config",
+    "raise_open_files_limit",
+    "serve_arguments",
+    "serve_main",
+    "traffic_server",
+]
 
 log = logging.getLogger("irmiddleware.proxy")
 
@@ -72,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="SECONDS",
         help="on SIGTERM, let requests in flight finish for at most this long (default: wait for all)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes on one shared-memory table (default: the file's, else 1; doc/workers.md)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
@@ -118,6 +133,11 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         overrides["log_format"] = args.log_format
     if args.access_log is not None:
         overrides["access_log"] = args.access_log
+    if args.workers is not None:
+        if not 1 <= args.workers <= WORKERS_MAX:
+            raise ConfigError(f"--workers must be in 1..{WORKERS_MAX}, got {args.workers}")
+        check_workers(args.workers, config.shared_table, bool(config.discovery))
+        overrides["workers"] = args.workers
     if args.shutdown_grace is not None:
         if args.shutdown_grace < 0:
             raise ConfigError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
@@ -125,22 +145,31 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     return dataclasses.replace(config, **overrides)
 
 
+def serve_arguments(argv: list[str]) -> argparse.Namespace:
+    """`irmiddleware serve`'s command line, parsed (the workers of `--workers N` read their
+    supervisor's)."""
+    return _parser().parse_args(argv)
+
+
 def serve_main(argv: list[str] | None = None) -> int:
-    """Runs the proxy until interrupted; returns the exit code (2 for a bad configuration)."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Runs the proxy until interrupted; returns the exit code (2 for a bad configuration). With
+    `--workers N` (N > 1) a supervisor runs N worker processes (`irmiddleware.serve`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = serve_arguments(argv)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 (the message below names what is missing)
 
         from irmiddleware.proxy._admin import AdminAuth
         from irmiddleware.proxy._middleware import create_app
-        from irmiddleware.proxy._server import edge_protocol
-        from irmiddleware.proxy._shutdown import ReadinessFirstServer
+        from irmiddleware.proxy._server import edge_protocol  # noqa: F401 (needs httptools)
 
         config = build_config(args)
         configure_logging(args.log_level, config.log_format, access_log=config.access_log)
         if config.admin.listen:  # before the app exists: a refused start leaves nothing open
             AdminAuth(config.admin).check_source()
-        app = create_app(config, listen=config.listen)
+        # With workers, the supervisor builds the router (the app of its health checks and admin
+        # listener) on the table it creates, and each worker its own.
+        app = create_app(config, listen=config.listen) if config.workers == 1 else None
     except ImportError as error:
         needs = "irmiddleware serve needs uvicorn and httptools: pip install 'irmiddleware[serve]'"
         print(f"{needs} ({error})", file=sys.stderr)
@@ -148,7 +177,23 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"irmiddleware serve: {error}", file=sys.stderr)
         return 2
-    _raise_open_files_limit(config)
+    raise_open_files_limit(config)
+    if app is None:
+        from irmiddleware.serve import run_supervisor
+
+        return run_supervisor(argv, config, args.log_level)
+    return _run_servers(traffic_server(app, config, args.log_level), app, args)
+
+
+def traffic_server(app: Any, config: RouterConfig, log_level: str) -> Any:
+    """The uvicorn server of the traffic port (`config.listen`; a worker of `--workers N` hands
+    its inherited socket to `serve(sockets=...)` instead): the client edge's bounds, no
+    WebSocket, the router's own logs, readiness off first at shutdown."""
+    import uvicorn
+
+    from irmiddleware.proxy._server import edge_protocol
+    from irmiddleware.proxy._shutdown import ReadinessFirstServer
+
     host, port = config.listen_host_port
     server_config = uvicorn.Config(
         app,
@@ -159,13 +204,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         http=edge_protocol(config, app.metrics.edge_refusals),
         ws="none",
         lifespan="on",
-        log_level=args.log_level,
+        log_level=log_level,
         log_config=None,  # `configure_logging` did it: uvicorn's lines in the router's format
         access_log=False,  # the router's own (`--access-log`) knows the backend and the outcome
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
-    server = ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
-    return _run_servers(server, app, args)
+    return ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
 
 
 def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
@@ -176,7 +220,7 @@ def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
 
     from irmiddleware.proxy._reload import Reloader
 
-    admin = _admin_server(app, args.log_level)
+    admin = admin_server(app, args.log_level)
 
     async def serve() -> None:
         reloader = Reloader(app, lambda: build_config(args))
@@ -201,7 +245,7 @@ def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:
     return 0 if server.started else 3
 
 
-def _admin_server(app: Any, log_level: str) -> Any:
+def admin_server(app: Any, log_level: str) -> Any:
     """The uvicorn server of `[admin] listen`, or None. It leaves the signals to the traffic
     server (whose shutdown ends both) and has no lifespan: the router's runs on the traffic side."""
     import uvicorn
@@ -233,7 +277,7 @@ def _admin_server(app: Any, log_level: str) -> Any:
     )
 
 
-def _raise_open_files_limit(config: RouterConfig) -> None:
+def raise_open_files_limit(config: RouterConfig) -> None:
     """Raises the soft open-files limit to what `max_client_connections` and the upstream pool
     need (up to the hard limit). Below it the kernel's limit, not the configured bound, would cap
     client connections, and a flood of them would leave none for the upstream pool."""

@@ -23,6 +23,7 @@ from irmiddleware.proxy.config._document import (
     parse_config,
 )
 from irmiddleware.proxy.config._sections import (
+    WORKERS_MAX,
     AdminConfig,
     AffinityConfig,
     HealthConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "COSTS",
     "LOG_FORMATS",
     "READY_RULES",
+    "WORKERS_MAX",
     "AdminConfig",
     "AdmissionConfig",
     "AffinityConfig",

@@ -14,6 +14,7 @@ from irmiddleware._native import CAPACITY_MAX, WEIGHT_MILLI_MAX
 from irmiddleware.proxy.config._admission import AdmissionConfig, parse_admission
 from irmiddleware.proxy.config._discovery import DiscoveryConfig, parse_discovery
 from irmiddleware.proxy.config._sections import (
+    WORKERS_MAX,
     AdminConfig,
     AffinityConfig,
     HealthConfig,
@@ -25,6 +26,7 @@ from irmiddleware.proxy.config._sections import (
     SpeedConfig,
     TimeoutsConfig,
     TokensConfig,
+    check_workers,
 )
 from irmiddleware.proxy.config._toml import (
     ConfigError,
@@ -113,6 +115,13 @@ class RouterConfig:
     discovery: tuple[DiscoveryConfig, ...] = ()
     """`[[discovery]]`: DNS names whose addresses join as backends (doc/proxy.md, "Discovery
     through DNS")."""
+    workers: int = bounded(1, 1, WORKERS_MAX)
+    """`irmiddleware serve`: worker processes on one shared-memory table (doc/workers.md); 1 (the
+    default) serves from the one process, as ever."""
+    shared_table: str = ""
+    """The drop-in middleware in a multi-worker ASGI server: every worker attaches to this named
+    shared-memory table, so capacity and tenant limits hold across them (doc/workers.md); "" (the
+    default): a private table per process."""
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -174,6 +183,8 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         admission=parse_admission(table(data, "admission", "")),
         admin=_admin(data, value("listen")),
         discovery=discovery,
+        workers=value("workers"),
+        shared_table=check_workers(value("workers"), value("shared_table"), bool(discovery)),
     )
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)

@@ -3,11 +3,14 @@ value has limits, its bounds (`bounded`). `_toml.section` reads each of them the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
-from irmiddleware.proxy.config._toml import bounded
+from irmiddleware.proxy.config._toml import ConfigError, bounded
 
 __all__ = [
+    "WORKERS_MAX",
     "AdminConfig",
     "AffinityConfig",
     "HealthConfig",
@@ -19,7 +22,34 @@ __all__ = [
     "SpeedConfig",
     "TimeoutsConfig",
     "TokensConfig",
+    "check_workers",
 ]
+
+WORKERS_MAX: Final = 63
+"""Worker processes of one router: the core records reservations for 63 owners per table."""
+# A shared table's name as the core accepts it, with room for the tenants table's suffix.
+_TABLE_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,190}")
+
+
+def check_workers(workers: int, shared_table: str, discovery: bool) -> str:
+    """`shared_table` if it and `workers` (`[router]`) go together; ConfigError otherwise. With
+    several workers the supervisor names the table itself (one per run) and the fleet is the
+    configured one: `[[discovery]]` changes the fleet in one process only."""
+    if shared_table and not _TABLE_NAME.fullmatch(shared_table):
+        raise ConfigError(
+            "`router.shared_table` must be 1-191 letters, digits, '.', '_' or '-' "
+            f"(not starting with '.'), got {shared_table!r}"
+        )
+    if workers > 1 and shared_table:
+        raise ConfigError(
+            "give `router.workers` or `router.shared_table`, not both: the supervisor of the workers "
+            "names its table"
+        )
+    if workers > 1 and discovery:
+        raise ConfigError(
+            "`router.workers` > 1 does not go with [[discovery]]: give the backends as [[backends]]"
+        )
+    return shared_table
 
 
 @dataclass(frozen=True, slots=True)
