@@ -51,9 +51,11 @@ def port_of(url: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(args: Sequence[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Runs `python ARGS` until the block ends, once `url` answers `/v1/models`."""
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL)
+def serving(args: Sequence[str], url: str, cpus: set[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `python ARGS` until the block ends, once `url` answers `/v1/models`; on the CPUs
+    `cpus` only, when given (set before the process starts, so every thread it makes inherits it)."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, preexec_fn=pin)
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
