@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from irmiddleware.bench._harness import cpu_seconds, format_table, local_url, port_of, serving
 from irmiddleware.bench._load import LoadResult, http_request, loadgen_binary, run_load
 
-__all__ = ["add_peer_arguments", "compare_peers"]
+__all__ = ["BARE_APP", "add_peer_arguments", "check_peer_arguments", "compare_peers"]
 
 # Router -> (module that must be importable, its (strategy, kind) pairs).
 _ROUTERS = {
@@ -64,6 +64,12 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="--peers: rounds, figures are medians (default 2)"
     )
+
+
+def check_peer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits through `parser.error` for --seconds or --rounds out of range (every run bounded)."""
+    if not 0.2 <= args.seconds <= 120 or not 1 <= args.rounds <= 9:
+        parser.error("--seconds must be in 0.2..120 and --rounds in 1..9")
 
 
 def _request(stream: bool) -> bytes:
@@ -123,7 +129,8 @@ def _measure(
     url: str, pid: int, stream: bool, args: argparse.Namespace, load_cpus: set[int]
 ) -> tuple[float, float]:
     request = _request(stream)
-    run_load(url, request, connections=_CONNECTIONS, seconds=1.0, max_requests=100_000, cpus=load_cpus)
+    warm_up_s = min(1.0, args.seconds)  # connections opened, code paths and caches warm
+    run_load(url, request, connections=_CONNECTIONS, seconds=warm_up_s, max_requests=100_000, cpus=load_cpus)
     pids = _tree(pid)
     before = _tree_cpu(pids)
     result: LoadResult = run_load(

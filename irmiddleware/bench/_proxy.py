@@ -29,7 +29,7 @@ from irmiddleware.bench._harness import (
     quantile,
     serving,
 )
-from irmiddleware.bench._peers import BARE_APP, add_peer_arguments, compare_peers
+from irmiddleware.bench._peers import BARE_APP, add_peer_arguments, check_peer_arguments, compare_peers
 
 __all__ = ["bench_proxy_main"]
 
@@ -134,6 +134,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     )
     add_peer_arguments(parser)
     args = parser.parse_args(argv)
+    check_peer_arguments(parser, args)
     if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024 or not 1 <= args.repeats <= 20:
         parser.error("--requests must be in 10..100000, --concurrency in 1..1024 and --repeats in 1..20")
     backend, proxy, bare = local_url(), local_url(), local_url()

@@ -318,11 +318,23 @@ class Attempt:
         metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
         send = exchange.send
-        await exchange.start(self.status, response_headers(response.headers.raw))
+        headers = response_headers(response.headers.raw)
+        # A body of known length ends with the chunk that completes it: that chunk is the last
+        # message (one send, and the server writes the head and the whole body at once).
+        remaining = _content_length(headers)
+        await exchange.start(self.status, headers)
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
+                if self.answered:
+                    continue  # nothing follows a whole body: on to the iterator's end (and the pool)
+                if remaining is not None:
+                    remaining -= len(chunk)
+                    if remaining <= 0:
+                        self._ended()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
             # Headers are out: the only honest signal left is a broken connection, so end without
@@ -330,10 +342,24 @@ class Attempt:
             self.outcome = outcome_of(error)
             log.warning("backend %s broke off a response: %r", self.backend.url, error)
             return
-        self.answered = True
-        exchange.done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self.answered:
+            self._ended()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"
+
+    def _ended(self) -> None:
+        # Before the last message: a disconnect from now on is the normal end of the exchange.
+        self.answered = True
+        self.exchange.done = True
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's length from the relayed headers; None when unknown (a stream), or when the
+    status has no body, or the length is 0 (the empty last message ends those)."""
+    for name, value in headers:
+        if name == b"content-length" or (len(name) == 14 and name.lower() == b"content-length"):
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
