@@ -71,10 +71,12 @@ def run_load(
     connections: int,
     seconds: float,
     max_requests: int,
+    rate: float = 0.0,
     cpus: set[int] | None = None,
 ) -> LoadResult:
     """Sends `request` (the whole HTTP/1.1 request's bytes) to `url` over `connections` keep-alive
-    connections until `seconds` have passed or `max_requests` were sent, on `cpus` if given."""
+    connections until `seconds` have passed or `max_requests` were sent, on `cpus` if given: as
+    fast as the server answers, or paced at `rate` requests/s in all."""
     host, _, port = url.removeprefix("http://").rpartition(":")
     with tempfile.NamedTemporaryFile(prefix="irm-request-", suffix=".http") as file:
         file.write(request)
@@ -87,6 +89,7 @@ def run_load(
             str(connections),
             str(seconds),
             str(max_requests),
+            str(rate),
         ]
         done = subprocess.run(
             command,

@@ -64,12 +64,19 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="--peers: rounds, figures are medians (default 2)"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="--peers: pace the load at this many requests/s in all (default 0: as fast as answered)",
+    )
 
 
 def check_peer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exits through `parser.error` for --seconds or --rounds out of range (every run bounded)."""
-    if not 0.2 <= args.seconds <= 120 or not 1 <= args.rounds <= 9:
-        parser.error("--seconds must be in 0.2..120 and --rounds in 1..9")
+    """Exits through `parser.error` for --seconds, --rounds or --rate out of range (every run
+    bounded)."""
+    if not 0.2 <= args.seconds <= 120 or not 1 <= args.rounds <= 9 or not 0 <= args.rate <= 1_000_000:
+        parser.error("--seconds must be in 0.2..120, --rounds in 1..9 and --rate in 0..1000000")
 
 
 def _request(stream: bool) -> bytes:
@@ -130,12 +137,11 @@ def _measure(
 ) -> tuple[float, float]:
     request = _request(stream)
     warm_up_s = min(1.0, args.seconds)  # connections opened, code paths and caches warm
-    run_load(url, request, connections=_CONNECTIONS, seconds=warm_up_s, max_requests=100_000, cpus=load_cpus)
+    load = {"connections": _CONNECTIONS, "rate": args.rate, "cpus": load_cpus}
+    run_load(url, request, seconds=warm_up_s, max_requests=100_000, **load)
     pids = _tree(pid)
     before = _tree_cpu(pids)
-    result: LoadResult = run_load(
-        url, request, connections=_CONNECTIONS, seconds=args.seconds, max_requests=2_000_000, cpus=load_cpus
-    )
+    result: LoadResult = run_load(url, request, seconds=args.seconds, max_requests=2_000_000, **load)
     cpu = _tree_cpu(pids) - before
     if result.non_2xx or result.errors:
         print(f"  ({url}: {result.non_2xx} answers not 2xx, {result.errors} connection errors)")
@@ -213,7 +219,8 @@ def compare_peers(args: argparse.Namespace) -> None:
     router_cpus, load_cpus = _cpus()
     print(
         f"\nRouters side by side: router on CPU {sorted(router_cpus)}, {_BACKENDS} canned backends and"
-        f" the load generator ({_CONNECTIONS} keep-alive connections, {args.seconds:g} s a run) on"
+        f" the load generator ({_CONNECTIONS} keep-alive connections, {args.seconds:g} s a run,"
+        f" {f'paced at {args.rate:g} requests/s' if args.rate else 'saturating'}) on"
         f" {sorted(load_cpus)}; medians of {args.rounds} rounds; CPU is each router's process tree's"
         " own, per response"
     )

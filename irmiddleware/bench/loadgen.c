@@ -1,14 +1,15 @@
 /* A saturating HTTP/1.1 load generator for `irmiddleware bench-proxy --peers`, and the canned
  * backend it loads routers in front of.
  *
- *   loadgen HOST PORT REQUEST_FILE CONNECTIONS SECONDS MAX_REQUESTS
+ *   loadgen HOST PORT REQUEST_FILE CONNECTIONS SECONDS MAX_REQUESTS [RATE]
  *   loadgen serve PORT
  *
  * One thread per keep-alive connection, blocking sockets, the same request bytes sent again and
  * again (REQUEST_FILE holds them whole). Each response is read to its end by its framing only
  * (Content-Length, or chunked transfer coding, as SSE streams come): nothing else is parsed, so
  * the generator costs little beside the router it drives. It stops at SECONDS or once
- * MAX_REQUESTS were sent, whichever first, and prints one JSON line: responses read whole,
+ * MAX_REQUESTS were sent, whichever first (with RATE, requests/s in all, each connection sends at
+ * its share of that rate instead of as fast as it can), and prints one JSON line: responses read whole,
  * how many were not 2xx, connection errors, seconds elapsed and the median latency.
  *
  * `serve` is a vLLM-shaped backend with fixed answers, one thread per connection: a chat or text
@@ -41,6 +42,7 @@ static char *request;
 static size_t request_len;
 static double deadline;
 static long max_requests;
+static double interval; /* seconds between one connection's requests when paced; 0: as fast as it can */
 static atomic_long claimed, done, non2xx, errors;
 static atomic_long samples_n;
 static float samples[MAX_SAMPLES];
@@ -146,10 +148,15 @@ static int open_conn(void) {
 }
 
 static void *worker(void *arg) {
-    (void)arg;
     conn_t *c = calloc(1, sizeof *c);
     c->fd = -1;
+    double next = now() + interval * (double)((long)arg) / 64.0; /* connections start staggered */
     while (now() < deadline && atomic_fetch_add(&claimed, 1) < max_requests) {
+        if (interval > 0) {
+            double wait = next - now();
+            if (wait > 0) usleep((useconds_t)(wait * 1e6));
+            next += interval;
+        }
         if (c->fd < 0) {
             c->start = c->end = 0;
             if ((c->fd = open_conn()) < 0) {
@@ -188,8 +195,8 @@ static int by_value(const void *a, const void *b) {
 }
 
 static int client_main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: loadgen HOST PORT REQUEST_FILE CONNECTIONS SECONDS MAX_REQUESTS\n");
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: loadgen HOST PORT REQUEST_FILE CONNECTIONS SECONDS MAX_REQUESTS [RATE]\n");
         return 2;
     }
     target.sin_family = AF_INET;
@@ -203,11 +210,13 @@ static int client_main(int argc, char **argv) {
     int connections = atoi(argv[4]);
     double seconds = atof(argv[5]);
     max_requests = atol(argv[6]);
-    if (connections < 1 || connections > 4096 || seconds <= 0 || max_requests < 1) return 2;
+    double rate = argc == 8 ? atof(argv[7]) : 0;
+    if (connections < 1 || connections > 4096 || seconds <= 0 || max_requests < 1 || rate < 0) return 2;
+    interval = rate > 0 ? connections / rate : 0;
     pthread_t *threads = calloc((size_t)connections, sizeof *threads);
     double started = now();
     deadline = started + seconds;
-    for (int i = 0; i < connections; i++) pthread_create(&threads[i], NULL, worker, NULL);
+    for (int i = 0; i < connections; i++) pthread_create(&threads[i], NULL, worker, (void *)(long)(i % 64));
     for (int i = 0; i < connections; i++) pthread_join(threads[i], NULL);
     double elapsed = now() - started;
     long n = atomic_load(&samples_n);
