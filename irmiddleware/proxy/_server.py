@@ -233,10 +233,9 @@ class _JoinedWrites:
     def write(self, data: bytes) -> None:
         if self._held:
             data, self._held = self._held + data, b""
-        elif (
-            data.startswith(b"HTTP/1.1 2") or data.startswith(b"HTTP/1.1 4") or data.startswith(b"HTTP/1.1 5")
-        ):
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
             # A response head (an interim "100 Continue" is never held: the client waits for it).
+            # Holding anything else would only delay it by a turn, never reorder it.
             self._held = data
             self._loop.call_soon(self._flush)
             return
