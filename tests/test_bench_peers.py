@@ -15,7 +15,18 @@ pytestmark = pytest.mark.slow  # starts an emulated backend and several routers 
 
 
 def test_peers_are_measured_or_named_as_missing() -> None:
-    command = ["bench-proxy", "--requests", "10", "--concurrency", "2", "--peers"]
+    command = [
+        "bench-proxy",
+        "--requests",
+        "10",
+        "--concurrency",
+        "2",
+        "--peers",
+        "--seconds",
+        "0.5",
+        "--rounds",
+        "1",
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "irmiddleware", *command], capture_output=True, text=True, timeout=600
     )

@@ -2,9 +2,10 @@
 `bench-affinity`: commands that print figures (recorded in doc/benchmarks.md), never tests.
 
 One module per command (`_core`: the native core at the seed's scale; `_proxy`: the proxy's
-overhead against direct calls; `_admission`: priority classes under overload; `_affinity`: what a
-cache-aware decision costs), all on one harness (`_harness`: ports, child processes, CPU time,
-percentiles, tables). They use the package's public surface: `irmiddleware`'s router, the
+overhead against direct calls, with `_peers` and `_load` for `--peers`: the Rust routers beside
+ours under a native load generator; `_admission`: priority classes under overload; `_affinity`:
+what a cache-aware decision costs), all on one harness (`_harness`: ports, child processes, CPU
+time, percentiles, tables). They use the package's public surface: `irmiddleware`'s router, the
 `irmiddleware serve` command and `irmiddleware.testing`'s emulators, each in its own process.
 """
 

@@ -51,9 +51,11 @@ def port_of(url: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(args: Sequence[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Runs `python ARGS` until the block ends, once `url` answers `/v1/models`."""
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL)
+def serving(args: Sequence[str], url: str, cpus: set[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `python ARGS` until the block ends, once `url` answers `/v1/models`; on the CPUs
+    `cpus` only, when given (set before the process starts, so every thread it makes inherits it)."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, preexec_fn=pin)
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
@@ -96,6 +98,30 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as file:
         fields = file.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants now (a launcher may run the router in a child process; a
+    supervisor runs its workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as file:
+                parents[int(entry)] = int(file.read().rpartition(")")[2].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time so far of the processes `pids` (from `process_tree`) that still run."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
 
 
 def quantile(values: Sequence[float], q: float) -> float:

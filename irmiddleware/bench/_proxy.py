@@ -8,16 +8,15 @@ process alone. As a floor for that CPU figure, the same client also calls a bare
 answers a fixed body (what any Python ASGI server costs per request before proxying anything).
 With `--workers 1,2`, `irmiddleware serve --workers N` is measured instead for each N (requests per
 second, and CPU per request of the supervisor and its workers together). With `--peers`, the Rust
-routers `sglang-router` and `vllm-router` (when importable: `pip install sglang-router
-vllm-router`) are started in front of the same backend and measured with the same
-client, beside ours, plain and cache-aware. Prints numbers; asserts nothing.
+routers `sglang-router` and `vllm-router` (when importable: `pip install sglang-router vllm-router`)
+and ours are measured side by side under a saturating load (`_peers`). Prints numbers; asserts
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,26 +29,14 @@ from irmiddleware.bench._harness import (
     format_table,
     local_url,
     port_of,
+    process_tree,
     quantile,
     serving,
+    tree_cpu_seconds,
 )
+from irmiddleware.bench._peers import BARE_APP, add_peer_arguments, check_peer_arguments, compare_peers
 
-__all__ = ["bench_proxy_main", "tree_cpu_seconds"]
-
-# The floor: uvicorn (with the same loop and parser as `irmiddleware serve`) answering a fixed body.
-_BARE = """
-import sys, uvicorn
-BODY = b'{"id":"cmpl-0","object":"text_completion","choices":[{"index":0,"text":"hello"}]}'
-HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": BODY})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
-"""
+__all__ = ["bench_proxy_main"]
 
 
 @dataclass
@@ -136,64 +123,6 @@ def _report(name: str, direct: _Phase, proxied: _Phase) -> None:
     print(f"  added  : p50 {p50:+7.3f} ms  p99 {p99:+7.3f} ms   proxy CPU {proxied.cpu_text}")
 
 
-# Router -> (module that must be importable, its strategies: (ours/theirs name, label) pairs).
-_PEERS = {
-    "irmiddleware": ("irmiddleware", (("p2c", "plain"), ("prefix_affinity", "cache-aware"))),
-    "sglang-router": ("sglang_router", (("round_robin", "plain"), ("cache_aware", "cache-aware"))),
-    "vllm-router": ("vllm_router", (("round_robin", "plain"), ("cache_aware", "cache-aware"))),
-}
-
-
-def _router_command(router: str, strategy: str, backend: str, url: str) -> list[str]:
-    """How to start `router` with `strategy` in front of `backend`, listening on `url`."""
-    host, port = "127.0.0.1", port_of(url)
-    if router == "irmiddleware":
-        listen = ["--listen", f"{host}:{port}", "--log-level", "warning"]
-        return ["-m", "irmiddleware", "serve", "--backend", backend, "--model", "m", "--capacity", "4096",
-                "--strategy", strategy, *listen]  # fmt: skip
-    # Both peers share the sglang command line (vllm-router is its fork); their log levels differ.
-    level = "warn" if router == "sglang-router" else "warning"
-    return ["-m", f"{_PEERS[router][0]}.launch_router", "--host", host, "--port", port, "--worker-urls",
-            backend, "--policy", strategy, "--log-level", level]  # fmt: skip
-
-
-def _peer_rows(args: argparse.Namespace, backend: str) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for router, (module, strategies) in _PEERS.items():
-        if importlib.util.find_spec(module) is None:
-            print(f"{router}: not installed (pip install {router}), left out")
-            continue
-        for strategy, label in strategies:
-            url = local_url()
-            with serving(_router_command(router, strategy, backend, url), url) as process:
-                plain = _phase(url, args, False, process.pid)
-                streamed = _phase(url, args, True, process.pid)
-            rows.append((f"{router}, {strategy} ({label})",
-                         f"{plain.rate_per_s:,.0f}", f"{plain.cpu_median * 1e6:,.0f}",
-                         f"{streamed.rate_per_s:,.0f}", f"{streamed.cpu_median * 1e6:,.0f}"))  # fmt: skip
-    return rows
-
-
-def _compare_peers(args: argparse.Namespace, backend: str) -> None:
-    print(
-        "\nRouters side by side (same backend, client and load; req/s is bounded by this Python client,"
-        " CPU per request is each router process's own):"
-    )
-    header = ("router, strategy", "req/s", "CPU µs/req", "stream req/s", "stream CPU µs/req")
-    print(format_table(header, _peer_rows(args, backend)))
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and of the processes it started that still run (a supervisor and
-    its workers; Linux)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as file:
-            children = [int(child) for child in file.read().split()]
-    except OSError:
-        children = []
-    return cpu_seconds(pid) + sum(tree_cpu_seconds(child) for child in children)
-
-
 def _worker_counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",")]
@@ -214,9 +143,10 @@ def _compare_workers(args: argparse.Namespace, backend: str, serve: list[str]) -
             _sequential(proxy, 200, False)  # every worker warms up (each takes connections)
             rates, cpu = [], []
             for _round in range(args.repeats):
-                before = tree_cpu_seconds(process.pid)
+                pids = process_tree(process.pid)
+                before = tree_cpu_seconds(pids)
                 rates.append(asyncio.run(_concurrent(proxy, args.requests, args.concurrency, False)))
-                cpu.append((tree_cpu_seconds(process.pid) - before) / args.requests)
+                cpu.append((tree_cpu_seconds(pids) - before) / args.requests)
         rows.append(
             (str(workers), f"{statistics.median(rates):,.0f}", f"{statistics.median(cpu) * 1e6:,.0f}")
         )
@@ -259,7 +189,9 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         metavar="N,N,...",
         help="instead of the overhead phases: req/s and CPU per request of `serve --workers N` for each N",
     )
+    add_peer_arguments(parser)
     args = parser.parse_args(argv)
+    check_peer_arguments(parser, args)
     if not 10 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 1024 or not 1 <= args.repeats <= 20:
         parser.error("--requests must be in 10..100000, --concurrency in 1..1024 and --repeats in 1..20")
     backend, proxy, bare = local_url(), local_url(), local_url()
@@ -286,8 +218,8 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
             if not stream:
                 non_streaming_cpu = proxied.cpu_median
         if args.peers:
-            _compare_peers(args, backend)
-    with serving(["-c", _BARE, port_of(bare)], bare) as bare_process:
+            compare_peers(args)
+    with serving(["-c", BARE_APP, port_of(bare)], bare) as bare_process:
         floor = _phase(bare, args, False, bare_process.pid).cpu_median
     ratio = non_streaming_cpu / floor if floor else float("nan")
     print(

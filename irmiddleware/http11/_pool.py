@@ -14,7 +14,7 @@ import collections
 import select
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, NamedTuple
 
 import httpx
@@ -198,7 +198,7 @@ class Pool:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closed = False
 
-    async def acquire(self, origin: Origin, timeouts: dict[str, float | None]) -> Connection:
+    async def acquire(self, origin: Origin, timeouts: Mapping[str, float | None]) -> Connection:
         """An idle, live connection to `origin`, else a new one once the limit allows."""
         while True:
             connection = self._idle_connection(origin)

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import httpx
 
 from irmiddleware.http11._pool import Connection, Pool, PoolStats
-from irmiddleware.http11._wire import Body, ParsedResponse, read_head, request_head
+from irmiddleware.http11._wire import Body, ParsedResponse, head_bytes, read_head, request_head
 
 __all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport"]
 
@@ -47,25 +48,49 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return PoolStats(0, 0, 0) if self._pool is None else self._pool.stats()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+        stream = request.stream
+        # A ByteStream yields its one bytes object: joining it returns that object, uncopied, and
+        # works whether or not the request was `read()` (which costs a slow typing isinstance).
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else None
+        return await self._round_trip(request.method, request.url, request_head(request), body, request)
+
+    async def send_bytes(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        timeouts: Mapping[str, float | None],
+    ) -> httpx.Response:
+        """`handle_async_request` without an `httpx.Request` (building one, and its head from it,
+        is a measurable share of a proxied request's CPU): `headers` are sent as they are, so
+        they must include Host and, for a body, Content-Length; `timeouts` are httpx's
+        (`Timeout.as_dict()`)."""
+        return await self._round_trip(method, url, head_bytes(method, url.raw_path, headers), body, timeouts)
+
+    async def _round_trip(
+        self,
+        method: str,
+        url: httpx.URL,
+        head: bytes,
+        body: bytes | None,
+        source: httpx.Request | Mapping[str, float | None],
+    ) -> httpx.Response:
+        """Writes the request (`body`, or when None the streamed body of the request `source`)
+        and reads the response's head. `source` is the request, or the timeouts themselves."""
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"LeanTransport speaks plain http only, not {url.scheme!r}")
         if self._pool is None:
             self._pool = Pool(self._limits, self._expiry)  # created in the running loop, on first use
         pool = self._pool
-        timeouts = _timeouts(request)
-        head = request_head(request)
-        stream = request.stream
-        # A ByteStream yields its one bytes object: joining it returns that object, uncopied, and
-        # works whether or not the request was `read()` (which costs a slow typing isinstance).
-        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else None
+        timeouts = _timeouts(source) if isinstance(source, httpx.Request) else source
         # A pooled connection comes out of `acquire` checked alive; from there to the write below
         # nothing awaits, so the check still holds when the request is written.
         connection = await pool.acquire(("http", url.host, url.port or 80), timeouts)
         read_timeout = timeouts.get("read")
-        response = ParsedResponse(head_only=request.method == "HEAD")
+        response = ParsedResponse(head_only=method == "HEAD")
         try:
-            await _send(connection, request, head, body, timeouts.get("write"))
+            await _send(connection, source, head, body, timeouts.get("write"))
             payload = await read_head(connection, response, read_timeout)
         except BaseException:
             response.close()
@@ -84,7 +109,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
 
 async def _send(
-    connection: Connection, request: httpx.Request, head: bytes, body: bytes | None, timeout: float | None
+    connection: Connection,
+    request: httpx.Request | Mapping[str, float | None],
+    head: bytes,
+    body: bytes | None,
+    timeout: float | None,
 ) -> None:
     if connection.closed:
         # A new connection the backend closed as soon as it was accepted: nothing was written.
@@ -95,6 +124,7 @@ async def _send(
         if len(body) >= 65536:
             connection.write(body)
     else:
+        assert isinstance(request, httpx.Request)  # only a request has a streamed body
         connection.write(head)
         chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
         assert isinstance(request.stream, httpx.AsyncByteStream)

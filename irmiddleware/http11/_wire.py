@@ -12,7 +12,7 @@ at EOF (httptools has no `finish`), and whether the connection is clean to reuse
 from __future__ import annotations
 
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import httptools
@@ -42,8 +42,12 @@ _CRLF: Final = b"\r\n"
 
 
 def request_head(request: httpx.Request) -> bytes:
-    raw = request.headers.raw
-    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, _HTTP11]
+    return head_bytes(request.method, request.url.raw_path, request.headers.raw)
+
+
+def head_bytes(method: str, target: bytes, raw: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A request head: `method target HTTP/1.1`, the headers `raw` as they are, the empty line."""
+    parts = [method.encode("ascii"), b" ", target, _HTTP11]
     for name, value in raw:
         parts += (name, _SEP, value, _CRLF)
     parts.append(_CRLF)

@@ -322,7 +322,11 @@ class Attempt:
         metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
         send = exchange.send
-        await exchange.start(self.status, response_headers(response.headers.raw))
+        headers = response_headers(response.headers.raw)
+        # A body of known length ends with the chunk that completes it: that chunk is the last
+        # message (one send, and the server writes the head and the whole body at once).
+        remaining = _content_length(headers)
+        await exchange.start(self.status, headers)
         # Learned speed (when on) needs the first *body* byte (a streaming server sends its headers
         # before the prefill) and the stream's events, counted per chunk with no clock read: the
         # pace is taken once, at the end (one event ~ one token of an OpenAI-style stream).
@@ -333,9 +337,17 @@ class Attempt:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
+                if self.answered:
+                    continue  # nothing follows a whole body: on to the iterator's end (and the pool)
                 if not first_s:
                     first_s = time.perf_counter()
                 events += chunk.count(b"\n\n")
+                if remaining is not None:
+                    remaining -= len(chunk)
+                    if remaining <= 0:
+                        self._ended()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as error:
             # Headers are out: the only honest signal left is a broken connection, so end without
@@ -345,10 +357,15 @@ class Attempt:
             return
         if speed is not None and first_s:
             self._observe_speed(speed, first_s, events)
-        self.answered = True
-        exchange.done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self.answered:
+            self._ended()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.outcome = "ok" if self.status < 400 else "backend_error"
+
+    def _ended(self) -> None:
+        # Before the last message: a disconnect from now on is the normal end of the exchange.
+        self.answered = True
+        self.exchange.done = True
 
     def _observe_speed(self, speed: SpeedFeed, first_s: float, events: int) -> None:
         prompt = self.exchange.route.prompt
@@ -359,6 +376,15 @@ class Attempt:
         if events > 1:
             end_s = time.perf_counter()
             speed.streamed(self.backend.id, events - 1, end_s - first_s, end_s)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's length from the relayed headers; None when unknown (a stream), or when the
+    status has no body, or the length is 0 (the empty last message ends those)."""
+    for name, value in headers:
+        if name == b"content-length" or (len(name) == 14 and name.lower() == b"content-length"):
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

@@ -173,6 +173,12 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self._ended:
             super().on_body(body)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # Every request's cycle (pipelined ones too) starts here: its writes go through a
+        # `_JoinedWrites`, so a response head and what follows it go out in one write.
+        cycle.transport = _JoinedWrites(self.transport, self.loop)
+        super()._start_asgi_task(cycle, app)
+
     def on_message_complete(self) -> None:
         if self._ended:
             return
@@ -240,3 +246,40 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+class _JoinedWrites:
+    """The transport a request's cycle writes its response to: uvicorn writes a response head and
+    its body separately (two system calls, two segments on the wire); this holds the head until
+    the next write, or, if none comes in this turn of the event loop, until the loop's next turn
+    (a stream's head is never held longer than that). Everything else is the transport's."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._held = b""
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
+            # A response head (an interim "100 Continue" is never held: the client waits for it).
+            # Holding anything else would only delay it by a turn, never reorder it.
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

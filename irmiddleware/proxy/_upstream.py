@@ -110,8 +110,8 @@ class Upstream:
             else None
         )
         self.client = create_client(config, self._lean)
-        # The client's timeouts, as the extension `AsyncClient.build_request` writes.
-        self._extensions: Final = {"timeout": self.client.timeout.as_dict()}
+        # The client's timeouts, as `AsyncClient.build_request` would give them to the transport.
+        self._timeouts: Final = self.client.timeout.as_dict()
 
     async def send(
         self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
@@ -119,15 +119,12 @@ class Upstream:
         """Sends one request; the response's body is not read yet (stream it, then `aclose`).
         `headers` are the ones to forward, without Host and Content-Length (`request_headers`)."""
         if self._lean is not None and url.scheme == "http":
-            # `stream=` skips httpx's content encoding and header defaults; the two headers it
-            # would have added are added here.
+            # Straight to the transport, without an httpx.Request: the two headers httpx would
+            # have added are added here.
             headers = [*headers, (b"host", url.netloc)]
             if body or method in _BODY_METHODS:
                 headers.append((b"content-length", b"%d" % len(body)))
-            request = httpx.Request(
-                method, url, headers=headers, stream=httpx.ByteStream(body), extensions=self._extensions
-            )
-            return await self._lean.handle_async_request(request)
+            return await self._lean.send_bytes(method, url, headers, body, self._timeouts)
         client = self.client
         return await client.send(
             client.build_request(method, url, headers=headers, content=body), stream=True
