@@ -295,9 +295,10 @@ class Router:
         if seed is not None:
             self._table.seed(seed)
         if balance_epsilon is not None:
-            self._table.set_balance(balance_epsilon)
+            self._table.set_balance(_in_range("balance_epsilon", balance_epsilon, 0.0, _EPSILON_MAX))
         if signal_age_max_s is not None:
-            self._table.set_signal_age_max(round(signal_age_max_s * 1000))
+            age_s = _in_range("signal_age_max_s", signal_age_max_s, 0.001, _SIGNAL_AGE_MAX_S)
+            self._table.set_signal_age_max(round(age_s * 1000))
 
     @staticmethod
     def _open_table(
@@ -886,6 +887,22 @@ def _latency_us(started_ns: int, latency_s: float | None) -> int:
 
 _BLOCK_COST_DEFAULT_MILLI: Final = 50
 """The core's default price of a prompt block: 0.05 cost units (zig/strategies.zig)."""
+
+
+_EPSILON_MAX: Final = 10.0
+"""The core's bound on the bounded-load slack."""
+_SIGNAL_AGE_MAX_S: Final = 86_400.0
+"""A day: the core keeps the age in milliseconds in 32 bits (49 days), so a larger value would wrap."""
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> float:
+    """`value` if it is a number in `low..high`; else InvalidArgumentError naming the option (never
+    a value that ctypes would wrap into the core's unsigned integers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _errors.InvalidArgumentError(
+            "invalid_argument", f"{name} must be a number in {low:g}..{high:g}, got {value!r}"
+        )
+    return float(value)
 
 
 def _block_cost_milli(block_cost: float | None) -> int:

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import gc
 import io
+import math
 import re
 import subprocess
 import sys
@@ -281,6 +282,26 @@ def test_bad_state_names_are_refused(fleet: Fleet) -> None:
         router.set_state(0, "sleeping")
     with pytest.raises(UnknownBackendError):
         router.set_state(7, "down")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("signal_age_max_s", -1.0),
+        ("signal_age_max_s", 0.0),
+        ("signal_age_max_s", 2**32 / 1000),  # would wrap to 0 ms in the core's u32
+        ("signal_age_max_s", 1e300),
+        ("signal_age_max_s", math.nan),
+        ("signal_age_max_s", math.inf),
+        ("balance_epsilon", -4294967.296),  # would wrap to 0 in the core's u32
+        ("balance_epsilon", 1e300),
+        ("balance_epsilon", math.nan),
+        ("balance_epsilon", math.inf),
+    ],
+)
+def test_options_out_of_range_are_refused_not_wrapped(option: str, value: float) -> None:
+    with pytest.raises(InvalidArgumentError, match=option):
+        Router("queue_aware", **{option: value})
 
 
 def test_class_share_out_of_range_is_refused_and_frees_the_table() -> None:

@@ -148,7 +148,7 @@ class SignalsConfig:
     enabled: bool = True
     interval_s: float = bounded(1.0, 0.01)
     timeout_s: float = bounded(1.0, 0.001)
-    max_age_s: float = bounded(5.0, 0.01)
+    max_age_s: float = bounded(5.0, 0.01, 86_400.0)  # the core keeps it in 32-bit milliseconds
     """Signals not refreshed by a successful scrape within this age are ignored by the core."""
 
 
