@@ -510,12 +510,15 @@ fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, co
         const first_index = (r & 0xFFFF_FFFF) % count;
         const second_index = (first_index + 1 + (r >> 32) % (count - 1)) % count;
         assert(first_index != second_index);
+        prefetchSlot(t, candidates, second_index);
         const first = candidate(t, candidates, first_index, cost, class, view, now_ms);
         const second = candidate(t, candidates, second_index, cost, class, view, now_ms);
         var better = @min(first, second);
         var worse = @max(first, second);
-        // Equal loads (an idle fleet) must not always favour the lower slot: break ties at random.
-        if (first >> 32 == second >> 32 and better != tree.node_none and t.random() & 1 == 1) {
+        // Equal loads (an idle fleet) must not always favour the lower slot: break ties at random,
+        // with a bit of `r` mixed again (independent of the indices it chose) rather than a
+        // second draw from the shared generator, an atomic on the header's line per decision.
+        if (first >> 32 == second >> 32 and better != tree.node_none and table_mod.splitmix64(r) & 1 == 1) {
             std.mem.swap(u64, &better, &worse);
         }
         if (better == tree.node_none) continue;
@@ -523,6 +526,14 @@ fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, co
         if (worse != tree.node_none and t.reserve(@truncate(worse), cost, class)) return @truncate(worse);
     }
     return roundRobin(t, candidates, cost, class, t.random());
+}
+
+/// Starts loading the slot of candidate `index` while the other candidate is read: two random
+/// slots among thousands are two cache misses, which then overlap instead of following each other.
+fn prefetchSlot(t: *const Table, candidates: Candidates, index: u64) void {
+    const slot = candidates.at(index);
+    if (slot >= t.backendsMax()) return;
+    @prefetch(&t.slots[slot], .{ .rw = .write, .locality = 3, .cache = .data });
 }
 
 /// The value (relative load, slot) of a candidate that could take the request, else none.

@@ -26,7 +26,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 5; // 5: owner records, the slot tag, the release generation, the ring key.
+pub const layout_version: u32 = 6; // 5: owner records, the slot tag, the release generation, the ring key; 6: the incarnation in a slot's first line.
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -88,14 +88,16 @@ pub const Slot = extern struct {
     weight_milli: Atomic(u32),
     routed_total: Atomic(u64),
     completed_total: Atomic(u64),
-    failed_total: Atomic(u64),
+    /// Moves on every add: an index entry naming (slot, incarnation) is stale once it differs.
+    /// In the first cache line with the word, capacity and id: a reservation's ticket reads it,
+    /// so a decision touches one line of its slot.
+    incarnation: Atomic(u32),
+    reserved_u32: u32,
     latency_us_ewma: Atomic(u64),
+    failed_total: Atomic(u64),
     signal_queue_depth: Atomic(u32),
     signal_kv_permille: Atomic(u32),
     signal_time_ms: Atomic(u64),
-    /// Moves on every add: an index entry naming (slot, incarnation) is stale once it differs.
-    incarnation: Atomic(u32),
-    reserved_u32: u32,
     /// Where the backend's points sit on the consistent-hashing ring: a name the caller chose
     /// (a hash of the backend's URL), so routers that number the same backends differently build
     /// the same ring; 0 (the default) places them by `id`. Changed under the lock.
@@ -111,6 +113,11 @@ pub const Slot = extern struct {
         // Two cache lines: a slot never shares a line with its neighbour's hot word.
         assert(@sizeOf(Slot) == 128);
         assert(@offsetOf(Slot, "tag") == 8);
+        // What a decision reads (word, id, capacity, weight, incarnation) and writes (word,
+        // routed_total) shares the first line.
+        assert(@offsetOf(Slot, "incarnation") + 4 <= 64);
+        assert(@offsetOf(Slot, "routed_total") + 8 <= 64);
+        assert(@offsetOf(Slot, "weight_milli") + 4 <= 64);
     }
 };
 
