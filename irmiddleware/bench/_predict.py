@@ -104,7 +104,8 @@ async def _drive(router: str, plan: _Plan, run: _Run) -> None:
             await _conversation(client, number, plan, run)
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(user(index) for index in range(plan.users))), _PHASE_DEADLINE_S)
+        users = (user(index) for index in range(plan.users))
+        await asyncio.wait_for(asyncio.gather(*users), _PHASE_DEADLINE_S)
     finally:
         await client.close()
 
@@ -260,13 +261,15 @@ def bench_predict_main(argv: list[str]) -> int:
     parser.add_argument("--slow-for", type=float, default=10.0, help="phase 2: for this long (s)")
     parser.add_argument("--window", type=float, default=2.0, help="share windows, s (default 2)")
     parser.add_argument(
-        "--warmup", type=int, default=16, help="conversations before each measurement, not counted (default 16)"
+        "--warmup", type=int, default=16, help="conversations of warm-up, not counted (default 16)"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-slowdown", action="store_true")
     args = parser.parse_args(argv)
-    if not 1 <= args.sessions <= 10_000 or not 0 <= args.warmup <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
-        parser.error("--sessions must be in 1..10000, --warmup in 0..10000, --turns in 1..50 and --users in 1..256")
+    if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
+        parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
+    if not 0 <= args.warmup <= 10_000:
+        parser.error("--warmup must be in 0..10000")
     plan = _Plan(args.sessions, args.turns, args.users, args.think, args.seed, args.max_tokens)
     print(
         f"{args.sessions} conversations x {args.turns} turns, {args.users} users, speeds {args.speeds}, "
