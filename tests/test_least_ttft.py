@@ -1,7 +1,6 @@
 """The `least_ttft` strategy and priced reservations through the Python API: it is a known strategy
 (and a plugin strategy), keeps a repeated prompt on the backend that cached it, sends an uncached
-prompt to the faster (heavier) backend, keeps a conversation on its backend while that one is at
-most one request behind, leaves a cached backend whose queue outweighs the cache,
+prompt to the faster (heavier) backend, leaves a cached backend whose queue outweighs the cache,
 and a reservation discounted by the cached blocks is given back exactly (the core's load equals
 the sum of what is held after any sequence, and returns to zero, also under concurrent load)."""
 
@@ -85,33 +84,6 @@ def test_a_queue_longer_than_the_cache_saves_sends_the_prompt_elsewhere() -> Non
         moved.release()
         assert queue is not None
         queue.release()
-        assert_idle(router)
-
-
-def test_a_conversation_stays_while_its_backend_is_one_request_behind() -> None:
-    """A batching engine runs a few requests at once: one more request in flight on the backend
-    holding the conversation is a near-tie (the conversation stays, a hit); two more move it."""
-    with Router("least_ttft") as router:
-        for accelerator in range(4):
-            router.add_accelerator(Accelerator(accelerator, 8))
-        background = [router.acquire_on(2, 3), router.acquire_on(3, 3)]
-        history = SYSTEM + "Plan a week in Lisbon."
-        first = router.acquire(prefix_hashes=prefix_hashes(history))
-        assert first is not None and first.accelerator_id in (0, 1)
-        home, idle = first.accelerator_id, 1 - first.accelerator_id
-        first.release()
-        for queued, expected in ((1, (home, "hit")), (2, (idle, "overload"))):
-            held = [router.acquire_on(home, 1) for _ in range(queued)]
-            history += " Sure: day one, the old town; day two, the river. And then?"
-            lease = router.acquire(prefix_hashes=prefix_hashes(history))
-            assert lease is not None and (lease.accelerator_id, lease.affinity) == expected
-            lease.release()
-            for lease in held:
-                assert lease is not None
-                lease.release()
-        for lease in background:
-            assert lease is not None
-            lease.release()
         assert_idle(router)
 
 

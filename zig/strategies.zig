@@ -255,10 +255,7 @@ fn prefixAffinity(t: *const Table, candidates: Candidates, hashes: []const u64, 
 const ttft_tracked_max: u32 = 16;
 const ttft_rounds_max: u32 = 4;
 /// The backend holding the longest prefix wins when its expected time is within this much
-/// (thousandths) of the best, or (on short queues) at most one request (this one's cost) behind it: a near-tie
-/// keeps the cache warm where it is. The slack of one request is there because the engines run
-/// a batch of requests at once: one more request in flight rarely delays a first token, while
-/// moving a conversation costs its whole history's prefill and a cold cache.
+/// (thousandths) of the best: a near-tie keeps the cache warm where it is.
 const ttft_near_tie_permille: u32 = 250;
 
 /// Backends' cached prefix lengths for one prompt, as far as the prefix index knows.
@@ -321,7 +318,6 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     var best: u32 = slot_none;
     var best_score = std.math.inf(f64);
     var affine_score = std.math.inf(f64);
-    var affine_slack: f64 = 0;
     for (0..count) |offset| {
         const slot = candidates.at((start + offset) % count);
         if (slot >= t.backendsMax()) continue;
@@ -333,18 +329,14 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         const queue: f64 = @floatFromInt(reportedCost(t, slot, t.wordOf(slot), now_ms));
         const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
         const score = (queue + uncached / 1000) / @as(f64, @floatFromInt(weight));
-        if (slot == affine) {
-            affine_score = score;
-            affine_slack = @as(f64, @floatFromInt(charged)) / @as(f64, @floatFromInt(weight));
-        }
+        if (slot == affine) affine_score = score;
         if (score < best_score) {
             best_score = score;
             best = slot;
         }
     }
     const margin = 1 + @as(f64, @floatFromInt(ttft_near_tie_permille)) / 1000;
-    const near = @max(best_score * margin, best_score + affine_slack);
-    if (affine != slot_none and affine_score <= near) return affine;
+    if (affine != slot_none and affine_score <= best_score * margin) return affine;
     return best;
 }
 
@@ -816,33 +808,12 @@ test "least_ttft sees each backend's own cached prefix and keeps near-ties on th
     {
         const t = try table_mod.testTableWithPrefix(8, 1024);
         defer table_mod.testTableFree(t);
-        _, _, _, const d = try ttftFixture(&t, &prompt, 5);
-        // a: 5 + 12 = 17 against d's 12 (25 % more: 15; one request more: 13): no longer a near-tie.
+        _, _, _, const d = try ttftFixture(&t, &prompt, 4);
+        // a: 4 + 12 = 16 against d's 12: no longer a near-tie.
         const far = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(d, far.slot);
         try testing.expectEqual(Outcome.overload, far.outcome);
         try testing.expectEqual(@as(u32, 20), far.matched_blocks);
-    }
-}
-
-test "least_ttft keeps a conversation on its backend while that one is at most one request behind" {
-    var prompt: [4]u64 = undefined;
-    for (&prompt, 0..) |*hash, i| hash.* = 9000 + i;
-    // A quarter of a cost unit per block: b's uncached prompt is worth one request.
-    const pricing: Pricing = .{ .block_cost_milli = 250 };
-    for ([_]u32{ 2, 3 }) |a_queued| {
-        const t = try table_mod.testTableWithPrefix(8, 1024);
-        defer table_mod.testTableFree(t);
-        const a = try t.add(1, 1000, 1000);
-        const b = try t.add(2, 1000, 1000);
-        // Two busy backends keep a within its bounded load.
-        for ([_]u64{ 3, 4 }) |id| try testing.expect(t.reserve(try t.add(id, 1000, 1000), 10, 0));
-        for (prompt) |hash| affinity.prefixRecord(&t, hash, a);
-        try testing.expect(t.reserve(a, a_queued, 0));
-        // a: its queue; b: 1 (its uncached prompt). With 2 queued a is within 25 % of b's 1 plus
-        // one request; with 3 it is not.
-        const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
-        try testing.expectEqual(if (a_queued == 2) a else b, decision.slot);
     }
 }
 
