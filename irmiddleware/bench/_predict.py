@@ -4,7 +4,9 @@ Four emulated vLLM servers (child processes on 127.0.0.1) with speeds 1, 1, 0.7 
 prefill and decode steps take 1/speed as long), a few batch slots each and a prefix cache, behind
 `irmiddleware serve` (a child process too), driven by the official `openai` client: seeded
 multi-turn chats sharing a system prompt, streamed, from concurrent users with think times.
-Each strategy gets fresh servers (cold caches) and the same conversations.
+Each strategy gets fresh servers (cold caches) and the same conversations, after a warm-up of
+conversations of their own that are not counted (`--warmup`); users arrive over the first
+2 x think time rather than all at once.
 
 Phase 1 (steady speeds) prints, per strategy, the time to first token the client saw (median, p90,
 p99), the servers' prefix-cache hit rate and how many requests each backend took. Phase 2 (the
