@@ -1,7 +1,8 @@
 """`irmiddleware bench-predict` runs end to end on a tiny plan: emulated vLLM servers of unequal
 speed and a router as processes on 127.0.0.1, the openai client driving chats through it with
-each strategy; it prints the steady-speed table (every answer came back) and the share table of
-the slowdown phase. The figures themselves are the benchmark's business, not the test's."""
+each strategy; it prints the steady-speed table (every measured answer came back, the warm-up's
+not counted) and the share table of the slowdown phase. The figures themselves are the
+benchmark's business, not the test's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow  # starts emulators and routers as processes
 
 
 def test_bench_predict_prints_both_phases() -> None:
-    args = ["--sessions", "4", "--turns", "2", "--users", "2", "--think", "0.01"]
+    args = ["--sessions", "4", "--turns", "2", "--users", "2", "--think", "0.01", "--warmup", "2"]
     args += ["--slow-at", "0.5", "--slow-for", "0.5", "--window", "0.5"]
     result = subprocess.run(
         [sys.executable, "-m", "irmiddleware", "bench-predict", *args],
@@ -31,11 +32,12 @@ def test_bench_predict_prints_both_phases() -> None:
     assert re.search(r"^t, s +prefix_affinity +least_ttft$", result.stdout, re.M), result.stdout
 
 
-def test_bench_predict_refuses_bad_sizes() -> None:
+@pytest.mark.parametrize("bad", [["--sessions", "0"], ["--warmup", "-1"]])
+def test_bench_predict_refuses_bad_sizes(bad: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "irmiddleware", "bench-predict", "--sessions", "0"],
+        [sys.executable, "-m", "irmiddleware", "bench-predict", *bad],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2 and "--sessions must be in" in result.stderr
+    assert result.returncode == 2 and f"{bad[0]} must be in" in result.stderr

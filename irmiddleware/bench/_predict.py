@@ -4,7 +4,9 @@ Four emulated vLLM servers (child processes on 127.0.0.1) with speeds 1, 1, 0.7 
 prefill and decode steps take 1/speed as long), a few batch slots each and a prefix cache, behind
 `irmiddleware serve` (a child process too), driven by the official `openai` client: seeded
 multi-turn chats sharing a system prompt, streamed, from concurrent users with think times.
-Each strategy gets fresh servers (cold caches) and the same conversations.
+Each strategy gets fresh servers (cold caches) and the same conversations, after a warm-up of
+conversations of their own that are not counted (`--warmup`); users arrive over the first
+2 x think time rather than all at once.
 
 Phase 1 (steady speeds) prints, per strategy, the time to first token the client saw (median, p90,
 p99), the servers' prefix-cache hit rate and how many requests each backend took. Phase 2 (the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import random
 import tempfile
 import time
@@ -57,6 +60,8 @@ class _Plan:
     think_s: float
     seed: int
     max_tokens: int
+    first: int = 0
+    """The first conversation's number (conversations are numbered from it, each its own text)."""
 
 
 async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, run: _Run) -> None:
@@ -90,14 +95,19 @@ async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, ru
 
 async def _drive(router: str, plan: _Plan, run: _Run) -> None:
     client = openai.AsyncOpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=60)
-    pending = iter(range(plan.sessions))
+    pending = iter(range(plan.first, plan.first + plan.sessions))
 
-    async def user() -> None:
+    async def user(index: int) -> None:
+        # Users arrive one by one (a think time apart on average), as people do, rather than all
+        # in the same millisecond: a burst of cold prefills on a fleet whose speeds nobody has
+        # seen yet would otherwise make the whole p99 of a few hundred answers.
+        await asyncio.sleep(random.Random(f"{plan.seed}/user/{index}").uniform(0, 2 * plan.think_s))
         for number in pending:  # Users take the next conversation until none is left.
             await _conversation(client, number, plan, run)
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(user() for _ in range(plan.users))), _PHASE_DEADLINE_S)
+        users = (user(index) for index in range(plan.users))
+        await asyncio.wait_for(asyncio.gather(*users), _PHASE_DEADLINE_S)
     finally:
         await client.close()
 
@@ -185,6 +195,11 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
     with _fleet(args, strategy) as (router, backends):
 
         async def main() -> None:
+            if args.warmup:
+                # Conversations of their own, not counted: the servers' caches hold the system
+                # prompt and the router has seen every backend answer before the measurement.
+                warm = dataclasses.replace(plan, sessions=args.warmup, first=plan.sessions)
+                await _drive(router, warm, _Run())
             stop = asyncio.Event()
             watcher = asyncio.create_task(_watch_shares(router, backends[0], args.window, run, stop))
             slow = None
@@ -231,7 +246,7 @@ def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
 def bench_predict_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="irmiddleware bench-predict", description=__doc__)
     parser.add_argument("--speeds", default="1,1,0.7,0.5", help="emulators' speeds (default 1,1,0.7,0.5)")
-    parser.add_argument("--sessions", type=int, default=96, help="conversations per phase (default 96)")
+    parser.add_argument("--sessions", type=int, default=192, help="conversations per phase (default 192)")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
     parser.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
     parser.add_argument("--think", type=float, default=0.5, help="mean think time, s (default 0.5)")
@@ -247,16 +262,21 @@ def bench_predict_main(argv: list[str]) -> int:
     parser.add_argument("--slow-at", type=float, default=8.0, help="phase 2: backend 0 slows 2x at (s)")
     parser.add_argument("--slow-for", type=float, default=10.0, help="phase 2: for this long (s)")
     parser.add_argument("--window", type=float, default=2.0, help="share windows, s (default 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=16, help="conversations of warm-up, not counted (default 16)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-slowdown", action="store_true")
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
         parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
+    if not 0 <= args.warmup <= 10_000:
+        parser.error("--warmup must be in 0..10000")
     plan = _Plan(args.sessions, args.turns, args.users, args.think, args.seed, args.max_tokens)
     print(
         f"{args.sessions} conversations x {args.turns} turns, {args.users} users, speeds {args.speeds}, "
         f"{args.slots} slots per emulator, router capacity {args.capacity}, cost = {args.cost}, "
-        f"seed {args.seed}"
+        f"{args.warmup} conversations of warm-up, seed {args.seed}"
     )
     steady = {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
     header = ["strategy", "answers", "failed", "ttft p50 ms", "p90", "p99", "hit %", "routed per backend"]
