@@ -891,8 +891,8 @@ _BLOCK_COST_DEFAULT_MILLI: Final = 50
 
 _EPSILON_MAX: Final = 10.0
 """The core's bound on the bounded-load slack."""
-_SIGNAL_AGE_MAX_S: Final = 86_400.0
-"""A day: the core keeps the age in milliseconds in 32 bits (49 days), so a larger value would wrap."""
+_SIGNAL_AGE_MAX_S: Final = 4_294_967.0
+"""About 49 days: the core keeps the age in milliseconds in 32 bits, so a larger value would wrap."""
 
 
 def _in_range(name: str, value: float, low: float, high: float) -> float:
