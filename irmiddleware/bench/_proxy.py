@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from irmiddleware._native import OWNERS_MAX
 from irmiddleware.bench._harness import (
     cpu_seconds,
     emulated_vllm,
@@ -128,8 +129,9 @@ def _worker_counts(text: str) -> list[int]:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
         counts = []
-    if not counts or not all(1 <= count <= 63 for count in counts):
-        raise argparse.ArgumentTypeError(f"--workers wants counts in 1..63 like 1,2,4, got {text!r}")
+    most = OWNERS_MAX - 1  # one owner index per worker
+    if not counts or not all(1 <= count <= most for count in counts):
+        raise argparse.ArgumentTypeError(f"--workers wants counts in 1..{most} like 1,2,4, got {text!r}")
     return counts
 
 

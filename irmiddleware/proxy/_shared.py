@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from irmiddleware import _native
 from irmiddleware._router import Router
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger("irmiddleware.proxy")
 
-OWNERS_MAX: Final = 63
+OWNERS_MAX: Final = _native.OWNERS_MAX - 1
 """Owner indexes 1..63: one per process that takes leases on one table."""
 TENANTS_MAX: Final = 4096
 """Tenants with a concurrency limit that the fleet-wide table tracks at once."""
@@ -89,12 +90,18 @@ def tenants_table(name: str) -> str:
     return f"{name}.tenants"
 
 
+def _lock_path(table: str) -> str:
+    return os.path.join(_LOCK_DIR, f"irm-{table}.owners")
+
+
+def _open_lock_file(table: str) -> int:
+    return os.open(_lock_path(table), os.O_RDWR | os.O_CREAT, 0o600)
+
+
 def _lock_fd(table: str) -> int:
     fd = _fds.get(table)
     if fd is None:
-        fd = _fds[table] = os.open(
-            os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600
-        )
+        fd = _fds[table] = _open_lock_file(table)
     return fd
 
 
@@ -128,7 +135,7 @@ def claim(table: str) -> Claim | None:
 def held_lock(table: str, owner: int) -> Iterator[bool]:
     """Holds the lock of `owner` on `table` for the block when it is free (yields True), else
     yields False. The supervisor reclaims a dead worker's index inside it."""
-    fd = os.open(os.path.join(_LOCK_DIR, f"irm-{table}.owners"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_lock_file(table)
     try:
         locked = _try_lock(fd, owner)
         yield locked
@@ -141,7 +148,7 @@ def held_lock(table: str, owner: int) -> Iterator[bool]:
 def remove_lock_file(table: str) -> None:
     """Removes `table`'s lock file (the supervisor, once its table is unlinked)."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(_LOCK_DIR, f"irm-{table}.owners"))
+        os.unlink(_lock_path(table))
 
 
 def open_router(strategy: str, table: str | None, **options: Any) -> Router:

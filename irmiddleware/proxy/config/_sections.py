@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from irmiddleware._native import OWNERS_MAX
 from irmiddleware.proxy.config._toml import ConfigError, bounded
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "check_workers",
 ]
 
-WORKERS_MAX: Final = 63
+WORKERS_MAX: Final = OWNERS_MAX - 1
 """Worker processes of one router: the core records reservations for 63 owners per table."""
 # A shared table's name as the core accepts it, with room for the tenants table's suffix.
 _TABLE_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,190}")
