@@ -332,16 +332,17 @@ class Attempt:
         # pace is taken once, at the end (one event ~ one token of an OpenAI-style stream).
         speed = self.context.speed if self.status < 400 else None
         first_s = now if held else 0.0
-        events = held.count(b"\n\n")
+        events = held.count(b"\n\n") if speed is not None else 0
         try:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
                 if self.answered:
                     continue  # nothing follows a whole body: on to the iterator's end (and the pool)
-                if not first_s:
-                    first_s = time.perf_counter()
-                events += chunk.count(b"\n\n")
+                if speed is not None:  # off by default: then no per-chunk work for it
+                    if not first_s:
+                        first_s = time.perf_counter()
+                    events += chunk.count(b"\n\n")
                 if remaining is not None:
                     remaining -= len(chunk)
                     if remaining <= 0:
