@@ -95,19 +95,21 @@ def test_no_backend_ever_exceeds_the_bound_while_keys_arrive(
     seed: int,
 ) -> None:
     capacities = [10_000 * (1 if equal_capacities else units) for units in capacity_units]
-    router = _router(strategy, capacities, epsilon)
-    exact_epsilon = Fraction(round(epsilon * 1000), 1000)  # The core keeps ε in permille.
-    loads = [0] * len(capacities)
-    keys = _keys(random.Random(seed), 30 * len(capacities), hot_keys, hot_fraction)
-    for total, key in enumerate(keys, start=1):
-        lease = router.acquire(1, **_steer(strategy, key))  # type: ignore[arg-type]
-        assert lease is not None
-        loads[lease.accelerator_id] += 1
-        # Every backend, not only the chosen one: the others' bounds only grow, but check anyway.
-        for index, load in enumerate(loads):
-            assert load <= _bound(total, capacities[index], sum(capacities), exact_epsilon), (index, loads)
-    assert [stats.load for stats in router.stats()] == loads  # Our count is the core's.
-    router.close()
+    with _router(strategy, capacities, epsilon) as router:
+        exact_epsilon = Fraction(round(epsilon * 1000), 1000)  # The core keeps ε in permille.
+        loads = [0] * len(capacities)
+        keys = _keys(random.Random(seed), 30 * len(capacities), hot_keys, hot_fraction)
+        for total, key in enumerate(keys, start=1):
+            lease = router.acquire(1, **_steer(strategy, key))  # type: ignore[arg-type]
+            assert lease is not None
+            loads[lease.accelerator_id] += 1
+            # Every backend, not only the chosen one: the others' bounds only grow, but check anyway.
+            for index, load in enumerate(loads):
+                assert load <= _bound(total, capacities[index], sum(capacities), exact_epsilon), (
+                    index,
+                    loads,
+                )
+        assert [stats.load for stats in router.stats()] == loads  # Our count is the core's.
 
 
 # ---- minimal disruption --------------------------------------------------------------------------
@@ -137,35 +139,33 @@ def _owners(router: Router, keys: range) -> dict[int, int]:
 @given(count=st.integers(3, 40), data=st.data())
 def test_removing_a_backend_moves_only_its_keys(count: int, data: st.DataObject) -> None:
     removed = data.draw(st.integers(0, count - 1), label="removed")
-    router = _router("consistent_hash", [100] * count)
-    keys = range(DISRUPTION_KEYS)
-    before = _owners(router, keys)
-    router.remove_accelerator(removed)
-    after = _owners(router, keys)
-    # Tolerance 0: the other backends' ring points stay where they were, so a key whose owner was
-    # not removed has the same first point clockwise, and an idle owner is always within bound.
-    moved_others = [key for key in keys if before[key] != removed and after[key] != before[key]]
-    assert moved_others == []
-    orphaned = sum(1 for key in keys if before[key] == removed)
-    assert orphaned <= (1 + SHARE_TOLERANCE) * len(keys) / count
-    assert all(owner != removed for owner in after.values())
-    router.close()
+    with _router("consistent_hash", [100] * count) as router:
+        keys = range(DISRUPTION_KEYS)
+        before = _owners(router, keys)
+        router.remove_accelerator(removed)
+        after = _owners(router, keys)
+        # Tolerance 0: the other backends' ring points stay where they were, so a key whose owner was
+        # not removed has the same first point clockwise, and an idle owner is always within bound.
+        moved_others = [key for key in keys if before[key] != removed and after[key] != before[key]]
+        assert moved_others == []
+        orphaned = sum(1 for key in keys if before[key] == removed)
+        assert orphaned <= (1 + SHARE_TOLERANCE) * len(keys) / count
+        assert all(owner != removed for owner in after.values())
 
 
 @pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(count=st.integers(2, 40))
 def test_adding_a_backend_moves_about_one_in_n_plus_one_keys_all_to_it(count: int) -> None:
-    router = _router("consistent_hash", [100] * count)
-    keys = range(DISRUPTION_KEYS)
-    before = _owners(router, keys)
-    router.add_accelerator(Accelerator(count, 100))
-    after = _owners(router, keys)
-    moved = [key for key in keys if after[key] != before[key]]
-    assert all(after[key] == count for key in moved)  # Only the newcomer takes keys.
-    fair = len(keys) / (count + 1)
-    assert (1 - SHARE_TOLERANCE) * fair <= len(moved) <= (1 + SHARE_TOLERANCE) * fair
-    router.close()
+    with _router("consistent_hash", [100] * count) as router:
+        keys = range(DISRUPTION_KEYS)
+        before = _owners(router, keys)
+        router.add_accelerator(Accelerator(count, 100))
+        after = _owners(router, keys)
+        moved = [key for key in keys if after[key] != before[key]]
+        assert all(after[key] == count for key in moved)  # Only the newcomer takes keys.
+        fair = len(keys) / (count + 1)
+        assert (1 - SHARE_TOLERANCE) * fair <= len(moved) <= (1 + SHARE_TOLERANCE) * fair
 
 
 # ---- capacity-weighted ring ----------------------------------------------------------------------
@@ -179,14 +179,17 @@ def test_keys_follow_capacity_on_a_mixed_fleet(capacities: list[int]) -> None:
     """Each backend has the same number of ring points, but a smaller one's points take a key
     only in proportion to its capacity: in a quiet fleet each backend owns a share of the keys
     close to its share of the capacity (the same tolerance as the equal-capacity tests)."""
-    router = _router("consistent_hash", capacities)
-    owners = _owners(router, range(DISRUPTION_KEYS))
-    total = sum(capacities)
-    for backend, capacity in enumerate(capacities):
-        share = sum(1 for owner in owners.values() if owner == backend) / DISRUPTION_KEYS
-        fair = capacity / total
-        assert (1 - SHARE_TOLERANCE) * fair <= share <= (1 + SHARE_TOLERANCE) * fair, (backend, share, fair)
-    router.close()
+    with _router("consistent_hash", capacities) as router:
+        owners = _owners(router, range(DISRUPTION_KEYS))
+        total = sum(capacities)
+        for backend, capacity in enumerate(capacities):
+            share = sum(1 for owner in owners.values() if owner == backend) / DISRUPTION_KEYS
+            fair = capacity / total
+            assert (1 - SHARE_TOLERANCE) * fair <= share <= (1 + SHARE_TOLERANCE) * fair, (
+                backend,
+                share,
+                fair,
+            )
 
 
 @settings(max_examples=12, deadline=None)
@@ -201,19 +204,18 @@ def test_changing_a_smaller_backend_moves_keys_only_to_or_from_it(
     if not smaller:
         return
     changed = data.draw(st.sampled_from(smaller), label="changed")
-    router = _router("consistent_hash", capacities)
-    keys = range(DISRUPTION_KEYS // 4)
-    before = _owners(router, keys)
-    if data.draw(st.booleans(), label="remove"):
-        router.remove_accelerator(changed)
-    else:
-        new_capacity = data.draw(st.integers(1, largest), label="capacity")
-        router.update_accelerator(changed, capacity=new_capacity)
-    after = _owners(router, keys)
-    assert [
-        key for key in keys if changed not in (before[key], after[key]) and before[key] != after[key]
-    ] == []
-    router.close()
+    with _router("consistent_hash", capacities) as router:
+        keys = range(DISRUPTION_KEYS // 4)
+        before = _owners(router, keys)
+        if data.draw(st.booleans(), label="remove"):
+            router.remove_accelerator(changed)
+        else:
+            new_capacity = data.draw(st.integers(1, largest), label="capacity")
+            router.update_accelerator(changed, capacity=new_capacity)
+        after = _owners(router, keys)
+        assert [
+            key for key in keys if changed not in (before[key], after[key]) and before[key] != after[key]
+        ] == []
 
 
 # ---- the prefix index's memory is fixed ----------------------------------------------------------
@@ -236,33 +238,32 @@ def _rss_bytes() -> int:
 def test_prefix_index_memory_stays_fixed_and_old_prompts_are_forgotten() -> None:
     import ctypes
 
-    router = _router("prefix_affinity", [1_000] * 8, prefix_index_entries=65_536)
-    old = [_spread(_MASK - block) for block in range(BLOCKS_PER_PROMPT)]
-    router.acquire(1, prefix_hashes=old).release()  # type: ignore[union-attr]
-    # One array refilled in place: the loop itself allocates nothing per prompt.
-    hashes = (ctypes.c_uint64 * BLOCKS_PER_PROMPT)()
-    rss_after_warm_up = rss_max = 0
-    for prompt in range(PROMPTS):
-        for block in range(BLOCKS_PER_PROMPT):
-            hashes[block] = _spread(prompt * BLOCKS_PER_PROMPT + block)
-        lease = router.acquire(1, prefix_hashes=hashes)
-        assert lease is not None
-        lease.release()
-        if prompt == WARM_UP_PROMPTS:
-            rss_after_warm_up = _rss_bytes()
-        elif prompt > WARM_UP_PROMPTS and prompt % 100_000 == 0:
-            rss_max = max(rss_max, _rss_bytes())
-    assert rss_max - rss_after_warm_up <= RSS_SLACK_BYTES, (rss_after_warm_up, rss_max)
-    # The first prompt was evicted long ago; the last few hundred (well inside 65,536 entries) are kept.
-    forgotten = router.acquire(1, prefix_hashes=old)
-    assert forgotten is not None and (forgotten.affinity, forgotten.matched_blocks) == ("miss", 0)
-    forgotten.release()
-    for prompt in range(PROMPTS - 500, PROMPTS):
-        recent = [_spread(prompt * BLOCKS_PER_PROMPT + block) for block in range(BLOCKS_PER_PROMPT)]
-        lease = router.acquire(1, prefix_hashes=recent)
-        assert lease is not None and (lease.affinity, lease.matched_blocks) == ("hit", BLOCKS_PER_PROMPT)
-        lease.release()
-    router.close()
+    with _router("prefix_affinity", [1_000] * 8, prefix_index_entries=65_536) as router:
+        old = [_spread(_MASK - block) for block in range(BLOCKS_PER_PROMPT)]
+        router.acquire(1, prefix_hashes=old).release()  # type: ignore[union-attr]
+        # One array refilled in place: the loop itself allocates nothing per prompt.
+        hashes = (ctypes.c_uint64 * BLOCKS_PER_PROMPT)()
+        rss_after_warm_up = rss_max = 0
+        for prompt in range(PROMPTS):
+            for block in range(BLOCKS_PER_PROMPT):
+                hashes[block] = _spread(prompt * BLOCKS_PER_PROMPT + block)
+            lease = router.acquire(1, prefix_hashes=hashes)
+            assert lease is not None
+            lease.release()
+            if prompt == WARM_UP_PROMPTS:
+                rss_after_warm_up = _rss_bytes()
+            elif prompt > WARM_UP_PROMPTS and prompt % 100_000 == 0:
+                rss_max = max(rss_max, _rss_bytes())
+        assert rss_max - rss_after_warm_up <= RSS_SLACK_BYTES, (rss_after_warm_up, rss_max)
+        # The first prompt was evicted long ago; the last few hundred (well inside 65,536 entries) are kept.
+        forgotten = router.acquire(1, prefix_hashes=old)
+        assert forgotten is not None and (forgotten.affinity, forgotten.matched_blocks) == ("miss", 0)
+        forgotten.release()
+        for prompt in range(PROMPTS - 500, PROMPTS):
+            recent = [_spread(prompt * BLOCKS_PER_PROMPT + block) for block in range(BLOCKS_PER_PROMPT)]
+            lease = router.acquire(1, prefix_hashes=recent)
+            assert lease is not None and (lease.affinity, lease.matched_blocks) == ("hit", BLOCKS_PER_PROMPT)
+            lease.release()
 
 
 # ---- the same prompt twice -----------------------------------------------------------------------
@@ -278,15 +279,14 @@ def test_the_same_prompt_twice_lands_on_the_same_backend(count: int, text: str, 
     """prefix_affinity by the prompt's hashes, consistent_hash by the prompt as session key; other
     prompts routed (and released) in between do not change where it goes."""
     for strategy in AFFINITY_STRATEGIES:
-        router = _router(strategy, [10] * count)
-        first = _route_prompt(router, text)
-        for other in others:
-            _route_prompt(router, other)
-        second = _route_prompt(router, text)
-        assert second[0] == first[0]
-        if strategy == "prefix_affinity":
-            assert second[1:] == ("hit", len(prefix_hashes(text)))
-        router.close()
+        with _router(strategy, [10] * count) as router:
+            first = _route_prompt(router, text)
+            for other in others:
+                _route_prompt(router, other)
+            second = _route_prompt(router, text)
+            assert second[0] == first[0]
+            if strategy == "prefix_affinity":
+                assert second[1:] == ("hit", len(prefix_hashes(text)))
 
 
 def _route_prompt(router: Router, text: str) -> tuple[int, str | None, int]:
@@ -307,36 +307,34 @@ def _route_prompt(router: Router, text: str) -> tuple[int, str | None, int]:
     count=st.integers(2, 12), how=st.sampled_from(["down", "removed", "replaced"]), key=st.integers(0, 2**40)
 )
 def test_entries_for_removed_or_down_backends_are_never_used(count: int, how: str, key: int) -> None:
-    router = _router("prefix_affinity", [10] * count)
-    prompt = _steer("prefix_affinity", key)["prefix_hashes"]
-    lease = router.acquire(1, prefix_hashes=prompt)  # type: ignore[arg-type]
-    assert lease is not None
-    lease.release()
-    holder = lease.accelerator_id
-    if how == "down":
-        router.set_state(holder, "down")
-    else:
-        router.remove_accelerator(holder)
-        if how == "replaced":  # A restarted server under the same id has an empty cache.
-            router.add_accelerator(Accelerator(holder, 10))
-    again = router.acquire(1, prefix_hashes=prompt)  # type: ignore[arg-type]
-    assert again is not None
-    assert (again.affinity, again.matched_blocks) == ("miss", 0)
-    assert how == "replaced" or again.accelerator_id != holder
-    again.release()
-    router.close()
+    with _router("prefix_affinity", [10] * count) as router:
+        prompt = _steer("prefix_affinity", key)["prefix_hashes"]
+        lease = router.acquire(1, prefix_hashes=prompt)  # type: ignore[arg-type]
+        assert lease is not None
+        lease.release()
+        holder = lease.accelerator_id
+        if how == "down":
+            router.set_state(holder, "down")
+        else:
+            router.remove_accelerator(holder)
+            if how == "replaced":  # A restarted server under the same id has an empty cache.
+                router.add_accelerator(Accelerator(holder, 10))
+        again = router.acquire(1, prefix_hashes=prompt)  # type: ignore[arg-type]
+        assert again is not None
+        assert (again.affinity, again.matched_blocks) == ("miss", 0)
+        assert how == "replaced" or again.accelerator_id != holder
+        again.release()
 
 
 @settings(max_examples=40, deadline=None)
 @given(count=st.integers(2, 12), key=st.integers(0, 2**40))
 def test_a_down_key_owner_gets_nothing_and_gets_its_keys_back(count: int, key: int) -> None:
-    router = _router("consistent_hash", [10] * count)
-    owner = _route_key(router, key)
-    router.set_state(owner, "down")
-    assert _route_key(router, key) != owner
-    router.set_state(owner, "active")
-    assert _route_key(router, key) == owner  # Its ring points never left.
-    router.close()
+    with _router("consistent_hash", [10] * count) as router:
+        owner = _route_key(router, key)
+        router.set_state(owner, "down")
+        assert _route_key(router, key) != owner
+        router.set_state(owner, "active")
+        assert _route_key(router, key) == owner  # Its ring points never left.
 
 
 def _route_key(router: Router, key: int) -> int:
@@ -353,14 +351,13 @@ def test_low_entropy_prefix_hashes_still_use_the_whole_index() -> None:
     """`prefix_hashes=` accepts any u64 ints; 100 one-block prompts with hashes 1..100 fit a
     65,536-entry index many times over, so all are remembered (before the fix they all landed in
     one 8-way set and none was)."""
-    router = _router("prefix_affinity", [10] * 4, prefix_index_entries=65_536)
-    for hash_value in range(1, 101):
-        router.acquire(1, prefix_hashes=[hash_value]).release()  # type: ignore[union-attr]
-    remembered = 0
-    for hash_value in range(1, 101):
-        lease = router.acquire(1, prefix_hashes=[hash_value])
-        assert lease is not None
-        remembered += lease.affinity == "hit"
-        lease.release()
-    assert remembered == 100
-    router.close()
+    with _router("prefix_affinity", [10] * 4, prefix_index_entries=65_536) as router:
+        for hash_value in range(1, 101):
+            router.acquire(1, prefix_hashes=[hash_value]).release()  # type: ignore[union-attr]
+        remembered = 0
+        for hash_value in range(1, 101):
+            lease = router.acquire(1, prefix_hashes=[hash_value])
+            assert lease is not None
+            remembered += lease.affinity == "hit"
+            lease.release()
+        assert remembered == 100
