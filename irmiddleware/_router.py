@@ -380,7 +380,19 @@ class Router:
         """Removes an accelerator at once: it gets no new requests; requests in flight on it may
         still be completed (its slot is reused only after the last one)."""
         self._table.remove(self._slot(accelerator_id))
-        del self._slots_by_id[accelerator_id]
+        self._forget(accelerator_id)
+
+    def forget_accelerator(self, accelerator_id: int) -> None:
+        """Forgets an accelerator that another process removed from the shared table: it leaves
+        this router's pools, and its slot is looked up again when a new accelerator reuses it.
+        The table is not touched. A no-op for an accelerator this router never knew."""
+        slot = self._slots_by_id.get(accelerator_id)
+        if slot is not None and self._ids_by_slot[slot] == accelerator_id:
+            self._ids_by_slot[slot] = None
+        self._forget(accelerator_id)
+
+    def _forget(self, accelerator_id: int) -> None:
+        self._slots_by_id.pop(accelerator_id, None)
         for name, (members, strategy, _pool) in list(self._pools.items()):
             if accelerator_id in members:
                 remaining = tuple(member for member in members if member != accelerator_id)
@@ -816,6 +828,9 @@ class Router:
 
     def _refresh_ids(self) -> None:
         for info in self._table.snapshot():
+            if info.state == State.RETIRED:
+                # Removed: its slot will hold another accelerator, which a later refresh maps.
+                continue
             self._ids_by_slot[info.slot] = info.id
             self._slots_by_id[info.id] = info.slot
 

@@ -138,10 +138,10 @@ def test_bad_worker_keys_are_refused(router: dict[str, Any], message: str) -> No
         parse_config(_document("http://127.0.0.1:9", **router))
 
 
-def test_workers_do_not_go_with_discovery() -> None:
+def test_workers_go_with_discovery() -> None:
+    # The supervisor resolves the names and its workers follow the fleet it makes (doc/workers.md).
     document = {"router": {"workers": 2}, "discovery": [{"dns": "vllm.local:8000"}]}
-    with pytest.raises(ConfigError, match=r"\[\[discovery\]\]"):
-        parse_config(document)
+    assert parse_config(document).workers == 2
 
 
 def test_workers_and_shared_table_keys_are_read() -> None:

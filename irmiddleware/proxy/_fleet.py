@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -127,6 +127,7 @@ class Fleet:
             for result in ("routed", "no_capacity", "fallback", "retry")
         }
         self._capacity_listeners: list[Callable[[], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
         # The models of a backend that did not answer are asked again at its next passing health
         # check (or, without active checks, every `interval_s`): a client told to come back then
         # finds them.
@@ -197,6 +198,73 @@ class Fleet:
             self._metrics.forget(backend.url)
         return backend
 
+    # ---- one fleet for several processes on a shared table ----------------------------------------
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` after every change of the backends or of their models (an add, a
+        removal, models discovered), once the pools are rebuilt: `irmiddleware serve --workers`'
+        supervisor publishes the fleet to its workers there."""
+        self._change_listeners.append(listener)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What another process needs to route to this fleet's backends: each one's id, URL, type,
+        models and metrics URL (capacity, weight and state are in the shared table)."""
+        return [
+            {
+                "id": b.id,
+                "url": b.url,
+                "type": b.type,
+                "models": list(b.models),
+                "models_known": b.models_known,
+                "metrics_url": b.metrics_url,
+            }
+            for b in self.backends.values()
+        ]
+
+    def follow(self, described: Iterable[dict[str, Any]]) -> tuple[list[Backend], list[Backend]]:
+        """Makes this fleet the one `described` (another process's `describe`), whose backends are
+        in the shared table already: nothing is added to or removed from the table here. Returns
+        the backends that joined and those that left (forgotten by this process's router)."""
+        wanted = {int(entry["id"]): entry for entry in described}
+        left = [self.backends.pop(i) for i in list(self.backends) if i not in wanted]
+        for backend in left:
+            self.router.forget_accelerator(backend.id)
+            if all(other.url != backend.url for other in self.backends.values()):
+                self._metrics.forget(backend.url)
+        joined: list[Backend] = []
+        for backend_id, entry in wanted.items():
+            known = self.backends.get(backend_id)
+            if known is None:
+                new = self._followed(backend_id, entry)
+                joined += [new] if new is not None else []
+            elif entry["models_known"]:
+                known.models, known.models_known = tuple(entry["models"]), True
+        self._rebuild_pools()
+        if joined:
+            self._capacity_appeared()
+        return joined, left
+
+    def _followed(self, backend_id: int, entry: dict[str, Any]) -> Backend | None:
+        """A backend another process added, in this process's fleet; None (logged) when its type
+        has no adapter here or it left the table meanwhile (the next change says so)."""
+        try:
+            adapter = self._registry.adapter(entry["type"])
+            self.router.accelerator_stats(backend_id)
+        except (ValueError, LookupError) as error:
+            log.error("backend %s (%d) not followed: %s", entry["url"], backend_id, error)
+            return None
+        backend = Backend(
+            backend_id,
+            entry["url"],
+            entry["type"],
+            adapter,
+            tuple(entry["models"]),
+            entry["metrics_url"],
+            entry["models_known"],
+        )
+        self.backends[backend_id] = backend
+        return backend
+
     # ---- states and capacity -------------------------------------------------------------------
 
     def on_capacity(self, listener: Callable[[], None]) -> None:
@@ -246,12 +314,13 @@ class Fleet:
         """Whether some backend serving `model`, not in `exclude`, is active (whatever its load)."""
         # One native read per member (~5 us each), not the whole fleet's stats: admission asks this
         # for every refusal, and an overload refuses many requests at once.
-        accelerator_stats = self.router.accelerator_stats
-        return any(
-            accelerator_stats(member).state == "active"
-            for member in self.pool_of(model)
-            if member not in exclude
-        )
+        return any(self._active(member) for member in self.pool_of(model) if member not in exclude)
+
+    def _active(self, backend_id: int) -> bool:
+        try:
+            return self.router.accelerator_stats(backend_id).state == "active"
+        except LookupError:  # another process removed it, and this one has not followed yet
+            return False
 
     def type_of(self, model: str) -> str | None:
         """The backend type (adapter) of the pool serving `model`; None when no backend serves it."""
@@ -348,6 +417,8 @@ class Fleet:
         for model, kind in self._pool_types.items():
             served.setdefault(kind, []).append(model)
         self._defaults = {kind: models[0] for kind, models in served.items() if len(models) == 1}
+        for listener in self._change_listeners:
+            listener()
 
     # ---- routing -------------------------------------------------------------------------------
 

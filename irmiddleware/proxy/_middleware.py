@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
@@ -42,10 +42,18 @@ from irmiddleware.proxy._upstream import Upstream
 from irmiddleware.proxy.config import BackendConfig, RouterConfig
 from irmiddleware.proxy.control import Discovery, FleetMonitor, SpeedCollector, SpeedFeed, check_resolvers
 
-__all__ = ["RoutingMiddleware", "create_app"]
+__all__ = ["Followers", "RoutingMiddleware", "create_app"]
 
 log = logging.getLogger("irmiddleware.proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
+
+
+class Followers(Protocol):
+    """The other processes of a shared table that follow one router's fleet (`follow_fleet`)."""
+
+    async def settled(self) -> bool:
+        """Waits until every follower has applied the fleet's last change: True then, False when
+        one has not within a bound."""
 
 
 class RoutingMiddleware:
@@ -105,6 +113,9 @@ class RoutingMiddleware:
         )
         self._access_log = access_log if config.access_log else None
         self._listen = listen
+        self.followers: Followers | None = None
+        """On a shared table, the processes that follow this router's fleet (`irmiddleware serve
+        --workers`' supervisor sets it): without them, the fleet of a shared table is fixed."""
 
     @property
     def router(self) -> Any:
@@ -151,27 +162,34 @@ class RoutingMiddleware:
 
     async def add_backend(self, entry: BackendConfig, *, require_healthy: bool = True) -> int:
         """Adds a backend while routing goes on (on the event loop): it is probed and asked its
-        models first, then joins the core, its pools, health checks and scraping in one step.
+        models first, then joins the core, its pools, health checks and scraping in one step (and,
+        with `followers`, returns once they route to it too).
         Returns its id. FleetChangeRefused: its URL is in the fleet (409), a model of another
         type (400), or, with `require_healthy`, it failed its probe or listed no model (502)."""
-        _fixed_on_a_shared_table(self.fleet)
+        self._check_changeable()
         self.fleet.check_new(entry)
         await self.startup()
         backend = self.fleet.new_backend(entry)
         healthy = await self.monitor.admit(backend)
         if not healthy and require_healthy:
             raise FleetChangeRefused(502, f"{entry.url} did not pass its health check or lists no model")
+        # The new backend may take the slot of one removed a moment ago: every follower must have
+        # forgotten that one first (and there is no await from here to the add).
+        if self.followers is not None and not await self.followers.settled():
+            raise FleetChangeRefused(503, "a worker has not applied the last change of the fleet; retry")
         self.fleet.check_new(dataclasses.replace(entry, models=backend.models))  # again: we awaited
         state = self.monitor.add(backend, healthy)
         self.fleet.add(backend, entry, state)
         self._routes = Routes(self.fleet)  # a new type brings its paths
         log.info("backend %s added as %d (%s, models %s)", backend.url, backend.id, state, backend.models)
+        if self.followers is not None and not await self.followers.settled():
+            log.warning("backend %s added; a worker has not followed yet", backend.url)
         return backend.id
 
     def remove_backend(self, backend_id: int) -> None:
         """Removes a drained backend (draining, nothing in flight) from the core, its pools, health
         checks and scraping in one step. FleetChangeRefused: unknown (404) or not drained (409)."""
-        _fixed_on_a_shared_table(self.fleet)
+        self._check_changeable()
         if backend_id not in self.fleet.backends:
             raise FleetChangeRefused(404, f"no backend {backend_id}")
         stats = self.fleet.router.accelerator_stats(backend_id)
@@ -185,6 +203,28 @@ class RoutingMiddleware:
         self.monitor.remove(backend)
         self._routes = Routes(self.fleet)
         log.info("backend %s (%d) removed", backend.url, backend_id)
+
+    def follow_fleet(self, described: list[dict[str, Any]]) -> None:
+        """Makes this router's fleet the one another process of its shared table `describe`d (a
+        worker of `irmiddleware serve --workers` follows its supervisor's): backends that left are
+        forgotten, new ones are routed to, watched for outliers and bring their paths."""
+        joined, left = self.fleet.follow(described)
+        for backend in left:
+            self.monitor.remove(backend)
+        for backend in joined:
+            self.monitor.add(backend, True)  # its health is the writer's verdict, in the table
+        if joined or left:
+            self._routes = Routes(self.fleet)
+            log.info("fleet followed: %d backends", len(self.fleet.backends))
+
+    def _check_changeable(self) -> None:
+        """On a shared table each process keeps its own list of backends and pools: a backend added
+        or removed in one would be unknown to, or vanish under, the others, unless they follow this
+        one (409)."""
+        if self.fleet.shared_table is not None and self.followers is None:
+            raise FleetChangeRefused(
+                409, "backends are fixed on a shared table (workers): change the file and restart the router"
+            )
 
     # ---- ASGI ----------------------------------------------------------------------------------
 
@@ -439,11 +479,3 @@ def create_app(config: RouterConfig, **options: Any) -> RoutingMiddleware:
     `options` go to `RoutingMiddleware` (`plugins`, `entry_points`)."""
     return RoutingMiddleware(not_found, config, **options)
 
-
-def _fixed_on_a_shared_table(fleet: Fleet) -> None:
-    """On a shared table (workers) each process keeps its own list of backends and pools: a backend
-    added or removed in one would be unknown to, or vanish under, the others (409)."""
-    if fleet.shared_table is not None:
-        raise FleetChangeRefused(
-            409, "backends are fixed on a shared table (workers): change the file and restart the router"
-        )

@@ -136,7 +136,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     if args.workers is not None:
         if not 1 <= args.workers <= WORKERS_MAX:
             raise ConfigError(f"--workers must be in 1..{WORKERS_MAX}, got {args.workers}")
-        check_workers(args.workers, config.shared_table, bool(config.discovery))
+        check_workers(args.workers, config.shared_table)
         overrides["workers"] = args.workers
     if args.shutdown_grace is not None:
         if args.shutdown_grace < 0:

@@ -37,6 +37,7 @@ __all__ = [
     "TENANTS_MAX",
     "Claim",
     "assign_owner",
+    "beside",
     "claim",
     "held_lock",
     "open_router",
@@ -90,8 +91,14 @@ def tenants_table(name: str) -> str:
     return f"{name}.tenants"
 
 
+def beside(table: str, suffix: str) -> str:
+    """The path of a file of `table`'s beside it (`/dev/shm/irm-<table>.<suffix>`): its owners'
+    locks, the fleet board of `serve --workers`, the tenants' rate buckets."""
+    return os.path.join(_LOCK_DIR, f"irm-{table}.{suffix}")
+
+
 def _lock_path(table: str) -> str:
-    return os.path.join(_LOCK_DIR, f"irm-{table}.owners")
+    return beside(table, "owners")
 
 
 def _open_lock_file(table: str) -> int:

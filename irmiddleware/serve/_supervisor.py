@@ -11,12 +11,15 @@ It owns what must exist once per router:
 - a router of its own on that table, which takes no lease: it runs the health checks and the
   signal scraper for the whole router (their results go to the table, where every worker routes
   by them) and the admin listener (`[admin] listen`: status, metrics of all processes, drains);
+- the fleet: it alone adds and removes backends (the admin API, SIGHUP's reload, `[[discovery]]`)
+  and publishes each change to the workers, which follow it (`_board`);
 - the workers: started with their owner index 1..N; one that dies has its reservations reclaimed
   (under its index's lock, `_shared`) and is replaced on the same index.
 
-SIGTERM/SIGINT: readiness off (each worker answers 503 on its readiness path at once and keeps
-serving for `shutdown_delay_s`), then each worker's graceful shutdown; the supervisor waits for all
-of them, then stops its own tasks and removes the table.
+SIGHUP re-reads the configuration and applies the difference in its backends and discovery names,
+as a single router does (`_reload`). SIGTERM/SIGINT: readiness off (each worker answers 503 on its
+readiness path at once and keeps serving for `shutdown_delay_s`), then each worker's graceful
+shutdown; the supervisor waits for all of them, then stops its own tasks and removes the table.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from typing import Any, Final
 from irmiddleware._native import unlink_shared
 from irmiddleware._router import Router
 from irmiddleware.proxy._metrics import enable_multiprocess, mark_process_dead
-from irmiddleware.proxy._serve import admin_server
+from irmiddleware.proxy._reload import Reloader
+from irmiddleware.proxy._serve import admin_server, build_config, serve_arguments
 from irmiddleware.proxy._shared import assign_owner, held_lock, reclaim, remove_lock_file, tenants_table
 from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.serve._board import FleetBoard
 from irmiddleware.serve._worker import worker_command
 
 __all__ = ["Supervisor", "listen_socket", "run_supervisor"]
@@ -89,6 +94,7 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self.reclaimed: dict[int, tuple[int, int]] = {}
         """Per owner index, the (leases, cost) reclaimed from its dead workers so far."""
+        self.board: FleetBoard | None = None
         self._stopping = 0  # exit signals received
         self._failed = False
 
@@ -104,10 +110,10 @@ class Supervisor:
         assign_owner(0)  # the supervisor's router takes no lease
         from irmiddleware.proxy._middleware import create_app
 
-        config = dataclasses.replace(self.config, workers=1, shared_table=self.table)
         try:
-            app = create_app(config, listen=config.listen)
+            app = create_app(self._own(self.config), listen=self.config.listen)
             try:
+                self._publish_fleet(app)
                 asyncio.run(self._main(app, sock))
             finally:
                 app.close()
@@ -116,14 +122,31 @@ class Supervisor:
             self._remove_files()
         return 3 if self._failed else 0
 
+    def _own(self, config: RouterConfig) -> RouterConfig:
+        """The configuration of the supervisor's router: one process on the run's table."""
+        return dataclasses.replace(config, workers=1, shared_table=self.table)
+
+    def _publish_fleet(self, app: Any) -> None:
+        """Publishes the fleet now and after each change of it, and lets the admin API, the
+        reload and discovery change it (they wait for the workers to follow, `_board`)."""
+        board = self.board = FleetBoard(self.table, create=True)
+        board.publish(app.fleet.describe())
+        app.fleet.on_change(lambda: board.publish(app.fleet.describe()))
+        app.followers = _Workers(board, self)
+
+    def running(self) -> list[int]:
+        """The owner indexes of the workers running now."""
+        return [owner for owner, worker in self.workers.items() if worker.process.poll() is None]
+
     async def _main(self, app: Any, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        await app.startup()  # health checks and signal scraping, once for the whole router
+        await app.startup()  # health checks, signal scraping and discovery, once for the router
         admin = admin_server(app, self.log_level)
         admin_task = asyncio.create_task(admin.serve()) if admin is not None else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, app, sig)
-        loop.add_signal_handler(signal.SIGHUP, _no_reload)
+        reloader = Reloader(app, lambda: self._own(build_config(serve_arguments(self.argv))))
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon)
         for owner in range(1, self.config.workers + 1):
             self._start(owner, sock)
         log.info(
@@ -142,6 +165,7 @@ class Supervisor:
                     self._assert_health(app)
                     next_assert = time.monotonic() + self.config.health.interval_s
         finally:
+            await reloader.aclose()
             if admin_task is not None:
                 admin.should_exit = True
                 await admin_task
@@ -234,6 +258,8 @@ class Supervisor:
                 worker.process.send_signal(sig)
 
     def _remove_files(self) -> None:
+        if self.board is not None:
+            self.board.remove()
         for name in (self.table, tenants_table(self.table)):
             with contextlib.suppress(OSError):  # the tenants' table exists only with tenant limits
                 unlink_shared(name)
@@ -241,10 +267,14 @@ class Supervisor:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
-def _no_reload() -> None:
-    log.warning(
-        "SIGHUP ignored: with workers, the configuration is read at start (restart to apply a change)"
-    )
+class _Workers:
+    """The supervisor's workers as the followers of its router's fleet."""
+
+    def __init__(self, board: FleetBoard, supervisor: Supervisor) -> None:
+        self._board, self._supervisor = board, supervisor
+
+    async def settled(self) -> bool:
+        return await self._board.settled(self._supervisor.running)
 
 
 def run_supervisor(argv: list[str], config: RouterConfig, log_level: str) -> int:

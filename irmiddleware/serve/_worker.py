@@ -2,28 +2,30 @@
 
 A worker reads the same command line as its supervisor (so the same file and flags), then serves
 it with three differences (`worker_config`): it attaches to the supervisor's table under the owner
-index it was given, it runs no health checks and scrapes no signals (the supervisor's results are
-in the table), and it keeps the states the table holds when it starts (a replacement must not
-undo a drain or a health verdict). Its passive outlier ejections go to the table like every state
-change, so every worker routes around the backend at once.
+index it was given; it runs no health checks, scrapes no signals and resolves no `[[discovery]]`
+name (the supervisor's results are in the table); and its backends are not the file's but the
+fleet the supervisor published (`_board`), which it follows from then on. It never adds, removes
+or sets the state of a backend it did not eject itself: a replacement must not undo a drain, a
+health verdict or a change of the fleet. Its passive outlier ejections go to the table like every
+state change, so every worker routes around the backend at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import socket
 import sys
 from typing import Any, Final
 
-from irmiddleware._router import Router
 from irmiddleware.proxy._logs import configure_logging
 from irmiddleware.proxy._serve import build_config, raise_open_files_limit, serve_arguments, traffic_server
 from irmiddleware.proxy._shared import assign_owner
 from irmiddleware.proxy.config import RouterConfig
+from irmiddleware.serve._board import FleetBoard
 
 __all__ = ["worker_command", "worker_config", "worker_main"]
 
@@ -31,6 +33,10 @@ _BOOTSTRAP: Final = (
     "import sys; from irmiddleware.serve import worker_main; sys.exit(worker_main(sys.argv[1:]))"
 )
 _ORPHAN_CHECK_S: Final = 0.5
+_FOLLOW_S: Final = 0.02
+"""How often a worker looks for a new fleet document: the supervisor's adds wait for it."""
+
+log = logging.getLogger("irmiddleware.proxy")
 
 
 def worker_command(owner: int, fd: int, table: str, serve_argv: list[str]) -> list[str]:
@@ -39,12 +45,15 @@ def worker_command(owner: int, fd: int, table: str, serve_argv: list[str]) -> li
 
 
 def worker_config(config: RouterConfig, table: str) -> RouterConfig:
-    """A worker's configuration: on `table`, one process, without health checks or signal scraping
-    (the supervisor runs them for the whole router and writes their results to the table)."""
+    """A worker's configuration: on `table`, one process, without health checks, signal scraping
+    or discovery (the supervisor runs them for the whole router and writes their results to the
+    table), and without backends of its own (it follows the supervisor's fleet)."""
     return dataclasses.replace(
         config,
         workers=1,
         shared_table=table,
+        backends=(),
+        discovery=(),
         health=dataclasses.replace(config.health, enabled=False),
         signals=dataclasses.replace(config.signals, enabled=False),
     )
@@ -60,35 +69,32 @@ def worker_main(argv: list[str]) -> int:
     configure_logging(args.log_level, config.log_format)
     from irmiddleware.proxy._middleware import create_app
 
-    states = _table_states(table)
     app = create_app(config, listen=config.listen)
+    board = FleetBoard(table)
     try:
-        _restore_states(app.router, states)
+        follow(app, board, owner)
         raise_open_files_limit(config)
         server = traffic_server(app, config, args.log_level)
         with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-            runner.run(_serve(server, socket.socket(fileno=fd)))
+            runner.run(_serve(server, socket.socket(fileno=fd), app, board, owner))
     finally:
+        board.close()
         app.close()
     return 0 if server.started else 3
 
 
-def _table_states(table: str) -> dict[int, str]:
-    """Every backend's state in the table now (the supervisor's verdicts and drains)."""
-    with Router(shared_memory=table) as router:
-        return {stats.id: stats.state for stats in router.stats()}
+def follow(app: Any, board: FleetBoard, owner: int) -> int:
+    """Applies the supervisor's last published fleet to `app` and acknowledges it; returns its
+    generation."""
+    generation, described = board.read()
+    app.follow_fleet(described)
+    board.acknowledge(owner, generation)
+    return generation
 
 
-def _restore_states(router: Router, states: dict[int, str]) -> None:
-    """Puts back the states a new worker's health bookkeeping set to its own starting state."""
-    for backend_id, state in states.items():
-        with contextlib.suppress(LookupError):
-            if router.accelerator_stats(backend_id).state != state:
-                router.set_state(backend_id, state)
-
-
-async def _serve(server: Any, sock: socket.socket) -> None:
-    """Serves on the inherited socket; a worker whose supervisor is gone shuts down gracefully."""
+async def _serve(server: Any, sock: socket.socket, app: Any, board: FleetBoard, owner: int) -> None:
+    """Serves on the inherited socket, following the supervisor's fleet; a worker whose
+    supervisor is gone shuts down gracefully."""
     parent = os.getppid()
 
     async def watch_parent() -> None:
@@ -96,10 +102,21 @@ async def _serve(server: Any, sock: socket.socket) -> None:
             await asyncio.sleep(_ORPHAN_CHECK_S)
         server.handle_exit(signal.SIGTERM, None)
 
-    # A reload is the supervisor's business (which ignores it): SIGHUP must not end a worker.
+    async def watch_fleet() -> None:
+        applied = board.applied(owner)
+        while True:
+            await asyncio.sleep(_FOLLOW_S)
+            if board.generation != applied:
+                try:
+                    applied = follow(app, board, owner)
+                except Exception:  # keep following: the next change is applied whole
+                    log.exception("worker %d: the fleet's last change was not applied", owner)
+
+    # A reload is the supervisor's business: SIGHUP must not end a worker.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: None)
-    watcher = asyncio.create_task(watch_parent())
+    watchers = [asyncio.create_task(watch_parent()), asyncio.create_task(watch_fleet())]
     try:
         await server.serve(sockets=[sock])
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()

@@ -184,7 +184,7 @@ def parse_config(data: Mapping[str, Any]) -> RouterConfig:
         admin=_admin(data, value("listen")),
         discovery=discovery,
         workers=value("workers"),
-        shared_table=check_workers(value("workers"), value("shared_table"), bool(discovery)),
+        shared_table=check_workers(value("workers"), value("shared_table")),
     )
     _no_duplicate_urls(config.backends)
     _one_type_per_model(config.backends)

@@ -32,10 +32,9 @@ WORKERS_MAX: Final = OWNERS_MAX - 1
 _TABLE_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,190}")
 
 
-def check_workers(workers: int, shared_table: str, discovery: bool) -> str:
+def check_workers(workers: int, shared_table: str) -> str:
     """`shared_table` if it and `workers` (`[router]`) go together; ConfigError otherwise. With
-    several workers the supervisor names the table itself (one per run) and the fleet is the
-    configured one: `[[discovery]]` changes the fleet in one process only."""
+    several workers the supervisor names the table itself (one per run)."""
     if shared_table and not _TABLE_NAME.fullmatch(shared_table):
         raise ConfigError(
             "`router.shared_table` must be 1-191 letters, digits, '.', '_' or '-' "
@@ -45,10 +44,6 @@ def check_workers(workers: int, shared_table: str, discovery: bool) -> str:
         raise ConfigError(
             "give `router.workers` or `router.shared_table`, not both: the supervisor of the workers "
             "names its table"
-        )
-    if workers > 1 and discovery:
-        raise ConfigError(
-            "`router.workers` > 1 does not go with [[discovery]]: give the backends as [[backends]]"
         )
     return shared_table
 

@@ -1,0 +1,182 @@
+"""The fleet of `irmiddleware serve --workers 2` changes live, as with one worker, and every worker
+follows it: a backend added through the admin API serves requests from both workers as soon as the
+add is answered; a backend drained and removed gets no request from either worker afterwards, and
+a backend added next (on its freed slot) serves from both; SIGHUP with a changed file adds and
+removes backends in both workers; `[[discovery]]` against a real DNS server (dnslib's) adds the
+addresses it lists and removes one it drops, for both workers. Real processes (the supervisor, its
+workers, vLLM emulators) driven by real httpx clients, each client's connection held by a known
+worker. Every wait is bounded; nothing asserts on wall-clock time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_discovery import ADDRESSES, NAME, Zone, common_free_port, dns
+from test_workers_serve import _connections, _free_port, children, serving
+
+from irmiddleware.testing import create_vllm_app, serve_in_thread, wait_until
+
+pytestmark = pytest.mark.slow  # starts supervisors, workers and emulators
+
+TOKEN = "fleet-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+FAST = {"time_per_request_s": 0.0, "time_per_prompt_token_s": 0.0, "time_per_output_token_s": 0.001}
+
+
+def _backend(url: str, model: str) -> str:
+    return f'[[backends]]\nurl = "{url}"\ntype = "vllm"\ncapacity = 4\nmodels = ["{model}"]\n\n'
+
+
+def _config(path: Path, admin: str, backends: dict[str, str], extra: str = "") -> Path:
+    """A router file: `backends` (URL -> model), the admin listener at `admin`, fast health checks."""
+    body = "".join(_backend(url, model) for url, model in backends.items())
+    path.write_text(
+        f"{body}{extra}[router.health]\ninterval_s = 0.2\n\n"
+        f'[admin]\nlisten = "{admin}"\ntoken_env = "IRM_FLEET_TEST_TOKEN"\n'
+    )
+    return path
+
+
+@contextlib.contextmanager
+def _serve(path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    os.environ["IRM_FLEET_TEST_TOKEN"] = TOKEN
+    try:
+        with serving(path, 2) as served:
+            yield served
+    finally:
+        del os.environ["IRM_FLEET_TEST_TOKEN"]
+
+
+@contextlib.contextmanager
+def _per_worker(supervisor: subprocess.Popen[str], url: str) -> Iterator[list[httpx.Client]]:
+    """One client per worker, each on one kept-alive connection that worker accepted (new
+    connections are opened until each worker holds one; the kernel picks who accepts)."""
+    port = int(url.rpartition(":")[2])
+    with contextlib.ExitStack() as stack:
+        owned: dict[int, httpx.Client] = {}
+        for _ in range(64):
+            before = {pid: _connections(pid, port) for pid in children(supervisor.pid)}
+            client = stack.enter_context(httpx.Client(base_url=url, timeout=30))
+            client.get("/v1/models").raise_for_status()
+            grown = [pid for pid in before if _connections(pid, port) > before[pid]]
+            if len(grown) == 1 and grown[0] not in owned:
+                owned[grown[0]] = client
+            if len(owned) == 2:
+                break
+        assert len(owned) == 2, "each worker holds a connection"
+        yield list(owned.values())
+
+
+def _models(client: httpx.Client) -> set[str]:
+    return {entry["id"] for entry in client.get("/v1/models").json()["data"]}
+
+
+def _complete(client: httpx.Client, model: str) -> int:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+    return client.post("/v1/completions", json=body).status_code
+
+
+def _emulator(model: str) -> Any:
+    return create_vllm_app(served_model_names=(model,), max_num_seqs=64, **FAST)
+
+
+def _fleet(admin: str) -> dict[str, str]:
+    """The supervisor's backends: URL -> state."""
+    answer = httpx.get(f"{admin}/admin/backends", timeout=5).json()
+    return {backend["url"]: backend["state"] for backend in answer["backends"]}
+
+
+def test_a_backend_added_through_the_admin_api_serves_from_every_worker(tmp_path: Path) -> None:
+    first, added = _emulator("m"), _emulator("m2")
+    admin = f"127.0.0.1:{_free_port()}"
+    with serve_in_thread(first) as one, serve_in_thread(added) as two:
+        with _serve(_config(tmp_path / "r.toml", admin, {one.url: "m"})) as (supervisor, url):
+            with _per_worker(supervisor, url) as clients:
+                entry = {"url": two.url, "type": "vllm", "capacity": 4, "models": ["m2"]}
+                answer = httpx.post(f"http://{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
+                assert answer.status_code == 201, answer.text
+                # Answered once every worker follows: no wait here.
+                assert [_models(client) for client in clients] == [{"m", "m2"}] * 2
+                assert [_complete(client, "m2") for client in clients for _ in range(3)] == [200] * 6
+                assert added.state.emulator.stats.completed == 6
+                assert [_complete(client, "m") for client in clients] == [200] * 2
+
+
+def test_a_removed_backend_gets_no_request_and_its_slot_serves_the_next(tmp_path: Path) -> None:
+    apps = {"m": _emulator("m"), "m2": _emulator("m2"), "m3": _emulator("m3")}
+    admin = f"http://127.0.0.1:{_free_port()}"
+    with contextlib.ExitStack() as stack:
+        urls = {model: stack.enter_context(serve_in_thread(app)).url for model, app in apps.items()}
+        path = _config(tmp_path / "r.toml", admin[7:], {urls["m"]: "m", urls["m2"]: "m2"})
+        supervisor, url = stack.enter_context(_serve(path))
+        clients = stack.enter_context(_per_worker(supervisor, url))
+        assert [_complete(client, "m2") for client in clients] == [200] * 2
+        drained = httpx.post(f"{admin}/admin/backends/1/drain", headers=AUTH, timeout=5)
+        assert drained.status_code == 200
+        wait_until(lambda: _fleet(admin)[urls["m2"]] == "drained", "nothing in flight on it")
+        removed = httpx.delete(f"{admin}/admin/backends/1", headers=AUTH, timeout=5)
+        assert removed.status_code == 200, removed.text
+        served = apps["m2"].state.emulator.stats.completed
+        wait_until(lambda: all(_models(client) == {"m"} for client in clients), "every worker forgot it")
+        assert [_complete(client, "m2") for client in clients] == [404] * 2
+        assert [_complete(client, "m") for client in clients] == [200] * 2
+        # The next backend takes the freed slot: each worker routes to it, not to the removed one.
+        entry = {"url": urls["m3"], "type": "vllm", "capacity": 4, "models": ["m3"]}
+        added = httpx.post(f"{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
+        assert added.status_code == 201, added.text
+        assert [_complete(client, "m3") for client in clients for _ in range(3)] == [200] * 6
+        assert apps["m3"].state.emulator.stats.completed == 6
+        assert apps["m2"].state.emulator.stats.completed == served
+
+
+def test_sighup_with_a_changed_file_changes_every_workers_fleet(tmp_path: Path) -> None:
+    first, second = _emulator("m"), _emulator("m2")
+    admin = f"127.0.0.1:{_free_port()}"
+    with serve_in_thread(first) as one, serve_in_thread(second) as two:
+        path = _config(tmp_path / "r.toml", admin, {one.url: "m"})
+        with _serve(path) as (supervisor, url), _per_worker(supervisor, url) as clients:
+            _config(path, admin, {one.url: "m", two.url: "m2"})
+            supervisor.send_signal(signal.SIGHUP)
+            wait_until(lambda: all(_models(c) == {"m", "m2"} for c in clients), "every worker has it")
+            assert [_complete(client, "m2") for client in clients] == [200] * 2
+            _config(path, admin, {one.url: "m"})
+            supervisor.send_signal(signal.SIGHUP)
+            wait_until(lambda: two.url not in _fleet(f"http://{admin}"), "drained and removed")
+            wait_until(lambda: all(_models(c) == {"m"} for c in clients), "every worker forgot it")
+            assert [_complete(client, "m2") for client in clients] == [404] * 2
+            assert second.state.emulator.stats.completed == 2
+            assert len(children(supervisor.pid)) == 2  # SIGHUP ended no worker
+
+
+def test_discovery_changes_every_workers_fleet(tmp_path: Path) -> None:
+    port = common_free_port()
+    apps = {address: _emulator("m") for address in ADDRESSES[:2]}
+    zone = Zone(ADDRESSES[0])
+    admin = f"127.0.0.1:{_free_port()}"
+    with contextlib.ExitStack() as stack:
+        for address, app in apps.items():
+            stack.enter_context(serve_in_thread(app, host=address, port=port))
+        resolver = stack.enter_context(dns(zone))
+        discovery = (
+            f'[[discovery]]\ndns = "{NAME}:{port}"\nresolver = "{resolver}"\ninterval_s = 0.1\n'
+            'capacity = 4\nmodels = ["m"]\n\n'
+        )
+        supervisor, url = stack.enter_context(_serve(_config(tmp_path / "r.toml", admin, {}, discovery)))
+        clients = stack.enter_context(_per_worker(supervisor, url))
+        assert [_complete(client, "m") for client in clients for _ in range(2)] == [200] * 4
+        assert apps[ADDRESSES[0]].state.emulator.stats.completed == 4
+        zone.set(ADDRESSES[1])
+        gone = f"http://{ADDRESSES[0]}:{port}"
+        wait_until(lambda: list(_fleet(f"http://{admin}")) == [f"http://{ADDRESSES[1]}:{port}"], "moved")
+        served = apps[ADDRESSES[0]].state.emulator.stats.completed
+        assert [_complete(client, "m") for client in clients for _ in range(2)] == [200] * 4
+        assert apps[ADDRESSES[0]].state.emulator.stats.completed == served, f"{gone} got a request"
+        assert apps[ADDRESSES[1]].state.emulator.stats.completed == 4
