@@ -2,7 +2,8 @@
 own uvicorn server and event loop, against a real vLLM emulator): a request waiting in one router is
 served when capacity is freed in another, and a tenant's concurrency limit counts the requests of
 every router; adding or removing a backend on a shared table is refused (409) while a drain is
-not; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
+not, unless followers are set (`serve --workers`); a router that forgets a backend another removed
+never routes to its slot again, even once a new backend reuses it; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
 refuse bad values with one clear line, and the example file's key parses. The multi-process side
 (supervisor, workers, kill -9) is in test_workers_serve.py."""
 
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from irmiddleware import unlink_shared
+from irmiddleware import Accelerator, Router, unlink_shared
 from irmiddleware.bench._proxy import bench_proxy_main
 from irmiddleware.proxy import ConfigError, create_app, load_config, parse_config
 from irmiddleware.proxy._fleet import FleetChangeRefused
@@ -165,3 +166,28 @@ def test_bench_proxy_refuses_bad_worker_counts(capsys: pytest.CaptureFixture[str
 
 def test_the_example_file_parses_with_its_workers_key() -> None:
     assert load_config(EXAMPLE).workers == 1
+
+
+def test_a_forgotten_backend_s_slot_is_not_routed_to_once_reused(shared_name: str) -> None:
+    # The protocol of `serve --workers` (serve/_board.py): a worker forgets a removed backend
+    # before the supervisor may add the next one, which can take its slot.
+    with (
+        Router("round_robin", shared_memory=shared_name, max_accelerators=2) as writer,
+        Router("round_robin", shared_memory=shared_name) as follower,
+    ):
+        writer.add_accelerator(Accelerator(0, 4))
+        writer.add_accelerator(Accelerator(1, 4))
+        follower.set_pool("m", [0, 1])
+        writer.set_state(1, "draining")
+        writer.remove_accelerator(1)
+        follower.forget_accelerator(1)
+        writer.add_accelerator(Accelerator(2, 4))  # the table holds 2: this is the freed slot
+        leases = [follower.acquire(pool="m") for _ in range(4)]
+        assert [lease.accelerator_id if lease else None for lease in leases] == [0] * 4
+        for lease in leases:
+            assert lease is not None
+            lease.release()
+        follower.set_pool("m", [0, 2])  # the new backend, once followed, is routed to by its id
+        lease = follower.acquire_on(2)
+        assert lease is not None and lease.accelerator_id == 2
+        lease.release()
