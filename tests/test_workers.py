@@ -3,7 +3,8 @@ own uvicorn server and event loop, against a real vLLM emulator): a request wait
 served when capacity is freed in another, and a tenant's concurrency limit counts the requests of
 every router; adding or removing a backend on a shared table is refused (409) while a drain is
 not, unless followers are set (`serve --workers`); a router that forgets a backend another removed
-never routes to its slot again, even once a new backend reuses it; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
+never routes to its slot again, even once a new backend reuses it; a tenant's rate bucket on a
+shared table is one bucket for every router; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
 refuse bad values with one clear line, and the example file's key parses. The multi-process side
 (supervisor, workers, kill -9) is in test_workers_serve.py."""
 
@@ -23,6 +24,7 @@ from irmiddleware import Accelerator, Router, unlink_shared
 from irmiddleware.bench._proxy import bench_proxy_main
 from irmiddleware.proxy import ConfigError, create_app, load_config, parse_config
 from irmiddleware.proxy._fleet import FleetChangeRefused
+from irmiddleware.proxy._rates import FleetRates, remove_rates_file
 from irmiddleware.proxy._serve import serve_main
 from irmiddleware.proxy._shared import remove_lock_file, tenants_table
 from irmiddleware.testing import create_vllm_app, serve_in_thread, wait_until
@@ -191,3 +193,16 @@ def test_a_forgotten_backend_s_slot_is_not_routed_to_once_reused(shared_name: st
         lease = follower.acquire_on(2)
         assert lease is not None and lease.accelerator_id == 2
         lease.release()
+
+
+def test_rate_buckets_on_a_shared_table_are_one_bucket_per_tenant(shared_name: str) -> None:
+    first, second = FleetRates(shared_name), FleetRates(shared_name)  # as two processes would
+    try:
+        taken = [rates.take("team-a", 1.0, 3, 100.0) for rates in (first, second, first, second)]
+        assert taken == [3, 2, 1, 0]  # the tokens before each take: the fourth found none
+        assert first.take("team-a", 1.0, 3, 101.5) == 1.5  # refilled at 1 per second
+        assert second.take("team-b", 1.0, 3, 101.5) == 3  # another tenant has a bucket of its own
+    finally:
+        first.close()
+        second.close()
+        remove_rates_file(shared_name)

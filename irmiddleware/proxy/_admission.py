@@ -44,6 +44,7 @@ from irmiddleware._router import Accelerator, Lease
 from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._outcomes import Outcome
+from irmiddleware.proxy._rates import FleetRates, refill
 from irmiddleware.proxy._shared import TENANTS_MAX, open_router, release_generation, tenants_table
 from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 
@@ -381,6 +382,8 @@ class Admission:
         # On a shared table other processes release too, and their tenants count against ours.
         shared = fleet.shared_table
         self.fleet_tenants = FleetTenants(shared) if shared is not None and limits_on else None
+        rates_on = any(t.rate_per_s > 0 for t in (config.tenant_defaults, *config.tenants.values()))
+        self.fleet_rates = FleetRates(shared) if shared is not None and rates_on else None
         self._watcher: asyncio.Task[None] | None = None
         self._metrics(registry)
 
@@ -474,7 +477,7 @@ class Admission:
             if lease is None:
                 raise self._over_concurrency(priority, limits.max_concurrency)
         try:
-            self._take_token(state, limits, priority, now)
+            self._take_token(key, state, limits, priority, now)
         except Shed:
             if lease is not None:
                 lease.release(ok=True, latency_s=0.0)
@@ -492,16 +495,21 @@ class Admission:
             self._retry_after_s,
         )
 
-    def _take_token(self, state: _Tenant, limits: TenantConfig, priority: int, now: float) -> None:
-        if limits.rate_per_s > 0:
-            state.tokens = min(limits.bucket_size, state.tokens + (now - state.stamp_s) * limits.rate_per_s)
+    def _take_token(self, key: str, state: _Tenant, limits: TenantConfig, priority: int, now: float) -> None:
+        if limits.rate_per_s <= 0:
+            return
+        rate, burst = limits.rate_per_s, limits.bucket_size
+        # On a shared table, one bucket for every process (`_rates`); else this process's.
+        tokens = None if self.fleet_rates is None else self.fleet_rates.take(key, rate, burst, now)
+        if tokens is None:
+            tokens = state.tokens = refill(state.tokens, state.stamp_s, now, rate, burst)
             state.stamp_s = now
-            if state.tokens < 1:
-                self._count_shed(priority, "over_rate")
-                retry_after = max(1, math.ceil((1 - state.tokens) / limits.rate_per_s))
-                message = f"Rate limit of {limits.rate_per_s:g} requests/s exceeded for this API key."
-                raise Shed(429, message, "over_limit", "over_rate", retry_after)
-            state.tokens -= 1
+            state.tokens -= 1 if tokens >= 1 else 0
+        if tokens < 1:
+            self._count_shed(priority, "over_rate")
+            retry_after = max(1, math.ceil((1 - tokens) / rate))
+            message = f"Rate limit of {rate:g} requests/s exceeded for this API key."
+            raise Shed(429, message, "over_limit", "over_rate", retry_after)
 
     def _forget_idle_tenants(self) -> None:
         # Bounded memory under many distinct keys: idle tenants restart with a full bucket.
@@ -677,9 +685,11 @@ class Admission:
             loop.call_soon_threadsafe(self.kick)
 
     def close(self) -> None:
-        """Frees the fleet-wide tenants table (a shared table's), if any; idempotent."""
+        """Frees the fleet-wide tenants table and rates (a shared table's), if any; idempotent."""
         if self.fleet_tenants is not None:
             self.fleet_tenants.close()
+        if self.fleet_rates is not None:
+            self.fleet_rates.close()
 
     # ---- observation ---------------------------------------------------------------------------
 

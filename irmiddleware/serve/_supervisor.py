@@ -41,6 +41,7 @@ from typing import Any, Final
 from irmiddleware._native import unlink_shared
 from irmiddleware._router import Router
 from irmiddleware.proxy._metrics import enable_multiprocess, mark_process_dead
+from irmiddleware.proxy._rates import remove_rates_file
 from irmiddleware.proxy._reload import Reloader
 from irmiddleware.proxy._serve import admin_server, build_config, serve_arguments
 from irmiddleware.proxy._shared import assign_owner, held_lock, reclaim, remove_lock_file, tenants_table
@@ -260,6 +261,7 @@ class Supervisor:
     def _remove_files(self) -> None:
         if self.board is not None:
             self.board.remove()
+        remove_rates_file(self.table)
         for name in (self.table, tenants_table(self.table)):
             with contextlib.suppress(OSError):  # the tenants' table exists only with tenant limits
                 unlink_shared(name)

@@ -3,7 +3,8 @@ follows it: a backend added through the admin API serves requests from both work
 add is answered; a backend drained and removed gets no request from either worker afterwards, and
 a backend added next (on its freed slot) serves from both; SIGHUP with a changed file adds and
 removes backends in both workers; `[[discovery]]` against a real DNS server (dnslib's) adds the
-addresses it lists and removes one it drops, for both workers. Real processes (the supervisor, its
+addresses it lists and removes one it drops, for both workers. A tenant's rate limit is one limit
+for both workers: a burst through both admits exactly the bucket's tokens. Real processes (the supervisor, its
 workers, vLLM emulators) driven by real httpx clients, each client's connection held by a known
 worker. Every wait is bounded; nothing asserts on wall-clock time."""
 
@@ -79,9 +80,9 @@ def _models(client: httpx.Client) -> set[str]:
     return {entry["id"] for entry in client.get("/v1/models").json()["data"]}
 
 
-def _complete(client: httpx.Client, model: str) -> int:
+def _complete(client: httpx.Client, model: str, headers: dict[str, str] | None = None) -> int:
     body = {"model": model, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
-    return client.post("/v1/completions", json=body).status_code
+    return client.post("/v1/completions", json=body, headers=headers).status_code
 
 
 def _emulator(model: str) -> Any:
@@ -180,3 +181,17 @@ def test_discovery_changes_every_workers_fleet(tmp_path: Path) -> None:
         assert [_complete(client, "m") for client in clients for _ in range(2)] == [200] * 4
         assert apps[ADDRESSES[0]].state.emulator.stats.completed == served, f"{gone} got a request"
         assert apps[ADDRESSES[1]].state.emulator.stats.completed == 4
+
+
+def test_a_tenant_rate_limit_is_one_limit_for_every_worker(tmp_path: Path) -> None:
+    app = _emulator("m")
+    # A bucket of 6 tokens refilled at one per 100 s: over the test, the bucket is all there is.
+    limits = "[admission.tenant_defaults]\nrate_per_s = 0.01\nburst = 6\n\n"
+    admin = f"127.0.0.1:{_free_port()}"
+    with serve_in_thread(app) as one:
+        path = _config(tmp_path / "r.toml", admin, {one.url: "m"}, limits)
+        with _serve(path) as (supervisor, url), _per_worker(supervisor, url) as clients:
+            team = {"authorization": "Bearer team-a"}
+            burst = [_complete(client, "m", team) for _ in range(6) for client in clients]
+            assert burst == [200] * 6 + [429] * 6  # 3 through each worker, then none through either
+            assert [_complete(client, "m", {"authorization": "Bearer b"}) for client in clients] == [200] * 2
