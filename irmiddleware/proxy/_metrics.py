@@ -97,7 +97,11 @@ def remove_backend_series(metric: MetricWrapperBase, labels: Sequence[str], back
     """Removes every child of `metric` (labelled `labels`, in order) whose `backend` label is
     `backend_url`: a backend that left the fleet leaves no series behind (its URL may have been a
     pod's address, never to come back). The children are found in what the metric exports, so
-    this works whatever other labels they have."""
+    this works whatever other labels they have. Not in multiprocess mode (workers): there the
+    values are in the processes' files, which prometheus-client cannot remove series from, and a
+    removed backend's series stay until the router restarts."""
+    if MULTIPROCESS_ENV in os.environ:
+        return
     found = {
         tuple(sample.labels[name] for name in labels)
         for family in metric.collect()
