@@ -45,7 +45,7 @@ from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy._outcomes import Outcome
 from irmiddleware.proxy._rates import FleetRates, refill
-from irmiddleware.proxy._shared import TENANTS_MAX, open_router, release_generation, tenants_table
+from irmiddleware.proxy._shared import TENANTS_MAX, ReleaseWatcher, open_router, tenants_table
 from irmiddleware.proxy.config import AdmissionConfig, TenantConfig
 
 __all__ = ["SHED_REASONS", "Admission", "FleetTenants", "Shed", "Ticket", "WaitQueue", "Waiter"]
@@ -69,7 +69,6 @@ SHED_REASONS: Final = (
 _BODY_PRIORITY_TYPES: Final = frozenset({"vllm", "openai"})
 _FORWARD_PRIORITY_TYPES: Final = frozenset({"vllm"})
 _TENANTS_TRACKED_MAX: Final = 100_000
-_WATCH_S: Final = 0.001
 """How often waiters on a shared table look for capacity freed by another process: a generation
 read is a few hundred nanoseconds, so a millisecond costs ~0.1% of a core while requests wait."""
 _WAIT_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -384,7 +383,12 @@ class Admission:
         self.fleet_tenants = FleetTenants(shared) if shared is not None and limits_on else None
         rates_on = any(t.rate_per_s > 0 for t in (config.tenant_defaults, *config.tenants.values()))
         self.fleet_rates = FleetRates(shared) if shared is not None and rates_on else None
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher = (
+            ReleaseWatcher(fleet.router, self.kick, lambda: self.queue.total > 0)
+            if shared is not None
+            else None
+        )
+        """On a shared table: wakes the waiters when another process releases (`_shared`)."""
         self._metrics(registry)
 
     def _metrics(self, registry: CollectorRegistry) -> None:
@@ -570,26 +574,12 @@ class Admission:
             )
         except Shed as shed:
             raise self._refused(route, shed.reason) from None
-        if self._fleet.shared_table is not None and self._watcher is None:
-            self._watcher = loop.create_task(self._watch_other_releases(), name="irm-admission-watch")
+        if self._watcher is not None:
+            # Room another process frees: the core's release generation moves (a release, a
+            # capacity or a state change in any process), and the watcher serves the waiters that
+            # now fit. This process's own releases are handed over at once (`released`).
+            self._watcher.ensure(loop)
         return await self._wait(waiter, timeout_s, counted=not exclude)
-
-    async def _watch_other_releases(self) -> None:
-        """While requests wait on a shared table: every `_WATCH_S`, when the core's release
-        generation moved (a release, a capacity or a state change in any process), waiters that
-        now fit are served. This process's own releases are handed over at once, as ever
-        (`released`)."""
-        router = self._fleet.router
-        seen = release_generation(router)
-        try:
-            while self.queue.total:
-                await asyncio.sleep(_WATCH_S)
-                now = release_generation(router)
-                if now != seen:
-                    seen = now
-                    self.kick()
-        finally:
-            self._watcher = None
 
     def can_retry(self, route: RouteInfo, exclude: frozenset[int]) -> bool:
         """Whether a retry of `route` on a backend not in `exclude` could be served: one has room
@@ -685,7 +675,10 @@ class Admission:
             loop.call_soon_threadsafe(self.kick)
 
     def close(self) -> None:
-        """Frees the fleet-wide tenants table and rates (a shared table's), if any; idempotent."""
+        """Stops the release watcher and frees the fleet-wide tenants table and rates (a shared
+        table's), if any; idempotent. Before the fleet's router closes."""
+        if self._watcher is not None:
+            self._watcher.close()
         if self.fleet_tenants is not None:
             self.fleet_tenants.close()
         if self.fleet_rates is not None:

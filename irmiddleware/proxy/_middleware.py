@@ -300,8 +300,8 @@ class RoutingMiddleware:
         stopped; the lifespan may have come and gone). Lifespan shutdown does not do this, because
         a test client can run an app's lifespan more than once. Idempotent; nothing can be routed
         afterwards."""
+        self.admission.close()  # first: its release watcher waits on the router's table
         self.fleet.router.close()
-        self.admission.close()
 
     # ---- one request ---------------------------------------------------------------------------
 

@@ -21,11 +21,13 @@ This module is the one place the proxy uses the core's owner API (`Router(owner=
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,6 +38,7 @@ __all__ = [
     "OWNERS_MAX",
     "TENANTS_MAX",
     "Claim",
+    "ReleaseWatcher",
     "assign_owner",
     "beside",
     "claim",
@@ -55,6 +58,8 @@ OWNERS_MAX: Final = _native.OWNERS_MAX - 1
 TENANTS_MAX: Final = 4096
 """Tenants with a concurrency limit that the fleet-wide table tracks at once."""
 _LOCK_DIR: Final = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+_WAIT_S: Final = 0.05
+"""The release watcher's longest sleep: how soon it ends once nothing waits, or after `close`."""
 
 _assigned: int | None = None
 """The owner index the supervisor gave this process (0: the supervisor itself, which takes no
@@ -206,3 +211,66 @@ def release_generation(router: Router) -> int:
     """A counter the core bumps on every release, capacity or state change in the table (any
     process)."""
     return int(router.release_generation())
+
+
+class ReleaseWatcher:
+    """Calls `wake()` on the event loop whenever the release generation of `router`'s table moves
+    while `wanted()` holds (requests wait): one thread per router, blocked in the core's futex
+    wait (`Router.wait_release`, without the GIL) and woken by a release in any process. It runs
+    from `ensure` (a request starts waiting) until `wanted()` is false after a wake-up or
+    `_WAIT_S`; wake-ups are coalesced, one call pending on the loop at a time. `close` stops it,
+    before the router closes."""
+
+    def __init__(self, router: Router, wake: Callable[[], object], wanted: Callable[[], bool]) -> None:
+        self._router, self._wake, self._wanted = router, wake, wanted
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = False
+        self._stopped = False
+
+    def ensure(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts the thread unless it runs (on the loop, when a request starts waiting)."""
+        with self._lock:
+            if loop is not self._loop:  # a new loop (a test client runs several): nothing pending
+                self._loop, self._pending = loop, False
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="irm-release-watch", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        seen = release_generation(self._router)
+        # Once at the start: a release between the first waiter's failed acquire and here.
+        self._post()
+        while True:
+            with self._lock:
+                if self._stopped or not self._wanted():
+                    self._thread = None
+                    return
+            now = self._router.wait_release(seen, _WAIT_S)
+            if now != seen:
+                seen = now
+                self._post()
+
+    def _post(self) -> None:
+        """Schedules one `wake()` on the loop, unless one is pending."""
+        loop = self._loop
+        if self._pending or loop is None:
+            return
+        self._pending = True
+        try:
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nothing waits on it any more
+            self._pending = False
+
+    def _deliver(self) -> None:
+        self._pending = False
+        self._wake()
+
+    def close(self) -> None:
+        """Stops the thread and waits for it (at most `_WAIT_S`)."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+        if thread is not None:
+            thread.join()
