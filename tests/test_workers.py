@@ -2,11 +2,12 @@
 own uvicorn server and event loop, against a real vLLM emulator): a request waiting in one router is
 served when capacity is freed in another, and a tenant's concurrency limit counts the requests of
 every router; adding or removing a backend on a shared table is refused (409) while a drain is
-not, unless followers are set (`serve --workers`); a router that forgets a backend another removed
-never routes to its slot again, even once a new backend reuses it; a tenant's rate bucket on a
-shared table is one bucket for every router; the `[router] workers` and `shared_table` keys, `serve --workers` and `bench-proxy --workers`
-refuse bad values with one clear line, and the example file's key parses. The multi-process side
-(supervisor, workers, kill -9) is in test_workers_serve.py."""
+not (unless followers are set, as `serve --workers` does); a router that forgets a backend another
+removed never routes to its slot again, even once a new backend reuses it; a tenant's rate bucket
+on a shared table is one bucket for every router; the `[router] workers` and `shared_table` keys,
+`serve --workers` and `bench-proxy --workers` refuse bad values with one clear line, workers go
+with `[[discovery]]`, and the example file's key parses. The multi-process side (supervisor,
+workers, kill -9, fleet changes) is in test_workers_serve.py and proxy/test_workers_fleet.py."""
 
 from __future__ import annotations
 

@@ -478,4 +478,3 @@ def create_app(config: RouterConfig, **options: Any) -> RoutingMiddleware:
     """A standalone router: the middleware in front of an app that answers 404 to anything else.
     `options` go to `RoutingMiddleware` (`plugins`, `entry_points`)."""
     return RoutingMiddleware(not_found, config, **options)
-

@@ -98,17 +98,18 @@ def _fleet(admin: str) -> dict[str, str]:
 def test_a_backend_added_through_the_admin_api_serves_from_every_worker(tmp_path: Path) -> None:
     first, added = _emulator("m"), _emulator("m2")
     admin = f"127.0.0.1:{_free_port()}"
-    with serve_in_thread(first) as one, serve_in_thread(added) as two:
-        with _serve(_config(tmp_path / "r.toml", admin, {one.url: "m"})) as (supervisor, url):
-            with _per_worker(supervisor, url) as clients:
-                entry = {"url": two.url, "type": "vllm", "capacity": 4, "models": ["m2"]}
-                answer = httpx.post(f"http://{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
-                assert answer.status_code == 201, answer.text
-                # Answered once every worker follows: no wait here.
-                assert [_models(client) for client in clients] == [{"m", "m2"}] * 2
-                assert [_complete(client, "m2") for client in clients for _ in range(3)] == [200] * 6
-                assert added.state.emulator.stats.completed == 6
-                assert [_complete(client, "m") for client in clients] == [200] * 2
+    with contextlib.ExitStack() as stack:
+        one, two = (stack.enter_context(serve_in_thread(app)) for app in (first, added))
+        supervisor, url = stack.enter_context(_serve(_config(tmp_path / "r.toml", admin, {one.url: "m"})))
+        clients = stack.enter_context(_per_worker(supervisor, url))
+        entry = {"url": two.url, "type": "vllm", "capacity": 4, "models": ["m2"]}
+        answer = httpx.post(f"http://{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
+        assert answer.status_code == 201, answer.text
+        # Answered once every worker follows: no wait here.
+        assert [_models(client) for client in clients] == [{"m", "m2"}] * 2
+        assert [_complete(client, "m2") for client in clients for _ in range(3)] == [200] * 6
+        assert added.state.emulator.stats.completed == 6
+        assert [_complete(client, "m") for client in clients] == [200] * 2
 
 
 def test_a_removed_backend_gets_no_request_and_its_slot_serves_the_next(tmp_path: Path) -> None:
