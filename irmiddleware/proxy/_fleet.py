@@ -240,8 +240,7 @@ class Fleet:
             elif entry["models_known"]:
                 known.models, known.models_known = tuple(entry["models"]), True
         self._rebuild_pools()
-        if joined:
-            self._capacity_appeared()
+        self._capacity_appeared()  # a backend that joined, or a model it now serves, has room
         return joined, left
 
     def _followed(self, backend_id: int, entry: dict[str, Any]) -> Backend | None:
