@@ -1,12 +1,12 @@
 """The fleet of `irmiddleware serve --workers 2` changes live, as with one worker, and every worker
 follows it: a backend added through the admin API serves requests from both workers as soon as the
-add is answered; a backend drained and removed gets no request from either worker afterwards, and
-a backend added next (on its freed slot) serves from both; SIGHUP with a changed file adds and
-removes backends in both workers; `[[discovery]]` against a real DNS server (dnslib's) adds the
-addresses it lists and removes one it drops, for both workers. A tenant's rate limit is one limit
-for both workers: a burst through both admits exactly the bucket's tokens. Real processes (the supervisor, its
-workers, vLLM emulators) driven by real httpx clients, each client's connection held by a known
-worker. Every wait is bounded; nothing asserts on wall-clock time."""
+add is answered; under a load through both workers that loses no request, a backend drained and
+removed gets no request afterwards, and a backend added next serves from both; SIGHUP with a
+changed file adds and removes backends in both workers; `[[discovery]]` against a real DNS server
+(dnslib's) adds the addresses it lists and removes one it drops, for both workers. A tenant's rate
+limit is one limit for both workers: a burst through both admits exactly the bucket's tokens. Real
+processes (the supervisor, its workers, vLLM emulators) driven by real httpx clients, each client's
+connection held by a known worker. Every wait is bounded; nothing asserts on wall-clock time."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from admin_support import LoadLoop
 from test_discovery import ADDRESSES, NAME, Zone, common_free_port, dns
 from test_workers_serve import _connections, _free_port, children, serving
 
@@ -37,10 +38,12 @@ def _backend(url: str, model: str) -> str:
 
 
 def _config(path: Path, admin: str, backends: dict[str, str], extra: str = "") -> Path:
-    """A router file: `backends` (URL -> model), the admin listener at `admin`, fast health checks."""
+    """A router file: `backends` (URL -> model), requests may wait, the admin listener at `admin`,
+    fast health checks."""
     body = "".join(_backend(url, model) for url, model in backends.items())
     path.write_text(
-        f"{body}{extra}[router.health]\ninterval_s = 0.2\n\n"
+        f"{body}[admission]\nmax_queue = 64\nmax_wait_s = 30.0\n\n{extra}"
+        "[router.health]\ninterval_s = 0.2\n\n"
         f'[admin]\nlisten = "{admin}"\ntoken_env = "IRM_FLEET_TEST_TOKEN"\n'
     )
     return path
@@ -112,31 +115,33 @@ def test_a_backend_added_through_the_admin_api_serves_from_every_worker(tmp_path
         assert [_complete(client, "m") for client in clients] == [200] * 2
 
 
-def test_a_removed_backend_gets_no_request_and_its_slot_serves_the_next(tmp_path: Path) -> None:
-    apps = {"m": _emulator("m"), "m2": _emulator("m2"), "m3": _emulator("m3")}
+def test_a_backend_removed_under_load_gets_no_request_after_and_the_next_serves(tmp_path: Path) -> None:
+    apps = [_emulator("m") for _ in range(3)]
     admin = f"http://127.0.0.1:{_free_port()}"
     with contextlib.ExitStack() as stack:
-        urls = {model: stack.enter_context(serve_in_thread(app)).url for model, app in apps.items()}
-        path = _config(tmp_path / "r.toml", admin[7:], {urls["m"]: "m", urls["m2"]: "m2"})
+        urls = [stack.enter_context(serve_in_thread(app)).url for app in apps]
+        path = _config(tmp_path / "r.toml", admin[7:], {urls[0]: "m", urls[1]: "m"})
         supervisor, url = stack.enter_context(_serve(path))
         clients = stack.enter_context(_per_worker(supervisor, url))
-        assert [_complete(client, "m2") for client in clients] == [200] * 2
-        drained = httpx.post(f"{admin}/admin/backends/1/drain", headers=AUTH, timeout=5)
-        assert drained.status_code == 200
-        wait_until(lambda: _fleet(admin)[urls["m2"]] == "drained", "nothing in flight on it")
-        removed = httpx.delete(f"{admin}/admin/backends/1", headers=AUTH, timeout=5)
-        assert removed.status_code == 200, removed.text
-        served = apps["m2"].state.emulator.stats.completed
-        wait_until(lambda: all(_models(client) == {"m"} for client in clients), "every worker forgot it")
-        assert [_complete(client, "m2") for client in clients] == [404] * 2
-        assert [_complete(client, "m") for client in clients] == [200] * 2
-        # The next backend takes the freed slot: each worker routes to it, not to the removed one.
-        entry = {"url": urls["m3"], "type": "vllm", "capacity": 4, "models": ["m3"]}
-        added = httpx.post(f"{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
-        assert added.status_code == 201, added.text
-        assert [_complete(client, "m3") for client in clients for _ in range(3)] == [200] * 6
-        assert apps["m3"].state.emulator.stats.completed == 6
-        assert apps["m2"].state.emulator.stats.completed == served
+        load = LoadLoop(url, threads=6, requests=300)  # one connection each: both workers get some
+        with load.running():
+            assert httpx.post(f"{admin}/admin/backends/1/drain", headers=AUTH, timeout=5).status_code == 200
+            wait_until(lambda: _fleet(admin)[urls[1]] == "drained", "nothing in flight on it", timeout_s=30)
+            removed = httpx.delete(f"{admin}/admin/backends/1", headers=AUTH, timeout=5)
+            assert removed.status_code == 200, removed.text
+            served = apps[1].state.emulator.stats.completed
+            entry = {"url": urls[2], "type": "vllm", "capacity": 4, "models": ["m"]}
+            added = httpx.post(f"{admin}/admin/backends", json=entry, headers=AUTH, timeout=30)
+            assert added.status_code == 201, added.text
+            # The first backend drained too: each worker's requests can only go to the new one.
+            assert httpx.post(f"{admin}/admin/backends/0/drain", headers=AUTH, timeout=5).status_code == 200
+            before = apps[2].state.emulator.stats.completed
+            assert [_complete(client, "m") for client in clients for _ in range(3)] == [200] * 6
+            assert apps[2].state.emulator.stats.completed >= before + 6
+            print(f"{load.done} of {6 * 300} requests of the load answered by then")
+        assert load.errors == []
+        assert load.statuses == [200] * 6 * 300  # none lost while the fleet changed
+        assert apps[1].state.emulator.stats.completed == served  # none after its removal
 
 
 def test_sighup_with_a_changed_file_changes_every_workers_fleet(tmp_path: Path) -> None:
