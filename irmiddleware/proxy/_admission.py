@@ -69,8 +69,6 @@ SHED_REASONS: Final = (
 _BODY_PRIORITY_TYPES: Final = frozenset({"vllm", "openai"})
 _FORWARD_PRIORITY_TYPES: Final = frozenset({"vllm"})
 _TENANTS_TRACKED_MAX: Final = 100_000
-"""How often waiters on a shared table look for capacity freed by another process: a generation
-read is a few hundred nanoseconds, so a millisecond costs ~0.1% of a core while requests wait."""
 _WAIT_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 

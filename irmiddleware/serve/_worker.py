@@ -69,21 +69,23 @@ def worker_main(argv: list[str]) -> int:
     configure_logging(args.log_level, config.log_format)
     from irmiddleware.proxy._middleware import create_app
 
-    app = create_app(config, listen=config.listen)
     board = FleetBoard(table)
     try:
-        follow(app, board, owner)
-        raise_open_files_limit(config)
-        server = traffic_server(app, config, args.log_level)
-        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-            runner.run(_serve(server, socket.socket(fileno=fd), app, board, owner))
+        app = create_app(config, listen=config.listen)
+        try:
+            _follow(app, board, owner)
+            raise_open_files_limit(config)
+            server = traffic_server(app, config, args.log_level)
+            with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+                runner.run(_serve(server, socket.socket(fileno=fd), app, board, owner))
+        finally:
+            app.close()
     finally:
         board.close()
-        app.close()
     return 0 if server.started else 3
 
 
-def follow(app: Any, board: FleetBoard, owner: int) -> int:
+def _follow(app: Any, board: FleetBoard, owner: int) -> int:
     """Applies the supervisor's last published fleet to `app` and acknowledges it; returns its
     generation."""
     generation, described = board.read()
@@ -108,7 +110,7 @@ async def _serve(server: Any, sock: socket.socket, app: Any, board: FleetBoard, 
             await asyncio.sleep(_FOLLOW_S)
             if board.generation != applied:
                 try:
-                    applied = follow(app, board, owner)
+                    applied = _follow(app, board, owner)
                 except Exception:  # keep following: the next change is applied whole
                     log.exception("worker %d: the fleet's last change was not applied", owner)
 
