@@ -180,13 +180,16 @@ def test_discovery_changes_every_workers_fleet(tmp_path: Path) -> None:
         clients = stack.enter_context(_per_worker(supervisor, url))
         assert [_complete(client, "m") for client in clients for _ in range(2)] == [200] * 4
         assert apps[ADDRESSES[0]].state.emulator.stats.completed == 4
-        zone.set(ADDRESSES[1])
-        gone = f"http://{ADDRESSES[0]}:{port}"
-        wait_until(lambda: list(_fleet(f"http://{admin}")) == [f"http://{ADDRESSES[1]}:{port}"], "moved")
+        first, second = (f"http://{address}:{port}" for address in ADDRESSES[:2])
+        zone.set(*ADDRESSES[:2])  # a second pod: added, and followed before the next resolution
+        wait_until(lambda: list(_fleet(f"http://{admin}")) == [first, second], "the second pod joins")
+        zone.set(ADDRESSES[1])  # the first pod goes: drained, then removed
+        wait_until(lambda: list(_fleet(f"http://{admin}")) == [second], "the first pod leaves")
         served = apps[ADDRESSES[0]].state.emulator.stats.completed
+        before = apps[ADDRESSES[1]].state.emulator.stats.completed
         assert [_complete(client, "m") for client in clients for _ in range(2)] == [200] * 4
-        assert apps[ADDRESSES[0]].state.emulator.stats.completed == served, f"{gone} got a request"
-        assert apps[ADDRESSES[1]].state.emulator.stats.completed == 4
+        assert apps[ADDRESSES[0]].state.emulator.stats.completed == served, f"{first} got a request"
+        assert apps[ADDRESSES[1]].state.emulator.stats.completed == before + 4
 
 
 def test_a_tenant_rate_limit_is_one_limit_for_every_worker(tmp_path: Path) -> None:
