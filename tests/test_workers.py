@@ -4,13 +4,15 @@ served when capacity is freed in another, and a tenant's concurrency limit count
 every router; adding or removing a backend on a shared table is refused (409) while a drain is
 not (unless followers are set, as `serve --workers` does); a router that forgets a backend another
 removed never routes to its slot again, even once a new backend reuses it; a tenant's rate bucket
-on a shared table is one bucket for every router; the `[router] workers` and `shared_table` keys,
-`serve --workers` and `bench-proxy --workers` refuse bad values with one clear line, workers go
-with `[[discovery]]`, and the example file's key parses. The multi-process side (supervisor,
+on a shared table is one bucket for every router; the release watcher wakes the event loop when
+another router releases; the `[router] workers` and `shared_table` keys, `serve --workers` and
+`bench-proxy --workers` refuse bad values with one clear line, workers go with `[[discovery]]`,
+and the example file's key parses. The multi-process side (supervisor,
 workers, kill -9, fleet changes) is in test_workers_serve.py and proxy/test_workers_fleet.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import threading
@@ -27,7 +29,7 @@ from irmiddleware.proxy import ConfigError, create_app, load_config, parse_confi
 from irmiddleware.proxy._fleet import FleetChangeRefused
 from irmiddleware.proxy._rates import FleetRates, remove_rates_file
 from irmiddleware.proxy._serve import serve_main
-from irmiddleware.proxy._shared import remove_lock_file, tenants_table
+from irmiddleware.proxy._shared import ReleaseWatcher, remove_lock_file, tenants_table
 from irmiddleware.testing import create_vllm_app, serve_in_thread, wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "router.toml"
@@ -207,3 +209,26 @@ def test_rate_buckets_on_a_shared_table_are_one_bucket_per_tenant(shared_name: s
         first.close()
         second.close()
         remove_rates_file(shared_name)
+
+
+def test_the_release_watcher_wakes_the_loop_when_another_router_releases(shared_name: str) -> None:
+    async def scenario(writer: Router, watched: Router) -> None:
+        woken, waiting = asyncio.Event(), [True]
+        watcher = ReleaseWatcher(watched, woken.set, lambda: waiting[0])
+        lease = writer.acquire_on(0)
+        assert lease is not None
+        watcher.ensure(asyncio.get_running_loop())
+        await asyncio.wait_for(woken.wait(), 5)  # once at its start
+        woken.clear()
+        lease.release()  # in another router: only the table's futex tells the watcher
+        await asyncio.wait_for(woken.wait(), 5)
+        waiting[0] = False
+        watcher.close()
+        assert not [t for t in threading.enumerate() if t.name == "irm-release-watch"]
+
+    with (
+        Router(shared_memory=shared_name, max_accelerators=2) as writer,
+        Router(shared_memory=shared_name) as watched,
+    ):
+        writer.add_accelerator(Accelerator(0, 1))
+        asyncio.run(scenario(writer, watched))
