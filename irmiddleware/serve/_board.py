@@ -10,8 +10,10 @@ Two files in `/dev/shm`, beside the table:
 - `irm-<table>.fleet.json`, the document, replaced whole (written aside, then renamed): a reader
   sees the old document or the new one, never a mix;
 - `irm-<table>.fleet`, a board of 64 aligned 8-byte words: word 0 is the published generation,
-  word k the generation worker k applied last. Each word has one writer, and an aligned 8-byte
-  store or load is one instruction, so a reader never sees half a number.
+  word k the generation worker k applied last. Each word has one writer, and its stores and loads
+  are aligned 8-byte moves (ctypes), made in one piece on x86-64 and arm64. The word 0 only says
+  that there is something new to read: the generation a worker applies and acknowledges is the
+  one written in the document.
 
 Why the acknowledgements: a removed backend's slot in the table is reused by the next backend
 added. A worker that had not yet forgotten the removed backend would take the new one for it (its
