@@ -12,11 +12,11 @@
 const std = @import("std");
 const assert = std.debug.assert;
 const Atomic = std.atomic.Value;
-const Allocator = std.mem.Allocator;
+const memory = @import("memory.zig");
 const table_mod = @import("table.zig");
 
 pub const Error = error{
-    /// The id already names a request in flight (or one being routed right now).
+    /// The id already names a request in flight.
     DuplicateRequest,
     /// No request with that id is in flight.
     UnknownRequest,
@@ -32,10 +32,12 @@ pub const Record = struct {
     started_ns: u64,
 };
 
-/// A record's ticket while its decision is being made: the id is taken (a concurrent route with
-/// the same id is a duplicate), but there is no reservation to release yet. Real tickets never
-/// equal it (slots are below 2^20).
-const ticket_routing: table_mod.Ticket = std.math.maxInt(u64);
+/// What a decision reserved: the slot's ticket and the cost, recorded for the request.
+pub const Reservation = struct {
+    ticket: table_mod.Ticket,
+    cost: u32,
+};
+
 /// An empty entry: real tickets have an incarnation of at least 1.
 const ticket_empty: table_mod.Ticket = 0;
 
@@ -60,57 +62,45 @@ comptime {
 const lock_attempts_max: u32 = 1 << 24;
 
 pub const Requests = struct {
-    allocator: Allocator,
     lock_word: Atomic(u32) = .init(0),
-    /// A power of two long (or empty before the first record); at most half full, which keeps
+    /// A power of two long (or empty before the first record), in a private anonymous mapping
+    /// of its own (zero-filled by the kernel: nothing to clear); at most half full, which keeps
     /// the clusters that runs of consecutive ids form short.
     entries: []Entry = &.{},
-    /// Records, including those still being routed.
     count: u64 = 0,
 
-    pub fn init(allocator: Allocator) Requests {
-        return .{ .allocator = allocator };
-    }
-
-    /// Frees the map. Only when no call can use it any more (the handle is closed and drained).
+    /// Unmaps the map. Only when no call can use it any more (the handle is closed and drained).
     pub fn deinit(r: *Requests) void {
-        if (r.entries.len > 0) r.allocator.free(r.entries);
+        unmapEntries(r.entries);
         r.entries = &.{};
         r.count = 0;
     }
 
-    /// Takes `id` for a request about to be routed: `DuplicateRequest` if it is taken. Follow
-    /// with `commit` (a reservation was made) or `cancel` (nothing fit).
-    pub fn begin(r: *Requests, id: u64, started_ns: u64) Error!void {
+    /// Records request `id` with the reservation `decision.decide()` makes, in one critical
+    /// section: the id is checked first, so a duplicate (`DuplicateRequest`) changes nothing
+    /// (the decision is not made: not even a cursor moves), and the map is grown first, so a
+    /// failed growth (`OutOfMemory`) has nothing to undo either. Returns the reservation, or
+    /// null when the decision found nothing (nothing recorded). Holding the lock through the
+    /// decision takes it once per route instead of twice, and the entry is written once; it
+    /// serialises only this handle's `route`s and `complete`s in this process, whose callers
+    /// (the seed API's builtins) hold the GIL anyway. `decision` must not call back into `r`.
+    pub fn record(r: *Requests, id: u64, started_ns: u64, decision: anytype) Error!?Reservation {
         try r.lock();
         defer r.unlock();
         if (r.indexOf(id) != null) return error.DuplicateRequest;
         if ((r.count + 1) * 2 > r.entries.len) try r.grow();
-        const index = r.freeIndexFor(id);
-        r.entries[index] = .{ .id = id, .ticket = ticket_routing, .started_ns = started_ns, .cost = 0, .reserved = 0 };
+        const reservation = decision.decide() orelse return null;
+        assert(reservation.ticket != ticket_empty);
+        assert(reservation.cost > 0);
+        r.entries[r.freeIndexFor(id)] = .{
+            .id = id,
+            .ticket = reservation.ticket,
+            .started_ns = started_ns,
+            .cost = reservation.cost,
+            .reserved = 0,
+        };
         r.count += 1;
-    }
-
-    /// Records the reservation of a request `begin` took.
-    pub fn commit(r: *Requests, id: u64, ticket: table_mod.Ticket, cost: u32) void {
-        assert(ticket != ticket_routing);
-        assert(ticket != ticket_empty);
-        assert(cost > 0);
-        r.lockAlways();
-        defer r.unlock();
-        const index = r.indexOf(id).?; // Taken by `begin`; only `cancel` or `commit` end that.
-        assert(r.entries[index].ticket == ticket_routing);
-        r.entries[index].ticket = ticket;
-        r.entries[index].cost = cost;
-    }
-
-    /// Gives back an id `begin` took, for a request that was not routed.
-    pub fn cancel(r: *Requests, id: u64) void {
-        r.lockAlways();
-        defer r.unlock();
-        const index = r.indexOf(id).?;
-        assert(r.entries[index].ticket == ticket_routing);
-        r.removeAt(index);
+        return reservation;
     }
 
     /// Removes and returns the record of a routed request.
@@ -119,8 +109,6 @@ pub const Requests = struct {
         defer r.unlock();
         const index = r.indexOf(id) orelse return error.UnknownRequest;
         const entry = r.entries[index];
-        // Still being routed by another thread: not in flight yet.
-        if (entry.ticket == ticket_routing) return error.UnknownRequest;
         r.removeAt(index);
         return .{ .ticket = entry.ticket, .cost = entry.cost, .started_ns = entry.started_ns };
     }
@@ -131,7 +119,6 @@ pub const Requests = struct {
         defer r.unlock();
         const index = r.indexOf(id) orelse return null;
         const entry = r.entries[index];
-        if (entry.ticket == ticket_routing) return null;
         return .{ .ticket = entry.ticket, .cost = entry.cost, .started_ns = entry.started_ns };
     }
 
@@ -175,17 +162,13 @@ pub const Requests = struct {
     }
 
     fn grow(r: *Requests) Error!void {
-        const length = @max(entries_min, r.entries.len * 2);
-        const fresh = try r.allocator.alloc(Entry, length);
-        populate(std.mem.sliceAsBytes(fresh));
-        @memset(fresh, std.mem.zeroes(Entry));
         const old = r.entries;
-        r.entries = fresh;
+        r.entries = try mapEntries(@max(entries_min, old.len * 2));
         for (old) |entry| {
             if (entry.ticket == ticket_empty) continue;
             r.entries[r.freeIndexFor(entry.id)] = entry;
         }
-        if (old.len > 0) r.allocator.free(old);
+        unmapEntries(old);
     }
 
     /// Backward-shift deletion: entries after the hole that may move closer to home do.
@@ -221,29 +204,40 @@ pub const Requests = struct {
         return error.Busy;
     }
 
-    /// For `commit` and `cancel`, which must not fail: the id they finish is taken, and giving up
-    /// would leak it. Held by others only for bounded work, so this ends.
-    fn lockAlways(r: *Requests) void {
-        while (true) {
-            r.lock() catch continue;
-            return;
-        }
-    }
-
     fn unlock(r: *Requests) void {
         // .release: publishes the critical section's writes to the next holder.
         r.lock_word.store(0, .release);
     }
 };
 
+/// A fresh zeroed array of `length` entries, in a mapping of its own rather than from an
+/// allocator: the kernel hands out zeroed pages, so nothing clears them again, and unmapping
+/// frees without writing (Zig's `Allocator` fills fresh and freed memory with 0xaa in checked
+/// builds: two extra passes over the whole map per growth, most of a growing map's cost).
+fn mapEntries(length: usize) Error![]Entry {
+    const bytes = length * @sizeOf(Entry);
+    const region = memory.mapPrivate(bytes) catch return error.OutOfMemory;
+    populate(region);
+    const entries: [*]Entry = @ptrCast(region.ptr);
+    return entries[0..length];
+}
+
+fn unmapEntries(entries: []Entry) void {
+    if (entries.len == 0) return;
+    memory.unmap(@alignCast(std.mem.sliceAsBytes(entries)));
+}
+
 /// Entries of a fresh array are all written soon (the rehash, then records at scattered homes):
 /// faulting its pages in with one call costs under half of faulting them one by one, which
-/// dominated a growing map's cost in a VM (a fault per 4 KiB page on first touch).
+/// dominated a growing map's cost in a VM (a fault per 4 KiB page on first touch). A map of a
+/// few MiB asks for huge pages too: the runs' scattered homes then share a few TLB entries.
 const populate_bytes_min: usize = 64 << 10;
+const huge_page_bytes: usize = 2 << 20;
 const madv_populate_write: u32 = 23; // Linux 5.14; older kernels refuse it (EINVAL): a hint.
 
 fn populate(bytes: []u8) void {
     if (bytes.len < populate_bytes_min) return;
+    if (bytes.len >= huge_page_bytes) _ = std.os.linux.madvise(bytes.ptr, bytes.len, std.os.linux.MADV.HUGEPAGE);
     _ = std.os.linux.madvise(bytes.ptr, bytes.len, madv_populate_write);
 }
 
@@ -256,38 +250,54 @@ pub fn monotonicNs() u64 {
 
 const testing = std.testing;
 
+/// A decision for the tests: reserves `ticket` (null: nothing fits) and counts its calls.
+const TestDecision = struct {
+    ticket: ?table_mod.Ticket,
+    cost: u32 = 1,
+    calls: *u32,
+
+    pub fn decide(d: TestDecision) ?Reservation {
+        d.calls.* += 1;
+        return .{ .ticket = d.ticket orelse return null, .cost = d.cost };
+    }
+};
+
+fn recordTest(r: *Requests, id: u64, started_ns: u64, ticket: table_mod.Ticket, cost: u32) !void {
+    var calls: u32 = 0;
+    _ = try r.record(id, started_ns, TestDecision{ .ticket = ticket, .cost = cost, .calls = &calls });
+}
+
 test "records are kept, found, removed once, and refused twice" {
-    var r: Requests = .init(testing.allocator);
+    var r: Requests = .{};
     defer r.deinit();
-    try r.begin(7, 100);
-    try testing.expectError(error.DuplicateRequest, r.begin(7, 101));
-    // Being routed: neither found nor removable yet.
-    try testing.expectEqual(@as(?Record, null), try r.find(7));
-    try testing.expectError(error.UnknownRequest, r.remove(7));
-    r.commit(7, 1 << 32 | 3, 5);
+    var calls: u32 = 0;
+    const reserved = try r.record(7, 100, TestDecision{ .ticket = 1 << 32 | 3, .cost = 5, .calls = &calls });
+    try testing.expectEqual(Reservation{ .ticket = 1 << 32 | 3, .cost = 5 }, reserved.?);
+    // A duplicate is refused before its decision is made: nothing reserved, nothing recorded.
+    try testing.expectError(error.DuplicateRequest, r.record(7, 101, TestDecision{ .ticket = 1 << 32, .calls = &calls }));
+    try testing.expectEqual(@as(u32, 1), calls);
     const record = (try r.find(7)).?;
     try testing.expectEqual(@as(u64, 1 << 32 | 3), record.ticket);
     try testing.expectEqual(@as(u32, 5), record.cost);
     try testing.expectEqual(@as(u64, 100), record.started_ns);
     try testing.expectEqual(record, try r.remove(7));
     try testing.expectError(error.UnknownRequest, r.remove(7));
+    try testing.expectEqual(@as(?Record, null), try r.find(7));
     try testing.expectEqual(@as(u64, 0), try r.recordsCount());
-    try r.begin(8, 0);
-    r.cancel(8);
+    // Nothing fit: the decision was made, nothing is recorded and the id stays free.
+    try testing.expectEqual(@as(?Reservation, null), try r.record(8, 0, TestDecision{ .ticket = null, .calls = &calls }));
+    try testing.expectEqual(@as(u32, 2), calls);
     try testing.expectEqual(@as(u64, 0), try r.recordsCount());
-    try r.begin(8, 0); // A cancelled id is free again.
-    r.commit(8, 1 << 32, 1);
+    try testing.expectError(error.UnknownRequest, r.remove(8));
+    try recordTest(&r, 8, 0, 1 << 32, 1);
     try testing.expectEqual(@as(u64, 1), try r.recordsCount());
 }
 
 test "the map grows, keeps every record, and deletes without losing neighbours" {
-    var r: Requests = .init(testing.allocator);
+    var r: Requests = .{};
     defer r.deinit();
     const total: u64 = 5000;
-    for (0..total) |i| {
-        try r.begin(i * 7919, i);
-        r.commit(i * 7919, (1 << 32) | i, @intCast(i % 13 + 1));
-    }
+    for (0..total) |i| try recordTest(&r, i * 7919, i, (1 << 32) | i, @intCast(i % 13 + 1));
     try testing.expectEqual(total, try r.recordsCount());
     try testing.expect(r.entries.len >= total * 2);
     // Remove every other record, then check the rest are all still reachable.
@@ -305,21 +315,20 @@ test "the map grows, keeps every record, and deletes without losing neighbours" 
 }
 
 test "threads routing distinct ids leave the map empty" {
-    var r: Requests = .init(testing.allocator);
+    var r: Requests = .{};
     defer r.deinit();
     var threads: [4]std.Thread = undefined;
     for (&threads, 0..) |*thread, index| {
-        thread.* = try std.Thread.spawn(.{}, beginCommitRemove, .{ &r, @as(u64, index) });
+        thread.* = try std.Thread.spawn(.{}, recordRemove, .{ &r, @as(u64, index) });
     }
     for (threads) |thread| thread.join();
     try testing.expectEqual(@as(u64, 0), try r.recordsCount());
 }
 
-fn beginCommitRemove(r: *Requests, thread_index: u64) void {
+fn recordRemove(r: *Requests, thread_index: u64) void {
     for (0..2000) |i| {
         const id = thread_index << 32 | i;
-        r.begin(id, 0) catch unreachable;
-        r.commit(id, 1 << 32, 1);
+        recordTest(r, id, 0, 1 << 32, 1) catch unreachable;
         if (i % 3 == 0) _ = r.remove(id) catch unreachable;
     }
     for (0..2000) |i| {

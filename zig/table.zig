@@ -21,6 +21,8 @@ pub const slot_none: u32 = std.math.maxInt(u32);
 /// A reservation's name: `incarnation << 32 | slot`. An incarnation is at least 1 (`add` moves it
 /// before a slot takes work), so no ticket equals `ticket_none`, "nothing fits".
 pub const Ticket = u64;
+/// The step of the table's random sequence (`Table.random`): splitmix64's golden-ratio increment.
+const random_increment: u64 = 0x9E37_79B9_7F4A_7C15;
 pub const ticket_none: Ticket = slot_none;
 pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
@@ -793,8 +795,14 @@ pub const Table = struct {
     /// A pseudo-random number from the table's seeded sequence; thread-safe and deterministic for
     /// a single caller (the simulator relies on that).
     pub fn random(t: *const Table) u64 {
-        const state = t.header.rng_state.fetchAdd(0x9E37_79B9_7F4A_7C15, .monotonic);
+        const state = t.header.rng_state.fetchAdd(random_increment, .monotonic);
         return splitmix64(state);
+    }
+
+    /// What the next `random` returns unless another caller draws first: a guess, never a draw
+    /// (the sequence does not move), for prefetching what the next decision will read.
+    pub fn nextRandom(t: *const Table) u64 {
+        return splitmix64(t.header.rng_state.load(.monotonic));
     }
 
     pub fn lock(t: *const Table) Error!void {
