@@ -558,8 +558,15 @@ export fn irm_route(handle: u32, strategy: u32, request_id_low: u32, request_id_
     const request_id = requestId(request_id_low, request_id_high);
     const t = &entry.table;
     // The id is checked before the decision, so a duplicate changes nothing (not even a cursor).
-    const decision: RouteDecision = .{ .table = t, .strategy = @fromBackingInt(@intCast(strategy)), .cost = cost_checked, .priority = priority };
-    const reservation = entry.requests.record(request_id, requests_mod.monotonicNs(), decision) catch |err| return refused(statusFrom(err));
+    const decision: RouteDecision = .{
+        .table = t,
+        .strategy = @fromBackingInt(@intCast(strategy)),
+        .cost = cost_checked,
+        .priority = priority,
+    };
+    const reservation = entry.requests.record(request_id, requests_mod.monotonicNs(), decision) catch |err| {
+        return refused(statusFrom(err));
+    };
     const slot: u32 = @truncate((reservation orelse return route_none).ticket);
     // The reservation keeps the slot from being freed, so its id cannot change under us; it is
     // the table's, so it is right also for a backend another process added.

@@ -252,8 +252,9 @@ const madv_populate_write: u32 = 23; // Linux 5.14; older kernels refuse it (EIN
 
 fn populate(bytes: []u8) void {
     if (bytes.len < populate_bytes_min) return;
-    if (bytes.len >= huge_page_bytes) _ = std.os.linux.madvise(bytes.ptr, bytes.len, std.os.linux.MADV.HUGEPAGE);
-    _ = std.os.linux.madvise(bytes.ptr, bytes.len, madv_populate_write);
+    const linux = std.os.linux;
+    if (bytes.len >= huge_page_bytes) _ = linux.madvise(bytes.ptr, bytes.len, linux.MADV.HUGEPAGE);
+    _ = linux.madvise(bytes.ptr, bytes.len, madv_populate_write);
 }
 
 /// Nanoseconds of CLOCK_MONOTONIC (Python's `time.perf_counter_ns()` on Linux).
@@ -289,7 +290,8 @@ test "records are kept, found, removed once, and refused twice" {
     const reserved = try r.record(7, 100, TestDecision{ .ticket = 1 << 32 | 3, .cost = 5, .calls = &calls });
     try testing.expectEqual(Reservation{ .ticket = 1 << 32 | 3, .cost = 5 }, reserved.?);
     // A duplicate is refused before its decision is made: nothing reserved, nothing recorded.
-    try testing.expectError(error.DuplicateRequest, r.record(7, 101, TestDecision{ .ticket = 1 << 32, .calls = &calls }));
+    const duplicate: TestDecision = .{ .ticket = 1 << 32, .calls = &calls };
+    try testing.expectError(error.DuplicateRequest, r.record(7, 101, duplicate));
     try testing.expectEqual(@as(u32, 1), calls);
     const record = (try r.find(7)).?;
     try testing.expectEqual(@as(u64, 1 << 32 | 3), record.ticket);
@@ -300,7 +302,8 @@ test "records are kept, found, removed once, and refused twice" {
     try testing.expectEqual(@as(?Record, null), try r.find(7));
     try testing.expectEqual(@as(u64, 0), try r.recordsCount());
     // Nothing fit: the decision was made, nothing is recorded and the id stays free.
-    try testing.expectEqual(@as(?Reservation, null), try r.record(8, 0, TestDecision{ .ticket = null, .calls = &calls }));
+    const nothing_fits: TestDecision = .{ .ticket = null, .calls = &calls };
+    try testing.expectEqual(@as(?Reservation, null), try r.record(8, 0, nothing_fits));
     try testing.expectEqual(@as(u32, 2), calls);
     try testing.expectEqual(@as(u64, 0), try r.recordsCount());
     try testing.expectError(error.UnknownRequest, r.remove(8));

@@ -21,8 +21,6 @@ pub const slot_none: u32 = std.math.maxInt(u32);
 /// A reservation's name: `incarnation << 32 | slot`. An incarnation is at least 1 (`add` moves it
 /// before a slot takes work), so no ticket equals `ticket_none`, "nothing fits".
 pub const Ticket = u64;
-/// The step of the table's random sequence (`Table.random`): splitmix64's golden-ratio increment.
-const random_increment: u64 = 0x9E37_79B9_7F4A_7C15;
 pub const ticket_none: Ticket = slot_none;
 pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
@@ -908,6 +906,9 @@ pub fn isPresent(state: State) bool {
         else => false,
     };
 }
+
+/// The step of the table's random sequence (`Table.random`): splitmix64's golden-ratio increment.
+const random_increment: u64 = 0x9E37_79B9_7F4A_7C15;
 
 pub fn splitmix64(x: u64) u64 {
     var z = x +% 0x9E37_79B9_7F4A_7C15;
