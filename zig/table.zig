@@ -1040,6 +1040,15 @@ test "view refuses a header whose layout fields or counts are damaged, and accep
     _ = try Table.view(t.region);
 }
 
+test "nextRandom names the next draw without moving the sequence" {
+    const t = try testTable(4);
+    defer testTableFree(t);
+    const guess = t.nextRandom();
+    try std.testing.expectEqual(guess, t.nextRandom());
+    try std.testing.expectEqual(guess, t.random());
+    try std.testing.expect(t.nextRandom() != guess);
+}
+
 test "duplicate ids and a full table are refused" {
     const t = try testTable(2);
     defer testTableFree(t);
