@@ -55,16 +55,17 @@ const Entry = extern struct {
 };
 
 const entries_min: usize = 64;
-/// Up to this length the map quadruples when it grows, beyond it it doubles: a growth rehashes
-/// every record (a cold write each, at scattered homes) and the kernel zeroes the new pages, so
-/// fewer, larger steps cost a third of doubling's work on the way to a few MiB, and the
-/// memory they may leave unused (up to 8 entries per record instead of 4) is small there; a
-/// larger map keeps doubling's bound.
+/// Up to this length (8 MiB) the map quadruples when it grows, beyond it it doubles: a growth
+/// rehashes every record (a cold write each, at scattered homes) and the kernel zeroes the new
+/// pages, so fewer, larger steps do a third to two thirds of doubling's work on the way to a few
+/// MiB (100,000 records: 43,680 moves instead of 131,040), and the memory they may leave unused
+/// (up to 8 entries per record instead of 4) is small there; a larger map keeps doubling's bound.
 const entries_quadruple_max: usize = 1 << 18;
 
 fn growthOf(length: usize) usize {
     return if (length < entries_quadruple_max) 4 else 2;
 }
+
 const run_ids: u64 = 8;
 
 comptime {
