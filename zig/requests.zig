@@ -99,12 +99,18 @@ pub const Requests = struct {
     pub fn record(r: *Requests, id: u64, started_ns: u64, decision: anytype) Error!?Reservation {
         try r.lock();
         defer r.unlock();
-        if (r.indexOf(id) != null) return error.DuplicateRequest;
-        if ((r.count + 1) * 2 > r.entries.len) try r.grow();
+        if ((r.count + 1) * 2 > r.entries.len) {
+            if (r.indexOf(id) != null) return error.DuplicateRequest;
+            try r.grow();
+        }
+        // One probe finds a duplicate or the entry to fill, before the decision, which leaves
+        // the map alone (the lock is held).
+        const place = r.probe(id);
+        if (place.found) return error.DuplicateRequest;
         const reservation = decision.decide() orelse return null;
         assert(reservation.ticket != ticket_empty);
         assert(reservation.cost > 0);
-        r.entries[r.freeIndexFor(id)] = .{
+        r.entries[place.index] = .{
             .id = id,
             .ticket = reservation.ticket,
             .started_ns = started_ns,
@@ -154,27 +160,27 @@ pub const Requests = struct {
         return @intCast((run *% run_ids +% id % run_ids) & (r.entries.len - 1));
     }
 
-    /// The entry holding `id`: at most one pass, though the map always has empty entries.
+    /// The entry holding `id`.
     fn indexOf(r: *const Requests, id: u64) ?usize {
         if (r.entries.len == 0) return null;
+        const place = r.probe(id);
+        return if (place.found) place.index else null;
+    }
+
+    /// From `id`'s home, the entry holding `id` (`found`), else the first empty entry, where it
+    /// would go: with backward-shift deletion no record lies beyond an empty entry on its probe.
+    /// At most one pass; the map is at most half full, so an empty entry ends it before that.
+    fn probe(r: *const Requests, id: u64) struct { index: usize, found: bool } {
+        assert(r.count < r.entries.len);
         const mask = r.entries.len - 1;
         var index = r.home(id);
         for (0..r.entries.len) |_| {
             const entry = &r.entries[index];
-            if (entry.ticket == ticket_empty) return null;
-            if (entry.id == id) return index;
+            if (entry.ticket == ticket_empty) return .{ .index = index, .found = false };
+            if (entry.id == id) return .{ .index = index, .found = true };
             index = (index + 1) & mask;
         }
-        return null;
-    }
-
-    /// The first empty entry from `id`'s home; one exists (the map is at most half full).
-    fn freeIndexFor(r: *const Requests, id: u64) usize {
-        assert(r.count < r.entries.len);
-        const mask = r.entries.len - 1;
-        var index = r.home(id);
-        while (r.entries[index].ticket != ticket_empty) index = (index + 1) & mask;
-        return index;
+        unreachable;
     }
 
     fn grow(r: *Requests) Error!void {
@@ -182,7 +188,9 @@ pub const Requests = struct {
         r.entries = try mapEntries(@max(entries_min, old.len * growthOf(old.len)));
         for (old) |entry| {
             if (entry.ticket == ticket_empty) continue;
-            r.entries[r.freeIndexFor(entry.id)] = entry;
+            const place = r.probe(entry.id);
+            assert(!place.found);
+            r.entries[place.index] = entry;
         }
         unmapEntries(old);
     }
