@@ -280,9 +280,17 @@ const TestDecision = struct {
     ticket: ?table_mod.Ticket,
     cost: u32 = 1,
     calls: *u32,
+    /// When set: the map and the id being recorded, which the decision checks is no record yet
+    /// (a request being routed is neither found nor removable), under the lock `record` holds.
+    pending: ?struct { map: *const Requests, id: u64, count: u64 } = null,
 
     pub fn decide(d: TestDecision) ?Reservation {
         d.calls.* += 1;
+        if (d.pending) |pending| {
+            assert(pending.map.lock_word.load(.monotonic) == 1);
+            assert(pending.map.indexOf(pending.id) == null);
+            assert(pending.map.count == pending.count);
+        }
         return .{ .ticket = d.ticket orelse return null, .cost = d.cost };
     }
 };
@@ -296,7 +304,13 @@ test "records are kept, found, removed once, and refused twice" {
     var r: Requests = .{};
     defer r.deinit();
     var calls: u32 = 0;
-    const reserved = try r.record(7, 100, TestDecision{ .ticket = 1 << 32 | 3, .cost = 5, .calls = &calls });
+    const first: TestDecision = .{
+        .ticket = 1 << 32 | 3,
+        .cost = 5,
+        .calls = &calls,
+        .pending = .{ .map = &r, .id = 7, .count = 0 },
+    };
+    const reserved = try r.record(7, 100, first);
     try testing.expectEqual(Reservation{ .ticket = 1 << 32 | 3, .cost = 5 }, reserved.?);
     // A duplicate is refused before its decision is made: nothing reserved, nothing recorded.
     const duplicate: TestDecision = .{ .ticket = 1 << 32, .calls = &calls };
