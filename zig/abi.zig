@@ -136,7 +136,7 @@ const Entry = struct {
     usage: Atomic(u64) = .init(0),
     table: Table = undefined,
     /// This process's records of the requests `irm_route` made on the handle (requests.zig).
-    requests: Requests = .init(std.heap.page_allocator),
+    requests: Requests = .{},
 };
 
 var registry: [tables_max]Entry = @splat(.{});
@@ -187,7 +187,7 @@ fn register(table: Table) ?u32 {
         const handle: u32 = (registry_generation << 8) | @as(u32, @intCast(index));
         assert(handle & closing_bit == 0);
         entry.table = table;
-        entry.requests = .init(std.heap.page_allocator);
+        entry.requests = .{};
         // A CAS, not a store: a stale `enter` may hold a momentary count on a free entry.
         // .release publishes the table view to the calls that enter with this handle.
         const published: Usage = .{ .calls = 0, .handle = handle };
@@ -557,14 +557,17 @@ export fn irm_route(handle: u32, strategy: u32, request_id_low: u32, request_id_
     if (priority >= table_mod.classes_count) return refused(.invalid_priority);
     const request_id = requestId(request_id_low, request_id_high);
     const t = &entry.table;
-    // The id is taken before the decision, so a duplicate changes nothing (not even a cursor).
-    entry.requests.begin(request_id, requests_mod.monotonicNs()) catch |err| return refused(statusFrom(err));
-    const slot = strategies.acquire(t, .ofTable(t), @fromBackingInt(@intCast(strategy)), cost_checked, priority);
-    if (slot == table_mod.slot_none) {
-        entry.requests.cancel(request_id);
-        return route_none;
-    }
-    entry.requests.commit(request_id, t.ticketOf(slot), cost_checked);
+    // The id is checked before the decision, so a duplicate changes nothing (not even a cursor).
+    const decision: RouteDecision = .{
+        .table = t,
+        .strategy = @fromBackingInt(@intCast(strategy)),
+        .cost = cost_checked,
+        .priority = priority,
+    };
+    const reservation = entry.requests.record(request_id, requests_mod.monotonicNs(), decision) catch |err| {
+        return refused(statusFrom(err));
+    };
+    const slot: u32 = @truncate((reservation orelse return route_none).ticket);
     // The reservation keeps the slot from being freed, so its id cannot change under us; it is
     // the table's, so it is right also for a backend another process added.
     const id = t.slots[slot].id.load(.monotonic);
@@ -572,6 +575,20 @@ export fn irm_route(handle: u32, strategy: u32, request_id_low: u32, request_id_
     assert(slot < table_mod.backends_max_limit);
     return route_slot_base - @as(i32, @intCast(slot));
 }
+
+/// `irm_route`'s decision, made by `Requests.record` once the id is known to be new.
+const RouteDecision = struct {
+    table: *const Table,
+    strategy: strategies.Strategy,
+    cost: u32,
+    priority: u32,
+
+    pub fn decide(d: RouteDecision) ?requests_mod.Reservation {
+        const slot = strategies.acquire(d.table, .ofTable(d.table), d.strategy, d.cost, d.priority);
+        if (slot == table_mod.slot_none) return null;
+        return .{ .ticket = d.table.ticketOf(slot), .cost = d.cost };
+    }
+};
 
 /// Completes a request `irm_route` recorded on this handle: releases exactly the reservation it
 /// made, counts it completed (`ok` 1) or failed (0), and feeds `latency_us` to the latency EWMA;

@@ -507,12 +507,10 @@ fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, co
     var rounds: u32 = 0;
     while (rounds < p2c_rounds_max) : (rounds += 1) {
         const r = t.random();
-        const first_index = (r & 0xFFFF_FFFF) % count;
-        const second_index = (first_index + 1 + (r >> 32) % (count - 1)) % count;
-        assert(first_index != second_index);
-        prefetchSlot(t, candidates, second_index);
-        const first = candidate(t, candidates, first_index, cost, class, view, now_ms);
-        const second = candidate(t, candidates, second_index, cost, class, view, now_ms);
+        const pair = pairOf(r, count);
+        prefetchSlot(t, candidates, pair.second);
+        const first = candidate(t, candidates, pair.first, cost, class, view, now_ms);
+        const second = candidate(t, candidates, pair.second, cost, class, view, now_ms);
         var better = @min(first, second);
         var worse = @max(first, second);
         // Equal loads (an idle fleet) must not always favour the lower slot: break ties at random,
@@ -522,10 +520,33 @@ fn twoChoices(t: *const Table, candidates: Candidates, cost: u32, class: u32, co
             std.mem.swap(u64, &better, &worse);
         }
         if (better == tree.node_none) continue;
-        if (t.reserve(@truncate(better), cost, class)) return @truncate(better);
-        if (worse != tree.node_none and t.reserve(@truncate(worse), cost, class)) return @truncate(worse);
+        if (t.reserve(@truncate(better), cost, class)) return prefetchNextPair(t, candidates, @truncate(better));
+        if (worse != tree.node_none and t.reserve(@truncate(worse), cost, class)) {
+            return prefetchNextPair(t, candidates, @truncate(worse));
+        }
     }
     return roundRobin(t, candidates, cost, class, t.random());
+}
+
+/// The two distinct candidates (by index) that the random number `r` names, of `count` (2 or
+/// more).
+fn pairOf(r: u64, count: usize) struct { first: u64, second: u64 } {
+    assert(count >= 2);
+    const first = (r & 0xFFFF_FFFF) % count;
+    const second = (first + 1 + (r >> 32) % (count - 1)) % count;
+    assert(first != second);
+    return .{ .first = first, .second = second };
+}
+
+/// Starts loading the slots of the pair the next draw will name unless another caller draws
+/// first (the sequence is a counter, so its next value is known): two random slots among
+/// thousands are two cache misses, which then load while the caller does its own work between
+/// decisions instead of within the next one. Returns `slot`, the decision made.
+fn prefetchNextPair(t: *const Table, candidates: Candidates, slot: u32) u32 {
+    const pair = pairOf(t.nextRandom(), candidates.slots.len);
+    prefetchSlot(t, candidates, pair.first);
+    prefetchSlot(t, candidates, pair.second);
+    return slot;
 }
 
 /// Starts loading the slot of candidate `index` while the other candidate is read: two random

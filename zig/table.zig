@@ -793,8 +793,14 @@ pub const Table = struct {
     /// A pseudo-random number from the table's seeded sequence; thread-safe and deterministic for
     /// a single caller (the simulator relies on that).
     pub fn random(t: *const Table) u64 {
-        const state = t.header.rng_state.fetchAdd(0x9E37_79B9_7F4A_7C15, .monotonic);
+        const state = t.header.rng_state.fetchAdd(random_increment, .monotonic);
         return splitmix64(state);
+    }
+
+    /// What the next `random` returns unless another caller draws first: a guess, never a draw
+    /// (the sequence does not move), for prefetching what the next decision will read.
+    pub fn nextRandom(t: *const Table) u64 {
+        return splitmix64(t.header.rng_state.load(.monotonic));
     }
 
     pub fn lock(t: *const Table) Error!void {
@@ -900,6 +906,9 @@ pub fn isPresent(state: State) bool {
         else => false,
     };
 }
+
+/// The step of the table's random sequence (`Table.random`): splitmix64's golden-ratio increment.
+const random_increment: u64 = 0x9E37_79B9_7F4A_7C15;
 
 pub fn splitmix64(x: u64) u64 {
     var z = x +% 0x9E37_79B9_7F4A_7C15;
@@ -1029,6 +1038,15 @@ test "view refuses a header whose layout fields or counts are damaged, and accep
     }
     try testing.expectError(error.Corrupt, Table.view(t.region[0 .. t.region.len - header_bytes]));
     _ = try Table.view(t.region);
+}
+
+test "nextRandom names the next draw without moving the sequence" {
+    const t = try testTable(4);
+    defer testTableFree(t);
+    const guess = t.nextRandom();
+    try testing.expectEqual(guess, t.nextRandom());
+    try testing.expectEqual(guess, t.random());
+    try testing.expect(t.nextRandom() != guess);
 }
 
 test "duplicate ids and a full table are refused" {
