@@ -1,10 +1,12 @@
 """Shared fixtures. Every test that ends with an idle router checks that in-flight counters are
-zero (the one accounting invariant, doc/architecture.md) with `irmiddleware.testing.assert_idle`."""
+zero (the one accounting invariant, doc/architecture.md) with `irmiddleware.testing.assert_idle`.
+The session reads the system's CA certificates lazily (`pytest_configure`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +14,19 @@ import pytest
 
 from irmiddleware import unlink_shared
 from irmiddleware._errors import SharedMemoryError
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every httpx client (each `httpx.get`, each `openai` client, each router's upstream and health
+    clients) builds an SSL context, and from a CA bundle file (certifi's, or $SSL_CERT_FILE) that
+    means parsing ~150 certificates: ~25 ms of CPU per client, half the CPU of the proxy and emulator
+    tests, though they all speak plain HTTP to 127.0.0.1. Given $SSL_CERT_DIR and no $SSL_CERT_FILE,
+    httpx builds its context from the CA directory (its documented environment variables), which
+    OpenSSL reads lazily, at a TLS handshake: TLS would still be verified, against the system's CAs."""
+    ca_directory = ssl.get_default_verify_paths().capath  # None when the system has no such directory
+    if ca_directory is not None:
+        os.environ.pop("SSL_CERT_FILE", None)
+        os.environ["SSL_CERT_DIR"] = ca_directory
 
 
 @pytest.fixture
