@@ -7,6 +7,7 @@ function is a deliberate late one, such as the CLI's)."""
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,13 @@ FORBIDDEN = {
 }
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """The syntax tree of a source file, parsed once per session (the checks below read every
+    file, most of them several times)."""
+    return ast.parse(path.read_text())
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -48,7 +56,7 @@ def modules() -> dict[str, Path]:
 def imported(path: Path, known: dict[str, Path]) -> Iterator[str]:
     """The irmiddleware modules `path` imports at module level (`from a import b` counts as
     `a.b` when that is a module, else as `a`)."""
-    tree = ast.parse(path.read_text())
+    tree = parsed(path)
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -108,11 +116,11 @@ def test_lower_layers_do_not_import_higher_ones(layer: str) -> None:
     assert not offending
 
 
-def private_router_uses(source: str) -> list[str]:
+def private_router_uses(tree: ast.AST) -> list[str]:
     """Attribute reads like `router._table` or `self.router._ids_by_slot` (a Router private used
     from outside)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = node.value
             name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
@@ -124,18 +132,18 @@ def private_router_uses(source: str) -> list[str]:
 def test_nothing_outside_the_router_uses_its_privates() -> None:
     sources = [*PACKAGE.rglob("*.py"), *(ROOT / "plugins").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
     uses = {
-        str(path.relative_to(ROOT)): private_router_uses(path.read_text())
+        str(path.relative_to(ROOT)): private_router_uses(parsed(path))
         for path in sources
         if path != PACKAGE / "_router.py"
     }
     assert {path: found for path, found in uses.items() if found} == {}
-    assert private_router_uses("self.router._table.acquire(1)") == ["router._table"]
+    assert private_router_uses(ast.parse("self.router._table.acquire(1)")) == ["router._table"]
 
 
 def test_no_test_imports_a_private_testing_module() -> None:
     offending = []
     for path in (ROOT / "tests").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed(path)):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]

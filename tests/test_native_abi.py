@@ -52,7 +52,7 @@ def handles() -> st.SearchStrategy[int]:
     return st.one_of(st.just(TABLE._handle), U32)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(handle=handles(), strategy=U32, cost=I32, priority=U32)
 def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: int) -> None:
     out = ctypes.c_uint64()
@@ -65,7 +65,7 @@ def test_acquire_never_crashes(handle: int, strategy: int, cost: int, priority: 
         TABLE.release(out.value, cost, 0, True)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(handle=handles(), slot=U32, incarnation=U32, cost=I32, latency=U32, ok=U32)
 def test_release_never_crashes_or_corrupts(
     handle: int, slot: int, incarnation: int, cost: int, latency: int, ok: int
@@ -75,7 +75,7 @@ def test_release_never_crashes_or_corrupts(
     assert all(info.cost_in_flight == 0 for info in TABLE.snapshot())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(handle=handles(), backend_id=U64, capacity=I64, weight=I64, slot=U32, state=U32)
 def test_backend_calls_never_crash(
     handle: int, backend_id: int, capacity: int, weight: int, slot: int, state: int
@@ -94,7 +94,7 @@ def test_backend_calls_never_crash(
     call("irm_backend_read", handle, slot, ctypes.byref(info))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(handle=handles(), strategy=U32, low=U32, high=U32, cost=I32, priority=U32, ok=U32, latency=I32)
 def test_route_and_complete_never_crash_and_release_exactly(
     handle: int, strategy: int, low: int, high: int, cost: int, priority: int, ok: int, latency: int

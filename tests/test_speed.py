@@ -19,7 +19,7 @@ anything = st.floats(allow_nan=True, allow_infinity=True)
 observation = st.tuples(anything, anything, anything)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.lists(observation, max_size=60))
 def test_an_estimate_stays_finite_and_positive(observations: list[tuple[float, float, float]]) -> None:
     rate = RobustRate(Smoothing())
@@ -31,7 +31,7 @@ def test_an_estimate_stays_finite_and_positive(observations: list[tuple[float, f
             assert math.isfinite(rate.observed_s)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 3), st.booleans(), anything, anything, anything), max_size=60),
     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),

@@ -25,6 +25,7 @@ from typing import Any, Final
 import httpx
 
 from irmiddleware.http11 import LeanTransport
+from irmiddleware.proxy._tls import tls_context
 from irmiddleware.proxy.config import RouterConfig
 
 __all__ = [
@@ -86,6 +87,7 @@ def create_client(config: RouterConfig, lean: LeanTransport | None = None) -> ht
         cookies=_NoCookieJar(),
         follow_redirects=False,
         trust_env=False,
+        verify=tls_context(),  # one per process: a client's own would parse the CA bundle again
     )
 
 

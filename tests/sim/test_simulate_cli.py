@@ -104,7 +104,8 @@ def test_progress_bar_only_when_asked(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("IRM_PROGRESS", "1")
-    assert simulate_main([*SMALL, "--requests", "20000", "--strategies", "p2c"]) == 0
+    # The simulation reports progress every 10,000 requests: the fewest that draw the bar.
+    assert simulate_main([*SMALL, "--requests", "10000", "--strategies", "p2c"]) == 0
     assert "p2c [" in capsys.readouterr().err
     monkeypatch.setenv("IRM_PROGRESS", "0")
     assert simulate_main([*SMALL, "--strategies", "p2c"]) == 0

@@ -26,12 +26,13 @@ BODY = {"model": "m", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
 
 
 def test_peak_counts_queued_and_running_requests(vllm_server: VLLMFactory) -> None:
-    server, emulator = vllm_server(max_num_seqs=2, time_per_output_token_s=0.02)
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = [
-            pool.submit(httpx.post, f"{server.url}/v1/completions", json=BODY, timeout=10) for _ in range(3)
-        ]
+    # Slow tokens (a second per answer) so the three requests surely overlap, even on a loaded
+    # machine; once all three are in, the tokens speed up so the test does not wait out that second.
+    server, emulator = vllm_server(max_num_seqs=2, time_per_output_token_s=0.25)
+    with httpx.Client(timeout=10) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(client.post, f"{server.url}/v1/completions", json=BODY) for _ in range(3)]
         wait_until(lambda: emulator.stats.in_progress == 3, "two running, one waiting")
+        emulator.reconfigure(time_per_output_token_s=0.001)
         assert [a.result(timeout=10).status_code for a in answers] == [200] * 3
     stats = httpx.get(f"{server.url}/_emulator/stats").json()
     assert (stats["in_progress"], stats["peak_in_progress"], stats["completed"]) == (0, 3, 3)

@@ -41,6 +41,7 @@ from irmiddleware.hooks import HealthProbe
 from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._metrics import remove_backend_series
 from irmiddleware.proxy._outcomes import AttemptOutcome
+from irmiddleware.proxy._tls import tls_context
 from irmiddleware.proxy.config import RouterConfig
 from irmiddleware.proxy.control._outlier import OutlierDetector
 from irmiddleware.proxy.control._signals import SignalScraper
@@ -399,6 +400,7 @@ class FleetMonitor:
             ),
             follow_redirects=False,
             trust_env=False,  # like the proxy's client: only configured backends are contacted
+            verify=tls_context(),
         )
         self._wake = asyncio.Event()  # of this event loop (a test client may run several)
         health = self._config.health
