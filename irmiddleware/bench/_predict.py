@@ -47,7 +47,11 @@ class _Run:
     ttfts_s: list[float] = field(default_factory=list)
     failed: int = 0
     routed: dict[str, int] = field(default_factory=dict)
+    weights: list[float] = field(default_factory=list)
+    """The core's weight of each backend at the end (learned speed, with least_ttft)."""
     hit_rate: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)
+    """The router's affinity decisions by outcome (hit, miss, overload), warm-up included."""
     shares: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the start, share of backend 0's decisions in the window ending then)."""
 
@@ -139,6 +143,15 @@ async def _slow_for_a_while(backend: str, speed: float, slow_at_s: float, slow_f
         await client.post(backend + "/_emulator/config", json={"speed": speed})
 
 
+def _outcomes(router: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in httpx.get(router + "/metrics").text.splitlines():
+        if line.startswith("irm_affinity_decisions_total{"):
+            outcome = line.partition('outcome="')[2].partition('"')[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(line.split()[-1])
+    return counts
+
+
 def _hit_rate(backends: list[str]) -> float:
     queries = hits = 0.0
     for url in backends:
@@ -173,7 +186,9 @@ def _fleet(args: argparse.Namespace, strategy: str) -> Iterator[tuple[str, list[
         path = Path(config) / "router.toml"
         path.write_text(_config_toml(strategy, router, backends, args))
         stack.enter_context(
-            serving(["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", "warning"], router)
+            serving(
+                ["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", args.log_level], router
+            )
         )
         yield router, backends
 
@@ -185,8 +200,12 @@ def _config_toml(strategy: str, router: str, backends: list[str], args: argparse
         f'listen = "{router.removeprefix("http://")}"',
         f'cost = "{args.cost}"',
     ]
+    if args.access_log:
+        lines += ["access_log = true", 'log_format = "json"']
     for url in backends:
         lines += ["[[backends]]", f'url = "{url}"', 'models = ["m"]', f"capacity = {args.capacity}"]
+        # The emulators' batch slots, as an operator knows them (least_ttft reads them).
+        lines.append(f"batch_slots = {args.slots}")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +238,10 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
         asyncio.run(main())
         status = httpx.get(router + "/irm/status").json()
         run.routed = {b["url"]: b["routed"] for b in status["backends"]}
+        weights = {b["url"]: b["weight"] for b in status["backends"]}
+        run.weights = [weights[url] for url in backends]
         run.hit_rate = _hit_rate(backends)
+        run.outcomes = _outcomes(router)
         run.routed = {f"backend {backends.index(url)}": count for url, count in run.routed.items()}
     return run
 
@@ -227,7 +249,11 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
 def _ttft_row(strategy: str, run: _Run) -> list[str]:
     ms = [f"{quantile(run.ttfts_s, q) * 1000:.0f}" for q in (0.5, 0.9, 0.99)]
     routed = " ".join(str(count) for _name, count in sorted(run.routed.items()))
-    return [strategy, str(len(run.ttfts_s)), str(run.failed), *ms, f"{100 * run.hit_rate:.1f}", routed]
+    weights = " ".join(f"{weight:.2f}" for weight in run.weights)
+    decisions = sum(run.outcomes.values())
+    affine = f"{100 * run.outcomes.get('hit', 0.0) / decisions:.1f}" if decisions else "-"
+    hit = f"{100 * run.hit_rate:.1f}"
+    return [strategy, str(len(run.ttfts_s)), str(run.failed), *ms, hit, affine, routed, weights]
 
 
 def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
@@ -267,7 +293,13 @@ def bench_predict_main(argv: list[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-slowdown", action="store_true")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="the routers' access logs (JSON lines: backend, time to first byte) on stderr",
+    )
     args = parser.parse_args(argv)
+    args.log_level = "info" if args.access_log else "warning"
     if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
         parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
     if not 0 <= args.warmup <= 10_000:
@@ -279,7 +311,18 @@ def bench_predict_main(argv: list[str]) -> int:
         f"{args.warmup} conversations of warm-up, seed {args.seed}"
     )
     steady = {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
-    header = ["strategy", "answers", "failed", "ttft p50 ms", "p90", "p99", "hit %", "routed per backend"]
+    header = [
+        "strategy",
+        "answers",
+        "failed",
+        "ttft p50 ms",
+        "p90",
+        "p99",
+        "hit %",
+        "affine %",
+        "routed per backend",
+        "weights",
+    ]
     print("\nphase 1: steady speeds\n" + format_table(header, [_ttft_row(s, r) for s, r in steady.items()]))
     baseline, ours = (steady[strategy].ttfts_s for strategy in _STRATEGIES)
     lower = 1 - quantile(ours, 0.99) / quantile(baseline, 0.99)
