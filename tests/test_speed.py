@@ -2,18 +2,21 @@
 observations arrives (zeros, negative or non-finite durations, huge values, a clock that jumps
 back or far ahead), every estimate and every weight stays finite and positive; one outlier moves a
 warm estimate by a bounded step; a lasting change is followed; relative speeds rank backends by
-their rates; and a stale estimate stops counting. Clocks here are numbers the test gives."""
+their rates (a backend known by one rate only is judged by it in full); a stale estimate stops
+counting; and a short fill does not teach the prefill rate. Clocks here are numbers the test gives."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from irmiddleware._speed import RATE_MAX, RATE_MIN, RobustRate, Smoothing, SpeedBook
-from irmiddleware.proxy.config import ConfigError, parse_config
+from irmiddleware.proxy.config import ConfigError, SpeedConfig, parse_config
+from irmiddleware.proxy.control import SpeedFeed
 
 anything = st.floats(allow_nan=True, allow_infinity=True)
 observation = st.tuples(anything, anything, anything)
@@ -117,3 +120,36 @@ def test_a_bad_speed_section_is_one_clear_config_error() -> None:
     with pytest.raises(ConfigError, match="half_life_s"):
         parse_config({"router": {"speed": {"half_life_s": 0}}, "backends": backends})
     assert parse_config({"router": {"speed": {"enabled": True}}, "backends": backends}).speed.enabled
+
+
+def test_a_backend_known_by_one_rate_only_is_judged_by_it_in_full() -> None:
+    # Backend 2 streams at half the others' pace and has filled no long prompt yet: its relative
+    # speed is its decode ratio (0.5), not that ratio's square root (an unknown prefill counted as
+    # the median halved its log and let a half-speed backend weigh 0.71).
+    book = SpeedBook(Smoothing())
+    for step in range(20):
+        now = step * 0.1
+        for backend in (0, 1):
+            book.first_byte(backend, 1000, 0.1, now)
+            book.streamed(backend, 100, 1.0, now)
+        book.streamed(2, 50, 1.0, now)
+    relative = book.relative([0, 1, 2], 2.0)
+    assert relative[2] == pytest.approx(0.5, rel=0.02)
+    assert relative[0] == pytest.approx(1.0, rel=0.02)
+
+
+# The little of a proxy fleet a `SpeedFeed` reads when it applies weights: no backends.
+_NO_FLEET = SimpleNamespace(backends={}, router=SimpleNamespace(stats=list))
+
+
+def test_a_short_fill_does_not_teach_the_prefill_rate() -> None:
+    # A conversation kept on its backend fills only its new message: its time to first byte is
+    # mostly fixed cost. Taken as a prefill rate it made the backend that keeps the cache look
+    # slow (10 tokens in 20 ms: 500 tokens/s against 10 000 for a long fill) and lose its share.
+    feed = SpeedFeed(_NO_FLEET, SpeedConfig(enabled=True), block_chars=64, chars_per_token=4.0)  # type: ignore[arg-type]
+    feed.first_byte(0, prompt_chars=40, matched_blocks=0, ttfb_s=0.02, now_s=1.0)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == 0.0
+    feed.first_byte(0, prompt_chars=6400 + 40, matched_blocks=100, ttfb_s=0.02, now_s=1.1)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == 0.0  # 10 tokens left to fill: still short
+    feed.first_byte(0, prompt_chars=4000, matched_blocks=0, ttfb_s=0.1, now_s=1.2)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == pytest.approx(10_000)

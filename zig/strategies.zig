@@ -277,9 +277,9 @@ const SlotMatches = struct {
 };
 
 /// The lowest expected time to first token: each candidate that fits and is within its bounded
-/// load is scored (queue ahead, from our books and the backend's fresh report, see `queueAhead`,
-/// + the uncached blocks' value) / capacity × weight; the backend holding the longest prefix wins
-/// a near-tie.
+/// load is scored (queue ahead, from our books and the backend's fresh report, + the uncached
+/// blocks' value × the batch's slowdown, see `queueAhead`) / capacity × weight; the backend
+/// holding the longest prefix wins a near-tie.
 /// O(candidates) per decision, plus O(rounds × log blocks) prefix lookups. The index learns
 /// where the prompt went, as prefix_affinity's does.
 fn leastTtft(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32, pricing: Pricing) Decision {
@@ -327,9 +327,9 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         if (!t.fits(slot, charged, class) or !affinity.withinBound(t, slot, charged, totals)) continue;
         const weight = t.slots[slot].configuredWeightOf();
         if (weight == 0) continue;
-        const queue = queueAhead(t, slot, t.wordOf(slot), now_ms);
+        const queue, const slowdown = queueAhead(t, slot, t.wordOf(slot), now_ms);
         const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
-        const score = (queue + uncached / 1000) / @as(f64, @floatFromInt(weight));
+        const score = (queue + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
         if (slot == affine) affine_score = score;
         if (score < best_score) {
             best_score = score;
@@ -341,21 +341,25 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     return best;
 }
 
-/// The cost ahead of a new request on `slot` that delays its first token: all of it (our books
-/// plus the backend's fresh report) when the engine's batch slots are not known, as in an engine
-/// where every request running slows every other. With `batch_slots` known, a request that finds
-/// a free slot waits for nobody: the cost that fits beside it in the batch counts 1/batch_slots
-/// (a fuller batch steps a little slower), and only the cost beyond the batch counts whole (it
-/// runs before this request starts). So short queues are near-free and affinity keeps its cache
-/// there, while a queue past the batch of a slow backend is avoided.
-fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) f64 {
+/// A running request's share of a continuous-batching step: each one ahead of a new request in
+/// the batch makes its prefill this much slower (the simulator's `batch_slowdown` default).
+const batch_step_slowdown: f64 = 0.05;
+
+/// What delays a new request's first token on `slot`, as (queue ahead in cost units, factor on
+/// its prefill). Batch slots not known: all the cost in flight (our books plus the backend's
+/// fresh report) is queue, as in an engine where every request running slows every other. With
+/// `batch_slots` known, a request that finds a free slot waits for nobody: only the cost beyond
+/// the batch is queue (it runs before this request starts), and each request beside it in the
+/// batch slows its prefill by `batch_step_slowdown`. So short queues are near-free and affinity
+/// keeps its cache there, while a queue past the batch of a slow backend is avoided.
+fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) struct { f64, f64 } {
     const total: f64 = @floatFromInt(reportedCost(t, slot, word, now_ms));
     const batch_slots = t.slots[slot].batch_slots.load(.monotonic);
-    if (batch_slots == 0) return total;
+    if (batch_slots == 0) return .{ total, 1 };
     const cost_per_request: f64 = if (word.count == 0) 1 else @max(1, @as(f64, @floatFromInt(word.cost)) / @as(f64, @floatFromInt(word.count)));
     // The batch holds the new request and `batch_slots - 1` requests ahead of it.
     const in_batch = @min(total, @as(f64, @floatFromInt(batch_slots - 1)) * cost_per_request);
-    return (total - in_batch) + in_batch / @as(f64, @floatFromInt(batch_slots));
+    return .{ total - in_batch, 1 + batch_step_slowdown * in_batch / cost_per_request };
 }
 
 /// Which candidates hold how much of the prompt: round by round, the longest prefix that some
@@ -854,9 +858,9 @@ test "least_ttft with batch slots: a conversation stays while its backend has a 
     const cases = [_]Case{
         // Batch slots not known: a scores 3 running + 2 uncached = 5, b 0 + 3: not a near-tie.
         .{ .batch_slots = 0, .running = 3, .stays = false },
-        // 3 running beside it in a batch of 4: a scores 3/4 + 2 = 2.75, below b's 3.
+        // 3 running beside it in a batch of 4: a scores 2 uncached x 1.15 = 2.3, below b's 3.
         .{ .batch_slots = 4, .running = 3, .stays = true },
-        // 8 running in a batch of 4: 5 wait ahead, a scores 5 + 3/4 + 2 = 7.75: b.
+        // 8 running in a batch of 4: 5 wait ahead, a scores 5 + 2.3: b.
         .{ .batch_slots = 4, .running = 8, .stays = false },
     };
     for (cases) |case| {
@@ -868,7 +872,7 @@ test "least_ttft with batch slots: a conversation stays while its backend has a 
         for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, case.batch_slots);
         for (prompt[0..29]) |hash| affinity.prefixRecord(&t, hash, b);
         for (prompt[0..30]) |hash| affinity.prefixRecord(&t, hash, a);
-        try testing.expect(t.reserve(a, case.running, 0));
+        for (0..case.running) |_| try testing.expect(t.reserve(a, 1, 0)); // requests of cost 1
         try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
         const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(if (case.stays) a else b, decision.slot);
