@@ -324,10 +324,16 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         if (slot >= t.backendsMax()) continue;
         const matched = matches.of(slot);
         const charged = discounted(cost, matched, pricing);
-        if (!t.fits(slot, charged, class) or !affinity.withinBound(t, slot, charged, totals)) continue;
+        if (!t.fits(slot, charged, class)) continue;
         const weight = t.slots[slot].configuredWeightOf();
         if (weight == 0) continue;
         const queue, const slowdown = queueAhead(t, slot, t.wordOf(slot), now_ms);
+        // A backend with a free batch slot is not overrun, whatever the fleet's average: the
+        // bounded load refuses only a backend whose batch is full (or not known). Otherwise, at
+        // light load, a bound of one or two requests sends a conversation away from its cache
+        // to wait for nothing.
+        const free_slot = queue == 0 and t.slots[slot].batch_slots.load(.monotonic) > 0;
+        if (!free_slot and !affinity.withinBound(t, slot, charged, totals)) continue;
         const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
         const score = (queue + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
         if (slot == affine) affine_score = score;
@@ -877,6 +883,33 @@ test "least_ttft with batch slots: a conversation stays while its backend has a 
         const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(if (case.stays) a else b, decision.slot);
         try testing.expectEqual(if (case.stays) Outcome.hit else Outcome.overload, decision.outcome);
+    }
+}
+
+test "least_ttft: the bounded load never refuses a backend with a free batch slot" {
+    var prompt: [30]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 7000 + i;
+    for ([_]u32{ 0, 4 }) |batch_slots| {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        var slots: [4]u32 = undefined;
+        for (&slots, 0..) |*slot, i| {
+            slot.* = try t.add(i + 1, 1000, 1000);
+            try t.setBatchSlots(slot.*, batch_slots);
+        }
+        const a = slots[0];
+        for (prompt) |hash| affinity.prefixRecord(&t, hash, a);
+        // a runs 2 requests, the rest of the fleet none: a third is over ⌈1.25 × 3 / 4⌉ = 1.
+        for (0..2) |_| try testing.expect(t.reserve(a, 1, 0));
+        try testing.expect(!affinity.withinBound(&t, a, 1, Candidates.ofTable(&t).totals(&t)));
+        const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, .{});
+        if (batch_slots == 0) {
+            try testing.expect(decision.slot != a);
+        } else {
+            // Two of a's four slots are free: the conversation stays on its cache.
+            try testing.expectEqual(a, decision.slot);
+            try testing.expectEqual(Outcome.hit, decision.outcome);
+        }
     }
 }
 

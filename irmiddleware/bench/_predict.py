@@ -269,7 +269,53 @@ def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
     return format_table(["t, s", "", *runs], rows)
 
 
-def bench_predict_main(argv: list[str]) -> int:
+def _plot(steady: dict[str, _Run], slowed: dict[str, _Run] | None, args: argparse.Namespace) -> None:
+    """Time to first token tails (phase 1) and backend 0's share over time (phase 2), one file
+    (matplotlib, an optional extra, imported only when a plot is asked for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Files only: no display needed, none wanted.
+    import matplotlib.pyplot as plt
+
+    panels = 1 if slowed is None else 2
+    figure, axes = plt.subplots(
+        1, panels, figsize=(5.6 * panels, 4.0), constrained_layout=True, squeeze=False
+    )
+    tails = axes[0][0]
+    for strategy, run in steady.items():
+        # The complementary CDF on log axes: the tail is where the strategies differ.
+        values = sorted(run.ttfts_s)
+        count = len(values)
+        tails.plot(
+            [1000 * value for value in values],
+            [max(1 - (index + 1) / count, 0.5 / count) for index in range(count)],
+            label=strategy,
+        )
+    tails.set_xscale("log")
+    tails.set_yscale("log")
+    tails.set_xlabel("time to first token, ms (client side)")
+    tails.set_ylabel("fraction of answers slower")
+    tails.grid(True, which="both", alpha=0.3)
+    tails.legend()
+    if slowed is not None:
+        shares = axes[0][1]
+        for strategy, run in slowed.items():
+            shares.plot(
+                [at for at, _ in run.shares], [100 * share for _, share in run.shares], label=strategy
+            )
+        shares.axvspan(
+            args.slow_at, args.slow_at + args.slow_for, color="grey", alpha=0.15, label="2x slower"
+        )
+        shares.set_xlabel("seconds since the start of the phase")
+        shares.set_ylabel("backend 0's share of decisions, %")
+        shares.grid(True, alpha=0.3)
+        shares.legend()
+    figure.suptitle(f"bench-predict: speeds {args.speeds}, {args.users} users, seed {args.seed}", fontsize=9)
+    figure.savefig(args.plot, dpi=110)
+    plt.close(figure)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware bench-predict", description=__doc__)
     parser.add_argument("--speeds", default="1,1,0.7,0.5", help="emulators' speeds (default 1,1,0.7,0.5)")
     parser.add_argument("--sessions", type=int, default=192, help="conversations per phase (default 192)")
@@ -298,6 +344,12 @@ def bench_predict_main(argv: list[str]) -> int:
         action="store_true",
         help="the routers' access logs (JSON lines: backend, time to first byte) on stderr",
     )
+    parser.add_argument("--plot", type=Path, help="write the plot (time to first token tails, shares) here")
+    return parser
+
+
+def bench_predict_main(argv: list[str]) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     args.log_level = "info" if args.access_log else "warning"
     if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
@@ -328,6 +380,8 @@ def bench_predict_main(argv: list[str]) -> int:
     lower = 1 - quantile(ours, 0.99) / quantile(baseline, 0.99)
     print(f"least_ttft p99 time to first token {100 * lower:.0f} % lower than prefix_affinity's")
     if args.skip_slowdown:
+        if args.plot:
+            _plot(steady, None, args)
         return 0
     slowed = {strategy: _phase(args, plan, strategy, slowdown=True) for strategy in _STRATEGIES}
     print(
@@ -335,4 +389,6 @@ def bench_predict_main(argv: list[str]) -> int:
         f"its share of decisions per {args.window:g} s window\n" + _share_table(slowed, args)
     )
     print("\n" + format_table(header, [_ttft_row(s, r) for s, r in slowed.items()]))
+    if args.plot:
+        _plot(steady, slowed, args)
     return 0
