@@ -319,6 +319,7 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     var best: u32 = slot_none;
     var best_score = std.math.inf(f64);
     var affine_score = std.math.inf(f64);
+    const affine_matched = if (affine == slot_none) 0 else matches.of(affine);
     for (0..count) |offset| {
         const slot = candidates.at((start + offset) % count);
         if (slot >= t.backendsMax()) continue;
@@ -327,7 +328,7 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         if (!t.fits(slot, charged, class)) continue;
         const weight = t.slots[slot].configuredWeightOf();
         if (weight == 0) continue;
-        const queue, const slowdown = queueAhead(t, slot, t.wordOf(slot), now_ms);
+        const queue, const slowdown, const fill = queueAhead(t, slot, t.wordOf(slot), now_ms);
         // A backend with a free batch slot is not overrun, whatever the fleet's average: the
         // bounded load refuses only a backend whose batch is full (or not known). Otherwise, at
         // light load, a bound of one or two requests sends a conversation away from its cache
@@ -335,7 +336,11 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         const free_slot = queue == 0 and t.slots[slot].batch_slots.load(.monotonic) > 0;
         if (!free_slot and !affinity.withinBound(t, slot, charged, totals)) continue;
         const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
-        const score = (queue + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
+        // Among backends holding as much of the prompt as the affine one (a conversation being
+        // placed, not moved), a fuller batch counts too: its next turns want a free slot there.
+        // Not when leaving the cache: that would keep a request waiting in a queue.
+        const placing = if (slot != affine and matched >= affine_matched) fill else 0;
+        const score = (queue + placing + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
         if (slot == affine) affine_score = score;
         if (score < best_score) {
             best_score = score;
@@ -352,20 +357,23 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
 const batch_step_slowdown: f64 = 0.05;
 
 /// What delays a new request's first token on `slot`, as (queue ahead in cost units, factor on
-/// its prefill). Batch slots not known: all the cost in flight (our books plus the backend's
-/// fresh report) is queue, as in an engine where every request running slows every other. With
-/// `batch_slots` known, a request that finds a free slot waits for nobody: only the cost beyond
-/// the batch is queue (it runs before this request starts), and each request beside it in the
-/// batch slows its prefill by `batch_step_slowdown`. So short queues are near-free and affinity
-/// keeps its cache there, while a queue past the batch of a slow backend is avoided.
-fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) struct { f64, f64 } {
+/// its prefill, how full the batch is in cost units). Batch slots not known: all the cost in
+/// flight (our books plus the backend's fresh report) is queue, as in an engine where every
+/// request running slows every other, and the other two are 1 and 0. With `batch_slots` known, a
+/// request that finds a free slot waits for nobody: only the cost beyond the batch is queue (it
+/// runs before this request starts), each request beside it in the batch slows its prefill by
+/// `batch_step_slowdown`, and the batch's fill is the cost in it over `batch_slots` (less than one
+/// request). So short queues are near-free and affinity keeps its cache there, while a queue past
+/// the batch of a slow backend is avoided.
+fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) struct { f64, f64, f64 } {
     const total: f64 = @floatFromInt(reportedCost(t, slot, word, now_ms));
     const batch_slots = t.slots[slot].batch_slots.load(.monotonic);
-    if (batch_slots == 0) return .{ total, 1 };
+    if (batch_slots == 0) return .{ total, 1, 0 };
     const cost_per_request: f64 = if (word.count == 0) 1 else @max(1, @as(f64, @floatFromInt(word.cost)) / @as(f64, @floatFromInt(word.count)));
     // The batch holds the new request and `batch_slots - 1` requests ahead of it.
     const in_batch = @min(total, @as(f64, @floatFromInt(batch_slots - 1)) * cost_per_request);
-    return .{ total - in_batch, 1 + batch_step_slowdown * in_batch / cost_per_request };
+    const slots: f64 = @floatFromInt(batch_slots);
+    return .{ total - in_batch, 1 + batch_step_slowdown * in_batch / cost_per_request, in_batch / slots };
 }
 
 /// Which candidates hold how much of the prompt: round by round, the longest prefix that some

@@ -2,8 +2,10 @@
 
 Four emulated vLLM servers (child processes on 127.0.0.1) with speeds 1, 1, 0.7 and 0.5 (their
 prefill and decode steps take 1/speed as long), a few batch slots each and a prefix cache, behind
-`irmiddleware serve` (a child process too), driven by the official `openai` client: seeded
-multi-turn chats sharing a system prompt, streamed, from concurrent users with think times.
+`irmiddleware serve` (a child process too, told each server's batch slots), driven by the
+official `openai` client: seeded multi-turn chats sharing a system prompt, streamed, from
+concurrent users with think times. The default load keeps the fleet about 70 % busy, so the
+slower servers' batches fill and requests queue there, as on a fleet sized to its traffic.
 Each strategy gets fresh servers (cold caches) and the same conversations, after a warm-up of
 conversations of their own that are not counted (`--warmup`); users arrive over the first
 2 x think time rather than all at once.
@@ -320,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--speeds", default="1,1,0.7,0.5", help="emulators' speeds (default 1,1,0.7,0.5)")
     parser.add_argument("--sessions", type=int, default=192, help="conversations per phase (default 192)")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
-    parser.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    parser.add_argument("--users", type=int, default=20, help="concurrent users (default 20)")
     parser.add_argument("--think", type=float, default=0.5, help="mean think time, s (default 0.5)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slots", type=int, default=4, help="emulator batch slots (default 4)")
@@ -328,11 +330,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prefill-s", type=float, default=0.0002, help="s per uncached prompt token at speed 1"
     )
-    parser.add_argument("--decode-s", type=float, default=0.01, help="s per output token at speed 1")
+    parser.add_argument(
+        "--decode-s", type=float, default=0.03, help="s per output token at speed 1 (default 0.03)"
+    )
     parser.add_argument("--cache-blocks", type=int, default=512, help="emulator prefix cache, blocks")
     parser.add_argument("--cost", choices=("requests", "tokens"), default="requests")
-    parser.add_argument("--slow-at", type=float, default=8.0, help="phase 2: backend 0 slows 2x at (s)")
-    parser.add_argument("--slow-for", type=float, default=10.0, help="phase 2: for this long (s)")
+    parser.add_argument("--slow-at", type=float, default=15.0, help="phase 2: backend 0 slows 2x at (s)")
+    parser.add_argument("--slow-for", type=float, default=15.0, help="phase 2: for this long (s)")
     parser.add_argument("--window", type=float, default=2.0, help="share windows, s (default 2)")
     parser.add_argument(
         "--warmup", type=int, default=16, help="conversations of warm-up, not counted (default 16)"
