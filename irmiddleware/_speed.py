@@ -144,11 +144,9 @@ class SpeedBook:
 
     def relative(self, members: Iterable[int], now_s: float) -> dict[int, float]:
         """Each member's speed over the members' median, as the geometric mean of its prefill
-        and decode ratios, or the one of them known and fresh (neither: the median); in
-        [0.05, 20]."""
+        and decode ratios (a rate not known or stale counts as the median); in [0.05, 20]."""
         ids = list(members)
         ratios: dict[int, float] = dict.fromkeys(ids, 0.0)
-        kinds: dict[int, int] = dict.fromkeys(ids, 0)
         for kind in ("prefill", "decode"):
             logs: dict[int, float] = {}
             for member in ids:
@@ -160,10 +158,9 @@ class SpeedBook:
                 continue
             median = _median(list(logs.values()))
             for member, value in logs.items():
-                ratios[member] += value - median
-                kinds[member] += 1
+                ratios[member] += (value - median) / 2
         return {
-            member: min(max(math.exp(ratio / max(1, kinds[member])), _RELATIVE_MIN), _RELATIVE_MAX)
+            member: min(max(math.exp(ratio), _RELATIVE_MIN), _RELATIVE_MAX)
             for member, ratio in ratios.items()
         }
 
