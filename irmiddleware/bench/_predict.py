@@ -295,6 +295,7 @@ def _plot(steady: dict[str, _Run], slowed: dict[str, _Run] | None, args: argpars
         )
     tails.set_xscale("log")
     tails.set_yscale("log")
+    tails.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels overlap otherwise
     tails.set_xlabel("time to first token, ms (client side)")
     tails.set_ylabel("fraction of answers slower")
     tails.grid(True, which="both", alpha=0.3)
