@@ -213,6 +213,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_backend_find": [_u32, _u64, _pu32],
     "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
     "irm_backend_set_ring_key": [_u32, _u32, _u64],
+    "irm_backend_set_batch_slots": [_u32, _u32, _u32],
     "irm_acquire": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, _pu64, _pu64],
@@ -560,6 +561,13 @@ class NativeTable:
     def set_ring_key(self, slot: int, key: int) -> None:
         """Places the slot's backend on the consistent-hashing ring by `key` (0: by its id)."""
         _check(_lib.irm_backend_set_ring_key(self._handle, slot, key), f"ring key of slot {slot}")
+
+    def set_batch_slots(self, slot: int, batch_slots: int) -> None:
+        """How many requests the slot's engine runs at once (0: not known); least_ttft counts
+        only the requests beyond them as a queue."""
+        _check(
+            _lib.irm_backend_set_batch_slots(self._handle, slot, batch_slots), f"batch slots of slot {slot}"
+        )
 
     # ---- routing -------------------------------------------------------------------------------
 

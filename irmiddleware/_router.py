@@ -472,6 +472,15 @@ class Router:
         key = 0 if name is None else affinity_key_hash(name) or 1  # 0 means "by id" in the core
         self._table.set_ring_key(self._slot(accelerator_id), key)
 
+    def set_batch_slots(self, accelerator_id: int, batch_slots: int) -> None:
+        """How many requests the accelerator's engine runs at once (its batch slots, e.g. vLLM's
+        `max_num_seqs`); 0 (the default) means not known. `least_ttft` then counts only the
+        requests beyond them as a queue that delays a new request's first token; requests that
+        fit in the batch beside it count a little (1/batch_slots each)."""
+        if type(batch_slots) is not int or not 0 <= batch_slots < 2**32:
+            raise ValueError(f"batch_slots must be an int in 0..2**32-1, got {batch_slots!r}")
+        self._table.set_batch_slots(self._slot(accelerator_id), batch_slots)
+
     @property
     def accelerators(self) -> list[int]:
         """Ids of the accelerators in the table (in shared mode: added by any process)."""

@@ -1,7 +1,8 @@
 """The `least_ttft` strategy and priced reservations through the Python API: it is a known strategy
 (and a plugin strategy), keeps a repeated prompt on the backend that cached it, sends an uncached
 prompt to the faster (heavier) backend, leaves a cached backend whose queue outweighs the cache,
-and a reservation discounted by the cached blocks is given back exactly (the core's load equals
+stays on a cached backend that has a free batch slot (`set_batch_slots`; bad values refused), and
+a reservation discounted by the cached blocks is given back exactly (the core's load equals
 the sum of what is held after any sequence, and returns to zero, also under concurrent load)."""
 
 from __future__ import annotations
@@ -85,6 +86,38 @@ def test_a_queue_longer_than_the_cache_saves_sends_the_prompt_elsewhere() -> Non
         assert queue is not None
         queue.release()
         assert_idle(router)
+
+
+def test_with_batch_slots_a_conversation_stays_while_its_backend_has_a_free_slot() -> None:
+    hashes = prefix_hashes(SYSTEM)  # 7 blocks at 0.3 requests each: 2.1 requests to fill elsewhere
+    for batch_slots, stays in ((0, False), (4, True)):
+        with Router("least_ttft", block_cost=0.3) as router:
+            for accelerator in range(2):
+                router.add_accelerator(Accelerator(accelerator, 1000))
+                router.set_batch_slots(accelerator, batch_slots)
+            first = router.acquire(prefix_hashes=hashes)
+            assert first is not None
+            cached = first.accelerator_id
+            running = [router.acquire_on(cached, 1) for _ in range(2)]
+            # 3 requests run where the prompt is cached, none on the other backend. Batch not
+            # known: they are a queue of 3 (and over the bounded load), the prompt goes to the
+            # other backend. In a batch of 4 they leave a slot free: it stays on its cache.
+            again = router.acquire(prefix_hashes=hashes)
+            assert again is not None
+            assert (again.accelerator_id == cached) is stays, (batch_slots, again.accelerator_id)
+            for lease in (first, again, *running):
+                assert lease is not None
+                lease.release()
+            assert_idle(router)
+
+
+def test_bad_batch_slots_are_refused_clearly() -> None:
+    with Router("least_ttft") as router:
+        router.add_accelerator(Accelerator(0, 10))
+        for bad in (-1, 2**32, 1.5, True):
+            with pytest.raises(ValueError, match="batch_slots"):
+                router.set_batch_slots(0, bad)  # type: ignore[arg-type]
+        router.set_batch_slots(0, 8)
 
 
 def test_a_discounted_reservation_is_released_exactly() -> None:

@@ -89,6 +89,7 @@ def test_backend_calls_never_crash(
     call("irm_backend_update", handle, slot, capacity, weight, state)
     call("irm_backend_find", handle, backend_id, ctypes.byref(out))
     call("irm_backend_set_signals", handle, slot, state, state % 1200, backend_id)
+    call("irm_backend_set_batch_slots", handle, slot, state)
     call("irm_table_set_class_share", handle, state % 10, slot % 1100)
     info = _native.SlotRecord()
     call("irm_backend_read", handle, slot, ctypes.byref(info))

@@ -2,18 +2,21 @@
 observations arrives (zeros, negative or non-finite durations, huge values, a clock that jumps
 back or far ahead), every estimate and every weight stays finite and positive; one outlier moves a
 warm estimate by a bounded step; a lasting change is followed; relative speeds rank backends by
-their rates; and a stale estimate stops counting. Clocks here are numbers the test gives."""
+their rates; a stale estimate stops counting; and a short fill does not teach the prefill rate.
+Clocks here are numbers the test gives."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from irmiddleware._speed import RATE_MAX, RATE_MIN, RobustRate, Smoothing, SpeedBook
-from irmiddleware.proxy.config import ConfigError, parse_config
+from irmiddleware.proxy.config import ConfigError, SpeedConfig, parse_config
+from irmiddleware.proxy.control import SpeedFeed
 
 anything = st.floats(allow_nan=True, allow_infinity=True)
 observation = st.tuples(anything, anything, anything)
@@ -117,3 +120,20 @@ def test_a_bad_speed_section_is_one_clear_config_error() -> None:
     with pytest.raises(ConfigError, match="half_life_s"):
         parse_config({"router": {"speed": {"half_life_s": 0}}, "backends": backends})
     assert parse_config({"router": {"speed": {"enabled": True}}, "backends": backends}).speed.enabled
+
+
+# The little of a proxy fleet a `SpeedFeed` reads when it applies weights: no backends.
+_NO_FLEET = SimpleNamespace(backends={}, router=SimpleNamespace(stats=list))
+
+
+def test_a_short_fill_does_not_teach_the_prefill_rate() -> None:
+    # A conversation kept on its backend fills only its new message: its time to first byte is
+    # mostly fixed cost. Taken as a prefill rate it made the backend that keeps the cache look
+    # slow (10 tokens in 20 ms: 500 tokens/s against 10 000 for a long fill) and lose its share.
+    feed = SpeedFeed(_NO_FLEET, SpeedConfig(enabled=True), block_chars=64, chars_per_token=4.0)  # type: ignore[arg-type]
+    feed.first_byte(0, prompt_chars=40, matched_blocks=0, ttfb_s=0.02, now_s=1.0)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == 0.0
+    feed.first_byte(0, prompt_chars=6400 + 40, matched_blocks=100, ttfb_s=0.02, now_s=1.1)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == 0.0  # 10 tokens left to fill: still short
+    feed.first_byte(0, prompt_chars=4000, matched_blocks=0, ttfb_s=0.1, now_s=1.2)
+    assert feed.status_of(0)["prefill_tokens_per_s"] == pytest.approx(10_000)

@@ -511,6 +511,16 @@ export fn irm_backend_set_signals(handle: u32, slot: u32, queue_depth: u32, kv_p
     return status(.ok);
 }
 
+/// Records how many requests the backend's engine runs at once (its batch slots; 0 = not known):
+/// least_ttft counts only the requests beyond them as a queue.
+export fn irm_backend_set_batch_slots(handle: u32, slot: u32, batch_slots: u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    t.setBatchSlots(slot, batch_slots) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
 // ---- exports: routing (hot path) ---------------------------------------------------------------
 
 /// Picks a backend with `strategy` and reserves `cost` on it. `*out_ticket` names the

@@ -278,7 +278,8 @@ const SlotMatches = struct {
 
 /// The lowest expected time to first token: each candidate that fits and is within its bounded
 /// load is scored (queue ahead, from our books and the backend's fresh report, + the uncached
-/// blocks' value) / capacity × weight; the backend holding the longest prefix wins a near-tie.
+/// blocks' value × the batch's slowdown, see `queueAhead`) / capacity × weight; the backend
+/// holding the longest prefix wins a near-tie.
 /// O(candidates) per decision, plus O(rounds × log blocks) prefix lookups. The index learns
 /// where the prompt went, as prefix_affinity's does.
 fn leastTtft(t: *const Table, candidates: Candidates, hashes: []const u64, cost: u32, class: u32, pricing: Pricing) Decision {
@@ -318,17 +319,28 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     var best: u32 = slot_none;
     var best_score = std.math.inf(f64);
     var affine_score = std.math.inf(f64);
+    const affine_matched = if (affine == slot_none) 0 else matches.of(affine);
     for (0..count) |offset| {
         const slot = candidates.at((start + offset) % count);
         if (slot >= t.backendsMax()) continue;
         const matched = matches.of(slot);
         const charged = discounted(cost, matched, pricing);
-        if (!t.fits(slot, charged, class) or !affinity.withinBound(t, slot, charged, totals)) continue;
+        if (!t.fits(slot, charged, class)) continue;
         const weight = t.slots[slot].configuredWeightOf();
         if (weight == 0) continue;
-        const queue: f64 = @floatFromInt(reportedCost(t, slot, t.wordOf(slot), now_ms));
+        const queue, const slowdown, const fill = queueAhead(t, slot, t.wordOf(slot), now_ms);
+        // A backend with a free batch slot is not overrun, whatever the fleet's average: the
+        // bounded load refuses only a backend whose batch is full (or not known). Otherwise, at
+        // light load, a bound of one or two requests sends a conversation away from its cache
+        // to wait for nothing.
+        const free_slot = queue == 0 and t.slots[slot].batch_slots.load(.monotonic) > 0;
+        if (!free_slot and !affinity.withinBound(t, slot, charged, totals)) continue;
         const uncached: f64 = @floatFromInt(@as(u64, blocks -| matched) * pricing.block_cost_milli);
-        const score = (queue + uncached / 1000) / @as(f64, @floatFromInt(weight));
+        // Among backends holding as much of the prompt as the affine one (a conversation being
+        // placed, not moved), a fuller batch counts too: its next turns want a free slot there.
+        // Not when leaving the cache: that would keep a request waiting in a queue.
+        const placing = if (slot != affine and matched >= affine_matched) fill else 0;
+        const score = (queue + placing + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
         if (slot == affine) affine_score = score;
         if (score < best_score) {
             best_score = score;
@@ -338,6 +350,30 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     const margin = 1 + @as(f64, @floatFromInt(ttft_near_tie_permille)) / 1000;
     if (affine != slot_none and affine_score <= best_score * margin) return affine;
     return best;
+}
+
+/// A running request's share of a continuous-batching step: each one ahead of a new request in
+/// the batch makes its prefill this much slower (the simulator's `batch_slowdown` default).
+const batch_step_slowdown: f64 = 0.05;
+
+/// What delays a new request's first token on `slot`, as (queue ahead in cost units, factor on
+/// its prefill, how full the batch is in cost units). Batch slots not known: all the cost in
+/// flight (our books plus the backend's fresh report) is queue, as in an engine where every
+/// request running slows every other, and the other two are 1 and 0. With `batch_slots` known, a
+/// request that finds a free slot waits for nobody: only the cost beyond the batch is queue (it
+/// runs before this request starts), each request beside it in the batch slows its prefill by
+/// `batch_step_slowdown`, and the batch's fill is the cost in it over `batch_slots` (less than one
+/// request). So short queues are near-free and affinity keeps its cache there, while a queue past
+/// the batch of a slow backend is avoided.
+fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) struct { f64, f64, f64 } {
+    const total: f64 = @floatFromInt(reportedCost(t, slot, word, now_ms));
+    const batch_slots = t.slots[slot].batch_slots.load(.monotonic);
+    if (batch_slots == 0) return .{ total, 1, 0 };
+    const cost_per_request: f64 = if (word.count == 0) 1 else @max(1, @as(f64, @floatFromInt(word.cost)) / @as(f64, @floatFromInt(word.count)));
+    // The batch holds the new request and `batch_slots - 1` requests ahead of it.
+    const in_batch = @min(total, @as(f64, @floatFromInt(batch_slots - 1)) * cost_per_request);
+    const slots: f64 = @floatFromInt(batch_slots);
+    return .{ total - in_batch, 1 + batch_step_slowdown * in_batch / cost_per_request, in_batch / slots };
 }
 
 /// Which candidates hold how much of the prompt: round by round, the longest prefix that some
@@ -846,6 +882,63 @@ test "least_ttft sees each backend's own cached prefix and keeps near-ties on th
         try testing.expectEqual(d, far.slot);
         try testing.expectEqual(Outcome.overload, far.outcome);
         try testing.expectEqual(@as(u32, 20), far.matched_blocks);
+    }
+}
+
+test "least_ttft with batch slots: a conversation stays while its backend has a free slot, leaves once requests wait" {
+    var prompt: [32]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 9000 + i;
+    const pricing: Pricing = .{ .block_cost_milli = 1000 }; // one cost unit per block
+    const Case = struct { batch_slots: u32, running: u32, stays: bool };
+    const cases = [_]Case{
+        // Batch slots not known: a scores 3 running + 2 uncached = 5, b 0 + 3: not a near-tie.
+        .{ .batch_slots = 0, .running = 3, .stays = false },
+        // 3 running beside it in a batch of 4: a scores 2 uncached x 1.15 = 2.3, below b's 3.
+        .{ .batch_slots = 4, .running = 3, .stays = true },
+        // 8 running in a batch of 4: 5 wait ahead, a scores 5 + 2.3: b.
+        .{ .batch_slots = 4, .running = 8, .stays = false },
+    };
+    for (cases) |case| {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        const a = try t.add(1, 1000, 1000);
+        const b = try t.add(2, 1000, 1000);
+        const c = try t.add(3, 1000, 1000);
+        for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, case.batch_slots);
+        for (prompt[0..29]) |hash| affinity.prefixRecord(&t, hash, b);
+        for (prompt[0..30]) |hash| affinity.prefixRecord(&t, hash, a);
+        for (0..case.running) |_| try testing.expect(t.reserve(a, 1, 0)); // requests of cost 1
+        try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+        const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+        try testing.expectEqual(if (case.stays) a else b, decision.slot);
+        try testing.expectEqual(if (case.stays) Outcome.hit else Outcome.overload, decision.outcome);
+    }
+}
+
+test "least_ttft: the bounded load never refuses a backend with a free batch slot" {
+    var prompt: [30]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 7000 + i;
+    for ([_]u32{ 0, 4 }) |batch_slots| {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        var slots: [4]u32 = undefined;
+        for (&slots, 0..) |*slot, i| {
+            slot.* = try t.add(i + 1, 1000, 1000);
+            try t.setBatchSlots(slot.*, batch_slots);
+        }
+        const a = slots[0];
+        for (prompt) |hash| affinity.prefixRecord(&t, hash, a);
+        // a runs 2 requests, the rest of the fleet none: a third is over ⌈1.25 × 3 / 4⌉ = 1.
+        for (0..2) |_| try testing.expect(t.reserve(a, 1, 0));
+        try testing.expect(!affinity.withinBound(&t, a, 1, Candidates.ofTable(&t).totals(&t)));
+        const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, .{});
+        if (batch_slots == 0) {
+            try testing.expect(decision.slot != a);
+        } else {
+            // Two of a's four slots are free: the conversation stays on its cache.
+            try testing.expectEqual(a, decision.slot);
+            try testing.expectEqual(Outcome.hit, decision.outcome);
+        }
     }
 }
 

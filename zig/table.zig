@@ -92,7 +92,11 @@ pub const Slot = extern struct {
     /// In the first cache line with the word, capacity and id: a reservation's ticket reads it,
     /// so a decision touches one line of its slot.
     incarnation: Atomic(u32),
-    reserved_u32: u32,
+    /// Requests the engine runs at once (its batch slots, e.g. vLLM's `max_num_seqs`) as its
+    /// operator gave them; 0 = not known. least_ttft counts only the requests beyond them as a
+    /// queue: a request that finds a free slot waits for nobody. In the first line, beside
+    /// capacity, which a decision reads with it.
+    batch_slots: Atomic(u32),
     latency_us_ewma: Atomic(u64),
     failed_total: Atomic(u64),
     signal_queue_depth: Atomic(u32),
@@ -116,6 +120,7 @@ pub const Slot = extern struct {
         // What a decision reads (word, id, capacity, weight, incarnation) and writes (word,
         // routed_total) shares the first line.
         assert(@offsetOf(Slot, "incarnation") + 4 <= 64);
+        assert(@offsetOf(Slot, "batch_slots") + 4 <= 64);
         assert(@offsetOf(Slot, "routed_total") + 8 <= 64);
         assert(@offsetOf(Slot, "weight_milli") + 4 <= 64);
     }
@@ -654,6 +659,7 @@ pub const Table = struct {
         s.signal_kv_permille.store(0, .monotonic);
         s.signal_time_ms.store(0, .monotonic);
         s.ring_key.store(0, .monotonic);
+        s.batch_slots.store(0, .monotonic);
         _ = s.incarnation.fetchAdd(1, .monotonic);
         const old: Word = t.wordOf(slot);
         assert(old.state == .free);
@@ -788,6 +794,11 @@ pub const Table = struct {
         s.signal_kv_permille.store(kv_permille, .monotonic);
         // .release: a reader that sees the new time also sees the values it stamps.
         s.signal_time_ms.store(time_ms, .release);
+    }
+
+    pub fn setBatchSlots(t: *const Table, slot: u32, batch_slots: u32) Error!void {
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        t.slots[slot].batch_slots.store(batch_slots, .monotonic);
     }
 
     /// A pseudo-random number from the table's seeded sequence; thread-safe and deterministic for

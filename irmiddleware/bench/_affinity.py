@@ -60,6 +60,8 @@ def _fleet(strategy: str, accelerators: int) -> Router:
     router = Router(strategy, max_accelerators=accelerators, seed=1)
     for index in range(accelerators):
         router.add_accelerator(Accelerator(index, 1_000_000))  # Capacity never limits here.
+        if strategy == "least_ttft":  # its longer path: batch slots known, as behind vLLM
+            router.set_batch_slots(index, 32)
     return router
 
 

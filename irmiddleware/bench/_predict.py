@@ -2,8 +2,10 @@
 
 Four emulated vLLM servers (child processes on 127.0.0.1) with speeds 1, 1, 0.7 and 0.5 (their
 prefill and decode steps take 1/speed as long), a few batch slots each and a prefix cache, behind
-`irmiddleware serve` (a child process too), driven by the official `openai` client: seeded
-multi-turn chats sharing a system prompt, streamed, from concurrent users with think times.
+`irmiddleware serve` (a child process too, told each server's batch slots), driven by the
+official `openai` client: seeded multi-turn chats sharing a system prompt, streamed, from
+concurrent users with think times. The default load keeps the fleet about 70 % busy, so the
+slower servers' batches fill and requests queue there, as on a fleet sized to its traffic.
 Each strategy gets fresh servers (cold caches) and the same conversations, after a warm-up of
 conversations of their own that are not counted (`--warmup`); users arrive over the first
 2 x think time rather than all at once.
@@ -47,7 +49,11 @@ class _Run:
     ttfts_s: list[float] = field(default_factory=list)
     failed: int = 0
     routed: dict[str, int] = field(default_factory=dict)
+    weights: list[float] = field(default_factory=list)
+    """The core's weight of each backend at the end (learned speed, with least_ttft)."""
     hit_rate: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)
+    """The router's affinity decisions by outcome (hit, miss, overload), warm-up included."""
     shares: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the start, share of backend 0's decisions in the window ending then)."""
 
@@ -139,6 +145,15 @@ async def _slow_for_a_while(backend: str, speed: float, slow_at_s: float, slow_f
         await client.post(backend + "/_emulator/config", json={"speed": speed})
 
 
+def _outcomes(router: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in httpx.get(router + "/metrics").text.splitlines():
+        if line.startswith("irm_affinity_decisions_total{"):
+            outcome = line.partition('outcome="')[2].partition('"')[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(line.split()[-1])
+    return counts
+
+
 def _hit_rate(backends: list[str]) -> float:
     queries = hits = 0.0
     for url in backends:
@@ -173,7 +188,9 @@ def _fleet(args: argparse.Namespace, strategy: str) -> Iterator[tuple[str, list[
         path = Path(config) / "router.toml"
         path.write_text(_config_toml(strategy, router, backends, args))
         stack.enter_context(
-            serving(["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", "warning"], router)
+            serving(
+                ["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", args.log_level], router
+            )
         )
         yield router, backends
 
@@ -185,8 +202,12 @@ def _config_toml(strategy: str, router: str, backends: list[str], args: argparse
         f'listen = "{router.removeprefix("http://")}"',
         f'cost = "{args.cost}"',
     ]
+    if args.access_log:
+        lines += ["access_log = true", 'log_format = "json"']
     for url in backends:
         lines += ["[[backends]]", f'url = "{url}"', 'models = ["m"]', f"capacity = {args.capacity}"]
+        # The emulators' batch slots, as an operator knows them (least_ttft reads them).
+        lines.append(f"batch_slots = {args.slots}")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +240,10 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
         asyncio.run(main())
         status = httpx.get(router + "/irm/status").json()
         run.routed = {b["url"]: b["routed"] for b in status["backends"]}
+        weights = {b["url"]: b["weight"] for b in status["backends"]}
+        run.weights = [weights[url] for url in backends]
         run.hit_rate = _hit_rate(backends)
+        run.outcomes = _outcomes(router)
         run.routed = {f"backend {backends.index(url)}": count for url, count in run.routed.items()}
     return run
 
@@ -227,7 +251,11 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
 def _ttft_row(strategy: str, run: _Run) -> list[str]:
     ms = [f"{quantile(run.ttfts_s, q) * 1000:.0f}" for q in (0.5, 0.9, 0.99)]
     routed = " ".join(str(count) for _name, count in sorted(run.routed.items()))
-    return [strategy, str(len(run.ttfts_s)), str(run.failed), *ms, f"{100 * run.hit_rate:.1f}", routed]
+    weights = " ".join(f"{weight:.2f}" for weight in run.weights)
+    decisions = sum(run.outcomes.values())
+    affine = f"{100 * run.outcomes.get('hit', 0.0) / decisions:.1f}" if decisions else "-"
+    hit = f"{100 * run.hit_rate:.1f}"
+    return [strategy, str(len(run.ttfts_s)), str(run.failed), *ms, hit, affine, routed, weights]
 
 
 def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
@@ -243,12 +271,59 @@ def _share_table(runs: dict[str, _Run], args: argparse.Namespace) -> str:
     return format_table(["t, s", "", *runs], rows)
 
 
-def bench_predict_main(argv: list[str]) -> int:
+def _plot(steady: dict[str, _Run], slowed: dict[str, _Run] | None, args: argparse.Namespace) -> None:
+    """Time to first token tails (phase 1) and backend 0's share over time (phase 2), one file
+    (matplotlib, an optional extra, imported only when a plot is asked for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Files only: no display needed, none wanted.
+    import matplotlib.pyplot as plt
+
+    panels = 1 if slowed is None else 2
+    figure, axes = plt.subplots(
+        1, panels, figsize=(5.6 * panels, 4.0), constrained_layout=True, squeeze=False
+    )
+    tails = axes[0][0]
+    for strategy, run in steady.items():
+        # The complementary CDF on log axes: the tail is where the strategies differ.
+        values = sorted(run.ttfts_s)
+        count = len(values)
+        tails.plot(
+            [1000 * value for value in values],
+            [max(1 - (index + 1) / count, 0.5 / count) for index in range(count)],
+            label=strategy,
+        )
+    tails.set_xscale("log")
+    tails.set_yscale("log")
+    tails.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels overlap otherwise
+    tails.set_xlabel("time to first token, ms (client side)")
+    tails.set_ylabel("fraction of answers slower")
+    tails.grid(True, which="both", alpha=0.3)
+    tails.legend()
+    if slowed is not None:
+        shares = axes[0][1]
+        for strategy, run in slowed.items():
+            shares.plot(
+                [at for at, _ in run.shares], [100 * share for _, share in run.shares], label=strategy
+            )
+        shares.axvspan(
+            args.slow_at, args.slow_at + args.slow_for, color="grey", alpha=0.15, label="2x slower"
+        )
+        shares.set_xlabel("seconds since the start of the phase")
+        shares.set_ylabel("backend 0's share of decisions, %")
+        shares.grid(True, alpha=0.3)
+        shares.legend()
+    figure.suptitle(f"bench-predict: speeds {args.speeds}, {args.users} users, seed {args.seed}", fontsize=9)
+    figure.savefig(args.plot, dpi=110)
+    plt.close(figure)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irmiddleware bench-predict", description=__doc__)
     parser.add_argument("--speeds", default="1,1,0.7,0.5", help="emulators' speeds (default 1,1,0.7,0.5)")
     parser.add_argument("--sessions", type=int, default=192, help="conversations per phase (default 192)")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
-    parser.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    parser.add_argument("--users", type=int, default=20, help="concurrent users (default 20)")
     parser.add_argument("--think", type=float, default=0.5, help="mean think time, s (default 0.5)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slots", type=int, default=4, help="emulator batch slots (default 4)")
@@ -256,18 +331,32 @@ def bench_predict_main(argv: list[str]) -> int:
     parser.add_argument(
         "--prefill-s", type=float, default=0.0002, help="s per uncached prompt token at speed 1"
     )
-    parser.add_argument("--decode-s", type=float, default=0.01, help="s per output token at speed 1")
+    parser.add_argument(
+        "--decode-s", type=float, default=0.03, help="s per output token at speed 1 (default 0.03)"
+    )
     parser.add_argument("--cache-blocks", type=int, default=512, help="emulator prefix cache, blocks")
     parser.add_argument("--cost", choices=("requests", "tokens"), default="requests")
-    parser.add_argument("--slow-at", type=float, default=8.0, help="phase 2: backend 0 slows 2x at (s)")
-    parser.add_argument("--slow-for", type=float, default=10.0, help="phase 2: for this long (s)")
+    parser.add_argument("--slow-at", type=float, default=15.0, help="phase 2: backend 0 slows 2x at (s)")
+    parser.add_argument("--slow-for", type=float, default=15.0, help="phase 2: for this long (s)")
     parser.add_argument("--window", type=float, default=2.0, help="share windows, s (default 2)")
     parser.add_argument(
         "--warmup", type=int, default=16, help="conversations of warm-up, not counted (default 16)"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-slowdown", action="store_true")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="the routers' access logs (JSON lines: backend, time to first byte) on stderr",
+    )
+    parser.add_argument("--plot", type=Path, help="write the plot (time to first token tails, shares) here")
+    return parser
+
+
+def bench_predict_main(argv: list[str]) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    args.log_level = "info" if args.access_log else "warning"
     if not 1 <= args.sessions <= 10_000 or not 1 <= args.turns <= 50 or not 1 <= args.users <= 256:
         parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
     if not 0 <= args.warmup <= 10_000:
@@ -279,12 +368,25 @@ def bench_predict_main(argv: list[str]) -> int:
         f"{args.warmup} conversations of warm-up, seed {args.seed}"
     )
     steady = {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
-    header = ["strategy", "answers", "failed", "ttft p50 ms", "p90", "p99", "hit %", "routed per backend"]
+    header = [
+        "strategy",
+        "answers",
+        "failed",
+        "ttft p50 ms",
+        "p90",
+        "p99",
+        "hit %",
+        "affine %",
+        "routed per backend",
+        "weights",
+    ]
     print("\nphase 1: steady speeds\n" + format_table(header, [_ttft_row(s, r) for s, r in steady.items()]))
     baseline, ours = (steady[strategy].ttfts_s for strategy in _STRATEGIES)
     lower = 1 - quantile(ours, 0.99) / quantile(baseline, 0.99)
     print(f"least_ttft p99 time to first token {100 * lower:.0f} % lower than prefix_affinity's")
     if args.skip_slowdown:
+        if args.plot:
+            _plot(steady, None, args)
         return 0
     slowed = {strategy: _phase(args, plan, strategy, slowdown=True) for strategy in _STRATEGIES}
     print(
@@ -292,4 +394,6 @@ def bench_predict_main(argv: list[str]) -> int:
         f"its share of decisions per {args.window:g} s window\n" + _share_table(slowed, args)
     )
     print("\n" + format_table(header, [_ttft_row(s, r) for s, r in slowed.items()]))
+    if args.plot:
+        _plot(steady, slowed, args)
     return 0

@@ -147,6 +147,7 @@ class Fleet:
                     raise
                 # Another process of the router (on the shared table) added it first.
             self.router.set_ring_name(backend_id, entry.url)
+            self.router.set_batch_slots(backend_id, entry.batch_slots)
         self._next_id = len(config.backends)
 
     def _capacity(self, configured: int) -> int:
@@ -169,6 +170,7 @@ class Fleet:
         self.router.add_accelerator(Accelerator(backend.id, self._capacity(entry.capacity), entry.weight))
         # By URL, not id: replicas that list or add backends in another order build the same ring.
         self.router.set_ring_name(backend.id, entry.url)
+        self.router.set_batch_slots(backend.id, entry.batch_slots)
         self.router.set_state(backend.id, state)
         self.backends[backend.id] = backend
         self._rebuild_pools()

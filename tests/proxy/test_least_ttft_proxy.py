@@ -4,7 +4,7 @@ request's output limit (or the learned or default expected output), bounded by `
 by the official openai client, a router with `cost = "tokens"` and `least_ttft` scales each
 backend's capacity to tokens, routes every request, and every in-flight counter (requests and
 tokens) returns to zero afterwards: what was reserved, discounted or not, was given back. The
-example configuration in doc/proxy.md loads."""
+example configuration in doc/proxy.md loads; a bad `batch_slots` is one clear ConfigError."""
 
 from __future__ import annotations
 
@@ -101,3 +101,11 @@ def test_the_documented_example_configuration_loads() -> None:
         2048,
         2.0,
     )
+    assert config.backends[0].batch_slots == 32
+
+
+def test_bad_batch_slots_are_one_clear_config_error() -> None:
+    for bad in (-1, 1_000_001, "4"):
+        with pytest.raises(ConfigError, match=r"backends\[0\]\.batch_slots"):
+            parse_config({"backends": [{**BACKENDS[0], "batch_slots": bad}]})
+    assert parse_config({"backends": BACKENDS}).backends[0].batch_slots == 0

@@ -56,6 +56,8 @@ __all__ = [
 LOG_FORMATS: Final = ("text", "json")
 READY_RULES: Final = ("every_model", "any_backend")
 COSTS: Final = ("requests", "tokens")
+# A bound on `[[backends]] batch_slots` far above any engine's batch (vLLM's default is 256).
+BATCH_SLOTS_MAX: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,9 @@ class BackendConfig:
     weight: float = bounded(1.0, 0.001, WEIGHT_MILLI_MAX / 1000)
     metrics_url: str | None = None
     """Where to scrape load signals; default: the adapter's (Triton: port 8002 of the host)."""
+    batch_slots: int = bounded(0, 0, BATCH_SLOTS_MAX)
+    """Requests the engine runs at once (vLLM's `max_num_seqs`); 0 (the default) = not known.
+    `least_ttft` counts only the requests beyond them as a queue (doc/strategies.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,7 @@ def _backend(entry: object, where: str) -> BackendConfig:
         models=strings(entry, "models", prefix),
         weight=read(entry, BackendConfig, "weight", prefix),
         metrics_url=_url(entry["metrics_url"], f"{where}.metrics_url") if "metrics_url" in entry else None,
+        batch_slots=read(entry, BackendConfig, "batch_slots", prefix),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -19,6 +19,10 @@ from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy.config import SpeedConfig
 
 __all__ = ["SpeedCollector", "SpeedFeed"]
+
+_PREFILL_TOKENS_MIN: Final = 256
+"""Uncached prompt tokens an answer must have filled for its time to first byte to teach the
+prefill rate (fewer: the decode rate alone speaks for the backend)."""
 
 
 class SpeedFeed:
@@ -48,7 +52,12 @@ class SpeedFeed:
     def first_byte(
         self, backend_id: int, prompt_chars: int, matched_blocks: int, ttfb_s: float, now_s: float
     ) -> None:
-        self.book.first_byte(backend_id, self.uncached_tokens(prompt_chars, matched_blocks), ttfb_s, now_s)
+        uncached = self.uncached_tokens(prompt_chars, matched_blocks)
+        # A short fill says little about prefill speed: its time to first byte is mostly fixed
+        # cost (the hops, the scheduler's step). Counted as a prefill rate it made a backend
+        # that keeps conversations cached (so fills little) look slow, and lose them.
+        if uncached >= _PREFILL_TOKENS_MIN:
+            self.book.first_byte(backend_id, uncached, ttfb_s, now_s)
         if now_s - self._applied_s >= self._interval_s:
             self.apply(now_s)
 
