@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 5
+ABI_VERSION: Final = 6
 SLOT_NONE: Final = 0xFFFF_FFFF
 """No slot; also the ticket the acquire calls return when nothing fits."""
 TICKET_SLOT_MASK: Final = 0xFFFF_FFFF

@@ -26,7 +26,7 @@ const Requests = requests_mod.Requests;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 5; // 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key, irm_python_bind. 4: irm_route/irm_complete.
+pub const abi_version: u32 = 6; // 6: irm_backend_set_batch_slots. 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key, irm_python_bind. 4: irm_route/irm_complete.
 
 pub const Status = enum(i32) {
     ok = 0,
