@@ -10,7 +10,13 @@ from typing import Final
 import httpx
 
 from irmiddleware.http11._pool import Connection, Pool, PoolStats
-from irmiddleware.http11._wire import Body, ParsedResponse, head_bytes, read_head, request_head
+from irmiddleware.http11._wire import (
+    ParsedResponse,
+    StreamedResponse,
+    head_bytes,
+    read_head,
+    request_head,
+)
 
 __all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport"]
 
@@ -52,7 +58,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         # A ByteStream yields its one bytes object: joining it returns that object, uncopied, and
         # works whether or not the request was `read()` (which costs a slow typing isinstance).
         body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else None
-        return await self._round_trip(request.method, request.url, request_head(request), body, request)
+        streamed = await self._round_trip(request.method, request.url, request_head(request), body, request)
+        return _httpx_response(streamed)
 
     async def send_bytes(
         self,
@@ -66,6 +73,19 @@ class LeanTransport(httpx.AsyncBaseTransport):
         is a measurable share of a proxied request's CPU): `headers` are sent as they are, so
         they must include Host and, for a body, Content-Length; `timeouts` are httpx's
         (`Timeout.as_dict()`)."""
+        return _httpx_response(await self.open(method, url, headers, body, timeouts))
+
+    async def open(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        timeouts: Mapping[str, float | None],
+    ) -> StreamedResponse:
+        """`send_bytes` without the `httpx.Response` around the answer (building one costs ~20 us
+        of CPU, a tenth of a proxied request's): the answer's status, raw headers and streamed
+        body as they are. Iterate over it, then `aclose` it."""
         return await self._round_trip(method, url, head_bytes(method, url.raw_path, headers), body, timeouts)
 
     async def _round_trip(
@@ -75,7 +95,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         head: bytes,
         body: bytes | None,
         source: httpx.Request | Mapping[str, float | None],
-    ) -> httpx.Response:
+    ) -> StreamedResponse:
         """Writes the request (`body`, or when None the streamed body of the request `source`)
         and reads the response's head. `source` is the request, or the timeouts themselves."""
         if url.scheme != "http":
@@ -96,16 +116,20 @@ class LeanTransport(httpx.AsyncBaseTransport):
             response.close()
             pool.discard(connection)
             raise
-        return httpx.Response(
-            response.status,
-            headers=response.headers,
-            stream=Body(pool, connection, response, payload, read_timeout),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
-        )
+        return StreamedResponse(pool, connection, response, payload, read_timeout)
 
     async def aclose(self) -> None:
         if self._pool is not None:
             self._pool.close()
+
+
+def _httpx_response(streamed: StreamedResponse) -> httpx.Response:
+    return httpx.Response(
+        streamed.status,
+        headers=streamed.headers,
+        stream=streamed,
+        extensions={"http_version": b"HTTP/1.1", "reason_phrase": streamed.reason},
+    )
 
 
 async def _send(
