@@ -18,6 +18,7 @@ from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._outcomes import Outcome
 
 __all__ = [
+    "DISCONNECT_EXTENSION",
     "JSON_HEADERS",
     "REQUEST_ID_HEADER",
     "ASGIApp",
@@ -39,6 +40,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
+DISCONNECT_EXTENSION: Final = "irmiddleware.on_disconnect"
+"""A scope extension of `irmiddleware serve`'s server: `scope["extensions"][DISCONNECT_EXTENSION]`
+is a callable that takes a function to call, once, when the client goes away before its answer is
+complete (None takes it back); called at once if the client is already gone. The middleware uses
+it instead of a task per request waiting in `receive()`; under any other server it keeps that
+task (plain ASGI)."""
 REQUEST_ID_HEADER: Final = b"x-request-id"
 
 # A client's request id is kept when it is 1 to 128 visible ASCII characters: it goes into log

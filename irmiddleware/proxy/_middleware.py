@@ -23,6 +23,7 @@ from irmiddleware.proxy._admin import AdminApp
 from irmiddleware.proxy._admission import Admission, Shed
 from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases, RequestObservers
 from irmiddleware.proxy._exchange import (
+    DISCONNECT_EXTENSION,
     ASGIApp,
     ClientExchange,
     Message,
@@ -324,9 +325,17 @@ class RoutingMiddleware:
         # The request body is read, so the next `receive()` returns only when the client goes
         # away (or after the response is complete). A watcher cancels the relay at once, which
         # closes the upstream connection and lets the backend stop generating.
+        # Under `irmiddleware serve` the server calls us back instead (`DISCONNECT_EXTENSION`):
+        # the same cancellation without a task per request.
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(_watch_disconnect(exchange, task))
+        extensions = exchange.scope.get("extensions")
+        watch = extensions.get(DISCONNECT_EXTENSION) if extensions else None
+        watcher = None
+        if watch is not None:
+            watch(lambda: _disconnected(exchange, task))
+        else:
+            watcher = asyncio.create_task(_watch_disconnect(exchange, task))
         try:
             await self._route(exchange)
         except asyncio.CancelledError:
@@ -337,7 +346,10 @@ class RoutingMiddleware:
             exchange.outcome = "client_disconnected"
         finally:
             exchange.done = True
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            else:
+                watch(None)
 
     async def _route(self, exchange: ClientExchange) -> None:
         # Every attempt goes through admission: the first may wait for capacity (or raise Shed);
@@ -408,10 +420,15 @@ async def _watch_disconnect(exchange: ClientExchange, task: asyncio.Task[Any]) -
     while not exchange.done:
         message = await exchange.receive()
         if message["type"] == "http.disconnect":
-            if not exchange.done:
-                exchange.disconnected = True
-                task.cancel()
+            _disconnected(exchange, task)
             return
+
+
+def _disconnected(exchange: ClientExchange, task: asyncio.Task[Any]) -> None:
+    """The client went away: the request's task is cancelled, unless its answer is complete."""
+    if not exchange.done:
+        exchange.disconnected = True
+        task.cancel()
 
 
 async def _read_body(exchange: ClientExchange, limit: int) -> bytes:

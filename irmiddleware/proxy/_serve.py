@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -209,7 +210,20 @@ def traffic_server(app: Any, config: RouterConfig, log_level: str) -> Any:
         access_log=False,  # the router's own (`--access-log`) knows the backend and the outcome
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
-    return ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
+    server = ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
+    _freeze_heap()
+    return server
+
+
+def _freeze_heap() -> None:
+    """Moves every object alive now (modules, configuration, the router) out of the garbage
+    collector's reach, once the server's process has built them. The collector's full passes
+    otherwise walk those tens of thousands of objects every few thousand requests, a spike of tens of
+    milliseconds that averaged ~5-10 us of CPU per proxied request (`bench-proxy --peers`). What
+    was frozen lives as long as the process does anyway; objects made later are collected as
+    usual. `irmiddleware serve` only: the drop-in middleware leaves its host's collector alone."""
+    gc.collect()
+    gc.freeze()
 
 
 def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:

@@ -153,7 +153,8 @@ class Upstream:
         """Sends one request; the answer's body is not read yet (iterate over it, then `aclose`).
         `headers` are the ones to forward, without Host and Content-Length (`request_headers`)."""
         if self._lean is not None and url.scheme == "http":
-            return await self._lean.open(method, url, _framed(method, url, headers, body), body, self._timeouts)
+            framed = _framed(method, url, headers, body)
+            return await self._lean.open(method, url, framed, body, self._timeouts)
         return _HttpxAnswer(await self._send_httpx(method, url, headers, body))
 
     async def send(
