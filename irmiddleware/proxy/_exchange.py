@@ -56,6 +56,7 @@ _SANE_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 # counter (cheap, and ordered in the logs).
 _ID_PREFIX: Final = os.urandom(6).hex().encode() + b"-"
 _ID_NUMBERS: Final = itertools.count(1)
+_NO_ROUTE: Final = RouteInfo("", "")  # a request's route until it is read (immutable: shared)
 
 
 class Reject(Exception):
@@ -117,7 +118,7 @@ class ClientExchange:
         """The `X-Request-ID` sent to the backend and returned to the client (`id` is the
         router's own sequence number, which plugins' request events carry)."""
         self.body = b""
-        self.route = RouteInfo("", "")
+        self.route = _NO_ROUTE
         self.started = False  # response headers sent to the client: no retry from now on
         self.disconnected = False
         self.done = False  # the last message is being sent: a disconnect now is the normal end

@@ -346,10 +346,10 @@ class RoutingMiddleware:
             exchange.outcome = "client_disconnected"
         finally:
             exchange.done = True
-            if watcher is not None:
-                watcher.cancel()
-            else:
+            if watch is not None:
                 watch(None)
+            elif watcher is not None:
+                watcher.cancel()
 
     async def _route(self, exchange: ClientExchange) -> None:
         # Every attempt goes through admission: the first may wait for capacity (or raise Shed);
