@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, Final, Protocol
 
 import httpx
@@ -147,14 +147,19 @@ class Upstream:
         # The client's timeouts, as `AsyncClient.build_request` would give them to the transport.
         self._timeouts: Final = self.client.timeout.as_dict()
 
-    async def open(
+    def open(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Awaitable[Answer]:
+        """Sends one request (await it); the answer's body is not read yet (iterate over it, then
+        `aclose`). `headers` are the ones to forward, without Host and Content-Length
+        (`request_headers`)."""
+        if self._lean is not None and url.scheme == "http":
+            return self._lean.open(method, url, headers, body, self._timeouts)  # adds the two
+        return self._open_httpx(method, url, headers, body)
+
+    async def _open_httpx(
         self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> Answer:
-        """Sends one request; the answer's body is not read yet (iterate over it, then `aclose`).
-        `headers` are the ones to forward, without Host and Content-Length (`request_headers`)."""
-        if self._lean is not None and url.scheme == "http":
-            framed = _framed(method, url, headers, body)
-            return await self._lean.open(method, url, framed, body, self._timeouts)
         return _HttpxAnswer(await self._send_httpx(method, url, headers, body))
 
     async def send(
