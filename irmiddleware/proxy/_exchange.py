@@ -42,10 +42,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
 DISCONNECT_EXTENSION: Final = "irmiddleware.on_disconnect"
 """A scope extension of `irmiddleware serve`'s server: `scope["extensions"][DISCONNECT_EXTENSION]`
-is a callable that takes a function to call, once, when the client goes away before its answer is
-complete (None takes it back); called at once if the client is already gone. The middleware uses
-it instead of a task per request waiting in `receive()`; under any other server it keeps that
-task (plain ASGI)."""
+is a callable that takes, from within the request's task, a function to call with that task,
+once, when the client goes away before its answer is complete (None takes it back); called at once
+if the client is already gone. The middleware uses it instead of a task per request waiting in
+`receive()`; under any other server it keeps that task (plain ASGI)."""
 REQUEST_ID_HEADER: Final = b"x-request-id"
 
 # A client's request id is kept when it is 1 to 128 visible ASCII characters: it goes into log

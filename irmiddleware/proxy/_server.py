@@ -181,7 +181,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # `_JoinedWrites`, so a response head and what follows it go out in one write, and its
         # scope carries the disconnect callback's registration (`DISCONNECT_EXTENSION`).
         cycle.transport = _JoinedWrites(self.transport, self.loop)
-        cycle.irm_watch = watch = _DisconnectWatch(cycle)
+        cycle.irm_watch = watch = _DisconnectWatch(cycle, self.loop)
         extensions = cycle.scope.get("extensions")
         if extensions is None:
             cycle.scope["extensions"] = {DISCONNECT_EXTENSION: watch}
@@ -269,30 +269,38 @@ class EdgeProtocol(HttpToolsProtocol):
 
 
 class _DisconnectWatch:
-    """The `DISCONNECT_EXTENSION` of one request's cycle: `watch(callback)` registers the function
-    to call when the client goes away before the answer is complete (at once if it is gone
-    already), `watch(None)` takes it back; `fire` calls it, once."""
+    """The `DISCONNECT_EXTENSION` of one request's cycle: `watch(callback)`, from the request's
+    task, registers the function to call with that task when the client goes away before the
+    answer is complete (at once if it is gone already), `watch(None)` takes it back; `fire` calls
+    it, once."""
 
-    __slots__ = ("callback", "cycle")
+    __slots__ = ("callback", "cycle", "loop", "task")
 
-    def __init__(self, cycle: Any) -> None:
-        self.cycle = cycle
-        self.callback: Callable[[], None] | None = None
+    def __init__(self, cycle: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.cycle, self.loop = cycle, loop
+        self.callback: Callable[[asyncio.Task[Any]], None] | None = None
+        self.task: asyncio.Task[Any] | None = None
 
-    def __call__(self, callback: Callable[[], None] | None) -> None:
-        if callback is not None and self.cycle.disconnected:
-            callback()
+    def __call__(self, callback: Callable[[asyncio.Task[Any]], None] | None) -> None:
+        self.callback = None
+        if callback is None:
             return
-        self.callback = callback
-        if callback is not None:
-            # What a `receive()` waiting for the disconnect would do: read on, so that the
-            # client's close is seen.
-            self.cycle.flow.resume_reading()
+        # The caller's task: the one running on this connection's loop now (given the loop,
+        # asyncio need not look it up, which costs a system call).
+        task = asyncio.current_task(self.loop)
+        assert task is not None, "register from within the request's task"
+        if self.cycle.disconnected:
+            callback(task)
+            return
+        self.callback, self.task = callback, task
+        # What a `receive()` waiting for the disconnect would do: read on, so that the client's
+        # close is seen.
+        self.cycle.flow.resume_reading()
 
     def fire(self) -> None:
         callback, self.callback = self.callback, None
-        if callback is not None:
-            callback()
+        if callback is not None and self.task is not None:
+            callback(self.task)
 
 
 class _JoinedWrites:
