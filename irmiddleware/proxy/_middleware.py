@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Any
+from typing import Any, Final
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
@@ -47,6 +47,8 @@ __all__ = ["RoutingMiddleware", "create_app"]
 
 log = logging.getLogger("irmiddleware.proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
+
+_PLAIN_ROUTES_MAX: Final = 1024  # (path, model) pairs whose RouteInfo is kept for reuse
 
 
 class RoutingMiddleware:
@@ -100,6 +102,7 @@ class RoutingMiddleware:
         self._admin_app: ASGIApp | None = None
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._plain_routes: dict[tuple[str, str], RouteInfo] = {}  # `_read_request`'s shared routes
         self._session_header = config.affinity.session_header.lower().encode("latin-1")
         self.probes = Probes(
             config.probes, self.fleet, lambda path: self._routes.find("GET", path) is not None
@@ -317,9 +320,18 @@ class RoutingMiddleware:
             header = _header(exchange.scope, self._session_header)
             session_key = header or session_key
         cost = self.fleet.cost.of(prompt, exchange.body) if self.fleet.cost.tokens else 1
-        exchange.route = RouteInfo(
-            exchange.scope["path"], model, cost=cost, session_key=session_key, prompt=prompt
-        )
+        path = exchange.scope["path"]
+        if session_key is None and prompt is None and cost == 1:
+            # The usual route carries only its path and model: one immutable RouteInfo per pair
+            # is shared (building one costs ~2 us), in a bounded cache.
+            route = self._plain_routes.get((path, model))
+            if route is None:
+                if len(self._plain_routes) >= _PLAIN_ROUTES_MAX:
+                    self._plain_routes.clear()
+                route = self._plain_routes[(path, model)] = RouteInfo(path, model)
+            exchange.route = route
+            return
+        exchange.route = RouteInfo(path, model, cost=cost, session_key=session_key, prompt=prompt)
 
     async def _route_watching_disconnect(self, exchange: ClientExchange) -> None:
         # The request body is read, so the next `receive()` returns only when the client goes
