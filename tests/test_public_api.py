@@ -42,6 +42,7 @@ def test_adapter_and_transport_packages_are_pinned() -> None:
         "LeanTransport",
         "PoolStats",
         "ResetAfterWrite",
+        "StreamedResponse",
     ]
     for module in (irmiddleware.adapters, irmiddleware.http11):
         for name in module.__all__:

@@ -4,7 +4,9 @@ The proxy talks plain HTTP/1.1 to a handful of configured backends, so the gener
 httpcore (HTTP/2, proxies, anyio, h11's state machine, a cancel scope around every socket call)
 is most of its cost: measured here, httpcore spends ~400 us of CPU per proxied request where this
 transport spends a few tens. It keeps `httpx.AsyncClient` as the API: the client still builds
-requests and responses; only the bytes on the wire are handled here.
+requests and responses; only the bytes on the wire are handled here. A caller that wants neither
+(the proxy's data plane) calls `LeanTransport.open` and gets a `StreamedResponse`: status, raw
+headers and the streamed body, without an `httpx.Request` or `httpx.Response` built around them.
 
 What it does: a keep-alive pool per origin (`scheme, host, port`) with a global connection limit,
 a keep-alive limit and an expiry below the backends' idle timeout (`KEEPALIVE_EXPIRY_S`); request
@@ -34,6 +36,6 @@ router: the proxy mounts it under its `httpx.AsyncClient` (`irmiddleware.proxy._
 
 from irmiddleware.http11._pool import PoolStats
 from irmiddleware.http11._transport import KEEPALIVE_EXPIRY_S, LeanTransport
-from irmiddleware.http11._wire import ResetAfterWrite
+from irmiddleware.http11._wire import ResetAfterWrite, StreamedResponse
 
-__all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport", "PoolStats", "ResetAfterWrite"]
+__all__ = ["KEEPALIVE_EXPIRY_S", "LeanTransport", "PoolStats", "ResetAfterWrite", "StreamedResponse"]

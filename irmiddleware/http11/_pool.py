@@ -118,6 +118,11 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's write buffer is over its high-water mark: `drain` before writing on."""
+        return self._drain is not None and not self.closed
+
     async def drain(self, timeout: float | None) -> None:
         drain = self._drain
         if drain is None or self.closed:
@@ -201,7 +206,7 @@ class Pool:
     async def acquire(self, origin: Origin, timeouts: Mapping[str, float | None]) -> Connection:
         """An idle, live connection to `origin`, else a new one once the limit allows."""
         while True:
-            connection = self._idle_connection(origin)
+            connection = self.idle_connection(origin)
             if connection is not None:
                 return connection
             if self.max_connections is None or self.total < self.max_connections:
@@ -209,7 +214,8 @@ class Pool:
             if not self._evict_other_idle():
                 await self._wait_for_slot(timeouts.get("pool"))
 
-    def _idle_connection(self, origin: Origin) -> Connection | None:
+    def idle_connection(self, origin: Origin) -> Connection | None:
+        """An idle connection to `origin` checked alive, or None (then `acquire`)."""
         idle = self.idle.get(origin)
         now = time.monotonic()
         while idle:

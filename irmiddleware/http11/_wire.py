@@ -23,9 +23,9 @@ from irmiddleware.http11._pool import Connection, Pool
 __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
-    "Body",
     "ParsedResponse",
     "ResetAfterWrite",
+    "StreamedResponse",
     "read_head",
     "request_head",
 ]
@@ -260,11 +260,15 @@ async def read_head(connection: Connection, response: ParsedResponse, timeout: f
             return payload
 
 
-class Body(httpx.AsyncByteStream):
-    """The response body, streamed as it arrives. The connection goes back to the pool the
-    moment the body's last byte is read from it; `aclose` before that closes the connection."""
+class StreamedResponse(httpx.AsyncByteStream):
+    """A response: its final `status`, `reason` and raw `headers` (names as the backend sent them),
+    and its body streamed as it arrives (iterate over it). The connection goes back to the pool
+    the moment the body's last byte is read from it; `aclose` before that closes the connection.
 
-    __slots__ = ("connection", "pending", "pool", "response", "timeout")
+    It is also the `stream` of the `httpx.Response` that `LeanTransport` hands to httpx; a caller
+    that needs no `httpx.Response` (the proxy's relay) uses it as it is (`LeanTransport.open`)."""
+
+    __slots__ = ("connection", "headers", "pending", "pool", "reason", "response", "status", "timeout")
 
     def __init__(
         self,
@@ -275,6 +279,7 @@ class Body(httpx.AsyncByteStream):
         timeout: float | None,
     ) -> None:
         self.pool, self.response, self.timeout = pool, response, timeout
+        self.status, self.reason, self.headers = response.status, response.reason, response.headers
         self.connection: Connection | None = connection
         self.pending = payload
         if response.complete:

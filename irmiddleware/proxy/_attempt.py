@@ -44,6 +44,7 @@ from irmiddleware.proxy._fleet import Backend, Fleet
 from irmiddleware.proxy._metrics import RouterMetrics
 from irmiddleware.proxy._outcomes import AttemptOutcome, Outcome
 from irmiddleware.proxy._upstream import (
+    Answer,
     Upstream,
     parsed_url,
     request_headers,
@@ -245,17 +246,15 @@ class Attempt:
         headers = request_headers(scope["headers"])
         self.sent_s = time.perf_counter()
         try:
-            response = await self.context.upstream.send(
+            response = await self.context.upstream.open(
                 scope["method"], parsed_url(url), headers, exchange.body
             )
         except httpx.HTTPError as error:
             return await self._failed_before_answer(error)
         try:
-            if response.status_code in adapter.overload_statuses and self._retry_overloaded(
-                response.status_code
-            ):
+            if response.status in adapter.overload_statuses and self._retry_overloaded(response.status):
                 return True
-            chunks = response.aiter_raw()
+            chunks = aiter(response)
             held = b""
             if adapter.overload_in_stream and _is_event_stream(response):
                 try:
@@ -313,16 +312,16 @@ class Attempt:
         log.info("backend %s overloaded (%d); trying another", self.backend.url, status)
         return True
 
-    async def _relay(self, response: httpx.Response, chunks: AsyncIterator[bytes], held: bytes) -> None:
+    async def _relay(self, response: Answer, chunks: AsyncIterator[bytes], held: bytes) -> None:
         exchange = self.exchange
-        self.status = response.status_code
+        self.status = response.status
         now = time.perf_counter()
         metrics = self.context.metrics.of(self.backend.url)
         metrics.ttfb.observe(now - self.sent_s)
         metrics.first_byte.observe(now - exchange.started_s)
         self.context.notify("first_byte", self, self.status)
         send = exchange.send
-        headers = response_headers(response.headers.raw)
+        headers = response_headers(response.headers)
         # A body of known length ends with the chunk that completes it: that chunk is the last
         # message (one send, and the server writes the head and the whole body at once).
         remaining = _content_length(headers)
@@ -388,10 +387,13 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-def _is_event_stream(response: httpx.Response) -> bool:
-    return response.status_code == 200 and response.headers.get("content-type", "").startswith(
-        "text/event-stream"
-    )
+def _is_event_stream(response: Answer) -> bool:
+    if response.status != 200:
+        return False
+    for name, value in response.headers:
+        if len(name) == 12 and name.lower() == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False
 
 
 async def _first_event(chunks: AsyncIterator[bytes]) -> bytes:

@@ -18,6 +18,7 @@ from irmiddleware.hooks import BackendAdapter, RouteInfo
 from irmiddleware.proxy._outcomes import Outcome
 
 __all__ = [
+    "DISCONNECT_EXTENSION",
     "JSON_HEADERS",
     "REQUEST_ID_HEADER",
     "ASGIApp",
@@ -39,6 +40,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
+DISCONNECT_EXTENSION: Final = "irmiddleware.on_disconnect"
+"""A scope extension of `irmiddleware serve`'s server: `scope["extensions"][DISCONNECT_EXTENSION]`
+is a callable that takes, from within the request's task, a function to call with that task,
+once, when the client goes away before its answer is complete (None takes it back); called at once
+if the client is already gone. The middleware uses it instead of a task per request waiting in
+`receive()`; under any other server it keeps that task (plain ASGI)."""
 REQUEST_ID_HEADER: Final = b"x-request-id"
 
 # A client's request id is kept when it is 1 to 128 visible ASCII characters: it goes into log
@@ -49,6 +56,7 @@ _SANE_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 # counter (cheap, and ordered in the logs).
 _ID_PREFIX: Final = os.urandom(6).hex().encode() + b"-"
 _ID_NUMBERS: Final = itertools.count(1)
+_NO_ROUTE: Final = RouteInfo("", "")  # a request's route until it is read (immutable: shared)
 
 
 class Reject(Exception):
@@ -110,7 +118,7 @@ class ClientExchange:
         """The `X-Request-ID` sent to the backend and returned to the client (`id` is the
         router's own sequence number, which plugins' request events carry)."""
         self.body = b""
-        self.route = RouteInfo("", "")
+        self.route = _NO_ROUTE
         self.started = False  # response headers sent to the client: no retry from now on
         self.disconnected = False
         self.done = False  # the last message is being sent: a disconnect now is the normal end

@@ -8,6 +8,13 @@ Every label value comes from the configuration or from the router itself (backen
 the fleet serves, the fixed outcomes and status classes), never from what a client sends: a
 request naming an unknown model counts under `model="none"`, so clients cannot grow the page.
 
+The per-request histogram observations (three per request) are held in plain Python, bucket
+counts under one lock instead of prometheus-client's two locks and its Python loop over the
+bounds, and handed to the metric objects in bulk whenever the registry is collected (`_Held`):
+every export sees every request observed before it. With several processes
+(`enable_multiprocess`) each observation goes to the shared files at once, since another process
+exports them.
+
 The export (`exposition`) leaves out prometheus-client's `_created` series (one extra series per
 counter and histogram child, holding a creation timestamp nobody graphs). The library's switch for
 that is process-wide (`disable_created_metrics`) and would change the metrics of an app the router
@@ -16,8 +23,10 @@ is dropped into; filtering the router's own registry at export time changes noth
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -163,6 +172,75 @@ def status_class(status: int | None) -> str:
     return "none" if status is None else _STATUS_CLASSES.get(status // 100, "none")
 
 
+class _HeldHistogram:
+    """One histogram child's observations since the last collection: counts per bucket and their
+    sum, handed to the child in bulk by `_Held.flush` (same buckets, same `le` semantics: a
+    value goes to the first bucket whose bound it does not exceed)."""
+
+    __slots__ = ("backend", "bounds", "child", "counts", "lock", "observed", "total")
+
+    def __init__(self, child: Any, backend: str, lock: threading.Lock) -> None:
+        self.child, self.backend, self.lock = child, backend, lock
+        self.bounds: list[float] = child._upper_bounds
+        self.counts = [0] * len(self.bounds)
+        self.observed = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        with self.lock:
+            self.counts[bisect.bisect_left(self.bounds, value)] += 1
+            self.observed += 1
+            self.total += value
+
+    def flush(self) -> None:
+        """Into the child (the caller holds the lock)."""
+        if not self.observed:
+            return
+        for index, count in enumerate(self.counts):
+            if count:
+                self.child._buckets[index].inc(count)
+                self.counts[index] = 0
+        self.child._sum.inc(self.total)
+        self.observed, self.total = 0, 0.0
+
+
+class _Held(Collector):
+    """The per-request histogram observations held between collections (module docstring). Registered first in
+    the router's registry, so collecting it (an export, or any other reader) flushes them into the
+    metric objects before those are read; it yields no metric of its own."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.histograms: list[_HeldHistogram] = []
+
+    def histogram(self, child: Any, backend: str) -> _HeldHistogram:
+        held = _HeldHistogram(child, backend, self.lock)
+        with self.lock:
+            self.histograms.append(held)
+        return held
+
+    def flush(self, forget: str | None = None) -> None:
+        """Hands everything held to the metric objects; `forget` drops that backend's histograms."""
+        with self.lock:
+            for held in self.histograms:
+                held.flush()
+            if forget is not None:
+                self.histograms = [held for held in self.histograms if held.backend != forget]
+
+    def collect(self) -> Iterator[Metric]:
+        self.flush()
+        return iter(())
+
+
+def _holds(histogram: Histogram) -> bool:
+    """Whether this prometheus-client keeps a histogram child's buckets where `_HeldHistogram`
+    hands them over (it has for years; otherwise every update goes straight to the child)."""
+    child = histogram.labels("probe")
+    held = all(hasattr(child, name) for name in ("_upper_bounds", "_buckets", "_sum"))
+    histogram.remove("probe")
+    return held
+
+
 class BackendMetrics(NamedTuple):
     """One backend's histogram children (`RouterMetrics.of`)."""
 
@@ -175,8 +253,9 @@ class BackendMetrics(NamedTuple):
 class RouterMetrics:
     """The metric objects the middleware updates, and the registry `/metrics` exports.
 
-    The per-request updates go through `of` and `count`, which keep the labelled children in
-    plain dicts: prometheus-client's `labels()` takes a lock and checks the labels on every call,
+    The per-request updates go through `of` (whose histograms hold their observations until the
+    next collection, module docstring) and `count`, which keep the labelled children in plain
+    dicts: prometheus-client's `labels()` takes a lock and checks the labels on every call,
     a few microseconds each, four times per request. Both caches are bounded: the label values
     are configured backend URLs (plus "none"), served models (plus "none"), the fixed `Outcome`
     values and the status classes.
@@ -184,6 +263,11 @@ class RouterMetrics:
 
     def __init__(self, stats: Callable[[], Sequence[tuple[str, AcceleratorStats]]]) -> None:
         self.registry = CollectorRegistry()
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        # First in the registry: every collection flushes the held updates before reading.
+        self._held: _Held | None = None if directory else _Held()
+        if self._held is not None:
+            self.registry.register(self._held)
         self.requests = Counter(
             "irm_requests",
             "Requests handled by the router, by the backend that served them, the model they asked "
@@ -247,7 +331,9 @@ class RouterMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        directory = os.environ.get(MULTIPROCESS_ENV)
+        if self._held is not None and not _holds(self.latency):
+            self.registry.unregister(self._held)
+            self._held = None
         own: Collector = self.registry if not directory else _WithWorkers(self.registry, directory)
         self._export = _WithoutCreated(own)
         self._of: dict[str, BackendMetrics] = {}
@@ -261,12 +347,15 @@ class RouterMetrics:
         """The latency and time-to-first-byte histograms of one backend."""
         found = self._of.get(backend_url)
         if found is None:
-            found = BackendMetrics(
+            children: tuple[Any, ...] = (
                 self.latency.labels(backend_url),
                 self.ttfb.labels(backend_url),
                 self.first_byte.labels(backend_url),
             )
-            self._of[backend_url] = found
+            held = self._held
+            if held is not None:
+                children = tuple(held.histogram(child, backend_url) for child in children)
+            found = self._of[backend_url] = BackendMetrics(*children)
         return found
 
     def retried(self, backend_url: str, reason: AttemptOutcome) -> None:
@@ -276,6 +365,8 @@ class RouterMetrics:
     def forget(self, backend_url: str) -> None:
         """Drops the series of a backend that left the fleet (and the cached children that would
         bring them back)."""
+        if self._held is not None:
+            self._held.flush(forget=backend_url)
         self._of.pop(backend_url, None)
         self._counted = {key: child for key, child in self._counted.items() if key[0] != backend_url}
         for metric, labels in (

@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from irmiddleware import _plugins
 from irmiddleware.hooks import AdapterError, BackendAdapter, Endpoint, RouteInfo
@@ -23,6 +23,7 @@ from irmiddleware.proxy._admin import AdminApp
 from irmiddleware.proxy._admission import Admission, Shed
 from irmiddleware.proxy._attempt import Attempt, AttemptContext, Releases, RequestObservers
 from irmiddleware.proxy._exchange import (
+    DISCONNECT_EXTENSION,
     ASGIApp,
     ClientExchange,
     Message,
@@ -46,6 +47,8 @@ __all__ = ["Followers", "RoutingMiddleware", "create_app"]
 
 log = logging.getLogger("irmiddleware.proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
+
+_PLAIN_ROUTES_MAX: Final = 1024  # (path, model) pairs whose RouteInfo is kept for reuse
 
 
 class Followers(Protocol):
@@ -107,6 +110,7 @@ class RoutingMiddleware:
         self._admin_app: ASGIApp | None = None
         self._start_lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._plain_routes: dict[tuple[str, str], RouteInfo] = {}  # `_read_request`'s shared routes
         self._session_header = config.affinity.session_header.lower().encode("latin-1")
         self.probes = Probes(
             config.probes, self.fleet, lambda path: self._routes.find("GET", path) is not None
@@ -356,28 +360,52 @@ class RoutingMiddleware:
             header = _header(exchange.scope, self._session_header)
             session_key = header or session_key
         cost = self.fleet.cost.of(prompt, exchange.body) if self.fleet.cost.tokens else 1
-        exchange.route = RouteInfo(
-            exchange.scope["path"], model, cost=cost, session_key=session_key, prompt=prompt
-        )
+        path = exchange.scope["path"]
+        if session_key is None and prompt is None and cost == 1:
+            # The usual route carries only its path and model: one immutable RouteInfo per pair
+            # is shared (building one costs ~2 us), in a bounded cache.
+            route = self._plain_routes.get((path, model))
+            if route is None:
+                if len(self._plain_routes) >= _PLAIN_ROUTES_MAX:
+                    self._plain_routes.clear()
+                route = self._plain_routes[(path, model)] = RouteInfo(path, model)
+            exchange.route = route
+            return
+        exchange.route = RouteInfo(path, model, cost=cost, session_key=session_key, prompt=prompt)
 
     async def _route_watching_disconnect(self, exchange: ClientExchange) -> None:
         # The request body is read, so the next `receive()` returns only when the client goes
         # away (or after the response is complete). A watcher cancels the relay at once, which
         # closes the upstream connection and lets the backend stop generating.
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(_watch_disconnect(exchange, task))
+        # Under `irmiddleware serve` the server calls us back instead (`DISCONNECT_EXTENSION`):
+        # the same cancellation without a task per request.
+        extensions = exchange.scope.get("extensions")
+        watch = extensions.get(DISCONNECT_EXTENSION) if extensions else None
+        watcher = None
+        if watch is not None:
+            # The server hands over the request's task, which it knows without asking asyncio
+            # (whose `current_task()` costs a getpid() system call per call on Python 3.11).
+            watch(lambda task: _disconnected(exchange, task))
+        else:
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = asyncio.create_task(_watch_disconnect(exchange, task))
         try:
             await self._route(exchange)
         except asyncio.CancelledError:
             if not exchange.disconnected:
                 exchange.outcome = "cancelled"
                 raise
+            task = asyncio.current_task()
+            assert task is not None
             task.uncancel()
             exchange.outcome = "client_disconnected"
         finally:
             exchange.done = True
-            watcher.cancel()
+            if watch is not None:
+                watch(None)
+            elif watcher is not None:
+                watcher.cancel()
 
     async def _route(self, exchange: ClientExchange) -> None:
         # Every attempt goes through admission: the first may wait for capacity (or raise Shed);
@@ -448,10 +476,15 @@ async def _watch_disconnect(exchange: ClientExchange, task: asyncio.Task[Any]) -
     while not exchange.done:
         message = await exchange.receive()
         if message["type"] == "http.disconnect":
-            if not exchange.done:
-                exchange.disconnected = True
-                task.cancel()
+            _disconnected(exchange, task)
             return
+
+
+def _disconnected(exchange: ClientExchange, task: asyncio.Task[Any]) -> None:
+    """The client went away: the request's task is cancelled, unless its answer is complete."""
+    if not exchange.done:
+        exchange.disconnected = True
+        task.cancel()
 
 
 async def _read_body(exchange: ClientExchange, limit: int) -> bytes:

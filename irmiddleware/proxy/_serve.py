@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from irmiddleware._router import STRATEGIES
 from irmiddleware.proxy._logs import configure_logging
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("irmiddleware.proxy")
+
+_YOUNG_THRESHOLD: Final = 7000
+"""Net allocations between two young-generation collections in `serve` (Python's default: 700)."""
 
 # Descriptors beyond the client and upstream connections: the listening socket, health checks,
 # signal scrapers, logs, the interpreter's own files.
@@ -209,7 +213,26 @@ def traffic_server(app: Any, config: RouterConfig, log_level: str) -> Any:
         access_log=False,  # the router's own (`--access-log`) knows the backend and the outcome
         timeout_graceful_shutdown=config.shutdown_grace_s,
     )
-    return ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
+    server = ReadinessFirstServer(server_config, app.begin_shutdown, config.probes.shutdown_delay_s)
+    _tune_collector()
+    return server
+
+
+def _tune_collector() -> None:
+    """Python's garbage collector, for a process that serves requests and holds few cycles
+    (`irmiddleware serve` only: the drop-in middleware leaves its host's collector alone).
+
+    Every object alive now (modules, configuration, the router) is frozen out of the collector's
+    reach: its full passes otherwise walk those tens of thousands of objects every few thousand
+    requests. And a young-generation pass runs every `_YOUNG_THRESHOLD` net allocations instead of
+    700: the requests in flight are most of the young objects, and at the default every pass
+    walked them, promoted them, and walked them again in the older generations, for nothing (a
+    proxied request leaves no cycle behind). Measured under `bench-proxy --peers` load: the
+    collector's CPU went from ~15 to ~4 us per request; a young pass takes a few milliseconds
+    instead of a tenth of one, a few times a second at most."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _run_servers(server: Any, app: Any, args: argparse.Namespace) -> int:

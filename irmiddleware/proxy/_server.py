@@ -28,11 +28,13 @@ import http
 import json
 import logging
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, Literal
 
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from irmiddleware.proxy._exchange import DISCONNECT_EXTENSION
 from irmiddleware.proxy.config import LimitsConfig, RouterConfig, TimeoutsConfig
 
 __all__ = ["EDGE_REFUSALS", "EdgeProtocol", "EdgeRefusal", "edge_protocol"]
@@ -122,6 +124,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
         super().connection_lost(exc)
+        self._disconnected()
 
     def data_received(self, data: bytes) -> None:
         if self._ended:
@@ -175,9 +178,25 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # Every request's cycle (pipelined ones too) starts here: its writes go through a
-        # `_JoinedWrites`, so a response head and what follows it go out in one write.
+        # `_JoinedWrites`, so a response head and what follows it go out in one write, and its
+        # scope carries the disconnect callback's registration (`DISCONNECT_EXTENSION`).
         cycle.transport = _JoinedWrites(self.transport, self.loop)
+        cycle.irm_watch = watch = _DisconnectWatch(cycle, self.loop)
+        extensions = cycle.scope.get("extensions")
+        if extensions is None:
+            cycle.scope["extensions"] = {DISCONNECT_EXTENSION: watch}
+        else:
+            extensions[DISCONNECT_EXTENSION] = watch
         super()._start_asgi_task(cycle, app)
+
+    def _disconnected(self) -> None:
+        # uvicorn marked the current request's cycle disconnected (or `_end` did): its app hears
+        # of it now, through the callback it registered, as well as from `receive()`.
+        cycle = self.cycle
+        if cycle is not None and cycle.disconnected:
+            watch = getattr(cycle, "irm_watch", None)
+            if watch is not None:
+                watch.fire()
 
     def on_message_complete(self) -> None:
         if self._ended:
@@ -238,6 +257,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's later sends are dropped
             cycle.message_event.set()  # and a `receive()` it waits in returns http.disconnect
+            self._disconnected()
         if cycle is not None and cycle.response_started:
             # An answer has begun (or ended, e.g. a 413 before the body): nothing more may be sent.
             self.transport.close()
@@ -246,6 +266,41 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+class _DisconnectWatch:
+    """The `DISCONNECT_EXTENSION` of one request's cycle: `watch(callback)`, from the request's
+    task, registers the function to call with that task when the client goes away before the
+    answer is complete (at once if it is gone already), `watch(None)` takes it back; `fire` calls
+    it, once."""
+
+    __slots__ = ("callback", "cycle", "loop", "task")
+
+    def __init__(self, cycle: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.cycle, self.loop = cycle, loop
+        self.callback: Callable[[asyncio.Task[Any]], None] | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def __call__(self, callback: Callable[[asyncio.Task[Any]], None] | None) -> None:
+        self.callback = None
+        if callback is None:
+            return
+        # The caller's task: the one running on this connection's loop now (given the loop,
+        # asyncio need not look it up, which costs a system call).
+        task = asyncio.current_task(self.loop)
+        assert task is not None, "register from within the request's task"
+        if self.cycle.disconnected:
+            callback(task)
+            return
+        self.callback, self.task = callback, task
+        # What a `receive()` waiting for the disconnect would do: read on, so that the client's
+        # close is seen.
+        self.cycle.flow.resume_reading()
+
+    def fire(self) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None and self.task is not None:
+            callback(self.task)
 
 
 class _JoinedWrites:

@@ -4,23 +4,26 @@ The client is created once (lifespan startup) and closed at shutdown; every requ
 connection pool. Timeouts and pool limits are explicit because httpx's 5 s default would cut LLM
 generations and streams short.
 
-`Upstream.send` is the data plane's one call. For `http://` backends under the lean transport it
-hands an `httpx.Request` straight to the client's mounted `LeanTransport`
-(`AsyncBaseTransport.handle_async_request`, httpx's public transport API) instead of going
-through `AsyncClient.send`: the client's auth, redirect and cookie layers do nothing for a proxy
-that follows no redirects and keeps no cookies, and together with `build_request`'s header merging
-they cost ~140 us of CPU per request (`irmiddleware bench-proxy`: ~500 -> ~360 us). What the
-client would have added that matters is added here: its timeouts (the `timeout` extension), Host
-and Content-Length.
-Everything else (https backends, `--transport httpx`, discovery) goes through `AsyncClient.send`.
+`Upstream.open` is the data plane's one call. For `http://` backends under the lean transport it
+hands the request's bytes straight to the client's mounted `LeanTransport` (`LeanTransport.open`)
+instead of going through `AsyncClient.send`: the client's auth, redirect and cookie layers do
+nothing for a proxy that follows no redirects and keeps no cookies, and together with
+`build_request`'s header merging they cost ~140 us of CPU per request (`irmiddleware
+bench-proxy`: ~500 -> ~360 us); the `httpx.Request` and `httpx.Response` built around each
+exchange cost tens more. What the client would have added that matters is added here: its
+timeouts, Host and Content-Length. The answer is an `Answer`: status, raw headers, the body's
+bytes as they arrive.
+Everything else (https backends, `--transport httpx`, discovery) goes through `AsyncClient.send`,
+its `httpx.Response` seen through the same `Answer` shape. `Upstream.send` is the same request
+with an `httpx.Response` for an answer.
 """
 
 from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import Iterable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any, Final, Protocol
 
 import httpx
 
@@ -30,6 +33,7 @@ from irmiddleware.proxy.config import RouterConfig
 
 __all__ = [
     "HOP_BY_HOP",
+    "Answer",
     "Upstream",
     "create_client",
     "parsed_url",
@@ -99,6 +103,36 @@ def _limits(config: RouterConfig) -> httpx.Limits:
     )
 
 
+class Answer(Protocol):
+    """A backend's answer as the relay reads it (`Upstream.open`): the final status, the raw
+    headers (names as the backend sent them), and the body's bytes as they arrive (iterate once,
+    then `aclose`, which closes a connection whose body was not read to its end)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxAnswer:
+    """An `httpx.Response` (httpx's own transport: https, `--transport httpx`) as an `Answer`."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers: list[tuple[bytes, bytes]] = response.headers.raw
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
 class Upstream:
     """The shared client and the proxy's send path (see the module docstring). `aclose` closes
     the client, which closes the mounted transport and its connections."""
@@ -115,18 +149,33 @@ class Upstream:
         # The client's timeouts, as `AsyncClient.build_request` would give them to the transport.
         self._timeouts: Final = self.client.timeout.as_dict()
 
+    def open(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Awaitable[Answer]:
+        """Sends one request (await it); the answer's body is not read yet (iterate over it, then
+        `aclose`). `headers` are the ones to forward, without Host and Content-Length
+        (`request_headers`)."""
+        if self._lean is not None and url.scheme == "http":
+            return self._lean.open(method, url, headers, body, self._timeouts)  # adds the two
+        return self._open_httpx(method, url, headers, body)
+
+    async def _open_httpx(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Answer:
+        return _HttpxAnswer(await self._send_httpx(method, url, headers, body))
+
     async def send(
         self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> httpx.Response:
-        """Sends one request; the response's body is not read yet (stream it, then `aclose`).
-        `headers` are the ones to forward, without Host and Content-Length (`request_headers`)."""
+        """`open`, with an `httpx.Response` for the answer (stream it, then `aclose`)."""
         if self._lean is not None and url.scheme == "http":
-            # Straight to the transport, without an httpx.Request: the two headers httpx would
-            # have added are added here.
-            headers = [*headers, (b"host", url.netloc)]
-            if body or method in _BODY_METHODS:
-                headers.append((b"content-length", b"%d" % len(body)))
-            return await self._lean.send_bytes(method, url, headers, body, self._timeouts)
+            framed = _framed(method, url, headers, body)
+            return await self._lean.send_bytes(method, url, framed, body, self._timeouts)
+        return await self._send_httpx(method, url, headers, body)
+
+    async def _send_httpx(
+        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> httpx.Response:
         client = self.client
         return await client.send(
             client.build_request(method, url, headers=headers, content=body), stream=True
@@ -134,6 +183,17 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _framed(
+    method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
+) -> list[tuple[bytes, bytes]]:
+    """`headers` plus the two that httpx would have added for the lean path, which builds no
+    `httpx.Request`: Host, and Content-Length for a body (or a method that carries one)."""
+    headers = [*headers, (b"host", url.netloc)]
+    if body or method in _BODY_METHODS:
+        headers.append((b"content-length", b"%d" % len(body)))
+    return headers
 
 
 @functools.lru_cache(maxsize=1024)

@@ -51,10 +51,12 @@ def test_upstream_uses_the_configured_transport(transport: str) -> None:
     run_bounded(scenario())
 
 
+@pytest.mark.parametrize("call", ["send", "open"])
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_upstream_sends_the_forwarded_headers_host_and_length(transport: str) -> None:
+def test_upstream_sends_the_forwarded_headers_host_and_length(transport: str, call: str) -> None:
     """The lean path skips httpx's request building, so it adds Host and Content-Length itself:
-    the backend must see what httpx's own path sends (minus httpx's default headers)."""
+    the backend must see what httpx's own path sends (minus httpx's default headers), through
+    `send` (an httpx.Response) and through `open` (the relay's `Answer`) alike."""
     requests: list[tuple[bytes, bytes]] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _index: int) -> None:
@@ -80,8 +82,13 @@ def test_upstream_sends_the_forwarded_headers_host_and_length(transport: str) ->
                     [(b"x-api-key", b"k"), (b"host", b"client"), (b"content-length", b"9")]
                 )
                 for method, body in (("POST", b'{"a": 1}'), ("POST", b""), ("GET", b"")):
-                    response = await upstream.send(method, url, forwarded, body)
-                    await response.aread()
+                    if call == "send":
+                        await (await upstream.send(method, url, forwarded, body)).aread()
+                        continue
+                    answer = await upstream.open(method, url, forwarded, body)
+                    assert answer.status == 204
+                    assert [chunk async for chunk in answer] == []
+                    await answer.aclose()
         finally:
             await upstream.aclose()
         port = server.url.rpartition(":")[2].encode()
