@@ -34,7 +34,7 @@ from irmiddleware.bench._harness import (
 )
 from irmiddleware.bench._load import LoadResult, http_request, loadgen_binary, run_load
 
-__all__ = ["BARE_APP", "add_peer_arguments", "check_peer_arguments", "compare_peers"]
+__all__ = ["BARE_APP", "add_peer_arguments", "check_peer_arguments", "compare_peers", "compare_workers"]
 
 # Router -> (module that must be importable, its (strategy, kind) pairs).
 _ROUTERS = {
@@ -176,6 +176,21 @@ def _rounds(args: argparse.Namespace, routers: list[str]) -> dict[str, _Row]:
     return rows
 
 
+_COLUMNS = ("req/s", "CPU µs/req", "stream req/s", "stream CPU µs/req")
+
+
+def _cells(name: str, row: _Row) -> tuple[str, ...]:
+    """A table row: `name`, then the medians of `_COLUMNS` (blank where nothing streamed)."""
+    rate, cpu = _median(row.plain)
+    cells = [name, f"{rate:,.0f}", f"{cpu * 1e6:,.0f}"]
+    if row.streamed:
+        stream_rate, stream_cpu = _median(row.streamed)
+        cells += [f"{stream_rate:,.0f}", f"{stream_cpu * 1e6:,.0f}"]
+    else:
+        cells += ["", ""]
+    return tuple(cells)
+
+
 def _ratio_lines(rows: dict[str, _Row]) -> list[str]:
     """Ours against the better peer (least CPU per request), plain and cache-aware."""
     lines = []
@@ -210,17 +225,32 @@ def compare_peers(args: argparse.Namespace) -> None:
         " own, per response"
     )
     rows = _rounds(args, routers)
-    table = []
-    for name, row in rows.items():
-        rate, cpu = _median(row.plain)
-        cells = [name, f"{rate:,.0f}", f"{cpu * 1e6:,.0f}"]
-        if row.streamed:
-            stream_rate, stream_cpu = _median(row.streamed)
-            cells += [f"{stream_rate:,.0f}", f"{stream_cpu * 1e6:,.0f}"]
-        else:
-            cells += ["", ""]
-        table.append(tuple(cells))
-    header = ("router, strategy", "req/s", "CPU µs/req", "stream req/s", "stream CPU µs/req")
-    print(format_table(header, table))
+    print(format_table(("router, strategy", *_COLUMNS), [_cells(name, row) for name, row in rows.items()]))
     for line in _ratio_lines(rows):
         print(line)
+
+
+def compare_workers(args: argparse.Namespace, counts: list[int]) -> None:
+    """`serve --workers N` for each N in `counts` under the same saturating load as the peers'
+    table: req/s and CPU per response of the supervisor and its workers together, non-streaming
+    and streaming. The load generator and the backends keep their CPUs; the router may use every
+    CPU (on a machine of two, its workers share one with the load: say so beside the figures)."""
+    _, load_cpus = _cpus()
+    everything = set(os.sched_getaffinity(0))
+    print(
+        f"\nWorkers on one table: `serve --workers N` (p2c) on CPUs {sorted(everything)}, {_BACKENDS}"
+        f" canned backends and the load generator ({_CONNECTIONS} keep-alive connections,"
+        f" {args.seconds:g} s a run, saturating) on {sorted(load_cpus)}; medians of {args.rounds}"
+        " rounds; CPU is the supervisor's and its workers' together, per response"
+    )
+    rows: dict[str, _Row] = {}
+    with _backends(load_cpus) as backends:
+        for _round in range(args.rounds):
+            for count in counts:
+                url = local_url()
+                command = [*_router_command("irmiddleware", "p2c", backends, url), "--workers", str(count)]
+                row = rows.setdefault(str(count), _Row())
+                with serving(command, url, everything) as process:
+                    row.plain.append(_measure(url, process.pid, False, args, load_cpus))
+                    row.streamed.append(_measure(url, process.pid, True, args, load_cpus))
+    print(format_table(("workers", *_COLUMNS), [_cells(count, row) for count, row in rows.items()]))

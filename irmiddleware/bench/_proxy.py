@@ -6,8 +6,9 @@ the same requests directly and through the proxy, first one at a time (latency p
 with concurrency (requests/s). The proxy's CPU time per request is read from /proc for the proxy
 process alone. As a floor for that CPU figure, the same client also calls a bare uvicorn app that
 answers a fixed body (what any Python ASGI server costs per request before proxying anything).
-With `--workers 1,2`, `irmiddleware serve --workers N` is measured instead for each N (requests per
-second, and CPU per request of the supervisor and its workers together). With `--peers`, the Rust
+With `--workers 1,2`, `irmiddleware serve --workers N` is measured instead for each N, under the
+`--peers` table's saturating native load (requests per second, and CPU per request of the
+supervisor and its workers together). With `--peers`, the Rust
 routers `sglang-router` and `vllm-router` (when importable: `pip install sglang-router vllm-router`)
 and ours are measured side by side under a saturating load (`_peers`). Prints numbers; asserts
 nothing.
@@ -27,15 +28,18 @@ from irmiddleware._native import OWNERS_MAX
 from irmiddleware.bench._harness import (
     cpu_seconds,
     emulated_vllm,
-    format_table,
     local_url,
     port_of,
-    process_tree,
     quantile,
     serving,
-    tree_cpu_seconds,
 )
-from irmiddleware.bench._peers import BARE_APP, add_peer_arguments, check_peer_arguments, compare_peers
+from irmiddleware.bench._peers import (
+    BARE_APP,
+    add_peer_arguments,
+    check_peer_arguments,
+    compare_peers,
+    compare_workers,
+)
 
 __all__ = ["bench_proxy_main"]
 
@@ -135,42 +139,6 @@ def _worker_counts(text: str) -> list[int]:
     return counts
 
 
-def _compare_workers(args: argparse.Namespace, backend: str, serve: list[str]) -> None:
-    """req/s and CPU per request (all the router's processes) for each worker count."""
-    rows = []
-    for workers in args.workers:
-        proxy = local_url()
-        command = [*serve, "--listen", proxy.removeprefix("http://"), "--workers", str(workers)]
-        with serving(command, proxy) as process:
-            _sequential(proxy, 200, False)  # every worker warms up (each takes connections)
-            rates, cpu = [], []
-            for _round in range(args.repeats):
-                pids = process_tree(process.pid)
-                before = tree_cpu_seconds(pids)
-                rates.append(asyncio.run(_concurrent(proxy, args.requests, args.concurrency, False)))
-                cpu.append((tree_cpu_seconds(pids) - before) / args.requests)
-        rows.append(
-            (str(workers), f"{statistics.median(rates):,.0f}", f"{statistics.median(cpu) * 1e6:,.0f}")
-        )
-    print(
-        f"\nWorkers on one table (non-streaming, concurrency {args.concurrency}; median of {args.repeats}"
-        " rounds; CPU per request is the supervisor's and its workers' together):"
-    )
-    print(format_table(("workers", "req/s", "router CPU µs/req"), rows))
-
-
-def _bench_workers(args: argparse.Namespace, backend: str, serve: list[str]) -> None:
-    _sequential(backend, 200, False)
-    rates = [
-        asyncio.run(_concurrent(backend, args.requests, args.concurrency, False)) for _ in range(args.repeats)
-    ]
-    print(
-        f"{args.requests} requests per round, one emulated vLLM backend, the client and the backend"
-        f" on this host too; direct to the backend: {statistics.median(rates):,.0f} req/s"
-    )
-    _compare_workers(args, backend, serve)
-
-
 def bench_proxy_main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and prints the figures; returns 0."""
     parser = argparse.ArgumentParser(prog="irmiddleware bench-proxy", description=__doc__.splitlines()[0])
@@ -189,7 +157,8 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
         "--workers",
         type=_worker_counts,
         metavar="N,N,...",
-        help="instead of the overhead phases: req/s and CPU per request of `serve --workers N` for each N",
+        help="instead of the overhead phases: req/s and CPU per request of `serve --workers N` for each N"
+        " (the --peers load; --seconds and --rounds apply)",
     )
     add_peer_arguments(parser)
     args = parser.parse_args(argv)
@@ -202,8 +171,7 @@ def bench_proxy_main(argv: list[str] | None = None) -> int:
     # No generation delay: what is left of a request's time is HTTP and the proxy.
     instant = emulated_vllm(backend, max_num_seqs=1024, time_per_output_token_s=0.0)
     if args.workers:
-        with instant:
-            _bench_workers(args, backend, serve)
+        compare_workers(args, args.workers)
         return 0
     serve += ["--listen", proxy.removeprefix("http://")]
     with instant, serving(serve, proxy) as proxy_process:
