@@ -307,6 +307,20 @@ def test_idle_connections_are_closed_after_client_idle_s(tmp_path: Path, backend
         assert _read_to_end(served) == b""
 
 
+@pytest.mark.slow
+def test_the_idle_timeout_counts_from_the_last_answer(tmp_path: Path, backend: RunningServer) -> None:
+    # One timer per connection re-arms itself lazily: requests spread over more than
+    # `client_idle_s` (none of the gaps that long) keep the connection open, and once it is
+    # idle it is closed all the same.
+    idle = _serve(tmp_path, backend, timeouts="client_idle_s = 1.5")
+    with idle as server, server.connect() as sock:
+        for _ in range(8):  # ~2.4 s of requests, each gap well under 1.5 s
+            sock.sendall(_GET)
+            assert _read_answer(sock).startswith(b"HTTP/1.1 200 ")  # the same connection
+            time.sleep(0.3)
+        assert _read_to_end(sock) == b""
+
+
 # ---- connections ---------------------------------------------------------------------------------
 
 

@@ -196,3 +196,18 @@ def test_the_access_log_is_written_whatever_the_log_level(emulators: Emulators) 
     access = [line for line in lines if line["logger"] == "irmiddleware.access"]
     assert [line["request_id"] for line in access] == ["quiet-1"]
     assert not [line for line in lines if line["level"] == "INFO" and line["logger"] != "irmiddleware.access"]
+
+
+@pytest.mark.slow  # a real `irmiddleware serve` process
+def test_a_trusted_proxys_forwarded_client_is_the_access_logs_client(emulators: Emulators) -> None:
+    # uvicorn's X-Forwarded-For handling (127.0.0.1 is trusted by default) runs only for a
+    # request that carries such a header; one without keeps the connection's address.
+    (backend,) = emulators(1)
+    with _serve(backend.url, "--log-format", "json", "--access-log") as (process, url):
+        with httpx.Client(base_url=url) as http:
+            http.post("/v1/completions", json=BODY, headers={"x-forwarded-for": "203.0.113.9"})
+            http.post("/v1/completions", json=BODY)
+            http.post("/v1/completions", json=BODY, headers={"X-Forwarded-For": "198.51.100.7"})
+        lines = [json.loads(line) for line in _stop(process)]
+    access = [line for line in lines if line["logger"] == "irmiddleware.access"]
+    assert [line["client"] for line in access] == ["203.0.113.9", "127.0.0.1", "198.51.100.7"]
