@@ -257,11 +257,6 @@ const ttft_rounds_max: u32 = 4;
 /// The backend holding the longest prefix wins when its expected time is within this much
 /// (thousandths) of the best: a near-tie keeps the cache warm where it is.
 const ttft_near_tie_permille: u32 = 250;
-/// A conversation whose backend holds more of its prompt than the best alternative stays home
-/// while its expected time there is within this much (thousandths of a request on that backend
-/// at weight 1) of the best: a short queue on a fast backend costs less than refilling the conversation elsewhere
-/// (end to end, most moves were between two equally fast backends, back and forth).
-const ttft_stay_milli: u32 = 750;
 
 /// Backends' cached prefix lengths for one prompt, as far as the prefix index knows.
 const SlotMatches = struct {
@@ -353,14 +348,7 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         }
     }
     const margin = 1 + @as(f64, @floatFromInt(ttft_near_tie_permille)) / 1000;
-    if (affine == slot_none) return best;
-    if (affine_score <= best_score * margin) return affine;
-    // Leaving the cache (the best holds less of the prompt): only for a queue worth the refill.
-    // Scores are cost over capacity x weight (thousandths): the stay is in the affine's own scale.
-    const capacity: f64 = @floatFromInt(t.slots[affine].capacity.load(.monotonic));
-    const leaving = best != slot_none and matches.of(best) < affine_matched;
-    const stay: f64 = if (leaving) @as(f64, @floatFromInt(ttft_stay_milli)) / 1000 / (capacity * 1000) else 0;
-    if (affine_score <= best_score * margin + stay) return affine;
+    if (affine != slot_none and affine_score <= best_score * margin) return affine;
     return best;
 }
 
