@@ -84,6 +84,9 @@ async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, ru
                 messages=history,
                 max_tokens=plan.max_tokens,
                 stream=True,
+                # Names the turn in the router's access log (`--access-log`): which backend each
+                # turn of each conversation went to, the moves that cost a cache refill.
+                extra_headers={"x-request-id": f"c{number}-t{turn}"},
             )
             async for chunk in stream:
                 if first is None:

@@ -58,7 +58,7 @@ class Reloader:
 
     async def apply(self, config: RouterConfig) -> None:
         """Applies `config`'s discovery names, then its backends: added, drained then removed,
-        capacity and weight changed."""
+        capacity, weight and batch slots changed."""
         middleware = self._middleware
         _log_ignored(middleware.config, config)
         await middleware.discovery.reconfigure(config.discovery)
@@ -94,6 +94,8 @@ class Reloader:
         if (stats.capacity, stats.weight) != (entry.capacity, entry.weight):
             middleware.update_backend(backend_id, capacity=entry.capacity, weight=entry.weight)
             log.info("backend %s: capacity %d, weight %g", entry.url, entry.capacity, entry.weight)
+        # The core keeps no copy to compare with: setting the same batch slots again is a no-op.
+        middleware.fleet.router.set_batch_slots(backend_id, entry.batch_slots)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)

@@ -259,3 +259,33 @@ def test_the_admin_command_adds_drains_and_removes(
         with pytest.raises(SystemExit) as usage:
             admin_main([*admin, "set", "0"])
         assert usage.value.code == 2
+
+
+def test_a_reload_applies_a_changed_batch_slots(
+    emulators: Emulators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (only,) = emulators(1)
+
+    def config(batch_slots: int) -> Any:
+        return parse_config(
+            {
+                "router": {"strategy": "least_ttft"},
+                "backends": [{"url": only.url, "models": ["m"], "batch_slots": batch_slots}],
+            }
+        )
+
+    middleware = RoutingMiddleware(not_found, config(4))
+    told: list[tuple[int, int]] = []
+    real = middleware.router.set_batch_slots
+    # The core keeps no readable copy of a backend's batch slots: the test records what the
+    # reload tells it, and the real call still happens.
+    monkeypatch.setattr(
+        middleware.router,
+        "set_batch_slots",
+        lambda backend, slots: (told.append((backend, slots)), real(backend, slots))[1],
+    )
+    with serve_with_admin(middleware) as served:
+        reloader = Reloader(middleware, lambda: config(4))
+        served.run(reloader.apply(config(16)))
+        assert told == [(0, 16)]
+        served.run(reloader.aclose())
