@@ -62,9 +62,6 @@ _NOT_PASSED_BACK: Final = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 # Not forwarded upstream: httpx sets Host for the backend and Content-Length for the body it sends.
 _NOT_FORWARDED_UP: Final = HOP_BY_HOP | {b"host", b"content-length"}
 
-# Methods that get `Content-Length: 0` even without a body (httpx does the same).
-_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-
 
 class _NoCookieJar(http.cookiejar.CookieJar):
     """Stores nothing. The client is shared by every user of the proxy: httpx's default jar would
@@ -169,8 +166,7 @@ class Upstream:
     ) -> httpx.Response:
         """`open`, with an `httpx.Response` for the answer (stream it, then `aclose`)."""
         if self._lean is not None and url.scheme == "http":
-            framed = _framed(method, url, headers, body)
-            return await self._lean.send_bytes(method, url, framed, body, self._timeouts)
+            return await self._lean.send_bytes(method, url, headers, body, self._timeouts)  # adds the two
         return await self._send_httpx(method, url, headers, body)
 
     async def _send_httpx(
@@ -183,17 +179,6 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-
-def _framed(
-    method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
-) -> list[tuple[bytes, bytes]]:
-    """`headers` plus the two that httpx would have added for the lean path, which builds no
-    `httpx.Request`: Host, and Content-Length for a body (or a method that carries one)."""
-    headers = [*headers, (b"host", url.netloc)]
-    if body or method in _BODY_METHODS:
-        headers.append((b"content-length", b"%d" % len(body)))
-    return headers
 
 
 @functools.lru_cache(maxsize=1024)
