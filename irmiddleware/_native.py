@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from irmiddleware import _errors
 
-ABI_VERSION: Final = 6
+ABI_VERSION: Final = 7
 SLOT_NONE: Final = 0xFFFF_FFFF
 """No slot; also the ticket the acquire calls return when nothing fits."""
 TICKET_SLOT_MASK: Final = 0xFFFF_FFFF
@@ -214,6 +214,7 @@ _SIGNATURES: Final[dict[str, list[Any]]] = {
     "irm_backend_set_signals": [_u32, _u32, _u32, _u32, _u64],
     "irm_backend_set_ring_key": [_u32, _u32, _u64],
     "irm_backend_set_batch_slots": [_u32, _u32, _u32],
+    "irm_backend_set_batch_timing": [_u32, _u32, ctypes.c_uint64, _u32],
     "irm_acquire": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_on": [_u32, _u32, _i32, _u32, _pu64],
     "irm_acquire_among": [_u32, _u32, _i32, _u32, _pu32, _u32, _pu64, _pu64],
@@ -567,6 +568,14 @@ class NativeTable:
         only the requests beyond them as a queue."""
         _check(
             _lib.irm_backend_set_batch_slots(self._handle, slot, batch_slots), f"batch slots of slot {slot}"
+        )
+
+    def set_batch_timing(self, slot: int, slot_free_ms: int, service_ms: int) -> None:
+        """When the slot's batch next frees a slot (`time.monotonic()` ms) and how long one
+        request's service takes there (ms); 0 and 0: not known."""
+        _check(
+            _lib.irm_backend_set_batch_timing(self._handle, slot, slot_free_ms, service_ms),
+            f"batch timing of slot {slot}",
         )
 
     # ---- routing -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 import types
 import weakref
@@ -480,6 +481,28 @@ class Router:
         if type(batch_slots) is not int or not 0 <= batch_slots < 2**32:
             raise ValueError(f"batch_slots must be an int in 0..2**32-1, got {batch_slots!r}")
         self._table.set_batch_slots(self._slot(accelerator_id), batch_slots)
+
+    def set_batch_timing(self, accelerator_id: int, slot_free_at: float | None, service_s: float) -> None:
+        """When the accelerator's full batch is next expected to free a slot (`slot_free_at`, on
+        the `time.monotonic()` clock, as the caller's books of the requests it sent there say)
+        and how long one request's service takes there (`service_s`); None or a service of 0
+        means not known. `least_ttft` then counts the wait for that slot as the part of a
+        service still to run, instead of a whole one: a conversation waits for a slot that frees
+        in a moment rather than leave its cache. Stale timing (the slot was due a whole service
+        ago) counts as not known. Needs `set_batch_slots`."""
+        if not (isinstance(service_s, int | float) and math.isfinite(service_s) and 0 <= service_s <= 86_400):
+            raise ValueError(f"service_s must be a number of seconds in 0..86400, got {service_s!r}")
+        if slot_free_at is not None and not (
+            isinstance(slot_free_at, int | float)
+            and math.isfinite(slot_free_at)
+            and 0 <= slot_free_at < 2**53 / 1000
+        ):
+            raise ValueError(f"slot_free_at must be a time.monotonic() time or None, got {slot_free_at!r}")
+        if slot_free_at is None or service_s == 0:
+            free_ms = service_ms = 0
+        else:
+            free_ms, service_ms = max(1, round(slot_free_at * 1000)), max(1, round(service_s * 1000))
+        self._table.set_batch_timing(self._slot(accelerator_id), free_ms, service_ms)
 
     @property
     def accelerators(self) -> list[int]:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["RATE_MAX", "RATE_MIN", "RobustRate", "Smoothing", "SpeedBook"]
+__all__ = ["RATE_MAX", "RATE_MIN", "BatchClock", "RobustRate", "Smoothing", "SpeedBook"]
 
 RATE_MIN: Final = 1e-3
 """Tokens per second: the slowest rate an estimate may report."""
@@ -186,6 +186,100 @@ class SpeedBook:
     def rates(self) -> list[tuple[int, float, float]]:
         """(id, prefill, decode) of every backend observed so far, for the metrics."""
         return [(member, b.prefill.value, b.decode.value) for member, b in sorted(self._backends.items())]
+
+
+class BatchClock:
+    """Per backend: when its batch is next expected to free a slot, from the requests in flight
+    there that we sent, and how long one request's service takes there.
+
+    Each request in flight has an expected end: sent + the backend's learned service (time from
+    sent to the end of the answer) until its first byte comes, then first byte + the learned
+    decode time (first byte to end), which no longer counts any wait in the engine's queue. The
+    next slot frees at the earliest expected end. Both times are `RobustRate`s (of answers per
+    second), learned from whole answers only. Requests other routers or processes sent there are
+    not in these books (the core's count has them): a full batch of those is waited for a whole
+    service. `sent`, `first_byte` and `done` return what to tell the core
+    (`Router.set_batch_timing`): (slot free at or None, service) when it moved by a millisecond
+    or more, else None. O(requests in flight there) per call. Pure book-keeping on a given clock."""
+
+    def __init__(self, config: Smoothing | None = None) -> None:
+        self.config = config or Smoothing()
+        # backend -> request -> [sent, first byte (0: not yet), expected end (0: not known)]
+        self._in_flight: dict[int, dict[object, list[float]]] = {}
+        self._service: dict[int, RobustRate] = {}
+        self._decode: dict[int, RobustRate] = {}
+        self._told: dict[int, tuple[float | None, float]] = {}
+
+    def service_s(self, backend_id: int) -> float:
+        """The learned time from sent to the end of an answer (0: not known yet)."""
+        return _period(self._service.get(backend_id))
+
+    def decode_s(self, backend_id: int) -> float:
+        """The learned time from an answer's first byte to its end (0: not known yet)."""
+        return _period(self._decode.get(backend_id))
+
+    def sent(self, backend_id: int, request: object, now_s: float) -> tuple[float | None, float] | None:
+        """`request` (any hashable, its own) was sent to the backend at `now_s`."""
+        service = self.service_s(backend_id)
+        in_flight = self._in_flight.setdefault(backend_id, {})
+        in_flight[request] = [now_s, 0.0, now_s + service if service else 0.0]
+        return self._timing(backend_id)
+
+    def first_byte(self, backend_id: int, request: object, now_s: float) -> tuple[float | None, float] | None:
+        entry = self._in_flight.get(backend_id, {}).get(request)
+        if entry is None:
+            return None
+        decode = self.decode_s(backend_id)
+        entry[1] = now_s
+        if decode:
+            entry[2] = now_s + decode
+        return self._timing(backend_id)
+
+    def done(
+        self, backend_id: int, request: object, now_s: float, answered: bool
+    ) -> tuple[float | None, float] | None:
+        """`request` ended at `now_s`; `answered`: its whole answer came (it teaches the times).
+        Unknown requests are ignored."""
+        entry = self._in_flight.get(backend_id, {}).pop(request, None)
+        if entry is None:
+            return None
+        sent_s, first_s, _ = entry
+        if answered:
+            _observe(self._service, backend_id, now_s - sent_s, now_s, self.config)
+            if first_s:
+                _observe(self._decode, backend_id, now_s - first_s, now_s, self.config)
+        return self._timing(backend_id)
+
+    def forget(self, backend_id: int) -> None:
+        for book in (self._in_flight, self._service, self._decode, self._told):
+            book.pop(backend_id, None)
+
+    def _timing(self, backend_id: int) -> tuple[float | None, float] | None:
+        service = self.service_s(backend_id)
+        ends = [entry[2] for entry in self._in_flight.get(backend_id, {}).values() if entry[2]]
+        timing = (min(ends) if ends and service else None, service)
+        told = self._told.get(backend_id)
+        if (
+            told is not None
+            and abs((told[0] or 0) - (timing[0] or 0)) < 1e-3
+            and abs(told[1] - service) < 1e-3
+        ):
+            return None
+        self._told[backend_id] = timing
+        return timing
+
+
+def _period(rate: RobustRate | None) -> float:
+    return 0.0 if rate is None or rate.log_rate is None else 1 / rate.value
+
+
+def _observe(
+    book: dict[int, RobustRate], backend_id: int, duration_s: float, now_s: float, config: Smoothing
+) -> None:
+    rate = book.get(backend_id)
+    if rate is None:
+        rate = book[backend_id] = RobustRate(config)
+    rate.observe(1.0, duration_s, now_s)
 
 
 def _median(values: list[float]) -> float:

@@ -26,7 +26,7 @@ const Requests = requests_mod.Requests;
 pub const panic = std.debug.FullPanic(std.debug.simple_panic.call);
 
 /// Bumped on every incompatible change of a signature, a struct or a status value.
-pub const abi_version: u32 = 6; // 6: irm_backend_set_batch_slots. 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key, irm_python_bind. 4: irm_route/irm_complete.
+pub const abi_version: u32 = 7; // 7: irm_backend_set_batch_timing. 6: irm_backend_set_batch_slots. 5: owners (irm_owner_*), the release generation, statuses 26-27, irm_acquire_priced, irm_backend_set_ring_key, irm_python_bind. 4: irm_route/irm_complete.
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -518,6 +518,17 @@ export fn irm_backend_set_batch_slots(handle: u32, slot: u32, batch_slots: u32) 
     defer leave(handle);
     if (!checkSlot(t, slot)) return status(.unknown_backend);
     t.setBatchSlots(slot, batch_slots) catch |err| return status(statusFrom(err));
+    return status(.ok);
+}
+
+/// Records when the backend's batch next frees a slot (`slot_free_ms`, CLOCK_MONOTONIC ms, as the
+/// caller's books of its requests in flight expect it) and how long one request's service takes
+/// there (`service_ms`); 0 and 0 = not known. least_ttft waits for a full batch only that long.
+export fn irm_backend_set_batch_timing(handle: u32, slot: u32, slot_free_ms: u64, service_ms: u32) i32 {
+    const t = enter(handle) orelse return status(.invalid_handle);
+    defer leave(handle);
+    if (!checkSlot(t, slot)) return status(.unknown_backend);
+    t.setBatchTiming(slot, slot_free_ms, service_ms) catch |err| return status(statusFrom(err));
     return status(.ok);
 }
 

@@ -308,8 +308,8 @@ fn leastTtft(t: *const Table, candidates: Candidates, hashes: []const u64, cost:
 }
 
 /// The candidate with the lowest expected time to first token (see `leastTtft`), or the affine
-/// one on a near-tie; none when no candidate fits within its bound. Starts at a random candidate
-/// so exact ties (an idle fleet) spread.
+/// one on a near-tie (unless the conversation is new, see `placing_new`); none when no candidate
+/// fits within its bound. Starts at a random candidate so exact ties (an idle fleet) spread.
 fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches: *const SlotMatches, affine: u32, cost: u32, class: u32, pricing: Pricing) u32 {
     const count = candidates.slots.len;
     if (count == 0) return slot_none;
@@ -320,6 +320,16 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
     var best_score = std.math.inf(f64);
     var affine_score = std.math.inf(f64);
     const affine_matched = if (affine == slot_none) 0 else matches.of(affine);
+    // Placing: another backend holds as much of the prompt as the affine one (a new
+    // conversation, whose shared prefix every backend holds). With the affine backend's batch
+    // slots known, it is then only the last to take that prefix: it has no cache to keep, pays
+    // for its batch's fill as the others do, and gets no near-tie, which would otherwise send a
+    // new conversation to wait in its full batch beside a free slot. Without batch slots, every
+    // request in flight is a whole unit of queue: the scores are coarse, and the near-tie keeps
+    // new conversations from scattering on their noise.
+    var holders: u32 = 0;
+    for (matches.blocks[0..matches.count]) |held| holders += @intFromBool(held >= affine_matched);
+    const placing_new = affine != slot_none and holders > 1 and t.slots[affine].batch_slots.load(.monotonic) > 0;
     for (0..count) |offset| {
         const slot = candidates.at((start + offset) % count);
         if (slot >= t.backendsMax()) continue;
@@ -339,7 +349,7 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         // Among backends holding as much of the prompt as the affine one (a conversation being
         // placed, not moved), a fuller batch counts too: its next turns want a free slot there.
         // Not when leaving the cache: that would keep a request waiting in a queue.
-        const placing = if (slot != affine and matched >= affine_matched) fill else 0;
+        const placing = if ((slot != affine or placing_new) and matched >= affine_matched) fill else 0;
         const score = (queue + placing + slowdown * uncached / 1000) / @as(f64, @floatFromInt(weight));
         if (slot == affine) affine_score = score;
         if (score < best_score) {
@@ -348,7 +358,7 @@ fn bestExpected(t: *const Table, candidates: Candidates, blocks: usize, matches:
         }
     }
     const margin = 1 + @as(f64, @floatFromInt(ttft_near_tie_permille)) / 1000;
-    if (affine != slot_none and affine_score <= best_score * margin) return affine;
+    if (affine != slot_none and !placing_new and affine_score <= best_score * margin) return affine;
     return best;
 }
 
@@ -373,7 +383,27 @@ fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) str
     // The batch holds the new request and `batch_slots - 1` requests ahead of it.
     const in_batch = @min(total, @as(f64, @floatFromInt(batch_slots - 1)) * cost_per_request);
     const slots: f64 = @floatFromInt(batch_slots);
-    return .{ total - in_batch, 1 + batch_step_slowdown * in_batch / cost_per_request, in_batch / slots };
+    // A full batch: the first request's worth of the queue is the wait for a slot to free, a
+    // whole service when nothing better is known, the part of one still to run when it is.
+    var queue = total - in_batch;
+    queue -= @min(queue, cost_per_request) * (1 - slotWait(&t.slots[slot], now_ms));
+    return .{ queue, 1 + batch_step_slowdown * in_batch / cost_per_request, in_batch / slots };
+}
+
+/// The wait for the slot's batch to free a slot, as a fraction of one request's service there:
+/// from the batch timing the caller keeps (`Table.setBatchTiming`), 1 when it is not known or is
+/// stale (the expected time passed a whole service ago: the caller's books stopped moving).
+/// A slot due any moment is 0.
+fn slotWait(s: *const table_mod.Slot, now_ms: u64) f64 {
+    // .acquire pairs with `setBatchTiming`: the service read next goes with this time.
+    const free_ms = s.slot_free_ms.load(.acquire);
+    const service_ms = s.service_ms.load(.monotonic);
+    if (free_ms == 0 or service_ms == 0) return 1;
+    const service: f64 = @floatFromInt(service_ms);
+    // Overdue: the request expected to end first has not, maybe because it waited in the
+    // engine's queue before it ran. Trust in the books fades over half a service.
+    if (now_ms >= free_ms) return @min(1, 2 * @as(f64, @floatFromInt(now_ms - free_ms)) / service);
+    return @min(1, @as(f64, @floatFromInt(free_ms - now_ms)) / service);
 }
 
 /// Which candidates hold how much of the prompt: round by round, the longest prefix that some
@@ -837,7 +867,7 @@ test "least_ttft prefers the cached backend, leaves it when its queue outweighs 
     try testing.expectEqual(Outcome.miss, fast.outcome);
 }
 
-/// Four backends: b holds the first 8 blocks of `prompt`, d and a the first 20 (a most recently);
+/// Four backends: b holds the first 8 blocks of `prompt`, d the first 19, a the first 20;
 /// b and c carry 10 units of background load (so a stays within its bound), a `a_queued`.
 fn ttftFixture(t: *const Table, prompt: []const u64, a_queued: u32) ![4]u32 {
     const a = try t.add(1, 1000, 1000);
@@ -845,7 +875,7 @@ fn ttftFixture(t: *const Table, prompt: []const u64, a_queued: u32) ![4]u32 {
     const c = try t.add(3, 1000, 1000);
     const d = try t.add(4, 1000, 1000);
     for (prompt[0..8]) |hash| affinity.prefixRecord(t, hash, b);
-    for (prompt[0..20]) |hash| affinity.prefixRecord(t, hash, d);
+    for (prompt[0..19]) |hash| affinity.prefixRecord(t, hash, d);
     for (prompt[0..20]) |hash| affinity.prefixRecord(t, hash, a);
     try testing.expect(t.reserve(b, 10, 0));
     try testing.expect(t.reserve(c, 10, 0));
@@ -865,10 +895,10 @@ test "least_ttft sees each backend's own cached prefix and keeps near-ties on th
         try testing.expectEqual(@as(u32, 3), matches.count);
         try testing.expectEqual(a, matches.slots[0]);
         try testing.expectEqual(@as(u32, 20), matches.of(a));
-        try testing.expectEqual(@as(u32, 20), matches.of(d));
+        try testing.expectEqual(@as(u32, 19), matches.of(d));
         try testing.expectEqual(@as(u32, 8), matches.of(b));
         try testing.expectEqual(@as(u32, 0), matches.of(c));
-        // a: 1 queued + 12 uncached = 13, d: 0 + 12 = 12, within 25 %: the near-tie stays on a.
+        // a: 1 queued + 12 uncached = 13, d: 0 + 13 = 13, within 25 %: the near-tie stays on a.
         const near = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(a, near.slot);
         try testing.expectEqual(Outcome.hit, near.outcome);
@@ -876,12 +906,12 @@ test "least_ttft sees each backend's own cached prefix and keeps near-ties on th
     {
         const t = try table_mod.testTableWithPrefix(8, 1024);
         defer table_mod.testTableFree(t);
-        _, _, _, const d = try ttftFixture(&t, &prompt, 4);
-        // a: 4 + 12 = 16 against d's 12: no longer a near-tie.
+        _, _, _, const d = try ttftFixture(&t, &prompt, 5);
+        // a: 5 + 12 = 17 against d's 13: no longer a near-tie.
         const far = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(d, far.slot);
         try testing.expectEqual(Outcome.overload, far.outcome);
-        try testing.expectEqual(@as(u32, 20), far.matched_blocks);
+        try testing.expectEqual(@as(u32, 19), far.matched_blocks);
     }
 }
 
@@ -913,6 +943,64 @@ test "least_ttft with batch slots: a conversation stays while its backend has a 
         try testing.expectEqual(if (case.stays) a else b, decision.slot);
         try testing.expectEqual(if (case.stays) Outcome.hit else Outcome.overload, decision.outcome);
     }
+}
+
+test "least_ttft waits for a full batch only as long as its next slot takes to free" {
+    var prompt: [32]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 11000 + i;
+    const pricing: Pricing = .{ .block_cost_milli = 250 }; // a quarter of a cost unit per block
+    // a runs a full batch of 4 and holds 30 blocks; b runs nothing and holds 29. b scores 3
+    // uncached = 0.75; a its wait + 2 uncached x 1.15 = wait + 0.575: a near-tie (within 25 %)
+    // while the wait is under 0.36 of a service.
+    const Case = struct { free_in_ms: i64, service_ms: u32, stays: bool };
+    const cases = [_]Case{
+        .{ .free_in_ms = 0, .service_ms = 0, .stays = false }, // not known: a whole service
+        .{ .free_in_ms = 100, .service_ms = 1000, .stays = true }, // a tenth of one
+        .{ .free_in_ms = 900, .service_ms = 1000, .stays = false },
+        .{ .free_in_ms = 5000, .service_ms = 1000, .stays = false }, // at most one service
+        .{ .free_in_ms = -50, .service_ms = 1000, .stays = true }, // overdue: any moment
+        .{ .free_in_ms = -400, .service_ms = 1000, .stays = false }, // overdue: less trusted
+        .{ .free_in_ms = -2500, .service_ms = 1000, .stays = false }, // stale: not known
+    };
+    for (cases) |case| {
+        const t = try table_mod.testTableWithPrefix(8, 1024);
+        defer table_mod.testTableFree(t);
+        const a = try t.add(1, 1000, 1000);
+        const b = try t.add(2, 1000, 1000);
+        const c = try t.add(3, 1000, 1000);
+        for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, 4);
+        for (prompt[0..29]) |hash| affinity.prefixRecord(&t, hash, b);
+        for (prompt[0..30]) |hash| affinity.prefixRecord(&t, hash, a);
+        for (0..4) |_| try testing.expect(t.reserve(a, 1, 0));
+        try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+        if (case.service_ms != 0) {
+            const now: i64 = @intCast(monotonicMs());
+            try t.setBatchTiming(a, @intCast(now + case.free_in_ms), case.service_ms);
+        }
+        const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+        try testing.expectEqual(if (case.stays) a else b, decision.slot);
+    }
+}
+
+test "least_ttft places a new conversation by time and fill alone: the last holder of its shared prefix has no near-tie" {
+    var prompt: [32]u64 = undefined;
+    for (&prompt, 0..) |*hash, i| hash.* = 13000 + i;
+    const pricing: Pricing = .{ .block_cost_milli = 1000 };
+    const t = try table_mod.testTableWithPrefix(8, 1024);
+    defer table_mod.testTableFree(t);
+    const a = try t.add(1, 1000, 1000);
+    const b = try t.add(2, 1000, 1000);
+    const c = try t.add(3, 1000, 1000);
+    for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, 4);
+    // Both hold the shared 20 blocks, a most recently; a runs 3 (a free slot, its batch 3/4 full).
+    for (prompt[0..20]) |hash| affinity.prefixRecord(&t, hash, b);
+    for (prompt[0..20]) |hash| affinity.prefixRecord(&t, hash, a);
+    for (0..3) |_| try testing.expect(t.reserve(a, 1, 0));
+    try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+    // a: 0.75 fill + 12 x 1.15 = 14.55, b: 12. Within 25 % of b, but a keeps no cache: b.
+    const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
+    try testing.expectEqual(b, decision.slot);
+    try testing.expectEqual(@as(u32, 20), decision.matched_blocks);
 }
 
 test "least_ttft: the bounded load never refuses a backend with a free batch slot" {

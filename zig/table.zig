@@ -26,7 +26,7 @@ pub const capacity_max: u32 = std.math.maxInt(i32);
 pub const weight_milli_max: u32 = 1_000_000;
 pub const count_max: u32 = std.math.maxInt(u20);
 pub const magic: u64 = 0x314C_4254_5F4D_5249; // "IRM_TBL1" read little-endian.
-pub const layout_version: u32 = 6; // 5: owner records, the slot tag, the release generation, the ring key; 6: the incarnation in a slot's first line.
+pub const layout_version: u32 = 7; // 5: owner records, the slot tag, the release generation, the ring key; 6: the incarnation in a slot's first line; 7: a slot's batch timing.
 pub const header_bytes: u64 = 4096;
 
 /// Test-only: reserve and release with a plain load/store instead of a compare-and-swap, so the
@@ -106,7 +106,15 @@ pub const Slot = extern struct {
     /// (a hash of the backend's URL), so routers that number the same backends differently build
     /// the same ring; 0 (the default) places them by `id`. Changed under the lock.
     ring_key: Atomic(u64),
-    reserved: [4]u64,
+    /// When the backend's batch next frees a slot (CLOCK_MONOTONIC ms, as the caller's books of
+    /// its requests in flight expect it), and how long one request's service takes there (ms);
+    /// 0 = not known. least_ttft reads them for a backend whose batch is full: a slot that frees
+    /// in a moment is worth waiting for, one that frees in a whole service is not. Second line:
+    /// written on every request's start and end, read only by least_ttft.
+    slot_free_ms: Atomic(u64),
+    service_ms: Atomic(u32),
+    reserved_word: u32,
+    reserved: [2]u64,
 
     /// This slot's capacity × weight as configured, whatever its state.
     pub fn configuredWeightOf(s: *const Slot) u64 {
@@ -660,6 +668,8 @@ pub const Table = struct {
         s.signal_time_ms.store(0, .monotonic);
         s.ring_key.store(0, .monotonic);
         s.batch_slots.store(0, .monotonic);
+        s.service_ms.store(0, .monotonic);
+        s.slot_free_ms.store(0, .monotonic);
         _ = s.incarnation.fetchAdd(1, .monotonic);
         const old: Word = t.wordOf(slot);
         assert(old.state == .free);
@@ -799,6 +809,14 @@ pub const Table = struct {
     pub fn setBatchSlots(t: *const Table, slot: u32, batch_slots: u32) Error!void {
         if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
         t.slots[slot].batch_slots.store(batch_slots, .monotonic);
+    }
+
+    pub fn setBatchTiming(t: *const Table, slot: u32, slot_free_ms: u64, service_ms: u32) Error!void {
+        const s = &t.slots[slot];
+        if (!isPresent(t.wordOf(slot).state)) return error.UnknownBackend;
+        s.service_ms.store(service_ms, .monotonic);
+        // .release: a reader that sees the new time also sees the service it goes with.
+        s.slot_free_ms.store(slot_free_ms, .release);
     }
 
     /// A pseudo-random number from the table's seeded sequence; thread-safe and deterministic for

@@ -231,7 +231,10 @@ class Attempt:
         # the 503 when none could take it, overwrites this.
         self.exchange.outcome = "no_capacity" if self.outcome == "overloaded" else self.outcome
         if self.sent_s:
-            context.metrics.of(self.backend.url).latency.observe(time.perf_counter() - self.sent_s)
+            ended_s = time.perf_counter()
+            context.metrics.of(self.backend.url).latency.observe(ended_s - self.sent_s)
+            if context.speed is not None:
+                context.speed.done(self.backend.id, self, ended_s, self.answered and self.outcome == "ok")
         if self.outcome in ("ok", "backend_error"):
             context.notify("completed", self, self.status)
         else:
@@ -245,6 +248,8 @@ class Attempt:
             url += "?" + scope["query_string"].decode("latin-1")
         headers = request_headers(scope["headers"])
         self.sent_s = time.perf_counter()
+        if self.context.speed is not None:  # perf_counter is CLOCK_MONOTONIC on Linux, the core's
+            self.context.speed.sent(self.backend.id, self, self.sent_s)
         try:
             response = await self.context.upstream.open(
                 scope["method"], parsed_url(url), headers, exchange.body
@@ -331,6 +336,8 @@ class Attempt:
         # pace is taken once, at the end (one event ~ one token of an OpenAI-style stream).
         speed = self.context.speed if self.status < 400 else None
         first_s = now if held else 0.0
+        if speed is not None and held:
+            speed.answering(self.backend.id, self, first_s)
         events = held.count(b"\n\n") if speed is not None else 0
         try:
             if held:
@@ -341,6 +348,7 @@ class Attempt:
                 if speed is not None:  # off by default: then no per-chunk work for it
                     if not first_s:
                         first_s = time.perf_counter()
+                        speed.answering(self.backend.id, self, first_s)
                     events += chunk.count(b"\n\n")
                 if remaining is not None:
                     remaining -= len(chunk)

@@ -7,6 +7,7 @@ each backend's rates (`prefill_tokens_per_s`, `decode_tokens_per_s`), and /metri
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any, Final
@@ -14,7 +15,8 @@ from typing import Any, Final
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from irmiddleware._speed import Smoothing, SpeedBook
+from irmiddleware._errors import UnknownBackendError
+from irmiddleware._speed import BatchClock, Smoothing, SpeedBook
 from irmiddleware.proxy._fleet import Fleet
 from irmiddleware.proxy.config import SpeedConfig
 
@@ -34,9 +36,11 @@ class SpeedFeed:
     first changed it, or whatever someone else (the admin API) set since."""
 
     def __init__(self, fleet: Fleet, config: SpeedConfig, block_chars: int, chars_per_token: float) -> None:
-        self.book = SpeedBook(
-            Smoothing(config.half_life_s, config.alpha_min, config.alpha_max, config.clip, config.stale_s)
+        smoothing = Smoothing(
+            config.half_life_s, config.alpha_min, config.alpha_max, config.clip, config.stale_s
         )
+        self.book = SpeedBook(smoothing)
+        self.clock = BatchClock(smoothing)
         self.fleet = fleet
         self._interval_s = config.interval_s
         self._chars_per_token = chars_per_token
@@ -66,6 +70,27 @@ class SpeedFeed:
         # The answer's length teaches the cost model what an unlimited request brings.
         self.fleet.cost.observe_output(events + 1)
 
+    def sent(self, backend_id: int, attempt: object, now_s: float) -> None:
+        """An attempt was sent (`now_s` on the monotonic clock): the batch clock's books."""
+        timing = self.clock.sent(backend_id, attempt, now_s)
+        if timing is not None:
+            self._tell_core(backend_id, timing)
+
+    def answering(self, backend_id: int, attempt: object, now_s: float) -> None:
+        """The attempt's first body byte came."""
+        timing = self.clock.first_byte(backend_id, attempt, now_s)
+        if timing is not None:
+            self._tell_core(backend_id, timing)
+
+    def done(self, backend_id: int, attempt: object, now_s: float, answered: bool) -> None:
+        timing = self.clock.done(backend_id, attempt, now_s, answered)
+        if timing is not None:
+            self._tell_core(backend_id, timing)
+
+    def _tell_core(self, backend_id: int, timing: tuple[float | None, float]) -> None:
+        with contextlib.suppress(UnknownBackendError):  # removed while its request ran
+            self.fleet.router.set_batch_timing(backend_id, *timing)
+
     def apply(self, now_s: float) -> dict[int, float]:
         """Sets the core's weights from the learned speeds now; returns them (id → weight)."""
         self._applied_s = now_s
@@ -79,6 +104,7 @@ class SpeedFeed:
             del self._configured[gone]
             self._set.pop(gone, None)
             self.book.forget(gone)
+            self.clock.forget(gone)
         weights = self.book.weights(self._configured, now_s)
         for backend_id, weight in weights.items():
             if abs(weight - self._set.get(backend_id, math.nan)) <= 0.0015:
