@@ -250,13 +250,19 @@ class BatchClock:
                 _observe(self._decode, backend_id, now_s - first_s, now_s, self.config)
         return self._timing(backend_id)
 
+    def in_flight(self, backend_id: int) -> int:
+        """Requests sent to the backend and not done yet."""
+        return len(self._in_flight.get(backend_id, ()))
+
     def forget(self, backend_id: int) -> None:
         for book in (self._in_flight, self._service, self._decode, self._told):
             book.pop(backend_id, None)
 
     def _timing(self, backend_id: int) -> tuple[float | None, float] | None:
         service = self.service_s(backend_id)
-        ends = [entry[2] for entry in self._in_flight.get(backend_id, {}).values() if entry[2]]
+        ends = [
+            end for _, _, end in self._in_flight.get(backend_id, {}).values() if end and math.isfinite(end)
+        ]
         timing = (min(ends) if ends and service else None, service)
         told = self._told.get(backend_id)
         if (

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import IO
 
 import httpx
 
@@ -51,11 +52,16 @@ def port_of(url: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(args: Sequence[str], url: str, cpus: set[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def serving(
+    args: Sequence[str], url: str, cpus: set[int] | None = None, stderr: IO[bytes] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `python ARGS` until the block ends, once `url` answers `/v1/models`; on the CPUs
-    `cpus` only, when given (set before the process starts, so every thread it makes inherits it)."""
+    `cpus` only, when given (set before the process starts, so every thread it makes inherits it);
+    its stderr to `stderr` when given (else ours)."""
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, preexec_fn=pin)
+    process = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=pin
+    )
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:

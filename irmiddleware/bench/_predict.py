@@ -24,17 +24,20 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from irmiddleware.bench._harness import emulated_vllm, format_table, local_url, quantile, serving
+from irmiddleware.bench._moves import explain, read_turns
 
 __all__ = ["bench_predict_main"]
 
@@ -56,6 +59,12 @@ class _Run:
     """The router's affinity decisions by outcome (hit, miss, overload), warm-up included."""
     shares: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the start, share of backend 0's decisions in the window ending then)."""
+    turns: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(conversation, turn) -> time to first token."""
+    prompt_chars: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(conversation, turn) -> characters of the messages sent."""
+    explained: list[str] = field(default_factory=list)
+    """`--explain`: the moves and slowest turns, from the router's access log."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, ru
     history: list[ChatCompletionMessageParam] = [{"role": "system", "content": _SYSTEM}]
     for turn in range(plan.turns):
         history.append({"role": "user", "content": f"Session {number}, turn {turn}. {_QUESTION}"})
+        run.prompt_chars[number, turn] = sum(len(str(message.get("content", ""))) for message in history)
         started = time.perf_counter()
         first = None
         text = []
@@ -98,6 +108,7 @@ async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, ru
             return
         if first is not None:
             run.ttfts_s.append(first)
+            run.turns[number, turn] = first
         history.append({"role": "assistant", "content": "".join(text)})
         await asyncio.sleep(rng.expovariate(1 / plan.think_s))
 
@@ -169,8 +180,9 @@ def _hit_rate(backends: list[str]) -> float:
 
 
 @contextlib.contextmanager
-def _fleet(args: argparse.Namespace, strategy: str) -> Iterator[tuple[str, list[str]]]:
-    """Fresh emulators and a router in front of them: (router URL, backend URLs)."""
+def _fleet(args: argparse.Namespace, strategy: str, log: IO[bytes] | None) -> Iterator[tuple[str, list[str]]]:
+    """Fresh emulators and a router in front of them: (router URL, backend URLs); the router's
+    stderr (its access log, with `--explain` or `--access-log`) goes to `log` when given."""
     speeds = [float(speed) for speed in args.speeds.split(",")]
     backends = [local_url() for _ in speeds]
     router = local_url()
@@ -192,7 +204,9 @@ def _fleet(args: argparse.Namespace, strategy: str) -> Iterator[tuple[str, list[
         path.write_text(_config_toml(strategy, router, backends, args))
         stack.enter_context(
             serving(
-                ["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", args.log_level], router
+                ["-m", "irmiddleware", "serve", "--config", str(path), "--log-level", args.log_level],
+                router,
+                stderr=log,
             )
         )
         yield router, backends
@@ -205,7 +219,7 @@ def _config_toml(strategy: str, router: str, backends: list[str], args: argparse
         f'listen = "{router.removeprefix("http://")}"',
         f'cost = "{args.cost}"',
     ]
-    if args.access_log:
+    if args.access_log or args.explain:
         lines += ["access_log = true", 'log_format = "json"']
     for url in backends:
         lines += ["[[backends]]", f'url = "{url}"', 'models = ["m"]', f"capacity = {args.capacity}"]
@@ -216,7 +230,12 @@ def _config_toml(strategy: str, router: str, backends: list[str], args: argparse
 
 def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool) -> _Run:
     run = _Run()
-    with _fleet(args, strategy) as (router, backends):
+    explaining = args.explain and not slowdown
+    with (
+        tempfile.TemporaryFile() if explaining else contextlib.nullcontext() as log,
+        contextlib.ExitStack() as fleet,
+    ):
+        router, backends = fleet.enter_context(_fleet(args, strategy, log))
 
         async def main() -> None:
             if args.warmup:
@@ -248,6 +267,11 @@ def _phase(args: argparse.Namespace, plan: _Plan, strategy: str, slowdown: bool)
         run.hit_rate = _hit_rate(backends)
         run.outcomes = _outcomes(router)
         run.routed = {f"backend {backends.index(url)}": count for url, count in run.routed.items()}
+        if log is not None:
+            fleet.close()  # the router has stopped: its log is whole
+            log.seek(0)
+            turns = read_turns(log.read().decode("utf-8", "replace").splitlines())
+            run.explained = explain(turns, run.turns, run.prompt_chars, len(_SYSTEM), backends)
     return run
 
 
@@ -352,6 +376,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the routers' access logs (JSON lines: backend, time to first byte) on stderr",
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="phase 1: each strategy's moves (turns sent away from the previous turn's backend), the "
+        "prompt characters they refilled, and its slowest turns (from the router's access log)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="phase 1 runs per strategy, alternated; prints each and their medians (default 1)",
+    )
     parser.add_argument("--plot", type=Path, help="write the plot (time to first token tails, shares) here")
     return parser
 
@@ -364,13 +400,19 @@ def bench_predict_main(argv: list[str]) -> int:
         parser.error("--sessions must be in 1..10000, --turns in 1..50 and --users in 1..256")
     if not 0 <= args.warmup <= 10_000:
         parser.error("--warmup must be in 0..10000")
+    if not 1 <= args.repeats <= 20:
+        parser.error("--repeats must be in 1..20")
     plan = _Plan(args.sessions, args.turns, args.users, args.think, args.seed, args.max_tokens)
     print(
         f"{args.sessions} conversations x {args.turns} turns, {args.users} users, speeds {args.speeds}, "
         f"{args.slots} slots per emulator, router capacity {args.capacity}, cost = {args.cost}, "
         f"{args.warmup} conversations of warm-up, seed {args.seed}"
     )
-    steady = {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
+    # Alternated (a, b, a, b, ...) so that a change in the machine's load falls on both.
+    repeated = [{strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}]
+    for _ in range(args.repeats - 1):
+        repeated.append({strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES})
+    steady = repeated[0]
     header = [
         "strategy",
         "answers",
@@ -383,10 +425,21 @@ def bench_predict_main(argv: list[str]) -> int:
         "routed per backend",
         "weights",
     ]
-    print("\nphase 1: steady speeds\n" + format_table(header, [_ttft_row(s, r) for s, r in steady.items()]))
-    baseline, ours = (steady[strategy].ttfts_s for strategy in _STRATEGIES)
-    lower = 1 - quantile(ours, 0.99) / quantile(baseline, 0.99)
-    print(f"least_ttft p99 time to first token {100 * lower:.0f} % lower than prefix_affinity's")
+    rows = [_ttft_row(s, r) for runs in repeated for s, r in runs.items()]
+    print("\nphase 1: steady speeds\n" + format_table(header, rows))
+    p99s = {s: [quantile(runs[s].ttfts_s, 0.99) for runs in repeated] for s in _STRATEGIES}
+    hits = {s: [runs[s].hit_rate for runs in repeated] for s in _STRATEGIES}
+    baseline, ours = (statistics.median(p99s[s]) for s in _STRATEGIES)
+    median = f"median of {args.repeats} runs " if args.repeats > 1 else ""
+    print(
+        f"least_ttft p99 time to first token {median}{100 * (1 - ours / baseline):.0f} % lower than "
+        f"prefix_affinity's ({1000 * ours:.0f} against {1000 * baseline:.0f} ms); hit rate "
+        + " against ".join(f"{100 * statistics.median(hits[s]):.1f} %" for s in reversed(_STRATEGIES))
+    )
+    for number, runs in enumerate(repeated):
+        for strategy, run in runs.items():
+            if run.explained:
+                print(f"\n{strategy}, run {number + 1}: " + "\n".join(run.explained))
     if args.skip_slowdown:
         if args.plot:
             _plot(steady, None, args)

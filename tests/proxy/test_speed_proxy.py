@@ -50,6 +50,10 @@ def test_the_slower_backend_is_learned_slower_and_weighs_less(
     assert 0 < slow_status["prefill_tokens_per_s"] < fast_status["prefill_tokens_per_s"]
     assert 0 < slow_status["decode_tokens_per_s"] < fast_status["decode_tokens_per_s"]
     assert slow_status["weight"] < 1.0 < fast_status["weight"]
+    # The batch clock's learned times (least_ttft's wait for a slot): sent to end, first byte to end.
+    assert 0 < fast_status["decode_s"] < slow_status["decode_s"]
+    assert 0 < fast_status["service_s"] < slow_status["service_s"]
+    assert fast_status["decode_s"] < fast_status["service_s"]
     learned = {
         (sample.name, sample.labels["backend"]): sample.value
         for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)

@@ -3,6 +3,9 @@ time to first byte and streamed pace, and the learned speeds become the core's w
 
 Enabled by `[router.speed] enabled` or by the `least_ttft` strategy. The status document shows
 each backend's rates (`prefill_tokens_per_s`, `decode_tokens_per_s`), and /metrics exports them.
+The attempts also keep a `BatchClock`: when each backend's batch is next expected to free a slot,
+told to the core (`Router.set_batch_timing`) for least_ttft; the status document shows its learned
+times (`service_s`, sent to end of an answer, and `decode_s`, first byte to end).
 """
 
 from __future__ import annotations
@@ -114,7 +117,11 @@ class SpeedFeed:
         return weights
 
     def status_of(self, backend_id: int) -> dict[str, Any]:
-        return self.book.status_of(backend_id)
+        return {
+            **self.book.status_of(backend_id),
+            "service_s": round(self.clock.service_s(backend_id), 6),
+            "decode_s": round(self.clock.decode_s(backend_id), 6),
+        }
 
 
 class SpeedCollector(Collector):
