@@ -83,6 +83,7 @@ def explain(
                 break
         refilled += max(0, chars - held)
     lines = [
+        f"most requests in flight at once per backend {_most_in_flight(turns, index)}; "
         f"moves: {sum(moves.values())} in {len(moved_conversations)} conversations, by turn "
         f"{dict(sorted(moves.items()))}, {back} back to a backend the conversation had been on; "
         f"refilled {refilled} prompt characters, {100 * refilled / total if total else 0:.2f} % of all"
@@ -96,8 +97,12 @@ def explain(
         before = turns.get((conversation, turn - 1))
         busy = [0] * len(backends)
         for key, other in turns.items():
-            if key != (conversation, turn) and other.sent_s <= here.sent_s < other.ended_s:
-                busy[index.get(other.backend, 0)] += 1
+            if (
+                key != (conversation, turn)
+                and other.backend in index
+                and other.sent_s <= here.sent_s < other.ended_s
+            ):
+                busy[index[other.backend]] += 1
         came = (
             ""
             if before is None
@@ -108,3 +113,18 @@ def explain(
             f"{index.get(here.backend)}{came}; in flight then per backend {busy}"
         )
     return lines
+
+
+def _most_in_flight(turns: dict[tuple[int, int], Turn], index: dict[str, int]) -> list[int]:
+    """The most requests each backend had in flight at once (warm-up included), by a sweep over
+    the sends and ends in time order (an end before a send at the same instant)."""
+    known = [turn for turn in turns.values() if turn.backend in index]
+    events = sorted(
+        [(turn.sent_s, 1, index[turn.backend]) for turn in known]
+        + [(turn.ended_s, -1, index[turn.backend]) for turn in known]
+    )
+    now, most = [0] * len(index), [0] * len(index)
+    for _, step, backend in events:
+        now[backend] += step
+        most[backend] = max(most[backend], now[backend])
+    return most
