@@ -915,6 +915,21 @@ test "least_ttft sees each backend's own cached prefix and keeps near-ties on th
     }
 }
 
+/// Three backends with `batch_slots` each: b holds the first `b_blocks` of `prompt`, a the first
+/// `a_blocks` (recorded last) and runs `a_running` requests of cost 1, c carries 20 units of
+/// background load (so a stays within its bound). Returns a and b.
+fn batchFixture(t: *const Table, prompt: []const u64, batch_slots: u32, b_blocks: usize, a_blocks: usize, a_running: u32) ![2]u32 {
+    const a = try t.add(1, 1000, 1000);
+    const b = try t.add(2, 1000, 1000);
+    const c = try t.add(3, 1000, 1000);
+    for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, batch_slots);
+    for (prompt[0..b_blocks]) |hash| affinity.prefixRecord(t, hash, b);
+    for (prompt[0..a_blocks]) |hash| affinity.prefixRecord(t, hash, a);
+    for (0..a_running) |_| try testing.expect(t.reserve(a, 1, 0));
+    try testing.expect(t.reserve(c, 20, 0));
+    return .{ a, b };
+}
+
 test "least_ttft with batch slots: a conversation stays while its backend has a free slot, leaves once requests wait" {
     var prompt: [32]u64 = undefined;
     for (&prompt, 0..) |*hash, i| hash.* = 9000 + i;
@@ -931,14 +946,7 @@ test "least_ttft with batch slots: a conversation stays while its backend has a 
     for (cases) |case| {
         const t = try table_mod.testTableWithPrefix(8, 1024);
         defer table_mod.testTableFree(t);
-        const a = try t.add(1, 1000, 1000);
-        const b = try t.add(2, 1000, 1000);
-        const c = try t.add(3, 1000, 1000);
-        for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, case.batch_slots);
-        for (prompt[0..29]) |hash| affinity.prefixRecord(&t, hash, b);
-        for (prompt[0..30]) |hash| affinity.prefixRecord(&t, hash, a);
-        for (0..case.running) |_| try testing.expect(t.reserve(a, 1, 0)); // requests of cost 1
-        try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+        const a, const b = try batchFixture(&t, &prompt, case.batch_slots, 29, 30, case.running);
         const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
         try testing.expectEqual(if (case.stays) a else b, decision.slot);
         try testing.expectEqual(if (case.stays) Outcome.hit else Outcome.overload, decision.outcome);
@@ -965,14 +973,7 @@ test "least_ttft waits for a full batch only as long as its next slot takes to f
     for (cases) |case| {
         const t = try table_mod.testTableWithPrefix(8, 1024);
         defer table_mod.testTableFree(t);
-        const a = try t.add(1, 1000, 1000);
-        const b = try t.add(2, 1000, 1000);
-        const c = try t.add(3, 1000, 1000);
-        for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, 4);
-        for (prompt[0..29]) |hash| affinity.prefixRecord(&t, hash, b);
-        for (prompt[0..30]) |hash| affinity.prefixRecord(&t, hash, a);
-        for (0..4) |_| try testing.expect(t.reserve(a, 1, 0));
-        try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+        const a, const b = try batchFixture(&t, &prompt, 4, 29, 30, 4);
         if (case.service_ms != 0) {
             const now: i64 = @intCast(monotonicMs());
             try t.setBatchTiming(a, @intCast(now + case.free_in_ms), case.service_ms);
@@ -988,15 +989,8 @@ test "least_ttft places a new conversation by time and fill alone: the last hold
     const pricing: Pricing = .{ .block_cost_milli = 1000 };
     const t = try table_mod.testTableWithPrefix(8, 1024);
     defer table_mod.testTableFree(t);
-    const a = try t.add(1, 1000, 1000);
-    const b = try t.add(2, 1000, 1000);
-    const c = try t.add(3, 1000, 1000);
-    for ([_]u32{ a, b, c }) |slot| try t.setBatchSlots(slot, 4);
     // Both hold the shared 20 blocks, a most recently; a runs 3 (a free slot, its batch 3/4 full).
-    for (prompt[0..20]) |hash| affinity.prefixRecord(&t, hash, b);
-    for (prompt[0..20]) |hash| affinity.prefixRecord(&t, hash, a);
-    for (0..3) |_| try testing.expect(t.reserve(a, 1, 0));
-    try testing.expect(t.reserve(c, 20, 0)); // background load keeps a within its bound
+    _, const b = try batchFixture(&t, &prompt, 4, 20, 20, 3);
     // a: 0.75 fill + 12 x 1.15 = 14.55, b: 12. Within 25 % of b, but a keeps no cache: b.
     const decision = acquirePriced(&t, .ofTable(&t), .least_ttft, .{ .hashes = &prompt }, 1, 0, pricing);
     try testing.expectEqual(b, decision.slot);
