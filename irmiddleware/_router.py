@@ -488,8 +488,9 @@ class Router:
         and how long one request's service takes there (`service_s`); None or a service of 0
         means not known. `least_ttft` then counts the wait for that slot as the part of a
         service still to run, instead of a whole one: a conversation waits for a slot that frees
-        in a moment rather than leave its cache. Stale timing (the slot was due a whole service
-        ago) counts as not known. Needs `set_batch_slots`."""
+        in a moment rather than leave its cache. A time that has passed is trusted less and less,
+        and not at all half a service later (the request due then may have waited in the
+        engine's queue). Needs `set_batch_slots`."""
         if not (isinstance(service_s, int | float) and math.isfinite(service_s) and 0 <= service_s <= 86_400):
             raise ValueError(f"service_s must be a number of seconds in 0..86400, got {service_s!r}")
         if slot_free_at is not None and not (

@@ -66,8 +66,7 @@ def explain(
     moves: Counter[int] = Counter()
     back = refilled = total = 0
     moved_conversations: set[int] = set()
-    for (conversation, turn), ttft in sorted(ttfts.items()):
-        del ttft
+    for conversation, turn in sorted(ttfts):
         here, chars = turns.get((conversation, turn)), prompt_chars.get((conversation, turn), 0)
         total += chars
         before = turns.get((conversation, turn - 1))
@@ -103,11 +102,9 @@ def explain(
                 and other.sent_s <= here.sent_s < other.ended_s
             ):
                 busy[index[other.backend]] += 1
-        came = (
-            ""
-            if before is None
-            else f", moved from {index.get(before.backend)}" * (before.backend != here.backend)
-        )
+        came = ""
+        if before is not None and before.backend != here.backend:
+            came = f", moved from {index.get(before.backend)}"
         lines.append(
             f"  {1000 * ttft:.0f} ms: conversation {conversation} turn {turn} on backend "
             f"{index.get(here.backend)}{came}; in flight then per backend {busy}"
