@@ -391,9 +391,8 @@ fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) str
 }
 
 /// The wait for the slot's batch to free a slot, as a fraction of one request's service there:
-/// from the batch timing the caller keeps (`Table.setBatchTiming`), 1 when it is not known or is
-/// stale (the expected time passed a whole service ago: the caller's books stopped moving).
-/// A slot due any moment is 0.
+/// from the batch timing the caller keeps (`Table.setBatchTiming`), 1 when it is not known. A
+/// slot due any moment is 0; one overdue counts more and more, 1 from half a service late.
 fn slotWait(s: *const table_mod.Slot, now_ms: u64) f64 {
     // .acquire pairs with `setBatchTiming`: the service read next goes with this time.
     const free_ms = s.slot_free_ms.load(.acquire);
