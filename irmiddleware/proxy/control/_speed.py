@@ -75,24 +75,20 @@ class SpeedFeed:
 
     def sent(self, backend_id: int, attempt: object, now_s: float) -> None:
         """An attempt was sent (`now_s` on the monotonic clock): the batch clock's books."""
-        timing = self.clock.sent(backend_id, attempt, now_s)
-        if timing is not None:
-            self._tell_core(backend_id, timing)
+        self._tell_core(backend_id, self.clock.sent(backend_id, attempt, now_s))
 
     def answering(self, backend_id: int, attempt: object, now_s: float) -> None:
         """The attempt's first body byte came."""
-        timing = self.clock.first_byte(backend_id, attempt, now_s)
-        if timing is not None:
-            self._tell_core(backend_id, timing)
+        self._tell_core(backend_id, self.clock.first_byte(backend_id, attempt, now_s))
 
     def done(self, backend_id: int, attempt: object, now_s: float, answered: bool) -> None:
-        timing = self.clock.done(backend_id, attempt, now_s, answered)
-        if timing is not None:
-            self._tell_core(backend_id, timing)
+        self._tell_core(backend_id, self.clock.done(backend_id, attempt, now_s, answered))
 
-    def _tell_core(self, backend_id: int, timing: tuple[float | None, float]) -> None:
-        with contextlib.suppress(UnknownBackendError):  # removed while its request ran
-            self.fleet.router.set_batch_timing(backend_id, *timing)
+    def _tell_core(self, backend_id: int, timing: tuple[float | None, float] | None) -> None:
+        """Hands the core the batch clock's new timing (None: unchanged, nothing to tell)."""
+        if timing is not None:
+            with contextlib.suppress(UnknownBackendError):  # removed while its request ran
+                self.fleet.router.set_batch_timing(backend_id, *timing)
 
     def apply(self, now_s: float) -> dict[int, float]:
         """Sets the core's weights from the learned speeds now; returns them (id → weight)."""
