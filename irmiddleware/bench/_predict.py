@@ -49,7 +49,6 @@ _STRATEGIES = ("prefix_affinity", "least_ttft")
 
 @dataclass
 class _Run:
-    ttfts_s: list[float] = field(default_factory=list)
     failed: int = 0
     routed: dict[str, int] = field(default_factory=dict)
     weights: list[float] = field(default_factory=list)
@@ -65,6 +64,11 @@ class _Run:
     """(conversation, turn) -> characters of the messages sent."""
     explained: list[str] = field(default_factory=list)
     """`--explain`: the moves and slowest turns, from the router's access log."""
+
+    @property
+    def ttfts_s(self) -> list[float]:
+        """Every answer's time to first token."""
+        return list(self.turns.values())
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,6 @@ async def _conversation(client: openai.AsyncOpenAI, number: int, plan: _Plan, ru
             run.failed += 1
             return
         if first is not None:
-            run.ttfts_s.append(first)
             run.turns[number, turn] = first
         history.append({"role": "assistant", "content": "".join(text)})
         await asyncio.sleep(rng.expovariate(1 / plan.think_s))
@@ -409,9 +412,10 @@ def bench_predict_main(argv: list[str]) -> int:
         f"{args.warmup} conversations of warm-up, seed {args.seed}"
     )
     # Alternated (a, b, a, b, ...) so that a change in the machine's load falls on both.
-    repeated = [{strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}]
-    for _ in range(args.repeats - 1):
-        repeated.append({strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES})
+    repeated = [
+        {strategy: _phase(args, plan, strategy, slowdown=False) for strategy in _STRATEGIES}
+        for _ in range(args.repeats)
+    ]
     steady = repeated[0]
     header = [
         "strategy",
@@ -437,7 +441,7 @@ def bench_predict_main(argv: list[str]) -> int:
         + " against ".join(f"{100 * statistics.median(hits[s]):.1f} %" for s in reversed(_STRATEGIES))
     )
     if args.repeats > 1:
-        # The answers of every run together: a p99 of 3 x as many answers, steadier than any one.
+        # The answers of every run together: a p99 of --repeats times as many, steadier than any one.
         pa, lt = (quantile([t for runs in repeated for t in runs[s].ttfts_s], 0.99) for s in _STRATEGIES)
         print(
             f"pooled over the runs: {100 * (1 - lt / pa):.0f} % lower "
