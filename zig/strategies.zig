@@ -386,7 +386,7 @@ fn queueAhead(t: *const Table, slot: u32, word: table_mod.Word, now_ms: u64) str
     // A full batch: the first request's worth of the queue is the wait for a slot to free, a
     // whole service when nothing better is known, the part of one still to run when it is.
     var queue = total - in_batch;
-    queue -= @min(queue, cost_per_request) * (1 - slotWait(&t.slots[slot], now_ms));
+    if (queue > 0) queue -= @min(queue, cost_per_request) * (1 - slotWait(&t.slots[slot], now_ms));
     return .{ queue, 1 + batch_step_slowdown * in_batch / cost_per_request, in_batch / slots };
 }
 
